@@ -1,0 +1,79 @@
+# Tessera — the single entry point. Every target sets up what it needs first and is idempotent.
+#
+#   make demo     set everything up and run Tessera on the bundled sample
+#   make test     set everything up and run every test (core tier, then the real-QGIS tier)
+#   make bench    CPU benchmark: model-only vs end-to-end throughput, peak memory (BENCHMARKS.md)
+#   make lint     ruff over the code
+#   make setup    only the set-up: QGIS from apt, the venv (.venv/) and the `tessera` command
+#   make clean    remove the venv and caches
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+SYS_PY  := /usr/bin/python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.tessera-setup-done
+QGIS_OK := $(VENV)/.qgis-apt-done
+APT_PKGS := python3-qgis qgis-providers qgis python3-venv xvfb
+# Headless Qt for every QGIS process started from here.
+export QT_QPA_PLATFORM := offscreen
+# Never let a library reach for the internet at run time.
+export HF_HUB_OFFLINE := 1
+
+.PHONY: help setup test test-core test-plugin bench demo lint clean
+
+help:
+	@sed -n '2,9p' Makefile | sed 's/^# \{0,1\}//'
+
+setup: $(STAMP)
+
+# QGIS 3.22 LTR from Debian (with PyQGIS for /usr/bin/python3 and qgis_process).
+$(QGIS_OK):
+	@if $(SYS_PY) -c 'import qgis.core' 2>/dev/null && [ -x /usr/bin/qgis_process.bin ] \
+	    && $(SYS_PY) -c 'import venv, ensurepip' 2>/dev/null && command -v Xvfb >/dev/null; then \
+	  echo "QGIS from apt: already installed"; \
+	else \
+	  echo "Installing QGIS and friends from apt: $(APT_PKGS)"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
+	  $$SUDO apt-get update -q; \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $(APT_PKGS); \
+	fi
+	@mkdir -p $(VENV) && touch $@
+
+# The venv sees PyQGIS (system site-packages) and holds Tessera's pinned packages.
+$(STAMP): $(QGIS_OK) requirements.txt requirements-dev.txt
+	@if [ ! -x $(PY) ]; then echo "Creating $(VENV) (with system site-packages, for PyQGIS)"; \
+	  $(SYS_PY) -m venv --system-site-packages $(VENV); fi
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt -r requirements-dev.txt
+	@# Make `import tessera` resolve to this checkout, and install the `tessera` command.
+	@mkdir -p $(VENV)/src && ln -sfn "$(CURDIR)" $(VENV)/src/tessera
+	@echo "$(CURDIR)/$(VENV)/src" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/tessera-dev.pth"
+	@printf '#!%s\nimport sys\nfrom tessera.core.cli import main\nsys.exit(main())\n' "$(CURDIR)/$(PY)" > $(VENV)/bin/tessera
+	@chmod +x $(VENV)/bin/tessera
+	$(PY) -m tessera.core.envcheck
+	@touch $@
+
+test: setup
+	$(PY) -m pytest -p no:pytest_qgis tests/core
+	$(PY) -m pytest tests/plugin
+
+test-core: setup
+	$(PY) -m pytest -p no:pytest_qgis tests/core
+
+test-plugin: setup
+	$(PY) -m pytest tests/plugin
+
+bench: setup
+	$(PY) benchmarks/bench_cpu.py --write BENCHMARKS.md
+
+demo: setup
+	$(PY) benchmarks/../resources/demo.py
+
+lint: setup
+	$(VENV)/bin/ruff check core tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

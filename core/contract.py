@@ -1,0 +1,308 @@
+"""The model contract: what a Tessera model expects as input and what its outputs mean.
+
+A contract is a versioned JSON document stored inside the model file (see :mod:`.model`).
+It is validated on load; every problem is reported in words, all at once.
+
+Format version 1::
+
+    {
+      "format": "tessera-model", "format_version": 1,
+      "name": "Dubai land cover", "description": "...",
+      "architecture": "unet", "encoder": "resnet34",
+      "arch_params": {"encoder_depth": 5, "decoder_channels": [256, 128, 64, 32, 16]},
+      "in_channels": 3,
+      "bands": [1, 2, 3], "band_names": ["red", "green", "blue"],
+      "scaling": {"method": "divide", "value": 255.0},
+      "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+      "classes": [{"id": 0, "name": "Building", "color": "#3C1098"}, ...],
+      "nodata_value": 255,
+      "tile_size": 256, "overlap": 64, "pixel_size_m": 0.5,
+      "card": {...free-form model card...}
+    }
+
+Scaling methods: ``none`` (values used as they are), ``divide`` (``x / value``), ``minmax``
+(``(x - min[b]) / (max[b] - min[b])`` per band, clipped to 0..1). ``mean``/``std`` are applied
+after scaling: ``(x - mean[b]) / std[b]``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import ModelError
+
+FORMAT = "tessera-model"
+FORMAT_VERSION = 1
+ARCHITECTURES = ("unet", "unetplusplus", "fpn", "deeplabv3plus", "linknet", "pspnet", "manet")
+SCALING_METHODS = ("none", "divide", "minmax")
+_COLOR = re.compile(r"^#[0-9A-Fa-f]{6}$")
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """One output class: its id (the value in the class raster), name and RGB colour ``#RRGGBB``."""
+
+    id: int
+    name: str
+    color: str
+
+    @property
+    def rgb(self) -> tuple[int, int, int]:
+        """The colour as an ``(r, g, b)`` tuple of 0..255 ints."""
+        c = self.color.lstrip("#")
+        return int(c[0:2], 16), int(c[2:4], 16), int(c[4:6], 16)
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """How raw raster values become model inputs (before mean/std)."""
+
+    method: str = "divide"
+    value: float | None = 255.0
+    min: tuple[float, ...] | None = None
+    max: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ModelContract:
+    """A validated model contract. Build with :meth:`from_dict`; serialize with :meth:`to_dict`."""
+
+    name: str
+    architecture: str
+    encoder: str
+    in_channels: int
+    bands: tuple[int, ...]
+    classes: tuple[ClassInfo, ...]
+    scaling: Scaling = field(default_factory=Scaling)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    band_names: tuple[str, ...] | None = None
+    nodata_value: int = 255
+    tile_size: int = 256
+    overlap: int = 32
+    pixel_size_m: float | None = None
+    arch_params: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    card: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    # -- derived -------------------------------------------------------------------------
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def class_names(self) -> dict[int, str]:
+        return {c.id: c.name for c in self.classes}
+
+    @property
+    def size_multiple(self) -> int:
+        """Tile sides must be a multiple of this (the encoder's total downsampling)."""
+        return 2 ** int(self.arch_params.get("encoder_depth", 5))
+
+    def class_by_name_or_id(self, key: str | int) -> ClassInfo:
+        """Look a class up by id (int or digit string) or by name (case-insensitive)."""
+        for c in self.classes:
+            if (isinstance(key, int) and c.id == key) or str(key).strip().lower() in (
+                    c.name.lower(), str(c.id)):
+                return c
+        known = ", ".join(f"{c.id}={c.name}" for c in self.classes)
+        raise ModelError(f"model '{self.name}' has no class {key!r} (classes: {known})")
+
+    # -- (de)serialization ---------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("format_version")
+        out: dict[str, Any] = {"format": FORMAT, "format_version": self.format_version}
+        out.update(d)
+        out["bands"] = list(self.bands)
+        out["classes"] = [asdict(c) for c in self.classes]
+        out["scaling"] = {k: (list(v) if isinstance(v, tuple) else v)
+                          for k, v in asdict(self.scaling).items() if v is not None}
+        for k in ("mean", "std", "band_names"):
+            if out[k] is not None:
+                out[k] = list(out[k])
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=False)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "model") -> ModelContract:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ModelError(f"{source}: the model contract is not valid JSON ({exc})") from exc
+        return cls.from_dict(data, source)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "model") -> ModelContract:  # noqa: C901
+        """Validate ``data`` and build a contract; raise :class:`ModelError` listing every problem."""
+        if not isinstance(data, dict):
+            raise ModelError(f"{source}: the model contract must be a JSON object")
+        errs: list[str] = []
+
+        def need(key: str, typ: type | tuple[type, ...], default: Any = ...) -> Any:
+            if key not in data:
+                if default is ...:
+                    errs.append(f"'{key}' is missing")
+                    return None
+                return default
+            val = data[key]
+            if typ is float and isinstance(val, int) and not isinstance(val, bool):
+                val = float(val)
+            if not isinstance(val, typ) or (isinstance(val, bool) and typ is not bool):
+                errs.append(f"'{key}' must be {getattr(typ, '__name__', typ)}, not {val!r}")
+                return None
+            return val
+
+        if data.get("format") != FORMAT:
+            errs.append(f"'format' must be '{FORMAT}' (got {data.get('format')!r})")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            errs.append(f"'format_version' {version!r} is not supported (this Tessera reads "
+                        f"version {FORMAT_VERSION})")
+        name = need("name", str, "unnamed model")
+        arch = need("architecture", str)
+        if arch is not None and arch.lower() not in ARCHITECTURES:
+            errs.append(f"architecture '{arch}' is not supported ({', '.join(ARCHITECTURES)})")
+        encoder = need("encoder", str)
+        in_ch = need("in_channels", int)
+        if in_ch is not None and in_ch < 1:
+            errs.append(f"'in_channels' must be at least 1 (got {in_ch})")
+        bands = need("bands", list, None)
+        if bands is None and in_ch:
+            bands = list(range(1, in_ch + 1))
+        if bands is not None:
+            if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in bands):
+                errs.append(f"'bands' must be raster band numbers counted from 1 (got {bands})")
+            elif in_ch is not None and len(bands) != in_ch:
+                errs.append(f"'bands' lists {len(bands)} bands but 'in_channels' is {in_ch}")
+        band_names = need("band_names", list, None)
+        if band_names is not None and in_ch is not None and len(band_names) != in_ch:
+            errs.append(f"'band_names' has {len(band_names)} names but 'in_channels' is {in_ch}")
+
+        classes: list[ClassInfo] = []
+        raw_classes = need("classes", list)
+        if raw_classes is not None:
+            if not raw_classes:
+                errs.append("'classes' is empty")
+            for i, c in enumerate(raw_classes):
+                if not isinstance(c, dict) or not isinstance(c.get("id"), int) \
+                        or not isinstance(c.get("name"), str):
+                    errs.append(f"class #{i} must have an integer 'id' and a 'name'")
+                    continue
+                color = c.get("color", "#808080")
+                if not isinstance(color, str) or not _COLOR.match(color):
+                    errs.append(f"class '{c['name']}' colour {color!r} is not #RRGGBB")
+                    continue
+                classes.append(ClassInfo(int(c["id"]), c["name"], color.upper()))
+            ids = [c.id for c in classes]
+            if sorted(ids) != list(range(len(raw_classes))):
+                errs.append(f"class ids must be 0..{len(raw_classes) - 1}, each once (got {ids})")
+        nodata_value = need("nodata_value", int, 255)
+        if nodata_value is not None and not (0 <= nodata_value <= 255):
+            errs.append(f"'nodata_value' must be 0..255 (got {nodata_value})")
+        if nodata_value is not None and nodata_value < len(classes):
+            errs.append(f"'nodata_value' {nodata_value} collides with a class id")
+        if len(classes) > 255:
+            errs.append("at most 255 classes are supported (the class raster is 8-bit)")
+
+        scaling = Scaling()
+        raw_sc = need("scaling", dict, {"method": "divide", "value": 255.0})
+        if raw_sc is not None:
+            method = raw_sc.get("method")
+            if method not in SCALING_METHODS:
+                errs.append(f"scaling method {method!r} is not one of {', '.join(SCALING_METHODS)}")
+            elif method == "divide":
+                value = raw_sc.get("value")
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                    errs.append(f"scaling 'divide' needs a positive 'value' (got {value!r})")
+                else:
+                    scaling = Scaling("divide", float(value))
+            elif method == "minmax":
+                lo, hi = raw_sc.get("min"), raw_sc.get("max")
+                ok = (isinstance(lo, list) and isinstance(hi, list) and in_ch is not None
+                      and len(lo) == len(hi) == in_ch
+                      and all(isinstance(v, (int, float)) for v in lo + hi))
+                if not ok:
+                    errs.append(f"scaling 'minmax' needs 'min' and 'max' lists of {in_ch} numbers")
+                elif any(h <= low for low, h in zip(lo, hi)):
+                    errs.append("scaling 'minmax' needs max > min for every band")
+                else:
+                    scaling = Scaling("minmax", None, tuple(map(float, lo)), tuple(map(float, hi)))
+            else:
+                scaling = Scaling("none", None)
+        mean = need("mean", list, None)
+        std = need("std", list, None)
+        for key, vals in (("mean", mean), ("std", std)):
+            if vals is not None and in_ch is not None and (
+                    len(vals) != in_ch or not all(isinstance(v, (int, float)) for v in vals)):
+                errs.append(f"'{key}' must be a list of {in_ch} numbers")
+        if (mean is None) != (std is None):
+            errs.append("'mean' and 'std' must be given together")
+        if std is not None and any(isinstance(v, (int, float)) and v <= 0 for v in std):
+            errs.append("'std' values must be positive")
+
+        arch_params = need("arch_params", dict, {})
+        depth = int((arch_params or {}).get("encoder_depth", 5))
+        tile = need("tile_size", int, 256)
+        if tile is not None and (tile < 2 ** depth or tile % (2 ** depth)):
+            errs.append(f"'tile_size' {tile} must be a positive multiple of {2 ** depth}")
+        overlap = need("overlap", int, 32)
+        if overlap is not None and tile is not None and not (0 <= overlap < tile // 2):
+            errs.append(f"'overlap' {overlap} must be between 0 and half the tile size ({tile // 2})")
+        px = need("pixel_size_m", float, None)
+        if px is not None and px <= 0:
+            errs.append(f"'pixel_size_m' must be positive (got {px})")
+        description = need("description", str, "")
+        card = need("card", dict, {})
+
+        if errs:
+            raise ModelError(f"{source}: invalid model contract: " + "; ".join(errs))
+        return cls(
+            name=name, architecture=arch.lower(), encoder=encoder, in_channels=in_ch,
+            bands=tuple(bands), classes=tuple(classes), scaling=scaling,
+            mean=tuple(map(float, mean)) if mean is not None else None,
+            std=tuple(map(float, std)) if std is not None else None,
+            band_names=tuple(map(str, band_names)) if band_names is not None else None,
+            nodata_value=nodata_value, tile_size=tile, overlap=overlap, pixel_size_m=px,
+            arch_params=dict(arch_params), description=description, card=dict(card),
+        )
+
+    def describe(self) -> str:
+        """A human-readable multi-line summary (what ``tessera info`` prints)."""
+        sc = self.scaling
+        if sc.method == "divide":
+            scal = f"divide by {sc.value:g}"
+        elif sc.method == "minmax":
+            scal = f"min/max per band: min {list(sc.min or ())}, max {list(sc.max or ())}"
+        else:
+            scal = "none (raw values)"
+        if self.mean is not None:
+            scal += f", then (x - mean) / std with mean {list(self.mean)}, std {list(self.std or ())}"
+        names = list(self.band_names) if self.band_names else []
+        lines = [
+            f"Model:         {self.name}",
+            f"Architecture:  {self.architecture} / encoder {self.encoder}"
+            + (f" {self.arch_params}" if self.arch_params else ""),
+            f"Input bands:   {self.in_channels} (raster bands {list(self.bands)}"
+            + (f" = {', '.join(names)}" if names else "") + ")",
+            f"Scaling:       {scal}",
+            f"Tile size:     {self.tile_size} px, overlap {self.overlap} px",
+            f"Pixel size:    {self.pixel_size_m:g} m" if self.pixel_size_m else
+            "Pixel size:    not stated",
+            f"Nodata value:  {self.nodata_value} (in the class raster)",
+            f"Classes ({self.n_classes}):",
+        ]
+        lines += [f"  {c.id:3d}  {c.color}  {c.name}" for c in self.classes]
+        if self.description:
+            lines.insert(1, f"Description:   {self.description}")
+        if self.card:
+            lines.append("Model card:")
+            lines += [f"  {k}: {json.dumps(v) if not isinstance(v, str) else v}"
+                      for k, v in self.card.items()]
+        return "\n".join(lines)

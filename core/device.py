@@ -1,0 +1,130 @@
+"""Compute device choice and batched inference with out-of-memory recovery."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import DeviceError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """The device actually used: ``kind`` (cpu/cuda/mps), torch ``name`` and a readable label."""
+
+    kind: str
+    name: str
+    label: str
+
+
+def pick_device(requested: str = "auto") -> DeviceInfo:
+    """Resolve ``auto``/``cpu``/``cuda``/``cuda:N``/``mps`` to an available device.
+
+    ``auto`` prefers CUDA, then Apple MPS, then the CPU. Asking explicitly for a device that
+    is not available raises :class:`DeviceError`.
+    """
+    import torch
+
+    req = requested.lower()
+    if req in ("auto", "cuda") or req.startswith("cuda:"):
+        if torch.cuda.is_available():
+            idx = int(req.split(":")[1]) if ":" in req else 0
+            if idx >= torch.cuda.device_count():
+                raise DeviceError(f"CUDA device {idx} does not exist "
+                                  f"({torch.cuda.device_count()} GPU(s) seen)")
+            name = torch.cuda.get_device_name(idx)
+            return DeviceInfo("cuda", f"cuda:{idx}", f"cuda:{idx} ({name})")
+        if req != "auto":
+            why = ("this PyTorch has no CUDA support" if torch.version.cuda is None
+                   else "no usable NVIDIA GPU/driver was found")
+            raise DeviceError(f"device '{requested}' requested but CUDA is not available: {why}")
+    if req in ("auto", "mps"):
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return DeviceInfo("mps", "mps", "mps (Apple GPU)")
+        if req == "mps":
+            raise DeviceError("device 'mps' requested but Apple MPS is not available")
+    return DeviceInfo("cpu", "cpu", f"cpu ({torch.get_num_threads()} threads)")
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(exc, oom)) or "out of memory" in str(exc).lower()
+
+
+class Predictor:
+    """Runs a model on batches of tiles on one device.
+
+    ``predict`` takes ``(B, C, H, W)`` float32 numpy and returns ``(B, K, H, W)`` float32
+    class probabilities (softmax). On CUDA it uses channels-last, pinned host memory,
+    non-blocking copies and fp16 autocast (unless ``half=False``); on out-of-memory the batch
+    is split in halves and retried, and the smaller size is kept for later batches.
+    """
+
+    def __init__(self, module: Any, device: str = "auto", half: bool | None = None,
+                 threads: int | None = None) -> None:
+        import torch
+
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.info = pick_device(device)
+        self.device = torch.device(self.info.name)
+        self.half = (self.info.kind == "cuda") if half is None else bool(half and self.info.kind != "cpu")
+        self.module = module.to(self.device).eval()
+        if self.info.kind in ("cuda", "cpu"):
+            self.module = self.module.to(memory_format=torch.channels_last)
+        self.max_batch: int | None = None
+        self.oom_events = 0
+        log.info("inference on %s (fp16 autocast: %s)", self.info.label, self.half)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        n = batch.shape[0]
+        step = min(n, self.max_batch or n)
+        outs = []
+        i = 0
+        while i < n:
+            part = batch[i:i + step]
+            try:
+                outs.append(self._forward(part))
+                i += step
+            except RuntimeError as exc:
+                if not (self.info.kind == "cuda" and _is_oom(exc)):
+                    raise
+                import torch
+
+                torch.cuda.empty_cache()
+                self.oom_events += 1
+                if step == 1:
+                    raise DeviceError(f"{self.info.label} ran out of memory even with one tile "
+                                      "per batch; use a smaller tile size or the CPU") from exc
+                step = max(1, step // 2)
+                self.max_batch = step
+                log.warning("CUDA out of memory: batch size reduced to %d", step)
+        return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
+
+    def _forward(self, part: np.ndarray) -> np.ndarray:
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(part))
+        if self.info.kind == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+            x = x.contiguous(memory_format=torch.channels_last)
+        elif self.info.kind == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        else:
+            x = x.to(self.device)
+        with torch.inference_mode():
+            if self.half:
+                with torch.autocast(device_type=self.info.kind, dtype=torch.float16):
+                    logits = self.module(x)
+            else:
+                logits = self.module(x)
+            probs = torch.softmax(logits.float(), dim=1)
+        return probs.to("cpu").numpy()

@@ -1,0 +1,58 @@
+"""Check that the Python environment can run Tessera; print what it found.
+
+Run as ``python -m tessera.core.envcheck``. Exits non-zero with a one-line reason when a
+known trap is present (numpy 2 beside Debian's compiled packages, a broken ``affine``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+
+def check() -> list[str]:
+    """Return a list of problems (empty when the environment is usable); print versions."""
+    problems: list[str] = []
+    for name in ("numpy", "torch", "segmentation_models_pytorch", "safetensors", "rasterio",
+                 "shapely", "pyproj", "pyogrio", "geopandas"):
+        try:
+            mod = importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001  (report any import failure as-is)
+            problems.append(f"cannot import {name}: {exc}")
+            continue
+        print(f"  {name:30s} {getattr(mod, '__version__', '?')}")
+    try:
+        import numpy
+
+        if int(numpy.__version__.split(".")[0]) >= 2:
+            problems.append(f"numpy {numpy.__version__} in the venv: Debian's compiled packages "
+                            "(GDAL, scipy) need numpy < 2; pin numpy 1.26")
+    except ImportError:
+        pass
+    try:
+        from affine import Affine
+
+        t = Affine(1.0, 0.0, 10.0, 0.0, -1.0, 20.0)
+        _ = t * (1, 1), ~t
+    except Exception as exc:  # noqa: BLE001
+        problems.append(f"affine is broken ({exc}); upgrade attrs inside the venv")
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+        print(f"  torch CUDA build: {torch.version.cuda}, CUDA available: {cuda}")
+    except Exception:  # noqa: BLE001
+        pass
+    return problems
+
+
+def main() -> int:
+    print("Tessera environment:")
+    problems = check()
+    for p in problems:
+        print(f"PROBLEM: {p}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

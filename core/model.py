@@ -1,0 +1,162 @@
+"""Tessera model files: safetensors weights with the JSON contract in the file's metadata.
+
+One file a person can pick in a file dialog (``*.safetensors``): the tensors are stored with
+``safetensors`` (never pickle, so loading cannot run code) and the contract
+(:class:`~.contract.ModelContract`) is the JSON string under the metadata key
+``tessera.contract``. The network is rebuilt from the contract with
+segmentation-models-pytorch and ``encoder_weights=None``: nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from .contract import ModelContract
+from .errors import ModelError, ModelNotFoundError, OutputError
+
+log = logging.getLogger(__name__)
+
+META_KEY = "tessera.contract"
+
+
+def build_network(contract: ModelContract) -> Any:
+    """Build the (untrained) torch module the contract describes; never downloads weights.
+
+    Returns an ``nn.Module`` mapping ``(B, in_channels, H, W)`` float32 to
+    ``(B, n_classes, H, W)`` logits.
+    """
+    import segmentation_models_pytorch as smp
+
+    kwargs = dict(contract.arch_params)
+    if "decoder_channels" in kwargs:
+        kwargs["decoder_channels"] = tuple(kwargs["decoder_channels"])
+    try:
+        return smp.create_model(contract.architecture, encoder_name=contract.encoder,
+                                encoder_weights=None, in_channels=contract.in_channels,
+                                classes=contract.n_classes, **kwargs)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ModelError(f"cannot build {contract.architecture}/{contract.encoder} with "
+                         f"{kwargs}: {exc}") from exc
+
+
+class TesseraModel:
+    """A model ready for inference: the contract plus a torch module (CPU, eval mode).
+
+    ``module`` maps ``(B, C, H, W)`` float32 to ``(B, K, H, W)`` logits. Tests may pass any
+    module that does so; files always hold an smp network built from the contract.
+    """
+
+    def __init__(self, contract: ModelContract, module: Any, path: str | Path | None = None,
+                 sha256: str | None = None) -> None:
+        self.contract = contract
+        self.module = module.eval()
+        self.path = Path(path) if path is not None else None
+        self.sha256 = sha256
+
+    def __repr__(self) -> str:
+        return f"TesseraModel({self.contract.name!r}, path={str(self.path)!r})"
+
+    @classmethod
+    def create(cls, contract: ModelContract) -> TesseraModel:
+        """A new model with random weights (for training, and for tests)."""
+        return cls(contract, build_network(contract))
+
+    @classmethod
+    def load(cls, path: str | Path) -> TesseraModel:
+        """Load and validate a model file. Raises :class:`ModelError` with the reason in words."""
+        import torch
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        contract = read_contract(path)
+        module = build_network(contract)
+        try:
+            state = load_file(str(path), device="cpu")
+        except Exception as exc:  # noqa: BLE001  (safetensors raises its own error types)
+            raise ModelError(f"{path}: cannot read the weights: {exc}", path) from exc
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        expected = module.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+        if missing or unexpected or wrong:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} weights missing (e.g. {missing[0]})")
+            if unexpected:
+                parts.append(f"{len(unexpected)} unexpected weights (e.g. {unexpected[0]})")
+            if wrong:
+                k = wrong[0]
+                parts.append(f"{len(wrong)} weights of the wrong shape (e.g. {k}: file "
+                             f"{tuple(state[k].shape)}, contract {tuple(expected[k].shape)})")
+            raise ModelError(f"{path}: the weights do not match the contract "
+                             f"({contract.architecture}/{contract.encoder}, {contract.in_channels} "
+                             f"bands, {contract.n_classes} classes): " + "; ".join(parts), path)
+        with torch.no_grad():
+            module.load_state_dict(state, strict=True)
+        return cls(contract, module, path, sha256=file_sha256(path))
+
+    def save(self, path: str | Path, half: bool = False) -> Path:
+        """Write the model file atomically (temporary name, then rename). ``half`` stores fp16."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        state = {k: (v.detach().half() if half and v.is_floating_point() else v.detach())
+                 .contiguous().cpu() for k, v in self.module.state_dict().items()}
+        try:
+            save_file(state, str(tmp), metadata={META_KEY: self.contract.to_json(),
+                                                 "format": "pt"})
+            tmp.replace(path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(f"{path}: cannot write the model file: {exc}", path) from exc
+        self.path, self.sha256 = path, file_sha256(path)
+        return path
+
+
+def read_contract(path: str | Path) -> ModelContract:
+    """Read and validate only the contract of a model file (cheap: the header, not the weights)."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelNotFoundError(f"{path}: model file not found", path)
+    if path.is_dir():
+        raise ModelError(f"{path}: is a folder, not a model file", path)
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise ModelError(f"{path}: looks like a PyTorch pickle (.pt/.pth); Tessera never unpickles "
+                         "model files because loading one can run arbitrary code. Save the "
+                         "weights with safetensors and a Tessera contract instead.", path)
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"{path}: not a Tessera model file (not a readable safetensors file: "
+                         f"{exc})", path) from exc
+    if META_KEY not in meta:
+        raise ModelError(f"{path}: a safetensors file without a Tessera contract "
+                         f"(metadata key '{META_KEY}' is missing)", path)
+    return ModelContract.from_json(meta[META_KEY], source=str(path))
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def contract_summary(contract: ModelContract) -> str:
+    """Compact one-line JSON of the essentials, for logs and reports."""
+    return json.dumps({"name": contract.name, "arch": contract.architecture,
+                       "encoder": contract.encoder, "bands": list(contract.bands),
+                       "classes": contract.n_classes})

@@ -1,0 +1,157 @@
+"""The only module that opens rasters: opening with clear errors, windowed reads, atomic outputs.
+
+Everything else in the engine works on arrays, windows, transforms and CRSs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import OutputError, RasterNotFoundError, RasterReadError
+
+log = logging.getLogger(__name__)
+
+#: GDAL settings for every Tessera run: a bounded block cache (memory must not grow with the
+#: raster), no network, no sidecar probing of whole folders.
+GDAL_ENV: dict[str, Any] = {
+    "GDAL_CACHEMAX": 128,  # MB
+    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+    "GDAL_HTTP_TIMEOUT": 1,
+    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".none",
+    "GDAL_NUM_THREADS": "ALL_CPUS",
+}
+
+#: Creation options of every class/confidence GeoTIFF Tessera writes.
+GTIFF_OPTIONS: dict[str, Any] = {
+    "driver": "GTiff", "tiled": True, "blockxsize": 256, "blockysize": 256,
+    "compress": "deflate", "predictor": 2, "zlevel": 6, "BIGTIFF": "IF_SAFER",
+}
+
+CLASSES_TAG = "TESSERA_CLASSES"
+
+
+def gdal_env() -> Any:
+    """A ``rasterio.Env`` with :data:`GDAL_ENV`."""
+    import rasterio
+
+    return rasterio.Env(**GDAL_ENV)
+
+
+def open_raster(path: str | Path) -> Any:
+    """Open a raster for reading; raise :class:`RasterNotFoundError`/:class:`RasterReadError`.
+
+    Returns a ``rasterio`` dataset (use it as a context manager).
+    """
+    import rasterio
+    from rasterio.errors import RasterioIOError
+
+    p = Path(path)
+    if not str(path).startswith("/vsi") and not p.exists():
+        raise RasterNotFoundError(f"{path}: raster not found", path)
+    if p.is_dir() and not str(path).lower().endswith((".gdb", ".zarr", ".safe")):
+        raise RasterReadError(f"{path}: is a folder, not a raster", path)
+    try:
+        ds = rasterio.open(path)
+    except RasterioIOError as exc:
+        raise RasterReadError(f"{path}: GDAL cannot open it as a raster ({_short(exc)})",
+                              path) from exc
+    if ds.count < 1 or ds.width < 1 or ds.height < 1:
+        ds.close()
+        raise RasterReadError(f"{path}: has no raster bands or pixels", path)
+    return ds
+
+
+def _short(exc: BaseException) -> str:
+    s = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return s[:300]
+
+
+def read_window(ds: Any, bands: tuple[int, ...], row: int, col: int, height: int, width: int,
+                nodata: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """Read a window: ``(data (C, h, w) in the file's dtype, valid (h, w) bool)``.
+
+    A pixel is valid unless every selected band is nodata (or masked by an alpha band or an
+    internal mask), or any band is NaN/inf. ``nodata`` overrides the file's nodata value.
+    Raises :class:`RasterReadError` naming the file when GDAL cannot decode the window.
+    """
+    from rasterio.errors import RasterioIOError
+    from rasterio.windows import Window
+
+    win = Window(col, row, width, height)
+    try:
+        data = ds.read(list(bands), window=win)
+        if nodata is not None:
+            valid = ~np.all(data == np.asarray(nodata, dtype=data.dtype), axis=0) \
+                if not np.isnan(nodata) else ~np.all(np.isnan(data), axis=0)
+        else:
+            masks = ds.read_masks(list(bands), window=win)
+            valid = np.any(masks > 0, axis=0)
+    except RasterioIOError as exc:
+        raise RasterReadError(f"{ds.name}: cannot read pixels at row {row}, column {col} "
+                              f"({_short(exc)}); the file may be truncated or corrupt",
+                              ds.name) from exc
+    if data.dtype.kind == "f":
+        valid &= np.all(np.isfinite(data), axis=0)
+    return data, valid
+
+
+def temp_path(final: Path) -> Path:
+    """A unique temporary name beside ``final`` (same folder, so the rename is atomic)."""
+    return final.with_name(f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part")
+
+
+def check_writable_dir(folder: Path) -> None:
+    """Create ``folder`` if needed; raise :class:`OutputError` if it cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot create the output folder ({exc.strerror})",
+                          folder) from exc
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{folder}: the output folder is not writable", folder)
+
+
+@contextlib.contextmanager
+def atomic_outputs(*finals: Path) -> Iterator[list[Path]]:
+    """Yield temporary paths for ``finals``; on success rename each to its final name.
+
+    On any exception (cancel included) the temporaries are deleted and no final name is
+    touched. Sidecars GDAL writes beside a temporary (``.aux.xml``) follow it.
+    """
+    temps = [temp_path(f) for f in finals]
+    try:
+        yield temps
+        for t, f in zip(temps, finals):
+            if t.exists():
+                aux = t.with_name(t.name + ".aux.xml")
+                if aux.exists():
+                    aux.replace(f.with_name(f.name + ".aux.xml"))
+                t.replace(f)
+    except BaseException:
+        for t in temps:
+            for p in (t, t.with_name(t.name + ".aux.xml"), t.with_name(t.name + "-journal"),
+                      t.with_name(t.name + "-wal"), t.with_name(t.name + "-shm")):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+        raise
+
+
+def write_category_names(tif: Path, names: list[str]) -> None:
+    """Write GDAL category names for band 1 as a PAM sidecar (``<tif>.aux.xml``).
+
+    GeoTIFF has no tag for category names; GDAL itself keeps them in this sidecar.
+    """
+    from xml.sax.saxutils import escape
+
+    cats = "".join(f"<Category>{escape(n)}</Category>" for n in names)
+    xml = (f'<PAMDataset>\n  <PAMRasterBand band="1">\n    <CategoryNames>{cats}</CategoryNames>\n'
+           f"  </PAMRasterBand>\n</PAMDataset>\n")
+    tif.with_name(tif.name + ".aux.xml").write_text(xml, encoding="utf-8")

@@ -1,0 +1,492 @@
+"""Segment one raster: read → infer → blend → write → polygonize, streamed in bounded memory.
+
+Three threads share the work so that the model, not I/O, is the bottleneck:
+
+* a reader reads tile windows, masks nodata, normalizes and batches them;
+* the calling thread runs the model and blends class probabilities into a rolling band of
+  rows (``(K, tile, width)`` float32 — it never grows with the raster's height);
+* a writer compresses and writes rows to the class/confidence GeoTIFFs once they are final.
+
+Outputs are written under temporary names and renamed only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .contract import ModelContract
+from .device import Predictor
+from .errors import (BandMismatchError, CancelledError, NoCRSError, ParameterError,
+                     TesseraError)
+from .model import TesseraModel
+from .normalize import normalize
+from .params import SegmentParams
+from .progress import CancelFn, Meter, ProgressFn, check_cancel
+from .rasterio_io import (CLASSES_TAG, GTIFF_OPTIONS, atomic_outputs, check_writable_dir,
+                          gdal_env, open_raster, read_window, write_category_names)
+from .tiling import Tile, TileGrid, padded_size
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    """Where the outputs of one raster go: ``<out_dir>/<stem>_classes.tif`` etc."""
+
+    class_raster: Path
+    confidence_raster: Path
+    polygons: Path
+
+    @classmethod
+    def for_stem(cls, out_dir: str | Path, stem: str) -> OutputPaths:
+        d = Path(out_dir)
+        return cls(d / f"{stem}_classes.tif", d / f"{stem}_confidence.tif",
+                   d / f"{stem}_polygons.gpkg")
+
+
+@dataclass
+class SegmentResult:
+    """What a run produced and how it went."""
+
+    source: str
+    class_raster: str
+    confidence_raster: str | None
+    polygons: str | None
+    n_polygons: int | None
+    device: str
+    seconds: float
+    seconds_segment: float
+    seconds_vectorize: float
+    megapixels: float
+    tiles: int
+    tiles_skipped: int
+    tile_size: int
+    overlap: int
+    batch_size: int
+    class_pixels: dict[str, int] = field(default_factory=dict)
+    area_m2_by_class: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class RowBand:
+    """Blends weighted tile probabilities into a band of ``rows`` x ``width`` pixels.
+
+    Memory: ``(n_classes + 2) * rows * width * 4`` bytes — independent of the raster height.
+    Band row 0 is raster row :attr:`top`.
+    """
+
+    def __init__(self, n_classes: int, rows: int, width: int) -> None:
+        self.acc = np.zeros((n_classes, rows, width), dtype=np.float32)
+        self.wsum = np.zeros((rows, width), dtype=np.float32)
+        self.valid = np.zeros((rows, width), dtype=bool)
+        self.top = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.acc.nbytes + self.wsum.nbytes + self.valid.nbytes
+
+    def add(self, t: Tile, probs: np.ndarray | None, weights: np.ndarray, valid: np.ndarray) -> None:
+        """Add tile ``t``'s ``probs`` ``(K, h, w)`` (``None`` for a skipped tile) with weights."""
+        r = t.row - self.top
+        rs, cs = slice(r, r + t.height), slice(t.col, t.col + t.width)
+        self.valid[rs, cs] |= valid
+        if probs is not None:
+            self.acc[:, rs, cs] += probs * weights
+            self.wsum[rs, cs] += weights
+
+    def pop(self, n: int, nodata: int, want_conf: bool) -> tuple[int, np.ndarray, np.ndarray | None]:
+        """Finalize the first ``n`` rows: return ``(raster_row, classes, confidence)`` and shift.
+
+        classes: ``(n, width)`` uint8, ``nodata`` where invalid; confidence ``(n, width)`` uint8
+        (max probability x 255, 0 where invalid) or ``None``.
+        """
+        acc, wsum = self.acc[:, :n], self.wsum[:n]
+        ok = self.valid[:n] & (wsum > 0)
+        cls = np.argmax(acc, axis=0).astype(np.uint8)
+        cls[~ok] = nodata
+        conf = None
+        if want_conf:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                c = np.max(acc, axis=0) / wsum
+            conf = np.where(ok, np.clip(np.rint(c * 255.0), 1, 255), 0).astype(np.uint8)
+        top = self.top
+        rows = self.wsum.shape[0]
+        keep = rows - n
+        if keep > 0:
+            self.acc[:, :keep] = self.acc[:, n:]
+            self.wsum[:keep] = self.wsum[n:]
+            self.valid[:keep] = self.valid[n:]
+        self.acc[:, keep:] = 0
+        self.wsum[keep:] = 0
+        self.valid[keep:] = False
+        self.top += n
+        return top, cls, conf
+
+
+class _Writer(threading.Thread):
+    """Writes final rows to the open output datasets, in whole block rows where possible."""
+
+    def __init__(self, dst: Any, dst_conf: Any | None, width: int, block: int = 256) -> None:
+        super().__init__(name="tessera-writer", daemon=True)
+        self.q: queue.Queue[Any] = queue.Queue(maxsize=4)
+        self.dst, self.dst_conf, self.width, self.block = dst, dst_conf, width, block
+        self.error: BaseException | None = None
+        self.hist = np.zeros(256, dtype=np.int64)
+        self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self._pending_rows = 0
+        self._next_row = 0
+
+    def run(self) -> None:
+        from rasterio.windows import Window
+
+        with gdal_env():
+            while True:
+                item = self.q.get()
+                if item is _STOP:
+                    break
+                if self.error is not None:
+                    continue
+                try:
+                    top, cls, conf, final = item
+                    if top != self._next_row + self._pending_rows:
+                        raise RuntimeError(f"rows out of order: {top}")
+                    self.hist += np.bincount(cls.ravel(), minlength=256)
+                    self._pending.append((cls, conf))
+                    self._pending_rows += cls.shape[0]
+                    n = self._pending_rows if final else (self._pending_rows // self.block) * self.block
+                    if n:
+                        c_all = np.concatenate([p[0] for p in self._pending], axis=0)
+                        f_all = (np.concatenate([p[1] for p in self._pending], axis=0)
+                                 if self.dst_conf is not None else None)
+                        win = Window(0, self._next_row, self.width, n)
+                        self.dst.write(c_all[:n], 1, window=win)
+                        if f_all is not None:
+                            self.dst_conf.write(f_all[:n], 1, window=win)
+                        rest = c_all.shape[0] - n
+                        self._pending = [(c_all[n:], f_all[n:] if f_all is not None else None)] \
+                            if rest else []
+                        self._pending_rows = rest
+                        self._next_row += n
+                except BaseException as exc:  # noqa: BLE001  (handed to the main thread)
+                    self.error = exc
+
+
+class _Reader(threading.Thread):
+    """Reads, masks, normalizes and batches tiles; puts work items on :attr:`q`.
+
+    Items: ``("tiles", row_index, [(tile, valid)], batch or None)``; ``("end",)``;
+    ``("error", exc)``. Batches never span two tile rows.
+    """
+
+    def __init__(self, ds: Any, grid: TileGrid, win_off: tuple[int, int], bands: tuple[int, ...],
+                 nodata: float | None, contract: ModelContract, batch_size: int,
+                 in_shape: tuple[int, int], stop: threading.Event, prefetch: int = 3) -> None:
+        super().__init__(name="tessera-reader", daemon=True)
+        self.q: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
+        self.ds, self.grid, self.win_off, self.bands = ds, grid, win_off, bands
+        self.nodata, self.contract, self.batch_size = nodata, contract, batch_size
+        self.in_shape, self.stop = in_shape, stop
+
+    def _put(self, item: Any) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run(self) -> None:
+        try:
+            with gdal_env():
+                self._run()
+        except BaseException as exc:  # noqa: BLE001  (handed to the main thread)
+            self._put(("error", exc))
+
+    def _run(self) -> None:
+        ph, pw = self.in_shape
+        col0, row0 = self.win_off
+        for i in range(self.grid.shape[0]):
+            pending: list[tuple[Tile, np.ndarray]] = []
+            arrays: list[np.ndarray] = []
+            for t in self.grid.tile_row(i):
+                if self.stop.is_set():
+                    return
+                data, valid = read_window(self.ds, self.bands, row0 + t.row, col0 + t.col,
+                                          t.height, t.width, self.nodata)
+                if not valid.any():
+                    if not self._put(("tiles", i, [(t, valid)], None)):
+                        return
+                    continue
+                x = normalize(data, valid, self.contract)
+                if x.shape[1:] != (ph, pw):
+                    pad = ((0, 0), (0, ph - x.shape[1]), (0, pw - x.shape[2]))
+                    try:
+                        x = np.pad(x, pad, mode="reflect")
+                    except ValueError:
+                        x = np.pad(x, pad, mode="edge")
+                pending.append((t, valid))
+                arrays.append(x)
+                if len(pending) == self.batch_size:
+                    if not self._put(("tiles", i, pending, np.stack(arrays))):
+                        return
+                    pending, arrays = [], []
+            if pending and not self._put(("tiles", i, pending, np.stack(arrays))):
+                return
+        self._put(("end",))
+
+
+def _resolve_bands(ds: Any, path: str, contract: ModelContract, params: SegmentParams) -> tuple[int, ...]:
+    bands = params.bands if params.bands is not None else contract.bands
+    if len(bands) != contract.in_channels:
+        raise BandMismatchError(f"model '{contract.name}' expects {contract.in_channels} bands, "
+                                f"but {len(bands)} were selected ({list(bands)})", path)
+    if max(bands) > ds.count:
+        raise BandMismatchError(
+            f"{path}: model '{contract.name}' expects {contract.in_channels} bands "
+            f"(raster bands {list(bands)}), raster has {ds.count}"
+            + ("" if params.bands is not None else "; choose bands explicitly if the raster "
+               "holds them in another order"), path)
+    return tuple(bands)
+
+
+def _pixel_size_m(ds: Any) -> float | None:
+    """Approximate pixel width in metres (degrees converted at the raster's centre)."""
+    crs = ds.crs
+    if crs is None:
+        return None
+    px = abs(ds.transform.a)
+    try:
+        if crs.is_geographic:
+            lat = (ds.bounds.top + ds.bounds.bottom) / 2
+            return px * 111_320.0 * math.cos(math.radians(lat))
+        return px * float(crs.linear_units_factor[1])
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def _warnings(ds: Any, path: str, contract: ModelContract, bands: tuple[int, ...]) -> list[str]:
+    out = []
+    px = _pixel_size_m(ds)
+    if contract.pixel_size_m and px and not (0.5 <= px / contract.pixel_size_m <= 2.0):
+        out.append(f"{Path(path).name}: pixel size is about {px:.3g} m but model "
+                   f"'{contract.name}' was trained at {contract.pixel_size_m:g} m; results may "
+                   "be poor (resample the raster first)")
+    dtypes = {ds.dtypes[b - 1] for b in bands}
+    if contract.scaling.method == "divide" and contract.scaling.value == 255.0 and \
+            dtypes - {"uint8"}:
+        out.append(f"{Path(path).name}: bands are {'/'.join(sorted(dtypes))} but model "
+                   f"'{contract.name}' scales inputs as 8-bit (divide by 255)")
+    return out
+
+
+def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir: str | Path,
+                   params: SegmentParams | None = None, *, stem: str | None = None,
+                   predictor: Predictor | None = None, progress: ProgressFn | None = None,
+                   cancel: CancelFn | None = None) -> SegmentResult:
+    """Segment ``raster`` with ``model``; write the class raster (and confidence, polygons).
+
+    Outputs (see :class:`OutputPaths`): ``<stem>_classes.tif`` (uint8, colour table, nodata =
+    the model's ``nodata_value``), ``<stem>_confidence.tif`` (if ``params.confidence``) and
+    ``<stem>_polygons.gpkg`` (if ``params.vectorize.enabled``). ``stem`` defaults to the
+    raster's file stem. Pass a ``predictor`` to reuse a loaded model across rasters.
+
+    Raises the typed errors of :mod:`.errors`; a failed or cancelled run leaves nothing under
+    the final output names.
+    """
+    params = params or SegmentParams()
+    t_start = time.perf_counter()
+    if not isinstance(model, TesseraModel):
+        model = TesseraModel.load(model)
+    contract = model.contract
+    path = str(raster)
+    out_dir = Path(out_dir)
+    stem = stem or Path(path).stem
+    outs = OutputPaths.for_stem(out_dir, stem)
+
+    tile = params.tile_size or contract.tile_size
+    overlap = params.overlap if params.overlap is not None else contract.overlap
+    if overlap >= tile // 2:
+        raise ParameterError(f"overlap ({overlap} px) must be less than half the tile size "
+                             f"({tile} px)")
+    if tile % contract.size_multiple:
+        raise ParameterError(f"tile size {tile} must be a multiple of {contract.size_multiple} "
+                             f"for model '{contract.name}'")
+
+    with gdal_env(), open_raster(path) as ds:
+        bands = _resolve_bands(ds, path, contract, params)
+        if params.vectorize.enabled and ds.crs is None:
+            raise NoCRSError(f"{path}: has no coordinate reference system; polygons and areas "
+                             "in m² need one (georeference the raster, or turn vectorizing off)",
+                             path)
+        if params.window is not None:
+            c0, r0, w, h = params.window
+            if c0 + w > ds.width or r0 + h > ds.height:
+                raise ParameterError(f"{path}: window {params.window} reaches beyond the raster "
+                                     f"({ds.width} x {ds.height} px)", path)
+        else:
+            c0, r0, w, h = 0, 0, ds.width, ds.height
+        nodata = params.nodata
+        warns = _warnings(ds, path, contract, bands)
+        for msg in warns:
+            log.warning(msg)
+        check_writable_dir(out_dir)
+        if predictor is None:
+            predictor = Predictor(model.module, params.device, params.half, params.threads)
+        grid = TileGrid(h, w, tile, overlap)
+        in_shape = (padded_size(min(tile, h), contract.size_multiple),
+                    padded_size(min(tile, w), contract.size_multiple))
+        from rasterio.windows import Window
+
+        transform = ds.window_transform(Window(c0, r0, w, h))
+        profile = dict(GTIFF_OPTIONS, width=w, height=h, count=1, dtype="uint8",
+                       crs=ds.crs, transform=transform)
+        finals = [outs.class_raster] + ([outs.confidence_raster] if params.confidence else [])
+        seg_span = (0.0, 0.9) if params.vectorize.enabled else (0.0, 1.0)
+        meter = Meter("segment", w * h, progress, *seg_span)
+        meter.update(0, f"{len(grid)} tiles on {predictor.info.label}", force=True)
+        with atomic_outputs(*finals) as temps:
+            stats = _run(ds, grid, (c0, r0), bands, nodata, contract, predictor,
+                         params.batch_size, in_shape, profile, temps, path, meter, cancel)
+            names = [c.name for c in contract.classes]
+            write_category_names(temps[0], names)
+        t_seg = time.perf_counter() - t_start
+
+    result = SegmentResult(
+        source=path, class_raster=str(outs.class_raster),
+        confidence_raster=str(outs.confidence_raster) if params.confidence else None,
+        polygons=None, n_polygons=None, device=predictor.info.label, seconds=0.0,
+        seconds_segment=round(t_seg, 3), seconds_vectorize=0.0, megapixels=w * h / 1e6,
+        tiles=len(grid), tiles_skipped=stats["skipped"], tile_size=tile, overlap=overlap,
+        batch_size=predictor.max_batch or params.batch_size,
+        class_pixels={c.name: int(stats["hist"][c.id]) for c in contract.classes},
+        warnings=warns)
+    if params.vectorize.enabled:
+        from .vectorize import vectorize_raster
+
+        t_v = time.perf_counter()
+        vres = vectorize_raster(outs.class_raster, outs.polygons, params.vectorize,
+                                class_names=contract.class_names, progress=progress,
+                                cancel=cancel, progress_span=(0.9, 1.0))
+        result.polygons = str(outs.polygons)
+        result.n_polygons = vres.n_polygons
+        result.area_m2_by_class = {contract.class_names.get(k, str(k)): round(v, 3)
+                                   for k, v in sorted(vres.area_m2_by_class.items())}
+        result.seconds_vectorize = round(time.perf_counter() - t_v, 3)
+    result.seconds = round(time.perf_counter() - t_start, 3)
+    if progress is not None:
+        meter_done = Meter("done", 1, progress, 1.0, 1.0)
+        meter_done.update(1, "done", force=True)
+    return result
+
+
+def _run(ds: Any, grid: TileGrid, win_off: tuple[int, int], bands: tuple[int, ...],
+         nodata: float | None, contract: ModelContract, predictor: Predictor, batch_size: int,
+         in_shape: tuple[int, int], profile: dict[str, Any], temps: list[Path], path: str,
+         meter: Meter, cancel: CancelFn | None) -> dict[str, Any]:
+    import rasterio
+
+    n_rows_tiles, n_cols_tiles = grid.shape
+    band_rows = min(grid.tile, grid.height)
+    band = RowBand(contract.n_classes, band_rows, grid.width)
+    log.debug("row band: %.1f MB", band.nbytes / 1e6)
+    stop = threading.Event()
+    reader = _Reader(ds, grid, win_off, bands, nodata, contract, batch_size, in_shape, stop)
+    nd = contract.nodata_value
+    cmap = {c.id: (*c.rgb, 255) for c in contract.classes}
+    cmap[nd] = (0, 0, 0, 0)
+    tags = {CLASSES_TAG: json.dumps([{"id": c.id, "name": c.name, "color": c.color}
+                                     for c in contract.classes]),
+            "TESSERA_MODEL": contract.name, "TESSERA_SOURCE": Path(path).name}
+    want_conf = len(temps) > 1
+    dst = rasterio.open(temps[0], "w", nodata=nd, **profile)
+    dst_conf = rasterio.open(temps[1], "w", nodata=0, **profile) if want_conf else None
+    writer = _Writer(dst, dst_conf, grid.width)
+    skipped = 0
+    done_in_row = [0] * n_rows_tiles
+    tiles_done = 0
+    try:
+        dst.write_colormap(1, cmap)
+        dst.update_tags(**tags)
+        dst.set_band_description(1, "class")
+        if dst_conf is not None:
+            dst_conf.update_tags(TESSERA_MODEL=contract.name, TESSERA_SOURCE=Path(path).name)
+            dst_conf.set_band_description(1, "confidence (max class probability x 255)")
+        reader.start()
+        writer.start()
+        current = 0
+        while True:
+            check_cancel(cancel)
+            try:
+                item = reader.q.get(timeout=0.5)
+            except queue.Empty:
+                if not reader.is_alive():
+                    raise TesseraError(f"{path}: the tile reader stopped unexpectedly", path)
+                continue
+            if item[0] == "error":
+                raise item[1]
+            if item[0] == "end":
+                break
+            _, i, tiles, batch = item
+            if i != current:
+                raise RuntimeError(f"tile rows out of order ({i} after {current})")
+            if batch is None:
+                skipped += len(tiles)
+                for t, valid in tiles:
+                    band.add(t, None, grid.weights(t), valid)
+            else:
+                probs = predictor.predict(batch)
+                for k, (t, valid) in enumerate(tiles):
+                    band.add(t, probs[k, :, :t.height, :t.width], grid.weights(t), valid)
+            done_in_row[i] += len(tiles)
+            tiles_done += len(tiles)
+            if writer.error is not None:
+                raise writer.error
+            if done_in_row[i] == n_cols_tiles:
+                n_final = grid.final_rows_after(i) - band.top
+                top, cls, conf = band.pop(n_final, nd, want_conf)
+                final = i == n_rows_tiles - 1
+                writer.q.put((top, cls, conf, final))
+                current += 1
+            meter.update(int(tiles_done / len(grid) * meter.total))
+        if current != n_rows_tiles:
+            raise RuntimeError(f"only {current} of {n_rows_tiles} tile rows were processed")
+        writer.q.put(_STOP)
+        writer.join()
+        if writer.error is not None:
+            raise writer.error
+        meter.update(meter.total, force=True)
+        return {"skipped": skipped, "hist": writer.hist}
+    except BaseException as exc:
+        stop.set()
+        if writer.is_alive():
+            writer.error = writer.error or exc
+            try:
+                writer.q.put(_STOP, timeout=5)
+            except queue.Full:
+                pass
+        if isinstance(exc, KeyboardInterrupt):
+            raise CancelledError("interrupted") from exc
+        raise
+    finally:
+        stop.set()
+        reader.join(timeout=10)
+        writer.join(timeout=30)
+        dst.close()
+        if dst_conf is not None:
+            dst_conf.close()
