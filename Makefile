@@ -69,7 +69,7 @@ bench: setup
 	$(PY) benchmarks/bench_cpu.py --write BENCHMARKS.md
 
 demo: setup
-	$(PY) benchmarks/../resources/demo.py
+	$(PY) resources/demo.py
 
 lint: setup
 	$(VENV)/bin/ruff check core tests benchmarks

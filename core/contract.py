@@ -139,14 +139,14 @@ class ModelContract:
         return cls.from_dict(data, source)
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "model") -> ModelContract:  # noqa: C901
+    def from_dict(cls, data: Any, source: str = "model") -> ModelContract:
         """Validate ``data`` and build a contract; raise :class:`ModelError` listing every problem."""
         if not isinstance(data, dict):
             raise ModelError(f"{source}: the model contract must be a JSON object")
         errs: list[str] = []
 
         def need(key: str, typ: type | tuple[type, ...], default: Any = ...) -> Any:
-            if key not in data:
+            if key not in data or (data[key] is None and default is not ...):
                 if default is ...:
                     errs.append(f"'{key}' is missing")
                     return None

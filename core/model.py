@@ -76,7 +76,7 @@ class TesseraModel:
         module = build_network(contract)
         try:
             state = load_file(str(path), device="cpu")
-        except Exception as exc:  # noqa: BLE001  (safetensors raises its own error types)
+        except Exception as exc:
             raise ModelError(f"{path}: cannot read the weights: {exc}", path) from exc
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
         expected = module.state_dict()
@@ -127,8 +127,12 @@ def read_contract(path: str | Path) -> ModelContract:
     if path.is_dir():
         raise ModelError(f"{path}: is a folder, not a model file", path)
     with open(path, "rb") as fh:
-        head = fh.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+        head = fh.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header
+    looks_safetensors = len(head) == 9 and head[8:9] == b"{" and \
+        int.from_bytes(head[:8], "little") < path.stat().st_size
+    if not looks_safetensors and (head[:2] == b"PK" or (head[:1] == b"\x80" and head[1:2] in
+                                                        (b"\x02", b"\x03", b"\x04", b"\x05"))):
         raise ModelError(f"{path}: looks like a PyTorch pickle (.pt/.pth); Tessera never unpickles "
                          "model files because loading one can run arbitrary code. Save the "
                          "weights with safetensors and a Tessera contract instead.", path)
@@ -137,7 +141,7 @@ def read_contract(path: str | Path) -> ModelContract:
 
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ModelError(f"{path}: not a Tessera model file (not a readable safetensors file: "
                          f"{exc})", path) from exc
     if META_KEY not in meta:

@@ -7,8 +7,8 @@ The engine never imports a UI: callers give a ``progress`` callable receiving
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 from .errors import CancelledError
 
@@ -42,7 +42,7 @@ def never_cancel() -> bool:
     return False
 
 
-def check_cancel(cancel: Optional[CancelFn]) -> None:
+def check_cancel(cancel: CancelFn | None) -> None:
     """Raise :class:`CancelledError` if ``cancel()`` says so."""
     if cancel is not None and cancel():
         raise CancelledError("cancelled by the user")
@@ -54,7 +54,7 @@ class Meter:
     The job fraction maps this stage's ``done/total`` into ``[start, end]`` of the whole job.
     """
 
-    def __init__(self, stage: str, total: int, fn: Optional[ProgressFn], start: float = 0.0,
+    def __init__(self, stage: str, total: int, fn: ProgressFn | None, start: float = 0.0,
                  end: float = 1.0, pixels_per_unit: float = 1.0, min_interval_s: float = 0.2) -> None:
         self.stage = stage
         self.total = max(int(total), 1)

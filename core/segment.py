@@ -26,14 +26,21 @@ import numpy as np
 
 from .contract import ModelContract
 from .device import Predictor
-from .errors import (BandMismatchError, CancelledError, NoCRSError, ParameterError,
-                     TesseraError)
+from .errors import BandMismatchError, CancelledError, NoCRSError, ParameterError, TesseraError
 from .model import TesseraModel
 from .normalize import normalize
 from .params import SegmentParams
 from .progress import CancelFn, Meter, ProgressFn, check_cancel
-from .rasterio_io import (CLASSES_TAG, GTIFF_OPTIONS, atomic_outputs, check_writable_dir,
-                          gdal_env, open_raster, read_window, write_category_names)
+from .rasterio_io import (
+    CLASSES_TAG,
+    GTIFF_OPTIONS,
+    atomic_outputs,
+    check_writable_dir,
+    gdal_env,
+    open_raster,
+    read_window,
+    write_category_names,
+)
 from .tiling import Tile, TileGrid, padded_size
 
 log = logging.getLogger(__name__)
@@ -298,13 +305,15 @@ def _warnings(ds: Any, path: str, contract: ModelContract, bands: tuple[int, ...
 def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir: str | Path,
                    params: SegmentParams | None = None, *, stem: str | None = None,
                    predictor: Predictor | None = None, progress: ProgressFn | None = None,
-                   cancel: CancelFn | None = None) -> SegmentResult:
+                   cancel: CancelFn | None = None,
+                   outputs: OutputPaths | None = None) -> SegmentResult:
     """Segment ``raster`` with ``model``; write the class raster (and confidence, polygons).
 
     Outputs (see :class:`OutputPaths`): ``<stem>_classes.tif`` (uint8, colour table, nodata =
     the model's ``nodata_value``), ``<stem>_confidence.tif`` (if ``params.confidence``) and
     ``<stem>_polygons.gpkg`` (if ``params.vectorize.enabled``). ``stem`` defaults to the
-    raster's file stem. Pass a ``predictor`` to reuse a loaded model across rasters.
+    raster's file stem. ``outputs`` overrides the three paths (``out_dir``/``stem`` are then
+    ignored). Pass a ``predictor`` to reuse a loaded model across rasters.
 
     Raises the typed errors of :mod:`.errors`; a failed or cancelled run leaves nothing under
     the final output names.
@@ -315,9 +324,8 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
         model = TesseraModel.load(model)
     contract = model.contract
     path = str(raster)
-    out_dir = Path(out_dir)
     stem = stem or Path(path).stem
-    outs = OutputPaths.for_stem(out_dir, stem)
+    outs = outputs or OutputPaths.for_stem(out_dir, stem)
 
     tile = params.tile_size or contract.tile_size
     overlap = params.overlap if params.overlap is not None else contract.overlap
@@ -343,9 +351,12 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
             c0, r0, w, h = 0, 0, ds.width, ds.height
         nodata = params.nodata
         warns = _warnings(ds, path, contract, bands)
-        for msg in warns:
-            log.warning(msg)
-        check_writable_dir(out_dir)
+        for msg in warns:  # returned in the result too, for the caller to show
+            log.info("warning: %s", msg)
+        wanted = [outs.class_raster] + ([outs.confidence_raster] if params.confidence else []) \
+            + ([outs.polygons] if params.vectorize.enabled else [])
+        for folder in sorted({p.parent for p in wanted}):
+            check_writable_dir(folder)
         if predictor is None:
             predictor = Predictor(model.module, params.device, params.half, params.threads)
         grid = TileGrid(h, w, tile, overlap)
@@ -436,7 +447,8 @@ def _run(ds: Any, grid: TileGrid, win_off: tuple[int, int], bands: tuple[int, ..
                 item = reader.q.get(timeout=0.5)
             except queue.Empty:
                 if not reader.is_alive():
-                    raise TesseraError(f"{path}: the tile reader stopped unexpectedly", path)
+                    raise TesseraError(f"{path}: the tile reader stopped unexpectedly",
+                                       path) from None
                 continue
             if item[0] == "error":
                 raise item[1]

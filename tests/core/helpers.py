@@ -9,7 +9,6 @@ import rasterio
 import torch
 from affine import Affine
 from rasterio.crs import CRS
-
 from tessera.core.contract import ModelContract
 from tessera.core.model import TesseraModel
 

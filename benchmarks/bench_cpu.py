@@ -1,0 +1,260 @@
+"""CPU benchmark: model-only vs end-to-end throughput, and peak memory vs raster size.
+
+Run with ``make bench`` (or ``.venv/bin/python benchmarks/bench_cpu.py --write BENCHMARKS.md``).
+Prints every figure and, with ``--write``, replaces the CPU section of ``BENCHMARKS.md``.
+
+* Model: smp U-Net / ResNet34, 6 classes (the default model's architecture), random weights
+  unless ``--model`` names a Tessera model file.
+* Model-only: the bare forward pass (channels-last, inference mode) on batches of random
+  tiles of the same size and batch as the end-to-end run.
+* End-to-end: ``segment_raster`` on a 2048² RGB GeoTIFF — read, normalize, infer, blend,
+  write the class raster, polygonize — with overlap 0; the same tile, batch and threads.
+* Memory: peak resident set size (VmHWM) of a fresh process segmenting 2048², 8192² and
+  16384² rasters (each process: import, load, run; the raster is made beforehand).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SHARED_ORTHO = ROOT.parent / "shared" / "data" / "geotiffs" / "drone_ortho_rgb_10cm_epsg3395_jpeg.tif"
+
+CLASSES = [("Building", "#3C1098"), ("Land", "#8429F6"), ("Road", "#6EC1E4"),
+           ("Vegetation", "#FEDD3A"), ("Water", "#E2A929"), ("Unlabeled", "#9B9B9B")]
+
+
+def bench_model(model_path: str | None):
+    from tessera.core.contract import ModelContract
+    from tessera.core.model import TesseraModel
+
+    if model_path:
+        return TesseraModel.load(model_path)
+    import torch
+
+    torch.manual_seed(0)
+    contract = ModelContract.from_dict({
+        "format": "tessera-model", "format_version": 1, "name": "benchmark U-Net/ResNet34 (random)",
+        "architecture": "unet", "encoder": "resnet34", "in_channels": 3, "bands": [1, 2, 3],
+        "scaling": {"method": "divide", "value": 255.0},
+        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+        "classes": [{"id": i, "name": n, "color": c} for i, (n, c) in enumerate(CLASSES)],
+        "tile_size": 512, "overlap": 0})
+    return TesseraModel.create(contract)
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return (f"{platform.node() or 'host'}: {cpu}, {os.cpu_count()} cores, "
+            f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, "
+            f"Python {platform.python_version()}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} torch threads")
+
+
+def make_raster(path: Path, size: int, source: Path | None) -> Path:
+    """A tiled, deflate-compressed RGB GeoTIFF of ``size``², written strip by strip.
+
+    Content: the real drone orthophoto from ../shared tiled (mirrored) when present, else a
+    smooth synthetic pattern.
+    """
+    import rasterio
+    from affine import Affine
+    from rasterio.windows import Window
+
+    if path.exists():
+        return path
+    base = None
+    if source is not None and source.exists():
+        with rasterio.open(source) as s:
+            base = s.read([1, 2, 3])
+    if base is None:
+        yy, xx = np.mgrid[0:2048, 0:2048]
+        base = np.stack([(127 + 120 * np.sin(xx / 97.0 + k) * np.cos(yy / 61.0 - k)) for k in range(3)])
+        base = base.astype(np.uint8)
+    bh, bw = base.shape[1:]
+    tiles = np.concatenate([np.concatenate([base, base[:, :, ::-1]], axis=2),
+                            np.concatenate([base[:, ::-1], base[:, ::-1, ::-1]], axis=2)], axis=1)
+    th, tw = tiles.shape[1:]
+    prof = dict(driver="GTiff", width=size, height=size, count=3, dtype="uint8",
+                crs="EPSG:32633", transform=Affine(0.1, 0, 500000, 0, -0.1, 4000000),
+                tiled=True, blockxsize=256, blockysize=256, compress="deflate",
+                photometric="RGB")
+    tmp = path.with_suffix(".part.tif")
+    with rasterio.open(tmp, "w", **prof) as dst:
+        for r0 in range(0, size, 256):
+            h = min(256, size - r0)
+            rows = (np.arange(r0, r0 + h) % th)
+            strip = tiles[:, rows]
+            reps = -(-size // tw)
+            strip = np.tile(strip, (1, 1, reps))[:, :, :size]
+            dst.write(strip, window=Window(0, r0, size, h))
+    tmp.replace(path)
+    return path
+
+
+def model_only(model, tile: int, batch: int, reps: int) -> float:
+    import torch
+
+    module = model.module.to(memory_format=torch.channels_last).eval()
+    x = torch.randn(batch, model.contract.in_channels, tile, tile).contiguous(
+        memory_format=torch.channels_last)
+    with torch.inference_mode():
+        module(x)  # warm-up
+        t = time.perf_counter()
+        for _ in range(reps):
+            module(x)
+        dt = time.perf_counter() - t
+    return reps * batch * tile * tile / dt / 1e6
+
+
+def end_to_end(model, raster: Path, tile: int, batch: int, out: Path) -> dict:
+    from tessera.core.params import SegmentParams
+    from tessera.core.segment import segment_raster
+
+    params = SegmentParams(tile_size=tile, overlap=0, batch_size=batch)
+    t = time.perf_counter()
+    res = segment_raster(raster, model, out, params)
+    dt = time.perf_counter() - t
+    return {"seconds": dt, "mpx": res.megapixels, "mpx_s": res.megapixels / dt,
+            "seconds_vectorize": res.seconds_vectorize, "polygons": res.n_polygons,
+            "device": res.device}
+
+
+def child_memory(args) -> None:
+    """Run in a fresh process: segment one raster; print peak RSS (VmHWM) as JSON."""
+    from tessera.core.params import SegmentParams
+    from tessera.core.segment import segment_raster
+
+    model = bench_model(args.model)
+    t = time.perf_counter()
+    res = segment_raster(args.child_memory, model, args.out,
+                         SegmentParams(tile_size=args.tile, overlap=args.overlap,
+                                       batch_size=args.batch))
+    dt = time.perf_counter() - t
+    hwm = 0
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            hwm = int(line.split()[1]) * 1024
+    print(json.dumps({"peak_rss": hwm, "seconds": dt, "mpx": res.megapixels,
+                      "polygons": res.n_polygons}))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="a Tessera model file (default: random-weight U-Net/ResNet34)")
+    ap.add_argument("--tile", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--overlap", type=int, default=0)
+    ap.add_argument("--reps", type=int, default=6, help="model-only batches timed")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 8192, 16384])
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "tessera-bench"))
+    ap.add_argument("--write", metavar="MD", help="write the results into this Markdown file")
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--child-memory", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child_memory:
+        child_memory(args)
+        return 0
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    model = bench_model(args.model)
+    print(f"Machine: {machine()}")
+    print(f"Model: {model.contract.name}, tile {args.tile}, batch {args.batch}, overlap {args.overlap}")
+
+    src = make_raster(work / "bench_2048.tif", 2048, SHARED_ORTHO)
+    e2e = end_to_end(model, src, args.tile, args.batch, work / "out_e2e")  # also warms up
+    mo = model_only(model, args.tile, args.batch, args.reps)
+    e2e = end_to_end(model, src, args.tile, args.batch, work / "out_e2e")
+    mo2 = model_only(model, args.tile, args.batch, args.reps)
+    mo = max(mo, mo2)  # the best model-only figure: the ratio is not flattered
+    ratio = e2e["mpx_s"] / mo
+    print(f"Model-only forward:  {mo:.3f} Mpx/s")
+    print(f"End-to-end (2048², read→infer→blend→write→polygonize, {e2e['polygons']} polygons, "
+          f"vectorize {e2e['seconds_vectorize']:.1f} s): {e2e['mpx_s']:.3f} Mpx/s")
+    print(f"Ratio end-to-end / model-only: {ratio:.3f}  (target >= 0.85: "
+          f"{'MET' if ratio >= 0.85 else 'NOT MET'})")
+
+    mem = []
+    if not args.skip_memory:
+        for size in args.sizes:
+            r = make_raster(work / f"bench_{size}.tif", size, SHARED_ORTHO)
+            out = subprocess.run([sys.executable, __file__, "--child-memory", str(r), "--out",
+                                  str(work / f"out_{size}"), "--tile", str(args.tile), "--batch",
+                                  str(args.batch), "--overlap", str(args.overlap)]
+                                 + (["--model", args.model] if args.model else []),
+                                 capture_output=True, text=True, check=True)
+            d = json.loads(out.stdout.strip().splitlines()[-1])
+            d["size"] = size
+            mem.append(d)
+            print(f"Peak RSS {size}²: {d['peak_rss'] / 2**20:.0f} MiB "
+                  f"({d['mpx']:.0f} Mpx in {d['seconds']:.0f} s, {d['polygons']} polygons)")
+        lo, hi = mem[0]["peak_rss"], mem[-1]["peak_rss"]
+        flat = hi / lo
+        print(f"Memory growth {args.sizes[0]}² → {args.sizes[-1]}²: x{flat:.2f} (target <= 1.3: "
+              f"{'MET' if flat <= 1.3 else 'NOT MET'}); largest {hi / 2**30:.2f} GiB (target <= "
+              f"1.5 GB: {'MET' if hi <= 1.5e9 else 'NOT MET'})")
+
+    if args.write:
+        write_md(Path(args.write), args, model, mo, e2e, ratio, mem)
+    return 0
+
+
+def write_md(path: Path, args, model, mo, e2e, ratio, mem) -> None:
+    lines = [
+        "## CPU (`make bench`)", "",
+        f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.", "",
+        f"Model: {model.contract.name}; tile {args.tile} px, batch {args.batch}, overlap "
+        f"{args.overlap}. Input: 2048² RGB GeoTIFF (deflate, 256² blocks)"
+        + (" made from the real drone orthophoto" if SHARED_ORTHO.exists() else " (synthetic)")
+        + ".", "",
+        "| figure | value | target |", "|---|---|---|",
+        f"| model-only forward | {mo:.3f} Mpx/s | |",
+        f"| end-to-end (read → infer → blend → write → polygonize) | {e2e['mpx_s']:.3f} Mpx/s | |",
+        f"| ratio | {ratio:.3f} | ≥ 0.85 {'✅' if ratio >= 0.85 else '❌'} |",
+    ]
+    for d in mem:
+        lines.append(f"| peak RSS, {d['size']}² ({d['mpx']:.0f} Mpx, {d['seconds']:.0f} s) | "
+                     f"{d['peak_rss'] / 2**20:.0f} MiB | |")
+    if mem:
+        flat = mem[-1]["peak_rss"] / mem[0]["peak_rss"]
+        lines.append(f"| memory growth {mem[0]['size']}² → {mem[-1]['size']}² | x{flat:.2f} | "
+                     f"≤ 1.3 {'✅' if flat <= 1.3 else '❌'} |")
+        lines.append(f"| largest peak RSS | {mem[-1]['peak_rss'] / 1e9:.2f} GB | ≤ 1.5 GB "
+                     f"{'✅' if mem[-1]['peak_rss'] <= 1.5e9 else '❌'} |")
+    section = "\n".join(lines) + "\n"
+    head = "# Benchmarks\n\nEvery figure here was measured by the script named with it.\n\n"
+    text = path.read_text() if path.exists() else head
+    start = text.find("## CPU (`make bench`)")
+    if start >= 0:
+        end = text.find("\n## ", start + 5)
+        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""The ``tessera`` command: a thin layer of options over the engine's functions.
+
+    tessera segment RASTER --model MODEL --out DIR [options]
+    tessera batch FOLDER --model MODEL --out DIR [--pattern '*.tif'] [--recursive]
+    tessera vectorize CLASS_RASTER --out FILE.gpkg [options]
+    tessera info MODEL
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+from . import __version__
+
+EPILOG = """\
+examples:
+  tessera info models/dubai.safetensors
+  tessera segment ortho.tif --model models/dubai.safetensors --out results/
+  tessera segment ortho.tif --model m.safetensors --out results/ --bands 3 2 1 --min-area 25 \\
+      --skip-class Unlabeled --confidence
+  tessera batch tiles/ --model m.safetensors --out results/ --pattern '*.tif;*.jp2' --recursive
+
+Outputs for RASTER 'x.tif' in DIR: x_classes.tif (one class id per pixel, coloured, nodata
+where the input has none), x_confidence.tif (with --confidence) and x_polygons.gpkg
+(fields class_id, class_name, area_m2, pixels). Nothing is written under these names until
+it is complete, so an interrupted run leaves no half-written file.
+"""
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr: percent, stage, Mpx/s and ETA."""
+
+    def __init__(self, stream: TextIO = sys.stderr, enabled: bool = True) -> None:
+        self.stream = stream
+        self.enabled = enabled and hasattr(stream, "isatty")
+        self.tty = bool(enabled and getattr(stream, "isatty", lambda: False)())
+        self._last = 0.0
+        self._width = 0
+
+    def __call__(self, p: Any) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not self.tty and now - self._last < 5 and p.fraction < 1:
+            return  # in logs, print a line every few seconds only
+        self._last = now
+        n = 28
+        filled = round(p.fraction * n)
+        bar = "#" * filled + "-" * (n - filled)
+        rate = f"{p.mpx_per_s:6.2f} Mpx/s" if p.mpx_per_s else " " * 12
+        eta = _fmt_secs(p.eta_s) if p.eta_s is not None and p.fraction < 1 else "--:--"
+        msg = p.message[:40] if p.message else p.stage
+        line = f"[{bar}] {p.fraction * 100:5.1f}%  {rate}  ETA {eta}  {msg}"
+        if self.tty:
+            pad = max(0, self._width - len(line))
+            self.stream.write("\r" + line + " " * pad)
+            self._width = len(line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty and self._width:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._width = 0
+
+
+def _fmt_secs(s: float) -> str:
+    s = int(max(s, 0))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m:02d}:{sec:02d}"
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", required=True, metavar="MODEL",
+                   help="Tessera model file (.safetensors)")
+    p.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder (created)")
+    g = p.add_argument_group("input")
+    g.add_argument("--bands", type=int, nargs="+", metavar="N",
+                   help="raster band numbers (from 1) feeding the model's inputs, in order "
+                        "(default: the model's, e.g. 1 2 3)")
+    g.add_argument("--nodata", type=float, help="input value meaning 'no data' (default: the file's)")
+    g.add_argument("--window", type=int, nargs=4, metavar=("COL", "ROW", "WIDTH", "HEIGHT"),
+                   help="only this pixel window of the raster")
+    g = p.add_argument_group("tiling and device")
+    g.add_argument("--tile-size", type=int, help="tile side in pixels, multiple of 32 (default: the model's)")
+    g.add_argument("--overlap", type=int, help="tile overlap in pixels (default: the model's)")
+    g.add_argument("--batch-size", type=int, default=2, help="tiles per forward pass (default 2)")
+    g.add_argument("--device", default="auto",
+                   help="auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps")
+    g.add_argument("--threads", type=int, help="CPU threads for the model")
+    g.add_argument("--no-half", action="store_true", help="no fp16 on the GPU")
+    g = p.add_argument_group("outputs")
+    g.add_argument("--confidence", action="store_true", help="also write the confidence raster")
+    g.add_argument("--no-vectorize", action="store_true", help="class raster only, no polygons")
+    _add_vector_options(g)
+
+
+def _add_vector_options(g: Any) -> None:
+    g.add_argument("--sieve", type=int, default=0, metavar="PIXELS",
+                   help="merge regions smaller than this many pixels into a neighbour first")
+    g.add_argument("--min-area", type=float, default=0.0, metavar="M2",
+                   help="drop polygons smaller than this many square metres")
+    g.add_argument("--simplify", type=float, default=0.0, metavar="PIXELS",
+                   help="simplification tolerance in pixels (default 0: exact pixel edges)")
+    g.add_argument("--skip-class", action="append", default=[], metavar="CLASS",
+                   help="class name or id not to polygonize (repeatable)")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="log details")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tessera", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Tessera: segment rasters (GeoTIFF, VRT, JPEG2000...) into classes and "
+                    "polygons with a U-Net, tile by tile, in bounded memory.",
+        epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"tessera {__version__}")
+    parser.set_defaults(quiet=False, verbose=False)
+    _add_common(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("segment", help="segment one raster",
+                       description="Segment one raster into a class raster and polygons.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p.add_argument("raster", help="input raster (any format GDAL reads)")
+    _add_common(p)
+    _add_run_options(p)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser("batch", help="segment every raster in a folder (resumable)",
+                       description="Segment every matching raster in a folder. Files whose "
+                       "outputs exist are skipped, so re-running resumes. A failing file is "
+                       "reported and the rest are processed. Writes tessera_report.csv/.json.")
+    p.add_argument("folder", help="folder of rasters")
+    _add_common(p)
+    p.add_argument("--pattern", default="*.tif;*.tiff",
+                   help="file pattern(s), ';'-separated (default '*.tif;*.tiff')")
+    p.add_argument("--recursive", "-r", action="store_true", help="include sub-folders")
+    p.add_argument("--overwrite", action="store_true", help="redo files whose outputs exist")
+    _add_run_options(p)
+
+    p = sub.add_parser("vectorize", help="polygonize an existing class raster",
+                       description="Turn a class raster (uint8) into a GeoPackage of polygons.")
+    p.add_argument("raster", help="class raster, e.g. x_classes.tif")
+    _add_common(p)
+    p.add_argument("--out", "-o", required=True, metavar="FILE", help="output .gpkg")
+    _add_vector_options(p)
+
+    p = sub.add_parser("info", help="print a model's contract (bands, scaling, classes...)")
+    p.add_argument("model", help="Tessera model file (.safetensors)")
+    _add_common(p)
+    p.add_argument("--json", action="store_true", help="print the raw contract JSON")
+    return parser
+
+
+def _params(a: argparse.Namespace) -> Any:
+    from .params import SegmentParams, VectorizeParams
+
+    skip = tuple(int(s) if s.isdigit() else s for s in a.skip_class)
+    return SegmentParams(
+        tile_size=a.tile_size, overlap=a.overlap, batch_size=a.batch_size, device=a.device,
+        bands=tuple(a.bands) if a.bands else None, nodata=a.nodata,
+        window=tuple(a.window) if a.window else None, confidence=a.confidence,
+        half=False if a.no_half else None, threads=a.threads,
+        vectorize=VectorizeParams(enabled=not a.no_vectorize, sieve_px=a.sieve,
+                                  min_area_m2=a.min_area, simplify_px=a.simplify,
+                                  skip_classes=skip))
+
+
+def _print_result(res: Any, out: TextIO) -> None:
+    out.write(f"Segmented {res.source} on {res.device}: {res.megapixels:.2f} Mpx in "
+              f"{res.seconds:.1f} s ({res.megapixels / max(res.seconds_segment, 1e-9):.2f} Mpx/s "
+              f"segmenting), {res.tiles} tiles ({res.tiles_skipped} empty, skipped)\n")
+    out.write(f"  class raster: {res.class_raster}\n")
+    if res.confidence_raster:
+        out.write(f"  confidence:   {res.confidence_raster}\n")
+    if res.polygons:
+        out.write(f"  polygons:     {res.polygons} ({res.n_polygons} polygons)\n")
+    total = sum(res.class_pixels.values()) or 1
+    out.write(f"  {'class':24s} {'pixels':>12s} {'share':>7s}" +
+              (f" {'area m²':>14s}" if res.polygons else "") + "\n")
+    for name, px in res.class_pixels.items():
+        area = res.area_m2_by_class.get(name)
+        out.write(f"  {name:24s} {px:12d} {px / total:7.1%}" +
+                  (f" {area if area is not None else 0:14.1f}" if res.polygons else "") + "\n")
+    for w in res.warnings:
+        out.write(f"  warning: {w}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if a.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from .errors import TesseraError
+
+    bar = ProgressBar(enabled=not a.quiet)
+    try:
+        return _dispatch(a, bar)
+    except TesseraError as exc:
+        bar.close()
+        print(f"tessera: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        bar.close()
+        print("tessera: interrupted; no partial outputs were left", file=sys.stderr)
+        return 130
+    finally:
+        bar.close()
+
+
+def _dispatch(a: argparse.Namespace, bar: ProgressBar) -> int:
+    if a.command == "info":
+        from .model import read_contract
+
+        c = read_contract(a.model)
+        print(c.to_json() if a.json else c.describe())
+        return 0
+    if a.command == "segment":
+        from .segment import segment_raster
+
+        res = segment_raster(a.raster, a.model, a.out, _params(a), progress=bar)
+        bar.close()
+        if a.json:
+            print(json.dumps(res.to_dict(), indent=1))
+        else:
+            _print_result(res, sys.stdout)
+        return 0
+    if a.command == "batch":
+        from .batch import segment_folder
+
+        rep = segment_folder(a.folder, a.model, a.out, _params(a), pattern=a.pattern,
+                             recursive=a.recursive, skip_existing=not a.overwrite, progress=bar)
+        bar.close()
+        for r in rep.rows:
+            extra = (f" — {r.error}" if r.error else
+                     f" ({r.polygons} polygons)" if r.polygons is not None else "")
+            print(f"{r.status:8s} {r.file}{extra}")
+            if r.warnings:
+                print(f"         warning: {r.warnings}")
+        print(f"{rep.count('done')} done, {rep.count('skipped')} skipped, {rep.count('failed')} "
+              f"failed; report: {rep.csv_path}")
+        return 1 if rep.count("failed") else 0
+    if a.command == "vectorize":
+        from .params import VectorizeParams
+        from .vectorize import vectorize_raster
+
+        skip = tuple(int(s) if s.isdigit() else s for s in a.skip_class)
+        vp = VectorizeParams(sieve_px=a.sieve, min_area_m2=a.min_area, simplify_px=a.simplify,
+                             skip_classes=skip)
+        v = vectorize_raster(a.raster, a.out, vp, progress=bar)
+        bar.close()
+        print(f"{v.n_polygons} polygons written to {v.path} (layer '{v.layer}')")
+        return 0
+    raise AssertionError(a.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

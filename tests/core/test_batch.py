@@ -1,0 +1,103 @@
+"""Folder batch: one model load, skip/resume, error isolation, the report."""
+
+import csv
+import json
+
+import pytest
+import rasterio
+from helpers import ConstantModel, model_with, random_rgb, write_raster
+from tessera.core import batch as batchmod
+from tessera.core.batch import find_rasters, segment_folder
+from tessera.core.errors import CancelledError, ParameterError
+from tessera.core.params import SegmentParams, VectorizeParams
+
+NOVEC = SegmentParams(vectorize=VectorizeParams(enabled=False))
+
+
+def make_folder(tmp_path):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    write_raster(src / "a.tif", random_rgb(50, 60, seed=1))
+    write_raster(src / "b.tif", random_rgb(40, 40, seed=2))
+    write_raster(src / "sub" / "c.tif", random_rgb(30, 70, seed=3))
+    (src / "broken.tif").write_bytes(b"II*\x00 truncated garbage")
+    (src / "notes.txt").write_text("not a raster")
+    return src
+
+
+def test_batch_processes_good_files_reports_the_bad_one_and_resumes(tmp_path):
+    src = make_folder(tmp_path)
+    out = tmp_path / "out"
+    m = model_with(ConstantModel(1), tile_size=32, overlap=8)
+    seen = []
+    rep = segment_folder(src, m, out, NOVEC, recursive=True, on_file=seen.append)
+    status = {r.file: r.status for r in rep.rows}
+    assert status == {"a.tif": "done", "b.tif": "done", "broken.tif": "failed",
+                      "sub/c.tif": "done"}
+    bad = next(r for r in rep.rows if r.status == "failed")
+    assert "broken.tif: GDAL cannot open it as a raster" in bad.error
+    assert [r.file for r in seen] == [r.file for r in rep.rows]
+    with rasterio.open(out / "sub" / "c_classes.tif") as ds:
+        assert ds.shape == (30, 70) and (ds.read(1) == 1).all()
+    rows = list(csv.DictReader(open(rep.csv_path)))
+    assert [r["status"] for r in rows] == ["done", "done", "failed", "done"]
+    assert float(rows[0]["megapixels"]) == pytest.approx(0.003)
+    assert rows[2]["error"].startswith(str(src / "broken.tif"))
+    summary = json.loads(rep.json_path.read_text())
+    assert (summary["done"], summary["failed"], summary["skipped"]) == (3, 1, 0)
+
+    # second run: finished files are skipped, the broken one is retried (and fails again)
+    mtime = (out / "a_classes.tif").stat().st_mtime_ns
+    rep2 = segment_folder(src, m, out, NOVEC, recursive=True)
+    assert [r.status for r in rep2.rows] == ["skipped", "skipped", "failed", "skipped"]
+    assert (out / "a_classes.tif").stat().st_mtime_ns == mtime
+
+    # a file whose output went missing is redone
+    (out / "b_classes.tif").unlink()
+    rep3 = segment_folder(src, m, out, NOVEC, recursive=True)
+    assert [r.status for r in rep3.rows] == ["skipped", "done", "failed", "skipped"]
+
+
+def test_model_is_loaded_once_and_the_predictor_reused(tmp_path, monkeypatch):
+    src = make_folder(tmp_path)
+    m = model_with(ConstantModel(0), tile_size=32, overlap=8)
+    made = []
+    orig = batchmod.Predictor
+
+    def counting(*a, **k):
+        made.append(1)
+        return orig(*a, **k)
+
+    monkeypatch.setattr(batchmod, "Predictor", counting)
+    segment_folder(src, m, tmp_path / "o", NOVEC)
+    assert len(made) == 1
+
+
+def test_patterns_non_recursive_and_own_outputs_ignored(tmp_path):
+    src = make_folder(tmp_path)
+    assert [p.name for p in find_rasters(src)] == ["a.tif", "b.tif", "broken.tif"]
+    assert [p.name for p in find_rasters(src, "*.txt;a.*")] == ["a.tif", "notes.txt"]
+    m = model_with(ConstantModel(0), tile_size=32, overlap=8)
+    segment_folder(src, m, src / "results", NOVEC, recursive=True)
+    # outputs written inside the input folder are never taken as inputs
+    names = [p.name for p in find_rasters(src, recursive=True, exclude=src / "results")]
+    assert names == ["a.tif", "b.tif", "broken.tif", "c.tif"]
+    with pytest.raises(ParameterError, match="input folder not found"):
+        find_rasters(tmp_path / "nope")
+
+
+def test_cancel_stops_the_batch_and_keeps_the_report(tmp_path):
+    src = make_folder(tmp_path)
+    out = tmp_path / "o"
+    m = model_with(ConstantModel(0), tile_size=32, overlap=8)
+    state = {"files": 0}
+
+    def on_file(row):
+        state["files"] += 1
+
+    with pytest.raises(CancelledError):
+        segment_folder(src, m, out, NOVEC, on_file=on_file, cancel=lambda: state["files"] >= 1)
+    rows = list(csv.DictReader(open(out / "tessera_report.csv")))
+    assert [r["file"] for r in rows] == ["a.tif"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("tessera_report")) == [
+        "a_classes.tif", "a_classes.tif.aux.xml"]

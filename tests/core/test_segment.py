@@ -1,0 +1,374 @@
+"""The streamed segmentation pipeline on small rasters written by the tests."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from affine import Affine
+from helpers import (
+    BrightnessModel,
+    ConstantModel,
+    LocalModel,
+    model_with,
+    random_rgb,
+    tiny_unet,
+    write_raster,
+)
+from tessera.core import segment as segmod
+from tessera.core.errors import (
+    BandMismatchError,
+    CancelledError,
+    DeviceError,
+    NoCRSError,
+    OutputError,
+    ParameterError,
+    RasterNotFoundError,
+    RasterReadError,
+    TesseraError,
+)
+from tessera.core.normalize import normalize
+from tessera.core.params import SegmentParams, VectorizeParams
+from tessera.core.segment import RowBand, segment_raster
+from tessera.core.tiling import TileGrid
+
+NOVEC = VectorizeParams(enabled=False)
+
+
+def reference_probs(module, data, contract):
+    """Whole-raster forward pass (no tiling): (K, H, W) probabilities."""
+    valid = np.ones(data.shape[1:], bool)
+    x = torch.from_numpy(normalize(data, valid, contract))[None]
+    with torch.no_grad():
+        return torch.softmax(module(x), dim=1)[0].numpy()
+
+
+def read1(path):
+    with rasterio.open(path) as ds:
+        return ds.read(1), ds.profile, ds
+
+
+@pytest.mark.parametrize("h,w,tile,overlap", [(150, 230, 64, 16), (97, 64, 32, 8), (40, 130, 64, 16)])
+def test_tiled_output_equals_whole_raster_forward_for_a_local_model(tmp_path, h, w, tile, overlap):
+    """Seamless: with a receptive field (radius 2) inside the dropped margin, tiling is exact."""
+    data = random_rgb(h, w, seed=h)
+    src = write_raster(tmp_path / "in.tif", data)
+    module = LocalModel(depth=2)
+    m = model_with(module, tile_size=tile, overlap=overlap)
+    res = segment_raster(src, m, tmp_path / "out",
+                         SegmentParams(confidence=True, vectorize=NOVEC, batch_size=3))
+    ref = reference_probs(module, data, m.contract)
+    cls, prof, _ = read1(res.class_raster)
+    assert cls.shape == (h, w)
+    if h >= tile and w >= tile:  # no padding anywhere: exact equality
+        np.testing.assert_array_equal(cls, ref.argmax(0).astype(np.uint8))
+        conf, _, _ = read1(res.confidence_raster)
+        expected = np.clip(np.rint(ref.max(0) * 255), 1, 255)
+        assert np.abs(conf.astype(int) - expected).max() <= 1
+    else:  # the short axis is padded (reflect) to the network's size: still nearly identical
+        assert (cls == ref.argmax(0)).mean() > 0.97
+    assert res.tiles == len(TileGrid(h, w, tile, overlap))
+
+
+def test_hard_crop_would_differ_so_the_equality_test_can_fail(tmp_path):
+    """Guard: without the dropped margin, tile-edge effects change pixels (the test has teeth)."""
+    data = random_rgb(150, 230, seed=1)
+    module = LocalModel(depth=2)
+    m = model_with(module, tile_size=64, overlap=0)
+    res = segment_raster(write_raster(tmp_path / "in.tif", data), m, tmp_path / "o",
+                         SegmentParams(vectorize=NOVEC))
+    ref = reference_probs(module, data, m.contract).argmax(0)
+    cls, _, _ = read1(res.class_raster)
+    assert (cls != ref).sum() > 0
+
+
+def test_crs_transform_colours_names_and_window_are_preserved(tmp_path):
+    data = random_rgb(120, 100)
+    t = Affine(0.5, 0, 300000.0, 0, -0.5, 5000000.0)
+    src = write_raster(tmp_path / "in.tif", data, crs="EPSG:32618", transform=t)
+    m = model_with(ConstantModel(2))
+    res = segment_raster(src, m, tmp_path / "o", SegmentParams(vectorize=NOVEC))
+    with rasterio.open(res.class_raster) as ds:
+        assert ds.crs.to_epsg() == 32618
+        assert ds.transform == t
+        assert (ds.width, ds.height, ds.dtypes[0], ds.nodata) == (100, 120, "uint8", 255)
+        assert ds.profile["tiled"] and ds.profile["compress"] == "deflate"
+        assert ds.colormap(1)[2] == (0xE2, 0xA9, 0x29, 255)
+        assert ds.colormap(1)[0] == (0x3C, 0x10, 0x98, 255)
+        assert (ds.read(1) == 2).all()
+    # GDAL itself (Debian's gdalinfo, in a clean environment) reads the category names from
+    # the PAM sidecar: the same path QGIS takes.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GDAL_", "PROJ_"))}
+    info = subprocess.run(["gdalinfo", "-json", res.class_raster], capture_output=True,
+                          text=True, check=True, env=env)
+    assert json.loads(info.stdout)["bands"][0]["categories"] == ["Building", "Land", "Water"]
+    assert res.class_pixels == {"Building": 0, "Land": 0, "Water": 12000}
+    # a window: same CRS, transform of the window's corner, the window's size
+    res = segment_raster(src, m, tmp_path / "w", SegmentParams(vectorize=NOVEC,
+                                                               window=(10, 20, 50, 70)))
+    with rasterio.open(res.class_raster) as ds:
+        assert (ds.width, ds.height) == (50, 70)
+        assert ds.transform == t * Affine.translation(10, 20)
+
+
+def test_known_per_pixel_model_gives_exact_classes(tmp_path):
+    """Dark pixels → class 0, bright → class 1, whatever the tiling."""
+    h, w = 130, 170
+    data = np.full((3, h, w), 200, np.uint8)
+    data[:, :, :60] = 30
+    data[:, 90:, 120:] = 10
+    src = write_raster(tmp_path / "in.tif", data)
+    m = model_with(BrightnessModel(), tile_size=64, overlap=16)
+    res = segment_raster(src, m, tmp_path / "o", SegmentParams(vectorize=NOVEC))
+    cls, _, _ = read1(res.class_raster)
+    expected = np.ones((h, w), np.uint8)
+    expected[:, :60] = 0
+    expected[90:, 120:] = 0
+    np.testing.assert_array_equal(cls, expected)
+
+
+def test_nodata_stays_nodata_and_all_nodata_tiles_are_skipped(tmp_path):
+    h, w = 200, 200
+    data = random_rgb(h, w)
+    data[:, :, :100] = 0  # left half is nodata: tiles fully inside are never inferred
+    data[:, 150:160, 150:160] = 0
+    src = write_raster(tmp_path / "in.tif", data, nodata=0)
+    calls = []
+
+    class Counting(LocalModel):
+        def forward(self, x):
+            calls.append(x.shape[0])
+            return super().forward(x)
+
+    m = model_with(Counting(), tile_size=64, overlap=16)
+    res = segment_raster(src, m, tmp_path / "o", SegmentParams(confidence=True, vectorize=NOVEC))
+    grid = TileGrid(h, w, 64, 16)
+    expected_skipped = sum(1 for t in grid if t.col + t.width <= 100)
+    assert expected_skipped > 0
+    assert res.tiles_skipped == expected_skipped
+    assert sum(calls) == len(grid) - expected_skipped
+    cls, _, _ = read1(res.class_raster)
+    conf, _, _ = read1(res.confidence_raster)
+    invalid = np.all(data == 0, axis=0)
+    assert (cls[invalid] == 255).all() and (conf[invalid] == 0).all()
+    assert (cls[~invalid] < 3).all() and (conf[~invalid] > 0).all()
+    assert sum(res.class_pixels.values()) == (~invalid).sum()
+
+
+def test_nodata_override_and_alpha_band(tmp_path):
+    data = random_rgb(80, 80)
+    data[:, :20] = 7
+    src = write_raster(tmp_path / "in.tif", data)  # no nodata in the file
+    m = model_with(ConstantModel(1), tile_size=32, overlap=8)
+    res = segment_raster(src, m, tmp_path / "o", SegmentParams(vectorize=NOVEC, nodata=7))
+    cls, _, _ = read1(res.class_raster)
+    assert (cls[:20] == 255).all() and (cls[20:] == 1).all()
+    # an RGBA raster: alpha 0 is nodata
+    rgba = np.concatenate([random_rgb(80, 80), np.full((1, 80, 80), 255, np.uint8)])
+    rgba[3, 40:, :] = 0
+    src = write_raster(tmp_path / "rgba.tif", rgba, photometric="RGB", alpha="YES")
+    res = segment_raster(src, m, tmp_path / "o2", SegmentParams(vectorize=NOVEC))
+    cls, _, _ = read1(res.class_raster)
+    assert (cls[40:] == 255).all() and (cls[:40] == 1).all()
+
+
+@pytest.mark.parametrize("dtype,scaling", [
+    ("uint16", {"method": "minmax", "min": [0, 0, 0], "max": [10000, 10000, 10000]}),
+    ("int16", {"method": "minmax", "min": [-1000, -1000, -1000], "max": [1000, 1000, 1000]}),
+    ("float32", {"method": "none"}),
+])
+def test_other_dtypes_are_scaled_as_the_contract_says(tmp_path, dtype, scaling):
+    rng = np.random.default_rng(0)
+    data = rng.uniform(-900, 9000, size=(3, 70, 90)).astype(dtype)
+    src = write_raster(tmp_path / "in.tif", data)
+    module = LocalModel(depth=1)
+    m = model_with(module, scaling=scaling, mean=None, std=None, tile_size=32, overlap=8)
+    res = segment_raster(src, m, tmp_path / "o", SegmentParams(vectorize=NOVEC))
+    cls, _, _ = read1(res.class_raster)
+    ref = reference_probs(module, data, m.contract).argmax(0)
+    np.testing.assert_array_equal(cls, ref)
+    assert res.warnings == []
+
+
+def test_band_selection_and_order(tmp_path):
+    data = random_rgb(64, 64)
+    four = np.concatenate([data, data[:1]])
+    module = LocalModel(depth=1)
+    m = model_with(module, tile_size=32, overlap=8)
+    a = segment_raster(write_raster(tmp_path / "a.tif", data[::-1].copy()), m, tmp_path / "a",
+                       SegmentParams(vectorize=NOVEC, bands=(3, 2, 1)))
+    # (a 4-band byte GeoTIFF would get band 4 flagged as alpha by default; not here)
+    b = segment_raster(write_raster(tmp_path / "b.tif", four, photometric="MINISBLACK"), m,
+                       tmp_path / "b",
+                       SegmentParams(vectorize=NOVEC))
+    ca, _, _ = read1(a.class_raster)
+    cb, _, _ = read1(b.class_raster)
+    ref = reference_probs(module, data, m.contract).argmax(0)
+    np.testing.assert_array_equal(ca, ref)
+    np.testing.assert_array_equal(cb, ref)
+
+
+def test_vrt_input(tmp_path):
+    data = random_rgb(50, 60)
+    write_raster(tmp_path / "base.tif", data)
+    vrt = tmp_path / "v.vrt"
+    bands = "".join(
+        f'<VRTRasterBand dataType="Byte" band="{b}"><SimpleSource><SourceFilename '
+        f'relativeToVRT="1">base.tif</SourceFilename><SourceBand>{b}</SourceBand>'
+        f"</SimpleSource></VRTRasterBand>" for b in (1, 2, 3))
+    vrt.write_text(f'<VRTDataset rasterXSize="60" rasterYSize="50"><SRS>EPSG:32633</SRS>'
+                   f"<GeoTransform>500000, 1, 0, 4000000, 0, -1</GeoTransform>{bands}</VRTDataset>")
+    module = LocalModel(depth=1)
+    m = model_with(module, tile_size=32, overlap=8)
+    res = segment_raster(vrt, m, tmp_path / "o", SegmentParams(vectorize=NOVEC))
+    cls, _, _ = read1(res.class_raster)
+    np.testing.assert_array_equal(cls, reference_probs(module, data, m.contract).argmax(0))
+
+
+def test_row_band_memory_does_not_depend_on_raster_height(tmp_path, monkeypatch):
+    sizes = []
+    orig = segmod.RowBand.__init__
+
+    def spy(self, n_classes, rows, width):
+        orig(self, n_classes, rows, width)
+        sizes.append(self.nbytes)
+
+    monkeypatch.setattr(segmod.RowBand, "__init__", spy)
+    m = model_with(ConstantModel(0), tile_size=32, overlap=8)
+    for h in (40, 1200):
+        src = write_raster(tmp_path / f"h{h}.tif", random_rgb(h, 48))
+        segment_raster(src, m, tmp_path / "o", SegmentParams(vectorize=NOVEC))
+    assert len(sizes) == 2 and sizes[0] == sizes[1] == (3 * 4 + 4 + 1) * 32 * 48
+
+
+def test_row_band_pop_shifts_rows():
+    band = RowBand(2, 4, 3)
+    t = segmod.Tile(0, 0, 0, 0, 4, 3)
+    probs = np.zeros((2, 4, 3), np.float32)
+    probs[1] = 1.0
+    band.add(t, probs, np.ones((4, 3), np.float32), np.ones((4, 3), bool))
+    top, cls, conf = band.pop(3, 255, True)
+    assert top == 0 and (cls == 1).all() and (conf == 255).all()
+    assert band.top == 3 and band.wsum[0].sum() == 3 and band.wsum[1:].sum() == 0
+
+
+def _outputs(folder: Path):
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_cancel_leaves_nothing_under_the_final_names(tmp_path):
+    src = write_raster(tmp_path / "in.tif", random_rgb(300, 300))
+    m = model_with(LocalModel(), tile_size=32, overlap=8)
+    out = tmp_path / "o"
+    n = {"k": 0}
+
+    def cancel():
+        n["k"] += 1
+        return n["k"] > 5
+
+    with pytest.raises(CancelledError):
+        segment_raster(src, m, out, SegmentParams(confidence=True), cancel=cancel)
+    assert _outputs(out) == []
+
+
+def test_a_failure_mid_run_leaves_previous_outputs_untouched(tmp_path):
+    src = write_raster(tmp_path / "in.tif", random_rgb(200, 200))
+    out = tmp_path / "o"
+    ok = segment_raster(src, model_with(ConstantModel(1), tile_size=32, overlap=8), out,
+                        SegmentParams(vectorize=NOVEC))
+    before = Path(ok.class_raster).read_bytes()
+    calls = {"n": 0}
+
+    class Boom(ConstantModel):
+        def forward(self, x):
+            calls["n"] += 1
+            if calls["n"] > 3:
+                raise RuntimeError("simulated failure in the model")
+            return super().forward(x)
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        segment_raster(src, model_with(Boom(2), tile_size=32, overlap=8), out,
+                       SegmentParams(vectorize=NOVEC))
+    assert Path(ok.class_raster).read_bytes() == before
+    assert _outputs(out) == ["in_classes.tif", "in_classes.tif.aux.xml"]
+
+
+def test_typed_errors_with_messages(tmp_path):
+    m = tiny_unet()
+    with pytest.raises(RasterNotFoundError, match="missing.tif: raster not found") as e:
+        segment_raster(tmp_path / "missing.tif", m, tmp_path / "o")
+    assert isinstance(e.value, FileNotFoundError)
+
+    bad = tmp_path / "corrupt.tif"
+    bad.write_bytes(b"this is not a tiff at all" * 10)
+    with pytest.raises(RasterReadError, match="corrupt.tif: GDAL cannot open it"):
+        segment_raster(bad, m, tmp_path / "o")
+
+    good = write_raster(tmp_path / "trunc.tif", random_rgb(256, 256), tiled=True,
+                        blockxsize=64, blockysize=64, compress="deflate")
+    raw = good.read_bytes()
+    good.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(RasterReadError, match="trunc.tif"):
+        segment_raster(good, m, tmp_path / "o2", SegmentParams(vectorize=NOVEC))
+    assert not (tmp_path / "o2" / "trunc_classes.tif").exists()
+
+    two = write_raster(tmp_path / "two.tif", random_rgb(40, 40)[:2])
+    with pytest.raises(BandMismatchError, match="expects 3 bands .* raster has 2"):
+        segment_raster(two, m, tmp_path / "o")
+    with pytest.raises(BandMismatchError, match="expects 3 bands, but 2 were selected"):
+        segment_raster(two, m, tmp_path / "o", SegmentParams(bands=(1, 2)))
+
+    nocrs = write_raster(tmp_path / "nocrs.tif", random_rgb(40, 40), crs=None)
+    with pytest.raises(NoCRSError, match="no coordinate reference system"):
+        segment_raster(nocrs, m, tmp_path / "o")
+    # without polygons a raster without CRS is fine
+    res = segment_raster(nocrs, m, tmp_path / "o", SegmentParams(vectorize=NOVEC))
+    assert Path(res.class_raster).exists()
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(OutputError, match="cannot create the output folder"):
+        segment_raster(two, m, afile / "sub", SegmentParams(bands=(1, 2, 2), vectorize=NOVEC))
+
+    with pytest.raises(ParameterError, match="beyond the raster"):
+        segment_raster(two, m, tmp_path / "o", SegmentParams(bands=(1, 2, 2), window=(0, 0, 41, 5)))
+    with pytest.raises(ParameterError, match="multiple of 32"):
+        SegmentParams(tile_size=100)
+    with pytest.raises(ParameterError, match="less than half"):
+        SegmentParams(tile_size=64, overlap=32)
+    with pytest.raises(ParameterError, match="device 'gpu'"):
+        SegmentParams(device="gpu")
+    for err in (RasterReadError, BandMismatchError, NoCRSError, OutputError, ParameterError):
+        assert issubclass(err, TesseraError)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_requested_without_a_gpu_is_a_clear_error(tmp_path):
+    src = write_raster(tmp_path / "in.tif", random_rgb(40, 40))
+    with pytest.raises(DeviceError, match="CUDA is not available"):
+        segment_raster(src, tiny_unet(), tmp_path / "o", SegmentParams(device="cuda"))
+
+
+def test_auto_device_is_reported_and_progress_reaches_one(tmp_path):
+    src = write_raster(tmp_path / "in.tif", random_rgb(100, 100))
+    events = []
+    res = segment_raster(src, tiny_unet(), tmp_path / "o", SegmentParams(), progress=events.append)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert res.device.startswith(expected)
+    fr = [e.fraction for e in events]
+    assert fr == sorted(fr) and fr[-1] == 1.0
+    assert {"segment", "vectorize"} <= {e.stage for e in events}
+    assert res.n_polygons is not None and res.n_polygons > 0
+    assert Path(res.polygons).exists()
+
+
+def test_pixel_size_and_dtype_warnings(tmp_path):
+    src = write_raster(tmp_path / "in.tif", (random_rgb(40, 40).astype("uint16") * 40),
+                       transform=Affine(30.0, 0, 500000, 0, -30.0, 4000000))
+    res = segment_raster(src, tiny_unet(), tmp_path / "o", SegmentParams(vectorize=NOVEC))
+    assert any("pixel size is about 30 m" in w and "trained at 1 m" in w for w in res.warnings)
+    assert any("uint16" in w and "divide by 255" in w for w in res.warnings)
