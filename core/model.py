@@ -136,18 +136,35 @@ def read_contract(path: str | Path) -> ModelContract:
         raise ModelError(f"{path}: looks like a PyTorch pickle (.pt/.pth); Tessera never unpickles "
                          "model files because loading one can run arbitrary code. Save the "
                          "weights with safetensors and a Tessera contract instead.", path)
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as exc:
-        raise ModelError(f"{path}: not a Tessera model file (not a readable safetensors file: "
-                         f"{exc})", path) from exc
+    meta = read_safetensors_metadata(path)
     if META_KEY not in meta:
         raise ModelError(f"{path}: a safetensors file without a Tessera contract "
                          f"(metadata key '{META_KEY}' is missing)", path)
     return ModelContract.from_json(meta[META_KEY], source=str(path))
+
+
+def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, read as plain JSON (no torch, no code run).
+
+    Raises :class:`ModelError` if the file is not a readable safetensors file.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 2 <= n <= min(size - 8, 100_000_000):
+                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+            header = json.loads(fh.read(n).decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        meta = header.get("__metadata__") or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise ValueError("__metadata__ must map strings to strings")
+        return meta
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        raise ModelError(f"{path}: not a Tessera model file (not a readable safetensors file: "
+                         f"{exc})", path) from exc
 
 
 def file_sha256(path: str | Path) -> str:

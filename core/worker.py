@@ -116,11 +116,20 @@ def run_job(job: dict[str, Any], emit: Any, cancel: Any) -> dict[str, Any]:
              total=p.total, mpx_per_s=p.mpx_per_s, eta_s=p.eta_s, message=p.message)
 
     if op == "segment":
-        from .segment import segment_raster
+        from pathlib import Path
 
+        from .segment import OutputPaths, segment_raster
+
+        outputs = None
+        if job.get("outputs"):
+            o = job["outputs"]
+            dflt = OutputPaths.for_stem(job["out_dir"], job.get("stem") or Path(job["raster"]).stem)
+            outputs = OutputPaths(Path(o.get("class_raster") or dflt.class_raster),
+                                  Path(o.get("confidence_raster") or dflt.confidence_raster),
+                                  Path(o.get("polygons") or dflt.polygons))
         res = segment_raster(job["raster"], job["model"], job["out_dir"],
                              params_from_dict(job.get("params")), stem=job.get("stem"),
-                             progress=progress, cancel=cancel)
+                             progress=progress, cancel=cancel, outputs=outputs)
         return res.to_dict()
     if op == "batch":
         from .batch import segment_folder

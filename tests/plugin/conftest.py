@@ -1,6 +1,136 @@
+"""Fixtures for the real-QGIS tier (Debian's QGIS 3.22, headless, via pytest-qgis).
+
+Test data (rasters, tiny model files) are made in a separate process with the engine's own
+Python: the pip rasterio (with its own GDAL/PROJ) never runs inside the QGIS process, exactly
+as in the plugin.
+"""
+
+from __future__ import annotations
+
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
+
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "core"))
+HERE = Path(__file__).resolve().parent
+CORE_TESTS = HERE.parent / "core"
+
+MAKE_DATA = r"""
+import sys
+sys.path.insert(0, sys.argv[2])
+from pathlib import Path
+import numpy as np
+import torch
+from affine import Affine
+from helpers import contract_dict, random_rgb, write_raster
+from tessera.core.contract import ModelContract
+from tessera.core.model import TesseraModel
+
+out = Path(sys.argv[1])
+# A tiny real U-Net whose output is known: every weight of the segmentation head is zero and
+# its bias favours class 2 ("Water"), so every valid pixel is class 2.
+c = ModelContract.from_dict(contract_dict(name="constant Water", tile_size=64, overlap=16))
+m = TesseraModel.create(c)
+head = m.module.segmentation_head[0]
+with torch.no_grad():
+    head.weight.zero_()
+    head.bias.copy_(torch.tensor([0.0, 0.0, 5.0]))
+m.save(out / "water.safetensors")
+
+data = random_rgb(100, 120, seed=5)
+data = np.maximum(data, 1)
+data[:, 40:60, 50:80] = 0          # a nodata hole: 20 rows x 30 columns
+write_raster(out / "scene.tif", data, crs="EPSG:32618", nodata=0,
+             transform=Affine(2.0, 0, 300000.0, 0, -2.0, 4000000.0))
+write_raster(out / "large.tif", random_rgb(1200, 1200, seed=6), crs="EPSG:32618",
+             transform=Affine(2.0, 0, 300000.0, 0, -2.0, 4000000.0))
+folder = out / "folder"
+folder.mkdir()
+write_raster(folder / "a.tif", random_rgb(50, 60, seed=1), crs="EPSG:32618")
+write_raster(folder / "b.tif", random_rgb(40, 70, seed=2), crs="EPSG:32618")
+(folder / "broken.tif").write_bytes(b"II*\x00 not really a tiff")
+print("ok")
+"""
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("plugin-data")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GDAL_", "PROJ_"))}
+    subprocess.run([sys.executable, "-c", MAKE_DATA, str(d), str(CORE_TESTS)], check=True,
+                   env=env)
+    return d
+
+
+def wait_for(predicate, timeout: float = 180.0) -> None:
+    """Spin the Qt event loop until ``predicate()`` is true (tasks finish on the main thread)."""
+    from qgis.core import QgsApplication
+
+    t = time.monotonic()
+    while not predicate():
+        QgsApplication.processEvents()
+        time.sleep(0.02)
+        if time.monotonic() - t > timeout:
+            raise TimeoutError("timed out waiting for QGIS")
+
+
+class RecordingIface:
+    """pytest-qgis's iface plus a real toolbar and Raster menu, to see what the plugin leaves."""
+
+    def __init__(self, iface) -> None:
+        from qgis.PyQt.QtWidgets import QToolBar
+
+        self._iface = iface
+        self.toolbar = QToolBar("Plugins")
+        self.raster_menu = iface.mainWindow().menuBar().addMenu("Raster")
+        self.docks: list = []
+
+    def __getattr__(self, name):
+        return getattr(self._iface, name)
+
+    def addToolBarIcon(self, action):  # noqa: N802
+        self.toolbar.addAction(action)
+
+    def removeToolBarIcon(self, action):  # noqa: N802
+        self.toolbar.removeAction(action)
+
+    def _submenu(self, name, create):
+        for a in self.raster_menu.actions():
+            if a.menu() is not None and a.text() == name:
+                return a.menu()
+        return self.raster_menu.addMenu(name) if create else None
+
+    def addPluginToRasterMenu(self, name, action):  # noqa: N802
+        self._submenu(name, True).addAction(action)
+
+    def removePluginRasterMenu(self, name, action):  # noqa: N802
+        sub = self._submenu(name, False)
+        if sub is not None:
+            sub.removeAction(action)
+            if not sub.actions():
+                self.raster_menu.removeAction(sub.menuAction())
+
+    def addDockWidget(self, area, dock):  # noqa: N802
+        self.docks.append(dock)
+
+    def removeDockWidget(self, dock):  # noqa: N802
+        self.docks.remove(dock)
+
+
+@pytest.fixture()
+def iface(qgis_iface):
+    return RecordingIface(qgis_iface)
+
+
+@pytest.fixture()
+def plugin(iface, qgis_processing):
+    from tessera import classFactory
+
+    p = classFactory(iface)
+    p.initGui()
+    yield p
+    p.unload()

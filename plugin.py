@@ -1,0 +1,200 @@
+"""The Tessera QGIS plugin: menu, toolbar button, panel and Processing provider.
+
+Loading is cheap and never needs torch or rasterio: the engine runs in its own Python
+environment (a worker process), found or installed by "Check / install dependencies".
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from qgis.core import Qgis, QgsApplication, QgsMessageLog, QgsRasterLayer
+from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtGui import QIcon
+from qgis.PyQt.QtWidgets import QAction, QProgressBar, QPushButton
+
+PLUGIN_DIR = Path(__file__).resolve().parent
+ICON = str(PLUGIN_DIR / "resources" / "icon.svg")
+MENU = "&Tessera"
+
+
+class _QgisLogHandler(logging.Handler):
+    """Forwards the engine's Python logging (in-process parts) to the QGIS message log."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = Qgis.Warning if record.levelno >= logging.WARNING else Qgis.Info
+        QgsMessageLog.logMessage(record.getMessage(), "Tessera", level)
+
+
+class TesseraPlugin:
+    def __init__(self, iface: Any) -> None:
+        self.iface = iface
+        self.provider: Any = None
+        self.dock: Any = None
+        self.actions: list[QAction] = []
+        self.toolbar_action: QAction | None = None
+        self.tasks: list[Any] = []
+        self._log_handler: logging.Handler | None = None
+
+    # -- QGIS plugin API ---------------------------------------------------------------------
+    def initProcessing(self) -> None:  # noqa: N802
+        from .tessera_provider.provider import TesseraProvider
+
+        self.provider = TesseraProvider()
+        QgsApplication.processingRegistry().addProvider(self.provider)
+
+    def initGui(self) -> None:  # noqa: N802
+        self.initProcessing()
+        self._log_handler = _QgisLogHandler()
+        logging.getLogger(__package__ or "tessera").addHandler(self._log_handler)
+        icon = QIcon(ICON)
+        self.toolbar_action = QAction(icon, "Segment active raster", self.iface.mainWindow())
+        self.toolbar_action.setObjectName("TesseraSegmentActive")
+        self.toolbar_action.setToolTip("Tessera: segment the active raster layer with the "
+                                       "last-used settings")
+        self.toolbar_action.triggered.connect(self.segment_active)
+        self.iface.addToolBarIcon(self.toolbar_action)
+        self.iface.addPluginToRasterMenu(MENU, self.toolbar_action)
+        panel = QAction(icon, "Tessera panel", self.iface.mainWindow())
+        panel.setObjectName("TesseraPanel")
+        panel.triggered.connect(self.show_dock)
+        self.iface.addPluginToRasterMenu(MENU, panel)
+        deps = QAction("Check / install dependencies…", self.iface.mainWindow())
+        deps.setObjectName("TesseraDependencies")
+        deps.triggered.connect(self.check_dependencies)
+        self.iface.addPluginToRasterMenu(MENU, deps)
+        self.actions = [self.toolbar_action, panel, deps]
+
+    def unload(self) -> None:
+        for task in self.tasks:
+            try:
+                task.cancel()
+            except RuntimeError:
+                pass
+        for a in self.actions:
+            self.iface.removePluginRasterMenu(MENU, a)
+        if self.toolbar_action is not None:
+            self.iface.removeToolBarIcon(self.toolbar_action)
+        for a in self.actions:
+            a.deleteLater()
+        self.actions, self.toolbar_action = [], None
+        if self.dock is not None:
+            self.iface.removeDockWidget(self.dock)
+            self.dock.deleteLater()
+            self.dock = None
+        if self.provider is not None:
+            QgsApplication.processingRegistry().removeProvider(self.provider)
+            self.provider = None
+        if self._log_handler is not None:
+            logging.getLogger(__package__ or "tessera").removeHandler(self._log_handler)
+            self._log_handler = None
+
+    # -- actions -----------------------------------------------------------------------------
+    def default_model(self) -> str:
+        from .tessera_provider.common import default_model_path
+
+        return default_model_path()
+
+    def show_dock(self) -> None:
+        if self.dock is None:
+            from .ui.dock import TesseraDock
+
+            self.dock = TesseraDock(self.iface, self, self.iface.mainWindow())
+            self.iface.addDockWidget(Qt.RightDockWidgetArea, self.dock)
+        self.dock.show()
+        self.dock.raise_()
+
+    def segment_active(self) -> Any:
+        """The toolbar button: the active raster, the last-used settings."""
+        from .ui.settings import RunSettings
+
+        layer = self.iface.activeLayer()
+        if not isinstance(layer, QgsRasterLayer):
+            self.iface.messageBar().pushMessage(
+                "Tessera", "Select a raster layer in the Layers panel first.", Qgis.Warning)
+            return None
+        s = RunSettings.load()
+        if not s.model or not Path(s.model).exists():
+            s.model = self.default_model()
+        if not s.model:
+            self.iface.messageBar().pushMessage(
+                "Tessera", "No model chosen yet: open the Tessera panel and pick a model file.",
+                Qgis.Warning)
+            return None
+        return self.start_run(layer, s, message_bar=True)
+
+    def start_run(self, layer: QgsRasterLayer, settings: Any, bands: list[int] | None = None,
+                  window: tuple[int, int, int, int] | None = None, out_dir: str | None = None,
+                  on_finished: Any = None, message_bar: bool = False) -> Any:
+        """Start a background run; layers are added (styled) when it finishes. Returns the task."""
+        from .core.client import EngineNotFoundError
+        from .tessera_provider.common import engine_python, model_classes
+        from .ui.dock import fallback_output_dir
+        from .ui.results import add_result_layers, default_output_dir
+        from .ui.tasks import EngineTask
+
+        bar = self.iface.messageBar()
+        if layer.providerType() != "gdal":
+            bar.pushMessage("Tessera", f"'{layer.name()}' is not a file-based raster "
+                            f"({layer.providerType()}); export it to GeoTIFF first.", Qgis.Warning)
+            return None
+        src = layer.source().split("|")[0]
+        try:
+            python = engine_python()
+            classes = model_classes(settings.model)
+        except EngineNotFoundError as exc:
+            bar.pushMessage("Tessera", str(exc), Qgis.Critical)
+            return None
+        except Exception as exc:  # noqa: BLE001  (a bad model file: say why)
+            bar.pushMessage("Tessera", str(exc), Qgis.Critical)
+            return None
+        out = out_dir or settings.output_dir or default_output_dir(src, fallback_output_dir())
+        job = {"op": "segment", "raster": src, "model": settings.model, "out_dir": out,
+               "params": settings.params(bands, window)}
+        name = layer.name()
+        widgets: dict[str, Any] = {}
+
+        def done(task: Any) -> None:
+            if task in self.tasks:
+                self.tasks.remove(task)
+            if widgets.get("item") is not None:
+                try:
+                    bar.popWidget(widgets["item"])
+                except RuntimeError:
+                    pass
+            if task.result is not None:
+                add_result_layers(task.result, classes, name)
+                r = task.result
+                poly = f", {r['n_polygons']} polygons" if r.get("n_polygons") is not None else ""
+                bar.pushMessage("Tessera", f"{name}: done in {r['seconds']:.1f} s on "
+                                f"{r['device']}{poly}. Outputs in {out}", Qgis.Success)
+            elif task.cancelled_by_user:
+                bar.pushMessage("Tessera", f"{name}: cancelled; no partial output was left.",
+                                Qgis.Info)
+            else:
+                bar.pushMessage("Tessera", f"{name}: {task.error}", Qgis.Critical)
+            if on_finished is not None:
+                on_finished(task)
+
+        task = EngineTask(f"Tessera: segmenting {name}", job, str(python), done)
+        if message_bar:
+            item = bar.createMessage("Tessera", f"Segmenting {name}…")
+            progress = QProgressBar()
+            progress.setRange(0, 100)
+            cancel = QPushButton("Cancel")
+            cancel.clicked.connect(task.cancel)
+            item.layout().addWidget(progress)
+            item.layout().addWidget(cancel)
+            task.progressChanged.connect(lambda v: progress.setValue(int(v)))
+            task.progressText.connect(lambda t: progress.setFormat(t[:60]))
+            widgets["item"] = bar.pushWidget(item, Qgis.Info)
+        self.tasks.append(task)
+        QgsApplication.taskManager().addTask(task)
+        return task
+
+    def check_dependencies(self) -> None:
+        from .ui.deps import DependencyDialog
+
+        DependencyDialog(self.iface.mainWindow()).exec_()

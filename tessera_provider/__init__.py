@@ -1,0 +1,1 @@
+"""Tessera's Processing provider (id ``tessera``): one algorithm per module."""

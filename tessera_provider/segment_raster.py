@@ -1,0 +1,176 @@
+"""Processing algorithm ``tessera:segment_raster``: one raster → class raster (+ polygons)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qgis.core import (QgsProcessing, QgsProcessingAlgorithm, QgsProcessingException,
+                       QgsProcessingOutputNumber, QgsProcessingOutputString,
+                       QgsProcessingParameterBand, QgsProcessingParameterBoolean,
+                       QgsProcessingParameterDefinition, QgsProcessingParameterEnum,
+                       QgsProcessingParameterExtent, QgsProcessingParameterFile,
+                       QgsProcessingParameterNumber, QgsProcessingParameterRasterDestination,
+                       QgsProcessingParameterRasterLayer, QgsProcessingParameterString,
+                       QgsProcessingParameterVectorDestination)
+from qgis.PyQt.QtCore import QCoreApplication
+
+from . import common
+
+
+def tr(text: str) -> str:
+    return QCoreApplication.translate("Tessera", text)
+
+
+def add_vector_options(alg: QgsProcessingAlgorithm, advanced: bool = False) -> None:
+    """SIEVE, MIN_AREA, SIMPLIFY, SKIP_CLASSES — shared with vectorize_classes."""
+    params = [
+        QgsProcessingParameterNumber("MIN_AREA", tr("Minimum polygon area (m²)"),
+                                     QgsProcessingParameterNumber.Double, 0.0, minValue=0.0),
+        QgsProcessingParameterNumber("SIMPLIFY", tr("Simplification tolerance (pixels)"),
+                                     QgsProcessingParameterNumber.Double, 0.0, minValue=0.0),
+        QgsProcessingParameterNumber("SIEVE", tr("Merge regions smaller than (pixels)"),
+                                     QgsProcessingParameterNumber.Integer, 0, minValue=0),
+        QgsProcessingParameterString("SKIP_CLASSES", tr("Classes not to polygonize "
+                                                        "(names or ids, comma-separated)"),
+                                     "", optional=True),
+    ]
+    for p in params:
+        if advanced:
+            p.setFlags(p.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        alg.addParameter(p)
+
+
+def vector_options(alg: QgsProcessingAlgorithm, parameters, context, enabled: bool = True) -> dict:
+    skip = alg.parameterAsString(parameters, "SKIP_CLASSES", context) or ""
+    return {"enabled": enabled,
+            "min_area_m2": alg.parameterAsDouble(parameters, "MIN_AREA", context),
+            "simplify_px": alg.parameterAsDouble(parameters, "SIMPLIFY", context),
+            "sieve_px": alg.parameterAsInt(parameters, "SIEVE", context),
+            "skip_classes": [int(s) if s.strip().isdigit() else s.strip()
+                             for s in skip.split(",") if s.strip()]}
+
+
+def add_run_options(alg: QgsProcessingAlgorithm) -> None:
+    """MODEL, TILE_SIZE, OVERLAP, BATCH_SIZE, DEVICE — shared with segment_folder."""
+    alg.addParameter(QgsProcessingParameterFile(
+        "MODEL", tr("Model file (.safetensors)"), extension="safetensors",
+        defaultValue=common.default_model_path() or None))
+    for name, label, default, lo in (("TILE_SIZE", "Tile size (pixels, 0 = model default)", 0, 0),
+                                     ("OVERLAP", "Tile overlap (pixels, -1 = model default)", -1, -1),
+                                     ("BATCH_SIZE", "Batch size (tiles per forward pass)", 2, 1)):
+        p = QgsProcessingParameterNumber(name, tr(label), QgsProcessingParameterNumber.Integer,
+                                         default, minValue=lo)
+        p.setFlags(p.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        alg.addParameter(p)
+    alg.addParameter(QgsProcessingParameterEnum("DEVICE", tr("Device"), options=common.DEVICES,
+                                                defaultValue=0))
+
+
+def run_options(alg: QgsProcessingAlgorithm, parameters, context) -> dict:
+    tile = alg.parameterAsInt(parameters, "TILE_SIZE", context)
+    overlap = alg.parameterAsInt(parameters, "OVERLAP", context)
+    return {"tile_size": tile or None, "overlap": overlap if overlap >= 0 else None,
+            "batch_size": alg.parameterAsInt(parameters, "BATCH_SIZE", context),
+            "device": common.DEVICES[alg.parameterAsEnum(parameters, "DEVICE", context)]}
+
+
+def model_path(alg: QgsProcessingAlgorithm, parameters, context) -> str:
+    path = alg.parameterAsFile(parameters, "MODEL", context)
+    if not path:
+        raise QgsProcessingException(tr("Choose a model file (.safetensors)."))
+    return path
+
+
+class SegmentRasterAlgorithm(QgsProcessingAlgorithm):
+    INPUT = "INPUT"
+    OUTPUT = "OUTPUT"
+    CONFIDENCE = "CONFIDENCE"
+    OUTPUT_POLYGONS = "OUTPUT_POLYGONS"
+
+    def name(self) -> str:
+        return "segment_raster"
+
+    def displayName(self) -> str:  # noqa: N802
+        return tr("Segment raster")
+
+    def group(self) -> str:
+        return tr("Segmentation")
+
+    def groupId(self) -> str:  # noqa: N802
+        return "segmentation"
+
+    def shortHelpString(self) -> str:  # noqa: N802
+        return tr(
+            "Runs a Tessera model (U-Net) over the raster in overlapping tiles, blends them into "
+            "a seamless class raster and turns the classes into polygons.\n\n"
+            "Bands: the raster bands feeding the model, in order (empty = the model's own).\n"
+            "Extent: only this part of the raster (empty = all of it).\n"
+            "Polygons carry class_id, class_name, area_m2 (true square metres) and pixels.\n"
+            "Nodata in the input stays nodata. The engine runs in its own process; the device "
+            "actually used is reported in the log and in the DEVICE output.")
+
+    def createInstance(self):  # noqa: N802
+        return SegmentRasterAlgorithm()
+
+    def initAlgorithm(self, config=None):  # noqa: N802
+        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, tr("Input raster")))
+        add_run_options(self)
+        self.addParameter(QgsProcessingParameterBand(
+            "BANDS", tr("Bands (in the model's input order)"), None, self.INPUT, optional=True,
+            allowMultiple=True))
+        self.addParameter(QgsProcessingParameterExtent("EXTENT", tr("Extent"), optional=True))
+        self.addParameter(QgsProcessingParameterBoolean("VECTORIZE", tr("Create polygons"), True))
+        add_vector_options(self, advanced=True)
+        self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, tr("Classes")))
+        self.addParameter(QgsProcessingParameterRasterDestination(
+            self.CONFIDENCE, tr("Confidence"), optional=True, createByDefault=False))
+        self.addParameter(QgsProcessingParameterVectorDestination(
+            self.OUTPUT_POLYGONS, tr("Polygons"), QgsProcessing.TypeVectorPolygon,
+            optional=True, createByDefault=True))
+        self.addOutput(QgsProcessingOutputString("DEVICE", tr("Device used")))
+        self.addOutput(QgsProcessingOutputNumber("N_POLYGONS", tr("Number of polygons")))
+
+    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
+        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
+        src = common.raster_source_path(layer)
+        model = model_path(self, parameters, context)
+        bands = self.parameterAsInts(parameters, "BANDS", context) if hasattr(
+            self, "parameterAsInts") else []
+        extent = self.parameterAsExtent(parameters, "EXTENT", context, layer.crs())
+        window = common.extent_to_window(layer, extent)
+        out_cls = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
+        out_conf = self.parameterAsOutputLayer(parameters, self.CONFIDENCE, context) or ""
+        out_poly = self.parameterAsOutputLayer(parameters, self.OUTPUT_POLYGONS, context) or ""
+        vectorize = self.parameterAsBoolean(parameters, "VECTORIZE", context) and bool(out_poly)
+        for path, ext in ((out_cls, ".tif"), (out_conf, ".tif"), (out_poly, ".gpkg")):
+            if path and Path(path).suffix.lower() not in (ext, ".tiff" if ext == ".tif" else ext):
+                raise QgsProcessingException(
+                    tr(f"{path}: Tessera writes {'GeoTIFF (.tif)' if ext == '.tif' else 'GeoPackage (.gpkg)'} "
+                       "files; choose that extension."))
+        params = dict(run_options(self, parameters, context),
+                      bands=list(bands) or None, window=list(window) if window else None,
+                      confidence=bool(out_conf),
+                      vectorize=vector_options(self, parameters, context, vectorize))
+        job = {"op": "segment", "raster": src, "model": model, "out_dir": str(Path(out_cls).parent),
+               "outputs": {"class_raster": out_cls, "confidence_raster": out_conf or None,
+                           "polygons": out_poly or None},
+               "params": params}
+        feedback.pushInfo(f"Segmenting {src} with {Path(model).name}")
+        res = common.run_engine(job, feedback)
+        feedback.pushInfo(f"Device used: {res['device']}; {res['tiles']} tiles "
+                          f"({res['tiles_skipped']} empty, skipped); {res['seconds']:.1f} s")
+        for w in res.get("warnings", []):
+            feedback.pushWarning(w)
+        classes = common.model_classes(model)
+        name = layer.name()
+        common.style_on_load(context, out_cls, "classes", classes, f"{name} classes")
+        if out_conf:
+            common.style_on_load(context, out_conf, "confidence", classes, f"{name} confidence")
+        results = {self.OUTPUT: out_cls, "DEVICE": res["device"],
+                   "N_POLYGONS": res.get("n_polygons") or 0}
+        if out_conf:
+            results[self.CONFIDENCE] = out_conf
+        if vectorize:
+            common.style_on_load(context, out_poly, "polygons", classes, f"{name} polygons")
+            results[self.OUTPUT_POLYGONS] = out_poly
+        return results

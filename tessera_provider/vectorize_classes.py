@@ -1,0 +1,90 @@
+"""Processing algorithm ``tessera:vectorize_classes``: any class raster → polygons."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from qgis.core import (QgsProcessing, QgsProcessingAlgorithm, QgsProcessingException,
+                       QgsProcessingOutputNumber, QgsProcessingParameterRasterLayer,
+                       QgsProcessingParameterVectorDestination)
+
+from . import common
+from .segment_raster import add_vector_options, tr, vector_options
+
+
+def classes_of_raster(path: str) -> list[dict]:
+    """Classes stored by Tessera in the raster (tag TESSERA_CLASSES), else from its colour table."""
+    from osgeo import gdal  # QGIS's own GDAL, in the QGIS process
+
+    ds = gdal.Open(path)
+    if ds is None:
+        return []
+    tag = ds.GetMetadataItem("TESSERA_CLASSES")
+    if tag:
+        try:
+            return json.loads(tag)
+        except ValueError:
+            pass
+    band = ds.GetRasterBand(1)
+    ct = band.GetColorTable()
+    names = band.GetCategoryNames() or []
+    out = []
+    if ct is not None:
+        for i in range(min(ct.GetCount(), 255)):
+            r, g, b, a = ct.GetColorEntry(i)
+            if a == 0 or (i >= len(names) and (r, g, b) == (0, 0, 0)):
+                continue
+            out.append({"id": i, "name": names[i] if i < len(names) else f"class {i}",
+                        "color": f"#{r:02X}{g:02X}{b:02X}"})
+    return out
+
+
+class VectorizeClassesAlgorithm(QgsProcessingAlgorithm):
+    INPUT = "INPUT"
+    OUTPUT = "OUTPUT"
+
+    def name(self) -> str:
+        return "vectorize_classes"
+
+    def displayName(self) -> str:  # noqa: N802
+        return tr("Vectorize class raster")
+
+    def group(self) -> str:
+        return tr("Segmentation")
+
+    def groupId(self) -> str:  # noqa: N802
+        return "segmentation"
+
+    def shortHelpString(self) -> str:  # noqa: N802
+        return tr(
+            "Turns a class raster (one integer class id per pixel, e.g. Tessera's *_classes.tif) "
+            "into polygons whose edges lie exactly on pixel edges, one per connected region, "
+            "with class_id, class_name, area_m2 (true square metres, also for degree-based "
+            "CRSs) and pixels. Works strip by strip, so memory does not grow with the raster.")
+
+    def createInstance(self):  # noqa: N802
+        return VectorizeClassesAlgorithm()
+
+    def initAlgorithm(self, config=None):  # noqa: N802
+        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, tr("Class raster")))
+        add_vector_options(self)
+        self.addParameter(QgsProcessingParameterVectorDestination(
+            self.OUTPUT, tr("Polygons"), QgsProcessing.TypeVectorPolygon))
+        self.addOutput(QgsProcessingOutputNumber("N_POLYGONS", tr("Number of polygons")))
+
+    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
+        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
+        src = common.raster_source_path(layer)
+        out = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
+        if Path(out).suffix.lower() != ".gpkg":
+            raise QgsProcessingException(tr(f"{out}: Tessera writes GeoPackage (.gpkg) files; "
+                                            "choose that extension."))
+        vp = vector_options(self, parameters, context)
+        vp.pop("enabled")
+        res = common.run_engine({"op": "vectorize", "raster": src, "out": out, "params": vp},
+                                feedback)
+        classes = classes_of_raster(src)
+        if classes:
+            common.style_on_load(context, out, "polygons", classes, f"{layer.name()} polygons")
+        return {self.OUTPUT: out, "N_POLYGONS": res["n_polygons"]}

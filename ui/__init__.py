@@ -1,0 +1,1 @@
+"""Tessera's QGIS user interface: the panel, styling, background tasks, dependency check."""

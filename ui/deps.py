@@ -1,0 +1,111 @@
+"""Plugins → Tessera → Check / install dependencies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from qgis.core import QgsApplication, QgsTask
+from qgis.PyQt.QtCore import pyqtSignal
+from qgis.PyQt.QtWidgets import (QDialog, QDialogButtonBox, QLabel, QPlainTextEdit, QPushButton,
+                                 QVBoxLayout)
+
+HELP = (
+    "Tessera's engine (PyTorch, segmentation-models-pytorch, rasterio, shapely, geopandas) runs "
+    "in its own Python environment, in a separate process, so it can never break the packages "
+    "QGIS itself uses and a crash in it cannot take QGIS down.\n\n"
+    "Linux: 'Install' creates that environment in your QGIS profile folder and installs the "
+    "pinned packages from PyPI (several GB for PyTorch with CUDA).\n"
+    "Windows (OSGeo4W / standalone QGIS) and macOS: 'Install' does the same with the Python that "
+    "ships with QGIS; if that fails, install Python 3.11 from python.org, create a virtual "
+    "environment, 'pip install -r requirements.txt' from the plugin folder, and set the "
+    "environment variable TESSERA_PYTHON to that environment's python executable.")
+
+
+def report_text(rep: dict[str, Any]) -> str:
+    lines = [f"Engine Python: {rep.get('python')} ({rep.get('version')})"]
+    for name, ver in rep.get("packages", {}).items():
+        lines.append(f"  {'✔' if ver else '✘'} {name} {ver or 'MISSING'}")
+    cuda = rep.get("torch_cuda_build")
+    lines.append(f"PyTorch CUDA build: {cuda or 'none (CPU only)'}; CUDA usable: "
+                 f"{rep.get('cuda_available')}")
+    gpus = rep.get("gpus") or []
+    lines.append("GPUs: " + (", ".join(gpus) if gpus else "none seen"))
+    if rep.get("mps_available"):
+        lines.append("Apple MPS: available")
+    for p in rep.get("problems", []):
+        lines.append(f"Problem: {p}")
+    return "\n".join(lines)
+
+
+class _InstallTask(QgsTask):
+    line = pyqtSignal(str)
+
+    def __init__(self, venv: Path) -> None:
+        super().__init__("Tessera: installing dependencies", QgsTask.CanCancel)
+        self.venv = venv
+        self.error: str | None = None
+
+    def run(self) -> bool:
+        from ..core.installer import InstallError, install
+
+        try:
+            install(self.venv, log=self.line.emit)
+            return True
+        except InstallError as exc:
+            self.error = str(exc)
+            return False
+
+
+class DependencyDialog(QDialog):
+    def __init__(self, parent: Any = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Tessera — dependencies")
+        self.resize(640, 480)
+        lay = QVBoxLayout(self)
+        help_label = QLabel(HELP)
+        help_label.setWordWrap(True)
+        lay.addWidget(help_label)
+        self.text = QPlainTextEdit()
+        self.text.setReadOnly(True)
+        lay.addWidget(self.text)
+        self.install_btn = QPushButton("Install / update the engine environment")
+        self.install_btn.clicked.connect(self.install)
+        lay.addWidget(self.install_btn)
+        buttons = QDialogButtonBox(QDialogButtonBox.Close)
+        buttons.rejected.connect(self.reject)
+        lay.addWidget(buttons)
+        self.task: _InstallTask | None = None
+        self.check()
+
+    def venv_dir(self) -> Path:
+        return Path(QgsApplication.qgisSettingsDirPath()) / "tessera" / "venv"
+
+    def check(self) -> None:
+        from ..core import client
+        from ..core.errors import TesseraError
+        from ..tessera_provider.common import engine_python
+
+        try:
+            py = engine_python()
+            rep = client.run_job({"op": "env"}, py)
+            self.text.setPlainText(report_text(rep))
+        except TesseraError as exc:
+            self.text.setPlainText(f"{exc}\n\nPress Install to create {self.venv_dir()}.")
+
+    def install(self) -> None:
+        self.install_btn.setEnabled(False)
+        self.text.appendPlainText(f"\nInstalling into {self.venv_dir()} …")
+        self.task = _InstallTask(self.venv_dir())
+        self.task.line.connect(self.text.appendPlainText)
+        self.task.taskCompleted.connect(self._done)
+        self.task.taskTerminated.connect(self._done)
+        QgsApplication.taskManager().addTask(self.task)
+
+    def _done(self) -> None:
+        if self.task is not None and self.task.error:
+            self.text.appendPlainText(f"\nFAILED: {self.task.error}")
+        else:
+            self.text.appendPlainText("\nInstalled. Checking…\n")
+            self.check()
+        self.install_btn.setEnabled(True)

@@ -1,0 +1,372 @@
+"""The Tessera panel: choose a raster and a model, check the settings, run, watch, cancel."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from qgis.core import (QgsApplication, QgsCoordinateTransform, QgsMapLayerProxyModel,
+                       QgsProject, QgsRasterLayer, QgsRectangle)
+from qgis.gui import (QgsCollapsibleGroupBox, QgsDockWidget, QgsFileWidget,
+                      QgsMapLayerComboBox, QgsRasterBandComboBox)
+from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtGui import QColor, QIcon, QPixmap
+from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout,
+                                 QLabel, QListWidget, QListWidgetItem, QProgressBar, QPushButton,
+                                 QScrollArea, QSpinBox, QVBoxLayout, QWidget)
+
+from .settings import RunSettings
+
+EXTENT_MODES = ["Whole layer", "Current map canvas extent", "Features of a polygon layer"]
+
+
+def swatch(color: str, size: int = 14) -> QIcon:
+    pm = QPixmap(size, size)
+    pm.fill(QColor(color))
+    return QIcon(pm)
+
+
+class TesseraDock(QgsDockWidget):
+    """The panel. ``controller`` (the plugin) runs jobs and adds the layers."""
+
+    def __init__(self, iface: Any, controller: Any, parent: QWidget | None = None) -> None:
+        super().__init__("Tessera", parent)
+        self.setObjectName("TesseraDock")
+        self.iface, self.controller = iface, controller
+        self.contract: Any = None
+        self.task: Any = None
+        self._build()
+        self._load_settings()
+        self._on_layer_changed()
+
+    # -- layout ------------------------------------------------------------------------------
+    def _build(self) -> None:
+        body = QWidget()
+        lay = QVBoxLayout(body)
+        form = QFormLayout()
+        self.layer_combo = QgsMapLayerComboBox()
+        self.layer_combo.setFilters(QgsMapLayerProxyModel.RasterLayer)
+        self.layer_combo.layerChanged.connect(self._on_layer_changed)
+        form.addRow("Raster layer", self.layer_combo)
+        self.layer_msg = self._msg_label()
+        form.addRow("", self.layer_msg)
+        self.model_file = QgsFileWidget()
+        self.model_file.setFilter("Tessera models (*.safetensors)")
+        self.model_file.fileChanged.connect(self._on_model_changed)
+        form.addRow("Model", self.model_file)
+        self.model_msg = self._msg_label()
+        form.addRow("", self.model_msg)
+        self.model_info = QLabel()
+        self.model_info.setWordWrap(True)
+        form.addRow("", self.model_info)
+        self.class_list = QListWidget()
+        self.class_list.setMaximumHeight(110)
+        form.addRow("Classes", self.class_list)
+        lay.addLayout(form)
+
+        self.band_box = QgsCollapsibleGroupBox("Bands (model input ← raster band)")
+        self.band_form = QFormLayout(self.band_box)
+        self.band_combos: list[QgsRasterBandComboBox] = []
+        lay.addWidget(self.band_box)
+
+        ext = QgsCollapsibleGroupBox("Extent")
+        ef = QFormLayout(ext)
+        self.extent_mode = QComboBox()
+        self.extent_mode.addItems(EXTENT_MODES)
+        self.extent_mode.currentIndexChanged.connect(self._validate)
+        ef.addRow("Area", self.extent_mode)
+        self.mask_combo = QgsMapLayerComboBox()
+        self.mask_combo.setFilters(QgsMapLayerProxyModel.PolygonLayer)
+        ef.addRow("Polygon layer", self.mask_combo)
+        lay.addWidget(ext)
+
+        dev = QgsCollapsibleGroupBox("Device and tiles")
+        df = QFormLayout(dev)
+        self.device = QComboBox()
+        self.device.addItems(["auto", "cpu", "cuda", "mps"])
+        df.addRow("Device", self.device)
+        self.device_used = QLabel("Device used: (not run yet)")
+        df.addRow("", self.device_used)
+        self.tile = QSpinBox()
+        self.tile.setRange(0, 4096)
+        self.tile.setSingleStep(32)
+        self.tile.setSpecialValueText("model default")
+        self.tile.valueChanged.connect(self._validate)
+        df.addRow("Tile size (px)", self.tile)
+        self.tile_msg = self._msg_label()
+        df.addRow("", self.tile_msg)
+        self.overlap = QSpinBox()
+        self.overlap.setRange(-1, 2048)
+        self.overlap.setSpecialValueText("model default")
+        self.overlap.valueChanged.connect(self._validate)
+        df.addRow("Overlap (px)", self.overlap)
+        self.batch = QSpinBox()
+        self.batch.setRange(1, 256)
+        df.addRow("Batch size", self.batch)
+        self.confidence = QCheckBox("Also write the confidence raster")
+        df.addRow("", self.confidence)
+        lay.addWidget(dev)
+
+        vec = QgsCollapsibleGroupBox("Polygons")
+        vf = QFormLayout(vec)
+        self.vectorize = QCheckBox("Create polygons")
+        vf.addRow("", self.vectorize)
+        self.min_area = QDoubleSpinBox()
+        self.min_area.setRange(0, 1e9)
+        self.min_area.setSuffix(" m²")
+        vf.addRow("Minimum area", self.min_area)
+        self.simplify = QDoubleSpinBox()
+        self.simplify.setRange(0, 100)
+        self.simplify.setSuffix(" px")
+        vf.addRow("Simplify", self.simplify)
+        self.sieve = QSpinBox()
+        self.sieve.setRange(0, 1_000_000)
+        self.sieve.setSuffix(" px")
+        vf.addRow("Merge regions below", self.sieve)
+        self.skip_list = QListWidget()
+        self.skip_list.setMaximumHeight(90)
+        vf.addRow("Skip classes", self.skip_list)
+        lay.addWidget(vec)
+
+        of = QFormLayout()
+        self.out_dir = QgsFileWidget()
+        self.out_dir.setStorageMode(QgsFileWidget.GetDirectory)
+        self.out_dir.setToolTip("Empty: beside the source raster when that folder is writable")
+        self.out_dir.fileChanged.connect(self._validate)
+        of.addRow("Output folder", self.out_dir)
+        self.out_msg = self._msg_label()
+        of.addRow("", self.out_msg)
+        lay.addLayout(of)
+
+        row = QHBoxLayout()
+        self.run_btn = QPushButton("Run")
+        self.run_btn.clicked.connect(self.run)
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.setEnabled(False)
+        self.cancel_btn.clicked.connect(self.cancel)
+        row.addWidget(self.run_btn)
+        row.addWidget(self.cancel_btn)
+        lay.addLayout(row)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 100)
+        lay.addWidget(self.progress)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        lay.addWidget(self.status)
+        lay.addStretch(1)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setWidget(body)
+        self.setWidget(scroll)
+
+    @staticmethod
+    def _msg_label() -> QLabel:
+        lab = QLabel("")
+        lab.setStyleSheet("color: #b00020;")
+        lab.setWordWrap(True)
+        lab.hide()
+        return lab
+
+    @staticmethod
+    def _say(label: QLabel, text: str) -> None:
+        label.setText(text)
+        label.setVisible(bool(text))
+
+    # -- settings ----------------------------------------------------------------------------
+    def _load_settings(self) -> None:
+        s = RunSettings.load()
+        model = s.model if s.model and Path(s.model).exists() else self.controller.default_model()
+        active = self.iface.activeLayer() if self.iface is not None else None
+        if isinstance(active, QgsRasterLayer):
+            self.layer_combo.setLayer(active)
+        self.model_file.setFilePath(model or "")
+        idx = self.device.findText(s.device)
+        self.device.setCurrentIndex(max(idx, 0))
+        self.tile.setValue(s.tile_size)
+        self.overlap.setValue(s.overlap)
+        self.batch.setValue(s.batch_size)
+        self.confidence.setChecked(s.confidence)
+        self.vectorize.setChecked(s.vectorize)
+        self.min_area.setValue(s.min_area_m2)
+        self.simplify.setValue(s.simplify_px)
+        self.sieve.setValue(s.sieve_px)
+        self.out_dir.setFilePath(s.output_dir)
+        self._skip_saved = set(s.skip_classes)
+        self._on_model_changed(self.model_file.filePath())
+
+    def settings(self) -> RunSettings:
+        skip = [self.skip_list.item(i).data(Qt.UserRole) for i in range(self.skip_list.count())
+                if self.skip_list.item(i).checkState() == Qt.Checked]
+        return RunSettings(
+            model=self.model_file.filePath(), device=self.device.currentText(),
+            tile_size=self.tile.value(), overlap=self.overlap.value(),
+            batch_size=self.batch.value(), confidence=self.confidence.isChecked(),
+            vectorize=self.vectorize.isChecked(), min_area_m2=self.min_area.value(),
+            simplify_px=self.simplify.value(), sieve_px=self.sieve.value(), skip_classes=skip,
+            output_dir=self.out_dir.filePath())
+
+    # -- reactions ---------------------------------------------------------------------------
+    def _on_model_changed(self, path: str) -> None:
+        from ..core.errors import ModelError
+        from ..core.model import read_contract
+
+        self.contract = None
+        self.class_list.clear()
+        self.skip_list.clear()
+        self.model_info.setText("")
+        if path:
+            try:
+                self.contract = read_contract(path)
+            except ModelError as exc:
+                self._say(self.model_msg, str(exc))
+        if self.contract is not None:
+            c = self.contract
+            self._say(self.model_msg, "")
+            px = f"{c.pixel_size_m:g} m" if c.pixel_size_m else "not stated"
+            self.model_info.setText(
+                f"{c.name}\n{c.architecture}/{c.encoder}, {c.in_channels} bands, tile "
+                f"{c.tile_size} px (overlap {c.overlap}), pixel size {px}")
+            for k in c.classes:
+                self.class_list.addItem(QListWidgetItem(swatch(k.color), f"{k.id}  {k.name}"))
+                it = QListWidgetItem(swatch(k.color), k.name)
+                it.setData(Qt.UserRole, k.name)
+                it.setFlags(it.flags() | Qt.ItemIsUserCheckable)
+                it.setCheckState(Qt.Checked if k.name in getattr(self, "_skip_saved", ())
+                                 else Qt.Unchecked)
+                self.skip_list.addItem(it)
+        elif not path:
+            self._say(self.model_msg, "Choose a model file (.safetensors).")
+        self._rebuild_bands()
+        self._validate()
+
+    def _on_layer_changed(self, *_: Any) -> None:
+        self._rebuild_bands()
+        self._validate()
+
+    def _rebuild_bands(self) -> None:
+        while self.band_form.rowCount():
+            self.band_form.removeRow(0)
+        self.band_combos = []
+        layer = self.layer_combo.currentLayer()
+        if self.contract is None:
+            return
+        names = self.contract.band_names or [f"input {i + 1}" for i in range(self.contract.in_channels)]
+        for i, default in enumerate(self.contract.bands):
+            cb = QgsRasterBandComboBox()
+            cb.setLayer(layer)
+            if layer is not None and default <= layer.bandCount():
+                cb.setBand(default)
+            cb.bandChanged.connect(self._validate)
+            self.band_form.addRow(f"{names[i]} ←", cb)
+            self.band_combos.append(cb)
+
+    def bands(self) -> list[int]:
+        return [cb.currentBand() for cb in self.band_combos]
+
+    def _validate(self, *_: Any) -> bool:
+        ok = True
+        layer = self.layer_combo.currentLayer()
+        msg = ""
+        if layer is None:
+            msg, ok = "Choose a raster layer.", False
+        elif layer.providerType() != "gdal":
+            msg, ok = (f"'{layer.name()}' is a {layer.providerType()} layer, not a file: export it "
+                       "to GeoTIFF first (Export → Save As…)."), False
+        elif self.contract is not None and layer.bandCount() < self.contract.in_channels:
+            msg, ok = (f"The model expects {self.contract.in_channels} bands, the layer has "
+                       f"{layer.bandCount()}."), False
+        self._say(self.layer_msg, msg)
+        if self.contract is None:
+            ok = False
+        t = self.tile.value()
+        tmsg = ""
+        if t and t % 32:
+            tmsg, ok = "Tile size must be a multiple of 32.", False
+        tile = t or (self.contract.tile_size if self.contract else 256)
+        ov = self.overlap.value()
+        if ov >= 0 and ov >= tile // 2:
+            tmsg, ok = f"Overlap must be less than half the tile size ({tile // 2} px).", False
+        self._say(self.tile_msg, tmsg)
+        out = self.out_dir.filePath()
+        omsg = ""
+        if out and Path(out).exists() and not os.access(out, os.W_OK):
+            omsg, ok = "This folder is not writable.", False
+        self._say(self.out_msg, omsg)
+        self.run_btn.setEnabled(ok and self.task is None)
+        return ok
+
+    # -- running -----------------------------------------------------------------------------
+    def window(self, layer: QgsRasterLayer) -> tuple[int, int, int, int] | None:
+        from ..tessera_provider.common import extent_to_window
+
+        mode = self.extent_mode.currentIndex()
+        if mode == 0:
+            return None
+        if mode == 1:
+            canvas = self.iface.mapCanvas()
+            ext = canvas.extent()
+            src_crs = canvas.mapSettings().destinationCrs()
+        else:
+            mask = self.mask_combo.currentLayer()
+            if mask is None:
+                raise ValueError("Choose the polygon layer whose features give the extent.")
+            ext = QgsRectangle()
+            ext.setMinimal()
+            for f in mask.getFeatures():
+                ext.combineExtentWith(f.geometry().boundingBox())
+            src_crs = mask.crs()
+        if src_crs != layer.crs():
+            ext = QgsCoordinateTransform(src_crs, layer.crs(), QgsProject.instance()) \
+                .transformBoundingBox(ext)
+        return extent_to_window(layer, ext)
+
+    def run(self) -> None:
+        if not self._validate():
+            return
+        layer = self.layer_combo.currentLayer()
+        s = self.settings()
+        s.save()
+        try:
+            window = self.window(layer)
+        except Exception as exc:  # noqa: BLE001  (shown to the user)
+            self.status.setText(f"Extent: {exc}")
+            return
+        out = s.output_dir or None
+        self.task = self.controller.start_run(layer, s, bands=self.bands(), window=window,
+                                              out_dir=out, on_finished=self._finished)
+        if self.task is None:
+            return
+        self.task.progressChanged.connect(lambda v: self.progress.setValue(int(v)))
+        self.task.progressText.connect(self.status.setText)
+        self.run_btn.setEnabled(False)
+        self.cancel_btn.setEnabled(True)
+        self.progress.setValue(0)
+        self.status.setText("Starting the engine…")
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            self.status.setText("Cancelling…")
+
+    def _finished(self, task: Any) -> None:
+        self.task = None
+        self.cancel_btn.setEnabled(False)
+        if task.result is not None:
+            r = task.result
+            self.progress.setValue(100)
+            self.device_used.setText(f"Device used: {r['device']}")
+            poly = f", {r['n_polygons']} polygons" if r.get("n_polygons") is not None else ""
+            self.status.setText(f"Done in {r['seconds']:.1f} s on {r['device']}{poly}.")
+        elif task.cancelled_by_user:
+            self.progress.setValue(0)
+            self.status.setText("Cancelled. No partial output was left.")
+        else:
+            self.status.setText(f"Failed: {task.error}")
+        self._validate()
+
+
+def fallback_output_dir() -> str:
+    return str(Path(QgsApplication.qgisSettingsDirPath()) / "tessera" / "outputs") \
+        if QgsApplication.qgisSettingsDirPath() else tempfile.gettempdir()

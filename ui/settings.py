@@ -1,0 +1,73 @@
+"""The last-used run settings (QgsSettings), shared by the panel and the toolbar button."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from qgis.core import QgsSettings
+
+PREFIX = "tessera/run/"
+
+
+@dataclass
+class RunSettings:
+    """Plain values the panel edits and the toolbar button reuses."""
+
+    model: str = ""
+    device: str = "auto"
+    tile_size: int = 0          # 0 = the model's
+    overlap: int = -1           # -1 = the model's
+    batch_size: int = 2
+    confidence: bool = False
+    vectorize: bool = True
+    min_area_m2: float = 0.0
+    simplify_px: float = 0.0
+    sieve_px: int = 0
+    skip_classes: list[str] = field(default_factory=list)
+    output_dir: str = ""        # '' = beside the source raster (when writable)
+
+    @classmethod
+    def load(cls) -> RunSettings:
+        s = QgsSettings()
+        out = cls()
+        for f in fields(cls):
+            if not s.contains(PREFIX + f.name):
+                continue
+            default = getattr(out, f.name)
+            raw = s.value(PREFIX + f.name)
+            try:
+                if isinstance(default, bool):
+                    val: Any = raw if isinstance(raw, bool) else str(raw).lower() in ("true", "1")
+                elif isinstance(default, int):
+                    val = int(raw)
+                elif isinstance(default, float):
+                    val = float(raw)
+                elif isinstance(default, list):
+                    val = [str(x) for x in (raw if isinstance(raw, list) else [raw] if raw else [])]
+                else:
+                    val = str(raw)
+            except (TypeError, ValueError):
+                continue
+            setattr(out, f.name, val)
+        return out
+
+    def save(self) -> None:
+        s = QgsSettings()
+        for k, v in asdict(self).items():
+            s.setValue(PREFIX + k, v)
+
+    def params(self, bands: list[int] | None = None,
+               window: tuple[int, int, int, int] | None = None) -> dict[str, Any]:
+        """The worker's ``params`` dict (see :func:`tessera.core.worker.params_from_dict`)."""
+        return {
+            "tile_size": self.tile_size or None,
+            "overlap": self.overlap if self.overlap >= 0 else None,
+            "batch_size": self.batch_size, "device": self.device,
+            "bands": list(bands) if bands else None,
+            "window": list(window) if window else None,
+            "confidence": self.confidence,
+            "vectorize": {"enabled": self.vectorize, "min_area_m2": self.min_area_m2,
+                          "simplify_px": self.simplify_px, "sieve_px": self.sieve_px,
+                          "skip_classes": list(self.skip_classes)},
+        }

@@ -1,0 +1,58 @@
+"""Run an engine job in a QgsTask: progress and cancel in the UI, layers added on the main thread.
+
+The task itself touches no layer and no project: it runs the worker process with plain values
+and keeps the result; ``on_done`` (called from ``finished()``, on the main thread) adds layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from qgis.core import QgsTask
+from qgis.PyQt.QtCore import pyqtSignal
+
+from ..core import client
+from ..core.errors import CancelledError, TesseraError
+
+
+class EngineTask(QgsTask):
+    """A cancellable background task running one worker job."""
+
+    progressText = pyqtSignal(str)  # noqa: N815  (Qt naming)
+
+    def __init__(self, description: str, job: dict[str, Any], python: str,
+                 on_done: Callable[[EngineTask], None] | None = None) -> None:
+        super().__init__(description, QgsTask.CanCancel)
+        self.job, self.python, self.on_done = job, python, on_done
+        self.result: dict[str, Any] | None = None
+        self.error: str | None = None
+        self.cancelled_by_user = False
+        self.last_event: dict[str, Any] = {}
+
+    def run(self) -> bool:
+        from ..tessera_provider.common import progress_text
+
+        def on_event(ev: dict[str, Any]) -> None:
+            if ev.get("event") == "progress":
+                self.last_event = ev
+                self.setProgress(100.0 * float(ev.get("fraction", 0)))
+                self.progressText.emit(progress_text(ev))
+
+        try:
+            self.result = client.run_job(self.job, self.python, on_event, self.isCanceled)
+            return True
+        except CancelledError:
+            self.cancelled_by_user = True
+            self.error = "cancelled"
+            return False
+        except TesseraError as exc:
+            self.error = str(exc)
+            return False
+        except Exception as exc:  # noqa: BLE001  (a task must never raise into QGIS)
+            self.error = f"{type(exc).__name__}: {exc}"
+            return False
+
+    def finished(self, ok: bool) -> None:  # main thread
+        if self.on_done is not None:
+            self.on_done(self)
