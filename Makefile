@@ -3,6 +3,8 @@
 #   make demo     set everything up and run Tessera on the bundled sample
 #   make test     set everything up and run every test (core tier, then the real-QGIS tier)
 #   make bench    CPU benchmark: model-only vs end-to-end throughput, peak memory (BENCHMARKS.md)
+#   make package  build the installable plugin zip (dist/tessera-<version>.zip)
+#   make deploy   install that zip into the local QGIS profile, using this checkout's venv
 #   make lint     ruff over the code
 #   make setup    only the set-up: QGIS from apt, the venv (.venv/) and the `tessera` command
 #   make clean    remove the venv and caches
@@ -22,10 +24,10 @@ export QT_QPA_PLATFORM := offscreen
 # Never let a library reach for the internet at run time.
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help setup test test-core test-plugin bench demo lint clean
+.PHONY: help setup test test-core test-plugin bench demo lint clean package deploy
 
 help:
-	@sed -n '2,9p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,11p' Makefile | sed 's/^# \{0,1\}//'
 
 setup: $(STAMP)
 
@@ -70,6 +72,20 @@ bench: setup
 
 demo: setup
 	$(PY) resources/demo.py
+
+QGIS_PROFILE ?= $(HOME)/.local/share/QGIS/QGIS3/profiles/default
+
+package:
+	$(SYS_PY) tools/package.py --out dist
+
+deploy: setup package
+	@mkdir -p "$(QGIS_PROFILE)/python/plugins" "$(QGIS_PROFILE)/tessera"
+	rm -rf "$(QGIS_PROFILE)/python/plugins/tessera"
+	cd "$(QGIS_PROFILE)/python/plugins" && $(SYS_PY) -m zipfile -e "$(CURDIR)/$$(ls -t dist/tessera-*.zip | head -1)" .
+	@# the engine environment: this checkout's venv (Check / install dependencies can make its own)
+	@[ -e "$(QGIS_PROFILE)/tessera/venv" ] || ln -s "$(CURDIR)/$(VENV)" "$(QGIS_PROFILE)/tessera/venv"
+	QGIS_CUSTOM_CONFIG_PATH="$$(dirname $$(dirname "$(QGIS_PROFILE)"))" /usr/bin/qgis_process.bin plugins enable tessera || true
+	@echo "Installed into $(QGIS_PROFILE)/python/plugins/tessera"
 
 lint: setup
 	$(VENV)/bin/ruff check core tests benchmarks

@@ -40,8 +40,8 @@ class VectorizeParams:
             raise ParameterError(f"minimum area must be 0 or more m² (got {self.min_area_m2})")
         if self.simplify_px < 0:
             raise ParameterError(f"simplification must be 0 or more pixels (got {self.simplify_px})")
-        if self.strip_rows < 16:
-            raise ParameterError(f"strip_rows must be at least 16 (got {self.strip_rows})")
+        if self.strip_rows < 1:
+            raise ParameterError(f"strip_rows must be at least 1 (got {self.strip_rows})")
         object.__setattr__(self, "skip_classes", tuple(self.skip_classes))
 
 

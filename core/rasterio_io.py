@@ -105,7 +105,7 @@ def read_window(ds: Any, bands: tuple[int, ...], row: int, col: int, height: int
 
 def temp_path(final: Path) -> Path:
     """A unique temporary name beside ``final`` (same folder, so the rename is atomic)."""
-    return final.with_name(f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part")
+    return final.with_name(f".{final.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part{final.suffix}")
 
 
 def check_writable_dir(folder: Path) -> None:
