@@ -128,7 +128,11 @@ def iface(qgis_iface):
 
 @pytest.fixture()
 def plugin(iface, qgis_processing):
+    from qgis.core import QgsSettings
+
     from tessera import classFactory
+
+    QgsSettings().remove("tessera")  # every test starts from the defaults
 
     p = classFactory(iface)
     p.initGui()
