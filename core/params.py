@@ -24,6 +24,9 @@ class VectorizeParams:
     simplify_px: Douglas-Peucker tolerance in pixels (0 = exact pixel edges).
     skip_classes: class ids or names not to polygonize (e.g. ``("Unlabeled",)``).
     strip_rows: rows polygonized at a time (memory vs. speed; polygons are merged across strips).
+    max_region_vertices: memory guard — a single region that grows past this many vertices
+        while still open (a huge, intricate background region) is cut at a strip seam
+        (0 = never cut).
     """
 
     enabled: bool = True
@@ -32,6 +35,7 @@ class VectorizeParams:
     simplify_px: float = 0.0
     skip_classes: tuple[str | int, ...] = ()
     strip_rows: int = 1024
+    max_region_vertices: int = 4_000_000
 
     def __post_init__(self) -> None:
         if self.sieve_px < 0:
@@ -40,6 +44,8 @@ class VectorizeParams:
             raise ParameterError(f"minimum area must be 0 or more m² (got {self.min_area_m2})")
         if self.simplify_px < 0:
             raise ParameterError(f"simplification must be 0 or more pixels (got {self.simplify_px})")
+        if self.max_region_vertices < 0:
+            raise ParameterError("max_region_vertices must be 0 or more")
         if self.strip_rows < 1:
             raise ParameterError(f"strip_rows must be at least 1 (got {self.strip_rows})")
         object.__setattr__(self, "skip_classes", tuple(self.skip_classes))

@@ -46,11 +46,12 @@ class VectorizeResult:
 
 
 class _Group:
-    __slots__ = ("cls", "pieces")
+    __slots__ = ("cls", "nverts", "pieces")
 
-    def __init__(self, cls: int, pieces: list[Any]) -> None:
+    def __init__(self, cls: int, pieces: list[Any], nverts: int = 0) -> None:
         self.cls = cls
         self.pieces = pieces
+        self.nverts = nverts
 
 
 def _seam_segments(geom: Any, y: float) -> list[tuple[int, int]]:
@@ -90,14 +91,17 @@ def _polygons_from_shapes(items: list[tuple[dict[str, Any], float]]) -> Any:
 def iter_class_polygons(ds: Any, strip_rows: int, sieve_px: int = 0,
                         skip_values: frozenset[int] = frozenset(), nodata: int | None = None,
                         cancel: CancelFn | None = None,
-                        on_rows: Callable[[int], None] | None = None) -> Iterator[tuple[int, Any]]:
+                        on_rows: Callable[[int], None] | None = None,
+                        max_open_vertices: int = 0) -> Iterator[tuple[int, Any]]:
     """Yield ``(class value, polygon)`` for every 4-connected region of band 1, once each.
 
     Polygons are in pixel coordinates (x = column, y = row; integer vertices). Pixels equal to
     ``nodata`` or in ``skip_values`` are not polygonized. ``sieve_px`` > 0 first merges regions
     smaller than that many pixels into their largest neighbour (each strip is sieved with a
     halo of ``sieve_px`` rows, which holds any region that small). ``on_rows`` receives the
-    number of rows done.
+    number of rows done. ``max_open_vertices`` > 0 bounds memory on pathological content: a
+    region still growing past that many vertices is emitted as it stands and continues as a
+    new polygon below the current strip seam (logged).
     """
     import shapely
     from affine import Affine
@@ -162,6 +166,7 @@ def iter_class_polygons(ds: Any, strip_rows: int, sieve_px: int = 0,
         else:
             polys = _polygons_from_shapes(items)
             bounds = shapely.bounds(polys)
+            nverts = shapely.get_num_coordinates(polys)
         for k, (geom, (_, value)) in enumerate(zip(polys, items)):
             cls = int(value)
             miny, maxy = bounds[k, 1], bounds[k, 3]
@@ -179,14 +184,17 @@ def iter_class_polygons(ds: Any, strip_rows: int, sieve_px: int = 0,
                     gid = roots[0]
                     for other in roots[1:]:
                         parent[other] = gid
-                        groups[gid].pieces.extend(groups.pop(other).pieces)
+                        merged_away = groups.pop(other)
+                        groups[gid].pieces.extend(merged_away.pieces)
+                        groups[gid].nverts += merged_away.nverts
                         open_ids.discard(other)
                     groups[gid].pieces.append(geom)
+                    groups[gid].nverts += int(nverts[k])
             if gid < 0:
                 gid = next_id
                 next_id += 1
                 parent[gid] = gid
-                groups[gid] = _Group(cls, [geom])
+                groups[gid] = _Group(cls, [geom], int(nverts[k]))
             touched.add(gid)
             if r1 < height and maxy == r1:
                 for x0, x1 in _seam_segments(geom, r1):
@@ -197,6 +205,17 @@ def iter_class_polygons(ds: Any, strip_rows: int, sieve_px: int = 0,
             root = find(gid)
             if root in groups and root not in still_open:
                 yield from finalize(root)
+        if max_open_vertices > 0:
+            for gid in sorted(still_open):
+                if groups[gid].nverts > max_open_vertices:
+                    log.warning("a region of class %d exceeds %d vertices at row %d: it is cut "
+                                "there to keep memory bounded", groups[gid].cls,
+                                max_open_vertices, r1)
+                    yield from finalize(gid)
+                    still_open.discard(gid)
+                    cols = np.nonzero(new_seam >= 0)[0]
+                    roots = np.array([find(int(g)) for g in new_seam[cols]], dtype=np.int64)
+                    new_seam[cols[roots == gid]] = -1
         open_ids = still_open
         seam_gid = new_seam
         if on_rows is not None:
@@ -392,7 +411,8 @@ def vectorize_raster(class_raster: str | Path, out_gpkg: str | Path,
             try:
                 for cls_v, poly in iter_class_polygons(
                         ds, params.strip_rows, params.sieve_px, skip, nodata, cancel,
-                        on_rows=lambda r: meter.update(r)):
+                        on_rows=lambda r: meter.update(r),
+                        max_open_vertices=params.max_region_vertices):
                     batch.append((cls_v, poly))
                     if len(batch) >= WRITE_BATCH:
                         flush()

@@ -264,3 +264,17 @@ def test_reads_only_strips_never_the_whole_raster(tmp_path, monkeypatch):
     res = vectorize_raster(src, tmp_path / "t.gpkg", VectorizeParams(strip_rows=16, sieve_px=3))
     assert res.n_polygons == sum(components(a).values())
     assert max(heights) <= 16 + 2 * 3 and len(heights) == 250
+
+
+def test_memory_guard_cuts_only_huge_open_regions(tmp_path, caplog):
+    a = np.zeros((64, 40), np.uint8)   # one tall region of class 0 with specks of class 1
+    a[2::4, 2::4] = 1
+    src = write_raster(tmp_path / "c.tif", a, transform=T, nodata=255)
+    whole = read(vectorize_raster(src, tmp_path / "w.gpkg", VectorizeParams(strip_rows=8)).path)
+    assert (whole.class_id == 0).sum() == 1
+    cut = read(vectorize_raster(src, tmp_path / "c.gpkg", VectorizeParams(
+        strip_rows=8, max_region_vertices=300)).path)
+    zeros = cut[cut.class_id == 0]
+    assert len(zeros) > 1 and zeros.pixels.sum() == whole[whole.class_id == 0].pixels.sum()
+    assert shapely.union_all(zeros.geometry.values).equals(whole[whole.class_id == 0].geometry.iloc[0])
+    assert "cut there to keep memory bounded" in caplog.text
