@@ -88,7 +88,7 @@ deploy: setup package
 	@echo "Installed into $(QGIS_PROFILE)/python/plugins/tessera"
 
 lint: setup
-	$(VENV)/bin/ruff check core tests benchmarks
+	$(VENV)/bin/ruff check core ui tessera_provider plugin.py __init__.py tests benchmarks tools resources
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

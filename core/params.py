@@ -24,9 +24,9 @@ class VectorizeParams:
     simplify_px: Douglas-Peucker tolerance in pixels (0 = exact pixel edges).
     skip_classes: class ids or names not to polygonize (e.g. ``("Unlabeled",)``).
     strip_rows: rows polygonized at a time (memory vs. speed; polygons are merged across strips).
-    max_region_vertices: memory guard — a single region that grows past this many vertices
-        while still open (a huge, intricate background region) is cut at a strip seam
-        (0 = never cut).
+    max_region_vertices: memory guard — while the regions still open at a strip seam hold more
+        than this many vertices together (huge, intricate background regions), the largest is
+        cut at that seam (0 = never cut).
     """
 
     enabled: bool = True
@@ -35,7 +35,7 @@ class VectorizeParams:
     simplify_px: float = 0.0
     skip_classes: tuple[str | int, ...] = ()
     strip_rows: int = 1024
-    max_region_vertices: int = 4_000_000
+    max_region_vertices: int = 2_000_000
 
     def __post_init__(self) -> None:
         if self.sieve_px < 0:

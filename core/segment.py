@@ -97,15 +97,39 @@ class RowBand:
     Band row 0 is raster row :attr:`top`.
     """
 
-    def __init__(self, n_classes: int, rows: int, width: int) -> None:
-        self.acc = np.zeros((n_classes, rows, width), dtype=np.float32)
-        self.wsum = np.zeros((rows, width), dtype=np.float32)
+    def __init__(self, n_classes: int, rows: int, width: int, direct: bool = False) -> None:
+        # direct: tiles do not overlap (overlap 0); each pixel's class comes from the one tile
+        # owning it, so only uint8 classes and confidences are kept (no float accumulators)
+        self.direct = direct
+        if direct:
+            self.cls = np.zeros((rows, width), dtype=np.uint8)
+            self.conf = np.zeros((rows, width), dtype=np.uint8)
+            self.acc = np.zeros((0, rows, width), dtype=np.float32)
+            self.wsum = np.zeros((rows, width), dtype=np.uint8)
+        else:
+            self.acc = np.zeros((n_classes, rows, width), dtype=np.float32)
+            self.wsum = np.zeros((rows, width), dtype=np.float32)
         self.valid = np.zeros((rows, width), dtype=bool)
         self.top = 0
 
     @property
     def nbytes(self) -> int:
-        return self.acc.nbytes + self.wsum.nbytes + self.valid.nbytes
+        extra = self.cls.nbytes + self.conf.nbytes if self.direct else 0
+        return self.acc.nbytes + self.wsum.nbytes + self.valid.nbytes + extra
+
+    def put(self, owned: tuple[int, int, int, int], t: Tile, reduced: np.ndarray | None,
+            valid: np.ndarray) -> None:
+        """Direct mode: store tile ``t``'s ``reduced`` ``(2, h, w)`` (class, confidence) on the
+        part it owns (``None`` for a skipped tile)."""
+        r0, r1, c0, c1 = owned
+        rs = slice(r0 - self.top, r1 - self.top)
+        cs = slice(c0, c1)
+        ts = (slice(r0 - t.row, r1 - t.row), slice(c0 - t.col, c1 - t.col))
+        self.valid[rs, cs] = valid[ts]
+        if reduced is not None:
+            self.cls[rs, cs] = reduced[0][ts]
+            self.conf[rs, cs] = reduced[1][ts]
+            self.wsum[rs, cs] = 1
 
     def add(self, t: Tile, probs: np.ndarray | None, weights: np.ndarray, valid: np.ndarray) -> None:
         """Add tile ``t``'s ``probs`` ``(K, h, w)`` (``None`` for a skipped tile) with weights."""
@@ -124,23 +148,29 @@ class RowBand:
         """
         acc, wsum = self.acc[:, :n], self.wsum[:n]
         ok = self.valid[:n] & (wsum > 0)
-        cls = np.argmax(acc, axis=0).astype(np.uint8)
-        cls[~ok] = nodata
         conf = None
-        if want_conf:
-            with np.errstate(invalid="ignore", divide="ignore"):
-                c = np.max(acc, axis=0) / wsum
-            conf = np.where(ok, np.clip(np.rint(c * 255.0), 1, 255), 0).astype(np.uint8)
+        if self.direct:
+            cls = self.cls[:n].copy()
+            if want_conf:
+                conf = np.where(ok, self.conf[:n], 0).astype(np.uint8)
+        else:
+            cls = np.argmax(acc, axis=0).astype(np.uint8)
+            if want_conf:
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    c = np.max(acc, axis=0) / wsum
+                conf = np.where(ok, np.clip(np.rint(c * 255.0), 1, 255), 0).astype(np.uint8)
+        cls[~ok] = nodata
         top = self.top
         rows = self.wsum.shape[0]
         keep = rows - n
+        arrays = [self.wsum, self.valid] + ([self.cls, self.conf] if self.direct else [])
         if keep > 0:
             self.acc[:, :keep] = self.acc[:, n:]
-            self.wsum[:keep] = self.wsum[n:]
-            self.valid[:keep] = self.valid[n:]
+            for a in arrays:
+                a[:keep] = a[n:]
         self.acc[:, keep:] = 0
-        self.wsum[keep:] = 0
-        self.valid[keep:] = False
+        for a in arrays:
+            a[keep:] = 0
         self.top += n
         return top, cls, conf
 
@@ -414,7 +444,8 @@ def _run(ds: Any, grid: TileGrid, win_off: tuple[int, int], bands: tuple[int, ..
 
     n_rows_tiles, n_cols_tiles = grid.shape
     band_rows = min(grid.tile, grid.height)
-    band = RowBand(contract.n_classes, band_rows, grid.width)
+    direct = grid.overlap == 0
+    band = RowBand(contract.n_classes, band_rows, grid.width, direct=direct)
     log.debug("row band: %.1f MB", band.nbytes / 1e6)
     stop = threading.Event()
     reader = _Reader(ds, grid, win_off, bands, nodata, contract, batch_size, in_shape, stop)
@@ -460,7 +491,14 @@ def _run(ds: Any, grid: TileGrid, win_off: tuple[int, int], bands: tuple[int, ..
             if batch is None:
                 skipped += len(tiles)
                 for t, valid in tiles:
-                    band.add(t, None, grid.weights(t), valid)
+                    if direct:
+                        band.put(grid.owned(t), t, None, valid)
+                    else:
+                        band.add(t, None, grid.weights(t), valid)
+            elif direct:
+                reduced = predictor.predict(batch, reduce=True)
+                for k, (t, valid) in enumerate(tiles):
+                    band.put(grid.owned(t), t, reduced[k, :, :t.height, :t.width], valid)
             else:
                 probs = predictor.predict(batch)
                 for k, (t, valid) in enumerate(tiles):

@@ -131,6 +131,22 @@ class TileGrid:
         wx = axis_weights(t.width, self.overlap, t.col == 0, t.col + t.width >= self.width)
         return np.outer(wy, wx)
 
+    def owned(self, t: Tile) -> tuple[int, int, int, int]:
+        """The part of tile ``t`` it alone decides without blending: ``(row0, row1, col0, col1)``.
+
+        Neighbouring tiles split their shared pixels at the middle, so every pixel is owned by
+        exactly one tile (used when tiles do not overlap by design, ``overlap == 0``).
+        """
+        def span(offs: list[int], k: int, length: int) -> tuple[int, int]:
+            size = min(self.tile, length)
+            lo = 0 if k == 0 else (offs[k] + offs[k - 1] + size) // 2
+            hi = length if k == len(offs) - 1 else (offs[k + 1] + offs[k] + size) // 2
+            return lo, hi
+
+        r0, r1 = span(self.row_offsets, t.i, self.height)
+        c0, c1 = span(self.col_offsets, t.j, self.width)
+        return r0, r1, c0, c1
+
     def final_rows_after(self, i: int) -> int:
         """Rows above this index are final once tile row ``i`` is blended."""
         offs = self.row_offsets

@@ -13,6 +13,7 @@ CRS — projected, Web Mercator or degrees) and ``pixels``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 
 FIELDS = ("class_id", "class_name", "area_m2", "pixels")
 WRITE_BATCH = 5000
+CHUNK = 20_000           # polygons converted at a time
+STRIP_PIXELS = 4_000_000  # pixels per strip (rows = min(strip_rows, STRIP_PIXELS // width))
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,8 @@ def iter_class_polygons(ds: Any, strip_rows: int, sieve_px: int = 0,
 
     seam_gid = np.full(width, -1, dtype=np.int64)  # group of pixel (r0 - 1, c), -1 = none
     open_ids: set[int] = set()
+    # strips hold about STRIP_PIXELS pixels whatever the width, so memory does not grow with it
+    strip_rows = max(1, min(strip_rows, STRIP_PIXELS // max(width, 1)))
     for r0 in range(0, height, strip_rows):
         check_cancel(cancel)
         r1 = min(r0 + strip_rows, height)
@@ -159,46 +164,49 @@ def iter_class_polygons(ds: Any, strip_rows: int, sieve_px: int = 0,
             arr = arr.astype(np.int32)
         new_seam = np.full(width, -1, dtype=np.int64)
         touched: set[int] = set()
-        items = list(shapes(arr, mask=keep, connectivity=4, transform=Affine.translation(0, r0)))
-        if not items:
-            polys = np.empty(0, dtype=object)
-            bounds = np.empty((0, 4))
-        else:
+        stream = shapes(arr, mask=keep, connectivity=4, transform=Affine.translation(0, r0))
+        while True:  # in chunks: the strip's polygons are never all in memory as dicts
+            items = list(itertools.islice(stream, CHUNK))
+            if not items:
+                break
             polys = _polygons_from_shapes(items)
             bounds = shapely.bounds(polys)
             nverts = shapely.get_num_coordinates(polys)
-        for k, (geom, (_, value)) in enumerate(zip(polys, items)):
-            cls = int(value)
-            miny, maxy = bounds[k, 1], bounds[k, 3]
-            gid = -1
-            if r0 > 0 and miny == r0:
-                linked = set()
-                for x0, x1 in _seam_segments(geom, r0):
-                    for g in np.unique(seam_gid[x0:x1]):
-                        if g >= 0:
-                            root = find(int(g))
-                            if groups[root].cls == cls:
-                                linked.add(root)
-                if linked:
-                    roots = sorted(linked)
-                    gid = roots[0]
-                    for other in roots[1:]:
-                        parent[other] = gid
-                        merged_away = groups.pop(other)
-                        groups[gid].pieces.extend(merged_away.pieces)
-                        groups[gid].nverts += merged_away.nverts
-                        open_ids.discard(other)
-                    groups[gid].pieces.append(geom)
-                    groups[gid].nverts += int(nverts[k])
-            if gid < 0:
-                gid = next_id
-                next_id += 1
-                parent[gid] = gid
-                groups[gid] = _Group(cls, [geom], int(nverts[k]))
-            touched.add(gid)
-            if r1 < height and maxy == r1:
-                for x0, x1 in _seam_segments(geom, r1):
-                    new_seam[x0:x1] = gid
+            top_seam = (bounds[:, 1] == r0) if r0 > 0 else np.zeros(len(polys), bool)
+            bottom_seam = (bounds[:, 3] == r1) if r1 < height else np.zeros(len(polys), bool)
+            for k in np.nonzero(~(top_seam | bottom_seam))[0]:
+                yield int(items[k][1]), polys[k]  # complete: touches neither seam
+            for k in np.nonzero(top_seam | bottom_seam)[0]:
+                geom, cls = polys[k], int(items[k][1])
+                gid = -1
+                if top_seam[k]:
+                    linked = set()
+                    for x0, x1 in _seam_segments(geom, r0):
+                        for g in np.unique(seam_gid[x0:x1]):
+                            if g >= 0:
+                                root = find(int(g))
+                                if groups[root].cls == cls:
+                                    linked.add(root)
+                    if linked:
+                        roots = sorted(linked)
+                        gid = roots[0]
+                        for other in roots[1:]:
+                            parent[other] = gid
+                            merged_away = groups.pop(other)
+                            groups[gid].pieces.extend(merged_away.pieces)
+                            groups[gid].nverts += merged_away.nverts
+                            open_ids.discard(other)
+                        groups[gid].pieces.append(geom)
+                        groups[gid].nverts += int(nverts[k])
+                if gid < 0:
+                    gid = next_id
+                    next_id += 1
+                    parent[gid] = gid
+                    groups[gid] = _Group(cls, [geom], int(nverts[k]))
+                touched.add(gid)
+                if bottom_seam[k]:
+                    for x0, x1 in _seam_segments(geom, r1):
+                        new_seam[x0:x1] = gid
         # a group stays open only if one of its pieces touches the new seam
         still_open = {find(int(g)) for g in np.unique(new_seam) if g >= 0}
         for gid in sorted((open_ids | touched) - still_open):
@@ -206,16 +214,17 @@ def iter_class_polygons(ds: Any, strip_rows: int, sieve_px: int = 0,
             if root in groups and root not in still_open:
                 yield from finalize(root)
         if max_open_vertices > 0:
-            for gid in sorted(still_open):
-                if groups[gid].nverts > max_open_vertices:
-                    log.warning("a region of class %d exceeds %d vertices at row %d: it is cut "
-                                "there to keep memory bounded", groups[gid].cls,
-                                max_open_vertices, r1)
-                    yield from finalize(gid)
-                    still_open.discard(gid)
-                    cols = np.nonzero(new_seam >= 0)[0]
-                    roots = np.array([find(int(g)) for g in new_seam[cols]], dtype=np.int64)
-                    new_seam[cols[roots == gid]] = -1
+            # memory guard: while the open regions hold too many vertices, cut the largest
+            while still_open and sum(groups[g].nverts for g in still_open) > max_open_vertices:
+                gid = max(still_open, key=lambda g: groups[g].nverts)
+                log.warning("open regions exceed %d vertices at row %d: a region of class %d is "
+                            "cut there to keep memory bounded", max_open_vertices, r1,
+                            groups[gid].cls)
+                yield from finalize(gid)
+                still_open.discard(gid)
+                cols = np.nonzero(new_seam >= 0)[0]
+                roots = np.array([find(int(g)) for g in new_seam[cols]], dtype=np.int64)
+                new_seam[cols[roots == gid]] = -1
         open_ids = still_open
         seam_gid = new_seam
         if on_rows is not None:

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from qgis.core import (QgsApplication, QgsProcessingException, QgsProcessingFeedback,
-                       QgsProcessingLayerPostProcessorInterface, QgsRasterLayer, QgsSettings,
-                       QgsVectorLayer)
+from qgis.core import (
+    QgsApplication,
+    QgsProcessingException,
+    QgsProcessingFeedback,
+    QgsProcessingLayerPostProcessorInterface,
+    QgsRasterLayer,
+    QgsSettings,
+    QgsVectorLayer,
+)
 
 from ..core import client
 from ..core.errors import CancelledError, TesseraError
@@ -117,7 +123,7 @@ def run_engine(job: dict[str, Any], feedback: QgsProcessingFeedback | None) -> d
 class StyleClasses(QgsProcessingLayerPostProcessorInterface):
     """Styles a layer loaded on completion (class raster, confidence or polygons)."""
 
-    _keep: list[StyleClasses] = []  # Processing keeps only a raw pointer: keep them alive
+    _keep: ClassVar[list[StyleClasses]] = []  # Processing keeps a raw pointer: keep them alive
 
     def __init__(self, kind: str, classes: list[dict[str, Any]]) -> None:
         super().__init__()

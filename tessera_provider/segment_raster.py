@@ -4,14 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qgis.core import (QgsProcessing, QgsProcessingAlgorithm, QgsProcessingException,
-                       QgsProcessingOutputNumber, QgsProcessingOutputString,
-                       QgsProcessingParameterBand, QgsProcessingParameterBoolean,
-                       QgsProcessingParameterDefinition, QgsProcessingParameterEnum,
-                       QgsProcessingParameterExtent, QgsProcessingParameterFile,
-                       QgsProcessingParameterNumber, QgsProcessingParameterRasterDestination,
-                       QgsProcessingParameterRasterLayer, QgsProcessingParameterString,
-                       QgsProcessingParameterVectorDestination)
+from qgis.core import (
+    QgsProcessing,
+    QgsProcessingAlgorithm,
+    QgsProcessingException,
+    QgsProcessingOutputNumber,
+    QgsProcessingOutputString,
+    QgsProcessingParameterBand,
+    QgsProcessingParameterBoolean,
+    QgsProcessingParameterDefinition,
+    QgsProcessingParameterEnum,
+    QgsProcessingParameterExtent,
+    QgsProcessingParameterFile,
+    QgsProcessingParameterNumber,
+    QgsProcessingParameterRasterDestination,
+    QgsProcessingParameterRasterLayer,
+    QgsProcessingParameterString,
+    QgsProcessingParameterVectorDestination,
+)
 from qgis.PyQt.QtCore import QCoreApplication
 
 from . import common
@@ -144,9 +154,9 @@ class SegmentRasterAlgorithm(QgsProcessingAlgorithm):
         vectorize = self.parameterAsBoolean(parameters, "VECTORIZE", context) and bool(out_poly)
         for path, ext in ((out_cls, ".tif"), (out_conf, ".tif"), (out_poly, ".gpkg")):
             if path and Path(path).suffix.lower() not in (ext, ".tiff" if ext == ".tif" else ext):
+                kind = "GeoTIFF (.tif)" if ext == ".tif" else "GeoPackage (.gpkg)"
                 raise QgsProcessingException(
-                    tr(f"{path}: Tessera writes {'GeoTIFF (.tif)' if ext == '.tif' else 'GeoPackage (.gpkg)'} "
-                       "files; choose that extension."))
+                    tr(f"{path}: Tessera writes {kind} files; choose that extension."))
         params = dict(run_options(self, parameters, context),
                       bands=list(bands) or None, window=list(window) if window else None,
                       confidence=bool(out_conf),

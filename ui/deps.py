@@ -7,8 +7,7 @@ from typing import Any
 
 from qgis.core import QgsApplication, QgsTask
 from qgis.PyQt.QtCore import pyqtSignal
-from qgis.PyQt.QtWidgets import (QDialog, QDialogButtonBox, QLabel, QPlainTextEdit, QPushButton,
-                                 QVBoxLayout)
+from qgis.PyQt.QtWidgets import QDialog, QDialogButtonBox, QLabel, QPlainTextEdit, QPushButton, QVBoxLayout
 
 HELP = (
     "Tessera's engine (PyTorch, segmentation-models-pytorch, rasterio, shapely, geopandas) runs "

@@ -7,15 +7,39 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from qgis.core import (QgsApplication, QgsCoordinateTransform, QgsMapLayerProxyModel,
-                       QgsProject, QgsRasterLayer, QgsRectangle)
-from qgis.gui import (QgsCollapsibleGroupBox, QgsDockWidget, QgsFileWidget,
-                      QgsMapLayerComboBox, QgsRasterBandComboBox)
+from qgis.core import (
+    QgsApplication,
+    QgsCoordinateTransform,
+    QgsMapLayerProxyModel,
+    QgsProject,
+    QgsRasterLayer,
+    QgsRectangle,
+)
+from qgis.gui import (
+    QgsCollapsibleGroupBox,
+    QgsDockWidget,
+    QgsFileWidget,
+    QgsMapLayerComboBox,
+    QgsRasterBandComboBox,
+)
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QColor, QIcon, QPixmap
-from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout,
-                                 QLabel, QListWidget, QListWidgetItem, QProgressBar, QPushButton,
-                                 QScrollArea, QSpinBox, QVBoxLayout, QWidget)
+from qgis.PyQt.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QListWidget,
+    QListWidgetItem,
+    QProgressBar,
+    QPushButton,
+    QScrollArea,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
 
 from .settings import RunSettings
 

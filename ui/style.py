@@ -7,8 +7,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from qgis.core import (QgsCategorizedSymbolRenderer, QgsFillSymbol, QgsPalettedRasterRenderer,
-                       QgsRasterLayer, QgsRendererCategory, QgsVectorLayer)
+from qgis.core import (
+    QgsCategorizedSymbolRenderer,
+    QgsFillSymbol,
+    QgsPalettedRasterRenderer,
+    QgsRasterLayer,
+    QgsRendererCategory,
+    QgsVectorLayer,
+)
 from qgis.PyQt.QtGui import QColor
 
 ClassList = list[dict[str, Any]]  # [{"id": 0, "name": "Building", "color": "#3C1098"}, ...]

@@ -233,8 +233,8 @@ def test_row_band_memory_does_not_depend_on_raster_height(tmp_path, monkeypatch)
     sizes = []
     orig = segmod.RowBand.__init__
 
-    def spy(self, n_classes, rows, width):
-        orig(self, n_classes, rows, width)
+    def spy(self, n_classes, rows, width, direct=False):
+        orig(self, n_classes, rows, width, direct)
         sizes.append(self.nbytes)
 
     monkeypatch.setattr(segmod.RowBand, "__init__", spy)
@@ -372,3 +372,28 @@ def test_pixel_size_and_dtype_warnings(tmp_path):
     res = segment_raster(src, tiny_unet(), tmp_path / "o", SegmentParams(vectorize=NOVEC))
     assert any("pixel size is about 30 m" in w and "trained at 1 m" in w for w in res.warnings)
     assert any("uint16" in w and "divide by 255" in w for w in res.warnings)
+
+
+def test_overlap_zero_takes_each_pixel_from_the_one_tile_owning_it(tmp_path):
+    """overlap 0: no float accumulators; the shifted last tiles split shared pixels midway."""
+    h, w = 150, 230
+    data = random_rgb(h, w, seed=7)
+    module = LocalModel(depth=2)
+    m = model_with(module, tile_size=64, overlap=0)
+    res = segment_raster(write_raster(tmp_path / "in.tif", data), m, tmp_path / "o",
+                         SegmentParams(confidence=True, vectorize=NOVEC, batch_size=4))
+    grid = TileGrid(h, w, 64, 0)
+    exp_cls = np.full((h, w), 99, np.uint8)
+    exp_conf = np.zeros((h, w), np.uint8)
+    for t in grid:
+        p = reference_probs(module, data[:, t.row:t.row + 64, t.col:t.col + 64], m.contract)
+        r0, r1, c0, c1 = grid.owned(t)
+        assert exp_cls[r0:r1, c0:c1].max() == 99  # owned by exactly one tile
+        sl = (slice(r0 - t.row, r1 - t.row), slice(c0 - t.col, c1 - t.col))
+        exp_cls[r0:r1, c0:c1] = p.argmax(0)[sl]
+        exp_conf[r0:r1, c0:c1] = np.clip(np.rint(p.max(0) * 255), 1, 255)[sl]
+    assert (exp_cls != 99).all()
+    cls, _, _ = read1(res.class_raster)
+    conf, _, _ = read1(res.confidence_raster)
+    np.testing.assert_array_equal(cls, exp_cls)
+    assert np.abs(conf.astype(int) - exp_conf).max() <= 1

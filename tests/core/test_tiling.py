@@ -109,3 +109,15 @@ def test_weights_are_read_only_and_cached():
     assert axis_weights(32, 8, False, True) is w
     for a, b in itertools.product([True, False], repeat=2):
         assert axis_weights(32, 8, a, b).shape == (32,)
+
+
+@pytest.mark.parametrize("h,w,tile,overlap", [(150, 230, 64, 0), (64, 64, 64, 0), (129, 65, 32, 8),
+                                              (40, 300, 64, 16)])
+def test_owned_parts_partition_the_raster(h, w, tile, overlap):
+    g = TileGrid(h, w, tile, overlap)
+    count = np.zeros((h, w), int)
+    for t in g:
+        r0, r1, c0, c1 = g.owned(t)
+        assert t.row <= r0 < r1 <= t.row + t.height and t.col <= c0 < c1 <= t.col + t.width
+        count[r0:r1, c0:c1] += 1
+    assert (count == 1).all()

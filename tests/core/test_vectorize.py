@@ -11,10 +11,7 @@ import shapely
 from affine import Affine
 from helpers import write_raster
 from shapely.geometry import Polygon, box
-
-from tessera.core import vectorize as vmod
-from tessera.core.errors import (CancelledError, NoCRSError, OutputError, ParameterError,
-                                 RasterNotFoundError)
+from tessera.core.errors import CancelledError, NoCRSError, OutputError, ParameterError, RasterNotFoundError
 from tessera.core.params import VectorizeParams
 from tessera.core.vectorize import geodesic_area_m2, pixel_area_m2, vectorize_raster
 
@@ -77,7 +74,7 @@ def test_exact_polygons_fields_and_crs(tmp_path):
     sq = Polygon([(30, 5), (45, 5), (45, 20), (30, 20)], [[(35, 10), (40, 10), (40, 15), (35, 15)]])
     assert by[(2, 15 * 15 - 25)].equals(px_to_crs(sq))
     assert by[(0, 25)].equals(px_to_crs(box(35, 10, 40, 15)))
-    bg = [g for (k, n), g in by.items() if k == 0 and n != 25][0]
+    bg = next(g for (k, n), g in by.items() if k == 0 and n != 25)
     nodata = px_to_crs(box(40, 32, 50, 40))
     assert bg.intersection(nodata).area == 0  # nothing polygonized in nodata
     assert set(df.class_name) == {"Land", "Building", "Water"}

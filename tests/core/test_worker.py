@@ -6,7 +6,6 @@ import sys
 
 import pytest
 from helpers import random_rgb, tiny_unet, write_raster
-
 from tessera.core.errors import ParameterError
 from tessera.core.params import SegmentParams, VectorizeParams
 from tessera.core.worker import params_from_dict, params_to_dict

@@ -92,10 +92,10 @@ class RecordingIface:
     def __getattr__(self, name):
         return getattr(self._iface, name)
 
-    def addToolBarIcon(self, action):  # noqa: N802
+    def addToolBarIcon(self, action):
         self.toolbar.addAction(action)
 
-    def removeToolBarIcon(self, action):  # noqa: N802
+    def removeToolBarIcon(self, action):
         self.toolbar.removeAction(action)
 
     def _submenu(self, name, create):
@@ -104,20 +104,20 @@ class RecordingIface:
                 return a.menu()
         return self.raster_menu.addMenu(name) if create else None
 
-    def addPluginToRasterMenu(self, name, action):  # noqa: N802
+    def addPluginToRasterMenu(self, name, action):
         self._submenu(name, True).addAction(action)
 
-    def removePluginRasterMenu(self, name, action):  # noqa: N802
+    def removePluginRasterMenu(self, name, action):
         sub = self._submenu(name, False)
         if sub is not None:
             sub.removeAction(action)
             if not sub.actions():
                 self.raster_menu.removeAction(sub.menuAction())
 
-    def addDockWidget(self, area, dock):  # noqa: N802
+    def addDockWidget(self, area, dock):
         self.docks.append(dock)
 
-    def removeDockWidget(self, dock):  # noqa: N802
+    def removeDockWidget(self, dock):
         self.docks.remove(dock)
 
 
@@ -129,7 +129,6 @@ def iface(qgis_iface):
 @pytest.fixture()
 def plugin(iface, qgis_processing):
     from qgis.core import QgsSettings
-
     from tessera import classFactory
 
     QgsSettings().remove("tessera")  # every test starts from the defaults

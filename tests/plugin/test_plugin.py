@@ -6,8 +6,15 @@ from pathlib import Path
 
 import pytest
 from conftest import wait_for
-from qgis.core import (Qgis, QgsApplication, QgsCoordinateReferenceSystem, QgsGeometry,
-                       QgsProject, QgsRasterLayer, QgsVectorLayer)
+from qgis.core import (
+    Qgis,
+    QgsApplication,
+    QgsCoordinateReferenceSystem,
+    QgsGeometry,
+    QgsProject,
+    QgsRasterLayer,
+    QgsVectorLayer,
+)
 
 WATER = "#e2a929"
 
@@ -126,7 +133,7 @@ def test_segment_folder_algorithm_isolates_errors_and_resumes(plugin, data_dir, 
     assert (res["DONE"], res["SKIPPED"], res["FAILED"]) == (0, 2, 1)
 
 
-def QgsProcessingContextLayer(res):  # noqa: N802
+def QgsProcessingContextLayer(res):
     from qgis.core import QgsProcessingContext, QgsProcessingUtils
 
     return QgsProcessingUtils.mapLayerFromString(res["REPORT"], QgsProcessingContext())
