@@ -175,11 +175,90 @@ class RowBand:
         return top, cls, conf
 
 
+class RowFeed:
+    """A read-only, ds-like view of the class rows as the writer produces them.
+
+    ``read(1, window=...)`` blocks until the rows exist; rows below the last window read are
+    dropped, and ``push`` blocks while more than ``max_rows`` are buffered, so memory stays
+    bounded when polygonizing is slower than segmenting.
+    """
+
+    def __init__(self, height: int, width: int, max_rows: int) -> None:
+        self.height, self.width, self.max_rows = height, width, max_rows
+        self._rows: list[np.ndarray] = []   # consecutive row blocks starting at self._base
+        self._base = 0
+        self._end = 0
+        self._aborted = False
+        self._cv = threading.Condition()
+
+    def push(self, top: int, rows: np.ndarray) -> None:
+        with self._cv:
+            while not self._aborted and self._end - self._base > self.max_rows:
+                self._cv.wait(0.1)
+            if self._aborted:
+                return
+            if top != self._end:
+                raise RuntimeError(f"rows out of order ({top} != {self._end})")
+            self._rows.append(rows)
+            self._end += rows.shape[0]
+            self._cv.notify_all()
+
+    def abort(self) -> None:
+        with self._cv:
+            self._aborted = True
+            self._cv.notify_all()
+
+    def read(self, band: int, window: Any) -> np.ndarray:
+        r0, r1 = int(window.row_off), int(window.row_off + window.height)
+        with self._cv:
+            while not self._aborted and self._end < r1:
+                self._cv.wait(0.1)
+            if self._aborted:
+                raise CancelledError("polygonizing stopped")
+            allrows = np.concatenate(self._rows, axis=0) if len(self._rows) > 1 else self._rows[0]
+            out = allrows[r0 - self._base:r1 - self._base].copy()
+            drop = r0 - self._base  # windows only move forward: rows above r0 are done
+            if drop > 0:
+                allrows = allrows[drop:]
+                self._base = r0
+            self._rows = [allrows]
+            self._cv.notify_all()
+            return out
+
+
+class _StreamVectorizer(threading.Thread):
+    """Polygonizes class rows while they are produced (the polygons' temporary file)."""
+
+    def __init__(self, feed: RowFeed, tmp: Path, layer: str, params: Any,
+                 names: dict[int, str], nodata: int, transform: Any, crs: Any) -> None:
+        super().__init__(name="tessera-vectorizer", daemon=True)
+        self.feed, self.tmp, self.layer, self.params = feed, tmp, layer, params
+        self.names, self.nodata, self.transform, self.crs = names, nodata, transform, crs
+        self.result: tuple[int, dict[int, float]] | None = None
+        self.error: BaseException | None = None
+        self.rows_done = 0
+
+    def run(self) -> None:
+        from .vectorize import write_polygons
+
+        try:
+            with gdal_env():
+                self.result = write_polygons(
+                    self.feed, self.tmp, self.layer, self.params, self.names, self.nodata,
+                    self.transform, self.crs,
+                    on_rows=lambda r: setattr(self, "rows_done", r))
+        except BaseException as exc:  # noqa: BLE001  (handed to the main thread)
+            self.error = exc
+            self.feed.abort()
+
+
 class _Writer(threading.Thread):
     """Writes final rows to the open output datasets, in whole block rows where possible."""
 
-    def __init__(self, dst: Any, dst_conf: Any | None, width: int, block: int = 256) -> None:
+    def __init__(self, dst: Any, dst_conf: Any | None, width: int, block: int = 256,
+                 feed: RowFeed | None = None) -> None:
         super().__init__(name="tessera-writer", daemon=True)
+        self.feed = feed
         self.q: queue.Queue[Any] = queue.Queue(maxsize=4)
         self.dst, self.dst_conf, self.width, self.block = dst, dst_conf, width, block
         self.error: BaseException | None = None
@@ -203,6 +282,8 @@ class _Writer(threading.Thread):
                     if top != self._next_row + self._pending_rows:
                         raise RuntimeError(f"rows out of order: {top}")
                     self.hist += np.bincount(cls.ravel(), minlength=256)
+                    if self.feed is not None:
+                        self.feed.push(top, cls)
                     self._pending.append((cls, conf))
                     self._pending_rows += cls.shape[0]
                     n = self._pending_rows if final else (self._pending_rows // self.block) * self.block
@@ -398,15 +479,23 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
         profile = dict(GTIFF_OPTIONS, width=w, height=h, count=1, dtype="uint8",
                        crs=ds.crs, transform=transform)
         finals = [outs.class_raster] + ([outs.confidence_raster] if params.confidence else [])
-        seg_span = (0.0, 0.9) if params.vectorize.enabled else (0.0, 1.0)
+        vec = params.vectorize if params.vectorize.enabled else None
+        if vec is not None:
+            from .vectorize import _resolve_skip
+
+            _resolve_skip(vec.skip_classes, contract.class_names)  # fail before any work
+            finals.append(outs.polygons)
+        seg_span = (0.0, 0.95) if vec is not None else (0.0, 1.0)
         meter = Meter("segment", w * h, progress, *seg_span)
         meter.update(0, f"{len(grid)} tiles on {predictor.info.label}", force=True)
+        # all outputs appear together, complete, or not at all
         with atomic_outputs(*finals) as temps:
             stats = _run(ds, grid, (c0, r0), bands, nodata, contract, predictor,
-                         params.batch_size, in_shape, profile, temps, path, meter, cancel)
+                         params.batch_size, in_shape, profile, temps, path, meter, cancel,
+                         vec, outs.polygons.stem, progress)
             names = [c.name for c in contract.classes]
             write_category_names(temps[0], names)
-        t_seg = time.perf_counter() - t_start
+        t_seg = stats["seconds_segment"]
 
     result = SegmentResult(
         source=path, class_raster=str(outs.class_raster),
@@ -417,18 +506,13 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
         batch_size=predictor.max_batch or params.batch_size,
         class_pixels={c.name: int(stats["hist"][c.id]) for c in contract.classes},
         warnings=warns)
-    if params.vectorize.enabled:
-        from .vectorize import vectorize_raster
-
-        t_v = time.perf_counter()
-        vres = vectorize_raster(outs.class_raster, outs.polygons, params.vectorize,
-                                class_names=contract.class_names, progress=progress,
-                                cancel=cancel, progress_span=(0.9, 1.0))
+    if vec is not None:
+        n_poly, areas = stats["polygons"]
         result.polygons = str(outs.polygons)
-        result.n_polygons = vres.n_polygons
+        result.n_polygons = n_poly
         result.area_m2_by_class = {contract.class_names.get(k, str(k)): round(v, 3)
-                                   for k, v in sorted(vres.area_m2_by_class.items())}
-        result.seconds_vectorize = round(time.perf_counter() - t_v, 3)
+                                   for k, v in sorted(areas.items())}
+        result.seconds_vectorize = round(stats["seconds_vectorize_tail"], 3)
     result.seconds = round(time.perf_counter() - t_start, 3)
     if progress is not None:
         meter_done = Meter("done", 1, progress, 1.0, 1.0)
@@ -439,9 +523,12 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
 def _run(ds: Any, grid: TileGrid, win_off: tuple[int, int], bands: tuple[int, ...],
          nodata: float | None, contract: ModelContract, predictor: Predictor, batch_size: int,
          in_shape: tuple[int, int], profile: dict[str, Any], temps: list[Path], path: str,
-         meter: Meter, cancel: CancelFn | None) -> dict[str, Any]:
+         meter: Meter, cancel: CancelFn | None, vec: Any = None, layer: str = "polygons",
+         progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Segment into the open temporaries; polygonize concurrently when ``vec`` is given."""
     import rasterio
 
+    t0 = time.perf_counter()
     n_rows_tiles, n_cols_tiles = grid.shape
     band_rows = min(grid.tile, grid.height)
     direct = grid.overlap == 0
@@ -455,10 +542,16 @@ def _run(ds: Any, grid: TileGrid, win_off: tuple[int, int], bands: tuple[int, ..
     tags = {CLASSES_TAG: json.dumps([{"id": c.id, "name": c.name, "color": c.color}
                                      for c in contract.classes]),
             "TESSERA_MODEL": contract.name, "TESSERA_SOURCE": Path(path).name}
-    want_conf = len(temps) > 1
+    want_conf = len(temps) - (1 if vec is not None else 0) > 1
+    feed = vectorizer = None
+    if vec is not None:
+        # polygonize while segmenting: the vectorizer reads the class rows as they are written
+        feed = RowFeed(grid.height, grid.width, max_rows=4 * band_rows + 2 * vec.sieve_px + 2048)
+        vectorizer = _StreamVectorizer(feed, temps[-1], layer, vec, contract.class_names, nd,
+                                       profile["transform"], profile["crs"])
     dst = rasterio.open(temps[0], "w", nodata=nd, **profile)
     dst_conf = rasterio.open(temps[1], "w", nodata=0, **profile) if want_conf else None
-    writer = _Writer(dst, dst_conf, grid.width)
+    writer = _Writer(dst, dst_conf, grid.width, feed=feed)
     skipped = 0
     done_in_row = [0] * n_rows_tiles
     tiles_done = 0
@@ -471,6 +564,8 @@ def _run(ds: Any, grid: TileGrid, win_off: tuple[int, int], bands: tuple[int, ..
             dst_conf.set_band_description(1, "confidence (max class probability x 255)")
         reader.start()
         writer.start()
+        if vectorizer is not None:
+            vectorizer.start()
         current = 0
         while True:
             check_cancel(cancel)
@@ -521,9 +616,24 @@ def _run(ds: Any, grid: TileGrid, win_off: tuple[int, int], bands: tuple[int, ..
         if writer.error is not None:
             raise writer.error
         meter.update(meter.total, force=True)
-        return {"skipped": skipped, "hist": writer.hist}
+        out = {"skipped": skipped, "hist": writer.hist,
+               "seconds_segment": time.perf_counter() - t0, "seconds_vectorize_tail": 0.0}
+        if vectorizer is not None:
+            t_tail = time.perf_counter()
+            vmeter = Meter("vectorize", grid.height, progress, 0.95, 1.0)
+            while vectorizer.is_alive():
+                vectorizer.join(timeout=0.2)
+                check_cancel(cancel)
+                vmeter.update(vectorizer.rows_done)
+            if vectorizer.error is not None:
+                raise vectorizer.error
+            out["polygons"] = vectorizer.result
+            out["seconds_vectorize_tail"] = time.perf_counter() - t_tail
+        return out
     except BaseException as exc:
         stop.set()
+        if feed is not None:
+            feed.abort()
         if writer.is_alive():
             writer.error = writer.error or exc
             try:
@@ -537,6 +647,9 @@ def _run(ds: Any, grid: TileGrid, win_off: tuple[int, int], bands: tuple[int, ..
         stop.set()
         reader.join(timeout=10)
         writer.join(timeout=30)
+        if vectorizer is not None and vectorizer.is_alive():
+            feed.abort()  # type: ignore[union-attr]
+            vectorizer.join(timeout=30)
         dst.close()
         if dst_conf is not None:
             dst_conf.close()

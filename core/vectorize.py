@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import NoCRSError, OutputError, ParameterError
+from .errors import NoCRSError, OutputError, ParameterError, TesseraError
 from .params import VectorizeParams
 from .progress import CancelFn, Meter, ProgressFn, check_cancel
 from .rasterio_io import CLASSES_TAG, atomic_outputs, check_writable_dir, gdal_env, open_raster
@@ -346,6 +346,69 @@ def _resolve_skip(skip: tuple[str | int, ...], names: dict[int, str]) -> frozens
     return frozenset(out)
 
 
+def write_polygons(source: Any, tmp: Path, layer: str, params: VectorizeParams,
+                   names: dict[int, str], nodata: int | None, transform: Any, crs: Any,
+                   cancel: CancelFn | None = None,
+                   on_rows: Callable[[int], None] | None = None) -> tuple[int, dict[int, float]]:
+    """Polygonize ``source`` (anything with ``height``, ``width`` and rasterio's
+    ``read(1, window=...)``) into the GeoPackage ``tmp``; return ``(count, m² per class)``."""
+    import geopandas as gpd
+    import pyogrio
+    import shapely
+
+    skip = _resolve_skip(params.skip_classes, names)
+    a, b, c, d, e, f = transform.a, transform.b, transform.c, transform.d, transform.e, transform.f
+    wkt = crs.to_wkt()
+
+    def to_crs(xy: np.ndarray) -> np.ndarray:
+        return np.column_stack([a * xy[:, 0] + b * xy[:, 1] + c, d * xy[:, 0] + e * xy[:, 1] + f])
+
+    n_total = 0
+    areas: dict[int, float] = {}
+    first = True
+    batch: list[tuple[int, Any]] = []
+
+    def flush() -> None:
+        nonlocal first, n_total
+        cls = np.array([k for k, _ in batch], dtype=np.int32)
+        pix = np.array([g for _, g in batch], dtype=object)
+        pixels = shapely.area(pix).round().astype(np.int64) if len(pix) else np.zeros(0, np.int64)
+        area = polygon_areas_m2(pix, transform, crs)
+        keep = area >= params.min_area_m2 if params.min_area_m2 > 0 else np.ones(len(pix), bool)
+        if params.simplify_px > 0 and len(pix):
+            geoms = shapely.transform(
+                shapely.simplify(pix[keep], params.simplify_px, preserve_topology=True), to_crs)
+        else:
+            geoms = shapely.transform(pix[keep], to_crs) if len(pix) else pix
+        gdf = gpd.GeoDataFrame({
+            "class_id": cls[keep],
+            "class_name": [names.get(int(k), f"class {int(k)}") for k in cls[keep]],
+            "area_m2": area[keep], "pixels": pixels[keep]},
+            geometry=gpd.GeoSeries(list(geoms), crs=wkt), crs=wkt)
+        pyogrio.write_dataframe(gdf, tmp, layer=layer, driver="GPKG", append=not first,
+                                geometry_type="Polygon", promote_to_multi=False)
+        for k, ar in zip(cls[keep], area[keep]):
+            areas[int(k)] = areas.get(int(k), 0.0) + float(ar)
+        n_total += int(keep.sum())
+        first = False
+        batch.clear()
+
+    try:
+        for cls_v, poly in iter_class_polygons(
+                source, params.strip_rows, params.sieve_px, skip, nodata, cancel,
+                on_rows=on_rows, max_open_vertices=params.max_region_vertices):
+            batch.append((cls_v, poly))
+            if len(batch) >= WRITE_BATCH:
+                flush()
+        if batch or first:  # also creates the (empty) layer when there is nothing
+            flush()
+    except OSError as exc:
+        if isinstance(exc, TesseraError):
+            raise
+        raise OutputError(f"{tmp}: cannot write the polygons ({exc})", tmp) from exc
+    return n_total, areas
+
+
 def vectorize_raster(class_raster: str | Path, out_gpkg: str | Path,
                      params: VectorizeParams | None = None, *,
                      class_names: dict[int, str] | None = None, layer: str | None = None,
@@ -356,10 +419,6 @@ def vectorize_raster(class_raster: str | Path, out_gpkg: str | Path,
     Written under a temporary name and renamed when complete; a failure or cancel leaves
     nothing under ``out_gpkg``.
     """
-    import geopandas as gpd
-    import pyogrio
-    import shapely
-
     params = params or VectorizeParams()
     t0 = time.perf_counter()
     out = Path(out_gpkg)
@@ -370,67 +429,12 @@ def vectorize_raster(class_raster: str | Path, out_gpkg: str | Path,
                              "areas in m² need one (georeference the raster first)", class_raster)
         names = dict(read_class_names(ds))
         names.update(class_names or {})
-        skip = _resolve_skip(params.skip_classes, names)
+        _resolve_skip(params.skip_classes, names)  # bad names fail before anything is written
         nodata = None if ds.nodata is None else int(ds.nodata)
-        transform = ds.transform
-        crs = ds.crs
         check_writable_dir(out.parent)
         meter = Meter("vectorize", ds.height, progress, *progress_span)
-        a, b, c, d, e, f = transform.a, transform.b, transform.c, transform.d, transform.e, transform.f
-
-        def to_crs(xy: np.ndarray) -> np.ndarray:
-            return np.column_stack([a * xy[:, 0] + b * xy[:, 1] + c, d * xy[:, 0] + e * xy[:, 1] + f])
-
-        n_total = 0
-        areas: dict[int, float] = {}
-        first = True
         with atomic_outputs(out) as (tmp,):
-            batch: list[tuple[int, Any]] = []
-
-            def flush() -> None:
-                nonlocal first, n_total
-                if not batch and not first:
-                    return
-                cls = np.array([k for k, _ in batch], dtype=np.int32)
-                pix = np.array([g for _, g in batch], dtype=object)
-                pixels = shapely.area(pix).round().astype(np.int64) if len(pix) else \
-                    np.zeros(0, np.int64)
-                world = shapely.transform(pix, to_crs) if len(pix) else pix
-                area = polygon_areas_m2(pix, transform, crs)
-                keep = area >= params.min_area_m2 if params.min_area_m2 > 0 else \
-                    np.ones(len(pix), bool)
-                if params.simplify_px > 0 and len(pix):
-                    simp = shapely.simplify(pix[keep], params.simplify_px, preserve_topology=True)
-                    geoms = shapely.transform(simp, to_crs)
-                else:
-                    geoms = world[keep]
-                gdf = gpd.GeoDataFrame({
-                    "class_id": cls[keep],
-                    "class_name": [names.get(int(k), f"class {int(k)}") for k in cls[keep]],
-                    "area_m2": area[keep], "pixels": pixels[keep]},
-                    geometry=gpd.GeoSeries(list(geoms), crs=crs.to_wkt()), crs=crs.to_wkt())
-                pyogrio.write_dataframe(gdf, tmp, layer=layer, driver="GPKG", append=not first,
-                                        geometry_type="Polygon", promote_to_multi=False)
-                for k, ar in zip(cls[keep], area[keep]):
-                    areas[int(k)] = areas.get(int(k), 0.0) + float(ar)
-                n_total += int(keep.sum())
-                first = False
-                batch.clear()
-
-            try:
-                for cls_v, poly in iter_class_polygons(
-                        ds, params.strip_rows, params.sieve_px, skip, nodata, cancel,
-                        on_rows=lambda r: meter.update(r),
-                        max_open_vertices=params.max_region_vertices):
-                    batch.append((cls_v, poly))
-                    if len(batch) >= WRITE_BATCH:
-                        flush()
-                flush()
-                if first:  # nothing at all: still create the (empty) layer
-                    flush()
-            except OSError as exc:
-                if isinstance(exc, (NoCRSError, ParameterError)):
-                    raise
-                raise OutputError(f"{out}: cannot write the polygons ({exc})", out) from exc
+            n_total, areas = write_polygons(ds, tmp, layer, params, names, nodata, ds.transform,
+                                            ds.crs, cancel, on_rows=lambda r: meter.update(r))
         meter.update(ds.height, force=True)
     return VectorizeResult(out, layer, n_total, areas, time.perf_counter() - t0)
