@@ -160,6 +160,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", required=True, metavar="FILE", help="output .gpkg")
     _add_vector_options(p)
 
+    p = sub.add_parser("train", help="train a model on a folder of images and colour masks",
+                       description="Train a U-Net on <folder>/**/images/*.jpg with "
+                       "<folder>/**/masks/*.png colour masks (the Dubai layout); validation is "
+                       "split by image. Writes the best model (by validation mean IoU).")
+    p.add_argument("folder", help="training data folder")
+    p.add_argument("--out", "-o", required=True, metavar="MODEL", help="output .safetensors")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--patches-per-epoch", type=int, default=1300)
+    p.add_argument("--patch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--loss", choices=["focal_dice", "ce"], default="focal_dice")
+    p.add_argument("--encoder", default="resnet34")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-minutes", type=float, help="stop cleanly after this many minutes")
+    p.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder (resumes if present)")
+    p.add_argument("--pixel-size", type=float, help="the imagery's pixel size in metres")
+    p.add_argument("--name", default="Dubai land cover", help="the model's name")
+    p.add_argument("--seed", type=int, default=0)
+    _add_common(p)
+
     p = sub.add_parser("info", help="print a model's contract (bands, scaling, classes...)")
     p.add_argument("model", help="Tessera model file (.safetensors)")
     _add_common(p)
@@ -259,6 +280,22 @@ def _dispatch(a: argparse.Namespace, bar: ProgressBar) -> int:
         print(f"{rep.count('done')} done, {rep.count('skipped')} skipped, {rep.count('failed')} "
               f"failed; report: {rep.csv_path}")
         return 1 if rep.count("failed") else 0
+    if a.command == "train":
+        from .train import TrainParams, train_folder
+
+        tp = TrainParams(patch_size=a.patch_size, batch_size=a.batch_size, epochs=a.epochs,
+                         patches_per_epoch=a.patches_per_epoch, lr=a.lr, loss=a.loss,
+                         encoder=a.encoder, device=a.device, max_minutes=a.max_minutes,
+                         seed=a.seed)
+        res = train_folder(a.folder, a.out, tp, checkpoint_dir=a.checkpoint, name=a.name,
+                           pixel_size_m=a.pixel_size, progress=bar)
+        bar.close()
+        for h in res["history"]:
+            print(f"epoch {h['epoch']:3d}  loss {h['loss']:.4f}  val mIoU {h['val_miou']:.4f}  "
+                  f"acc {h['val_accuracy']:.4f}  {h['minutes']:.1f} min")
+        print(f"best validation mean IoU {res['best_val_miou']:.4f}; {res['stopped']}; "
+              f"model: {res['model']}")
+        return 0
     if a.command == "vectorize":
         from .params import VectorizeParams
         from .vectorize import vectorize_raster

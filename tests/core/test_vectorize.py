@@ -1,5 +1,6 @@
 """Streamed polygonizing: exact pixel-edge polygons, seams merged, true areas, atomic output."""
 
+import json
 import os
 from collections import deque
 
@@ -9,29 +10,51 @@ import pytest
 import rasterio
 import shapely
 from affine import Affine
-from helpers import write_raster
+from rasterio.crs import CRS
+from rasterio.windows import Window
 from shapely.geometry import Polygon, box
-from tessera.core.errors import CancelledError, NoCRSError, OutputError, ParameterError, RasterNotFoundError
+from tessera.core.errors import (CancelledError, NoCRSError, OutputError, ParameterError,
+                                 RasterNotFoundError, RasterReadError)
 from tessera.core.params import VectorizeParams
-from tessera.core.vectorize import geodesic_area_m2, pixel_area_m2, vectorize_raster
+from tessera.core.progress import Progress
+from tessera.core.vectorize import (geodesic_area_m2, iter_class_polygons, pixel_area_m2,
+                                    vectorize_raster, write_polygons)
 
-T = Affine(2.0, 0, 500000.0, 0, -2.0, 4000000.0)
+T = Affine(2.0, 0, 500000.0, 0, -2.0, 4000000.0)  # UTM 33N, 2 m pixels
 NAMES = {0: "Land", 1: "Building", 2: "Water"}
+# WGS84
+A_WGS, F_WGS = 6378137.0, 1 / 298.257223563
+B_WGS = A_WGS * (1 - F_WGS)
+E_WGS = np.sqrt(F_WGS * (2 - F_WGS))
+
+
+def write_raster(path, a, crs="EPSG:32633", transform=T, nodata=255, **profile):
+    """Write a single-band class raster (uint8 unless ``a`` says otherwise) as a GeoTIFF."""
+    prof = dict(driver="GTiff", width=a.shape[1], height=a.shape[0], count=1, dtype=a.dtype,
+                crs=CRS.from_user_input(crs) if crs else None, transform=transform, nodata=nodata)
+    prof.update(profile)
+    with rasterio.open(path, "w", **prof) as dst:
+        dst.write(a, 1)
+    return path
 
 
 def px_to_crs(g, t=T):
     return shapely.transform(g, lambda xy: np.column_stack(
-        [t.a * xy[:, 0] + t.c, t.e * xy[:, 1] + t.f]))
+        [t.a * xy[:, 0] + t.b * xy[:, 1] + t.c, t.d * xy[:, 0] + t.e * xy[:, 1] + t.f]))
 
 
 def read(path):
     return pyogrio.read_dataframe(path)
 
 
+def geom_set(df):
+    return sorted((int(c), shapely.normalize(g).wkt) for c, g in zip(df.class_id, df.geometry))
+
+
 def components(a, nodata=255, skip=()):
-    """Count 4-connected regions per class (independent flood fill)."""
+    """Count 4-connected regions per class (an independent flood fill)."""
     h, w = a.shape
-    seen = np.zeros_like(a, bool)
+    seen = np.zeros(a.shape, bool)
     count = {}
     for r in range(h):
         for c in range(w):
@@ -50,6 +73,14 @@ def components(a, nodata=255, skip=()):
     return count
 
 
+def zone_area(lon0, lon1, lat0, lat1):
+    """Exact area in m² of a longitude/latitude rectangle on the WGS84 ellipsoid (authalic formula)."""
+    def q(lat):
+        s = np.sin(np.radians(lat))
+        return s / (2 * (1 - E_WGS ** 2 * s * s)) + np.log((1 + E_WGS * s) / (1 - E_WGS * s)) / (4 * E_WGS)
+    return np.radians(lon1 - lon0) * B_WGS ** 2 * (q(lat1) - q(lat0))
+
+
 def known_mask():
     a = np.zeros((40, 50), np.uint8)          # class 0 background
     a[5:25, 5:10] = 1                         # an L of class 1 ...
@@ -60,13 +91,58 @@ def known_mask():
     return a
 
 
-def test_exact_polygons_fields_and_crs(tmp_path):
-    src = write_raster(tmp_path / "c.tif", known_mask(), transform=T, nodata=255)
-    res = vectorize_raster(src, tmp_path / "p.gpkg", VectorizeParams(strip_rows=7),
+def blocky(seed, h=90, w=110, k=3, block=5):
+    rng = np.random.default_rng(seed)
+    a = np.kron(rng.integers(0, k, (h // block + 1, w // block + 1)), np.ones((block, block), int))
+    return a[:h, :w].astype(np.uint8)
+
+
+def spiral(n=61):
+    """A 1-px class-1 path winding inwards on class 0 (itself a 1-px spiral corridor): both
+    regions cross every strip seam many times and are one polygon each."""
+    a = np.zeros((n, n), np.uint8)
+    dirs = ((0, 1), (1, 0), (0, -1), (-1, 0))
+    r = c = d = 0
+    a[r, c] = 1
+    while True:
+        for _ in range(2):  # go on, else turn right; stop where neither is possible
+            dr, dc = dirs[d]
+            r2, c2, r3, c3 = r + dr, c + dc, r + 2 * dr, c + 2 * dc
+            if (0 <= r2 < n and 0 <= c2 < n and not a[r2, c2]
+                    and not (0 <= r3 < n and 0 <= c3 < n and a[r3, c3])):
+                r, c = r2, c2
+                a[r, c] = 1
+                break
+            d = (d + 1) % 4
+        else:
+            return a
+
+
+def snake(h=64, w=30):
+    """A class-1 snake going down and up in columns: each column pair meets only at the ends."""
+    a = np.zeros((h, w), np.uint8)
+    for k, c in enumerate(range(1, w - 1, 2)):
+        a[1:h - 1, c] = 1
+        a[1 if k % 2 else h - 2, c:c + 3] = 1
+    a[:, w - 1] = 0
+    return a
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+@pytest.mark.parametrize("strip_rows", [7, 1024])
+def test_exact_polygons_fields_and_crs(tmp_path, strip_rows):
+    src = write_raster(tmp_path / "c.tif", known_mask())
+    res = vectorize_raster(src, tmp_path / "p.gpkg", VectorizeParams(strip_rows=strip_rows),
                            class_names=NAMES)
+    info = pyogrio.read_info(res.path)
+    assert list(info["fields"]) == ["class_id", "class_name", "area_m2", "pixels"]
+    assert list(info["dtypes"]) == ["int32", "object", "float64", "int64"]
+    assert info["geometry_type"] == "Polygon" and info["layer_name"] == "p" == res.layer
     df = read(res.path)
-    assert list(df.columns) == ["class_id", "class_name", "area_m2", "pixels", "geometry"]
-    assert df.crs.to_epsg() == 32633 and res.layer == "p"
+    assert CRS.from_user_input(df.crs) == CRS.from_epsg(32633)
+    assert res.n_polygons == len(df) == 4
     assert sorted(df.class_id.tolist()) == [0, 0, 1, 2]  # background + the hole, L, square
     by = {(int(r.class_id), int(r.pixels)): r.geometry for r in df.itertuples()}
     ell = Polygon([(5, 5), (10, 5), (10, 20), (20, 20), (20, 25), (5, 25)])
@@ -74,88 +150,159 @@ def test_exact_polygons_fields_and_crs(tmp_path):
     sq = Polygon([(30, 5), (45, 5), (45, 20), (30, 20)], [[(35, 10), (40, 10), (40, 15), (35, 15)]])
     assert by[(2, 15 * 15 - 25)].equals(px_to_crs(sq))
     assert by[(0, 25)].equals(px_to_crs(box(35, 10, 40, 15)))
-    bg = next(g for (k, n), g in by.items() if k == 0 and n != 25)
-    nodata = px_to_crs(box(40, 32, 50, 40))
-    assert bg.intersection(nodata).area == 0  # nothing polygonized in nodata
-    assert set(df.class_name) == {"Land", "Building", "Water"}
+    outer = box(0, 0, 50, 40).difference(box(40, 32, 50, 40))
+    bg = outer.difference(ell).difference(Polygon(sq.exterior))
+    assert by[(0, 40 * 50 - 80 - 150 - 225)].equals(px_to_crs(bg))
+    assert px_to_crs(bg).bounds == (500000.0, 3999920.0, 500100.0, 4000000.0)
+    assert dict(zip(df.class_id, df.class_name)) == NAMES
     assert df.pixels.sum() == (known_mask() != 255).sum()
-    np.testing.assert_allclose(df.area_m2, df.pixels * 4.0, rtol=2e-3)  # UTM: ~4 m² / pixel
+    np.testing.assert_allclose(df.area_m2, df.pixels * 4.0, rtol=1e-3)  # UTM: ~4 m² a pixel
+    assert res.area_m2_by_class.keys() == {0, 1, 2}
+    assert res.area_m2_by_class[1] == pytest.approx(df[df.class_id == 1].area_m2.sum())
 
 
-def blocky(seed, h=90, w=110, k=3):
-    rng = np.random.default_rng(seed)
-    a = np.kron(rng.integers(0, k, (h // 5 + 1, w // 5 + 1)), np.ones((5, 5), int))[:h, :w]
-    return a.astype(np.uint8)
+def test_polygons_in_pixel_space_are_exact_integers():
+    class Src:  # a ds-like source, as :func:`write_polygons` accepts
+        def __init__(self, a):
+            self.a, self.height, self.width = a, *a.shape
+
+        def read(self, band, window):
+            return self.a[int(window.row_off):int(window.row_off + window.height)].copy()
+
+    polys = list(iter_class_polygons(Src(known_mask()), strip_rows=3, nodata=255))
+    assert sorted(k for k, _ in polys) == [0, 0, 1, 2]
+    xy = shapely.get_coordinates(np.array([g for _, g in polys]))
+    assert np.array_equal(xy, np.round(xy))
+    assert xy[:, 0].min() == 0 and xy[:, 0].max() == 50 and xy[:, 1].max() == 40
 
 
-def spiral(n=61):
-    a = np.zeros((n, n), np.uint8)
-    r0, r1, c0, c1 = 0, n - 1, 0, n - 1
-    while r0 <= r1 and c0 <= c1:
-        a[r0, c0:c1 + 1] = 1
-        a[r0:r1 + 1, c1] = 1
-        a[r1, c0:c1 + 1] = 1
-        a[r0 + 2:r1 + 1, c0] = 1
-        r0, r1, c0, c1 = r0 + 2, r1 - 2, c0 + 2, c1 - 2
-        a[r0 - 1, c0 - 1] = 1
-    return a
-
-
-@pytest.mark.parametrize("make", [lambda: blocky(1), lambda: blocky(2, k=2), spiral])
+@pytest.mark.parametrize("make", [lambda: blocky(1), lambda: blocky(2, k=2), lambda: blocky(3, 97, 83, 4, 3),
+                                  spiral, snake])
 def test_strips_give_the_same_polygons_as_one_pass(tmp_path, make):
     a = make()
-    src = write_raster(tmp_path / "c.tif", a, transform=T, nodata=255)
+    src = write_raster(tmp_path / "c.tif", a)
     sets = {}
     for sr in (1, 4, 16, 10_000):
         res = vectorize_raster(src, tmp_path / f"p{sr}.gpkg", VectorizeParams(strip_rows=sr))
         df = read(res.path)
-        sets[sr] = sorted((int(c), shapely.normalize(g).wkt) for c, g in
-                          zip(df.class_id, df.geometry))
+        sets[sr] = geom_set(df)
         assert res.n_polygons == len(df) == sum(components(a).values())
+        assert shapely.is_valid(df.geometry.values).all()
+        assert (df.geometry.area.values / 4.0 == df.pixels.values).all()
     assert sets[1] == sets[4] == sets[16] == sets[10_000]
+    per_class = {}
+    for k in df.class_id:
+        per_class[int(k)] = per_class.get(int(k), 0) + 1
+    assert per_class == components(a)
+
+
+def test_spiral_and_snake_are_one_polygon_each(tmp_path):
+    for name, a in (("s", spiral()), ("n", snake())):
+        src = write_raster(tmp_path / f"{name}.tif", a)
+        df = read(vectorize_raster(src, tmp_path / f"{name}.gpkg", VectorizeParams(strip_rows=5)).path)
+        assert len(df) == 2 and components(a) == {0: 1, 1: 1}
+        for k in (0, 1):
+            assert df[df.class_id == k].pixels.iloc[0] == int((a == k).sum())
+
+
+def test_diagonal_touch_is_not_connected(tmp_path):
+    a = np.zeros((8, 8), np.uint8)
+    a[1:4, 1:4] = 1
+    a[4:7, 4:7] = 1   # meets the first block only at the corner (4, 4), on the seam of strip 4
+    src = write_raster(tmp_path / "c.tif", a)
+    for sr in (4, 100):
+        df = read(vectorize_raster(src, tmp_path / f"d{sr}.gpkg", VectorizeParams(strip_rows=sr)).path)
+        assert sorted(df[df.class_id == 1].pixels) == [9, 9]
+        assert (df.class_id == 0).sum() == 1
+
+
+def test_nodata_is_never_polygonized(tmp_path):
+    rng = np.random.default_rng(5)
+    a = blocky(4, 60, 70, 3, 4)
+    holes = rng.random(a.shape) < 0.1
+    a[holes] = 255
+    src = write_raster(tmp_path / "c.tif", a)
+    df = read(vectorize_raster(src, tmp_path / "p.gpkg", VectorizeParams(strip_rows=8)).path)
+    union = shapely.union_all(df.geometry.values)
+    rows, cols = np.nonzero(holes)
+    x, y = T * (cols + 0.5, rows + 0.5)
+    assert not shapely.contains_xy(union, x, y).any()
+    rows, cols = np.nonzero(~holes)
+    x, y = T * (cols + 0.5, rows + 0.5)
+    assert shapely.contains_xy(union, x, y).all()
+    assert union.area == pytest.approx(df.geometry.area.sum()) == (~holes).sum() * 4.0  # no overlaps
+
+
+def test_raster_without_nodata_polygonizes_every_pixel(tmp_path):
+    a = known_mask()  # 255 is an ordinary class when the file has no nodata
+    src = write_raster(tmp_path / "c.tif", a, nodata=None)
+    df = read(vectorize_raster(src, tmp_path / "p.gpkg", VectorizeParams(strip_rows=9)).path)
+    assert df.pixels.sum() == a.size
+    assert df[df.class_id == 255].geometry.iloc[0].equals(px_to_crs(box(40, 32, 50, 40)))
 
 
 def test_skip_classes_by_name_and_id(tmp_path):
-    src = write_raster(tmp_path / "c.tif", known_mask(), transform=T, nodata=255)
+    src = write_raster(tmp_path / "c.tif", known_mask())
     df = read(vectorize_raster(src, tmp_path / "a.gpkg", VectorizeParams(skip_classes=("land",)),
                                class_names=NAMES).path)
     assert sorted(df.class_id) == [1, 2]
-    df = read(vectorize_raster(src, tmp_path / "b.gpkg", VectorizeParams(skip_classes=(2, 0)),
+    df = read(vectorize_raster(src, tmp_path / "b.gpkg", VectorizeParams(skip_classes=(2, "0")),
                                class_names=NAMES).path)
     assert df.class_id.tolist() == [1]
-    with pytest.raises(ParameterError, match="no class named 'Road'.*0=Land"):
+    with pytest.raises(ParameterError, match="no class named 'Road'.*0=Land, 1=Building, 2=Water"):
         vectorize_raster(src, tmp_path / "c.gpkg", VectorizeParams(skip_classes=("Road",)),
                          class_names=NAMES)
     assert not (tmp_path / "c.gpkg").exists()
 
 
 def test_class_names_come_from_the_raster_tags(tmp_path):
-    import json
-
-    src = write_raster(tmp_path / "c.tif", known_mask(), transform=T, nodata=255)
+    src = write_raster(tmp_path / "c.tif", known_mask())
     with rasterio.open(src, "r+") as ds:
         ds.update_tags(TESSERA_CLASSES=json.dumps(
             [{"id": k, "name": n, "color": "#000000"} for k, n in NAMES.items()]))
     df = read(vectorize_raster(src, tmp_path / "p.gpkg").path)
-    assert set(df.class_name) == {"Land", "Building", "Water"}
-    src2 = write_raster(tmp_path / "d.tif", known_mask(), transform=T, nodata=255)
+    assert dict(zip(df.class_id, df.class_name)) == NAMES
+    df = read(vectorize_raster(src, tmp_path / "o.gpkg", class_names={1: "Roof"},
+                               params=VectorizeParams(skip_classes=("water",))).path)
+    assert dict(zip(df.class_id, df.class_name)) == {0: "Land", 1: "Roof"}
+    src2 = write_raster(tmp_path / "d.tif", known_mask())
     assert set(read(vectorize_raster(src2, tmp_path / "q.gpkg").path).class_name) == {
         "class 0", "class 1", "class 2"}
+
+
+# --------------------------------------------------------------------------- sieve, simplify
 
 
 def test_sieve_removes_specks_identically_in_strips(tmp_path):
     a = blocky(3, 60, 60, 2)
     a[30, 30:33] = 2  # a 3-pixel speck of a third class
-    src = write_raster(tmp_path / "c.tif", a, transform=T, nodata=255)
+    src = write_raster(tmp_path / "c.tif", a)
     kept = read(vectorize_raster(src, tmp_path / "k.gpkg", VectorizeParams(sieve_px=0)).path)
-    assert (kept.class_id == 2).sum() == 1
+    assert (kept.class_id == 2).sum() == 1 and kept[kept.class_id == 2].pixels.iloc[0] == 3
     out = {}
-    for sr in (5, 10_000):
+    for sr in (5, 16, 10_000):
         df = read(vectorize_raster(src, tmp_path / f"s{sr}.gpkg",
                                    VectorizeParams(sieve_px=5, strip_rows=sr)).path)
         assert (df.class_id == 2).sum() == 0
-        out[sr] = sorted((int(c), shapely.normalize(g).wkt) for c, g in zip(df.class_id, df.geometry))
-    assert out[5] == out[10_000]
+        assert df.pixels.sum() == a.size
+        out[sr] = geom_set(df)
+    assert out[5] == out[16] == out[10_000]
+    assert len(out[5]) == len(geom_set(kept)) - 1
+
+
+def test_simplify_reduces_vertices_keeps_classes(tmp_path):
+    a = spiral()
+    src = write_raster(tmp_path / "c.tif", a)
+    exact = read(vectorize_raster(src, tmp_path / "e.gpkg").path)
+    simp = read(vectorize_raster(src, tmp_path / "s.gpkg", VectorizeParams(simplify_px=1.5)).path)
+    n = lambda df: int(shapely.get_num_coordinates(df.geometry.values).sum())  # noqa: E731
+    assert n(simp) < n(exact) and len(simp) == len(exact)
+    assert simp.pixels.tolist() == exact.pixels.tolist()
+    assert simp.area_m2.tolist() == exact.area_m2.tolist()  # measured before simplifying
+    assert shapely.is_valid(simp.geometry.values).all()
+
+
+# --------------------------------------------------------------------------- areas
 
 
 def test_true_areas_on_geographic_and_projected_crs(tmp_path):
@@ -164,20 +311,24 @@ def test_true_areas_on_geographic_and_projected_crs(tmp_path):
     a[2, 2] = 1
     a[5:15, 5:15] = 2
     t = Affine(0.001, 0, 10.0, 0, -0.001, 0.01)
-    src = write_raster(tmp_path / "g.tif", a, crs="EPSG:4326", transform=t, nodata=255)
-    df = read(vectorize_raster(src, tmp_path / "g.gpkg").path)
+    src = write_raster(tmp_path / "g.tif", a, crs="EPSG:4326", transform=t)
+    res = vectorize_raster(src, tmp_path / "g.gpkg")
+    df = read(res.path)
     one = df[df.class_id == 1].area_m2.iloc[0]
-    # independent: WGS84 ellipsoid at the equator, 0.001° x 0.001° (M = a(1-e²), N = a)
-    a_, e2 = 6378137.0, 0.00669437999014
-    expected = (a_ * np.radians(0.001)) * (a_ * (1 - e2) * np.radians(0.001))
-    assert one == pytest.approx(expected, rel=1e-4)
-    assert df[df.class_id == 2].area_m2.iloc[0] == pytest.approx(100 * expected, rel=1e-3)
+    # authalic sphere (R = 6371007.2 m): within 0.5 %; the ellipsoid's exact formula: 1e-5
+    r_auth = 6371007.2
+    sphere = r_auth ** 2 * np.radians(0.001) * (np.sin(np.radians(0.008)) - np.sin(np.radians(0.007)))
+    assert one == pytest.approx(sphere, rel=5e-3)
+    assert one == pytest.approx(zone_area(10.002, 10.003, 0.007, 0.008), rel=1e-5)
+    assert df[df.class_id == 2].area_m2.iloc[0] == pytest.approx(zone_area(10.005, 10.015, -0.005, 0.005),
+                                                                 rel=1e-5)
+    assert res.area_m2_by_class[2] == df[df.class_id == 2].area_m2.iloc[0]
     # UTM 33N, 2 m pixels: a 10x10 block is 400 m² (within the scale factor, < 0.1 %)
     b = np.full((30, 30), 255, np.uint8)
     b[10:20, 10:20] = 1
-    src = write_raster(tmp_path / "u.tif", b, transform=T, nodata=255)
+    src = write_raster(tmp_path / "u.tif", b)
     df = read(vectorize_raster(src, tmp_path / "u.gpkg").path)
-    assert df.area_m2.iloc[0] == pytest.approx(400.0, rel=1e-3)
+    assert df.area_m2.iloc[0] == pytest.approx(400.0, rel=2e-3)
     assert df.pixels.iloc[0] == 100
     # min area drops the small one
     df = read(vectorize_raster(tmp_path / "g.tif", tmp_path / "m.gpkg",
@@ -185,9 +336,37 @@ def test_true_areas_on_geographic_and_projected_crs(tmp_path):
     assert df.class_id.tolist() == [2]
 
 
-def test_fast_pixel_areas_agree_with_the_full_geodesic_computation():
-    from rasterio.crs import CRS
+def test_large_polygons_in_degrees_get_the_full_geodesic_area(tmp_path):
+    # 0.5° pixels: a block 5° wide spanning 100° of latitude, and a wide band at 40..60°N
+    a = np.full((240, 320), 255, np.uint8)
+    a[0:200, 0:10] = 1
+    a[0:40, 20:320] = 2
+    a[100:101, 100:101] = 3
+    t = Affine(0.5, 0, 0.0, 0, -0.5, 60.0)
+    src = write_raster(tmp_path / "g.tif", a, crs="EPSG:4326", transform=t)
+    df = read(vectorize_raster(src, tmp_path / "g.gpkg", VectorizeParams(strip_rows=32)).path)
+    got = dict(zip(df.class_id, df.area_m2))
+    assert got[1] == pytest.approx(zone_area(0, 5, -40, 60), rel=1e-4)
+    assert got[2] == pytest.approx(zone_area(10, 160, 40, 60), rel=1e-4)
+    assert got[3] == pytest.approx(zone_area(50, 50.5, 9.5, 10), rel=1e-4)
 
+
+def test_geodesic_area_subtracts_holes_whatever_the_orientation():
+    ext = [(0, 0), (1, 0), (1, 1), (0, 1)]
+    hole = [(0.25, 0.25), (0.75, 0.25), (0.75, 0.75), (0.25, 0.75)]
+    geoms = np.array([Polygon(ext), Polygon(ext, [hole]), Polygon(ext, [hole[::-1]]),
+                      Polygon(ext[::-1], [hole])])
+    got = geodesic_area_m2(geoms, "EPSG:4326")
+    # with edges short enough, geodesic edges follow the parallels: the exact rectangle
+    dense = geodesic_area_m2(shapely.segmentize(geoms[:1], 0.01), "EPSG:4326")[0]
+    assert dense == pytest.approx(zone_area(0, 1, 0, 1), rel=1e-7)
+    assert got[0] == pytest.approx(zone_area(0, 1, 0, 1), rel=1e-4)
+    hole_area = geodesic_area_m2(np.array([Polygon(hole)]), "EPSG:4326")[0]
+    np.testing.assert_allclose(got[1:], got[0] - hole_area, rtol=1e-9)
+    assert geodesic_area_m2(np.array([], dtype=object), "EPSG:4326").shape == (0,)
+
+
+def test_fast_pixel_areas_agree_with_the_full_geodesic_computation():
     for crs, t in (("EPSG:4326", Affine(0.01, 0, 5.0, 0, -0.01, 60.0)),
                    ("EPSG:3857", Affine(30.0, 0, 1e6, 0, -30.0, 6e6)),
                    ("EPSG:32633", T)):
@@ -201,54 +380,107 @@ def test_fast_pixel_areas_agree_with_the_full_geodesic_computation():
         np.testing.assert_allclose(fast, exact, rtol=1e-4)
 
 
-def test_simplify_reduces_vertices_keeps_classes(tmp_path):
-    a = spiral()
-    src = write_raster(tmp_path / "c.tif", a, transform=T, nodata=255)
-    exact = read(vectorize_raster(src, tmp_path / "e.gpkg").path)
-    simp = read(vectorize_raster(src, tmp_path / "s.gpkg", VectorizeParams(simplify_px=1.5)).path)
-    n = lambda df: int(shapely.get_num_coordinates(df.geometry.values).sum())  # noqa: E731
-    assert n(simp) < n(exact) and len(simp) == len(exact)
-    assert simp.pixels.tolist() == exact.pixels.tolist()
+def test_web_mercator_areas_shrink_with_latitude(tmp_path):
+    # EPSG:3857 pixels 1 km wide and 1000 km tall, from the equator to ~73°N: x is longitude
+    # and y a function of latitude, so each pixel is a longitude/latitude rectangle
+    a = np.arange(12, dtype=np.uint8).reshape(12, 1)
+    t = Affine(1000.0, 0, 0.0, 0, -1_000_000.0, 12_000_000.0)
+    src = write_raster(tmp_path / "m.tif", a, crs="EPSG:3857", transform=t)
+    df = read(vectorize_raster(src, tmp_path / "m.gpkg").path)
+    assert len(df) == 12
+    r = 6378137.0
+    for k, area in zip(df.class_id, df.area_m2):
+        y0, y1 = 12_000_000.0 - (k + 1) * 1_000_000, 12_000_000.0 - k * 1_000_000
+        lat0, lat1 = (np.degrees(2 * np.arctan(np.exp(y / r)) - np.pi / 2) for y in (y0, y1))
+        assert area == pytest.approx(zone_area(0, np.degrees(1000.0 / r), lat0, lat1), rel=1e-4)
 
 
-def test_errors_and_atomic_output(tmp_path):
-    src = write_raster(tmp_path / "c.tif", known_mask(), transform=T, nodata=255)
+# --------------------------------------------------------------------------- errors, atomicity
+
+
+def test_cancel_leaves_nothing(tmp_path):
+    src = write_raster(tmp_path / "c.tif", known_mask())
     with pytest.raises(CancelledError):
         vectorize_raster(src, tmp_path / "x.gpkg", cancel=lambda: True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.tif"]
-    with pytest.raises(RasterNotFoundError):
-        vectorize_raster(tmp_path / "nope.tif", tmp_path / "x.gpkg")
-    nocrs = write_raster(tmp_path / "n.tif", known_mask(), crs=None, nodata=255)
-    with pytest.raises(NoCRSError, match="n.tif: has no coordinate reference system"):
-        vectorize_raster(nocrs, tmp_path / "x.gpkg")
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(OutputError):
-        vectorize_raster(src, tmp_path / "file" / "x.gpkg")
-    if os.geteuid() != 0:
-        ro = tmp_path / "ro"
-        ro.mkdir(0o555)
-        with pytest.raises(OutputError, match="not writable"):
-            vectorize_raster(src, ro / "x.gpkg")
+    calls = []
+
+    def late():  # cancel on the third strip: some polygons were already written
+        calls.append(1)
+        return len(calls) >= 3
+
+    with pytest.raises(CancelledError):
+        vectorize_raster(src, tmp_path / "x.gpkg", VectorizeParams(strip_rows=4), cancel=late)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.tif"]
     # an existing output is replaced only by a complete one
     ok = vectorize_raster(src, tmp_path / "keep.gpkg")
     before = ok.path.read_bytes()
     with pytest.raises(CancelledError):
         vectorize_raster(src, tmp_path / "keep.gpkg", cancel=lambda: True)
     assert ok.path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.tif", "keep.gpkg"]
+
+
+def test_input_errors(tmp_path):
+    with pytest.raises(RasterNotFoundError):
+        vectorize_raster(tmp_path / "nope.tif", tmp_path / "x.gpkg")
+    nocrs = write_raster(tmp_path / "n.tif", known_mask(), crs=None)
+    with pytest.raises(NoCRSError, match="n.tif: has no coordinate reference system"):
+        vectorize_raster(nocrs, tmp_path / "x.gpkg")
+    big = np.random.default_rng(0).integers(0, 250, (512, 512)).astype(np.uint8)
+    src = write_raster(tmp_path / "t.tif", big, tiled=True, blockxsize=256, blockysize=256,
+                       compress="deflate")
+    (tmp_path / "cut.tif").write_bytes(src.read_bytes()[:src.stat().st_size // 2])
+    with pytest.raises(RasterReadError, match="cut.tif"):
+        vectorize_raster(tmp_path / "cut.tif", tmp_path / "x.gpkg")
+    assert not list(tmp_path.glob("*.gpkg")) and not list(tmp_path.glob(".*"))
+
+
+def test_output_errors(tmp_path):
+    src = write_raster(tmp_path / "c.tif", known_mask())
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError):
+        vectorize_raster(src, tmp_path / "file" / "x.gpkg")
+    (tmp_path / "dir.gpkg").mkdir()
+    with pytest.raises(OutputError, match="is a folder"):
+        vectorize_raster(src, tmp_path / "dir.gpkg")
+
+
+def test_read_only_folder(tmp_path):
+    src = write_raster(tmp_path / "c.tif", known_mask())
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user (root) that can write a read-only folder")
+        with pytest.raises(OutputError, match="not writable"):
+            vectorize_raster(src, ro / "x.gpkg")
+        assert not list(ro.iterdir())
+    finally:
+        ro.chmod(0o755)
 
 
 def test_empty_result_still_has_the_layer(tmp_path):
-    src = write_raster(tmp_path / "c.tif", np.full((10, 10), 255, np.uint8), transform=T,
-                       nodata=255)
-    res = vectorize_raster(src, tmp_path / "e.gpkg")
-    df = read(res.path)
-    assert res.n_polygons == 0 and len(df) == 0
-    assert list(df.columns) == ["class_id", "class_name", "area_m2", "pixels", "geometry"]
+    src = write_raster(tmp_path / "c.tif", np.full((10, 10), 255, np.uint8))
+    res = vectorize_raster(src, tmp_path / "e.gpkg", layer="classes")
+    info = pyogrio.read_info(res.path, layer="classes")
+    assert info["features"] == 0 and info["geometry_type"] == "Polygon"
+    assert list(info["fields"]) == ["class_id", "class_name", "area_m2", "pixels"]
+    assert CRS.from_user_input(info["crs"]) == CRS.from_epsg(32633)
+    assert res.n_polygons == 0 and res.area_m2_by_class == {} and res.layer == "classes"
+    # everything below the minimum area: also an empty layer
+    src = write_raster(tmp_path / "d.tif", known_mask())
+    res = vectorize_raster(src, tmp_path / "f.gpkg", VectorizeParams(min_area_m2=1e9))
+    assert res.n_polygons == 0 and pyogrio.read_info(res.path)["features"] == 0
+
+
+# --------------------------------------------------------------------------- streaming
 
 
 def test_reads_only_strips_never_the_whole_raster(tmp_path, monkeypatch):
     a = blocky(4, 4000, 64, 3)
-    src = write_raster(tmp_path / "tall.tif", a, transform=T, nodata=255)
+    src = write_raster(tmp_path / "tall.tif", a)
     heights = []
     orig = rasterio.io.DatasetReader.read
 
@@ -259,16 +491,58 @@ def test_reads_only_strips_never_the_whole_raster(tmp_path, monkeypatch):
 
     monkeypatch.setattr(rasterio.io.DatasetReader, "read", spy)
     res = vectorize_raster(src, tmp_path / "t.gpkg", VectorizeParams(strip_rows=16, sieve_px=3))
-    assert res.n_polygons == sum(components(a).values())
-    assert max(heights) <= 16 + 2 * 3 and len(heights) == 250
+    assert max(heights) <= 16 + 2 * 3 and len(heights) == 4000 // 16
+    monkeypatch.undo()
+    assert res.n_polygons == sum(components(a).values())  # the sieve leaves 5x5 blocks alone
+
+
+def test_progress_and_cancel_checks_per_strip(tmp_path):
+    src = write_raster(tmp_path / "c.tif", blocky(6, 100, 30))
+    reports: list[Progress] = []
+    checks = []
+    vectorize_raster(src, tmp_path / "p.gpkg", VectorizeParams(strip_rows=10),
+                     progress=reports.append, cancel=lambda: checks.append(1) or False,
+                     progress_span=(0.5, 0.9))
+    assert len(checks) == 10
+    assert {p.stage for p in reports} == {"vectorize"}
+    assert reports[-1].done == reports[-1].total == 100 and reports[-1].fraction == pytest.approx(0.9)
+    assert reports[0].fraction == pytest.approx(0.5)
+    fr = [p.fraction for p in reports]
+    assert fr == sorted(fr) and all(0.5 <= f <= 0.9 for f in fr)
+
+
+def test_write_polygons_reads_any_row_source(tmp_path):
+    """The segmenter feeds rows as it writes them: a ds-like object, not a file."""
+    a = blocky(7, 70, 40, 3, 4)
+    a[60:, :5] = 255
+
+    class Feed:
+        height, width = a.shape
+
+        def __init__(self):
+            self.last = 0
+
+        def read(self, band, window):
+            assert band == 1 and isinstance(window, Window) and window.row_off >= self.last
+            self.last = int(window.row_off)
+            return a[int(window.row_off):int(window.row_off + window.height)].copy()
+
+    params = VectorizeParams(strip_rows=8, sieve_px=2)
+    n, areas = write_polygons(Feed(), tmp_path / "f.gpkg", "f", params, NAMES, 255, T,
+                              CRS.from_epsg(32633))
+    src = write_raster(tmp_path / "c.tif", a)
+    ref = vectorize_raster(src, tmp_path / "r.gpkg", params, class_names=NAMES)
+    assert n == ref.n_polygons and areas == pytest.approx(ref.area_m2_by_class)
+    assert geom_set(read(tmp_path / "f.gpkg")) == geom_set(read(ref.path))
 
 
 def test_memory_guard_cuts_only_huge_open_regions(tmp_path, caplog):
     a = np.zeros((64, 40), np.uint8)   # one tall region of class 0 with specks of class 1
     a[2::4, 2::4] = 1
-    src = write_raster(tmp_path / "c.tif", a, transform=T, nodata=255)
+    src = write_raster(tmp_path / "c.tif", a)
     whole = read(vectorize_raster(src, tmp_path / "w.gpkg", VectorizeParams(strip_rows=8)).path)
     assert (whole.class_id == 0).sum() == 1
+    assert "cut there" not in caplog.text
     cut = read(vectorize_raster(src, tmp_path / "c.gpkg", VectorizeParams(
         strip_rows=8, max_region_vertices=300)).path)
     zeros = cut[cut.class_id == 0]
