@@ -134,11 +134,13 @@ def _strip(ds: Any, r0: int, r1: int, sieve_px: int, nodata: int | None) -> tupl
     """Classes and validity of rows ``[r0, r1)``, sieved when ``sieve_px`` > 0.
 
     The sieve runs on the strip plus a halo of ``sieve_px`` rows above and below (clipped to the
-    raster): a region smaller than ``sieve_px`` pixels spans fewer rows than that, so it lies
-    whole in the window, and a region cut by the window's edge has more than ``sieve_px``
-    pixels inside it; which regions are removed is therefore the same as for a whole-raster
-    sieve. (The neighbour a removed region merges into is GDAL's choice among the neighbours
-    as seen in the window, which can differ from a whole-raster sieve next to large regions.)
+    raster): a region of the strip smaller than ``sieve_px`` pixels spans fewer rows than that,
+    so it lies whole in the window, and a region of the strip cut by the window's edge has more
+    than ``sieve_px`` pixels inside it: region sizes, hence which regions are too small, are
+    those of a whole-raster sieve. The neighbour a small region merges into is GDAL's choice
+    among its neighbours *as seen in the window*; where a neighbour is cut by the window's
+    edge this can differ from a whole-raster sieve (a few pixels get another, equally valid,
+    neighbouring class).
     """
     height = ds.height
     halo = sieve_px if sieve_px > 0 else 0

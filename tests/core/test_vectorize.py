@@ -13,12 +13,23 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.windows import Window
 from shapely.geometry import Polygon, box
-from tessera.core.errors import (CancelledError, NoCRSError, OutputError, ParameterError,
-                                 RasterNotFoundError, RasterReadError)
+from tessera.core.errors import (
+    CancelledError,
+    NoCRSError,
+    OutputError,
+    ParameterError,
+    RasterNotFoundError,
+    RasterReadError,
+)
 from tessera.core.params import VectorizeParams
 from tessera.core.progress import Progress
-from tessera.core.vectorize import (geodesic_area_m2, iter_class_polygons, pixel_area_m2,
-                                    vectorize_raster, write_polygons)
+from tessera.core.vectorize import (
+    geodesic_area_m2,
+    iter_class_polygons,
+    pixel_area_m2,
+    vectorize_raster,
+    write_polygons,
+)
 
 T = Affine(2.0, 0, 500000.0, 0, -2.0, 4000000.0)  # UTM 33N, 2 m pixels
 NAMES = {0: "Land", 1: "Building", 2: "Water"}
