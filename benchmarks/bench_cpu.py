@@ -143,6 +143,9 @@ def end_to_end(model, raster: Path, tile: int, batch: int, out: Path) -> dict:
 def child_memory(args) -> None:
     """Run in a fresh process: segment one raster; print peak RSS (VmHWM) as JSON."""
     from tessera.core.params import SegmentParams
+    from tessera.core.rasterio_io import limit_malloc_arenas
+
+    limit_malloc_arenas()  # as the CLI and the plugin's worker do
     from tessera.core.segment import segment_raster
 
     model = bench_model(args.model)

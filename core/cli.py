@@ -224,6 +224,9 @@ def _print_result(res: Any, out: TextIO) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .rasterio_io import limit_malloc_arenas
+
+    limit_malloc_arenas()
     parser = build_parser()
     a = parser.parse_args(argv)
     if a.command is None:

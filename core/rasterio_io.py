@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 #: GDAL settings for every Tessera run: a bounded block cache (memory must not grow with the
 #: raster), no network, no sidecar probing of whole folders.
 GDAL_ENV: dict[str, Any] = {
-    "GDAL_CACHEMAX": 128,  # MB
+    "GDAL_CACHEMAX": 64,  # MB
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
     "GDAL_HTTP_TIMEOUT": 1,
     "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".none",
@@ -36,6 +36,26 @@ GTIFF_OPTIONS: dict[str, Any] = {
 }
 
 CLASSES_TAG = "TESSERA_CLASSES"
+
+
+def limit_malloc_arenas(n: int = 2) -> None:
+    """Cap glibc's per-thread malloc arenas (Linux only; call before starting threads).
+
+    The reader, writer and vectorizer threads would otherwise each keep their own arena of
+    freed-but-unreturned memory, so peak memory would grow with the work done, not the data
+    held.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-8, n)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
 
 
 def gdal_env() -> Any:

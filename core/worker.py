@@ -162,6 +162,9 @@ def run_job(job: dict[str, Any], emit: Any, cancel: Any) -> dict[str, Any]:
 def main(stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     stdin = stdin or sys.stdin
     emit = _Emitter(stdout or sys.stdout)
+    from .rasterio_io import limit_malloc_arenas
+
+    limit_malloc_arenas()
     cancelled = threading.Event()
     root = logging.getLogger("tessera")
     root.setLevel(logging.INFO)

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 from qgis.core import (
     QgsApplication,
+    QgsProcessingAlgorithm,
     QgsProcessingException,
     QgsProcessingFeedback,
     QgsProcessingLayerPostProcessorInterface,
@@ -21,6 +22,41 @@ from ..core.errors import CancelledError, TesseraError
 
 PLUGIN_DIR = Path(__file__).resolve().parents[1]
 DEVICES = ["auto", "cpu", "cuda", "mps"]
+
+
+def tr(text: str) -> str:
+    from qgis.PyQt.QtCore import QCoreApplication
+
+    return QCoreApplication.translate("Tessera", text)
+
+
+class TesseraAlgorithm(QgsProcessingAlgorithm):
+    """What every Tessera algorithm shares: its group, and instances of its own class.
+
+    Subclasses set ``NAME`` (the stable id), ``DISPLAY`` and ``HELP``.
+    """
+
+    NAME = ""
+    DISPLAY = ""
+    HELP = ""
+
+    def name(self) -> str:
+        return self.NAME
+
+    def displayName(self) -> str:  # noqa: N802
+        return tr(self.DISPLAY)
+
+    def shortHelpString(self) -> str:  # noqa: N802
+        return tr(self.HELP)
+
+    def group(self) -> str:
+        return tr("Segmentation")
+
+    def groupId(self) -> str:  # noqa: N802
+        return "segmentation"
+
+    def createInstance(self):  # noqa: N802
+        return type(self)()
 
 
 def default_model_path() -> str:

@@ -10,7 +10,6 @@ from qgis.core import (
     QgsField,
     QgsFields,
     QgsProcessing,
-    QgsProcessingAlgorithm,
     QgsProcessingOutputNumber,
     QgsProcessingParameterBoolean,
     QgsProcessingParameterFeatureSink,
@@ -25,34 +24,19 @@ from . import common
 from .segment_raster import add_run_options, add_vector_options, model_path, run_options, tr, vector_options
 
 
-class SegmentFolderAlgorithm(QgsProcessingAlgorithm):
+class SegmentFolderAlgorithm(common.TesseraAlgorithm):
+    NAME = "segment_folder"
+    DISPLAY = "Segment folder of rasters"
+    HELP = (
+        "Segments every raster of a folder matching the pattern (several patterns "
+        "separated by ';'), loading the model once. Files whose outputs already exist "
+        "in the output folder are skipped, so running it again resumes an interrupted "
+        "run. A file that fails is recorded in the report with its error and the others "
+        "are processed. Outputs per file: <name>_classes.tif and <name>_polygons.gpkg; "
+        "also tessera_report.csv/.json in the output folder.")
     FOLDER = "FOLDER"
     OUTPUT_FOLDER = "OUTPUT_FOLDER"
     REPORT = "REPORT"
-
-    def name(self) -> str:
-        return "segment_folder"
-
-    def displayName(self) -> str:  # noqa: N802
-        return tr("Segment folder of rasters")
-
-    def group(self) -> str:
-        return tr("Segmentation")
-
-    def groupId(self) -> str:  # noqa: N802
-        return "segmentation"
-
-    def shortHelpString(self) -> str:  # noqa: N802
-        return tr(
-            "Segments every raster of a folder matching the pattern (several patterns "
-            "separated by ';'), loading the model once. Files whose outputs already exist "
-            "in the output folder are skipped, so running it again resumes an interrupted "
-            "run. A file that fails is recorded in the report with its error and the others "
-            "are processed. Outputs per file: <name>_classes.tif and <name>_polygons.gpkg; "
-            "also tessera_report.csv/.json in the output folder.")
-
-    def createInstance(self):  # noqa: N802
-        return SegmentFolderAlgorithm()
 
     def initAlgorithm(self, config=None):  # noqa: N802
         self.addParameter(QgsProcessingParameterFile(

@@ -91,36 +91,21 @@ def model_path(alg: QgsProcessingAlgorithm, parameters, context) -> str:
     return path
 
 
-class SegmentRasterAlgorithm(QgsProcessingAlgorithm):
+class SegmentRasterAlgorithm(common.TesseraAlgorithm):
+    NAME = "segment_raster"
+    DISPLAY = "Segment raster"
+    HELP = (
+        "Runs a Tessera model (U-Net) over the raster in overlapping tiles, blends them into "
+        "a seamless class raster and turns the classes into polygons.\n\n"
+        "Bands: the raster bands feeding the model, in order (empty = the model's own).\n"
+        "Extent: only this part of the raster (empty = all of it).\n"
+        "Polygons carry class_id, class_name, area_m2 (true square metres) and pixels.\n"
+        "Nodata in the input stays nodata. The engine runs in its own process; the device "
+        "actually used is reported in the log and in the DEVICE output.")
     INPUT = "INPUT"
     OUTPUT = "OUTPUT"
     CONFIDENCE = "CONFIDENCE"
     OUTPUT_POLYGONS = "OUTPUT_POLYGONS"
-
-    def name(self) -> str:
-        return "segment_raster"
-
-    def displayName(self) -> str:  # noqa: N802
-        return tr("Segment raster")
-
-    def group(self) -> str:
-        return tr("Segmentation")
-
-    def groupId(self) -> str:  # noqa: N802
-        return "segmentation"
-
-    def shortHelpString(self) -> str:  # noqa: N802
-        return tr(
-            "Runs a Tessera model (U-Net) over the raster in overlapping tiles, blends them into "
-            "a seamless class raster and turns the classes into polygons.\n\n"
-            "Bands: the raster bands feeding the model, in order (empty = the model's own).\n"
-            "Extent: only this part of the raster (empty = all of it).\n"
-            "Polygons carry class_id, class_name, area_m2 (true square metres) and pixels.\n"
-            "Nodata in the input stays nodata. The engine runs in its own process; the device "
-            "actually used is reported in the log and in the DEVICE output.")
-
-    def createInstance(self):  # noqa: N802
-        return SegmentRasterAlgorithm()
 
     def initAlgorithm(self, config=None):  # noqa: N802
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, tr("Input raster")))

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from qgis.core import (
     QgsProcessing,
-    QgsProcessingAlgorithm,
     QgsProcessingException,
     QgsProcessingOutputNumber,
     QgsProcessingParameterRasterLayer,
@@ -45,31 +44,16 @@ def classes_of_raster(path: str) -> list[dict]:
     return out
 
 
-class VectorizeClassesAlgorithm(QgsProcessingAlgorithm):
+class VectorizeClassesAlgorithm(common.TesseraAlgorithm):
+    NAME = "vectorize_classes"
+    DISPLAY = "Vectorize class raster"
+    HELP = (
+        "Turns a class raster (one integer class id per pixel, e.g. Tessera's *_classes.tif) "
+        "into polygons whose edges lie exactly on pixel edges, one per connected region, "
+        "with class_id, class_name, area_m2 (true square metres, also for degree-based "
+        "CRSs) and pixels. Works strip by strip, so memory does not grow with the raster.")
     INPUT = "INPUT"
     OUTPUT = "OUTPUT"
-
-    def name(self) -> str:
-        return "vectorize_classes"
-
-    def displayName(self) -> str:  # noqa: N802
-        return tr("Vectorize class raster")
-
-    def group(self) -> str:
-        return tr("Segmentation")
-
-    def groupId(self) -> str:  # noqa: N802
-        return "segmentation"
-
-    def shortHelpString(self) -> str:  # noqa: N802
-        return tr(
-            "Turns a class raster (one integer class id per pixel, e.g. Tessera's *_classes.tif) "
-            "into polygons whose edges lie exactly on pixel edges, one per connected region, "
-            "with class_id, class_name, area_m2 (true square metres, also for degree-based "
-            "CRSs) and pixels. Works strip by strip, so memory does not grow with the raster.")
-
-    def createInstance(self):  # noqa: N802
-        return VectorizeClassesAlgorithm()
 
     def initAlgorithm(self, config=None):  # noqa: N802
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, tr("Class raster")))

@@ -5,11 +5,19 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-
 from tessera.core.errors import ParameterError
 from tessera.core.model import TesseraModel
-from tessera.core.train import (DUBAI_CLASSES, IGNORE, TrainParams, confusion, find_pairs,
-                                iou_from_confusion, mask_to_labels, split_by_image, train_folder)
+from tessera.core.train import (
+    DUBAI_CLASSES,
+    IGNORE,
+    TrainParams,
+    confusion,
+    find_pairs,
+    iou_from_confusion,
+    mask_to_labels,
+    split_by_image,
+    train_folder,
+)
 
 COLORS = [tuple(int(c.lstrip("#")[i:i + 2], 16) for i in (0, 2, 4)) for _, c in DUBAI_CLASSES]
 
