@@ -64,6 +64,8 @@ class TesseraDock(QgsDockWidget):
         self._build()
         self._load_settings()
         self._on_layer_changed()
+        self.env_task: Any = None
+        self.detect_devices()
 
     # -- layout ------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -320,6 +322,33 @@ class TesseraDock(QgsDockWidget):
         self._say(self.out_msg, omsg)
         self.run_btn.setEnabled(ok and self.task is None)
         return ok
+
+    def detect_devices(self) -> None:
+        """Ask the engine (in the background) which GPUs it sees; list each CUDA GPU."""
+        from ..core.errors import TesseraError
+        from ..tessera_provider.common import engine_python
+        from .tasks import EngineTask
+
+        try:
+            python = engine_python()
+        except TesseraError as exc:
+            self.device_used.setText(str(exc)[:200])
+            return
+        self.env_task = EngineTask("Tessera: checking devices", {"op": "env"}, str(python),
+                                   self._devices_found)
+        QgsApplication.taskManager().addTask(self.env_task)
+
+    def _devices_found(self, task: Any) -> None:
+        self.env_task = None
+        rep = task.result or {}
+        for i, name in enumerate(rep.get("gpus") or []):
+            label = f"cuda:{i}"
+            if self.device.findText(label) < 0:
+                self.device.addItem(label)
+                self.device.setItemData(self.device.count() - 1, name, Qt.ToolTipRole)
+        gpus = ", ".join(rep.get("gpus") or []) or "no GPU seen"
+        if self.device_used.text().startswith("Device used: (not run"):
+            self.device_used.setText(f"Device used: (not run yet) — engine sees: {gpus}")
 
     # -- running -----------------------------------------------------------------------------
     def window(self, layer: QgsRasterLayer) -> tuple[int, int, int, int] | None:

@@ -163,6 +163,12 @@ def test_dock_run_as_a_person_would(plugin, iface, data_dir, tmp_path):
     project.addMapLayer(layer)
     plugin.show_dock()
     dock = plugin.dock
+    wait_for(lambda: dock.env_task is None)  # the engine reported its devices
+    seen = dock.device_used.text().split("engine sees: ")[1]
+    items = [dock.device.itemText(i) for i in range(dock.device.count())]
+    assert items[:4] == ["auto", "cpu", "cuda", "mps"]
+    n_gpus = 0 if seen == "no GPU seen" else len(seen.split(", "))
+    assert items[4:] == [f"cuda:{i}" for i in range(n_gpus)]
     dock.layer_combo.setLayer(layer)
     dock.model_file.setFilePath(str(data_dir / "water.safetensors"))
     assert [dock.class_list.item(i).text() for i in range(dock.class_list.count())] == [
