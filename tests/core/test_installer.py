@@ -3,7 +3,6 @@
 import subprocess
 
 import pytest
-
 from tessera.core.installer import InstallError, install, venv_python
 
 
