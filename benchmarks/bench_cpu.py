@@ -35,6 +35,12 @@ CLASSES = [("Building", "#3C1098"), ("Land", "#8429F6"), ("Road", "#6EC1E4"),
            ("Vegetation", "#FEDD3A"), ("Water", "#E2A929"), ("Unlabeled", "#9B9B9B")]
 
 
+def default_model_path() -> str | None:
+    """The shipped default model (resources/models/), if any."""
+    models = sorted((ROOT / "resources" / "models").glob("*.safetensors"))
+    return str(models[0]) if models else None
+
+
 def bench_model(model_path: str | None):
     from tessera.core.contract import ModelContract
     from tessera.core.model import TesseraModel
@@ -164,7 +170,9 @@ def child_memory(args) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="a Tessera model file (default: random-weight U-Net/ResNet34)")
+    ap.add_argument("--model", help="a Tessera model file (default: the shipped default model, "
+                    "else a random-weight U-Net/ResNet34)")
+    ap.add_argument("--random", action="store_true", help="use a random-weight U-Net/ResNet34")
     ap.add_argument("--tile", type=int, default=512)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--overlap", type=int, default=0)
@@ -182,6 +190,8 @@ def main() -> int:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if not args.model and not args.random:
+        args.model = default_model_path()
     model = bench_model(args.model)
     print(f"Machine: {machine()}")
     print(f"Model: {model.contract.name}, tile {args.tile}, batch {args.batch}, overlap {args.overlap}")
@@ -225,8 +235,9 @@ def main() -> int:
 
 
 def write_md(path: Path, args, model, mo, e2e, ratio, mem) -> None:
+    heading = f"## CPU (`make bench`): {model.contract.name}"
     lines = [
-        "## CPU (`make bench`)", "",
+        heading, "",
         f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.", "",
         f"Model: {model.contract.name}; tile {args.tile} px, batch {args.batch}, overlap "
         f"{args.overlap}. Input: 2048² RGB GeoTIFF (deflate, 256² blocks)"
@@ -249,7 +260,7 @@ def write_md(path: Path, args, model, mo, e2e, ratio, mem) -> None:
     section = "\n".join(lines) + "\n"
     head = "# Benchmarks\n\nEvery figure here was measured by the script named with it.\n\n"
     text = path.read_text() if path.exists() else head
-    start = text.find("## CPU (`make bench`)")
+    start = text.find(heading + "\n")
     if start >= 0:
         end = text.find("\n## ", start + 5)
         text = text[:start] + section + (text[end + 1:] if end >= 0 else "")

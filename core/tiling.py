@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -97,11 +97,11 @@ class TileGrid:
             raise ValueError(f"need tile > 0 and 0 <= overlap < tile (got {self.tile}, "
                              f"{self.overlap})")
 
-    @property
+    @cached_property
     def row_offsets(self) -> list[int]:
         return axis_offsets(self.height, self.tile, self.overlap)
 
-    @property
+    @cached_property
     def col_offsets(self) -> list[int]:
         return axis_offsets(self.width, self.tile, self.overlap)
 
