@@ -189,8 +189,3 @@ def run_job(job: dict[str, Any], python: str | Path, on_event: Callable[[dict[st
         raise TesseraError(f"the engine process ended unexpectedly (exit code {proc.returncode})"
                            + (f":\n{tail}" if tail else ""))
     return result
-
-
-def current_python() -> Path:
-    """This interpreter (used when the engine already runs inside an engine environment)."""
-    return Path(sys.executable)

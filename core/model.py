@@ -174,10 +174,3 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def contract_summary(contract: ModelContract) -> str:
-    """Compact one-line JSON of the essentials, for logs and reports."""
-    return json.dumps({"name": contract.name, "arch": contract.architecture,
-                       "encoder": contract.encoder, "bands": list(contract.bands),
-                       "classes": contract.n_classes})
