@@ -73,12 +73,21 @@ class TesseraModel:
 
         path = Path(path)
         contract = read_contract(path)
-        module = build_network(contract)
+        # build without allocating weights (they come from the file: one copy in memory only)
+        with torch.device("meta"):
+            module = build_network(contract)
         try:
             state = load_file(str(path), device="cpu")
         except Exception as exc:
             raise ModelError(f"{path}: cannot read the weights: {exc}", path) from exc
-        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        # float32 for inference, conv kernels channels-last as inference uses them: converted
+        # one tensor at a time, in one copy each, the file's own copy dropped as we go
+        for k in list(state):
+            v = state.pop(k)
+            fmt = torch.channels_last if v.dim() == 4 else torch.contiguous_format
+            state[k] = v.to(dtype=torch.float32 if v.is_floating_point() else v.dtype,
+                            memory_format=fmt)
+            del v
         expected = module.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
@@ -97,7 +106,13 @@ class TesseraModel:
                              f"({contract.architecture}/{contract.encoder}, {contract.in_channels} "
                              f"bands, {contract.n_classes} classes): " + "; ".join(parts), path)
         with torch.no_grad():
-            module.load_state_dict(state, strict=True)
+            module.load_state_dict(state, strict=True, assign=True)
+        leftover = [n for n, t in [*module.named_parameters(), *module.named_buffers()]
+                    if t.is_meta]
+        if leftover:  # a tensor the file does not hold (non-persistent buffer): build normally
+            module = build_network(contract)
+            with torch.no_grad():
+                module.load_state_dict(state, strict=True)
         return cls(contract, module, path, sha256=file_sha256(path))
 
     def save(self, path: str | Path, half: bool = False) -> Path:

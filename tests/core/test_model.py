@@ -70,7 +70,8 @@ def test_model_file_round_trip_same_predictions(tmp_path):
     assert loaded.sha256 and len(loaded.sha256) == 64
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        np.testing.assert_allclose(loaded.module(x).numpy(), m.module(x).numpy(), atol=1e-6)
+        # (channels-last kernels take another convolution path: equal to float rounding)
+        np.testing.assert_allclose(loaded.module(x).numpy(), m.module(x).numpy(), atol=1e-5)
     # fp16 storage halves the file and still loads (as float32)
     half = m.save(tmp_path / "h.safetensors", half=True)
     assert half.stat().st_size < 0.6 * path.stat().st_size
