@@ -217,7 +217,8 @@ def _print_result(res: Any, out: TextIO) -> None:
     for name, px in res.class_pixels.items():
         area = res.area_m2_by_class.get(name)
         out.write(f"  {name:24s} {px:12d} {px / total:7.1%}" +
-                  (f" {area if area is not None else 0:14.1f}" if res.polygons else "") + "\n")
+                  ((f" {area:14.1f}" if area is not None else f" {'-':>14s}") if res.polygons
+                   else "") + "\n")
     for w in res.warnings:
         out.write(f"  warning: {w}\n")
 

@@ -515,8 +515,10 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
         result.seconds_vectorize = round(stats["seconds_vectorize_tail"], 3)
     result.seconds = round(time.perf_counter() - t_start, 3)
     if progress is not None:
-        meter_done = Meter("done", 1, progress, 1.0, 1.0)
-        meter_done.update(1, "done", force=True)
+        from .progress import Progress
+
+        progress(Progress("done", 1, 1, 1.0, result.seconds, result.megapixels /
+                          max(result.seconds, 1e-9), 0.0, "done"))
     return result
 
 
@@ -620,7 +622,8 @@ def _run(ds: Any, grid: TileGrid, win_off: tuple[int, int], bands: tuple[int, ..
                "seconds_segment": time.perf_counter() - t0, "seconds_vectorize_tail": 0.0}
         if vectorizer is not None:
             t_tail = time.perf_counter()
-            vmeter = Meter("vectorize", grid.height, progress, 0.95, 1.0)
+            vmeter = Meter("vectorize", grid.height, progress, 0.95, 1.0,
+                           pixels_per_unit=grid.width)
             while vectorizer.is_alive():
                 vectorizer.join(timeout=0.2)
                 check_cancel(cancel)

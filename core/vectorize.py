@@ -564,7 +564,7 @@ def vectorize_raster(class_raster: str | Path, out_gpkg: str | Path,
         check_writable_dir(out.parent)
         if out.is_dir():
             raise OutputError(f"{out}: is a folder; give a .gpkg file name", out)
-        meter = Meter("vectorize", ds.height, progress, *progress_span)
+        meter = Meter("vectorize", ds.height, progress, *progress_span, pixels_per_unit=ds.width)
         meter.update(0, "polygonizing", force=True)
         with atomic_outputs(out) as (tmp,):
             n_total, areas = write_polygons(ds, tmp, layer, params, names, nodata, ds.transform,
