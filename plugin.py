@@ -68,11 +68,13 @@ class TesseraPlugin:
         self.actions = [self.toolbar_action, panel, deps]
 
     def unload(self) -> None:
+        # Running tasks are cancelled and forget their callbacks: nothing may touch the dock
+        # or the message bar after this (an exception raised into Qt would abort QGIS).
         for task in self.tasks:
-            try:
-                task.cancel()
-            except RuntimeError:
-                pass
+            task.detach()
+        self.tasks = []
+        if self.dock is not None:
+            self.dock.shutdown()
         for a in self.actions:
             self.iface.removePluginRasterMenu(MENU, a)
         if self.toolbar_action is not None:

@@ -338,6 +338,13 @@ class TesseraDock(QgsDockWidget):
                                    self._devices_found)
         QgsApplication.taskManager().addTask(self.env_task)
 
+    def shutdown(self) -> None:
+        """The plugin is unloading: background tasks must not call back into this dock."""
+        for task in (self.env_task, self.task):
+            if task is not None:
+                task.detach()
+        self.env_task = self.task = None
+
     def _devices_found(self, task: Any) -> None:
         self.env_task = None
         rep = task.result or {}

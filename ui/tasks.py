@@ -6,6 +6,7 @@ and keeps the result; ``on_done`` (called from ``finished()``, on the main threa
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -53,6 +54,19 @@ class EngineTask(QgsTask):
             self.error = f"{type(exc).__name__}: {exc}"
             return False
 
+    def detach(self) -> None:
+        """Forget ``on_done`` and cancel: for when its receiver (a dock, the plugin) goes away."""
+        self.on_done = None
+        try:
+            self.cancel()
+        except RuntimeError:  # the C++ task is already gone
+            pass
+
     def finished(self, ok: bool) -> None:  # main thread
-        if self.on_done is not None:
+        if self.on_done is None:
+            return
+        try:
             self.on_done(self)
+        except Exception:  # an exception raised into Qt aborts QGIS
+            logging.getLogger("tessera").exception("Tessera: handling the end of %s failed",
+                                                   self.description())
