@@ -3,6 +3,9 @@
     tessera segment RASTER --model MODEL --out DIR [options]
     tessera batch FOLDER --model MODEL --out DIR [--pattern '*.tif'] [--recursive]
     tessera vectorize CLASS_RASTER --out FILE.gpkg [options]
+    tessera train (FOLDER | --image R --labels L | --image R --vector V --field F) --out MODEL
+    tessera evaluate MODEL (FOLDER | --image R --labels L | --image R --vector V --field F)
+        --out-json REPORT.json [--out-png CHART.png]
     tessera info MODEL
 """
 
@@ -115,6 +118,67 @@ def _add_vector_options(g: Any) -> None:
                    help="class name or id not to polygonize (repeatable)")
 
 
+DATA_HELP = """\
+labelled data, one of:
+  FOLDER                               <FOLDER>/**/images/*.jpg with <FOLDER>/**/masks/*.png
+                                       colour masks (the Dubai layout; black = unannotated)
+  --image RASTER --labels LABELS       a label raster of class ids on the image's grid
+                                       (its nodata value and 255 = unannotated)
+  --image RASTER --vector FILE --field NAME [--layer L]
+                                       class polygons (ids or names in NAME), rasterized onto
+                                       the image's grid; pixels outside them are unannotated
+"""
+
+TRAIN_EPILOG = """\
+examples:
+  tessera train data/dubai --out dubai.safetensors --epochs 100 --max-minutes 60
+  tessera train --image ortho.tif --labels labels.tif --classes classes.json --out m.safetensors
+  tessera train --image ortho.tif --vector parcels.gpkg --field landuse --out m.safetensors \\
+      --patience 10 --checkpoint ckpt/
+"""
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", nargs="?", help="a Dubai-layout folder of images and masks")
+    g = p.add_argument_group("raster data")
+    g.add_argument("--image", metavar="RASTER", help="the image raster")
+    g.add_argument("--labels", metavar="RASTER", help="label raster of class ids (same grid)")
+    g.add_argument("--vector", metavar="FILE", help="polygon file (GeoPackage, Shapefile...)")
+    g.add_argument("--field", metavar="NAME", help="the polygons' class field (ids or names)")
+    g.add_argument("--layer", metavar="NAME", help="layer of the polygon file")
+    g.add_argument("--bands", type=int, nargs="+", metavar="N",
+                   help="image bands to use, from 1 (default: the first 3; for evaluate, the "
+                        "model's)")
+
+
+def _data_source(a: argparse.Namespace) -> dict[str, Any]:
+    """The data source dict of the command line (see :mod:`.datasets`)."""
+    from .errors import ParameterError
+
+    raster_opts = [o for o in ("image", "labels", "vector", "field", "layer", "bands")
+                   if getattr(a, o) is not None]
+    if a.folder is not None:
+        if raster_opts:
+            raise ParameterError("give either a FOLDER or --image with --labels or --vector, not "
+                                 f"both (got FOLDER and --{raster_opts[0]})")
+        return {"kind": "folder", "root": a.folder}
+    if a.image is None:
+        raise ParameterError("no data: give a FOLDER, or --image RASTER with --labels LABELS or "
+                             "--vector FILE --field NAME")
+    bands = list(a.bands) if a.bands else None
+    if (a.labels is None) == (a.vector is None):
+        raise ParameterError("--image needs exactly one of --labels (a label raster) or --vector "
+                             "(class polygons)")
+    if a.labels is not None:
+        if a.field or a.layer:
+            raise ParameterError("--field and --layer go with --vector, not --labels")
+        return {"kind": "raster", "image": a.image, "labels": a.labels, "bands": bands}
+    if not a.field:
+        raise ParameterError("--vector needs --field NAME: the field holding class ids or names")
+    return {"kind": "vector", "image": a.image, "vector": a.vector, "field": a.field,
+            "layer": a.layer, "bands": bands}
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                    help="no progress bar")
@@ -160,12 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", required=True, metavar="FILE", help="output .gpkg")
     _add_vector_options(p)
 
-    p = sub.add_parser("train", help="train a model on a folder of images and colour masks",
-                       description="Train a U-Net on <folder>/**/images/*.jpg with "
-                       "<folder>/**/masks/*.png colour masks (the Dubai layout); validation is "
-                       "split by image. Writes the best model (by validation mean IoU).")
-    p.add_argument("folder", help="training data folder")
+    p = sub.add_parser(
+        "train", help="train a model on labelled imagery",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a U-Net on labelled imagery; writes the best model (by validation "
+        "mean IoU) as a .safetensors file.\n\n" + DATA_HELP, epilog=TRAIN_EPILOG)
+    _add_data_options(p)
     p.add_argument("--out", "-o", required=True, metavar="MODEL", help="output .safetensors")
+    p.add_argument("--classes", metavar="JSON",
+                   help="class table: a JSON list of {\"id\", \"name\", \"color\"} (default: the "
+                        "Dubai colours for a folder; derived from the labels otherwise)")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--patches-per-epoch", type=int, default=1300)
     p.add_argument("--patch-size", type=int, default=256)
@@ -174,11 +242,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=["focal_dice", "ce"], default="focal_dice")
     p.add_argument("--encoder", default="resnet34")
     p.add_argument("--device", default="auto")
+    p.add_argument("--split", choices=["image", "patches"], default="image",
+                   help="validation split: 'image' holds out whole images (blocks of a single "
+                        "raster); 'patches' is the published study's random 80/20 split of patch "
+                        "cells (default: image)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="validation share (default 0.2)")
+    p.add_argument("--patience", type=int, metavar="EPOCHS",
+                   help="stop when validation mean IoU has not improved for this many epochs")
+    p.add_argument("--inference-tile", type=int, metavar="PIXELS",
+                   help="tile size the model will use for inference (default: the patch size)")
     p.add_argument("--max-minutes", type=float, help="stop cleanly after this many minutes")
     p.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder (resumes if present)")
-    p.add_argument("--pixel-size", type=float, help="the imagery's pixel size in metres")
-    p.add_argument("--name", default="Dubai land cover", help="the model's name")
+    p.add_argument("--pixel-size", type=float,
+                   help="the imagery's pixel size in metres (default: the raster's)")
+    p.add_argument("--name", help="the model's name (default: 'Dubai land cover' for a folder, "
+                                  "else the output file's name)")
     p.add_argument("--seed", type=int, default=0)
+    _add_common(p)
+
+    p = sub.add_parser(
+        "evaluate", help="score a model on labelled imagery (IoU, precision, recall)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Segment labelled imagery with a model and compare with the labels: pixel "
+        "accuracy, mean IoU (over the classes present in the truth or the prediction), "
+        "per-class IoU / precision / recall and the confusion matrix. Unannotated pixels do "
+        "not count. Labels are read with the model's classes (mask colours, class names).\n\n"
+        + DATA_HELP)
+    p.add_argument("model", help="Tessera model file (.safetensors)")
+    _add_data_options(p)
+    p.add_argument("--out-json", required=True, metavar="FILE", help="the JSON report")
+    p.add_argument("--out-png", metavar="FILE", help="also draw a chart (PNG)")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_common(p)
 
     p = sub.add_parser("info", help="print a model's contract (bands, scaling, classes...)")
@@ -285,20 +382,39 @@ def _dispatch(a: argparse.Namespace, bar: ProgressBar) -> int:
               f"failed; report: {rep.csv_path}")
         return 1 if rep.count("failed") else 0
     if a.command == "train":
-        from .train import TrainParams, train_folder
+        from .datasets import read_class_file
+        from .train import TrainParams, train
 
         tp = TrainParams(patch_size=a.patch_size, batch_size=a.batch_size, epochs=a.epochs,
                          patches_per_epoch=a.patches_per_epoch, lr=a.lr, loss=a.loss,
                          encoder=a.encoder, device=a.device, max_minutes=a.max_minutes,
-                         seed=a.seed)
-        res = train_folder(a.folder, a.out, tp, checkpoint_dir=a.checkpoint, name=a.name,
-                           pixel_size_m=a.pixel_size, progress=bar)
+                         seed=a.seed, split=a.split, val_fraction=a.val_fraction,
+                         early_stopping_patience=a.patience, inference_tile=a.inference_tile)
+        src = _data_source(a)
+        classes = read_class_file(a.classes) if a.classes else None
+        name = a.name or ("Dubai land cover" if src["kind"] == "folder" else None)
+        res = train(src, a.out, tp, checkpoint_dir=a.checkpoint, name=name, classes=classes,
+                    pixel_size_m=a.pixel_size, progress=bar)
         bar.close()
         for h in res["history"]:
-            print(f"epoch {h['epoch']:3d}  loss {h['loss']:.4f}  val mIoU {h['val_miou']:.4f}  "
+            loss = f"{h['loss']:.4f}" if h["loss"] is not None else "  -   "
+            print(f"epoch {h['epoch']:3d}  loss {loss}  val mIoU {h['val_miou']:.4f}  "
                   f"acc {h['val_accuracy']:.4f}  {h['minutes']:.1f} min")
-        print(f"best validation mean IoU {res['best_val_miou']:.4f}; {res['stopped']}; "
-              f"model: {res['model']}")
+        print(f"best validation mean IoU {res['best_val_miou']:.4f} (epoch {res['best_epoch']}); "
+              f"{res['stopped']}; model: {res['model']}")
+        return 0
+    if a.command == "evaluate":
+        from .evaluate import evaluate_model
+
+        ev = evaluate_model(a.model, _data_source(a), out_json=a.out_json, out_png=a.out_png,
+                            device=a.device, batch_size=a.batch_size, progress=bar)
+        bar.close()
+        if a.json:
+            print(json.dumps(ev.summary(), indent=1))
+            return 0
+        print(f"Evaluated '{ev.model}' on {ev.device}")
+        print(ev.table())
+        print(f"  report: {ev.out_json}" + (f"\n  chart:  {ev.out_png}" if ev.out_png else ""))
         return 0
     if a.command == "vectorize":
         from .params import VectorizeParams

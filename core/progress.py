@@ -17,8 +17,10 @@ from .errors import CancelledError
 class Progress:
     """One progress report.
 
-    ``stage`` is ``"segment"`` or ``"vectorize"`` (or ``"batch"``); ``done``/``total`` count
-    pixels for ``segment``, rows for ``vectorize`` and files for ``batch``.
+    ``stage`` is ``"segment"`` or ``"vectorize"`` (or ``"batch"``, ``"train"``, ``"evaluate"``,
+    and ``"done"`` at the end); ``done``/``total`` count pixels for ``segment``, rows for
+    ``vectorize``, files for ``batch``, steps of the epoch for ``train`` and tiles for
+    ``evaluate``.
     ``fraction`` is 0..1 over the whole job, ``mpx_per_s`` the input megapixels per second so
     far (segment stage), ``eta_s`` the estimated seconds left (``None`` while unknown).
     """

@@ -1,15 +1,28 @@
-"""Train a Tessera model on labelled imagery (first step of issue 4: the folder layout).
+"""Train a Tessera model on labelled imagery (issue 4).
 
-Data shape supported here: folders of RGB images with RGB colour masks and a colour → class
-table (the Dubai layout: ``<root>/**/images/*.jpg`` with ``<root>/**/masks/*.png`` of the same
-stem). Pure-black mask pixels (#000000) are unannotated: ignored in the loss and in metrics.
+Data: any source of :mod:`.datasets` — a Dubai-layout folder of images and colour masks, a
+raster with a label raster on its grid, or a raster with class polygons. Unannotated pixels
+(label 255) are ignored in the loss and in the metrics.
 
-Recipe: random patches (default 256²) with flips, 90° rotations and mild colour jitter;
-divide by 255 then the encoder's ImageNet mean/std (recorded in the contract, so inference
-repeats it exactly); focal + dice loss (cross-entropy optional); Adam with a one-cycle cosine
-schedule; validation split **by image**; the best model by validation mean IoU is kept.
+Recipe: random patches (default 256²) with flips, 90° rotations and mild brightness/contrast
+jitter; scaling recorded in the contract (8-bit: divide by 255; other types: per-band min-max
+of the data) then the ImageNet mean/std, applied by :func:`.normalize.normalize` exactly as
+inference applies it; focal + dice loss (cross-entropy optional); Adam with a one-cycle cosine
+schedule; the best model by validation mean IoU is kept (fp16 safetensors with its contract
+and a model card).
+
+Validation (``TrainParams.split``):
+
+* ``image`` (default): whole images are held out; a single raster is split into spatial
+  blocks of about 4 patches a side instead, so validation pixels are never trained on;
+* ``patches``: the published study's protocol — a grid of non-overlapping patch cells over
+  all images split 80/20 at random; training patches come only from training cells, the
+  validation cells are the validation set. Neighbouring cells share a scene, so its scores
+  are more optimistic than a split by image.
+
 Checkpoints are safetensors (weights and optimizer state) plus JSON — never pickle — so a
-run resumes exactly. A time budget (``max_minutes``) ends training cleanly on a CPU.
+run resumes exactly. A time budget (``max_minutes``) ends training cleanly on a CPU;
+``early_stopping_patience`` ends it when validation mean IoU stops improving.
 """
 
 from __future__ import annotations
@@ -18,32 +31,63 @@ import json
 import logging
 import math
 import platform
-import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .contract import ModelContract
-from .errors import ParameterError, RasterReadError
+from .datasets import (  # re-exported: the public names of the first version of this module
+    DUBAI_CLASSES,
+    IGNORE,
+    Cell,
+    Dataset,
+    DataSource,
+    Split,
+    as_source,
+    class_table,
+    find_pairs,
+    load_dataset,
+    load_pair,
+    mask_to_labels,
+    split_by_image,
+    split_cells,
+    table_to_dicts,
+)
+from .errors import ParameterError
 from .model import TesseraModel
-from .progress import CancelFn, ProgressFn, check_cancel
+from .normalize import normalize
+from .progress import CancelFn, Progress, ProgressFn, check_cancel
+
+__all__ = ["DUBAI_CLASSES", "IGNORE", "IMAGENET_MEAN", "IMAGENET_STD", "TrainParams", "confusion",
+           "find_pairs", "iou_from_confusion", "load_pair", "make_loss", "mask_to_labels",
+           "sample_patch", "split_by_image", "to_input", "train", "train_folder",
+           "train_params_from_dict"]
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-IGNORE = 255
-#: The Dubai dataset's true mask colours (see ../shared/data/README.md), in class-id order.
-DUBAI_CLASSES = [("Building", "#3C1098"), ("Land", "#8429F6"), ("Road", "#6EC1E4"),
-                 ("Vegetation", "#FEDD3A"), ("Water", "#E2A929"), ("Unlabeled", "#9B9B9B")]
+#: Settings a resumed run must share with the checkpoint's run.
+RESUME_KEYS = ("patch_size", "batch_size", "patches_per_epoch", "lr", "weight_decay", "loss",
+               "val_fraction", "seed", "encoder", "val_patches", "split")
 
 
 @dataclass(frozen=True)
 class TrainParams:
-    """How to train. Sizes in pixels; ``max_minutes`` None = no time limit."""
+    """How to train. Sizes in pixels; ``max_minutes`` None = no time limit.
+
+    split: ``image`` (whole images, or spatial blocks of a single raster) or ``patches``
+        (random split of a grid of patch cells: the published study's protocol).
+    early_stopping_patience: stop when validation mean IoU has not improved for this many
+        epochs (None = never).
+    inference_tile: the tile size written into the model's contract for inference (default:
+        the patch size); its overlap is max(patch/4, tile/8) rounded down to a multiple of 8.
+    val_patches: validation patches drawn from the validation images or blocks (the
+        ``patches`` split validates on every validation cell instead).
+    """
 
     patch_size: int = 256
     batch_size: int = 4
@@ -58,6 +102,9 @@ class TrainParams:
     device: str = "auto"
     max_minutes: float | None = None
     val_patches: int = 96
+    split: str = "image"
+    early_stopping_patience: int | None = None
+    inference_tile: int | None = None
 
     def __post_init__(self) -> None:
         if self.patch_size % 32 or self.patch_size < 64:
@@ -66,183 +113,256 @@ class TrainParams:
             raise ParameterError(f"loss must be focal_dice or ce (got {self.loss})")
         if not 0 < self.val_fraction < 1:
             raise ParameterError("val_fraction must be between 0 and 1")
+        if self.split not in ("image", "patches"):
+            raise ParameterError(f"split must be 'image' or 'patches' (got {self.split!r})")
+        for name in ("batch_size", "epochs", "patches_per_epoch", "val_patches"):
+            if getattr(self, name) < 1:
+                raise ParameterError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        if self.lr <= 0:
+            raise ParameterError(f"the learning rate must be positive (got {self.lr})")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise ParameterError("early stopping patience must be at least 1 epoch (or none)")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ParameterError("max_minutes must be positive (or none)")
+        t = self.inference_tile
+        if t is not None and (t % 32 or t < 64):
+            raise ParameterError(f"inference tile must be a multiple of 32, >= 64 (got {t})")
+
+    @property
+    def tile_and_overlap(self) -> tuple[int, int]:
+        """The contract's inference ``(tile_size, overlap)``."""
+        tile = self.inference_tile or self.patch_size
+        overlap = max(self.patch_size // 4, tile // 8) // 8 * 8
+        return tile, min(overlap, (tile // 2 - 1) // 8 * 8)
 
 
-def find_pairs(root: str | Path) -> list[tuple[Path, Path]]:
-    """``(image, mask)`` pairs under ``root``: ``.../images/X.*`` with ``.../masks/X.png``."""
-    pairs = []
-    for img in sorted(Path(root).rglob("images/*")):
-        if img.suffix.lower() not in (".jpg", ".jpeg", ".png", ".tif", ".tiff"):
-            continue
-        mask = img.parent.parent / "masks" / (img.stem + ".png")
-        if mask.exists():
-            pairs.append((img, mask))
-    if not pairs:
-        raise ParameterError(f"{root}: no images/*.jpg with masks/*.png pairs found")
-    return pairs
-
-
-def mask_to_labels(rgb: np.ndarray, colors: list[str]) -> np.ndarray:
-    """``(H, W, 3)`` uint8 colour mask → ``(H, W)`` uint8 class ids; other colours → 255."""
-    code = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
-    out = np.full(code.shape, IGNORE, np.uint8)
-    for k, c in enumerate(colors):
-        v = int(c.lstrip("#"), 16)
-        out[code == v] = k
-    return out
-
-
-def load_pair(img: Path, mask: Path, colors: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    from PIL import Image
-
+def train_params_from_dict(d: dict[str, Any] | None) -> TrainParams:
+    """:class:`TrainParams` from plain JSON values; unknown keys are refused."""
+    d = dict(d or {})
+    known = {f.name for f in fields(TrainParams)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ParameterError(f"unknown training parameter(s): {', '.join(unknown)} "
+                             f"(known: {', '.join(sorted(known))})")
     try:
-        x = np.asarray(Image.open(img).convert("RGB"))
-        y = mask_to_labels(np.asarray(Image.open(mask).convert("RGB")), colors)
-    except OSError as exc:
-        raise RasterReadError(f"{img}: cannot read the image or its mask ({exc})", img) from exc
-    if x.shape[:2] != y.shape:
-        raise RasterReadError(f"{img}: image {x.shape[:2]} and mask {y.shape} differ in size", img)
-    return x, y
+        return TrainParams(**d)
+    except TypeError as exc:
+        raise ParameterError(f"bad training parameter: {exc}") from exc
 
 
-def split_by_image(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Indices of training and validation images (whole images, never patches of one image)."""
-    idx = list(range(n))
-    random.Random(seed).shuffle(idx)
-    n_val = max(1, round(n * val_fraction))
-    return sorted(idx[n_val:]), sorted(idx[:n_val])
+# --------------------------------------------------------------------------- patches
+def _crop(a: np.ndarray | None, c: Cell) -> np.ndarray | None:
+    return None if a is None else a[c.row:c.row + c.height, c.col:c.col + c.width]
+
+
+def _sample(x: np.ndarray, y: np.ndarray, valid: np.ndarray | None, size: int,
+            rng: np.random.Generator, augment: bool, lo: np.ndarray, hi: np.ndarray,
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A random ``size``² patch of ``(x, y, valid)`` (reflect-padded if smaller), augmented.
+
+    Jitter works in raw units: ``lo + (x - lo) * a + b * (hi - lo) / 255``, clipped to
+    ``[lo, hi]`` — for 8-bit data, ``x * a + b`` with ``b`` in ±12 grey levels.
+    """
+    h, w = y.shape
+    if h < size or w < size:
+        ph, pw = max(0, size - h), max(0, size - w)
+        mode = "reflect" if h > 1 and w > 1 and ph < h and pw < w else "edge"
+        x = np.pad(x, ((0, ph), (0, pw), (0, 0)), mode=mode)
+        y = np.pad(y, ((0, ph), (0, pw)), constant_values=IGNORE)
+        if valid is not None:
+            valid = np.pad(valid, ((0, ph), (0, pw)), constant_values=False)
+        h, w = y.shape
+    r, c = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+    px, py = x[r:r + size, c:c + size], y[r:r + size, c:c + size]
+    pv = valid[r:r + size, c:c + size] if valid is not None else None
+    if augment:
+        k = int(rng.integers(0, 4))
+        px, py = np.rot90(px, k), np.rot90(py, k)
+        pv = np.rot90(pv, k) if pv is not None else None
+        if rng.random() < 0.5:
+            px, py = px[:, ::-1], py[:, ::-1]
+            pv = pv[:, ::-1] if pv is not None else None
+        a, b = rng.uniform(0.9, 1.1), rng.uniform(-12, 12)  # contrast/brightness jitter
+        px = lo + (px.astype(np.float32) - lo) * a + b * (hi - lo) / 255.0
+        px = np.clip(px, lo, hi)
+    return (np.ascontiguousarray(px, dtype=np.float32), np.ascontiguousarray(py),
+            None if pv is None else np.ascontiguousarray(pv))
 
 
 def sample_patch(x: np.ndarray, y: np.ndarray, size: int, rng: np.random.Generator,
                  augment: bool) -> tuple[np.ndarray, np.ndarray]:
-    """A random ``size``² patch (reflect-padded if the image is smaller), augmented."""
-    h, w = y.shape
-    if h < size or w < size:
-        ph, pw = max(0, size - h), max(0, size - w)
-        x = np.pad(x, ((0, ph), (0, pw), (0, 0)), mode="reflect")
-        y = np.pad(y, ((0, ph), (0, pw)), constant_values=IGNORE)
-        h, w = y.shape
-    r, c = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
-    px, py = x[r:r + size, c:c + size], y[r:r + size, c:c + size]
-    if augment:
-        k = int(rng.integers(0, 4))
-        px, py = np.rot90(px, k), np.rot90(py, k)
-        if rng.random() < 0.5:
-            px, py = px[:, ::-1], py[:, ::-1]
-        px = px.astype(np.float32)
-        px = px * rng.uniform(0.9, 1.1) + rng.uniform(-12, 12)  # brightness/contrast jitter
-        px = np.clip(px, 0, 255)
-    return np.ascontiguousarray(px, dtype=np.float32), np.ascontiguousarray(py)
+    """A random ``size``² patch of an 8-bit image and its labels, augmented."""
+    lo, hi = np.zeros(x.shape[-1], np.float32), np.full(x.shape[-1], 255.0, np.float32)
+    px, py, _ = _sample(x, y, None, size, rng, augment, lo, hi)
+    return px, py
 
 
 def to_input(px: np.ndarray) -> np.ndarray:
-    """``(H, W, 3)`` 0..255 → ``(3, H, W)`` normalized exactly as the contract says."""
+    """``(H, W, 3)`` 0..255 → ``(3, H, W)``: divide by 255, then ImageNet mean/std."""
     x = px.transpose(2, 0, 1) / 255.0
     return ((x - np.asarray(IMAGENET_MEAN)[:, None, None]) /
             np.asarray(IMAGENET_STD)[:, None, None]).astype(np.float32)
 
 
+def _input(px: np.ndarray, pv: np.ndarray | None, contract: ModelContract) -> np.ndarray:
+    """A patch ``(H, W, C)`` → model input ``(C, H, W)``, exactly as inference normalizes."""
+    valid = pv if pv is not None else np.ones(px.shape[:2], bool)
+    return normalize(px.transpose(2, 0, 1), valid, contract)
+
+
+# --------------------------------------------------------------------------- metrics, loss
 def confusion(pred: np.ndarray, target: np.ndarray, n: int) -> np.ndarray:
     """``(n, n)`` int64 confusion matrix (rows = truth); ignored (255) pixels do not count."""
     ok = target != IGNORE
-    return np.bincount(target[ok].astype(np.int64) * n + pred[ok], minlength=n * n).reshape(n, n)
+    return np.bincount(target[ok].astype(np.int64) * n + pred[ok].astype(np.int64),
+                       minlength=n * n).reshape(n, n)
 
 
 def iou_from_confusion(cm: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """Per-class IoU (NaN for classes absent from truth and prediction), mean IoU, accuracy."""
+    """Per-class IoU (NaN for classes absent from truth and prediction), mean IoU over the
+    classes present in truth or prediction, pixel accuracy. Mean IoU is 0 with no pixels."""
     tp = np.diag(cm).astype(np.float64)
     denom = cm.sum(0) + cm.sum(1) - tp
     with np.errstate(invalid="ignore", divide="ignore"):
         iou = np.where(denom > 0, tp / denom, np.nan)
     acc = tp.sum() / max(cm.sum(), 1)
-    return iou, float(np.nanmean(iou)), float(acc)
+    miou = float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0
+    return iou, miou, float(acc)
 
 
+def make_loss(name: str) -> Any:
+    """The loss ``f(logits (B, K, H, W), target (B, H, W) int64) -> scalar``; target 255 is
+    ignored (neither its value nor its gradient depends on those pixels)."""
+    import segmentation_models_pytorch as smp
+    import torch
+
+    if name == "focal_dice":
+        focal = smp.losses.FocalLoss("multiclass", ignore_index=IGNORE)
+        dice = smp.losses.DiceLoss("multiclass", ignore_index=IGNORE)
+
+        def loss_fn(logits: Any, target: Any) -> Any:
+            return focal(logits, target) + dice(logits, target)
+        return loss_fn
+    if name == "ce":
+        return torch.nn.CrossEntropyLoss(ignore_index=IGNORE)
+    raise ParameterError(f"loss must be focal_dice or ce (got {name})")
+
+
+# --------------------------------------------------------------------------- training
 def train_folder(root: str | Path, out_model: str | Path, params: TrainParams | None = None,
                  checkpoint_dir: str | Path | None = None, name: str = "Dubai land cover",
-                 classes: list[tuple[str, str]] | None = None, pixel_size_m: float | None = None,
+                 classes: Any = None, pixel_size_m: float | None = None,
                  progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> dict[str, Any]:
-    """Train on a Dubai-layout folder; write the best model (fp16) to ``out_model``."""
-    import segmentation_models_pytorch as smp
+    """Train on a Dubai-layout folder (see :func:`train`)."""
+    return train({"kind": "folder", "root": str(root)}, out_model, params, checkpoint_dir, name,
+                 classes, pixel_size_m, progress, cancel)
+
+
+def _contract(ds: Dataset, p: TrainParams, name: str, pixel_size_m: float | None) -> ModelContract:
+    n = len(ds.bands)
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if n == 3 else ([0.45] * n, [0.225] * n)
+    tile, overlap = p.tile_and_overlap
+    return ModelContract.from_dict({
+        "format": "tessera-model", "format_version": 1, "name": name,
+        "description": f"U-Net/{p.encoder} trained from scratch by tessera train",
+        "architecture": "unet", "encoder": p.encoder, "in_channels": n, "bands": list(ds.bands),
+        "band_names": list(ds.band_names) if ds.band_names else None, "scaling": ds.scaling(),
+        "mean": mean, "std": std, "classes": table_to_dicts(ds.classes),
+        "nodata_value": IGNORE, "tile_size": tile, "overlap": overlap,
+        "pixel_size_m": pixel_size_m if pixel_size_m is not None else ds.pixel_size_m})
+
+
+def train(source: DataSource | dict[str, Any] | str | Path, out_model: str | Path,
+          params: TrainParams | None = None, checkpoint_dir: str | Path | None = None,
+          name: str | None = None, classes: Any = None, pixel_size_m: float | None = None,
+          progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> dict[str, Any]:
+    """Train a U-Net on ``source``; write the best model (fp16) to ``out_model``.
+
+    source: a :mod:`.datasets` source (dataclass or dict; a path = a folder).
+    classes: a class table (``[{"id", "name", "color"}]`` or ``[(name, colour)]``); folders
+        default to the Dubai colours, rasters/polygons to a table derived from the labels.
+    name: the model's name (default: the output file's stem).
+    pixel_size_m: the imagery's pixel size (default: from the raster, unknown for folders).
+
+    Returns ``{"best_val_miou", "history", "stopped", "model", "best_epoch", "split",
+    "classes"}``. With ``checkpoint_dir`` the run saves its state after every epoch and
+    resumes from it when run again with the same settings.
+    """
     import torch
     from safetensors.torch import load_file, save_file
 
     from .device import pick_device
 
     p = params or TrainParams()
-    classes = classes or DUBAI_CLASSES
-    colors = [c for _, c in classes]
+    src = as_source(source)
+    name = name or Path(out_model).stem
+    ds = load_dataset(src, class_table(classes, need_colors=src.kind == "folder")
+                      if classes is not None else None)
+    samples = ds.samples
+    k_classes = len(ds.classes)
+    split = split_cells([s.labels for s in samples], p.split, p.patch_size, p.val_fraction, p.seed)
+    lo, hi = ds.value_range()
+    counts = ds.label_counts()
+    contract = _contract(ds, p, name, pixel_size_m)
     torch.manual_seed(p.seed)
-    rng = np.random.default_rng(p.seed)
-    pairs = find_pairs(root)
-    data = [load_pair(i, m, colors) for i, m in pairs]
-    tr_idx, va_idx = split_by_image(len(data), p.val_fraction, p.seed)
     dev = pick_device(p.device)
     device = torch.device(dev.name)
-    contract = ModelContract.from_dict({
-        "format": "tessera-model", "format_version": 1, "name": name,
-        "description": f"U-Net/{p.encoder} trained from scratch by tessera train",
-        "architecture": "unet", "encoder": p.encoder, "in_channels": 3, "bands": [1, 2, 3],
-        "band_names": ["red", "green", "blue"], "scaling": {"method": "divide", "value": 255.0},
-        "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
-        "classes": [{"id": k, "name": n, "color": c} for k, (n, c) in enumerate(classes)],
-        "nodata_value": IGNORE, "tile_size": p.patch_size, "overlap": p.patch_size // 4,
-        "pixel_size_m": pixel_size_m})
     model = TesseraModel.create(contract)
     net = model.module.to(device).train()
     opt = torch.optim.Adam(net.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     steps_per_epoch = max(1, p.patches_per_epoch // p.batch_size)
-    total_steps = steps_per_epoch * p.epochs
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=total_steps,
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=steps_per_epoch * p.epochs,
                                                 pct_start=0.05)
-    if p.loss == "focal_dice":
-        focal = smp.losses.FocalLoss("multiclass", ignore_index=IGNORE)
-        dice = smp.losses.DiceLoss("multiclass", ignore_index=IGNORE)
+    loss_fn = make_loss(p.loss)
 
-        def loss_fn(logits: Any, target: Any) -> Any:
-            return focal(logits, target) + dice(logits, target)
-    else:
-        ce = torch.nn.CrossEntropyLoss(ignore_index=IGNORE)
+    def patch(cell: Cell, rng: np.random.Generator, augment: bool, tries: int = 10) -> tuple:
+        s = samples[cell.image]
+        x, y, v = _crop(s.image, cell), _crop(s.labels, cell), _crop(s.valid, cell)
+        for _ in range(tries):  # prefer patches with annotated pixels (sparse polygon labels)
+            out = _sample(x, y, v, p.patch_size, rng, augment, lo, hi)
+            if (out[1] != IGNORE).any():
+                break
+        return out
 
-        def loss_fn(logits: Any, target: Any) -> Any:
-            return ce(logits, target)
-
-    # fixed validation patches from the validation images (no augmentation)
+    # fixed validation patches: the validation cells themselves (patches split), or random
+    # patches from the validation images/blocks (no augmentation)
     vrng = np.random.default_rng(p.seed + 1)
-    val = [sample_patch(*data[va_idx[k % len(va_idx)]], p.patch_size, vrng, False)
-           for k in range(p.val_patches)]
+    if split.method == "patches":
+        val = [patch(c, vrng, False, tries=1) for c in split.val]
+    else:
+        val = [patch(split.val[k % len(split.val)], vrng, False) for k in range(p.val_patches)]
+    val_inputs = [(_input(px, pv, contract), py) for px, py, pv in val]
+
     history: list[dict[str, Any]] = []
-    best = -1.0
-    start_epoch = 0
+    best, best_epoch, start_epoch = -1.0, 0, 0
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    run_key = {k: getattr(p, k) for k in RESUME_KEYS}
     if ckpt is not None and (ckpt / "state.json").exists():
         st = json.loads((ckpt / "state.json").read_text())
-        if st.get("epochs") not in (None, p.epochs):
-            raise ParameterError(f"{ckpt}: this checkpoint belongs to a run of {st['epochs']} "
-                                 f"epochs, not {p.epochs}; resume with the same settings")
+        _check_resume(ckpt, st, p, run_key, k_classes)
         net.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-        opt_t = load_file(str(ckpt / "optimizer.safetensors"))
-        sd = opt.state_dict()
-        for pid in sd["param_groups"][0]["params"]:
-            if f"{pid}.exp_avg" in opt_t:
-                sd["state"][pid] = {"step": opt_t[f"{pid}.step"], "exp_avg": opt_t[f"{pid}.exp_avg"],
-                                    "exp_avg_sq": opt_t[f"{pid}.exp_avg_sq"]}
-        opt.load_state_dict(sd)
+        _load_optimizer(opt, load_file(str(ckpt / "optimizer.safetensors")))
         sched.load_state_dict(st["scheduler"])
         start_epoch, best, history = st["epoch"], st["best"], st["history"]
-        rng = np.random.default_rng(p.seed + 1000 * start_epoch)
+        best_epoch = st.get("best_epoch") or _best_epoch(history)
         log.info("resumed from %s at epoch %d", ckpt, start_epoch)
     t0 = time.perf_counter()
     stopped = "completed"
-    for epoch in range(start_epoch, p.epochs):
+    patience = p.early_stopping_patience
+    if patience and history and start_epoch - best_epoch >= patience:
+        stopped = _early_stop_text(patience, best, best_epoch)
+    for epoch in range(start_epoch, p.epochs if stopped == "completed" else start_epoch):
         net.train()
+        rng = np.random.default_rng([p.seed, epoch])  # per epoch: a resumed run repeats it
         losses = []
         for step in range(steps_per_epoch):
             check_cancel(cancel)
-            batch = [sample_patch(*data[tr_idx[int(rng.integers(len(tr_idx)))]], p.patch_size,
-                                  rng, True) for _ in range(p.batch_size)]
-            x = torch.from_numpy(np.stack([to_input(b[0]) for b in batch])).to(device)
+            batch = [patch(split.train[int(rng.integers(len(split.train)))], rng, True)
+                     for _ in range(p.batch_size)]
+            x = torch.from_numpy(np.stack([_input(px, pv, contract) for px, _, pv in batch])).to(device)
             y = torch.from_numpy(np.stack([b[1] for b in batch]).astype(np.int64)).to(device)
+            if not (y != IGNORE).any():
+                continue  # nothing annotated in this batch: no signal (and a NaN focal loss)
             with torch.autocast(device_type=dev.kind, dtype=torch.float16,
                                 enabled=dev.kind == "cuda"):
                 loss = loss_fn(net(x), y)
@@ -252,35 +372,93 @@ def train_folder(root: str | Path, out_model: str | Path, params: TrainParams | 
             sched.step()
             losses.append(float(loss.detach()))
             if progress is not None and step % 10 == 0:
-                from .progress import Progress
-
                 el = time.perf_counter() - t0
                 frac = (epoch - start_epoch + (step + 1) / steps_per_epoch) / max(p.epochs - start_epoch, 1)
                 progress(Progress("train", step + 1, steps_per_epoch, frac, el, None,
                                   el / frac * (1 - frac) if frac else None,
                                   f"epoch {epoch + 1}/{p.epochs} loss {np.mean(losses):.3f}"))
-        cm = evaluate_patches(net, val, len(classes), device)
+        check_cancel(cancel)
+        cm = evaluate_patches(net, val_inputs, k_classes, device)
         iou, miou, acc = iou_from_confusion(cm)
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_miou": miou,
+        mean_loss = float(np.mean(losses)) if losses else float("nan")
+        history.append({"epoch": epoch + 1, "loss": mean_loss, "val_miou": miou,
                         "val_accuracy": acc, "minutes": (time.perf_counter() - t0) / 60})
-        log.info("epoch %d: loss %.4f, val mIoU %.4f, acc %.4f", epoch + 1, np.mean(losses), miou, acc)
+        log.info("epoch %d: loss %.4f, val mIoU %.4f, acc %.4f", epoch + 1, mean_loss, miou, acc)
         if miou > best:
-            best = miou
-            model.contract = _with_card(contract, p, history, iou, miou, acc, dev.label, len(tr_idx),
-                                        len(va_idx), pairs, classes)
+            best, best_epoch = miou, epoch + 1
+            model.contract = _with_card(contract, p, history, iou, miou, acc, dev.label, ds,
+                                        split, len(val_inputs), counts)
             model.module = net
             model.save(out_model, half=True)
             net.to(device)
+        if progress is not None:
+            el = time.perf_counter() - t0
+            frac = (epoch + 1 - start_epoch) / max(p.epochs - start_epoch, 1)
+            progress(Progress("train", steps_per_epoch, steps_per_epoch, frac, el, None,
+                              el / frac * (1 - frac), f"epoch {epoch + 1}/{p.epochs} val mIoU "
+                              f"{miou:.3f} (best {best:.3f})"))
         if ckpt is not None:
-            _save_checkpoint(ckpt, net, opt, sched, epoch + 1, best, history, save_file, p.epochs)
+            _save_checkpoint(ckpt, net, opt, sched, epoch + 1, best, history, save_file, p.epochs,
+                             best_epoch=best_epoch, params=run_key, n_classes=k_classes)
+        if patience and epoch + 1 - best_epoch >= patience and epoch + 1 < p.epochs:
+            stopped = _early_stop_text(patience, best, best_epoch)
+            break
         if p.max_minutes is not None and (time.perf_counter() - t0) / 60 > p.max_minutes:
             stopped = f"time budget of {p.max_minutes} min reached after epoch {epoch + 1}"
             break
-    return {"best_val_miou": best, "history": history, "stopped": stopped,
-            "model": str(out_model)}
+    _finish_card(out_model, stopped, best_epoch, history)
+    if progress is not None:
+        progress(Progress("done", 1, 1, 1.0, time.perf_counter() - t0, None, 0.0, stopped))
+    return {"best_val_miou": best, "history": _clean(history), "stopped": stopped,
+            "model": str(out_model), "best_epoch": best_epoch, "split": split.to_dict(),
+            "classes": table_to_dicts(ds.classes)}
+
+
+def _early_stop_text(patience: int, best: float, best_epoch: int) -> str:
+    return (f"early stopping: validation mean IoU did not improve for {patience} epochs "
+            f"(best {best:.4f} at epoch {best_epoch})")
+
+
+def _best_epoch(history: list[dict[str, Any]]) -> int:
+    best, at = -1.0, 0
+    for h in history:
+        if h["val_miou"] is not None and h["val_miou"] > best:
+            best, at = h["val_miou"], h["epoch"]
+    return at
+
+
+def _clean(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """JSON-safe history (NaN → None)."""
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in h.items()}
+            for h in history]
+
+
+def _check_resume(ckpt: Path, st: dict[str, Any], p: TrainParams, run_key: dict[str, Any],
+                  k_classes: int) -> None:
+    if st.get("epochs") not in (None, p.epochs):
+        raise ParameterError(f"{ckpt}: this checkpoint belongs to a run of {st['epochs']} "
+                             f"epochs, not {p.epochs}; resume with the same settings")
+    old = st.get("params") or {}
+    diff = [f"{k}={old[k]!r}, not {v!r}" for k, v in run_key.items() if k in old and old[k] != v]
+    if diff:
+        raise ParameterError(f"{ckpt}: this checkpoint belongs to a run with "
+                             f"{'; '.join(diff)}; resume with the same settings")
+    if st.get("n_classes") not in (None, k_classes):
+        raise ParameterError(f"{ckpt}: this checkpoint's model has {st['n_classes']} classes, "
+                             f"the data {k_classes}; resume on the same data")
+
+
+def _load_optimizer(opt: Any, opt_t: dict[str, Any]) -> None:
+    sd = opt.state_dict()
+    for pid in sd["param_groups"][0]["params"]:
+        if f"{pid}.exp_avg" in opt_t:
+            sd["state"][pid] = {"step": opt_t[f"{pid}.step"], "exp_avg": opt_t[f"{pid}.exp_avg"],
+                                "exp_avg_sq": opt_t[f"{pid}.exp_avg_sq"]}
+    opt.load_state_dict(sd)
 
 
 def evaluate_patches(net: Any, val: list[tuple[np.ndarray, np.ndarray]], n: int, device: Any) -> np.ndarray:
+    """Confusion matrix of ``net`` on ``(input (C, H, W), labels (H, W))`` pairs."""
     import torch
 
     net.eval()
@@ -288,7 +466,7 @@ def evaluate_patches(net: Any, val: list[tuple[np.ndarray, np.ndarray]], n: int,
     with torch.inference_mode():
         for k in range(0, len(val), 4):
             chunk = val[k:k + 4]
-            x = torch.from_numpy(np.stack([to_input(v[0]) for v in chunk])).to(device)
+            x = torch.from_numpy(np.stack([v[0] for v in chunk])).to(device)
             pred = net(x).argmax(1).cpu().numpy().astype(np.int64)
             for pr, (_, y) in zip(pred, chunk):
                 cm += confusion(pr, y, n)
@@ -296,29 +474,54 @@ def evaluate_patches(net: Any, val: list[tuple[np.ndarray, np.ndarray]], n: int,
 
 
 def _with_card(contract: ModelContract, p: TrainParams, history: list[dict[str, Any]],
-               iou: np.ndarray, miou: float, acc: float, device: str, n_tr: int, n_va: int,
-               pairs: list[tuple[Path, Path]], classes: list[tuple[str, str]]) -> ModelContract:
+               iou: np.ndarray, miou: float, acc: float, device: str, ds: Dataset, split: Split,
+               n_val_patches: int, counts: np.ndarray) -> ModelContract:
     d = contract.to_dict()
     d["card"] = {
-        "data": f"{len(pairs)} image/mask pairs from {pairs[0][0].parents[2].name}; split by "
-                f"image: {n_tr} training, {n_va} validation images",
+        "data": f"{ds.description}; {split.describe()}",
+        "source": ds.source.to_dict(),
+        "split": {**split.to_dict(), "val_fraction": p.val_fraction, "seed": p.seed},
+        "annotated_pixels": {n: int(c) for (n, _), c in zip(ds.classes, counts)},
         "recipe": {k: v for k, v in asdict(p).items() if k not in ("device",)},
         "epochs_completed": history[-1]["epoch"],
+        "best_epoch": history[-1]["epoch"],
         "minutes": round(history[-1]["minutes"], 1),
         "hardware": f"{device} on {platform.node() or 'host'} ({platform.processor() or platform.machine()})",
-        "validation": {"patches": p.val_patches, "mean_iou": round(miou, 4),
+        "validation": {"patches": n_val_patches, "mean_iou": round(miou, 4),
                        "pixel_accuracy": round(acc, 4),
                        "iou_per_class": {n: (None if math.isnan(v) else round(float(v), 4))
-                                         for (n, _), v in zip(classes, iou)}},
-        "history": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()}
+                                         for (n, _), v in zip(ds.classes, iou)}},
+        "history": [{k: (round(v, 4) if isinstance(v, float) and not math.isnan(v) else
+                         None if isinstance(v, float) else v) for k, v in h.items()}
                     for h in history],
         "initialisation": "random (no pretrained weights: none can be downloaded)",
     }
     return ModelContract.from_dict(d)
 
 
+def _finish_card(out_model: str | Path, stopped: str, best_epoch: int,
+                 history: list[dict[str, Any]]) -> None:
+    """Record how the run ended in the written model's card (the weights are unchanged)."""
+    out = Path(out_model)
+    if not out.exists():
+        return
+    m = TesseraModel.load(out)
+    d = m.contract.to_dict()
+    d["card"]["stopped"] = stopped
+    d["card"]["epochs_run"] = history[-1]["epoch"] if history else 0
+    d["card"]["best_epoch"] = best_epoch
+    if m.contract.card == d["card"]:
+        return
+    m.contract = ModelContract.from_dict(d)
+    m.save(out, half=True)
+
+
 def _save_checkpoint(ckpt: Path, net: Any, opt: Any, sched: Any, epoch: int, best: float,
-                     history: list[dict[str, Any]], save_file: Any, epochs: int) -> None:
+                     history: list[dict[str, Any]], save_file: Any, epochs: int,
+                     best_epoch: int = 0, params: dict[str, Any] | None = None,
+                     n_classes: int | None = None) -> None:
+    import torch
+
     ckpt.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()},
               str(ckpt / "model.safetensors.part"))
@@ -326,11 +529,12 @@ def _save_checkpoint(ckpt: Path, net: Any, opt: Any, sched: Any, epoch: int, bes
     for pid, st in opt.state_dict()["state"].items():
         for key in ("step", "exp_avg", "exp_avg_sq"):
             v = st[key]
-            opt_t[f"{pid}.{key}"] = (v if hasattr(v, "detach") else __import__("torch").tensor(v)
+            opt_t[f"{pid}.{key}"] = (v if hasattr(v, "detach") else torch.tensor(v)
                                      ).detach().contiguous().cpu()
     save_file(opt_t, str(ckpt / "optimizer.safetensors.part"))
-    state = {"epoch": epoch, "epochs": epochs, "best": best, "history": history,
-             "scheduler": sched.state_dict()}
+    state = {"epoch": epoch, "epochs": epochs, "best": best, "best_epoch": best_epoch,
+             "history": _clean(history), "scheduler": sched.state_dict(), "params": params,
+             "n_classes": n_classes}
     (ckpt / "state.json.part").write_text(json.dumps(state))
     for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
         (ckpt / f"{name}.part").replace(ckpt / name)

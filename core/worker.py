@@ -9,7 +9,24 @@ Protocol. The first stdin line is the job, a JSON object::
     {"op": "batch", "folder": "...", "model": "...", "out_dir": "...", "pattern": "*.tif",
      "recursive": false, "skip_existing": true, "params": {...}}
     {"op": "vectorize", "raster": "...", "out": "....gpkg", "params": {...VectorizeParams}}
+    {"op": "train", "data": {...source}, "out": "model.safetensors", "params": {...TrainParams},
+     "checkpoint": "dir" | null, "name": "..." | null, "classes": [{"id", "name", "color"}] | null,
+     "pixel_size_m": 0.5 | null}
+    {"op": "evaluate", "model": "...", "data": {...source}, "out_json": "...json",
+     "out_png": "...png" | null, "device": "auto"}       (optional: "batch_size": 4)
     {"op": "env"}                               (what is installed, which devices exist)
+
+A data source (see :mod:`.datasets`) is one of::
+
+    {"kind": "folder", "root": "..."}
+    {"kind": "raster", "image": "...", "labels": "...", "bands": [1, 2, 3] | null}
+    {"kind": "vector", "image": "...", "vector": "...", "field": "...", "layer": null, "bands": null}
+
+Results: ``train`` → ``{"best_val_miou", "history": [{"epoch", "loss", "val_miou",
+"val_accuracy", "minutes"}], "stopped", "model", "best_epoch", "split", "classes"}``;
+``evaluate`` → ``{"accuracy", "mean_iou", "per_class": [{"id", "name", "iou", "precision",
+"recall"}], "confusion" (rows = truth), "pixels", "out_json", "out_png", "device"}`` (metrics
+that are undefined, e.g. the precision of a class never predicted, are null).
 
 A later stdin line ``cancel`` (or closing stdin, or SIGTERM) cancels the job: the engine stops
 within a few seconds and leaves no partial output. Every stdout line is one JSON event::
@@ -154,9 +171,36 @@ def run_job(job: dict[str, Any], emit: Any, cancel: Any) -> dict[str, Any]:
         return {"path": str(v.path), "layer": v.layer, "n_polygons": v.n_polygons,
                 "area_m2_by_class": {str(k): a for k, a in v.area_m2_by_class.items()},
                 "seconds": v.seconds}
+    if op == "train":
+        from .datasets import source_from_dict
+        from .train import train, train_params_from_dict
+
+        _require(job, "data", "out")
+        return train(source_from_dict(job["data"]), job["out"],
+                     train_params_from_dict(job.get("params")),
+                     checkpoint_dir=job.get("checkpoint") or None, name=job.get("name") or None,
+                     classes=job.get("classes") or None, pixel_size_m=job.get("pixel_size_m"),
+                     progress=progress, cancel=cancel)
+    if op == "evaluate":
+        from .datasets import source_from_dict
+        from .evaluate import evaluate_model
+
+        _require(job, "model", "data")
+        res = evaluate_model(job["model"], source_from_dict(job["data"]),
+                             out_json=job.get("out_json") or None, out_png=job.get("out_png") or None,
+                             device=job.get("device") or "auto",
+                             batch_size=int(job.get("batch_size") or 4),
+                             progress=progress, cancel=cancel)
+        return res.summary()
     if op == "env":
         return env_report()
-    raise ParameterError(f"unknown job op {op!r} (segment, batch, vectorize, env)")
+    raise ParameterError(f"unknown job op {op!r} (segment, batch, vectorize, train, evaluate, env)")
+
+
+def _require(job: dict[str, Any], *keys: str) -> None:
+    missing = [k for k in keys if not job.get(k)]
+    if missing:
+        raise ParameterError(f"{job.get('op')} job: missing {', '.join(missing)}")
 
 
 def main(stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:

@@ -7,8 +7,10 @@ from pathlib import Path
 from qgis.core import QgsProcessingProvider
 from qgis.PyQt.QtGui import QIcon
 
+from .evaluate_model import EvaluateModelAlgorithm
 from .segment_folder import SegmentFolderAlgorithm
 from .segment_raster import SegmentRasterAlgorithm
+from .train_model import TrainModelAlgorithm
 from .vectorize_classes import VectorizeClassesAlgorithm
 
 ICON = str(Path(__file__).resolve().parents[1] / "resources" / "icon.svg")
@@ -29,5 +31,6 @@ class TesseraProvider(QgsProcessingProvider):
 
     def loadAlgorithms(self):  # noqa: N802
         for alg in (SegmentRasterAlgorithm(), SegmentFolderAlgorithm(),
-                    VectorizeClassesAlgorithm()):
+                    VectorizeClassesAlgorithm(), TrainModelAlgorithm(),
+                    EvaluateModelAlgorithm()):
             self.addAlgorithm(alg)

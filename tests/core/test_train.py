@@ -1,10 +1,15 @@
-"""Training on a tiny Dubai-layout dataset the test writes: runs, resumes, ignores black pixels."""
+"""Training on tiny datasets the tests write (folder, label raster, polygons): runs, resumes,
+ignores unannotated pixels, splits, stops early, and the worker's train op."""
 
 import json
 
 import numpy as np
 import pytest
+import torch
+from helpers import BrightnessModel, write_raster
 from PIL import Image
+from shapely.geometry import box
+from tessera.core import train as train_mod
 from tessera.core.errors import ParameterError
 from tessera.core.model import TesseraModel
 from tessera.core.train import (
@@ -12,12 +17,20 @@ from tessera.core.train import (
     IGNORE,
     TrainParams,
     confusion,
+    evaluate_patches,
     find_pairs,
     iou_from_confusion,
+    make_loss,
     mask_to_labels,
     split_by_image,
+    train,
     train_folder,
+    train_params_from_dict,
 )
+from tessera.core.worker import run_job
+
+TINY = dict(patch_size=64, batch_size=2, epochs=1, patches_per_epoch=2, encoder="resnet18",
+            val_patches=2, device="cpu")
 
 COLORS = [tuple(int(c.lstrip("#")[i:i + 2], 16) for i in (0, 2, 4)) for _, c in DUBAI_CLASSES]
 
@@ -82,6 +95,11 @@ def test_training_end_to_end_writes_a_valid_model_and_resumes(dataset, tmp_path)
         train_folder(dataset, out, TrainParams(patch_size=64, batch_size=2, epochs=3,
                                                patches_per_epoch=4, encoder="resnet18"),
                      checkpoint_dir=ck)
+    with pytest.raises(ParameterError, match="belongs to a run with split='image', not 'patches'"):
+        train_folder(dataset, out, TrainParams(patch_size=64, batch_size=2, epochs=2,
+                                               patches_per_epoch=4, encoder="resnet18",
+                                               val_patches=4, split="patches"),
+                     checkpoint_dir=ck)
 
 
 def test_bad_training_inputs(tmp_path):
@@ -89,3 +107,179 @@ def test_bad_training_inputs(tmp_path):
         find_pairs(tmp_path)
     with pytest.raises(ParameterError, match="multiple of 32"):
         TrainParams(patch_size=100)
+
+
+def test_training_params():
+    assert TrainParams().tile_and_overlap == (256, 64)
+    assert TrainParams(inference_tile=1024).tile_and_overlap == (1024, 128)
+    assert TrainParams(patch_size=64).tile_and_overlap == (64, 16)
+    assert TrainParams(patch_size=512, inference_tile=64).tile_and_overlap == (64, 24)
+    p = train_params_from_dict({"epochs": 3, "split": "patches", "early_stopping_patience": 5})
+    assert (p.epochs, p.split, p.early_stopping_patience) == (3, "patches", 5)
+    with pytest.raises(ParameterError, match="unknown training parameter.*: epoch "):
+        train_params_from_dict({"epoch": 3})
+    with pytest.raises(ParameterError, match="split must be"):
+        TrainParams(split="random")
+    with pytest.raises(ParameterError, match="patience"):
+        TrainParams(early_stopping_patience=0)
+    with pytest.raises(ParameterError, match="inference tile"):
+        TrainParams(inference_tile=100)
+
+
+@pytest.mark.parametrize("name", ["focal_dice", "ce"])
+def test_the_loss_ignores_unannotated_pixels(name):
+    loss_fn = make_loss(name)
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 3, (2, 8, 8), generator=g)
+    ignored = torch.rand((2, 8, 8), generator=g) < 0.4
+    target[ignored] = IGNORE
+    logits = torch.randn((2, 3, 8, 8), generator=g, requires_grad=True)
+    loss = loss_fn(logits, target)
+    loss.backward()
+    grad = logits.grad.permute(0, 2, 3, 1)[ignored]
+    assert grad.abs().max() == 0 and logits.grad.abs().max() > 0
+    other = logits.detach().clone()
+    other.permute(0, 2, 3, 1)[ignored] = torch.randn((int(ignored.sum()), 3), generator=g) * 10
+    assert float(loss_fn(other, target).detach()) == pytest.approx(float(loss.detach()), rel=1e-6)
+
+
+def test_validation_metrics_count_only_annotated_pixels():
+    x = np.zeros((2, 3, 4, 4), np.float32)
+    x[:, 0, :, 2:] = 1.0  # BrightnessModel: class 1 on the right half, class 0 on the left
+    y = np.full((2, 4, 4), IGNORE, np.uint8)
+    y[0, 0, 0], y[0, 0, 3], y[1, 3, 3], y[1, 2, 1] = 0, 0, 1, 2
+    cm = evaluate_patches(BrightnessModel(), [(x[0], y[0]), (x[1], y[1])], 3, torch.device("cpu"))
+    assert cm.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 0]]
+
+
+def test_early_stopping(dataset, tmp_path, monkeypatch):
+    scores = iter([(9, 1), (8, 2), (7, 3), (6, 4)])  # val mIoU 0.45, 0.40, 0.35, ...
+
+    def fake_eval(net, val, n, device):
+        cm = np.zeros((n, n), np.int64)
+        cm[0, 0], cm[0, 1] = next(scores)
+        return cm
+
+    monkeypatch.setattr(train_mod, "evaluate_patches", fake_eval)
+    p = TrainParams(**{**TINY, "epochs": 6, "early_stopping_patience": 2})
+    ck = tmp_path / "ck"
+    res = train_folder(dataset, tmp_path / "m.safetensors", p, checkpoint_dir=ck)
+    assert [h["epoch"] for h in res["history"]] == [1, 2, 3]
+    assert [h["val_miou"] for h in res["history"]] == pytest.approx([0.45, 0.4, 0.35])
+    assert res["best_epoch"] == 1 and res["best_val_miou"] == pytest.approx(0.45)
+    assert res["stopped"] == ("early stopping: validation mean IoU did not improve for 2 epochs "
+                              "(best 0.4500 at epoch 1)")
+    card = TesseraModel.load(tmp_path / "m.safetensors").contract.card
+    assert card["stopped"] == res["stopped"] and card["best_epoch"] == 1
+    assert card["epochs_run"] == 3 and card["recipe"]["early_stopping_patience"] == 2
+    # resuming a run that stopped early does not train further
+    res = train_folder(dataset, tmp_path / "m.safetensors", p, checkpoint_dir=ck)
+    assert len(res["history"]) == 3 and res["stopped"].startswith("early stopping")
+
+
+def test_training_on_a_raster_and_a_label_raster(tmp_path):
+    rng = np.random.default_rng(1)
+    lab = np.kron(rng.integers(0, 3, (6, 10)), np.ones((16, 16), np.uint8)).astype(np.uint8)
+    img = (lab[None].astype(np.uint16) * 1000 + rng.integers(0, 300, (3, 96, 160))).astype(np.uint16)
+    lab[:, :8] = 255  # unannotated
+    src = {"kind": "raster", "image": str(write_raster(tmp_path / "img.tif", img)),
+           "labels": str(write_raster(tmp_path / "lab.tif", lab))}
+    res = train(src, tmp_path / "r.safetensors", TrainParams(**TINY, inference_tile=256))
+    c = TesseraModel.load(tmp_path / "r.safetensors").contract
+    assert c.name == "r" and c.in_channels == 3 and c.bands == (1, 2, 3)
+    assert [k.name for k in c.classes] == ["class 0", "class 1", "class 2"]
+    assert c.scaling.method == "minmax"
+    assert c.scaling.min == tuple(float(v) for v in img.reshape(3, -1).min(1))
+    assert c.scaling.max == tuple(float(v) for v in img.reshape(3, -1).max(1))
+    assert (c.tile_size, c.overlap) == (256, 32) and c.pixel_size_m == pytest.approx(1.0)
+    assert res["split"] == {"method": "blocks", "cell_px": 64, "train": 3, "val": 1}
+    assert c.card["split"]["method"] == "blocks" and "split by spatial blocks" in c.card["data"]
+    assert c.card["annotated_pixels"] == {f"class {k}": int((lab == k).sum()) for k in range(3)}
+
+
+def test_training_on_polygons_with_class_names_and_the_patch_split(tmp_path):
+    import geopandas as gpd
+    import pyogrio
+
+    img = np.zeros((3, 128, 128), np.uint8)
+    img[:, :, 64:] = 200
+    write_raster(tmp_path / "img.tif", img)
+    top = 4000000
+    gdf = gpd.GeoDataFrame({"lc": ["Water", "land", "water"]},
+                           geometry=[box(500000, top - 128, 500064, top - 64),
+                                     box(500064, top - 128, 500128, top),
+                                     box(500000, top - 40, 500040, top)], crs="EPSG:32633")
+    pyogrio.write_dataframe(gdf, tmp_path / "p.gpkg")
+    classes = [{"id": 0, "name": "Building", "color": "#3C1098"},
+               {"id": 1, "name": "Land", "color": "#8429F6"},
+               {"id": 2, "name": "Water", "color": "#E2A929"}]
+    src = {"kind": "vector", "image": str(tmp_path / "img.tif"), "vector": str(tmp_path / "p.gpkg"),
+           "field": "lc", "layer": None}
+    res = train(src, tmp_path / "v.safetensors", TrainParams(**{**TINY, "split": "patches"}),
+                name="polygons", classes=classes)
+    c = TesseraModel.load(tmp_path / "v.safetensors").contract
+    assert c.name == "polygons" and [(k.name, k.color) for k in c.classes] == \
+        [(d["name"], d["color"]) for d in classes]
+    assert c.scaling.method == "divide" and c.scaling.value == 255.0
+    # 2 x 2 cells of 64 px, all annotated: 3 training, 1 validation
+    assert res["split"] == {"method": "patches", "cell_px": 64, "train": 3, "val": 1}
+    assert c.card["validation"]["patches"] == 1 and "split by patches" in c.card["data"]
+    assert c.card["annotated_pixels"] == {"Building": 0, "Land": 64 * 128, "Water": 64 * 64 + 40 * 40}
+
+
+def test_worker_train_op(tmp_path):
+    lab = np.zeros((64, 128), np.uint8)
+    lab[:, 64:] = 1
+    img = np.repeat((lab * 200)[None], 3, axis=0).astype(np.uint8)
+    data = {"kind": "raster", "image": str(write_raster(tmp_path / "i.tif", img)),
+            "labels": str(write_raster(tmp_path / "l.tif", lab))}
+    events = []
+    job = {"op": "train", "data": data, "out": str(tmp_path / "w.safetensors"),
+           "params": dict(TINY), "checkpoint": None, "name": None,
+           "classes": [{"id": 0, "name": "dark", "color": "#000000"},
+                       {"id": 1, "name": "bright", "color": "#FFFFFF"}], "pixel_size_m": 0.3}
+    res = run_job(job, lambda e, **f: events.append((e, f)), lambda: False)
+    assert set(res) >= {"best_val_miou", "history", "stopped", "model"}
+    assert res["model"] == str(tmp_path / "w.safetensors") and res["stopped"] == "completed"
+    assert [h["epoch"] for h in res["history"]] == [1] and json.loads(json.dumps(res)) == res
+    c = TesseraModel.load(res["model"]).contract
+    assert c.name == "w" and c.pixel_size_m == 0.3 and [k.name for k in c.classes] == ["dark", "bright"]
+    assert [e for e, _ in events].count("progress") >= 1
+    stages = [f["stage"] for e, f in events if e == "progress"]
+    assert stages[0] == "train" and stages[-1] == "done" and set(stages) == {"train", "done"}
+    with pytest.raises(ParameterError, match="unknown training parameter"):
+        run_job({**job, "params": {"epochz": 1}}, lambda *a, **k: None, lambda: False)
+
+
+def test_cli_train_on_a_label_raster_and_data_option_errors(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tessera = str(Path(sys.executable).parent / "tessera")
+    lab = np.zeros((64, 128), np.uint8)
+    lab[:, 64:] = 1
+    img = write_raster(tmp_path / "i.tif", np.repeat((lab * 200)[None], 3, axis=0).astype(np.uint8))
+    labels = write_raster(tmp_path / "l.tif", lab)
+    (tmp_path / "classes.json").write_text(json.dumps(
+        [{"id": 1, "name": "bright", "color": "#FFFFFF"}, {"id": 0, "name": "dark", "color": "#000000"}]))
+    out = tmp_path / "cli.safetensors"
+    p = subprocess.run([tessera, "train", "--image", str(img), "--labels", str(labels), "--out", str(out),
+                        "--classes", str(tmp_path / "classes.json"), "--epochs", "1",
+                        "--patches-per-epoch", "2", "--patch-size", "64", "--batch-size", "2",
+                        "--encoder", "resnet18", "--device", "cpu", "--split", "patches",
+                        "--patience", "3", "--inference-tile", "128", "-q"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[-1].endswith(f"(epoch 1); completed; model: {out}")
+    c = TesseraModel.load(out).contract
+    assert [k.name for k in c.classes] == ["dark", "bright"] and (c.tile_size, c.overlap) == (128, 16)
+    assert c.card["split"]["method"] == "patches" and c.card["recipe"]["early_stopping_patience"] == 3
+    for args, msg in (
+            (["train", str(tmp_path), "--image", str(img), "--out", str(out)],
+             "give either a FOLDER or --image with --labels or --vector, not both"),
+            (["train", "--image", str(img), "--vector", "p.gpkg", "--out", str(out)],
+             "--vector needs --field NAME"),
+            (["train", "--out", str(out)], "no data: give a FOLDER")):
+        p = subprocess.run([tessera, *args], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and msg in p.stderr

@@ -28,7 +28,7 @@ def test_load_and_unload_leave_nothing_behind(iface, qgis_processing):
     prov = reg.providerById("tessera")
     assert prov is not None and prov.name() == "Tessera"
     assert sorted(a.name() for a in prov.algorithms()) == [
-        "segment_folder", "segment_raster", "vectorize_classes"]
+        "evaluate_model", "segment_folder", "segment_raster", "train_model", "vectorize_classes"]
     assert [a.text() for a in iface.toolbar.actions()] == ["Segment active raster"]
     sub = iface._submenu("&Tessera", False)
     assert [a.text() for a in sub.actions()] == [

@@ -1,0 +1,695 @@
+"""Labelled data for training and evaluation: three shapes of data, one sample format.
+
+(a) ``folder``: the Dubai layout, ``<root>/**/images/*.jpg`` with ``<root>/**/masks/*.png`` of
+    the same stem; masks are RGB colours mapped to classes by a colour → class table. Mask
+    colours not in the table (pure black #000000 among them) are unannotated.
+(b) ``raster``: an image raster (GeoTIFF, VRT, JPEG2000... anything GDAL reads) and a label
+    raster **on the same grid** (same size, transform and CRS) holding class ids. The label
+    raster's nodata value, and 255, mean unannotated.
+(c) ``vector``: an image raster and a polygon layer (GeoPackage, Shapefile...) with a class
+    field; the polygons are rasterized onto the image's grid (reprojected to the image's CRS
+    first if they differ). Pixels no polygon covers are unannotated; where polygons overlap
+    the later feature wins. The field holds class ids (integers) or class names (matched
+    case-insensitively against the class table).
+
+A source is a plain JSON-able dict (what the worker and QGIS pass)::
+
+    {"kind": "folder", "root": PATH}
+    {"kind": "raster", "image": PATH, "labels": PATH, "bands": [1, 2, 3]}        (bands optional)
+    {"kind": "vector", "image": PATH, "vector": PATH, "field": NAME, "layer": null, "bands": null}
+
+:func:`source_from_dict` turns it into a frozen dataclass; :func:`load_dataset` reads it into
+:class:`Sample` values: ``(image (H, W, C) raw values, labels (H, W) uint8 with 255 =
+unannotated, name)``. Images stay ``uint8`` when the file is 8-bit and become ``float32``
+otherwise (raw values, not scaled); their per-band min/max over valid pixels is recorded so a
+model trained on them scales inputs min-max (``scaling: minmax`` in the contract) — inference
+then repeats exactly that. Pixels that are nodata in the image are unannotated.
+
+Class tables are lists of ``{"id", "name", "color"}`` (ids 0..n-1) or ``(name, colour)``
+pairs in id order. Without one, (b)/(c) derive it: ids 0..max found named ``class N``, or for
+a text field the sorted distinct names; colours from a fixed palette of distinct colours.
+
+The module also holds the training/validation splits (:func:`split_cells`): whole images,
+spatial blocks of one image, or the reference protocol's random split of patch cells.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import logging
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import BandMismatchError, ParameterError, RasterReadError
+
+log = logging.getLogger(__name__)
+
+IGNORE = 255
+#: The Dubai dataset's true mask colours (see ../shared/data/README.md), in class-id order.
+DUBAI_CLASSES = [("Building", "#3C1098"), ("Land", "#8429F6"), ("Road", "#6EC1E4"),
+                 ("Vegetation", "#FEDD3A"), ("Water", "#E2A929"), ("Unlabeled", "#9B9B9B")]
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+#: Distinct colours for derived class tables (then golden-ratio hues).
+PALETTE = ["#E6194B", "#3CB44B", "#4363D8", "#FFE119", "#F58231", "#911EB4", "#42D4F4",
+           "#F032E6", "#BFEF45", "#FABED4", "#469990", "#DCBEFF", "#9A6324", "#FFFAC8",
+           "#800000", "#AAFFC3", "#808000", "#FFD8B1", "#000075", "#A9A9A9"]
+#: Images larger than this are refused for training (each is held in memory).
+MAX_TRAIN_MPX = 250.0
+
+ClassTable = list[tuple[str, str]]
+
+
+# --------------------------------------------------------------------------- sources
+@dataclass(frozen=True)
+class FolderSource:
+    """(a) A Dubai-layout folder of images and colour masks."""
+
+    root: Path
+    kind = "folder"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "folder", "root": str(self.root)}
+
+
+@dataclass(frozen=True)
+class RasterSource:
+    """(b) An image raster and a label raster of class ids on the same grid."""
+
+    image: Path
+    labels: Path
+    bands: tuple[int, ...] | None = None
+    kind = "raster"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "raster", "image": str(self.image), "labels": str(self.labels),
+                "bands": list(self.bands) if self.bands else None}
+
+
+@dataclass(frozen=True)
+class VectorSource:
+    """(c) An image raster and a polygon layer whose ``field`` holds class ids or names."""
+
+    image: Path
+    vector: Path
+    field: str
+    layer: str | None = None
+    bands: tuple[int, ...] | None = None
+    kind = "vector"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "vector", "image": str(self.image), "vector": str(self.vector),
+                "field": self.field, "layer": self.layer,
+                "bands": list(self.bands) if self.bands else None}
+
+
+DataSource = FolderSource | RasterSource | VectorSource
+
+_KEYS = {"folder": ({"root"}, set()),
+         "raster": ({"image", "labels"}, {"bands"}),
+         "vector": ({"image", "vector", "field"}, {"layer", "bands"})}
+
+
+def source_from_dict(d: Any) -> DataSource:
+    """Validate a source dict (see the module docstring) and build its dataclass."""
+    if not isinstance(d, dict):
+        raise ParameterError(f"a data source must be a JSON object, not {d!r}")
+    kind = d.get("kind")
+    if kind not in _KEYS:
+        raise ParameterError(f"data source kind must be folder, raster or vector (got {kind!r})")
+    need, opt = _KEYS[kind]
+    missing = sorted(k for k in need if not d.get(k))
+    unknown = sorted(set(d) - need - opt - {"kind"})
+    if missing or unknown:
+        raise ParameterError(f"{kind} data source: " + "; ".join(
+            ([f"missing {', '.join(missing)}"] if missing else []) +
+            ([f"unknown keys {', '.join(unknown)}"] if unknown else [])))
+    bad = [k for k in need | (opt - {"bands"}) if d.get(k) is not None and not isinstance(d[k], str)]
+    if bad:
+        raise ParameterError(f"{kind} data source: {', '.join(sorted(bad))} must be text")
+    bands = d.get("bands")
+    if bands is not None:
+        if not isinstance(bands, (list, tuple)) or not bands or not all(
+                isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in bands):
+            raise ParameterError(f"'bands' must be a list of band numbers counted from 1 (got {bands})")
+        bands = tuple(bands)
+    if kind == "folder":
+        return FolderSource(Path(d["root"]))
+    if kind == "raster":
+        return RasterSource(Path(d["image"]), Path(d["labels"]), bands)
+    return VectorSource(Path(d["image"]), Path(d["vector"]), d["field"], d.get("layer") or None, bands)
+
+
+def as_source(src: DataSource | dict[str, Any] | str | Path) -> DataSource:
+    """A source from a dataclass, a source dict, or a folder path."""
+    if isinstance(src, (FolderSource, RasterSource, VectorSource)):
+        return src
+    if isinstance(src, dict):
+        return source_from_dict(src)
+    return FolderSource(Path(src))
+
+
+# --------------------------------------------------------------------------- class tables
+def distinct_colors(n: int) -> list[str]:
+    """``n`` distinct ``#RRGGBB`` colours: the palette, then golden-ratio hues."""
+    out = list(PALETTE[:n])
+    h = 0.0
+    while len(out) < n:
+        h = (h + 0.618033988749895) % 1.0
+        r, g, b = colorsys.hsv_to_rgb(h, 0.65, 0.9)
+        c = f"#{round(r * 255):02X}{round(g * 255):02X}{round(b * 255):02X}"
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def class_table(classes: Any, need_colors: bool = False) -> ClassTable:
+    """Normalize a class table to ``[(name, colour)]`` in id order.
+
+    Accepts ``(name, colour)`` pairs in id order, a list of ``{"id", "name", "color"}``
+    dicts (any order; ids 0..n-1 each once; colour optional unless ``need_colors``), or
+    ``{"classes": [...]}`` (e.g. a model contract).
+    """
+    if isinstance(classes, dict) and "classes" in classes:
+        classes = classes["classes"]
+    if not isinstance(classes, (list, tuple)) or not classes:
+        raise ParameterError("a class table must be a non-empty list of {id, name, color}")
+    if all(isinstance(c, (list, tuple)) and len(c) == 2 for c in classes):
+        rows = [{"id": k, "name": n, "color": c} for k, (n, c) in enumerate(classes)]
+    elif all(isinstance(c, dict) for c in classes):
+        rows = list(classes)
+    else:
+        raise ParameterError("a class table must be a list of {id, name, color} objects")
+    errs = []
+    for r in rows:
+        if not isinstance(r.get("id"), int) or isinstance(r.get("id"), bool) or \
+                not isinstance(r.get("name"), str) or not r["name"].strip():
+            errs.append(f"{r!r} needs an integer 'id' and a 'name'")
+        elif r.get("color") is None and need_colors:
+            errs.append(f"class '{r['name']}' needs a 'color' (its colour in the masks)")
+        elif r.get("color") is not None and not _is_color(r["color"]):
+            errs.append(f"class '{r['name']}' colour {r['color']!r} is not #RRGGBB")
+    if errs:
+        raise ParameterError("class table: " + "; ".join(errs))
+    ids = sorted(r["id"] for r in rows)
+    if ids != list(range(len(rows))):
+        raise ParameterError(f"class table: ids must be 0..{len(rows) - 1}, each once (got {ids})")
+    names = [r["name"].strip().lower() for r in rows]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ParameterError(f"class table: names must differ (case-insensitively): {', '.join(dup)}")
+    rows.sort(key=lambda r: r["id"])
+    spare = iter(c for c in distinct_colors(len(rows) + 20)
+                 if c not in {str(r.get("color") or "").upper() for r in rows})
+    return [(r["name"].strip(), str(r["color"]).upper() if r.get("color") else next(spare))
+            for r in rows]
+
+
+def read_class_file(path: str | Path) -> ClassTable:
+    """A class table from a JSON file (a list of ``{"id", "name", "color"}``, or ``{"classes": [...]}``)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ParameterError(f"{path}: cannot read the class table ({exc})", path) from exc
+    return class_table(data)
+
+
+def table_to_dicts(classes: ClassTable) -> list[dict[str, Any]]:
+    return [{"id": k, "name": n, "color": c} for k, (n, c) in enumerate(classes)]
+
+
+def _is_color(c: Any) -> bool:
+    return isinstance(c, str) and len(c) == 7 and c[0] == "#" and \
+        all(ch in "0123456789abcdefABCDEF" for ch in c[1:])
+
+
+def _derived_classes(n: int) -> ClassTable:
+    return list(zip([f"class {k}" for k in range(n)], distinct_colors(n)))
+
+
+# --------------------------------------------------------------------------- samples
+@dataclass(frozen=True, eq=False)
+class Sample:
+    """One labelled image. Unpacks as ``image, labels, name``.
+
+    image: ``(H, W, C)`` raw values (uint8, or float32 for other file types);
+    labels: ``(H, W)`` uint8 class ids, 255 = unannotated;
+    valid: ``(H, W)`` bool, False where the image is nodata (``None``: all valid).
+    """
+
+    image: np.ndarray
+    labels: np.ndarray
+    name: str
+    valid: np.ndarray | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.image, self.labels, self.name))
+
+
+@dataclass(eq=False)
+class Dataset:
+    """Loaded samples and what a model trained on them needs to know."""
+
+    source: DataSource
+    samples: list[Sample]
+    classes: ClassTable
+    bands: tuple[int, ...]
+    band_names: tuple[str, ...] | None
+    dtype: str                                  # "uint8" or "float32"
+    band_min: tuple[float, ...] | None = None    # per band, valid pixels (float32 data)
+    band_max: tuple[float, ...] | None = None
+    pixel_size_m: float | None = None
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def scaling(self) -> dict[str, Any]:
+        """The contract's ``scaling`` for models trained on these images."""
+        if self.dtype == "uint8":
+            return {"method": "divide", "value": 255.0}
+        return {"method": "minmax", "min": list(self.band_min or ()), "max": list(self.band_max or ())}
+
+    def value_range(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-band ``(low, high)`` of the raw values (0..255 for 8-bit data)."""
+        n = len(self.bands)
+        if self.dtype == "uint8":
+            return np.zeros(n, np.float32), np.full(n, 255.0, np.float32)
+        return np.asarray(self.band_min, np.float32), np.asarray(self.band_max, np.float32)
+
+    def label_counts(self) -> np.ndarray:
+        """Annotated pixels per class."""
+        n = len(self.classes)
+        out = np.zeros(n, np.int64)
+        for s in self.samples:
+            out += np.bincount(s.labels.ravel(), minlength=256)[:n]
+        return out
+
+
+def load_dataset(source: DataSource | dict[str, Any] | str | Path, classes: Any = None,
+                 bands: Sequence[int] | None = None, max_mpx: float | None = MAX_TRAIN_MPX) -> Dataset:
+    """Read every labelled image of ``source`` into memory.
+
+    classes: a class table (see :func:`class_table`); for folders it maps mask colours
+    (default: the Dubai colours); for rasters/polygons it names the ids (default: derived).
+    bands: raster bands to read when the source does not list them (default: the first 3).
+    max_mpx: refuse any image larger than this many megapixels (``None``: no limit).
+    """
+    src = as_source(source)
+    table = class_table(classes, need_colors=isinstance(src, FolderSource)) \
+        if classes is not None else None
+    if isinstance(src, FolderSource):
+        return _load_folder(src, table or list(DUBAI_CLASSES), max_mpx)
+    return _load_raster(src, table, tuple(src.bands or bands or ()) or None, max_mpx)
+
+
+def iter_samples(source: DataSource | dict[str, Any] | str | Path, classes: Any = None,
+                 bands: Sequence[int] | None = None) -> Iterator[Sample]:
+    """The samples of ``source`` (see :func:`load_dataset`)."""
+    yield from load_dataset(source, classes, bands).samples
+
+
+# ---- (a) folder
+def find_pairs(root: str | Path) -> list[tuple[Path, Path]]:
+    """``(image, mask)`` pairs under ``root``: ``.../images/X.*`` with ``.../masks/X.png``."""
+    pairs = []
+    for img in sorted(Path(root).rglob("images/*")):
+        if img.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        mask = img.parent.parent / "masks" / (img.stem + ".png")
+        if mask.exists():
+            pairs.append((img, mask))
+    if not pairs:
+        raise ParameterError(f"{root}: no images/*.jpg with masks/*.png pairs found", root)
+    return pairs
+
+
+def mask_to_labels(rgb: np.ndarray, colors: list[str]) -> np.ndarray:
+    """``(H, W, 3)`` uint8 colour mask → ``(H, W)`` uint8 class ids; other colours → 255."""
+    code = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
+    out = np.full(code.shape, IGNORE, np.uint8)
+    for k, c in enumerate(colors):
+        v = int(c.lstrip("#"), 16)
+        out[code == v] = k
+    return out
+
+
+def load_pair(img: Path, mask: Path, colors: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """An image ``(H, W, 3)`` uint8 and its labels ``(H, W)`` uint8 (255 = unannotated)."""
+    from PIL import Image
+
+    try:
+        x = np.asarray(Image.open(img).convert("RGB"))
+        y = mask_to_labels(np.asarray(Image.open(mask).convert("RGB")), colors)
+    except OSError as exc:
+        raise RasterReadError(f"{img}: cannot read the image or its mask ({exc})", img) from exc
+    if x.shape[:2] != y.shape:
+        raise RasterReadError(f"{img}: image {x.shape[:2]} and mask {y.shape} differ in size", img)
+    return x, y
+
+
+def _load_folder(src: FolderSource, classes: ClassTable, max_mpx: float | None) -> Dataset:
+    from PIL import Image
+
+    pairs = find_pairs(src.root)
+    colors = [c for _, c in classes]
+    samples = []
+    for img, mask in pairs:
+        if max_mpx is not None:
+            try:
+                with Image.open(img) as im:
+                    w, h = im.size
+            except OSError as exc:
+                raise RasterReadError(f"{img}: cannot read the image ({exc})", img) from exc
+            _check_size(img, w, h, max_mpx)
+        x, y = load_pair(img, mask, colors)
+        samples.append(Sample(x, y, str(img.relative_to(src.root))))
+    return Dataset(src, samples, classes, (1, 2, 3), ("red", "green", "blue"), "uint8",
+                   description=f"{len(pairs)} image/mask pairs from {src.root.name}")
+
+
+def _check_size(path: Any, w: int, h: int, max_mpx: float) -> None:
+    if w * h > max_mpx * 1e6:
+        raise ParameterError(
+            f"{path}: {w} x {h} px ({w * h / 1e6:.0f} Mpx) is more than the {max_mpx:g} Mpx "
+            "this command holds in memory per image; crop the image (and its labels) into "
+            "smaller pieces, or segment it with `tessera segment` and compare the class "
+            "raster with the labels", path)
+
+
+# ---- (b)/(c) rasters
+def _load_raster(src: RasterSource | VectorSource, classes: ClassTable | None,
+                 bands: tuple[int, ...] | None, max_mpx: float | None) -> Dataset:
+    from .rasterio_io import gdal_env, open_raster, read_window
+    from .segment import _pixel_size_m
+
+    path = str(src.image)
+    with gdal_env(), open_raster(path) as ds:
+        bands = bands or tuple(range(1, min(3, ds.count) + 1))
+        if max(bands) > ds.count:
+            raise BandMismatchError(f"{path}: bands {list(bands)} were asked for but the raster "
+                                    f"has {ds.count}", path)
+        if max_mpx is not None:
+            _check_size(path, ds.width, ds.height, max_mpx)
+        data, valid = read_window(ds, bands, 0, 0, ds.height, ds.width, None)
+        grid = {"width": ds.width, "height": ds.height, "transform": ds.transform, "crs": ds.crs}
+        descr = [ds.descriptions[b - 1] for b in bands]
+        band_names = tuple(descr) if all(descr) else None
+        if band_names is None:
+            ci = [ds.colorinterp[b - 1].name for b in bands]
+            band_names = tuple(ci) if all(c in ("red", "green", "blue", "alpha") for c in ci) \
+                and len(set(ci)) == len(ci) else None
+        px = _pixel_size_m(ds)
+    if not valid.any():
+        raise ParameterError(f"{path}: every pixel is nodata", path)
+    if data.dtype == np.uint8:
+        dtype, lo, hi = "uint8", None, None
+    else:
+        dtype = "float32"
+        data = data.astype(np.float32)
+        vals = data[:, valid]
+        lo = tuple(float(v) for v in vals.min(axis=1))
+        hi = tuple(float(h) if h > low else float(low) + 1.0 for low, h in zip(lo, vals.max(axis=1)))
+    if isinstance(src, RasterSource):
+        labels, classes, what = _raster_labels(src, grid, classes)
+    else:
+        labels, classes, what = _vector_labels(src, grid, classes)
+    labels[~valid] = IGNORE
+    n_ann = int((labels != IGNORE).sum())
+    if n_ann == 0:
+        raise ParameterError(f"{src.image}: no annotated pixel (where the image has data) in {what}",
+                             src.image)
+    sample = Sample(np.ascontiguousarray(np.moveaxis(data, 0, -1)), labels, src.image.name,
+                    None if valid.all() else valid)
+    desc = (f"{src.image.name} ({grid['width']} x {grid['height']} px, bands {list(bands)}) "
+            f"with labels from {what}: {n_ann} annotated pixels")
+    return Dataset(src, [sample], classes, tuple(bands), band_names, dtype, lo, hi, px, desc)
+
+
+def _same_grid(image: Path, labels: Path, grid: dict[str, Any], lds: Any) -> None:
+    problems = []
+    if (lds.width, lds.height) != (grid["width"], grid["height"]):
+        problems.append(f"size {lds.width} x {lds.height} px vs {grid['width']} x {grid['height']} px")
+    t1, t2 = grid["transform"], lds.transform
+    px = max(abs(t1.a), abs(t1.e), 1e-12)
+    if any(abs(a - b) > px * 1e-3 for a, b in zip(tuple(t1)[:6], tuple(t2)[:6])):
+        problems.append(f"transform {tuple(round(v, 6) for v in tuple(t2)[:6])} vs "
+                        f"{tuple(round(v, 6) for v in tuple(t1)[:6])} (origin or pixel size differ)")
+    c1, c2 = grid["crs"], lds.crs
+    if (c1 is None) != (c2 is None) or (c1 is not None and c1 != c2):
+        problems.append(f"CRS {_crs_name(c2)} vs {_crs_name(c1)}")
+    if problems:
+        raise ParameterError(
+            f"the label raster {labels} is not on the grid of the image {image}: "
+            + "; ".join(problems) + " (labels vs image). Warp the labels onto the image's grid "
+            "(same extent, pixel size and CRS, nearest neighbour) first", labels)
+
+
+def _crs_name(crs: Any) -> str:
+    if crs is None:
+        return "none"
+    try:
+        epsg = crs.to_epsg()
+    except Exception:  # noqa: BLE001  (an exotic CRS: describe it by its WKT)
+        epsg = None
+    return f"EPSG:{epsg}" if epsg else crs.to_wkt()[:60]
+
+
+def _raster_labels(src: RasterSource, grid: dict[str, Any],
+                   classes: ClassTable | None) -> tuple[np.ndarray, ClassTable, str]:
+    from .rasterio_io import gdal_env, open_raster
+
+    path = str(src.labels)
+    with gdal_env(), open_raster(path) as lds:
+        _same_grid(src.image, src.labels, grid, lds)
+        raw = lds.read(1)
+        ok = lds.read_masks(1) > 0
+    if raw.dtype.kind == "f":
+        ok &= np.isfinite(raw)
+    ok &= raw != IGNORE
+    vals = raw[ok]
+    if vals.size:
+        bad = vals[(vals != np.round(vals)) | (vals < 0) | (vals > 254)] if raw.dtype.kind == "f" \
+            else vals[(vals < 0) | (vals > 254)]
+        if bad.size:
+            shown = ", ".join(f"{v:g}" for v in np.unique(bad)[:8])
+            raise ParameterError(f"{path}: label values must be class ids 0..254 (255 and the "
+                                 f"nodata value = unannotated); found {shown}", path)
+    labels = np.full(raw.shape, IGNORE, np.uint8)
+    labels[ok] = vals.astype(np.uint8)
+    found = np.unique(labels[ok]).tolist() if vals.size else []
+    classes = _check_ids(found, classes, path)
+    return labels, classes, src.labels.name
+
+
+def _check_ids(found: list[int], classes: ClassTable | None, where: str) -> ClassTable:
+    if classes is None:
+        return _derived_classes(max(found) + 1 if found else 1)
+    extra = [v for v in found if v >= len(classes)]
+    if extra:
+        raise ParameterError(f"{where}: holds class ids {', '.join(map(str, extra))} that the class "
+                             f"table (ids 0..{len(classes) - 1}: "
+                             f"{', '.join(n for n, _ in classes)}) does not define", where)
+    return classes
+
+
+def _vector_labels(src: VectorSource, grid: dict[str, Any],
+                   classes: ClassTable | None) -> tuple[np.ndarray, ClassTable, str]:
+    import pyogrio
+    from pyogrio.errors import DataLayerError, DataSourceError
+    from rasterio.features import rasterize
+
+    path = str(src.vector)
+    if not path.startswith("/vsi") and not Path(path).exists():
+        raise ParameterError(f"{path}: polygon file not found", path)
+    layer = src.layer
+    try:
+        if layer is None:
+            spatial = [str(n) for n, g in pyogrio.list_layers(path) if g]
+            if len(spatial) > 1:
+                raise ParameterError(f"{path}: holds several layers ({', '.join(spatial)}); say "
+                                     "which one holds the labels", path)
+            layer = spatial[0] if spatial else None
+        info = pyogrio.read_info(path, layer=layer)
+        fields = [str(f) for f in info["fields"]]
+        if src.field not in fields:
+            raise ParameterError(f"{path}: has no field '{src.field}' (fields: "
+                                 f"{', '.join(fields) or 'none'})", path)
+        gdf = pyogrio.read_dataframe(path, layer=layer, columns=[src.field])
+    except (DataSourceError, DataLayerError, OSError) as exc:
+        raise ParameterError(f"{path}: cannot read the polygon layer ({exc})", path) from exc
+    where = f"{src.vector.name}" + (f" layer {layer}" if src.layer else "") + f" field {src.field}"
+    rcrs = grid["crs"]
+    if gdf.crs is not None and rcrs is not None:
+        from pyproj import CRS
+
+        target = CRS.from_user_input(rcrs.to_wkt())
+        if not target.equals(gdf.crs, ignore_axis_order=True):
+            log.info("reprojecting %s from %s to the image's CRS", path, gdf.crs.name)
+            gdf = gdf.to_crs(target)
+    elif (gdf.crs is None) != (rcrs is None):
+        log.warning("%s or %s has no CRS: assuming both use the same coordinates", path, src.image)
+    keep = gdf.geometry.notna() & ~gdf.geometry.is_empty & gdf[src.field].notna()
+    gdf = gdf[keep]
+    values = gdf[src.field]
+    if values.dtype.kind in "biuf":
+        v = values.to_numpy(np.float64)
+        bad = np.unique(v[(v != np.round(v)) | (v < 0) | (v > 254)])
+        if bad.size:
+            raise ParameterError(f"{where}: class ids must be whole numbers 0..254 (found "
+                                 f"{', '.join(f'{x:g}' for x in bad[:8])})", path)
+        ids = v.astype(np.int64)
+        classes = _check_ids(sorted(set(ids.tolist())), classes, where)
+    else:
+        ids, classes = _ids_from_names([str(x) for x in values], classes, where)
+    if not len(ids):
+        raise ParameterError(f"{where}: no polygon with a class value", path)
+    shapes = zip(gdf.geometry.to_numpy(), (int(i) for i in ids))
+    labels = rasterize(shapes, out_shape=(grid["height"], grid["width"]), transform=grid["transform"],
+                       fill=IGNORE, dtype="uint8")
+    return labels, classes, where
+
+
+def _ids_from_names(names: list[str], classes: ClassTable | None,
+                    where: str) -> tuple[np.ndarray, ClassTable]:
+    keys = [n.strip().lower() for n in names]
+    if classes is None:
+        if keys and all(k.isdigit() for k in keys):
+            ids = np.array([int(k) for k in keys], np.int64)
+            return ids, _check_ids(sorted(set(ids.tolist())), None, where)
+        spelled: dict[str, str] = {}
+        for n, k in sorted(zip([n.strip() for n in names], keys), key=lambda t: (t[1], t[0])):
+            spelled.setdefault(k, n)
+        order = sorted(spelled)
+        if len(order) > 255:
+            raise ParameterError(f"{where}: {len(order)} distinct class names; at most 255 classes")
+        classes = list(zip([spelled[k] for k in order], distinct_colors(len(order))))
+    lookup = {n.lower(): k for k, (n, _) in enumerate(classes)}
+    ids = []
+    unknown = set()
+    for n, k in zip(names, keys):
+        if k in lookup:
+            ids.append(lookup[k])
+        elif k.isdigit() and int(k) < len(classes):
+            ids.append(int(k))
+        else:
+            unknown.add(n.strip())
+    if unknown:
+        raise ParameterError(f"{where}: class names not in the class table: "
+                             f"{', '.join(sorted(unknown))} (known: "
+                             f"{', '.join(n for n, _ in classes)})")
+    return np.array(ids, np.int64), classes
+
+
+# --------------------------------------------------------------------------- splits
+@dataclass(frozen=True)
+class Cell:
+    """A rectangle of sample ``image`` (index) in pixels: training or validation ground."""
+
+    image: int
+    row: int
+    col: int
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class Split:
+    """Training and validation cells. ``method``: ``image`` (whole images), ``blocks``
+    (spatial blocks of one image, ``cell_px`` about their side) or ``patches`` (the
+    reference protocol: a grid of ``cell_px`` cells over every image, split at random)."""
+
+    method: str
+    train: tuple[Cell, ...]
+    val: tuple[Cell, ...]
+    cell_px: int | None = None
+
+    def describe(self) -> str:
+        if self.method == "image":
+            return (f"split by image: {len(self.train)} training, {len(self.val)} validation "
+                    "images")
+        if self.method == "blocks":
+            return (f"split by spatial blocks of about {self.cell_px} px: {len(self.train)} "
+                    f"training, {len(self.val)} validation blocks")
+        return (f"split by patches: a grid of {self.cell_px} px cells over all images split at "
+                f"random, {len(self.train)} training, {len(self.val)} validation cells")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "cell_px": self.cell_px, "train": len(self.train),
+                "val": len(self.val)}
+
+
+def split_by_image(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of training and validation images (whole images, never patches of one image)."""
+    idx = list(range(n))
+    random.Random(seed).shuffle(idx)
+    n_val = max(1, round(n * val_fraction))
+    return sorted(idx[n_val:]), sorted(idx[:n_val])
+
+
+def _annotated(labels: np.ndarray, c: Cell) -> bool:
+    return bool((labels[c.row:c.row + c.height, c.col:c.col + c.width] != IGNORE).any())
+
+
+def _random_split(cells: list[Cell], val_fraction: float, seed: int) -> tuple[list[Cell], list[Cell]]:
+    tr, va = split_by_image(len(cells), val_fraction, seed)
+    return [cells[i] for i in tr], [cells[i] for i in va]
+
+
+def block_cells(k: int, h: int, w: int, block: int) -> list[Cell]:
+    """About ``block``-px blocks tiling an ``h`` x ``w`` image (edges spread evenly)."""
+    rows = np.linspace(0, h, max(1, round(h / block)) + 1).round().astype(int)
+    cols = np.linspace(0, w, max(1, round(w / block)) + 1).round().astype(int)
+    return [Cell(k, int(r0), int(c0), int(r1 - r0), int(c1 - c0))
+            for r0, r1 in pairwise(rows.tolist()) for c0, c1 in pairwise(cols.tolist())]
+
+
+def patch_cells(k: int, h: int, w: int, size: int) -> list[Cell]:
+    """Non-overlapping ``size``² cells from the top-left corner (a last partial row or column
+    is left out; an image smaller than ``size`` is one cell)."""
+    nr, nc = max(1, h // size), max(1, w // size)
+    return [Cell(k, i * size, j * size, min(size, h), min(size, w))
+            for i in range(nr) for j in range(nc)]
+
+
+def split_cells(labels: Sequence[np.ndarray], method: str, patch: int, val_fraction: float,
+                seed: int) -> Split:
+    """Split labelled images into training and validation cells (see :class:`Split`).
+
+    ``method`` ``image``: whole images when there are at least two annotated images, else
+    spatial blocks of about ``4 * patch`` px of the one image (smaller blocks if the image
+    has fewer than two); ``patches``: the reference protocol. Cells without an annotated
+    pixel are left out. Deterministic for a given ``seed``.
+    """
+    if method not in ("image", "patches"):
+        raise ParameterError(f"split must be 'image' or 'patches' (got {method!r})")
+    shapes = [lab.shape for lab in labels]
+    if method == "patches":
+        cells = [c for k, (h, w) in enumerate(shapes) for c in patch_cells(k, h, w, patch)
+                 if _annotated(labels[k], c)]
+        if len(cells) < 2:
+            raise ParameterError(f"only {len(cells)} annotated {patch} px cell(s): too little "
+                                 "data to split into training and validation patches")
+        tr, va = _random_split(cells, val_fraction, seed)
+        return Split("patches", tuple(tr), tuple(va), patch)
+    whole = [Cell(k, 0, 0, h, w) for k, (h, w) in enumerate(shapes)]
+    whole = [c for c in whole if _annotated(labels[c.image], c)]
+    if len(whole) >= 2:
+        tr, va = _random_split(whole, val_fraction, seed)
+        return Split("image", tuple(tr), tuple(va))
+    if not whole:
+        raise ParameterError("no annotated pixel in the data")
+    k = whole[0].image
+    h, w = shapes[k]
+    for block in (4 * patch, 2 * patch, patch):
+        cells = [c for c in block_cells(k, h, w, block) if _annotated(labels[k], c)]
+        if len(cells) >= 2:
+            tr, va = _random_split(cells, val_fraction, seed)
+            return Split("blocks", tuple(tr), tuple(va), block)
+    raise ParameterError(f"one image of {w} x {h} px with annotations in fewer than two "
+                         f"{patch} px blocks: too small to keep validation pixels apart from "
+                         "training pixels; add images or annotate more of it")

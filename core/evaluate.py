@@ -1,0 +1,457 @@
+"""Evaluate a model on labelled imagery: confusion matrix, accuracy, IoU, precision, recall.
+
+Every labelled image of a :mod:`.datasets` source is segmented in memory with the engine's
+own tiling and smooth blending (:class:`.tiling.TileGrid`, :class:`.device.Predictor`, the
+contract's tile size, overlap and normalization — what ``tessera segment`` does), then compared
+with its labels. Unannotated pixels (label 255, nodata in the label raster, outside every
+polygon, or nodata in the image) do not count.
+
+Metrics, from the confusion matrix ``C`` (rows = truth, columns = prediction):
+
+* pixel accuracy = trace(C) / sum(C);
+* per class k: IoU = TP / (TP + FP + FN), precision = TP / (TP + FP), recall = TP / (TP + FN);
+  undefined (``None`` in JSON) when its denominator is 0;
+* mean IoU = the mean of IoU over the classes present in the truth **or** the prediction
+  (a class absent from both has no IoU and is left out; a class predicted but absent from
+  the truth counts with IoU 0).
+
+Outputs (each written atomically: a temporary name, then a rename): a JSON report and a PNG
+chart (confusion-matrix heatmap, row-normalized, with percentages and counts; IoU bars per
+class with mean IoU and accuracy in the title), drawn with Pillow only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .contract import ModelContract
+from .datasets import IGNORE, DataSource, FolderSource, as_source, load_dataset
+from .errors import BandMismatchError, OutputError, ParameterError
+from .model import TesseraModel
+from .normalize import normalize
+from .progress import CancelFn, Meter, Progress, ProgressFn, check_cancel
+from .tiling import TileGrid, padded_size
+
+log = logging.getLogger(__name__)
+
+#: Images above this size are refused (each is segmented in memory).
+MAX_EVAL_MPX = 100.0
+MEAN_IOU_DEFINITION = ("mean of per-class IoU over the classes present in the truth or the "
+                       "prediction; unannotated pixels are ignored")
+
+
+def metrics_from_confusion(cm: np.ndarray) -> dict[str, Any]:
+    """``accuracy``, ``mean_iou`` (floats) and per-class ``iou``, ``precision``, ``recall``
+    (float arrays, NaN where undefined) of a confusion matrix (rows = truth)."""
+    cm = np.asarray(cm, dtype=np.int64)
+    tp = np.diag(cm).astype(np.float64)
+    truth, pred = cm.sum(1).astype(np.float64), cm.sum(0).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        union = truth + pred - tp
+        iou = np.where(union > 0, tp / union, np.nan)
+        precision = np.where(pred > 0, tp / pred, np.nan)
+        recall = np.where(truth > 0, tp / truth, np.nan)
+    total = cm.sum()
+    return {"accuracy": float(tp.sum() / total) if total else float("nan"),
+            "mean_iou": float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
+            "iou": iou, "precision": precision, "recall": recall}
+
+
+def _num(v: Any) -> float | None:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+@dataclass
+class EvalResult:
+    """An evaluation: the confusion matrix and everything computed from it."""
+
+    model: str
+    model_path: str | None
+    data: dict[str, Any]
+    device: str
+    class_names: list[str]
+    class_colors: list[str]
+    confusion: np.ndarray
+    images: list[dict[str, Any]] = field(default_factory=list)
+    out_json: str | None = None
+    out_png: str | None = None
+    seconds: float = 0.0
+    tile_size: int = 0
+    overlap: int = 0
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return metrics_from_confusion(self.confusion)
+
+    @property
+    def accuracy(self) -> float:
+        return self.metrics["accuracy"]
+
+    @property
+    def mean_iou(self) -> float:
+        return self.metrics["mean_iou"]
+
+    @property
+    def pixels(self) -> int:
+        return int(self.confusion.sum())
+
+    def per_class(self) -> list[dict[str, Any]]:
+        m = self.metrics
+        truth, pred = self.confusion.sum(1), self.confusion.sum(0)
+        return [{"id": k, "name": n, "iou": _num(m["iou"][k]), "precision": _num(m["precision"][k]),
+                 "recall": _num(m["recall"][k]), "truth_pixels": int(truth[k]),
+                 "predicted_pixels": int(pred[k])} for k, n in enumerate(self.class_names)]
+
+    def summary(self) -> dict[str, Any]:
+        """The worker's result: headline numbers, per-class rows, the matrix, the outputs."""
+        return {"accuracy": _num(self.accuracy), "mean_iou": _num(self.mean_iou),
+                "per_class": [{k: c[k] for k in ("id", "name", "iou", "precision", "recall")}
+                              for c in self.per_class()],
+                "confusion": self.confusion.tolist(), "pixels": self.pixels,
+                "out_json": self.out_json, "out_png": self.out_png, "device": self.device}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON report."""
+        return {
+            "model": self.model, "model_file": self.model_path, "data": self.data,
+            "device": self.device, "tile_size": self.tile_size, "overlap": self.overlap,
+            "seconds": round(self.seconds, 3),
+            "metrics": {"pixel_accuracy": _num(self.accuracy), "mean_iou": _num(self.mean_iou),
+                        "mean_iou_definition": MEAN_IOU_DEFINITION,
+                        "annotated_pixels": self.pixels, "per_class": self.per_class()},
+            "confusion_matrix": {"rows": "truth", "columns": "prediction",
+                                 "classes": self.class_names, "counts": self.confusion.tolist()},
+            "images": self.images,
+        }
+
+    def table(self) -> str:
+        """A readable fixed-width table (what ``tessera evaluate`` prints)."""
+        def f(v: float | None) -> str:
+            return "     -" if v is None else f"{v:6.4f}"
+
+        w = max([len(n) for n in self.class_names] + [5])
+        lines = [f"{'id':>3}  {'class':<{w}}  {'IoU':>6}  {'precision':>9}  {'recall':>6}  "
+                 f"{'truth px':>10}  {'predicted px':>12}"]
+        for c in self.per_class():
+            lines.append(f"{c['id']:>3}  {c['name']:<{w}}  {f(c['iou'])}  {f(c['precision']):>9}  "
+                         f"{f(c['recall'])}  {c['truth_pixels']:>10}  {c['predicted_pixels']:>12}")
+        acc, miou = _num(self.accuracy), _num(self.mean_iou)
+        lines.append(f"pixel accuracy {f(acc).strip()}, mean IoU {f(miou).strip()} over "
+                     f"{self.pixels} annotated pixels in {len(self.images)} image(s)")
+        return "\n".join(lines)
+
+
+def predict_image(predictor: Any, contract: ModelContract, image: np.ndarray,
+                  valid: np.ndarray | None = None, tile: int | None = None,
+                  overlap: int | None = None, batch_size: int = 4,
+                  cancel: CancelFn | None = None, on_tiles: Any = None) -> np.ndarray:
+    """Segment an in-memory image ``(H, W, C)`` (raw values, the model's bands in order):
+    ``(H, W)`` uint8 classes, the contract's nodata value where the image is invalid.
+
+    The same tiling, padding, normalization and blending as :func:`.segment.segment_raster`.
+    """
+    h, w = image.shape[:2]
+    tile = tile or contract.tile_size
+    overlap = contract.overlap if overlap is None else overlap
+    if tile % contract.size_multiple:
+        raise ParameterError(f"tile size {tile} must be a multiple of {contract.size_multiple} "
+                             f"for model '{contract.name}'")
+    if overlap >= tile // 2:
+        raise ParameterError(f"overlap ({overlap} px) must be less than half the tile size ({tile} px)")
+    data = np.moveaxis(image, -1, 0)
+    grid = TileGrid(h, w, tile, overlap)
+    m = contract.size_multiple
+    ph, pw = padded_size(min(tile, h), m), padded_size(min(tile, w), m)
+    k = contract.n_classes
+    direct = overlap == 0
+    acc = np.zeros((k, h, w), np.float32)
+    wsum = np.zeros((h, w), np.float32)
+    pending: list[tuple[Any, np.ndarray]] = []
+
+    def flush() -> None:
+        probs = predictor.predict(np.stack([x for _, x in pending]))
+        for (t, _), pr in zip(pending, probs):
+            if direct:
+                r0, r1, c0, c1 = grid.owned(t)
+                acc[:, r0:r1, c0:c1] = pr[:, r0 - t.row:r1 - t.row, c0 - t.col:c1 - t.col]
+                wsum[r0:r1, c0:c1] = 1.0
+            else:
+                wt = grid.weights(t)
+                acc[:, t.row:t.row + t.height, t.col:t.col + t.width] += pr[:, :t.height, :t.width] * wt
+                wsum[t.row:t.row + t.height, t.col:t.col + t.width] += wt
+        if on_tiles is not None:
+            on_tiles(len(pending))
+        pending.clear()
+
+    for t in grid:
+        check_cancel(cancel)
+        v = valid[t.row:t.row + t.height, t.col:t.col + t.width] if valid is not None \
+            else np.ones((t.height, t.width), bool)
+        if not v.any():
+            if on_tiles is not None:
+                on_tiles(1)
+            continue
+        x = normalize(data[:, t.row:t.row + t.height, t.col:t.col + t.width], v, contract)
+        if x.shape[1:] != (ph, pw):
+            pad = ((0, 0), (0, ph - x.shape[1]), (0, pw - x.shape[2]))
+            try:
+                x = np.pad(x, pad, mode="reflect")
+            except ValueError:
+                x = np.pad(x, pad, mode="edge")
+        pending.append((t, x))
+        if len(pending) == batch_size:
+            flush()
+    if pending:
+        flush()
+    cls = np.argmax(acc, axis=0).astype(np.uint8)
+    bad = wsum <= 0
+    if valid is not None:
+        bad |= ~valid
+    cls[bad] = contract.nodata_value
+    return cls
+
+
+def evaluate_model(model_path: str | Path | TesseraModel, source: DataSource | dict[str, Any] | str | Path,
+                   out_json: str | Path | None = None, out_png: str | Path | None = None,
+                   device: str = "auto", batch_size: int = 4, progress: ProgressFn | None = None,
+                   cancel: CancelFn | None = None, tile_size: int | None = None,
+                   overlap: int | None = None) -> EvalResult:
+    """Segment every labelled image of ``source`` with the model and score it (see the module
+    docstring). The labels are read with the model's classes (folder masks by the classes'
+    colours, polygon names by the classes' names) and the model's bands unless the source
+    lists bands. Writes ``out_json``/``out_png`` if given."""
+    from .device import Predictor
+
+    t0 = time.perf_counter()
+    model = model_path if isinstance(model_path, TesseraModel) else TesseraModel.load(model_path)
+    c = model.contract
+    src = as_source(source)
+    classes = [(ci.name, ci.color) for ci in sorted(c.classes, key=lambda ci: ci.id)]
+    if isinstance(src, FolderSource) and c.in_channels != 3:
+        raise BandMismatchError(f"model '{c.name}' expects {c.in_channels} bands; a folder of "
+                                "images gives 3 (RGB)")
+    ds = load_dataset(src, classes, bands=c.bands, max_mpx=MAX_EVAL_MPX)
+    if len(ds.bands) != c.in_channels:
+        raise BandMismatchError(f"model '{c.name}' expects {c.in_channels} bands, but "
+                                f"{len(ds.bands)} were selected ({list(ds.bands)})")
+    for path in (out_json, out_png):
+        if path is not None:
+            from .rasterio_io import check_writable_dir
+
+            check_writable_dir(Path(path).parent)
+    predictor = Predictor(model.module, device)
+    tile = tile_size or c.tile_size
+    ov = c.overlap if overlap is None else overlap
+    n_tiles = sum(len(TileGrid(s.labels.shape[0], s.labels.shape[1], tile, ov)) for s in ds.samples)
+    meter = Meter("evaluate", n_tiles, progress)
+    done = [0]
+
+    def on_tiles(n: int) -> None:
+        done[0] += n
+        meter.update(done[0], f"{done[0]}/{n_tiles} tiles")
+
+    k = c.n_classes
+    cm = np.zeros((k, k), np.int64)
+    rows = []
+    for s in ds.samples:
+        pred = predict_image(predictor, c, s.image, s.valid, tile, ov, batch_size, cancel, on_tiles)
+        truth = s.labels.copy()
+        truth[pred >= k] = IGNORE  # not predicted (image nodata): not scored
+        cmi = confusion_matrix(pred, truth, k)
+        cm += cmi
+        mi = metrics_from_confusion(cmi)
+        rows.append({"image": s.name, "annotated_pixels": int(cmi.sum()),
+                     "pixel_accuracy": _num(mi["accuracy"]), "mean_iou": _num(mi["mean_iou"])})
+    if cm.sum() == 0:
+        raise ParameterError("no annotated pixel to evaluate (every labelled pixel is unannotated "
+                             "or nodata in the image)")
+    res = EvalResult(c.name, str(model.path) if model.path else None, src.to_dict(),
+                     predictor.info.label, [n for n, _ in classes], [col for _, col in classes], cm,
+                     rows, tile_size=tile, overlap=ov)
+    res.seconds = time.perf_counter() - t0
+    if out_json is not None:
+        res.out_json = str(out_json)
+        _atomic_write(Path(out_json), lambda p: p.write_text(
+            json.dumps(res.to_dict(), indent=1, allow_nan=False), encoding="utf-8"))
+    if out_png is not None:
+        res.out_png = str(out_png)
+        img = draw_chart(res)
+        _atomic_write(Path(out_png), lambda p: img.save(p, format="PNG"))
+    if progress is not None:
+        progress(Progress("done", 1, 1, 1.0, time.perf_counter() - t0, None, 0.0, "done"))
+    return res
+
+
+def confusion_matrix(pred: np.ndarray, truth: np.ndarray, n: int) -> np.ndarray:
+    """``(n, n)`` int64 (rows = truth, columns = prediction); truth 255 does not count."""
+    from .train import confusion
+
+    return confusion(pred, truth, n)
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    from .rasterio_io import temp_path
+
+    tmp = temp_path(path)
+    try:
+        write(tmp)
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write it ({exc})", path) from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- the chart
+def _font(size: int) -> Any:
+    from PIL import ImageFont
+
+    for name in ("DejaVuSans.ttf", "arial.ttf", "Arial.ttf", "Helvetica.ttc",
+                 "LiberationSans-Regular.ttf", "Verdana.ttf"):
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _text_size(draw: Any, text: str, font: Any) -> tuple[int, int]:
+    x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
+    return x1 - x0, y1 - y0
+
+
+def _mix(c0: tuple[int, int, int], c1: tuple[int, int, int], f: float) -> tuple[int, int, int]:
+    return tuple(round(a + (b - a) * f) for a, b in zip(c0, c1))  # type: ignore[return-value]
+
+
+def _short_count(n: int) -> str:
+    if n >= 10_000_000:
+        return f"{n / 1e6:.0f}M"
+    if n >= 1_000_000:
+        return f"{n / 1e6:.1f}M"
+    if n >= 10_000:
+        return f"{n / 1e3:.0f}k"
+    return str(n)
+
+
+def draw_chart(res: EvalResult) -> Any:
+    """The evaluation chart as a PIL image: title (accuracy, mean IoU), the row-normalized
+    confusion matrix with percentages and counts, and an IoU bar per class."""
+    from PIL import Image, ImageDraw
+
+    cm = res.confusion
+    k = len(res.class_names)
+    m = res.metrics
+    cell = int(min(72, max(30, 560 // max(k, 1))))
+    f_title, f_label, f_cell, f_small = _font(20), _font(14), _font(max(9, min(13, cell // 5))), _font(11)
+    # Pillow's built-in bitmap font (no TrueType font found) only draws Latin-1
+    latin1 = not hasattr(f_label, "path")
+
+    def safe(t: str) -> str:
+        return t.encode("latin-1", "replace").decode("latin-1") if latin1 else t
+
+    names = [safe(n) for n in res.class_names]
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = max([_text_size(probe, n, f_label)[0] for n in names]
+                  + [_text_size(probe, "truth (rows)", f_small)[0]]) + 14
+    col_h = label_w  # column names are drawn rotated
+    bar_w = 260
+    pad = 24
+    title_h = 64
+    mat_x, mat_y = pad + label_w, pad + title_h + col_h + 22
+    bars_x = mat_x + k * cell + 40
+    acc, miou = m["accuracy"], m["mean_iou"]
+    title = (f"{safe(res.model)}: pixel accuracy {acc:.1%}, mean IoU "
+             f"{'-' if math.isnan(miou) else f'{miou:.3f}'}")
+    caption = ("Each row is one true class, normalized to 100% of its annotated pixels (percent, "
+               "then pixel count); blue: correct, red: confused with the column's class.")
+    width = max(bars_x + bar_w + 200, _text_size(probe, title, f_title)[0] + 2 * pad,
+                _text_size(probe, caption, f_small)[0] + 2 * pad)
+    height = mat_y + k * cell + 72
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    d.text((pad, pad), title, fill="black", font=f_title)
+    src = res.data
+    what = src.get("root") or src.get("image") or ""
+    d.text((pad, pad + 30), f"{res.pixels:,} annotated pixels in {len(res.images)} image(s) of "
+           f"{safe(Path(str(what)).name)}; unannotated pixels ignored", fill=(80, 80, 80), font=f_small)
+    # axis captions
+    d.text((mat_x, mat_y - col_h - 20), "prediction ->", fill=(80, 80, 80), font=f_small)
+    d.text((pad, mat_y - 18), "truth (rows)", fill=(80, 80, 80), font=f_small)
+    # class names: rows on the left, columns rotated on top
+    for i, n in enumerate(names):
+        tw, th = _text_size(d, n, f_label)
+        d.text((mat_x - tw - 8, mat_y + i * cell + (cell - th) // 2 - 2), n, fill="black", font=f_label)
+        lab = Image.new("RGB", (tw + 4, th + 6), "white")
+        ImageDraw.Draw(lab).text((2, 0), n, fill="black", font=f_label)
+        lab = lab.rotate(90, expand=True)
+        img.paste(lab, (mat_x + i * cell + (cell - lab.width) // 2, mat_y - 6 - lab.height))
+    # the matrix, each row normalized by its truth count
+    rows = cm.sum(1)
+    for i in range(k):
+        for j in range(k):
+            x0, y0 = mat_x + j * cell, mat_y + i * cell
+            if rows[i] == 0:
+                d.rectangle([x0, y0, x0 + cell, y0 + cell], fill=(235, 235, 235), outline="white")
+                if i == j:
+                    d.text((x0 + cell // 2 - 3, y0 + cell // 2 - 7), "-", fill=(140, 140, 140), font=f_cell)
+                continue
+            f = cm[i, j] / rows[i]
+            dark = (8, 69, 148) if i == j else (165, 15, 21)
+            color = _mix((255, 255, 255), dark, float(f) ** 0.7)
+            d.rectangle([x0, y0, x0 + cell, y0 + cell], fill=color, outline="white")
+            ink = "white" if f ** 0.7 > 0.5 else "black"
+            pct = f"{f:.0%}" if f >= 0.01 or f == 0 else "<1%"
+            lines = [pct, _short_count(int(cm[i, j]))] if cell >= 44 else [pct]
+            hs = [_text_size(d, t, f_cell) for t in lines]
+            y = y0 + (cell - sum(h for _, h in hs) - 3 * (len(lines) - 1)) // 2 - 1
+            for t, (tw, th) in zip(lines, hs):
+                d.text((x0 + (cell - tw) // 2, y), t, fill=ink, font=f_cell)
+                y += th + 3
+    d.rectangle([mat_x, mat_y, mat_x + k * cell, mat_y + k * cell], outline=(120, 120, 120))
+    d.text((pad, mat_y + k * cell + 46), caption, fill=(80, 80, 80), font=f_small)
+    # IoU bars, one per class, beside its matrix row
+    d.text((bars_x, mat_y - 22), "IoU per class", fill="black", font=f_label)
+    d.text((bars_x + bar_w + 8, mat_y - 18), "IoU, P = precision, R = recall", fill=(80, 80, 80),
+           font=f_small)
+    for t in (0.0, 0.25, 0.5, 0.75, 1.0):
+        x = bars_x + round(t * bar_w)
+        d.line([x, mat_y, x, mat_y + k * cell], fill=(225, 225, 225))
+        tw, _ = _text_size(d, f"{t:g}", f_small)
+        d.text((x - tw // 2, mat_y + k * cell + 6), f"{t:g}", fill=(80, 80, 80), font=f_small)
+    for i in range(k):
+        v = m["iou"][i]
+        y0 = mat_y + i * cell + cell // 4
+        y1 = mat_y + (i + 1) * cell - cell // 4
+        if math.isnan(v):
+            d.text((bars_x + 4, y0), "- (absent)", fill=(140, 140, 140), font=f_small)
+            continue
+        col = tuple(int(res.class_colors[i].lstrip("#")[p:p + 2], 16) for p in (0, 2, 4))
+        d.rectangle([bars_x, y0, bars_x + max(1, round(v * bar_w)), y1], fill=col,
+                    outline=(60, 60, 60))
+        pr, rc = m["precision"][i], m["recall"][i]
+        txt = f"{v:.3f}  P {'-' if math.isnan(pr) else f'{pr:.2f}'}  R " \
+              f"{'-' if math.isnan(rc) else f'{rc:.2f}'}"
+        d.text((bars_x + bar_w + 8, (y0 + y1) // 2 - 7), txt, fill="black", font=f_small)
+    if not math.isnan(miou):
+        x = bars_x + round(miou * bar_w)
+        for y in range(mat_y - 4, mat_y + k * cell + 4, 8):
+            d.line([x, y, x, y + 4], fill=(0, 0, 0), width=2)
+        lbl = f"mean IoU {miou:.3f}"
+        tw, _ = _text_size(d, lbl, f_small)
+        d.text((min(max(bars_x, x - tw // 2), bars_x + bar_w + 190 - tw), mat_y + k * cell + 24), lbl,
+               fill="black", font=f_small)
+    return img
