@@ -376,7 +376,8 @@ def train(source: DataSource | dict[str, Any] | str | Path, out_model: str | Pat
                 frac = (epoch - start_epoch + (step + 1) / steps_per_epoch) / max(p.epochs - start_epoch, 1)
                 progress(Progress("train", step + 1, steps_per_epoch, frac, el, None,
                                   el / frac * (1 - frac) if frac else None,
-                                  f"epoch {epoch + 1}/{p.epochs} loss {np.mean(losses):.3f}"))
+                                  f"epoch {epoch + 1}/{p.epochs} loss {np.mean(losses):.3f}"
+                                  + (f", val mIoU {history[-1]['val_miou']:.3f}" if history else "")))
         check_cancel(cancel)
         cm = evaluate_patches(net, val_inputs, k_classes, device)
         iou, miou, acc = iou_from_confusion(cm)
