@@ -16,8 +16,9 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from .device import Predictor
+from .device import make_predictor
 from .errors import CancelledError, OutputError, ParameterError, TesseraError
 from .model import TesseraModel
 from .params import SegmentParams
@@ -118,7 +119,7 @@ def segment_folder(folder: str | Path, model: TesseraModel | str | Path, out_dir
         model = TesseraModel.load(model)
     report = BatchReport(csv_path=out_dir / f"{REPORT_NAME}.csv",
                          json_path=out_dir / f"{REPORT_NAME}.json")
-    predictor: Predictor | None = None
+    predictor: Any = None
     t0 = time.perf_counter()
     n = len(files)
 
@@ -147,8 +148,8 @@ def segment_folder(folder: str | Path, model: TesseraModel | str | Path, out_dir
                 t = time.perf_counter()
                 try:
                     if predictor is None:
-                        predictor = Predictor(model.module, params.device, params.half,
-                                              params.threads)
+                        predictor = make_predictor(model, params.device, params.backend,
+                                                   params.half, params.threads)
                     res = segment_raster(src, model, dest, params, predictor=predictor,
                                          progress=file_progress(k, str(rel)), cancel=cancel)
                     row.status = "done"

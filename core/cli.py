@@ -7,6 +7,7 @@
     tessera evaluate MODEL (FOLDER | --image R --labels L | --image R --vector V --field F)
         --out-json REPORT.json [--out-png CHART.png]
     tessera info MODEL
+    tessera export-onnx MODEL OUT.onnx [--opset 17] [--no-check]
 """
 
 from __future__ import annotations
@@ -100,11 +101,18 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto",
                    help="auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps")
     g.add_argument("--threads", type=int, help="CPU threads for the model")
+    _add_backend_option(g)
     g.add_argument("--no-half", action="store_true", help="no fp16 on the GPU")
     g = p.add_argument_group("outputs")
     g.add_argument("--confidence", action="store_true", help="also write the confidence raster")
     g.add_argument("--no-vectorize", action="store_true", help="class raster only, no polygons")
     _add_vector_options(g)
+
+
+def _add_backend_option(g: Any) -> None:
+    g.add_argument("--backend", choices=["auto", "torch", "onnxruntime"], default="auto",
+                   help="inference engine: auto (PyTorch on a GPU; ONNX Runtime on the CPU when "
+                        "installed, else PyTorch), torch, or onnxruntime (CPU only)")
 
 
 def _add_vector_options(g: Any) -> None:
@@ -275,6 +283,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto",
                    help="auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
+    _add_backend_option(p)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "export-onnx", help="export a model to ONNX (for ONNX Runtime and other tools)",
+        description="Write a model's network as an ONNX graph: input 'input' (B, C, H, W) "
+        "float32 with dynamic batch, height and width, output 'logits' (B, K, H, W). The "
+        "model contract is stored in the graph's metadata (key 'tessera.contract'). Checks "
+        "that ONNX Runtime reproduces PyTorch on random input unless --no-check.")
+    p.add_argument("model", help="Tessera model file (.safetensors)")
+    p.add_argument("out", metavar="OUT.onnx", help="the ONNX file to write")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--no-check", action="store_true",
+                   help="do not compare ONNX Runtime with PyTorch after exporting")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_common(p)
 
@@ -293,14 +316,14 @@ def _params(a: argparse.Namespace) -> Any:
         tile_size=a.tile_size, overlap=a.overlap, batch_size=a.batch_size, device=a.device,
         bands=tuple(a.bands) if a.bands else None, nodata=a.nodata,
         window=tuple(a.window) if a.window else None, confidence=a.confidence,
-        half=False if a.no_half else None, threads=a.threads,
+        half=False if a.no_half else None, threads=a.threads, backend=a.backend,
         vectorize=VectorizeParams(enabled=not a.no_vectorize, sieve_px=a.sieve,
                                   min_area_m2=a.min_area, simplify_px=a.simplify,
                                   skip_classes=skip))
 
 
 def _print_result(res: Any, out: TextIO) -> None:
-    out.write(f"Segmented {res.source} on {res.device}: {res.megapixels:.2f} Mpx in "
+    out.write(f"Segmented {res.source} on {res.device} [{res.backend}]: {res.megapixels:.2f} Mpx in "
               f"{res.seconds:.1f} s ({res.megapixels / max(res.seconds_segment, 1e-9):.2f} Mpx/s "
               f"segmenting), {res.tiles} tiles ({res.tiles_skipped} empty, skipped)\n")
     out.write(f"  class raster: {res.class_raster}\n")
@@ -407,7 +430,8 @@ def _dispatch(a: argparse.Namespace, bar: ProgressBar) -> int:
         from .evaluate import evaluate_model
 
         ev = evaluate_model(a.model, _data_source(a), out_json=a.out_json, out_png=a.out_png,
-                            device=a.device, batch_size=a.batch_size, progress=bar)
+                            device=a.device, batch_size=a.batch_size, progress=bar,
+                            backend=a.backend)
         bar.close()
         if a.json:
             print(json.dumps(ev.summary(), indent=1))
@@ -415,6 +439,20 @@ def _dispatch(a: argparse.Namespace, bar: ProgressBar) -> int:
         print(f"Evaluated '{ev.model}' on {ev.device}")
         print(ev.table())
         print(f"  report: {ev.out_json}" + (f"\n  chart:  {ev.out_png}" if ev.out_png else ""))
+        return 0
+    if a.command == "export-onnx":
+        from .onnx_backend import export_onnx
+
+        res = export_onnx(a.model, a.out, opset=a.opset, check=not a.no_check)
+        if a.json:
+            print(json.dumps(res, indent=1))
+            return 0
+        print(f"ONNX graph written to {res['path']} (opset {res['opset']}, {res['seconds']:.1f} s)")
+        if "max_abs_diff" in res:
+            agree = "agree" if res["classes_agree"] else \
+                f"agree on {res['class_agreement']:.4%} of pixels"
+            print(f"  check: max abs difference of probabilities, ONNX Runtime vs PyTorch: "
+                  f"{res['max_abs_diff']:.3g}; classes {agree}")
         return 0
     if a.command == "vectorize":
         from .params import VectorizeParams

@@ -68,6 +68,8 @@ class Predictor:
     is split in halves and retried, and the smaller size is kept for later batches.
     """
 
+    backend = "torch"
+
     def __init__(self, module: Any, device: str = "auto", half: bool | None = None,
                  threads: int | None = None) -> None:
         import torch
@@ -137,3 +139,50 @@ class Predictor:
                 return out.to("cpu").numpy()
             probs = torch.softmax(lf, dim=1)
         return probs.to("cpu").numpy()
+
+
+BACKENDS = ("auto", "torch", "onnxruntime")
+
+
+def make_predictor(model: Any, device: str = "auto", backend: str = "auto",
+                   half: bool | None = None, threads: int | None = None,
+                   cache_dir: Any = None) -> Any:
+    """The predictor for a :class:`~.model.TesseraModel`: a :class:`Predictor` (PyTorch) or an
+    :class:`~.onnx_backend.OrtPredictor` (ONNX Runtime, CPU). Both have ``backend``, ``info``,
+    ``predict``, ``max_batch`` and ``oom_events``.
+
+    ``backend``: ``torch``; ``onnxruntime`` (CPU only: raises :class:`DeviceError` if it is not
+    installed, :class:`~.errors.ParameterError` with a GPU device); ``auto``: PyTorch on a GPU
+    (CUDA/MPS), ONNX Runtime on the CPU when it is installed and the network exports to ONNX
+    faithfully, PyTorch otherwise (the reason is logged).
+    """
+    from .errors import ParameterError
+
+    b = (backend or "auto").lower()
+    if b not in BACKENDS:
+        raise ParameterError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
+    if b == "torch":
+        return Predictor(model.module, device, half, threads)
+    from . import onnx_backend as ob
+
+    if b == "onnxruntime":
+        if device.lower() not in ("auto", "cpu"):
+            raise ParameterError(f"the onnxruntime backend runs on the CPU; device '{device}' "
+                                 "needs the torch backend")
+        ob.require_onnxruntime()
+        return ob.OrtPredictor.for_model(model, threads, cache_dir)
+    info = pick_device(device)
+    if info.kind != "cpu":
+        return Predictor(model.module, device, half, threads)
+    if not ob.onnxruntime_available():
+        log.info("onnxruntime is not installed: inference with PyTorch")
+        return Predictor(model.module, device, half, threads)
+    try:
+        return ob.OrtPredictor.for_model(model, threads, cache_dir)
+    except DeviceError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (any export problem: PyTorch still works)
+        log.warning("ONNX Runtime not used for model '%s' (%s: %s); inference with PyTorch",
+                    getattr(getattr(model, "contract", None), "name", "?"),
+                    type(exc).__name__, exc)
+        return Predictor(model.module, device, half, threads)

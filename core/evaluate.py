@@ -223,12 +223,12 @@ def evaluate_model(model_path: str | Path | TesseraModel, source: DataSource | d
                    out_json: str | Path | None = None, out_png: str | Path | None = None,
                    device: str = "auto", batch_size: int = 4, progress: ProgressFn | None = None,
                    cancel: CancelFn | None = None, tile_size: int | None = None,
-                   overlap: int | None = None) -> EvalResult:
+                   overlap: int | None = None, backend: str = "auto") -> EvalResult:
     """Segment every labelled image of ``source`` with the model and score it (see the module
     docstring). The labels are read with the model's classes (folder masks by the classes'
     colours, polygon names by the classes' names) and the model's bands unless the source
     lists bands. Writes ``out_json``/``out_png`` if given."""
-    from .device import Predictor
+    from .device import make_predictor
 
     t0 = time.perf_counter()
     model = model_path if isinstance(model_path, TesseraModel) else TesseraModel.load(model_path)
@@ -247,7 +247,7 @@ def evaluate_model(model_path: str | Path | TesseraModel, source: DataSource | d
             from .rasterio_io import check_writable_dir
 
             check_writable_dir(Path(path).parent)
-    predictor = Predictor(model.module, device)
+    predictor = make_predictor(model, device, backend)
     tile = tile_size or c.tile_size
     ov = c.overlap if overlap is None else overlap
     n_tiles = sum(len(TileGrid(s.labels.shape[0], s.labels.shape[1], tile, ov)) for s in ds.samples)

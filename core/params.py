@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from .errors import ParameterError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+BACKENDS = ("auto", "torch", "onnxruntime")
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,9 @@ class SegmentParams:
     window: ``(col_off, row_off, width, height)`` in pixels; ``None`` = the whole raster.
     confidence: also write the confidence raster (max class probability, 0..255).
     half: fp16 autocast; ``None`` = on for CUDA, off elsewhere.
-    threads: CPU threads for torch (``None``: torch's default).
+    threads: CPU threads for the model (``None``: torch's default).
+    backend: ``auto`` (PyTorch on a GPU; ONNX Runtime on the CPU when installed, else
+        PyTorch), ``torch`` or ``onnxruntime`` (CPU only).
     """
 
     tile_size: int | None = None
@@ -77,6 +80,7 @@ class SegmentParams:
     half: bool | None = None
     threads: int | None = None
     vectorize: VectorizeParams = field(default_factory=VectorizeParams)
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.tile_size is not None and (self.tile_size < 32 or self.tile_size % 32):
@@ -108,3 +112,10 @@ class SegmentParams:
             object.__setattr__(self, "window", w)
         if self.threads is not None and self.threads < 1:
             raise ParameterError(f"threads must be at least 1 (got {self.threads})")
+        backend = str(self.backend).lower()
+        if backend not in BACKENDS:
+            raise ParameterError(f"backend '{self.backend}' is not one of {', '.join(BACKENDS)}")
+        if backend == "onnxruntime" and dev not in ("auto", "cpu"):
+            raise ParameterError(f"the onnxruntime backend runs on the CPU; device '{dev}' needs "
+                                 "backend 'torch' (or 'auto')")
+        object.__setattr__(self, "backend", backend)

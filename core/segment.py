@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .contract import ModelContract
-from .device import Predictor
+from .device import Predictor, make_predictor
 from .errors import BandMismatchError, CancelledError, NoCRSError, ParameterError, TesseraError
 from .model import TesseraModel
 from .normalize import normalize
@@ -85,6 +85,7 @@ class SegmentResult:
     class_pixels: dict[str, int] = field(default_factory=dict)
     area_m2_by_class: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    backend: str = "torch"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -415,7 +416,7 @@ def _warnings(ds: Any, path: str, contract: ModelContract, bands: tuple[int, ...
 
 def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir: str | Path,
                    params: SegmentParams | None = None, *, stem: str | None = None,
-                   predictor: Predictor | None = None, progress: ProgressFn | None = None,
+                   predictor: Predictor | Any | None = None, progress: ProgressFn | None = None,
                    cancel: CancelFn | None = None,
                    outputs: OutputPaths | None = None) -> SegmentResult:
     """Segment ``raster`` with ``model``; write the class raster (and confidence, polygons).
@@ -424,7 +425,8 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
     the model's ``nodata_value``), ``<stem>_confidence.tif`` (if ``params.confidence``) and
     ``<stem>_polygons.gpkg`` (if ``params.vectorize.enabled``). ``stem`` defaults to the
     raster's file stem. ``outputs`` overrides the three paths (``out_dir``/``stem`` are then
-    ignored). Pass a ``predictor`` to reuse a loaded model across rasters.
+    ignored). Pass a ``predictor`` (see :func:`.device.make_predictor`) to reuse a loaded model
+    across rasters; otherwise one is made for ``params.device`` and ``params.backend``.
 
     Raises the typed errors of :mod:`.errors`; a failed or cancelled run leaves nothing under
     the final output names.
@@ -469,7 +471,8 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
         for folder in sorted({p.parent for p in wanted}):
             check_writable_dir(folder)
         if predictor is None:
-            predictor = Predictor(model.module, params.device, params.half, params.threads)
+            predictor = make_predictor(model, params.device, params.backend, params.half,
+                                       params.threads)
         grid = TileGrid(h, w, tile, overlap)
         in_shape = (padded_size(min(tile, h), contract.size_multiple),
                     padded_size(min(tile, w), contract.size_multiple))
@@ -501,6 +504,7 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
         source=path, class_raster=str(outs.class_raster),
         confidence_raster=str(outs.confidence_raster) if params.confidence else None,
         polygons=None, n_polygons=None, device=predictor.info.label, seconds=0.0,
+        backend=getattr(predictor, "backend", "torch"),
         seconds_segment=round(t_seg, 3), seconds_vectorize=0.0, megapixels=w * h / 1e6,
         tiles=len(grid), tiles_skipped=stats["skipped"], tile_size=tile, overlap=overlap,
         batch_size=predictor.max_batch or params.batch_size,
@@ -523,7 +527,7 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
 
 
 def _run(ds: Any, grid: TileGrid, win_off: tuple[int, int], bands: tuple[int, ...],
-         nodata: float | None, contract: ModelContract, predictor: Predictor, batch_size: int,
+         nodata: float | None, contract: ModelContract, predictor: Any, batch_size: int,
          in_shape: tuple[int, int], profile: dict[str, Any], temps: list[Path], path: str,
          meter: Meter, cancel: CancelFn | None, vec: Any = None, layer: str = "polygons",
          progress: ProgressFn | None = None) -> dict[str, Any]:

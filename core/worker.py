@@ -13,7 +13,8 @@ Protocol. The first stdin line is the job, a JSON object::
      "checkpoint": "dir" | null, "name": "..." | null, "classes": [{"id", "name", "color"}] | null,
      "pixel_size_m": 0.5 | null}
     {"op": "evaluate", "model": "...", "data": {...source}, "out_json": "...json",
-     "out_png": "...png" | null, "device": "auto"}       (optional: "batch_size": 4)
+     "out_png": "...png" | null, "device": "auto"}       (optional: "batch_size": 4,
+                                                          "backend": "auto")
     {"op": "env"}                               (what is installed, which devices exist)
 
 A data source (see :mod:`.datasets`) is one of::
@@ -110,6 +111,12 @@ def env_report() -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001  (report whatever breaks the import)
             rep["packages"][name] = None
             rep.setdefault("problems", []).append(f"{name}: {exc}")
+    rep["optional"] = {}  # the ONNX Runtime backend: inference falls back to PyTorch without it
+    for name in ("onnx", "onnxruntime"):
+        try:
+            rep["optional"][name] = getattr(importlib.import_module(name), "__version__", "?")
+        except Exception:  # noqa: BLE001
+            rep["optional"][name] = None
     try:
         import torch
 
@@ -189,6 +196,7 @@ def run_job(job: dict[str, Any], emit: Any, cancel: Any) -> dict[str, Any]:
         res = evaluate_model(job["model"], source_from_dict(job["data"]),
                              out_json=job.get("out_json") or None, out_png=job.get("out_png") or None,
                              device=job.get("device") or "auto",
+                             backend=job.get("backend") or "auto",
                              batch_size=int(job.get("batch_size") or 4),
                              progress=progress, cancel=cancel)
         return res.summary()

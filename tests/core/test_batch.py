@@ -62,13 +62,13 @@ def test_model_is_loaded_once_and_the_predictor_reused(tmp_path, monkeypatch):
     src = make_folder(tmp_path)
     m = model_with(ConstantModel(0), tile_size=32, overlap=8)
     made = []
-    orig = batchmod.Predictor
+    orig = batchmod.make_predictor
 
     def counting(*a, **k):
         made.append(1)
         return orig(*a, **k)
 
-    monkeypatch.setattr(batchmod, "Predictor", counting)
+    monkeypatch.setattr(batchmod, "make_predictor", counting)
     segment_folder(src, m, tmp_path / "o", NOVEC)
     assert len(made) == 1
 

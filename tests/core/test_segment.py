@@ -145,7 +145,9 @@ def test_nodata_stays_nodata_and_all_nodata_tiles_are_skipped(tmp_path):
             return super().forward(x)
 
     m = model_with(Counting(), tile_size=64, overlap=16)
-    res = segment_raster(src, m, tmp_path / "o", SegmentParams(confidence=True, vectorize=NOVEC))
+    # backend torch: the module's forward is what counts the tiles inferred
+    res = segment_raster(src, m, tmp_path / "o", SegmentParams(confidence=True, vectorize=NOVEC,
+                                                              backend="torch"))
     grid = TileGrid(h, w, 64, 16)
     expected_skipped = sum(1 for t in grid if t.col + t.width <= 100)
     assert expected_skipped > 0
@@ -292,7 +294,7 @@ def test_a_failure_mid_run_leaves_previous_outputs_untouched(tmp_path):
 
     with pytest.raises(RuntimeError, match="simulated"):
         segment_raster(src, model_with(Boom(2), tile_size=32, overlap=8), out,
-                       SegmentParams(vectorize=NOVEC))
+                       SegmentParams(vectorize=NOVEC, backend="torch"))  # fails in forward
     assert Path(ok.class_raster).read_bytes() == before
     assert _outputs(out) == ["in_classes.tif", "in_classes.tif.aux.xml"]
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+# The engine's ONNX cache (inherited by the worker processes) stays out of the user's ~/.cache.
+os.environ["TESSERA_CACHE"] = tempfile.mkdtemp(prefix="tessera-test-cache-")
 HERE = Path(__file__).resolve().parent
 CORE_TESTS = HERE.parent / "core"
 

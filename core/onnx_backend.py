@@ -1,0 +1,380 @@
+"""ONNX export of Tessera models and an ONNX Runtime (CPU) inference backend.
+
+* :func:`export_onnx` writes a model's network as an ONNX graph: input ``"input"``
+  ``(B, C, H, W)`` float32 with dynamic batch, height and width, output ``"logits"``
+  ``(B, K, H, W)``. The model contract (JSON) and the source model file's SHA-256 are stored
+  in the graph's metadata (keys ``tessera.contract`` and ``tessera.model_sha256``).
+* :func:`onnx_for` builds that graph once per model file and keeps it in a user cache folder
+  (``$TESSERA_CACHE/onnx``, else ``$XDG_CACHE_HOME/tessera/onnx``, else
+  ``~/.cache/tessera/onnx``) as ``<model sha256>.onnx`` with a ``<model sha256>.json``
+  sidecar; a cached file is reused only if it is intact and belongs to that model.
+* :class:`OrtPredictor` has the interface of :class:`.device.Predictor` and runs the graph
+  with ONNX Runtime's CPU execution provider.
+
+``onnx`` and ``onnxruntime`` are optional: nothing here is imported by the engine until a
+predictor is made, and :func:`.device.make_predictor` falls back to PyTorch without them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .contract import ModelContract
+from .device import DeviceInfo
+from .errors import DeviceError, ModelError, OutputError
+from .model import TesseraModel, file_sha256
+
+log = logging.getLogger(__name__)
+
+CONTRACT_KEY = "tessera.contract"
+SHA_KEY = "tessera.model_sha256"
+DEFAULT_OPSET = 17
+INSTALL_HINT = ("install it into Tessera's Python environment with "
+                "'python -m pip install onnx==1.23.1 onnxruntime==1.30.0', or use the "
+                "PyTorch backend (--backend torch)")
+
+
+def onnxruntime_available() -> bool:
+    """Whether ``onnxruntime`` and ``onnx`` can be imported (both are needed to run a model)."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except Exception:  # noqa: BLE001  (a broken install counts as missing)
+        return False
+    return True
+
+
+def require_onnxruntime() -> Any:
+    """Import and return ``onnxruntime`` (and check ``onnx``), or raise :class:`DeviceError`
+    saying how to install them."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime as ort
+    except Exception as exc:
+        raise DeviceError(f"the ONNX Runtime backend was requested but {exc.__class__.__name__}: "
+                          f"{exc}; {INSTALL_HINT}") from exc
+    return ort
+
+
+def cache_dir_default() -> Path:
+    """``$TESSERA_CACHE/onnx``, else ``$XDG_CACHE_HOME/tessera/onnx``, else ``~/.cache/tessera/onnx``."""
+    root = os.environ.get("TESSERA_CACHE")
+    if root:
+        return Path(root).expanduser() / "onnx"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "tessera" / "onnx"
+
+
+def _as_model(model: TesseraModel | str | Path) -> TesseraModel:
+    return model if isinstance(model, TesseraModel) else TesseraModel.load(model)
+
+
+def _model_sha(model: TesseraModel) -> str | None:
+    if model.sha256:
+        return model.sha256
+    if model.path is not None and model.path.is_file():
+        return file_sha256(model.path)
+    return None
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+def _sample_shape(contract: ModelContract, batch: int = 2) -> tuple[int, int, int, int]:
+    side = max(64, contract.size_multiple * 2)
+    return (batch, contract.in_channels, side, side)
+
+
+def _export_graph(module: Any, contract: ModelContract, dest: Path, opset: int,
+                  metadata: dict[str, str]) -> None:
+    """torch.onnx.export (classic TorchScript exporter) to ``dest``, then add ``metadata``."""
+    import onnx
+    import torch
+
+    try:
+        param = next(iter(module.parameters()))
+        dev = param.device
+    except StopIteration:
+        dev = torch.device("cpu")
+    was_training = getattr(module, "training", False)
+    module.eval()
+    x = torch.randn(*_sample_shape(contract, 1), device=dev)
+    axes = {0: "batch", 2: "height", 3: "width"}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the legacy exporter's deprecation notices
+            torch.onnx.export(module, (x,), str(dest), input_names=["input"],
+                              output_names=["logits"],
+                              dynamic_axes={"input": axes, "logits": axes},
+                              opset_version=opset, do_constant_folding=True, dynamo=False)
+    finally:
+        if was_training:
+            module.train()
+    proto = onnx.load(str(dest))
+    del proto.metadata_props[:]
+    for k, v in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    proto.doc_string = f"Tessera model '{contract.name}'"
+    onnx.save(proto, str(dest))
+
+
+def check_onnx(model: TesseraModel, source: str | Path | bytes,
+               shape: tuple[int, int, int, int] | None = None, seed: int = 0) -> dict[str, Any]:
+    """Run ONNX Runtime and PyTorch on the same random input; return ``max_abs_diff`` of the
+    softmax probabilities, ``classes_agree`` (argmax equal everywhere) and ``class_agreement``
+    (share of pixels whose argmax agrees)."""
+    import torch
+
+    ort = require_onnxruntime()
+    shape = shape or _sample_shape(model.contract)
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    src = source if isinstance(source, bytes) else str(source)
+    sess = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
+    p_ort = _softmax(sess.run(["logits"], {"input": x})[0].astype(np.float32))
+    module = model.module
+    try:
+        dev = next(iter(module.parameters())).device
+    except StopIteration:
+        dev = torch.device("cpu")
+    with torch.inference_mode():
+        p_pt = torch.softmax(module(torch.from_numpy(x).to(dev)).float(), dim=1).cpu().numpy()
+    if p_ort.shape != p_pt.shape:
+        return {"max_abs_diff": float("inf"), "classes_agree": False, "class_agreement": 0.0,
+                "shape": list(shape)}
+    same = p_ort.argmax(axis=1) == p_pt.argmax(axis=1)
+    return {"max_abs_diff": float(np.abs(p_ort - p_pt).max()), "classes_agree": bool(same.all()),
+            "class_agreement": float(same.mean()), "shape": list(shape)}
+
+
+def export_onnx(model: TesseraModel | str | Path, out: str | Path, opset: int = DEFAULT_OPSET,
+                check: bool = True) -> dict[str, Any]:
+    """Export ``model`` (a :class:`TesseraModel` or a model file) to the ONNX file ``out``.
+
+    Written atomically (temporary name, then rename). Returns a dict: ``path``, ``opset``,
+    ``model_sha256`` (``None`` for a model not read from a file), ``onnx_sha256``,
+    ``seconds`` and, with ``check``, the result of :func:`check_onnx` (``max_abs_diff``,
+    ``classes_agree``, ``class_agreement``). Raises :class:`ModelError` if the network
+    cannot be exported, :class:`OutputError` if ``out`` cannot be written and
+    :class:`DeviceError` if ``onnx``/``onnxruntime`` are missing.
+    """
+    require_onnxruntime()
+    t0 = time.perf_counter()
+    m = _as_model(model)
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise OutputError(f"{out.parent}: output folder does not exist", out)
+    sha = _model_sha(m)
+    meta = {CONTRACT_KEY: m.contract.to_json()}
+    if sha:
+        meta[SHA_KEY] = sha
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        try:
+            _export_graph(m.module, m.contract, tmp, opset, meta)
+        except OSError as exc:
+            raise OutputError(f"{out}: cannot write the ONNX file: {exc}", out) from exc
+        except Exception as exc:
+            raise ModelError(f"model '{m.contract.name}' cannot be exported to ONNX: "
+                             f"{type(exc).__name__}: {exc}") from exc
+        res: dict[str, Any] = {"path": str(out), "opset": opset, "model_sha256": sha}
+        if check:
+            res.update(check_onnx(m, tmp))
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    res["onnx_sha256"] = file_sha256(out)
+    res["seconds"] = round(time.perf_counter() - t0, 3)
+    return res
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata_props of an ONNX file (raises :class:`ModelError` if it is unreadable)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ModelError(f"{path}: not a readable ONNX file: {exc}", path) from exc
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def read_onnx_contract(path: str | Path) -> ModelContract:
+    """The Tessera contract stored in an ONNX file's metadata."""
+    meta = read_onnx_metadata(path)
+    if CONTRACT_KEY not in meta:
+        raise ModelError(f"{path}: an ONNX file without a Tessera contract (metadata key "
+                         f"'{CONTRACT_KEY}' is missing)", path)
+    return ModelContract.from_json(meta[CONTRACT_KEY], source=str(path))
+
+
+def _cache_problem(onnx_path: Path, side: Path, sha: str) -> str | None:
+    """Why the cached graph cannot be reused, or ``None`` if it can."""
+    if not onnx_path.is_file():
+        return "not cached yet"
+    try:
+        info = json.loads(side.read_text(encoding="utf-8"))
+        recorded = info["onnx_sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"its record {side.name} is missing or unreadable ({type(exc).__name__})"
+    try:
+        actual = file_sha256(onnx_path)
+    except OSError as exc:
+        return f"it cannot be read ({exc})"
+    if actual != recorded:
+        return "its checksum does not match the one recorded at export (changed or truncated)"
+    try:
+        embedded = read_onnx_metadata(onnx_path).get(SHA_KEY)
+    except ModelError as exc:
+        return str(exc)
+    if embedded != sha:
+        return f"it was built from another model (sha256 {str(embedded)[:12]}..., not {sha[:12]}...)"
+    return None
+
+
+def onnx_for(model: TesseraModel | str | Path, cache_dir: str | Path | None = None,
+             opset: int = DEFAULT_OPSET) -> Path:
+    """The cached ONNX graph of a model file, exported (and checked) on first use.
+
+    ``<cache_dir>/<model sha256>.onnx`` is reused only when its embedded
+    ``tessera.model_sha256`` is the model's and its own SHA-256 is the one recorded in
+    ``<model sha256>.json`` at export; otherwise (stale, changed, truncated, unreadable) it
+    is rebuilt, with a warning saying why. The model must come from a file (its hash is the
+    cache key): a model built in memory raises :class:`ModelError`.
+    """
+    m = _as_model(model)
+    sha = _model_sha(m)
+    if not sha:
+        raise ModelError(f"model '{m.contract.name}' was not read from a file, so it has no "
+                         "hash to cache its ONNX graph under; use export_onnx instead")
+    folder = Path(cache_dir) if cache_dir is not None else cache_dir_default()
+    onnx_path, side = folder / f"{sha}.onnx", folder / f"{sha}.json"
+    problem = _cache_problem(onnx_path, side, sha)
+    if problem is None:
+        log.debug("ONNX graph from the cache: %s", onnx_path)
+        return onnx_path
+    if problem != "not cached yet":
+        log.warning("cached ONNX graph %s is not used: %s; rebuilding it", onnx_path, problem)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot create the ONNX cache folder: {exc}", folder) from exc
+    res = export_onnx(m, onnx_path, opset=opset, check=True)
+    _require_agreement(m, res)
+    import onnxruntime
+    import torch
+
+    record = {"model_sha256": sha, "onnx_sha256": res["onnx_sha256"], "opset": opset,
+              "model_name": m.contract.name, "torch": torch.__version__,
+              "onnxruntime": onnxruntime.__version__,
+              "max_abs_diff": res.get("max_abs_diff"),
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    tmp = side.with_name(f".{side.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
+        tmp.replace(side)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{side}: cannot write the ONNX cache record: {exc}", side) from exc
+    log.info("ONNX graph of '%s' exported to %s in %.1f s (max prob. difference %.2g)",
+             m.contract.name, onnx_path, res["seconds"], res.get("max_abs_diff", float("nan")))
+    return onnx_path
+
+
+# probabilities from ONNX Runtime and PyTorch may differ by float rounding, not more
+AGREEMENT_TOL = 1e-3
+
+
+def _require_agreement(model: TesseraModel, res: dict[str, Any]) -> None:
+    diff = res.get("max_abs_diff")
+    if diff is None or not diff <= AGREEMENT_TOL:
+        raise ModelError(f"model '{model.contract.name}': the exported ONNX graph does not "
+                         f"reproduce PyTorch (max probability difference {diff}); it is not used")
+
+
+def _export_in_memory(model: TesseraModel, opset: int) -> bytes:
+    """Export (and check) a model without a file to ONNX bytes (no cache: no stable key)."""
+    with tempfile.TemporaryDirectory(prefix="tessera-onnx-") as d:
+        res = export_onnx(model, Path(d) / "model.onnx", opset=opset, check=True)
+        _require_agreement(model, res)
+        return (Path(d) / "model.onnx").read_bytes()
+
+
+def _default_threads() -> int:
+    try:
+        import torch
+
+        return int(torch.get_num_threads())
+    except Exception:  # noqa: BLE001
+        return os.cpu_count() or 1
+
+
+class OrtPredictor:
+    """Runs an ONNX graph with ONNX Runtime on the CPU; the interface of :class:`.device.Predictor`.
+
+    ``predict`` takes ``(B, C, H, W)`` float32 numpy and returns ``(B, K, H, W)`` float32
+    probabilities, or with ``reduce`` ``(B, 2, H, W)`` uint8 (winning class, its probability
+    x 255). ``source``: an ``.onnx`` path or the graph's bytes.
+    """
+
+    backend = "onnxruntime"
+
+    def __init__(self, source: str | Path | bytes, threads: int | None = None) -> None:
+        ort = require_onnxruntime()
+        n = int(threads or _default_threads())
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = n
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        src = source if isinstance(source, bytes) else str(source)
+        try:
+            self.session = ort.InferenceSession(src, sess_options=so,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            where = "" if isinstance(source, bytes) else f"{source}: "
+            raise ModelError(f"{where}ONNX Runtime cannot load the graph: {exc}") from exc
+        self.source = None if isinstance(source, bytes) else Path(source)
+        self.threads = n
+        self.info = DeviceInfo("cpu", "cpu", f"cpu (onnxruntime {ort.__version__}, {n} threads)")
+        self.max_batch: int | None = None
+        self.oom_events = 0
+        log.info("inference on %s", self.info.label)
+
+    @classmethod
+    def for_model(cls, model: TesseraModel, threads: int | None = None,
+                  cache_dir: str | Path | None = None,
+                  opset: int = DEFAULT_OPSET) -> OrtPredictor:
+        """A predictor for ``model``: its cached graph when it comes from a file (see
+        :func:`onnx_for`), else a graph exported in memory for this predictor only."""
+        require_onnxruntime()
+        if _model_sha(model):
+            return cls(onnx_for(model, cache_dir, opset), threads)
+        return cls(_export_in_memory(model, opset), threads)
+
+    def predict(self, batch: np.ndarray, reduce: bool = False) -> np.ndarray:
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        logits = self.session.run(["logits"], {"input": x})[0]
+        if logits.dtype != np.float32:
+            logits = logits.astype(np.float32)
+        if not reduce:
+            return _softmax(logits)
+        idx = logits.argmax(axis=1)
+        top = np.take_along_axis(logits, idx[:, None], axis=1)
+        conf = 1.0 / np.exp(logits - top).sum(axis=1)  # the max softmax probability
+        conf = np.clip(np.rint(conf * 255.0), 1, 255)
+        return np.stack([idx.astype(np.uint8), conf.astype(np.uint8)], axis=1)

@@ -1,0 +1,227 @@
+"""ONNX export, the ONNX graph cache and the ONNX Runtime backend."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import logging
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from helpers import BrightnessModel, model_with, random_rgb, tiny_unet, write_raster
+from tessera.core import onnx_backend as ob
+from tessera.core.cli import main
+from tessera.core.device import Predictor, make_predictor
+from tessera.core.errors import DeviceError, ModelError, ParameterError
+from tessera.core.model import TesseraModel, file_sha256
+from tessera.core.params import SegmentParams, VectorizeParams
+from tessera.core.segment import segment_raster
+from tessera.core.worker import params_from_dict
+
+NOVEC = dict(vectorize=VectorizeParams(enabled=False))
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A tiny U-Net saved to and loaded back from a model file (so it has a sha256)."""
+    tiny_unet(seed=3).save(tmp_path / "m.safetensors")
+    return TesseraModel.load(tmp_path / "m.safetensors")
+
+
+def _hide_onnxruntime(monkeypatch):
+    real = builtins.__import__
+
+    def fake(name, *a, **k):
+        if name == "onnxruntime" or name.startswith("onnxruntime."):
+            raise ImportError("No module named 'onnxruntime'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+
+
+def test_export_round_trip_matches_pytorch(tmp_path, saved):
+    res = ob.export_onnx(saved, tmp_path / "m.onnx")
+    assert res["max_abs_diff"] < 1e-4 and res["classes_agree"]
+    assert res["onnx_sha256"] == file_sha256(tmp_path / "m.onnx")
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary left behind
+    # dynamic batch, height and width: another shape than the one exported with
+    x = np.random.default_rng(1).standard_normal((3, 3, 64, 96)).astype(np.float32)
+    ort_p = ob.OrtPredictor(tmp_path / "m.onnx", threads=1)
+    pt_p = Predictor(saved.module, "cpu")
+    a, b = ort_p.predict(x), pt_p.predict(x)
+    assert a.shape == b.shape == (3, 3, 64, 96) and a.dtype == b.dtype == np.float32
+    assert np.abs(a - b).max() < 1e-4
+    assert (a.argmax(1) == b.argmax(1)).all()
+    ra, rb = ort_p.predict(x, reduce=True), pt_p.predict(x, reduce=True)
+    assert ra.shape == rb.shape == (3, 2, 64, 96) and ra.dtype == rb.dtype == np.uint8
+    assert (ra[:, 0] == rb[:, 0]).all()
+    assert np.abs(ra[:, 1].astype(int) - rb[:, 1].astype(int)).max() <= 1
+    assert ort_p.info.kind == "cpu" and "onnxruntime" in ort_p.info.label
+    assert "1 threads" in ort_p.info.label
+    assert ort_p.oom_events == 0 and ort_p.max_batch is None
+
+
+def test_contract_and_model_hash_are_in_the_metadata(tmp_path, saved):
+    out = tmp_path / "m.onnx"
+    ob.export_onnx(saved, out, check=False)
+    meta = ob.read_onnx_metadata(out)
+    assert meta[ob.SHA_KEY] == saved.sha256 == file_sha256(tmp_path / "m.safetensors")
+    assert json.loads(meta[ob.CONTRACT_KEY])["name"] == saved.contract.name
+    assert ob.read_onnx_contract(out) == saved.contract
+
+
+def test_backend_choice_is_honoured_and_reported(tmp_path, saved):
+    src = write_raster(tmp_path / "in.tif", random_rgb(100, 90, seed=4))
+    out = {}
+    for backend in ("torch", "onnxruntime"):
+        res = segment_raster(src, saved, tmp_path / backend, SegmentParams(backend=backend, **NOVEC))
+        assert res.backend == backend and res.to_dict()["backend"] == backend
+        assert res.device.startswith("cpu")
+        with rasterio.open(res.class_raster) as ds:
+            out[backend] = ds.read(1)
+    assert "onnxruntime" in res.device
+    assert (out["torch"] == out["onnxruntime"]).all()
+    if not torch.cuda.is_available():  # auto on the CPU: ONNX Runtime
+        res = segment_raster(src, saved, tmp_path / "auto", SegmentParams(**NOVEC))
+        assert res.backend == "onnxruntime"
+    # overlap 0 (direct mode: reduced predictions)
+    res = segment_raster(src, saved, tmp_path / "d", SegmentParams(backend="onnxruntime",
+                                                                   overlap=0, **NOVEC))
+    with rasterio.open(res.class_raster) as ds:
+        d_ort = ds.read(1)
+    res = segment_raster(src, saved, tmp_path / "d2", SegmentParams(backend="torch", overlap=0,
+                                                                    **NOVEC))
+    with rasterio.open(res.class_raster) as ds:
+        assert (ds.read(1) == d_ort).all()
+
+
+def test_in_memory_model_and_custom_module_run_on_onnxruntime(tmp_path):
+    src = write_raster(tmp_path / "in.tif", random_rgb(64, 64))
+    m = model_with(BrightnessModel(), tile_size=32, overlap=8)
+    p = make_predictor(m, "cpu", "onnxruntime")
+    assert p.backend == "onnxruntime"
+    res = segment_raster(src, m, tmp_path / "o", SegmentParams(backend="onnxruntime", **NOVEC))
+    ref = segment_raster(src, m, tmp_path / "t", SegmentParams(backend="torch", **NOVEC))
+    with rasterio.open(res.class_raster) as a, rasterio.open(ref.class_raster) as b:
+        assert (a.read(1) == b.read(1)).all()
+
+
+class NotExportable(torch.nn.Module):
+    def forward(self, x):
+        if torch.onnx.is_in_onnx_export():
+            raise RuntimeError("this module cannot be traced")
+        return BrightnessModel()(x)
+
+
+def test_auto_falls_back_to_torch_when_export_fails(tmp_path, caplog):
+    src = write_raster(tmp_path / "in.tif", random_rgb(40, 40))
+    m = model_with(NotExportable(), tile_size=32, overlap=8)
+    with caplog.at_level(logging.WARNING):
+        res = segment_raster(src, m, tmp_path / "o", SegmentParams(device="cpu", **NOVEC))
+    assert res.backend == "torch"
+    assert "inference with PyTorch" in caplog.text
+    with pytest.raises(ModelError, match="cannot be exported"):
+        make_predictor(m, "cpu", "onnxruntime")
+
+
+def test_cache_is_reused_and_stale_or_tampered_files_are_rebuilt(tmp_path, saved, caplog,
+                                                                 monkeypatch):
+    cache = tmp_path / "cache"
+    path = ob.onnx_for(saved, cache)
+    sha = saved.sha256
+    assert path == cache / f"{sha}.onnx" and (cache / f"{sha}.json").is_file()
+    assert json.loads((cache / f"{sha}.json").read_text())["onnx_sha256"] == file_sha256(path)
+
+    # intact: reused without exporting
+    def no_export(*a, **k):
+        raise AssertionError("exported again")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(ob, "export_onnx", no_export)
+        assert ob.onnx_for(saved, cache) == path
+
+    # stale: a graph of another model under this model's name (its record consistent)
+    other = tiny_unet(seed=9)
+    other.save(tmp_path / "other.safetensors")
+    other = TesseraModel.load(tmp_path / "other.safetensors")
+    res = ob.export_onnx(other, path, check=False)
+    side = json.loads((cache / f"{sha}.json").read_text())
+    side["onnx_sha256"] = res["onnx_sha256"]
+    (cache / f"{sha}.json").write_text(json.dumps(side))
+    with caplog.at_level(logging.WARNING):
+        ob.onnx_for(saved, cache)
+    assert "another model" in caplog.text
+    assert ob.read_onnx_metadata(path)[ob.SHA_KEY] == sha
+
+    # tampered: bytes changed in place
+    caplog.clear()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        ob.onnx_for(saved, cache)
+    assert "checksum" in caplog.text
+    assert file_sha256(path) == json.loads((cache / f"{sha}.json").read_text())["onnx_sha256"]
+
+    # truncated and the record missing: rebuilt too
+    caplog.clear()
+    path.write_bytes(path.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING):
+        ob.onnx_for(saved, cache)
+    assert "checksum" in caplog.text
+    (cache / f"{sha}.json").unlink()
+    ob.onnx_for(saved, cache)
+    x = np.zeros((1, 3, 32, 32), np.float32)
+    assert ob.OrtPredictor(path).predict(x).shape == (1, 3, 32, 32)
+
+
+def test_default_cache_folder_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("TESSERA_CACHE", str(tmp_path / "tc"))
+    assert ob.cache_dir_default() == tmp_path / "tc" / "onnx"
+    monkeypatch.delenv("TESSERA_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert ob.cache_dir_default() == tmp_path / "xdg" / "tessera" / "onnx"
+
+
+def test_onnxruntime_missing(tmp_path, saved, monkeypatch):
+    src = write_raster(tmp_path / "in.tif", random_rgb(40, 40))
+    _hide_onnxruntime(monkeypatch)
+    assert not ob.onnxruntime_available()
+    with pytest.raises(DeviceError, match="pip install"):
+        segment_raster(src, saved, tmp_path / "o", SegmentParams(backend="onnxruntime", **NOVEC))
+    with pytest.raises(DeviceError, match="onnxruntime"):
+        ob.export_onnx(saved, tmp_path / "m.onnx")
+    # auto quietly uses PyTorch
+    res = segment_raster(src, saved, tmp_path / "a", SegmentParams(device="cpu", **NOVEC))
+    assert res.backend == "torch"
+
+
+def test_backend_parameter_is_validated():
+    with pytest.raises(ParameterError, match="backend 'tensorrt'"):
+        SegmentParams(backend="tensorrt")
+    with pytest.raises(ParameterError, match="runs on the CPU"):
+        SegmentParams(backend="onnxruntime", device="cuda")
+    assert SegmentParams(backend="ONNXRuntime").backend == "onnxruntime"
+    assert params_from_dict({"backend": "torch"}).backend == "torch"
+
+
+def test_cli_export_onnx_and_backend_option(tmp_path, saved, capsys):
+    model = tmp_path / "m.safetensors"
+    out = tmp_path / "m.onnx"
+    assert main(["-q", "export-onnx", str(model), str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "max abs difference" in text and "classes agree" in text
+    assert ob.read_onnx_contract(out) == saved.contract
+    assert main(["-q", "export-onnx", str(model), str(tmp_path / "n.onnx"), "--no-check",
+                 "--opset", "18", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["opset"] == 18 and "max_abs_diff" not in res
+    assert main(["-q", "export-onnx", str(tmp_path / "missing.safetensors"),
+                 str(tmp_path / "x.onnx")]) == 1
+    assert "not found" in capsys.readouterr().err
+    src = write_raster(tmp_path / "in.tif", random_rgb(40, 40))
+    assert main(["-q", "segment", str(src), "--model", str(model), "--out", str(tmp_path / "o"),
+                 "--no-vectorize", "--backend", "torch", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["backend"] == "torch"
