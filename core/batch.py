@@ -116,7 +116,7 @@ def segment_folder(folder: str | Path, model: TesseraModel | str | Path, out_dir
     check_writable_dir(out_dir)
     files = find_rasters(folder, pattern, recursive, exclude=out_dir)
     if not isinstance(model, TesseraModel):
-        model = TesseraModel.load(model)
+        model = TesseraModel.open(model)
     report = BatchReport(csv_path=out_dir / f"{REPORT_NAME}.csv",
                          json_path=out_dir / f"{REPORT_NAME}.json")
     predictor: Any = None

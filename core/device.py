@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,6 +53,18 @@ def pick_device(requested: str = "auto") -> DeviceInfo:
         if req == "mps":
             raise DeviceError("device 'mps' requested but Apple MPS is not available")
     return DeviceInfo("cpu", "cpu", f"cpu ({torch.get_num_threads()} threads)")
+
+
+def gpu_possible() -> bool:
+    """Whether this machine could have a GPU for torch at all, decided without importing torch.
+
+    Linux: only with the NVIDIA driver loaded (``/proc/driver/nvidia``, ``/dev/nvidia*``) or
+    WSL2's GPU device (``/dev/dxg``); macOS: Apple MPS may be there; elsewhere: ask torch.
+    """
+    if sys.platform.startswith("linux"):
+        return (os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/dxg")
+                or any(Path("/dev").glob("nvidia[0-9]*")))
+    return True
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -171,9 +186,10 @@ def make_predictor(model: Any, device: str = "auto", backend: str = "auto",
                                  "needs the torch backend")
         ob.require_onnxruntime()
         return ob.OrtPredictor.for_model(model, threads, cache_dir)
-    info = pick_device(device)
-    if info.kind != "cpu":
-        return Predictor(model.module, device, half, threads)
+    if device.lower() != "cpu" and not (device.lower() == "auto" and not gpu_possible()):
+        info = pick_device(device)  # imports torch to ask it which GPUs there are
+        if info.kind != "cpu":
+            return Predictor(model.module, device, half, threads)
     if not ob.onnxruntime_available():
         log.info("onnxruntime is not installed: inference with PyTorch")
         return Predictor(model.module, device, half, threads)

@@ -231,7 +231,7 @@ def evaluate_model(model_path: str | Path | TesseraModel, source: DataSource | d
     from .device import make_predictor
 
     t0 = time.perf_counter()
-    model = model_path if isinstance(model_path, TesseraModel) else TesseraModel.load(model_path)
+    model = model_path if isinstance(model_path, TesseraModel) else TesseraModel.open(model_path)
     c = model.contract
     src = as_source(source)
     classes = [(ci.name, ci.color) for ci in sorted(c.classes, key=lambda ci: ci.id)]

@@ -53,9 +53,27 @@ class TesseraModel:
     def __init__(self, contract: ModelContract, module: Any, path: str | Path | None = None,
                  sha256: str | None = None) -> None:
         self.contract = contract
-        self.module = module.eval()
+        self._module = module.eval() if module is not None else None
         self.path = Path(path) if path is not None else None
         self.sha256 = sha256
+
+    @property
+    def module(self) -> Any:
+        """The torch module; a model from :meth:`open` reads its weights on first use."""
+        if self._module is None:
+            if self.path is None:
+                raise ModelError(f"model '{self.contract.name}' has no network and no file")
+            self._module = _read_module(self.path, self.contract).eval()
+        return self._module
+
+    @module.setter
+    def module(self, value: Any) -> None:
+        self._module = value
+
+    @property
+    def module_loaded(self) -> bool:
+        """Whether the weights are in memory (False for an opened model not yet used by torch)."""
+        return self._module is not None
 
     def __repr__(self) -> str:
         return f"TesseraModel({self.contract.name!r}, path={str(self.path)!r})"
@@ -68,53 +86,20 @@ class TesseraModel:
     @classmethod
     def load(cls, path: str | Path) -> TesseraModel:
         """Load and validate a model file. Raises :class:`ModelError` with the reason in words."""
-        import torch
-        from safetensors.torch import load_file
-
         path = Path(path)
         contract = read_contract(path)
-        # build without allocating weights (they come from the file: one copy in memory only)
-        with torch.device("meta"):
-            module = build_network(contract)
-        try:
-            state = load_file(str(path), device="cpu")
-        except Exception as exc:
-            raise ModelError(f"{path}: cannot read the weights: {exc}", path) from exc
-        # float32 for inference, conv kernels channels-last as inference uses them: converted
-        # one tensor at a time, in one copy each, the file's own copy dropped as we go
-        for k in list(state):
-            v = state.pop(k)
-            fmt = torch.channels_last if v.dim() == 4 else torch.contiguous_format
-            state[k] = v.to(dtype=torch.float32 if v.is_floating_point() else v.dtype,
-                            memory_format=fmt)
-            del v
-        expected = module.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-        if missing or unexpected or wrong:
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} weights missing (e.g. {missing[0]})")
-            if unexpected:
-                parts.append(f"{len(unexpected)} unexpected weights (e.g. {unexpected[0]})")
-            if wrong:
-                k = wrong[0]
-                parts.append(f"{len(wrong)} weights of the wrong shape (e.g. {k}: file "
-                             f"{tuple(state[k].shape)}, contract {tuple(expected[k].shape)})")
-            raise ModelError(f"{path}: the weights do not match the contract "
-                             f"({contract.architecture}/{contract.encoder}, {contract.in_channels} "
-                             f"bands, {contract.n_classes} classes): " + "; ".join(parts), path)
-        with torch.no_grad():
-            module.load_state_dict(state, strict=True, assign=True)
-        leftover = [n for n, t in [*module.named_parameters(), *module.named_buffers()]
-                    if t.is_meta]
-        if leftover:  # a tensor the file does not hold (non-persistent buffer): build normally
-            module = build_network(contract)
-            with torch.no_grad():
-                module.load_state_dict(state, strict=True)
-        return cls(contract, module, path, sha256=file_sha256(path))
+        return cls(contract, _read_module(path, contract), path, sha256=file_sha256(path))
 
+    @classmethod
+    def open(cls, path: str | Path) -> TesseraModel:
+        """The contract and hash of a model file now, the weights when ``module`` is first used.
+
+        An inference backend that has the network already (the ONNX Runtime cache, keyed by
+        the file's SHA-256) then never imports torch nor reads the weights.
+        """
+        path = Path(path)
+        contract = read_contract(path)
+        return cls(contract, None, path, sha256=file_sha256(path))
     def save(self, path: str | Path, half: bool = False) -> Path:
         """Write the model file atomically (temporary name, then rename). ``half`` stores fp16."""
         from safetensors.torch import save_file
@@ -132,6 +117,55 @@ class TesseraModel:
             raise OutputError(f"{path}: cannot write the model file: {exc}", path) from exc
         self.path, self.sha256 = path, file_sha256(path)
         return path
+
+
+def _read_module(path: Path, contract: ModelContract) -> Any:
+    """The torch module of a model file, its weights checked against the contract."""
+    import torch
+    from safetensors.torch import load_file
+
+    # build without allocating weights (they come from the file: one copy in memory only)
+    with torch.device("meta"):
+        module = build_network(contract)
+    try:
+        state = load_file(str(path), device="cpu")
+    except Exception as exc:
+        raise ModelError(f"{path}: cannot read the weights: {exc}", path) from exc
+    # float32 for inference, conv kernels channels-last as inference uses them: converted
+    # one tensor at a time, in one copy each, the file's own copy dropped as we go
+    for k in list(state):
+        v = state.pop(k)
+        fmt = torch.channels_last if v.dim() == 4 else torch.contiguous_format
+        state[k] = v.to(dtype=torch.float32 if v.is_floating_point() else v.dtype,
+                        memory_format=fmt)
+        del v
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} weights missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected weights (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} weights of the wrong shape (e.g. {k}: file "
+                         f"{tuple(state[k].shape)}, contract {tuple(expected[k].shape)})")
+        raise ModelError(f"{path}: the weights do not match the contract "
+                         f"({contract.architecture}/{contract.encoder}, {contract.in_channels} "
+                         f"bands, {contract.n_classes} classes): " + "; ".join(parts), path)
+    with torch.no_grad():
+        module.load_state_dict(state, strict=True, assign=True)
+    leftover = [n for n, t in [*module.named_parameters(), *module.named_buffers()]
+                if t.is_meta]
+    if leftover:  # a tensor the file does not hold (non-persistent buffer): build normally
+        module = build_network(contract)
+        with torch.no_grad():
+            module.load_state_dict(state, strict=True)
+    return module
+
 
 
 def read_contract(path: str | Path) -> ModelContract:

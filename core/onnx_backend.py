@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -275,7 +276,11 @@ def onnx_for(model: TesseraModel | str | Path, cache_dir: str | Path | None = No
     except OSError as exc:
         raise OutputError(f"{folder}: cannot create the ONNX cache folder: {exc}", folder) from exc
     res = export_onnx(m, onnx_path, opset=opset, check=True)
-    _require_agreement(m, res)
+    try:
+        _require_agreement(m, res)
+    except ModelError:
+        onnx_path.unlink(missing_ok=True)  # never leave a graph that was refused
+        raise
     import onnxruntime
     import torch
 
@@ -316,11 +321,12 @@ def _export_in_memory(model: TesseraModel, opset: int) -> bytes:
 
 
 def _default_threads() -> int:
+    """torch's thread count when torch is loaded anyway, else the CPUs this process may use."""
+    if "torch" in sys.modules:
+        return int(sys.modules["torch"].get_num_threads())
     try:
-        import torch
-
-        return int(torch.get_num_threads())
-    except Exception:  # noqa: BLE001
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
         return os.cpu_count() or 1
 
 

@@ -434,7 +434,7 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
     params = params or SegmentParams()
     t_start = time.perf_counter()
     if not isinstance(model, TesseraModel):
-        model = TesseraModel.load(model)
+        model = TesseraModel.open(model)
     contract = model.contract
     path = str(raster)
     stem = stem or Path(path).stem

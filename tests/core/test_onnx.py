@@ -225,3 +225,53 @@ def test_cli_export_onnx_and_backend_option(tmp_path, saved, capsys):
     assert main(["-q", "segment", str(src), "--model", str(model), "--out", str(tmp_path / "o"),
                  "--no-vectorize", "--backend", "torch", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["backend"] == "torch"
+
+
+def test_opened_model_reads_weights_only_when_torch_needs_them(tmp_path):
+    tiny_unet(seed=3).save(tmp_path / "m.safetensors")
+    m = TesseraModel.open(tmp_path / "m.safetensors")
+    assert not m.module_loaded and m.sha256 == file_sha256(tmp_path / "m.safetensors")
+    assert m.contract.name == "tiny test model"
+    net = m.module  # first use: read, checked and in inference (eval) mode
+    assert m.module_loaded and not net.training
+    ref = TesseraModel.load(tmp_path / "m.safetensors").module
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(net(x), ref(x))
+
+
+def test_a_cached_graph_runs_without_importing_torch(tmp_path):
+    """With the model's graph cached, segmenting on the CPU never imports torch or smp
+    (about 0.7 GB less memory) and gives the same classes as PyTorch."""
+    import os
+    import subprocess
+    import sys
+
+    from tessera.core.device import gpu_possible
+
+    if gpu_possible():
+        pytest.skip("this machine may have a GPU: auto would ask torch")
+    tiny_unet(seed=3).save(tmp_path / "m.safetensors")
+    write_raster(tmp_path / "r.tif", random_rgb(70, 90, seed=4))
+    env = dict(os.environ, TESSERA_CACHE=str(tmp_path / "cache"))
+    code = (
+        "import sys\n"
+        "from tessera.core.segment import segment_raster\n"
+        "from tessera.core.params import SegmentParams, VectorizeParams\n"
+        "r = segment_raster(sys.argv[1], sys.argv[2], sys.argv[3],\n"
+        "                   SegmentParams(backend=sys.argv[4], vectorize=VectorizeParams(enabled=False)))\n"
+        "print(r.backend, 'torch' in sys.modules, 'segmentation_models_pytorch' in sys.modules)\n")
+    outs = []
+    for k, backend in enumerate(["auto", "auto", "torch"]):
+        out = tmp_path / f"o{k}"
+        p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "r.tif"),
+                            str(tmp_path / "m.safetensors"), str(out), backend],
+                           env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        outs.append(p.stdout.split())
+        with rasterio.open(out / "r_classes.tif") as ds:
+            outs[-1].append(ds.read(1))
+    assert outs[0][:3] == ["onnxruntime", "True", "True"]     # first run: export (needs torch)
+    assert outs[1][:3] == ["onnxruntime", "False", "False"]   # cached: torch never imported
+    assert outs[2][:3] == ["torch", "True", "True"]
+    np.testing.assert_array_equal(outs[1][3], outs[2][3])
