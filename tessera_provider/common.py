@@ -22,6 +22,7 @@ from ..core.errors import CancelledError, TesseraError
 
 PLUGIN_DIR = Path(__file__).resolve().parents[1]
 DEVICES = ["auto", "cpu", "cuda", "mps"]
+BACKENDS = ["auto", "torch", "onnxruntime"]
 
 
 def tr(text: str) -> str:

@@ -74,6 +74,11 @@ def add_run_options(alg: QgsProcessingAlgorithm) -> None:
         alg.addParameter(p)
     alg.addParameter(QgsProcessingParameterEnum("DEVICE", tr("Device"), options=common.DEVICES,
                                                 defaultValue=0))
+    p = QgsProcessingParameterEnum(
+        "BACKEND", tr("Inference backend (auto: PyTorch on a GPU, ONNX Runtime on the CPU)"),
+        options=common.BACKENDS, defaultValue=0)
+    p.setFlags(p.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+    alg.addParameter(p)
 
 
 def run_options(alg: QgsProcessingAlgorithm, parameters, context) -> dict:
@@ -81,7 +86,8 @@ def run_options(alg: QgsProcessingAlgorithm, parameters, context) -> dict:
     overlap = alg.parameterAsInt(parameters, "OVERLAP", context)
     return {"tile_size": tile or None, "overlap": overlap if overlap >= 0 else None,
             "batch_size": alg.parameterAsInt(parameters, "BATCH_SIZE", context),
-            "device": common.DEVICES[alg.parameterAsEnum(parameters, "DEVICE", context)]}
+            "device": common.DEVICES[alg.parameterAsEnum(parameters, "DEVICE", context)],
+            "backend": common.BACKENDS[alg.parameterAsEnum(parameters, "BACKEND", context)]}
 
 
 def model_path(alg: QgsProcessingAlgorithm, parameters, context) -> str:
@@ -123,6 +129,7 @@ class SegmentRasterAlgorithm(common.TesseraAlgorithm):
             self.OUTPUT_POLYGONS, tr("Polygons"), QgsProcessing.TypeVectorPolygon,
             optional=True, createByDefault=True))
         self.addOutput(QgsProcessingOutputString("DEVICE", tr("Device used")))
+        self.addOutput(QgsProcessingOutputString("BACKEND", tr("Inference backend used")))
         self.addOutput(QgsProcessingOutputNumber("N_POLYGONS", tr("Number of polygons")))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
@@ -152,7 +159,8 @@ class SegmentRasterAlgorithm(common.TesseraAlgorithm):
                "params": params}
         feedback.pushInfo(f"Segmenting {src} with {Path(model).name}")
         res = common.run_engine(job, feedback)
-        feedback.pushInfo(f"Device used: {res['device']}; {res['tiles']} tiles "
+        feedback.pushInfo(f"Device used: {res['device']} ({res.get('backend', 'torch')}); "
+                          f"{res['tiles']} tiles "
                           f"({res['tiles_skipped']} empty, skipped); {res['seconds']:.1f} s")
         for w in res.get("warnings", []):
             feedback.pushWarning(w)
@@ -162,6 +170,7 @@ class SegmentRasterAlgorithm(common.TesseraAlgorithm):
         if out_conf:
             common.style_on_load(context, out_conf, "confidence", classes, f"{name} confidence")
         results = {self.OUTPUT: out_cls, "DEVICE": res["device"],
+                   "BACKEND": res.get("backend", "torch"),
                    "N_POLYGONS": res.get("n_polygons") or 0}
         if out_conf:
             results[self.CONFIDENCE] = out_conf

@@ -113,6 +113,11 @@ class TesseraDock(QgsDockWidget):
         self.device = QComboBox()
         self.device.addItems(["auto", "cpu", "cuda", "mps"])
         df.addRow("Device", self.device)
+        self.backend = QComboBox()
+        self.backend.addItems(["auto", "torch", "onnxruntime"])
+        self.backend.setToolTip("auto: PyTorch on a GPU; on the CPU ONNX Runtime when it is "
+                                "installed (faster, less memory), else PyTorch")
+        df.addRow("Backend", self.backend)
         self.device_used = QLabel("Device used: (not run yet)")
         df.addRow("", self.device_used)
         self.tile = QSpinBox()
@@ -210,6 +215,7 @@ class TesseraDock(QgsDockWidget):
         self.model_file.setFilePath(model or "")
         idx = self.device.findText(s.device)
         self.device.setCurrentIndex(max(idx, 0))
+        self.backend.setCurrentIndex(max(self.backend.findText(s.backend), 0))
         self.tile.setValue(s.tile_size)
         self.overlap.setValue(s.overlap)
         self.batch.setValue(s.batch_size)
@@ -227,6 +233,7 @@ class TesseraDock(QgsDockWidget):
                 if self.skip_list.item(i).checkState() == Qt.Checked]
         return RunSettings(
             model=self.model_file.filePath(), device=self.device.currentText(),
+            backend=self.backend.currentText(),
             tile_size=self.tile.value(), overlap=self.overlap.value(),
             batch_size=self.batch.value(), confidence=self.confidence.isChecked(),
             vectorize=self.vectorize.isChecked(), min_area_m2=self.min_area.value(),
@@ -416,7 +423,8 @@ class TesseraDock(QgsDockWidget):
         if task.result is not None:
             r = task.result
             self.progress.setValue(100)
-            self.device_used.setText(f"Device used: {r['device']}")
+            backend = f", {r['backend']}" if r.get("backend") else ""
+            self.device_used.setText(f"Device used: {r['device']}{backend}")
             poly = f", {r['n_polygons']} polygons" if r.get("n_polygons") is not None else ""
             self.status.setText(f"Done in {r['seconds']:.1f} s on {r['device']}{poly}.")
         elif task.cancelled_by_user:

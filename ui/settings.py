@@ -16,6 +16,7 @@ class RunSettings:
 
     model: str = ""
     device: str = "auto"
+    backend: str = "auto"       # auto | torch | onnxruntime
     tile_size: int = 0          # 0 = the model's
     overlap: int = -1           # -1 = the model's
     batch_size: int = 2
@@ -63,7 +64,7 @@ class RunSettings:
         return {
             "tile_size": self.tile_size or None,
             "overlap": self.overlap if self.overlap >= 0 else None,
-            "batch_size": self.batch_size, "device": self.device,
+            "batch_size": self.batch_size, "device": self.device, "backend": self.backend,
             "bands": list(bands) if bands else None,
             "window": list(window) if window else None,
             "confidence": self.confidence,

@@ -1,0 +1,55 @@
+"""The inference backend choice (auto / torch / onnxruntime) in the algorithms and the panel."""
+
+from __future__ import annotations
+
+from conftest import wait_for
+from qgis.core import QgsProject, QgsRasterLayer
+
+
+def _run(data_dir, tmp_path, backend: int):
+    import processing
+
+    out = tmp_path / f"cls{backend}.tif"
+    res = processing.run("tessera:segment_raster", {
+        "INPUT": str(data_dir / "scene.tif"), "MODEL": str(data_dir / "water.safetensors"),
+        "OUTPUT": str(out), "OUTPUT_POLYGONS": str(tmp_path / f"p{backend}.gpkg"),
+        "BACKEND": backend})
+    layer = QgsRasterLayer(str(out), "c")
+    block = layer.dataProvider().block(1, layer.extent(), 120, 100)
+    values = [block.value(r, c) for r in range(0, 100, 7) for c in range(0, 120, 7)
+              if not block.isNoData(r, c)]
+    return res, values
+
+
+def test_segment_raster_backend_is_honoured_and_reported(plugin, data_dir, tmp_path):
+    res_auto, v_auto = _run(data_dir, tmp_path, 0)
+    res_torch, v_torch = _run(data_dir, tmp_path, 1)
+    res_ort, v_ort = _run(data_dir, tmp_path, 2)
+    # no GPU here: auto runs on ONNX Runtime (installed with the engine)
+    assert res_auto["BACKEND"] == "onnxruntime" and "onnxruntime" in res_auto["DEVICE"]
+    assert res_torch["BACKEND"] == "torch" and res_torch["DEVICE"].startswith("cpu (")
+    assert res_ort["BACKEND"] == "onnxruntime"
+    assert v_auto == v_torch == v_ort and set(v_auto) == {2} and len(v_auto) > 100
+
+
+def test_panel_backend_setting_reaches_the_engine(plugin, iface, data_dir, tmp_path):
+    layer = QgsRasterLayer(str(data_dir / "scene.tif"), "scene")
+    QgsProject.instance().addMapLayer(layer)
+    try:
+        plugin.show_dock()
+        dock = plugin.dock
+        dock.layer_combo.setLayer(layer)
+        dock.model_file.setFilePath(str(data_dir / "water.safetensors"))
+        dock.out_dir.setFilePath(str(tmp_path))
+        dock.vectorize.setChecked(False)
+        dock.backend.setCurrentText("torch")
+        assert dock.settings().params()["backend"] == "torch"
+        dock.run()
+        wait_for(lambda: dock.task is None)
+        assert dock.device_used.text().endswith(", torch"), dock.device_used.text()
+        dock.backend.setCurrentText("onnxruntime")
+        dock.run()
+        wait_for(lambda: dock.task is None)
+        assert dock.device_used.text().endswith(", onnxruntime"), dock.device_used.text()
+    finally:
+        QgsProject.instance().removeAllMapLayers()
