@@ -38,7 +38,7 @@ from .errors import BandMismatchError, OutputError, ParameterError
 from .model import TesseraModel
 from .normalize import normalize
 from .progress import CancelFn, Meter, Progress, ProgressFn, check_cancel
-from .tiling import TileGrid, padded_size
+from .tiling import TileGrid, pad_tile, padded_size
 
 log = logging.getLogger(__name__)
 
@@ -200,13 +200,7 @@ def predict_image(predictor: Any, contract: ModelContract, image: np.ndarray,
                 on_tiles(1)
             continue
         x = normalize(data[:, t.row:t.row + t.height, t.col:t.col + t.width], v, contract)
-        if x.shape[1:] != (ph, pw):
-            pad = ((0, 0), (0, ph - x.shape[1]), (0, pw - x.shape[2]))
-            try:
-                x = np.pad(x, pad, mode="reflect")
-            except ValueError:
-                x = np.pad(x, pad, mode="edge")
-        pending.append((t, x))
+        pending.append((t, pad_tile(x, ph, pw)))
         if len(pending) == batch_size:
             flush()
     if pending:

@@ -41,7 +41,7 @@ from .rasterio_io import (
     read_window,
     write_category_names,
 )
-from .tiling import Tile, TileGrid, padded_size
+from .tiling import Tile, TileGrid, pad_tile, padded_size
 
 log = logging.getLogger(__name__)
 
@@ -352,15 +352,8 @@ class _Reader(threading.Thread):
                     if not self._put(("tiles", i, [(t, valid)], None)):
                         return
                     continue
-                x = normalize(data, valid, self.contract)
-                if x.shape[1:] != (ph, pw):
-                    pad = ((0, 0), (0, ph - x.shape[1]), (0, pw - x.shape[2]))
-                    try:
-                        x = np.pad(x, pad, mode="reflect")
-                    except ValueError:
-                        x = np.pad(x, pad, mode="edge")
                 pending.append((t, valid))
-                arrays.append(x)
+                arrays.append(pad_tile(normalize(data, valid, self.contract), ph, pw))
                 if len(pending) == self.batch_size:
                     if not self._put(("tiles", i, pending, np.stack(arrays))):
                         return

@@ -156,3 +156,15 @@ class TileGrid:
 def padded_size(size: int, multiple: int) -> int:
     """The smallest multiple of ``multiple`` that is >= ``size``."""
     return -(-size // multiple) * multiple
+
+
+def pad_tile(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Pad a ``(C, h, w)`` edge tile to ``(C, height, width)``: mirrored (reflect) so the model
+    sees plausible context, or repeated (edge) where the tile is too small to mirror."""
+    if x.shape[1:] == (height, width):
+        return x
+    pad = ((0, 0), (0, height - x.shape[1]), (0, width - x.shape[2]))
+    try:
+        return np.pad(x, pad, mode="reflect")
+    except ValueError:
+        return np.pad(x, pad, mode="edge")
