@@ -173,8 +173,10 @@ def test_cache_is_reused_and_stale_or_tampered_files_are_rebuilt(tmp_path, saved
     assert "checksum" in caplog.text
     (cache / f"{sha}.json").unlink()
     ob.onnx_for(saved, cache)
-    x = np.zeros((1, 3, 32, 32), np.float32)
-    assert ob.OrtPredictor(path).predict(x).shape == (1, 3, 32, 32)
+    # the rebuilt graph is this model's again: the same probabilities as PyTorch
+    x = np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    ref = Predictor(saved.module, "cpu").predict(x)
+    np.testing.assert_allclose(ob.OrtPredictor(path).predict(x), ref, atol=1e-4)
 
 
 def test_default_cache_folder_follows_the_environment(tmp_path, monkeypatch):

@@ -60,13 +60,18 @@ print("ok")
 """
 
 
+def make_engine_data(script: str, folder: Path) -> Path:
+    """Run ``script`` (argv: folder, tests/core) with the engine's Python in its own process,
+    never inheriting QGIS's GDAL/PROJ settings; return ``folder``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GDAL_", "PROJ_"))}
+    subprocess.run([sys.executable, "-c", script, str(folder), str(CORE_TESTS)], check=True,
+                   env=env)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("plugin-data")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GDAL_", "PROJ_"))}
-    subprocess.run([sys.executable, "-c", MAKE_DATA, str(d), str(CORE_TESTS)], check=True,
-                   env=env)
-    return d
+    return make_engine_data(MAKE_DATA, tmp_path_factory.mktemp("plugin-data"))
 
 
 def wait_for(predicate, timeout: float = 180.0) -> None:

@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import CORE_TESTS
+from conftest import make_engine_data
 from qgis.core import (
     QgsApplication,
     QgsFeature,
@@ -77,11 +76,7 @@ N_WATER = 64 * 128 - 256
 
 @pytest.fixture(scope="module")
 def train_data(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("train-data")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GDAL_", "PROJ_"))}
-    subprocess.run([sys.executable, "-c", MAKE_DATA, str(d), str(CORE_TESTS)], check=True,
-                   env=env)
-    return d
+    return make_engine_data(MAKE_DATA, tmp_path_factory.mktemp("train-data"))
 
 
 def polygon_gpkg(path: Path, with_layer: bool = True) -> QgsVectorLayer:
