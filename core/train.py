@@ -30,8 +30,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import platform
 import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -183,8 +187,11 @@ def _sample(x: np.ndarray, y: np.ndarray, valid: np.ndarray | None, size: int,
             px, py = px[:, ::-1], py[:, ::-1]
             pv = pv[:, ::-1] if pv is not None else None
         a, b = rng.uniform(0.9, 1.1), rng.uniform(-12, 12)  # contrast/brightness jitter
-        px = lo + (px.astype(np.float32) - lo) * a + b * (hi - lo) / 255.0
-        px = np.clip(px, lo, hi)
+        px = px.astype(np.float32)  # a copy: the rest works in place
+        px -= lo
+        px *= np.float32(a)
+        px += (lo + b * (hi - lo) / 255.0).astype(np.float32)
+        np.clip(px, lo, hi, out=px)
     return (np.ascontiguousarray(px, dtype=np.float32), np.ascontiguousarray(py),
             None if pv is None else np.ascontiguousarray(pv))
 
@@ -308,8 +315,14 @@ def train(source: DataSource | dict[str, Any] | str | Path, out_model: str | Pat
     dev = pick_device(p.device)
     device = torch.device(dev.name)
     model = TesseraModel.create(contract)
+    cuda = dev.kind == "cuda"
     net = model.module.to(device).train()
-    opt = torch.optim.Adam(net.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    if cuda:  # tensor cores want NHWC; bf16 where the card has it (no loss scaling needed)
+        net = net.to(memory_format=torch.channels_last)
+    amp_dtype = (torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16)
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
+    opt = torch.optim.Adam(net.parameters(), lr=p.lr, weight_decay=p.weight_decay,
+                           **({"fused": True} if cuda else {}))
     steps_per_epoch = max(1, p.patches_per_epoch // p.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=steps_per_epoch * p.epochs,
                                                 pct_start=0.05)
@@ -351,68 +364,128 @@ def train(source: DataSource | dict[str, Any] | str | Path, out_model: str | Pat
     patience = p.early_stopping_patience
     if patience and history and start_epoch - best_epoch >= patience:
         stopped = _early_stop_text(patience, best, best_epoch)
-    for epoch in range(start_epoch, p.epochs if stopped == "completed" else start_epoch):
-        net.train()
-        rng = np.random.default_rng([p.seed, epoch])  # per epoch: a resumed run repeats it
-        losses = []
-        for step in range(steps_per_epoch):
+    hardware = dev.label + (f", {str(amp_dtype).removeprefix('torch.')} autocast" if cuda else "")
+
+    def make_batch(epoch: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+        # one generator per (epoch, step): any thread can build any batch, and a resumed run
+        # repeats the same batches
+        rng = np.random.default_rng([p.seed, epoch, step])
+        batch = [patch(split.train[int(rng.integers(len(split.train)))], rng, True)
+                 for _ in range(p.batch_size)]
+        return (np.stack([_input(px, pv, contract) for px, _, pv in batch]),
+                np.stack([b[1] for b in batch]).astype(np.int64))
+
+    # batches are built ahead of the model: on a GPU by worker processes (threads would fight
+    # the training loop for the GIL and starve the GPU of kernel launches), on a CPU by one
+    # thread that overlaps the next batch with this step (numpy releases the GIL)
+    # (TESSERA_TRAIN_WORKERS=N asks for N worker processes on any device; 0 = the thread)
+    workers = int(os.environ.get("TESSERA_TRAIN_WORKERS") or
+                  (min(12, max(1, (os.cpu_count() or 2) - 2)) if cuda else 0))
+    pool = ThreadPoolExecutor(1, thread_name_prefix="tessera-batches") if workers == 0 else None
+
+    def batches(epoch: int) -> Iterator[tuple[Any, Any]]:
+        if pool is None:
+            loader = torch.utils.data.DataLoader(
+                _EpochBatches(make_batch, epoch, steps_per_epoch), batch_size=None,
+                num_workers=workers, pin_memory=cuda, prefetch_factor=4,
+                multiprocessing_context="fork")
+            yield from loader
+            return
+        ahead: deque = deque()
+        for nxt in range(steps_per_epoch):
+            ahead.append(pool.submit(make_batch, epoch, nxt))
+            if len(ahead) > 2:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+
+    try:
+        for epoch in range(start_epoch, p.epochs if stopped == "completed" else start_epoch):
+            net.train()
+            loss_sum = torch.zeros((), device=device)
+            n_losses, n_patches, t_epoch = 0, 0, time.perf_counter()
+            for step, (xb, yb) in enumerate(batches(epoch)):
+                check_cancel(cancel)
+                if not bool((yb != IGNORE).any()):
+                    continue  # nothing annotated in this batch: no signal (and a NaN focal loss)
+                x, y = torch.as_tensor(xb), torch.as_tensor(yb)
+                if cuda:  # pinned by the loader: the copies overlap the previous step
+                    x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                    y = y.to(device, non_blocking=True)
+                with torch.autocast(device_type=dev.kind, dtype=amp_dtype, enabled=cuda):
+                    loss = loss_fn(net(x), y)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                loss_sum += loss.detach().float()  # no host sync per step
+                n_losses += 1
+                n_patches += len(xb)
+                if progress is not None and step % 10 == 0:
+                    el = time.perf_counter() - t0
+                    frac = ((epoch - start_epoch + (step + 1) / steps_per_epoch)
+                            / max(p.epochs - start_epoch, 1))
+                    progress(Progress("train", step + 1, steps_per_epoch, frac, el, None,
+                                      el / frac * (1 - frac) if frac else None,
+                                      f"epoch {epoch + 1}/{p.epochs} loss "
+                                      f"{float(loss_sum) / max(n_losses, 1):.3f}"
+                                      + (f", val mIoU {history[-1]['val_miou']:.3f}" if history else "")))
+            if cuda:
+                torch.cuda.synchronize()
+            train_s = time.perf_counter() - t_epoch
             check_cancel(cancel)
-            batch = [patch(split.train[int(rng.integers(len(split.train)))], rng, True)
-                     for _ in range(p.batch_size)]
-            x = torch.from_numpy(np.stack([_input(px, pv, contract) for px, _, pv in batch])).to(device)
-            y = torch.from_numpy(np.stack([b[1] for b in batch]).astype(np.int64)).to(device)
-            if not (y != IGNORE).any():
-                continue  # nothing annotated in this batch: no signal (and a NaN focal loss)
-            with torch.autocast(device_type=dev.kind, dtype=torch.float16,
-                                enabled=dev.kind == "cuda"):
-                loss = loss_fn(net(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            if progress is not None and step % 10 == 0:
+            cm = evaluate_patches(net, val_inputs, k_classes, device)
+            iou, miou, acc = iou_from_confusion(cm)
+            mean_loss = float(loss_sum) / n_losses if n_losses else float("nan")
+            history.append({"epoch": epoch + 1, "loss": mean_loss, "val_miou": miou,
+                            "val_accuracy": acc, "minutes": (time.perf_counter() - t0) / 60,
+                            "patches_per_s": n_patches / train_s if train_s > 0 else None})
+            log.info("epoch %d: loss %.4f, val mIoU %.4f, acc %.4f", epoch + 1, mean_loss, miou, acc)
+            if miou > best:
+                best, best_epoch = miou, epoch + 1
+                model.contract = _with_card(contract, p, history, iou, miou, acc, hardware, ds,
+                                            split, len(val_inputs), counts)
+                model.module = net
+                model.save(out_model, half=True)
+                net.to(device)
+            if progress is not None:
                 el = time.perf_counter() - t0
-                frac = (epoch - start_epoch + (step + 1) / steps_per_epoch) / max(p.epochs - start_epoch, 1)
-                progress(Progress("train", step + 1, steps_per_epoch, frac, el, None,
-                                  el / frac * (1 - frac) if frac else None,
-                                  f"epoch {epoch + 1}/{p.epochs} loss {np.mean(losses):.3f}"
-                                  + (f", val mIoU {history[-1]['val_miou']:.3f}" if history else "")))
-        check_cancel(cancel)
-        cm = evaluate_patches(net, val_inputs, k_classes, device)
-        iou, miou, acc = iou_from_confusion(cm)
-        mean_loss = float(np.mean(losses)) if losses else float("nan")
-        history.append({"epoch": epoch + 1, "loss": mean_loss, "val_miou": miou,
-                        "val_accuracy": acc, "minutes": (time.perf_counter() - t0) / 60})
-        log.info("epoch %d: loss %.4f, val mIoU %.4f, acc %.4f", epoch + 1, mean_loss, miou, acc)
-        if miou > best:
-            best, best_epoch = miou, epoch + 1
-            model.contract = _with_card(contract, p, history, iou, miou, acc, dev.label, ds,
-                                        split, len(val_inputs), counts)
-            model.module = net
-            model.save(out_model, half=True)
-            net.to(device)
-        if progress is not None:
-            el = time.perf_counter() - t0
-            frac = (epoch + 1 - start_epoch) / max(p.epochs - start_epoch, 1)
-            progress(Progress("train", steps_per_epoch, steps_per_epoch, frac, el, None,
-                              el / frac * (1 - frac), f"epoch {epoch + 1}/{p.epochs} val mIoU "
-                              f"{miou:.3f} (best {best:.3f})"))
-        if ckpt is not None:
-            _save_checkpoint(ckpt, net, opt, sched, epoch + 1, best, history, save_file, p.epochs,
-                             best_epoch=best_epoch, params=run_key, n_classes=k_classes)
-        if patience and epoch + 1 - best_epoch >= patience and epoch + 1 < p.epochs:
-            stopped = _early_stop_text(patience, best, best_epoch)
-            break
-        if p.max_minutes is not None and (time.perf_counter() - t0) / 60 > p.max_minutes:
-            stopped = f"time budget of {p.max_minutes} min reached after epoch {epoch + 1}"
-            break
+                frac = (epoch + 1 - start_epoch) / max(p.epochs - start_epoch, 1)
+                progress(Progress("train", steps_per_epoch, steps_per_epoch, frac, el, None,
+                                  el / frac * (1 - frac), f"epoch {epoch + 1}/{p.epochs} val mIoU "
+                                  f"{miou:.3f} (best {best:.3f})"))
+            if ckpt is not None:
+                _save_checkpoint(ckpt, net, opt, sched, epoch + 1, best, history, save_file, p.epochs,
+                                 best_epoch=best_epoch, params=run_key, n_classes=k_classes)
+            if patience and epoch + 1 - best_epoch >= patience and epoch + 1 < p.epochs:
+                stopped = _early_stop_text(patience, best, best_epoch)
+                break
+            if p.max_minutes is not None and (time.perf_counter() - t0) / 60 > p.max_minutes:
+                stopped = f"time budget of {p.max_minutes} min reached after epoch {epoch + 1}"
+                break
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     _finish_card(out_model, stopped, best_epoch, history)
     if progress is not None:
         progress(Progress("done", 1, 1, 1.0, time.perf_counter() - t0, None, 0.0, stopped))
     return {"best_val_miou": best, "history": _clean(history), "stopped": stopped,
             "model": str(out_model), "best_epoch": best_epoch, "split": split.to_dict(),
             "classes": table_to_dicts(ds.classes)}
+
+
+class _EpochBatches:
+    """One epoch's batches as a map-style dataset (item = a whole batch, built by ``fn``)."""
+
+    def __init__(self, fn: Any, epoch: int, steps: int) -> None:
+        self.fn, self.epoch, self.steps = fn, epoch, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.fn(self.epoch, step)
 
 
 def _early_stop_text(patience: int, best: float, best_epoch: int) -> str:

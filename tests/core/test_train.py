@@ -102,6 +102,28 @@ def test_training_end_to_end_writes_a_valid_model_and_resumes(dataset, tmp_path)
                      checkpoint_dir=ck)
 
 
+def test_batches_from_worker_processes_train_exactly_like_the_thread(dataset, tmp_path,
+                                                                      monkeypatch):
+    """Each batch is a function of (seed, epoch, step) alone, so the worker processes a GPU run
+    uses build the same batches, in the same order, as the CPU's prefetch thread."""
+    p = TrainParams(patch_size=64, batch_size=2, epochs=2, patches_per_epoch=6,
+                    encoder="resnet18", val_patches=4, device="cpu")
+    runs = {}
+    for workers in ("0", "2"):
+        monkeypatch.setenv("TESSERA_TRAIN_WORKERS", workers)
+        torch.manual_seed(0)
+        out = tmp_path / f"m{workers}.safetensors"
+        res = train_folder(dataset, out, p, name="tiny")
+        runs[workers] = ([h["loss"] for h in res["history"]], TesseraModel.load(out))
+    assert all(np.isfinite(runs["0"][0]))
+    np.testing.assert_allclose(runs["2"][0], runs["0"][0], rtol=1e-5)
+    a, b = runs["0"][1].module.state_dict(), runs["2"][1].module.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-3)
+    assert all(h["patches_per_s"] > 0 for h in res["history"])
+
+
 def test_bad_training_inputs(tmp_path):
     with pytest.raises(ParameterError, match="no images"):
         find_pairs(tmp_path)
