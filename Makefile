@@ -2,7 +2,7 @@
 #
 #   make demo     set everything up and run Tessera on the bundled sample
 #   make test     set everything up and run every test (core tier, then the real-QGIS tier)
-#   make bench    CPU benchmark: model-only vs end-to-end throughput, peak memory (BENCHMARKS.md)
+#   make bench    CPU benchmarks: throughput, peak memory, int8 and overlap (BENCHMARKS.md)
 #   make train-default  retrain the shipped default model (DUBAI=folder, TRAIN_ARGS=...)
 #   make package  build the installable plugin zip (dist/tessera-<version>.zip)
 #   make deploy   install that zip into the local QGIS profile, using this checkout's venv
@@ -70,6 +70,7 @@ test-plugin: setup
 
 bench: setup
 	$(PY) benchmarks/bench_cpu.py --write BENCHMARKS.md
+	$(PY) benchmarks/bench_onnx.py --write BENCHMARKS.md
 
 # The shipped default model's recipe (its model card): 100 epochs of 1300 patches, batch 4.
 # On a GPU about 25 minutes; on a 2-core CPU about 13 hours, so a CPU preview may pass e.g.

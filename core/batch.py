@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 REPORT_NAME = "tessera_report"
 REPORT_FIELDS = ("file", "status", "error", "seconds", "megapixels", "polygons", "class_raster",
-                 "polygons_file", "device", "warnings")
+                 "polygons_file", "device", "backend", "warnings")
 
 
 @dataclass
@@ -46,6 +46,7 @@ class FileReport:
     class_raster: str = ""
     polygons_file: str = ""
     device: str = ""
+    backend: str = ""
     warnings: str = ""
 
 
@@ -158,6 +159,7 @@ def segment_folder(folder: str | Path, model: TesseraModel | str | Path, out_dir
                     row.class_raster = res.class_raster
                     row.polygons_file = res.polygons or ""
                     row.device = res.device
+                    row.backend = res.backend
                     row.warnings = "; ".join(res.warnings)
                 except CancelledError:
                     raise

@@ -176,9 +176,17 @@ def make_predictor(model: Any, device: str = "auto", backend: str = "auto",
     b = (backend or "auto").lower()
     if b not in BACKENDS:
         raise ParameterError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
+    from . import onnx_backend as ob
+
+    if getattr(model, "is_onnx", False):  # an ONNX model file (exported, or int8)
+        if b == "torch" or device.lower() not in ("auto", "cpu"):
+            raise ParameterError(f"{model.path}: an ONNX model runs on ONNX Runtime on the CPU "
+                                 f"only (asked: backend {b}, device {device}); use the "
+                                 ".safetensors model for PyTorch or a GPU")
+        ob.require_onnxruntime()
+        return ob.OrtPredictor(model.path, threads)
     if b == "torch":
         return Predictor(model.module, device, half, threads)
-    from . import onnx_backend as ob
 
     if b == "onnxruntime":
         if device.lower() not in ("auto", "cpu"):

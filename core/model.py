@@ -58,9 +58,18 @@ class TesseraModel:
         self.sha256 = sha256
 
     @property
+    def is_onnx(self) -> bool:
+        """Whether the model is an ONNX file (e.g. int8): it runs on ONNX Runtime only."""
+        return self.path is not None and self.path.suffix.lower() == ".onnx"
+
+    @property
     def module(self) -> Any:
         """The torch module; a model from :meth:`open` reads its weights on first use."""
         if self._module is None:
+            if self.is_onnx:
+                raise ModelError(f"{self.path}: an ONNX model runs on ONNX Runtime only, not "
+                                 "PyTorch: use the onnxruntime backend (on the CPU), or the "
+                                 ".safetensors model it came from", self.path)
             if self.path is None:
                 raise ModelError(f"model '{self.contract.name}' has no network and no file")
             self._module = _read_module(self.path, self.contract).eval()
@@ -88,6 +97,8 @@ class TesseraModel:
         """Load and validate a model file. Raises :class:`ModelError` with the reason in words."""
         path = Path(path)
         contract = read_contract(path)
+        if path.suffix.lower() == ".onnx":  # no torch weights: ONNX Runtime reads the graph
+            return cls(contract, None, path, sha256=file_sha256(path))
         return cls(contract, _read_module(path, contract), path, sha256=file_sha256(path))
 
     @classmethod
@@ -175,6 +186,10 @@ def read_contract(path: str | Path) -> ModelContract:
         raise ModelNotFoundError(f"{path}: model file not found", path)
     if path.is_dir():
         raise ModelError(f"{path}: is a folder, not a model file", path)
+    if path.suffix.lower() == ".onnx":  # an exported or int8 model: contract in its metadata
+        from .onnx_backend import read_onnx_contract
+
+        return read_onnx_contract(path)
     with open(path, "rb") as fh:
         head = fh.read(9)
     # safetensors: an 8-byte little-endian header length, then the JSON header

@@ -330,6 +330,23 @@ def _default_threads() -> int:
         return os.cpu_count() or 1
 
 
+def reduce_logits(logits: np.ndarray) -> np.ndarray:
+    """``(B, K, H, W)`` float32 logits → ``(B, 2, H, W)`` uint8: the winning class and its
+    softmax probability x 255 (1..255). Works in place on ``logits`` (float32 throughout: this
+    runs on every pixel, beside the model, so it is kept to a few passes)."""
+    b, _, h, w = logits.shape
+    out = np.empty((b, 2, h, w), np.uint8)
+    out[:, 0] = logits.argmax(axis=1)
+    np.subtract(logits, logits.max(axis=1, keepdims=True), out=logits)
+    np.exp(logits, out=logits)
+    conf = logits.sum(axis=1)  # 1 / the max probability
+    np.divide(np.float32(255.0), conf, out=conf)
+    np.rint(conf, out=conf)
+    np.clip(conf, 1, 255, out=conf)
+    out[:, 1] = conf
+    return out
+
+
 class OrtPredictor:
     """Runs an ONNX graph with ONNX Runtime on the CPU; the interface of :class:`.device.Predictor`.
 
@@ -356,7 +373,10 @@ class OrtPredictor:
             raise ModelError(f"{where}ONNX Runtime cannot load the graph: {exc}") from exc
         self.source = None if isinstance(source, bytes) else Path(source)
         self.threads = n
-        self.info = DeviceInfo("cpu", "cpu", f"cpu (onnxruntime {ort.__version__}, {n} threads)")
+        meta = self.session.get_modelmeta().custom_metadata_map or {}
+        self.precision = meta.get("tessera.precision", "fp32")
+        prec = "int8, " if self.precision == "int8" else ""
+        self.info = DeviceInfo("cpu", "cpu", f"cpu (onnxruntime {ort.__version__}, {prec}{n} threads)")
         self.max_batch: int | None = None
         self.oom_events = 0
         log.info("inference on %s", self.info.label)
@@ -379,8 +399,4 @@ class OrtPredictor:
             logits = logits.astype(np.float32)
         if not reduce:
             return _softmax(logits)
-        idx = logits.argmax(axis=1)
-        top = np.take_along_axis(logits, idx[:, None], axis=1)
-        conf = 1.0 / np.exp(logits - top).sum(axis=1)  # the max softmax probability
-        conf = np.clip(np.rint(conf * 255.0), 1, 255)
-        return np.stack([idx.astype(np.uint8), conf.astype(np.uint8)], axis=1)
+        return reduce_logits(logits)

@@ -43,6 +43,9 @@ def test_batch_processes_good_files_reports_the_bad_one_and_resumes(tmp_path):
     assert [r["status"] for r in rows] == ["done", "done", "failed", "done"]
     assert float(rows[0]["megapixels"]) == pytest.approx(0.003)
     assert rows[2]["error"].startswith(str(src / "broken.tif"))
+    # the backend that ran each file (none for the failed one)
+    assert [r["backend"] for r in rows] == [rows[0]["backend"]] * 2 + ["", rows[0]["backend"]]
+    assert rows[0]["backend"] in ("onnxruntime", "torch")
     summary = json.loads(rep.json_path.read_text())
     assert (summary["done"], summary["failed"], summary["skipped"]) == (3, 1, 0)
 

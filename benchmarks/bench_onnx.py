@@ -1,0 +1,259 @@
+"""CPU benchmark of ONNX Runtime int8 against fp32, and of the default overlap against overlap 0.
+
+Run with ``make bench`` (after ``bench_cpu.py``) or ``.venv/bin/python benchmarks/bench_onnx.py
+--write BENCHMARKS.md``. Prints every figure and, with ``--write``, replaces its section of
+``BENCHMARKS.md``.
+
+* int8: the default model quantized with ``tessera.core.quantize`` (static, calibrated on 16
+  tiles of the Dubai training images when ``../shared`` is there, else of the benchmark
+  raster). Refused, and reported as such, on a CPU without int8 dot-product instructions.
+* Throughput, in one fresh process with both predictors built once: rounds alternate fp32
+  model-only, int8 model-only, int8 end-to-end, fp32 end-to-end at overlap 0 and at the
+  model's default overlap, all on the 2048² raster of ``bench_cpu.py``; medians are compared.
+* Accuracy: ``tessera evaluate`` of fp32 and int8 on the 13 validation images of the default
+  model (its split: by image, 20 %, seed 0) when ``../shared`` is there.
+* Overlap: the tile count at the default overlap against the minimum for that overlap, and
+  the pixel area computed against the raster's, beside the measured time ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from bench_cpu import SHARED_ORTHO, default_model_path, machine, make_raster  # noqa: E402
+
+DUBAI = ROOT.parent / "shared" / "data" / "dubai-aerial"
+
+
+def child(args) -> None:
+    from tessera.core.device import make_predictor
+    from tessera.core.model import TesseraModel
+    from tessera.core.params import SegmentParams
+    from tessera.core.rasterio_io import limit_malloc_arenas
+    from tessera.core.segment import segment_raster
+
+    limit_malloc_arenas()
+    m32, m8 = TesseraModel.open(args.model), TesseraModel.open(args.int8)
+    p32, p8 = make_predictor(m32, "cpu", "onnxruntime"), make_predictor(m8, "cpu", "auto")
+    x = np.random.default_rng(0).standard_normal(
+        (args.batch, m32.contract.in_channels, args.tile, args.tile)).astype(np.float32)
+    px = args.reps * args.batch * args.tile ** 2 / 1e6
+
+    def model_only(p) -> float:
+        p.session.run(None, {"input": x})
+        t = time.perf_counter()
+        for _ in range(args.reps):
+            p.session.run(None, {"input": x})
+        return px / (time.perf_counter() - t)
+
+    def e2e(model, pred, overlap) -> tuple[float, Any]:
+        params = SegmentParams(tile_size=args.tile, overlap=overlap, batch_size=args.batch,
+                               backend="onnxruntime" if pred is p32 else "auto")
+        t = time.perf_counter()
+        res = segment_raster(args.raster, model, args.out, params, predictor=pred)
+        return res.megapixels / (time.perf_counter() - t), res
+
+    ov = m32.contract.overlap
+    keys = ("mo32", "mo8", "e2e8", "e2e32", "e2e32_ov")
+    r: dict[str, list[float]] = {k: [] for k in keys}
+    info = {}
+    for _ in range(args.rounds):
+        r["mo32"].append(model_only(p32))
+        r["mo8"].append(model_only(p8))
+        v, res8 = e2e(m8, p8, 0)
+        r["e2e8"].append(v)
+        v, _ = e2e(m32, p32, 0)
+        r["e2e32"].append(v)
+        v, res_ov = e2e(m32, p32, ov)
+        r["e2e32_ov"].append(v)
+        info = {"tiles_ov": res_ov.tiles, "polygons8": res8.n_polygons, "device8": res8.device,
+                "device32": p32.info.label}
+    print(json.dumps({"rounds": r, "median": {k: statistics.median(v) for k, v in r.items()},
+                      "overlap": ov, **info}))
+
+
+def heldout_folder(dest: Path) -> Path | None:
+    """Symlinks to the default model's 13 validation images (split by image, 20 %, seed 0)."""
+    if not DUBAI.is_dir():
+        return None
+    from tessera.core.train import find_pairs, split_by_image
+
+    pairs = find_pairs(DUBAI)
+    _, val = split_by_image(len(pairs), 0.2, 0)
+    for i in val:
+        for src, sub in zip(pairs[i], ("images", "masks")):
+            d = dest / src.parent.parent.name / sub
+            d.mkdir(parents=True, exist_ok=True)
+            if not (d / src.name).exists():
+                os.symlink(src, d / src.name)
+    return dest
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="fp32 Tessera model (default: the shipped default model)")
+    ap.add_argument("--tile", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "tessera-bench"))
+    ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--write", metavar="MD")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--raster", help=argparse.SUPPRESS)
+    ap.add_argument("--int8", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return 0
+    from tessera.core.errors import ParameterError
+    from tessera.core.model import TesseraModel
+    from tessera.core.quantize import check_int8_cpu, quantize_model
+    from tessera.core.tiling import TileGrid
+
+    args.model = args.model or default_model_path()
+    if not args.model:
+        print("No model: the int8 benchmark needs a trained model (resources/models/)")
+        return 1
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    m = TesseraModel.open(args.model)
+    print(f"Machine: {machine()}")
+    print(f"Model: {m.contract.name}, tile {args.tile}, batch {args.batch}")
+    lines: list[str] = []
+    try:
+        instr = check_int8_cpu()
+    except ParameterError as exc:
+        print(str(exc))
+        lines = [f"int8 not measured: {exc}"]
+        instr = None
+    src = make_raster(work / "bench_2048.tif", 2048, SHARED_ORTHO)
+    res = None
+    if instr:
+        calib = [DUBAI] if DUBAI.is_dir() else [src]
+        int8 = work / "default_int8.onnx"
+        q = quantize_model(m, int8, calib, n_tiles=16)
+        print(f"Quantized in {q['seconds']:.0f} s on {q['calibration']['tiles']} tiles of "
+              f"{'the Dubai training images' if DUBAI.is_dir() else 'the benchmark raster'}; "
+              f"class agreement with fp32 on them {q['class_agreement_with_fp32']:.4f}; "
+              f"CPU instructions {instr}")
+        out = subprocess.run([sys.executable, __file__, "--child", "--model", args.model,
+                              "--int8", str(int8), "--raster", str(src), "--out",
+                              str(work / "out_int8"), "--tile", str(args.tile), "--batch",
+                              str(args.batch), "--reps", str(args.reps), "--rounds",
+                              str(args.rounds)], capture_output=True, text=True, check=True)
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        md = res["median"]
+        for k, label in (("mo32", "fp32 model-only"), ("mo8", "int8 model-only"),
+                         ("e2e8", "int8 end-to-end"), ("e2e32", "fp32 end-to-end"),
+                         ("e2e32_ov", f"fp32 end-to-end, overlap {res['overlap']}")):
+            print(f"{label}: " + ", ".join(f"{v:.3f}" for v in res["rounds"][k])
+                  + f" Mpx/s; median {md[k]:.3f}")
+        speed = md["e2e8"] / md["mo32"]
+        print(f"int8 end-to-end / fp32 model-only: {speed:.2f} (target >= 1.5: "
+              f"{'MET' if speed >= 1.5 else 'NOT MET'})")
+        acc = None
+        folder = None if args.skip_accuracy else heldout_folder(work / "heldout")
+        if folder is not None:
+            from tessera.core.evaluate import evaluate_model
+
+            e32 = evaluate_model(args.model, folder, backend="onnxruntime", device="cpu")
+            e8 = evaluate_model(int8, folder, device="cpu")
+            acc = (e32.mean_iou, e8.mean_iou, e32.accuracy, e8.accuracy)
+            print(f"Held-out mean IoU fp32 {acc[0]:.4f}, int8 {acc[1]:.4f} (difference "
+                  f"{acc[1] - acc[0]:+.4f}, target within 0.01: "
+                  f"{'MET' if abs(acc[1] - acc[0]) <= 0.01 else 'NOT MET'}); pixel accuracy "
+                  f"{acc[2]:.4f} / {acc[3]:.4f}")
+        lines = _int8_rows(q, res, speed, acc, instr, args)
+    # overlap: tiles against the minimum, pixel area against the raster's
+    ov = m.contract.overlap
+    g0, g1 = TileGrid(2048, 2048, args.tile, 0), TileGrid(2048, 2048, args.tile, ov)
+    stride = args.tile - ov
+    minimum = (math.ceil((2048 - ov) / stride)) ** 2
+    area = sum(t.height * t.width for t in g1) / (2048 * 2048)
+    print(f"Overlap {ov}: {len(g1)} tiles (minimum for that overlap {minimum}; overlap 0: "
+          f"{len(g0)}), pixel area computed x{area:.3f} of the raster's")
+    if res is not None:
+        tr = res["median"]["e2e32"] / res["median"]["e2e32_ov"]
+        print(f"Time at overlap {ov} / overlap 0 (fp32 end-to-end medians): x{tr:.3f} "
+              f"(target: within the area ratio x{area:.3f}: {'MET' if tr <= area else 'NOT MET'})")
+        lines += [f"| tiles at the default overlap ({ov} px) on 2048² | {len(g1)} (the minimum "
+                  f"for that overlap: {minimum}; overlap 0: {len(g0)}) | = minimum "
+                  f"{'✅' if len(g1) <= minimum else '❌'} |",
+                  f"| time at overlap {ov} / overlap 0, against the pixel area computed | x{tr:.3f}"
+                  f" against x{area:.3f} | within the area {'✅' if tr <= area else '❌'} |"]
+    if args.write:
+        write_md(Path(args.write), m, lines, args)
+    return 0
+
+
+def _int8_rows(q, res, speed, acc, instr, args) -> list[str]:
+    md, rd = res["median"], res["rounds"]
+
+    def cell(k: str) -> str:
+        return f"{md[k]:.3f} Mpx/s ({', '.join(f'{v:.3f}' for v in rd[k])})"
+
+    rows = [
+        f"| fp32 model-only (ONNX Runtime), median of {args.rounds} | {cell('mo32')} | |",
+        f"| int8 model-only | {cell('mo8')} | |",
+        f"| int8 end-to-end (overlap 0, {res['polygons8']} polygons) | {cell('e2e8')} | |",
+        f"| fp32 end-to-end (overlap 0) | {cell('e2e32')} | |",
+        f"| int8 end-to-end / fp32 model-only | {speed:.2f} | ≥ 1.5 {'✅' if speed >= 1.5 else '❌'} |",
+        f"| int8 model-only / fp32 model-only | {md['mo8'] / md['mo32']:.2f} | |",
+        f"| fp32 end-to-end / fp32 model-only (this run) | {md['e2e32'] / md['mo32']:.3f} | "
+        f"≥ 0.95 {'✅' if md['e2e32'] / md['mo32'] >= 0.95 else '❌'} |",
+        f"| int8 class agreement with fp32 on the {q['calibration']['tiles']} calibration tiles | "
+        f"{q['class_agreement_with_fp32']:.4f} | |",
+    ]
+    if acc:
+        d = acc[1] - acc[0]
+        rows.append(f"| mean IoU on the 13 held-out images, fp32 / int8 | {acc[0]:.4f} / "
+                    f"{acc[1]:.4f} ({d:+.4f}); pixel accuracy {acc[2]:.4f} / {acc[3]:.4f} | "
+                    f"within 0.01 {'✅' if abs(d) <= 0.01 else '❌'} |")
+    return rows
+
+
+def write_md(path: Path, m, rows: list[str], args) -> None:
+    heading = "## CPU (`make bench`): ONNX Runtime int8 and the default overlap"
+    head = [heading, "", f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.", "",
+            f"Model: {m.contract.name} (fp32) and its int8 quantization (`tessera quantize`, "
+            "calibrated on 16 tiles of "
+            + ("the Dubai training images" if DUBAI.is_dir() else "the benchmark raster")
+            + "); tile "
+            f"{args.tile} px, batch {args.batch}. Input: the 2048² raster above. Measured by "
+            "`benchmarks/bench_onnx.py` in one process, rounds alternating.", ""]
+    if rows and rows[0].startswith("|"):
+        body = ["| figure | value | target |", "|---|---|---|", *rows]
+    else:
+        body = rows
+    section = "\n".join(head + body) + "\n"
+    text = path.read_text()
+    start = text.find(heading + "\n")
+    if start >= 0:
+        end = text.find("\n## ", start + 5)
+        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,381 @@
+"""int8 static quantization of a Tessera model for ONNX Runtime on the CPU.
+
+``quantize_model`` exports the model's fp32 ONNX graph, calibrates the activation ranges on a
+few tiles of the person's own imagery (rasters, read and normalized exactly as the engine
+does, or a Dubai-layout folder of training images), and writes an int8 ONNX file (QDQ format,
+per-channel int8 weights, uint8 activations). The file is a Tessera model like any other: its
+contract travels in the ONNX metadata, with a ``quantization`` entry in the model card that
+records the calibration, the source model's hash, and how often int8 and fp32 agree on the
+calibration tiles. ``segment``, ``batch`` and ``evaluate`` take it wherever they take a
+``.safetensors`` model; it runs on ONNX Runtime only.
+
+int8 pays off only on CPUs with 8-bit dot-product instructions (x86: AVX512-VNNI, AVX-VNNI or
+AMX; Arm: the dot-product extension). Elsewhere ONNX Runtime emulates them and int8 is slower
+than fp32, so :func:`check_int8_cpu` refuses, unless forced.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .contract import ModelContract
+from .errors import ModelError, OutputError, ParameterError, RasterReadError
+from .model import TesseraModel, file_sha256
+from .normalize import normalize
+from .progress import CancelFn, ProgressFn, check_cancel
+from .tiling import pad_tile, padded_size
+
+__all__ = ["INT8_FLAGS", "calibration_tiles", "check_int8_cpu", "cpu_flags", "quantize_model"]
+
+log = logging.getLogger(__name__)
+
+#: CPU flags (as Linux's /proc/cpuinfo names them) that make int8 convolutions fast.
+INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo, or ``None`` where they cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    return flags or None
+
+
+def check_int8_cpu(flags: set[str] | None = None, force: bool = False) -> str:
+    """Say which instructions make int8 pay off here, or raise :class:`ParameterError`.
+
+    ``flags``: the CPU's flags (default: :func:`cpu_flags`). Apple silicon (arm64 macOS) has
+    the dot-product instructions. ``force`` accepts any CPU (for experiments).
+    """
+    if flags is None:
+        if platform.system() == "Darwin" and platform.machine() == "arm64":
+            return "Apple silicon (Arm dot-product instructions)"
+        flags = cpu_flags()
+    have = sorted(set(flags or ()) & set(INT8_FLAGS))
+    if have:
+        return ", ".join(have)
+    if force:
+        return "none found (forced)"
+    where = platform.processor() or platform.machine() or "this CPU"
+    if flags is None:
+        raise ParameterError(
+            f"int8 refused: the CPU's instructions cannot be read here ({where}), so Tessera "
+            "cannot tell whether int8 would be faster than fp32; pass force to try anyway")
+    raise ParameterError(
+        f"int8 refused: this CPU ({where}) has none of the 8-bit dot-product instructions "
+        f"that make int8 inference pay off ({', '.join(INT8_FLAGS)}); ONNX Runtime would "
+        "emulate them and run slower than fp32. Use the fp32 ONNX Runtime backend, or pass "
+        "force to quantize anyway")
+
+
+# --------------------------------------------------------------------------- calibration data
+def _folder_images(folder: Path) -> list[Path]:
+    from .train import find_pairs
+
+    return [img for img, _ in find_pairs(folder)]
+
+
+def calibration_tiles(sources: Sequence[str | Path], contract: ModelContract, n_tiles: int = 16,
+                      tile: int | None = None, seed: int = 0) -> list[np.ndarray]:
+    """``n_tiles`` model inputs ``(C, tile, tile)`` float32 from ``sources``, spread evenly.
+
+    sources: raster files (read with the contract's bands; tiles that are all nodata are
+        skipped), or Dubai-layout folders (``**/images/*.jpg``; the first bands).
+    """
+    if n_tiles < 1:
+        raise ParameterError(f"calibration needs at least 1 tile (got {n_tiles})")
+    if not sources:
+        raise ParameterError("int8 calibration needs imagery: a raster or a training folder")
+    size = tile or contract.tile_size
+    rng = np.random.default_rng(seed)
+    candidates: list[tuple[Path, bool]] = []
+    for s in sources:
+        p = Path(s)
+        if p.is_dir():
+            imgs = _folder_images(p)
+            if not imgs:
+                raise RasterReadError(f"{p}: no images (expected **/images/*.jpg) to calibrate on", p)
+            candidates += [(i, True) for i in imgs]
+        elif p.is_file():
+            candidates.append((p, False))
+        else:
+            raise RasterReadError(f"{p}: calibration raster not found", p)
+    per = max(1, -(-n_tiles // len(candidates)))
+    tiles: list[np.ndarray] = []
+    order = rng.permutation(len(candidates)) if len(candidates) > n_tiles else range(len(candidates))
+    for k in order:
+        path, is_image = candidates[int(k)]
+        tiles += (_image_tiles(path, contract, size, per, rng) if is_image
+                  else _raster_tiles(path, contract, size, per, rng))
+        if len(tiles) >= n_tiles:
+            break
+    if not tiles:
+        raise RasterReadError(f"{', '.join(str(s) for s in sources)}: no tile with valid pixels "
+                              "to calibrate on")
+    return tiles[:n_tiles]
+
+
+def _crop_positions(h: int, w: int, size: int, n: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    return [(int(rng.integers(0, max(1, h - size + 1))), int(rng.integers(0, max(1, w - size + 1))))
+            for _ in range(n)]
+
+
+def _as_input(data: np.ndarray, valid: np.ndarray, contract: ModelContract, size: int) -> np.ndarray:
+    ph = padded_size(min(size, data.shape[1]), contract.size_multiple)
+    pw = padded_size(min(size, data.shape[2]), contract.size_multiple)
+    return pad_tile(normalize(data, valid, contract), max(ph, pw), max(ph, pw))
+
+
+def _image_tiles(path: Path, contract: ModelContract, size: int, n: int,
+                 rng: np.random.Generator) -> list[np.ndarray]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            a = np.asarray(im.convert("RGB"))
+    except OSError as exc:
+        raise RasterReadError(f"{path}: cannot read the image: {exc}", path) from exc
+    a = a.transpose(2, 0, 1)[: contract.in_channels]
+    if a.shape[0] != contract.in_channels:
+        raise RasterReadError(f"{path}: {a.shape[0]} bands, model '{contract.name}' expects "
+                              f"{contract.in_channels}", path)
+    h, w = a.shape[1:]
+    out = []
+    for r, c in _crop_positions(h, w, size, n, rng):
+        d = a[:, r:r + size, c:c + size]
+        out.append(_as_input(d, np.ones(d.shape[1:], bool), contract, size))
+    return out
+
+
+def _raster_tiles(path: Path, contract: ModelContract, size: int, n: int,
+                  rng: np.random.Generator) -> list[np.ndarray]:
+    from .rasterio_io import gdal_env, open_raster, read_window
+
+    out = []
+    with gdal_env(), open_raster(str(path)) as ds:
+        bands = tuple(contract.bands)
+        if max(bands) > ds.count:
+            raise RasterReadError(f"{path}: model '{contract.name}' reads bands {list(bands)}, "
+                                  f"the raster has {ds.count}", path)
+        for r, c in _crop_positions(ds.height, ds.width, size, 4 * n, rng):
+            h, w = min(size, ds.height - r), min(size, ds.width - c)
+            data, valid = read_window(ds, bands, r, c, h, w, None)
+            if valid.mean() < 0.5:
+                continue  # mostly nodata: it would calibrate the ranges on filler
+            out.append(_as_input(data, valid, contract, size))
+            if len(out) == n:
+                break
+    return out
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader protocol over a list of tiles (one per batch)."""
+
+    def __init__(self, tiles: list[np.ndarray], cancel: CancelFn | None) -> None:
+        self._it: Iterator[np.ndarray] = iter(tiles)
+        self.cancel = cancel
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        check_cancel(self.cancel)
+        x = next(self._it, None)
+        return None if x is None else {"input": x[None]}
+
+    def rewind(self) -> None:  # pragma: no cover  (not used by MinMax calibration)
+        pass
+
+
+# --------------------------------------------------------------------------- quantize
+def quantize_model(model: TesseraModel | str | Path, out: str | Path,
+                   calibration: Sequence[str | Path], n_tiles: int = 16, tile: int | None = None,
+                   force: bool = False, progress: ProgressFn | None = None,
+                   cancel: CancelFn | None = None) -> dict[str, Any]:
+    """Write an int8 ONNX Tessera model of ``model`` to ``out`` (atomically).
+
+    calibration: rasters or Dubai-layout folders (see :func:`calibration_tiles`).
+    Returns the ``quantization`` record written into the model card, plus ``path`` and
+    ``seconds``. Raises :class:`ParameterError` where int8 would not pay off (see
+    :func:`check_int8_cpu`), :class:`RasterReadError` for unusable calibration data,
+    :class:`OutputError` if ``out`` cannot be written.
+    """
+    from .onnx_backend import CONTRACT_KEY, SHA_KEY, export_onnx, require_onnxruntime
+
+    t0 = time.perf_counter()
+    instructions = check_int8_cpu(force=force)
+    require_onnxruntime()
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    m = model if isinstance(model, TesseraModel) else TesseraModel.open(model)
+    if m.is_onnx:
+        raise ParameterError(f"{m.path}: is already an ONNX model; quantize the .safetensors "
+                             "model it came from")
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise OutputError(f"{out.parent}: output folder does not exist", out)
+    contract = m.contract
+    tiles = calibration_tiles(calibration, contract, n_tiles, tile)
+    _say(progress, 0.1, f"{len(tiles)} calibration tiles of {tiles[0].shape[-1]} px")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    with tempfile.TemporaryDirectory(prefix="tessera-int8-") as d:
+        fp32 = Path(d) / "fp32.onnx"
+        export_onnx(m, fp32, check=False)
+        _fold_constants(fp32)
+        check_cancel(cancel)
+        _say(progress, 0.3, "calibrating activation ranges")
+        try:
+            with _QuietRootLogger():
+                quantize_static(str(fp32), str(tmp), _Reader(tiles, cancel),
+                                quant_format=QuantFormat.QDQ, per_channel=True,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                calibrate_method=CalibrationMethod.MinMax)
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)
+            if isinstance(exc, (KeyboardInterrupt, ParameterError)) or \
+                    exc.__class__.__name__ == "CancelledError":
+                raise
+            raise ModelError(f"model '{contract.name}' could not be quantized: "
+                             f"{type(exc).__name__}: {exc}") from exc
+        try:
+            _say(progress, 0.8, "checking int8 against fp32")
+            agreement = _agreement(str(fp32), str(tmp), tiles, ort)
+            record = {
+                "method": "static int8 (ONNX Runtime QDQ; per-channel int8 weights, uint8 "
+                          "activations, MinMax calibration)",
+                "calibration": {"sources": [str(s) for s in calibration], "tiles": len(tiles),
+                                "tile_px": int(tiles[0].shape[-1])},
+                "source_model_sha256": m.sha256,
+                "class_agreement_with_fp32": round(agreement, 5),
+                "cpu_instructions": instructions,
+                "onnxruntime": ort.__version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            d_contract = contract.to_dict()
+            d_contract["name"] = f"{contract.name} (int8)"
+            card = dict(d_contract.get("card") or {})
+            card["quantization"] = record
+            d_contract["card"] = card
+            q = ModelContract.from_dict(d_contract)
+            proto = onnx.load(str(tmp))
+            del proto.metadata_props[:]
+            for k, v in ((CONTRACT_KEY, q.to_json()), (SHA_KEY, m.sha256 or ""),
+                         ("tessera.precision", "int8")):
+                e = proto.metadata_props.add()
+                e.key, e.value = k, v
+            onnx.save(proto, str(tmp))
+            tmp.replace(out)
+        except OSError as exc:
+            raise OutputError(f"{out}: cannot write the int8 model: {exc}", out) from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+    log.info("int8 model written to %s (class agreement with fp32 %.4f)", out, agreement)
+    _say(progress, 1.0, "done")
+    return {**record, "path": str(out), "sha256": file_sha256(out),
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _fold_constants(path: Path) -> int:
+    """Turn the exporter's ``Constant`` nodes (and ``Identity`` nodes that merely pass one on)
+    into initializers, in place; return how many inputs now name an initializer directly.
+
+    The TorchScript exporter feeds the folded batch-norm biases of convolutions through
+    Constant -> Identity; ONNX Runtime's quantizer then leaves those convolutions out of
+    int8 (it needs biases as initializers), which costs most of the speed-up.
+    """
+    import onnx
+
+    proto = onnx.load(str(path))
+    graph = proto.graph
+    inits = {i.name for i in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and \
+                node.attribute[0].name == "value":
+            t = onnx.TensorProto()
+            t.CopyFrom(node.attribute[0].t)
+            t.name = node.output[0]
+            graph.initializer.append(t)
+            inits.add(t.name)
+        else:
+            nodes.append(node)
+    rename = {}
+    kept = []
+    graph_outputs = {o.name for o in graph.output}
+    for node in nodes:
+        if node.op_type == "Identity" and node.input[0] in inits and \
+                node.output[0] not in graph_outputs:
+            rename[node.output[0]] = node.input[0]
+        else:
+            kept.append(node)
+    for node in kept:
+        for k, name in enumerate(node.input):
+            if name in rename:
+                node.input[k] = rename[name]
+    del graph.node[:]
+    graph.node.extend(kept)
+    onnx.save(proto, str(path))
+    return len(rename)
+
+
+class _QuietRootLogger:
+    """onnxruntime.quantization warns through the root logger about things Tessera handles
+    (pre-processing, bias layouts); keep those out of the person's console."""
+
+    def __enter__(self) -> None:
+        self.level = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger().setLevel(self.level)
+
+
+def _agreement(fp32: str, int8: str, tiles: list[np.ndarray], ort: Any) -> float:
+    """Share of pixels where the int8 and fp32 graphs pick the same class."""
+    so = ort.SessionOptions()
+    s32 = ort.InferenceSession(fp32, so, providers=["CPUExecutionProvider"])
+    s8 = ort.InferenceSession(int8, so, providers=["CPUExecutionProvider"])
+    same = total = 0
+    for x in tiles:
+        a = s32.run(None, {"input": x[None]})[0].argmax(1)
+        b = s8.run(None, {"input": x[None]})[0].argmax(1)
+        same += int((a == b).sum())
+        total += a.size
+    return same / max(total, 1)
+
+
+def _say(progress: ProgressFn | None, frac: float, msg: str) -> None:
+    log.info("%s", msg)
+    if progress is not None:
+        from .progress import Progress
+
+        progress(Progress("quantize", int(frac * 100), 100, frac, 0.0, None, None, msg))
+
+
+def card_quantization(path: str | Path) -> dict[str, Any] | None:
+    """The ``quantization`` record of an int8 model file (None for an fp32 model)."""
+    from .model import read_contract
+
+    card = read_contract(path).card or {}
+    q = card.get("quantization")
+    return json.loads(json.dumps(q)) if q else None
