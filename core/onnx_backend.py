@@ -88,8 +88,9 @@ def _model_sha(model: TesseraModel) -> str | None:
     return None
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
+def _softmax(logits: np.ndarray, inplace: bool = False) -> np.ndarray:
+    z = logits if inplace else logits.copy()
+    z -= z.max(axis=1, keepdims=True)
     np.exp(z, out=z)
     z /= z.sum(axis=1, keepdims=True)
     return z
@@ -398,5 +399,5 @@ class OrtPredictor:
         if logits.dtype != np.float32:
             logits = logits.astype(np.float32)
         if not reduce:
-            return _softmax(logits)
+            return _softmax(logits, inplace=True)
         return reduce_logits(logits)

@@ -138,7 +138,11 @@ class RowBand:
         rs, cs = slice(r, r + t.height), slice(t.col, t.col + t.width)
         self.valid[rs, cs] |= valid
         if probs is not None:
-            self.acc[:, rs, cs] += probs * weights
+            if probs.flags.writeable:  # the predictor's fresh output: weigh it in place
+                np.multiply(probs, weights, out=probs)
+            else:
+                probs = probs * weights
+            self.acc[:, rs, cs] += probs
             self.wsum[rs, cs] += weights
 
     def pop(self, n: int, nodata: int, want_conf: bool) -> tuple[int, np.ndarray, np.ndarray | None]:
