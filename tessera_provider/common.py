@@ -23,6 +23,8 @@ from ..core.errors import CancelledError, TesseraError
 PLUGIN_DIR = Path(__file__).resolve().parents[1]
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 BACKENDS = ["auto", "torch", "onnxruntime"]
+#: The model pickers: Tessera model files, and ONNX ones (exported or int8).
+MODEL_FILTER = "Tessera models (*.safetensors *.onnx)"
 
 
 def tr(text: str) -> str:

@@ -49,7 +49,8 @@ class EvaluateModelAlgorithm(TrainingAlgorithm):
 
     def initAlgorithm(self, config=None):  # noqa: N802
         self.addParameter(QgsProcessingParameterFile(
-            "MODEL", tr("Model file (.safetensors)"), extension="safetensors",
+            "MODEL", tr("Model file (.safetensors, or .onnx for ONNX/int8 models)"),
+            fileFilter=common.MODEL_FILTER,
             defaultValue=common.default_model_path() or None))
         self.add_data_params()
         self.addParameter(QgsProcessingParameterEnum("DEVICE", tr("Device"),
@@ -65,13 +66,13 @@ class EvaluateModelAlgorithm(TrainingAlgorithm):
     def checkParameterValues(self, parameters, context):  # noqa: N802  (QGIS API)
         ok, msg = super().checkParameterValues(parameters, context)
         if ok and not self.parameterAsFile(parameters, "MODEL", context):
-            return False, tr("Choose a model file (.safetensors).")
+            return False, tr("Choose a model file (.safetensors or .onnx).")
         return ok, msg
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         model = self.parameterAsFile(parameters, "MODEL", context)
         if not model:
-            raise QgsProcessingException(tr("Choose a model file (.safetensors)."))
+            raise QgsProcessingException(tr("Choose a model file (.safetensors or .onnx)."))
         out_json = self.parameterAsFileOutput(parameters, self.OUTPUT_JSON, context)
         out_png = self.parameterAsFileOutput(parameters, self.OUTPUT_PNG, context) or None
         for path, ext in ((out_json, ".json"), (out_png, ".png")):

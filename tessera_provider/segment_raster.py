@@ -63,7 +63,8 @@ def vector_options(alg: QgsProcessingAlgorithm, parameters, context, enabled: bo
 def add_run_options(alg: QgsProcessingAlgorithm) -> None:
     """MODEL, TILE_SIZE, OVERLAP, BATCH_SIZE, DEVICE — shared with segment_folder."""
     alg.addParameter(QgsProcessingParameterFile(
-        "MODEL", tr("Model file (.safetensors)"), extension="safetensors",
+        "MODEL", tr("Model file (.safetensors, or .onnx for ONNX/int8 models)"),
+        fileFilter=common.MODEL_FILTER,
         defaultValue=common.default_model_path() or None))
     for name, label, default, lo in (("TILE_SIZE", "Tile size (pixels, 0 = model default)", 0, 0),
                                      ("OVERLAP", "Tile overlap (pixels, -1 = model default)", -1, -1),
@@ -93,7 +94,7 @@ def run_options(alg: QgsProcessingAlgorithm, parameters, context) -> dict:
 def model_path(alg: QgsProcessingAlgorithm, parameters, context) -> str:
     path = alg.parameterAsFile(parameters, "MODEL", context)
     if not path:
-        raise QgsProcessingException(tr("Choose a model file (.safetensors)."))
+        raise QgsProcessingException(tr("Choose a model file (.safetensors or .onnx)."))
     return path
 
 

@@ -79,7 +79,7 @@ class TesseraDock(QgsDockWidget):
         self.layer_msg = self._msg_label()
         form.addRow("", self.layer_msg)
         self.model_file = QgsFileWidget()
-        self.model_file.setFilter("Tessera models (*.safetensors)")
+        self.model_file.setFilter("Tessera models (*.safetensors *.onnx)")
         self.model_file.fileChanged.connect(self._on_model_changed)
         form.addRow("Model", self.model_file)
         self.model_msg = self._msg_label()
@@ -270,7 +270,7 @@ class TesseraDock(QgsDockWidget):
                                  else Qt.Unchecked)
                 self.skip_list.addItem(it)
         elif not path:
-            self._say(self.model_msg, "Choose a model file (.safetensors).")
+            self._say(self.model_msg, "Choose a model file (.safetensors or .onnx).")
         self._rebuild_bands()
         self._validate()
 

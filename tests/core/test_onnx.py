@@ -277,3 +277,29 @@ def test_a_cached_graph_runs_without_importing_torch(tmp_path):
     assert outs[1][:3] == ["onnxruntime", "False", "False"]   # cached: torch never imported
     assert outs[2][:3] == ["torch", "True", "True"]
     np.testing.assert_array_equal(outs[1][3], outs[2][3])
+
+
+def test_onnx_metadata_is_read_without_the_onnx_package(tmp_path, saved, monkeypatch):
+    import onnx
+
+    ob.export_onnx(saved, tmp_path / "m.onnx", check=False)
+    expected = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    _hide = builtins.__import__
+
+    def no_onnx(name, *a, **k):
+        if name == "onnx" or name.startswith("onnx."):
+            raise ImportError("No module named 'onnx'")
+        return _hide(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnx)
+    meta = ob.read_onnx_metadata(tmp_path / "m.onnx")
+    assert meta == expected and set(meta) == {ob.CONTRACT_KEY, ob.SHA_KEY}
+    assert ob.read_onnx_contract(tmp_path / "m.onnx").name == saved.contract.name
+    # broken files are refused with the file named, never half-read
+    data = (tmp_path / "m.onnx").read_bytes()
+    (tmp_path / "cut.onnx").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.onnx").write_text("not a model at all\n" * 10)
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    for name in ("cut.onnx", "text.onnx", "empty.onnx"):
+        with pytest.raises(ModelError, match=rf"{name}: not a readable ONNX file"):
+            ob.read_onnx_metadata(tmp_path / name)

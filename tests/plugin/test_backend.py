@@ -53,3 +53,25 @@ def test_panel_backend_setting_reaches_the_engine(plugin, iface, data_dir, tmp_p
         assert dock.device_used.text().endswith(", onnxruntime"), dock.device_used.text()
     finally:
         QgsProject.instance().removeAllMapLayers()
+
+
+def test_an_int8_onnx_model_runs_from_the_algorithm_and_the_panel_reads_it(plugin, data_dir,
+                                                                           tmp_path):
+    import processing
+
+    out = tmp_path / "int8.tif"
+    res = processing.run("tessera:segment_raster", {
+        "INPUT": str(data_dir / "scene.tif"), "MODEL": str(data_dir / "water_int8.onnx"),
+        "OUTPUT": str(out), "OUTPUT_POLYGONS": str(tmp_path / "int8.gpkg"), "BACKEND": 0})
+    assert res["BACKEND"] == "onnxruntime" and "int8" in res["DEVICE"], res["DEVICE"]
+    layer = QgsRasterLayer(str(out), "c")
+    block = layer.dataProvider().block(1, layer.extent(), 120, 100)
+    values = {block.value(r, c) for r in range(0, 100, 7) for c in range(0, 120, 7)
+              if not block.isNoData(r, c)}
+    assert values == {2}  # the int8 model keeps the constant "Water" answer
+    # the panel reads the ONNX model's contract in QGIS's own Python (no onnx package there)
+    plugin.show_dock()
+    plugin.dock.model_file.setFilePath(str(data_dir / "water_int8.onnx"))
+    assert plugin.dock.contract is not None
+    assert plugin.dock.contract.name == "constant Water (int8)"
+    assert "quantization" in plugin.dock.contract.card
