@@ -367,7 +367,7 @@ def write_md(path: Path, args, model, mo, e2e, ratio, mem) -> None:
     start = text.find(heading + "\n")
     if start >= 0:
         end = text.find("\n## ", start + 5)
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+        text = text[:start] + section + ("\n" + text[end + 1:] if end >= 0 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text)

@@ -36,7 +36,7 @@ class VectorizeParams:
     simplify_px: float = 0.0
     skip_classes: tuple[str | int, ...] = ()
     strip_rows: int = 1024
-    max_region_vertices: int = 500_000
+    max_region_vertices: int = 100_000
 
     def __post_init__(self) -> None:
         if self.sieve_px < 0:
