@@ -361,7 +361,12 @@ def write_md(path: Path, args, model, mo, e2e, ratio, mem) -> None:
                      f"≤ 1.3 {'✅' if flat <= 1.3 else '❌'} |")
         lines.append(f"| largest peak RSS | {mem[-1]['peak_rss'] / 1e9:.2f} GB | ≤ 1.5 GB "
                      f"{'✅' if mem[-1]['peak_rss'] <= 1.5e9 else '❌'} |")
-    section = "\n".join(lines) + "\n"
+    replace_section(path, heading, "\n".join(lines) + "\n")
+
+
+def replace_section(path: Path, heading: str, section: str) -> None:
+    """Put ``section`` (starting with ``heading``) in place of that section of the Markdown
+    file ``path``, or append it; the other sections stay as they are."""
     head = "# Benchmarks\n\nEvery figure here was measured by the script named with it.\n\n"
     text = path.read_text() if path.exists() else head
     start = text.find(heading + "\n")

@@ -36,7 +36,13 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from bench_cpu import SHARED_ORTHO, default_model_path, machine, make_raster  # noqa: E402
+from bench_cpu import (  # noqa: E402
+    SHARED_ORTHO,
+    default_model_path,
+    machine,
+    make_raster,
+    replace_section,
+)
 
 DUBAI = ROOT.parent / "shared" / "data" / "dubai-aerial"
 
@@ -243,16 +249,7 @@ def write_md(path: Path, m, rows: list[str], args) -> None:
         body = ["| figure | value | target |", "|---|---|---|", *rows]
     else:
         body = rows
-    section = "\n".join(head + body) + "\n"
-    text = path.read_text()
-    start = text.find(heading + "\n")
-    if start >= 0:
-        end = text.find("\n## ", start + 5)
-        text = text[:start] + section + ("\n" + text[end + 1:] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-    print(f"wrote {path}")
+    replace_section(path, heading, "\n".join(head + body) + "\n")
 
 
 if __name__ == "__main__":

@@ -30,12 +30,13 @@ def saved(tmp_path):
     return TesseraModel.load(tmp_path / "m.safetensors")
 
 
-def _hide_onnxruntime(monkeypatch):
+def _hide_onnxruntime(monkeypatch, module: str = "onnxruntime"):
+    """Make ``import <module>`` (and its submodules) fail, as if it were not installed."""
     real = builtins.__import__
 
     def fake(name, *a, **k):
-        if name == "onnxruntime" or name.startswith("onnxruntime."):
-            raise ImportError("No module named 'onnxruntime'")
+        if name == module or name.startswith(module + "."):
+            raise ImportError(f"No module named '{module}'")
         return real(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", fake)
@@ -284,14 +285,7 @@ def test_onnx_metadata_is_read_without_the_onnx_package(tmp_path, saved, monkeyp
 
     ob.export_onnx(saved, tmp_path / "m.onnx", check=False)
     expected = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
-    _hide = builtins.__import__
-
-    def no_onnx(name, *a, **k):
-        if name == "onnx" or name.startswith("onnx."):
-            raise ImportError("No module named 'onnx'")
-        return _hide(name, *a, **k)
-
-    monkeypatch.setattr(builtins, "__import__", no_onnx)
+    _hide_onnxruntime(monkeypatch, "onnx")
     meta = ob.read_onnx_metadata(tmp_path / "m.onnx")
     assert meta == expected and set(meta) == {ob.CONTRACT_KEY, ob.SHA_KEY}
     assert ob.read_onnx_contract(tmp_path / "m.onnx").name == saved.contract.name
