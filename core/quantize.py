@@ -16,7 +16,6 @@ than fp32, so :func:`check_int8_cpu` refuses, unless forced.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .contract import ModelContract
-from .errors import ModelError, OutputError, ParameterError, RasterReadError
+from .errors import ModelError, OutputError, ParameterError, RasterReadError, TesseraError
 from .model import TesseraModel, file_sha256
 from .normalize import normalize
 from .progress import CancelFn, ProgressFn, check_cancel
@@ -250,11 +249,11 @@ def quantize_model(model: TesseraModel | str | Path, out: str | Path,
                                 quant_format=QuantFormat.QDQ, per_channel=True,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                                 calibrate_method=CalibrationMethod.MinMax)
-        except BaseException as exc:
+        except (KeyboardInterrupt, TesseraError):  # cancelled, or already in words
             tmp.unlink(missing_ok=True)
-            if isinstance(exc, (KeyboardInterrupt, ParameterError)) or \
-                    exc.__class__.__name__ == "CancelledError":
-                raise
+            raise
+        except Exception as exc:
+            tmp.unlink(missing_ok=True)
             raise ModelError(f"model '{contract.name}' could not be quantized: "
                              f"{type(exc).__name__}: {exc}") from exc
         try:
@@ -371,11 +370,3 @@ def _say(progress: ProgressFn | None, frac: float, msg: str) -> None:
 
         progress(Progress("quantize", int(frac * 100), 100, frac, 0.0, None, None, msg))
 
-
-def card_quantization(path: str | Path) -> dict[str, Any] | None:
-    """The ``quantization`` record of an int8 model file (None for an fp32 model)."""
-    from .model import read_contract
-
-    card = read_contract(path).card or {}
-    q = card.get("quantization")
-    return json.loads(json.dumps(q)) if q else None

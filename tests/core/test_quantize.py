@@ -100,7 +100,11 @@ def test_quantizing_a_unet_file_from_the_cli(tmp_path, scene, capsys):
                "--calibrate", str(scene), "--tiles", "4", "--force", "--json", "-q"])
     assert rc == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["calibration"]["tiles"] == 4 and 0.0 <= res["class_agreement_with_fp32"] <= 1.0
+    assert res["calibration"]["tiles"] == 4 and res["sha256"] == file_sha256(tmp_path / "m8.onnx")
+    # the card in the file holds what the command reported
+    card = TesseraModel.open(tmp_path / "m8.onnx").contract.card["quantization"]
+    assert card["class_agreement_with_fp32"] == res["class_agreement_with_fp32"]
+    assert card["calibration"] == {"sources": [str(scene)], "tiles": 4, "tile_px": 64}
     assert res["source_model_sha256"] == file_sha256(tmp_path / "m.safetensors")
     # every convolution is quantized, biases included (the exporter's Constant -> Identity
     # biases are folded first; left alone, the quantizer skips those convolutions)
