@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -37,6 +38,11 @@ log = logging.getLogger(__name__)
 FIELDS = ("class_id", "class_name", "area_m2", "pixels")
 #: Polygons written to the GeoPackage at a time.
 WRITE_BATCH = 5000
+#: At the end of each strip, polygons already found are written once there are this many: when
+#: polygonizing beside the model, the GeoPackage grows while tiles are inferred instead of all
+#: at once after the last one. Each write reopens the file (about 20 ms, against 15 µs per
+#: polygon), so not for a handful.
+STRIP_FLUSH = 2000
 #: Polygons taken from GDAL's polygonizer at a time (a strip's polygons are never all held as dicts).
 CHUNK = 20_000
 #: Most pixels in one strip: rows per strip = min(strip_rows, STRIP_PIXELS // width), at least 1.
@@ -101,17 +107,20 @@ def _polygons_from_shapes(items: list[tuple[dict[str, Any], float]]) -> Any:
     """Build shapely polygons (an object array) from rasterio's GeoJSON-like shapes, vectorized."""
     import shapely
 
-    coords: list[Any] = []
-    ring_idx: list[int] = []
+    rings_xy: list[Any] = []
+    ring_len: list[int] = []
     poly_idx: list[int] = []
-    r = 0
     for k, (gj, _) in enumerate(items):
         for ring in gj["coordinates"]:
-            coords.extend(ring)
-            ring_idx.extend([r] * len(ring))
+            rings_xy.append(ring)
+            ring_len.append(len(ring))
             poly_idx.append(k)
-            r += 1
-    rings = shapely.linearrings(np.asarray(coords, dtype=np.float64), indices=np.asarray(ring_idx))
+    n = sum(ring_len)
+    # (x, y) tuples → one flat float array: fromiter is ~3x faster than asarray on tuples
+    xy = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(rings_xy)),
+                     np.float64, count=2 * n).reshape(n, 2)
+    ring_idx = np.repeat(np.arange(len(ring_len)), ring_len)
+    rings = shapely.linearrings(xy, indices=ring_idx)
     return shapely.polygons(rings, indices=np.asarray(poly_idx))
 
 
@@ -204,7 +213,9 @@ def iter_class_polygons(ds: Any, strip_rows: int, sieve_px: int = 0,
             # out of the shells' union. simplify(0) drops the collinear vertices the seams leave
             # (exact: all vertices are integers).
             shells = shapely.polygons(shapely.get_exterior_ring(np.asarray(grp.pieces, object)))
-            merged = shapely.simplify(shapely.union_all(shells), 0, preserve_topology=True)
+            # (tolerance 0: only vertices exactly on a straight edge go, so the plain
+            # Douglas-Peucker keeps the point set, hence validity, at half the cost)
+            merged = shapely.simplify(shapely.union_all(shells), 0, preserve_topology=False)
             holes = [r for p in grp.pieces for r in p.interiors]
             geom = merged
             if holes and merged.geom_type == "Polygon":
@@ -292,11 +303,25 @@ def iter_class_polygons(ds: Any, strip_rows: int, sieve_px: int = 0,
 # --------------------------------------------------------------------------- areas
 
 
+_GEODETIC = threading.local()  # per thread: {CRS WKT: (Geod, Transformer)}
+
+
 def _geodetic(crs: Any) -> tuple[Any, Any]:
-    """``(pyproj.Geod on the CRS's ellipsoid, Transformer CRS → its geodetic lon/lat)``."""
+    """``(pyproj.Geod on the CRS's ellipsoid, Transformer CRS → its geodetic lon/lat)``, made
+    once per CRS and thread (areas are computed for every batch of polygons written)."""
+    key = crs.to_wkt() if hasattr(crs, "to_wkt") else str(crs)
+    cache = _GEODETIC.__dict__.setdefault("by_wkt", {})
+    if key not in cache:
+        if len(cache) > 16:
+            cache.clear()
+        cache[key] = _make_geodetic(key)
+    return cache[key]
+
+
+def _make_geodetic(wkt: str) -> tuple[Any, Any]:
     from pyproj import CRS, Geod, Transformer
 
-    c = CRS.from_user_input(crs.to_wkt() if hasattr(crs, "to_wkt") else crs)
+    c = CRS.from_user_input(wkt)
     geo = c.geodetic_crs
     if geo is None:
         raise NoCRSError(f"the CRS {c.name!r} has no geodetic datum; true areas need one")
@@ -515,10 +540,16 @@ def write_polygons(source: Any, tmp: Path, layer: str, params: VectorizeParams,
         first = False
         batch.clear()
 
+    def strip_done(rows: int) -> None:
+        if len(batch) >= STRIP_FLUSH:
+            flush()
+        if on_rows is not None:
+            on_rows(rows)
+
     try:
         for cls_v, poly in iter_class_polygons(
                 source, params.strip_rows, params.sieve_px, skip, nodata, cancel,
-                on_rows=on_rows, max_open_vertices=params.max_region_vertices):
+                on_rows=strip_done, max_open_vertices=params.max_region_vertices):
             batch.append((cls_v, poly))
             if len(batch) >= WRITE_BATCH:
                 flush()

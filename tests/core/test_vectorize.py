@@ -207,6 +207,25 @@ def test_strips_give_the_same_polygons_as_one_pass(tmp_path, make):
     assert per_class == components(a)
 
 
+def test_flushing_at_every_strip_writes_the_same_polygons(tmp_path, monkeypatch):
+    import tessera.core.vectorize as vz
+
+    a = blocky(3, 97, 83, 4, 3)
+    src = write_raster(tmp_path / "c.tif", a)
+    once = vectorize_raster(src, tmp_path / "once.gpkg", VectorizeParams(strip_rows=4))
+    writes = []
+    real = pyogrio.write_dataframe
+    monkeypatch.setattr(pyogrio, "write_dataframe",
+                        lambda df, *a, **k: (writes.append(len(df)), real(df, *a, **k))[1])
+    monkeypatch.setattr(vz, "STRIP_FLUSH", 1)
+    each = vectorize_raster(src, tmp_path / "each.gpkg", VectorizeParams(strip_rows=4))
+    assert len(writes) > 5 and sum(writes) == each.n_polygons == once.n_polygons
+    d1, d2 = read(once.path), read(each.path)
+    assert geom_set(d1) == geom_set(d2)
+    assert sorted(d1.area_m2.round(6)) == sorted(d2.area_m2.round(6))
+    assert each.area_m2_by_class == pytest.approx(once.area_m2_by_class)
+
+
 def test_spiral_and_snake_are_one_polygon_each(tmp_path):
     for name, a in (("s", spiral()), ("n", snake())):
         src = write_raster(tmp_path / f"{name}.tif", a)
