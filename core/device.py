@@ -101,9 +101,11 @@ class Predictor:
         self.oom_events = 0
         log.info("inference on %s (fp16 autocast: %s)", self.info.label, self.half)
 
-    def predict(self, batch: np.ndarray, reduce: bool = False) -> np.ndarray:
+    def predict(self, batch: np.ndarray, reduce: bool = False,
+                confidence: bool = True) -> np.ndarray:
         """Probabilities ``(B, K, H, W)`` float32; with ``reduce``, ``(B, 2, H, W)`` uint8 holding
-        the winning class and its probability x 255 (computed on the device: less to copy)."""
+        the winning class and its probability x 255 (computed on the device: less to copy; 0
+        without ``confidence``)."""
         n = batch.shape[0]
         step = min(n, self.max_batch or n)
         outs = []
@@ -111,7 +113,7 @@ class Predictor:
         while i < n:
             part = batch[i:i + step]
             try:
-                outs.append(self._forward(part, reduce))
+                outs.append(self._forward(part, reduce, confidence))
                 i += step
             except RuntimeError as exc:
                 if not (self.info.kind == "cuda" and _is_oom(exc)):
@@ -128,7 +130,8 @@ class Predictor:
                 log.warning("CUDA out of memory: batch size reduced to %d", step)
         return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
 
-    def _forward(self, part: np.ndarray, reduce: bool = False) -> np.ndarray:
+    def _forward(self, part: np.ndarray, reduce: bool = False,
+                 confidence: bool = True) -> np.ndarray:
         import torch
 
         x = torch.from_numpy(np.ascontiguousarray(part))
@@ -148,8 +151,11 @@ class Predictor:
             lf = logits.float()
             if reduce:
                 top, idx = lf.max(dim=1)
-                conf = 1.0 / torch.exp(lf - top.unsqueeze(1)).sum(dim=1)  # max softmax prob
-                conf = torch.clamp(torch.round(conf * 255.0), 1, 255)
+                if confidence:
+                    conf = 1.0 / torch.exp(lf - top.unsqueeze(1)).sum(dim=1)  # max softmax prob
+                    conf = torch.clamp(torch.round(conf * 255.0), 1, 255)
+                else:
+                    conf = torch.zeros_like(top)
                 out = torch.stack([idx.to(torch.uint8), conf.to(torch.uint8)], dim=1)
                 return out.to("cpu").numpy()
             probs = torch.softmax(lf, dim=1)

@@ -396,14 +396,26 @@ def _default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def reduce_logits(logits: np.ndarray) -> np.ndarray:
-    """``(B, K, H, W)`` float32 logits → ``(B, 2, H, W)`` uint8: the winning class and its
-    softmax probability x 255 (1..255). Works in place on ``logits`` (float32 throughout: this
-    runs on every pixel, beside the model, so it is kept to a few passes)."""
-    b, _, h, w = logits.shape
+def reduce_logits(logits: np.ndarray, confidence: bool = True) -> np.ndarray:
+    """``(B, K, H, W)`` float32 logits → ``(B, 2, H, W)`` uint8: the winning class (the first
+    of equal maxima, as ``argmax``) and its softmax probability x 255 (1..255; 0 everywhere
+    when ``confidence`` is false: the exponentials are then skipped). Works in place on
+    ``logits``. This runs on every pixel between two model runs, so it is kept to a few
+    passes: the arg-max comes from the maximum by equality tests, a third cheaper than
+    ``argmax`` along the class axis."""
+    b, k, h, w = logits.shape
     out = np.empty((b, 2, h, w), np.uint8)
-    out[:, 0] = logits.argmax(axis=1)
-    np.subtract(logits, logits.max(axis=1, keepdims=True), out=logits)
+    mx = logits.max(axis=1)
+    cls = out[:, 0]
+    cls.fill(k - 1)
+    hit = np.empty((b, h, w), bool)
+    for j in range(k - 2, -1, -1):  # downwards: the lowest class with the maximum wins
+        np.equal(logits[:, j], mx, out=hit)
+        np.copyto(cls, np.uint8(j), where=hit)
+    if not confidence:
+        out[:, 1] = 0
+        return out
+    np.subtract(logits, mx[:, None], out=logits)
     np.exp(logits, out=logits)
     conf = logits.sum(axis=1)  # 1 / the max probability
     np.divide(np.float32(255.0), conf, out=conf)
@@ -418,7 +430,7 @@ class OrtPredictor:
 
     ``predict`` takes ``(B, C, H, W)`` float32 numpy and returns ``(B, K, H, W)`` float32
     probabilities, or with ``reduce`` ``(B, 2, H, W)`` uint8 (winning class, its probability
-    x 255). ``source``: an ``.onnx`` path or the graph's bytes.
+    x 255, or 0 without ``confidence``). ``source``: an ``.onnx`` path or the graph's bytes.
     """
 
     backend = "onnxruntime"
@@ -458,11 +470,12 @@ class OrtPredictor:
             return cls(onnx_for(model, cache_dir, opset), threads)
         return cls(_export_in_memory(model, opset), threads)
 
-    def predict(self, batch: np.ndarray, reduce: bool = False) -> np.ndarray:
+    def predict(self, batch: np.ndarray, reduce: bool = False,
+                confidence: bool = True) -> np.ndarray:
         x = np.ascontiguousarray(batch, dtype=np.float32)
         logits = self.session.run(["logits"], {"input": x})[0]
         if logits.dtype != np.float32:
             logits = logits.astype(np.float32)
         if not reduce:
             return _softmax(logits, inplace=True)
-        return reduce_logits(logits)
+        return reduce_logits(logits, confidence)

@@ -594,7 +594,7 @@ def _run(ds: Any, grid: TileGrid, win_off: tuple[int, int], bands: tuple[int, ..
                     else:
                         band.add(t, None, grid.weights(t), valid)
             elif direct:
-                reduced = predictor.predict(batch, reduce=True)
+                reduced = predictor.predict(batch, reduce=True, confidence=want_conf)
                 for k, (t, valid) in enumerate(tiles):
                     band.put(grid.owned(t), t, reduced[k, :, :t.height, :t.width], valid)
             else:

@@ -19,11 +19,11 @@ def _oom_predictor(monkeypatch, fits: int):
     real = Predictor(LocalModel(seed=3), "cpu")._forward  # the real forward pass, on the CPU
     calls: list[int] = []
 
-    def forward(part, reduce=False):
+    def forward(part, reduce=False, confidence=True):
         calls.append(len(part))
         if len(part) > fits:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(part, reduce)
+        return real(part, reduce, confidence)
 
     monkeypatch.setattr(p, "_forward", forward)
     return p, calls
@@ -46,6 +46,10 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_result(monkeypatch, caplog
     red = p.predict(x, reduce=True)  # the reduced (class, confidence) output as well
     assert red.shape == (8, 2, 32, 32) and red.dtype == np.uint8
     np.testing.assert_array_equal(red[:, 0], ref.argmax(1))
+    np.testing.assert_array_equal(red[:, 1], np.clip(np.rint(ref.max(1) * 255), 1, 255))
+    bare = p.predict(x, reduce=True, confidence=False)  # classes only
+    np.testing.assert_array_equal(bare[:, 0], red[:, 0])
+    assert not bare[:, 1].any()
 
 
 def test_out_of_memory_with_one_tile_is_a_clear_error(monkeypatch):

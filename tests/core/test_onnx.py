@@ -73,6 +73,26 @@ def test_contract_and_model_hash_are_in_the_metadata(tmp_path, saved):
     assert ob.read_onnx_contract(out) == saved.contract
 
 
+def test_reduced_output_matches_argmax_and_softmax_ties_included():
+    rng = np.random.default_rng(7)
+    logits = (rng.standard_normal((3, 5, 33, 47)) * 4).astype(np.float32)
+    logits[0, :, 0, :5] = 1.5            # a five-way tie: the first class wins
+    logits[0, :, 1, :5] = -5.0
+    logits[0, 1:4, 1, :5] = 2.5          # a three-way tie among classes 1..3
+    logits[1, 2, 3, 4] = 90.0            # exp would overflow without subtracting the max
+    probs = ob._softmax(logits)
+    red = ob.reduce_logits(logits.copy())
+    assert red.shape == (3, 2, 33, 47) and red.dtype == np.uint8
+    assert (red[:, 0] == logits.argmax(axis=1)).all()
+    assert (red[0, 0, 0, :5] == 0).all() and (red[0, 0, 1, :5] == 1).all()
+    assert (red[0, 1, 0, :5] == 51).all()  # five equal logits: probability 1/5 x 255
+    assert red[1, 0, 3, 4] == 2 and red[1, 1, 3, 4] == 255
+    expected = np.clip(np.rint(probs.max(axis=1) * 255), 1, 255)
+    assert np.abs(red[:, 1].astype(int) - expected).max() <= 1
+    bare = ob.reduce_logits(logits.copy(), confidence=False)
+    assert (bare[:, 0] == red[:, 0]).all() and not bare[:, 1].any()
+
+
 def test_backend_choice_is_honoured_and_reported(tmp_path, saved):
     src = write_raster(tmp_path / "in.tif", random_rgb(100, 90, seed=4))
     out = {}
