@@ -67,6 +67,19 @@ def gpu_possible() -> bool:
     return True
 
 
+def first_argmax(channels: list[np.ndarray], mx: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Write into ``out`` (uint8) the index of the first of ``channels`` equal to ``mx``, their
+    element-wise maximum: ``argmax`` along the class axis, ties to the lowest class, in one
+    comparison per class (about a third cheaper than numpy's ``argmax`` along a leading axis,
+    which copies the array first). Pixels where no channel equals ``mx`` (NaN) get the last."""
+    out.fill(len(channels) - 1)
+    hit = np.empty(mx.shape, bool)
+    for j in range(len(channels) - 2, -1, -1):  # downwards: the lowest class wins ties
+        np.equal(channels[j], mx, out=hit)
+        np.copyto(out, np.uint8(j), where=hit)
+    return out
+
+
 def _is_oom(exc: BaseException) -> bool:
     import torch
 

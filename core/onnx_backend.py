@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from .contract import ModelContract
-from .device import DeviceInfo
+from .device import DeviceInfo, first_argmax
 from .errors import DeviceError, ModelError, OutputError
 from .model import TesseraModel, file_sha256
 
@@ -406,12 +406,7 @@ def reduce_logits(logits: np.ndarray, confidence: bool = True) -> np.ndarray:
     b, k, h, w = logits.shape
     out = np.empty((b, 2, h, w), np.uint8)
     mx = logits.max(axis=1)
-    cls = out[:, 0]
-    cls.fill(k - 1)
-    hit = np.empty((b, h, w), bool)
-    for j in range(k - 2, -1, -1):  # downwards: the lowest class with the maximum wins
-        np.equal(logits[:, j], mx, out=hit)
-        np.copyto(cls, np.uint8(j), where=hit)
+    first_argmax([logits[:, j] for j in range(k)], mx, out[:, 0])
     if not confidence:
         out[:, 1] = 0
         return out

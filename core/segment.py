@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .contract import ModelContract
-from .device import Predictor, make_predictor
+from .device import Predictor, first_argmax, make_predictor
 from .errors import BandMismatchError, CancelledError, NoCRSError, ParameterError, TesseraError
 from .model import TesseraModel
 from .normalize import normalize
@@ -159,10 +159,11 @@ class RowBand:
             if want_conf:
                 conf = np.where(ok, self.conf[:n], 0).astype(np.uint8)
         else:
-            cls = np.argmax(acc, axis=0).astype(np.uint8)
+            mx = acc.max(axis=0)
+            cls = first_argmax(list(acc), mx, np.empty(mx.shape, np.uint8))
             if want_conf:
                 with np.errstate(invalid="ignore", divide="ignore"):
-                    c = np.max(acc, axis=0) / wsum
+                    c = mx / wsum
                 conf = np.where(ok, np.clip(np.rint(c * 255.0), 1, 255), 0).astype(np.uint8)
         cls[~ok] = nodata
         top = self.top

@@ -74,3 +74,13 @@ def test_device_requests_that_cannot_be_met_say_so():
     with pytest.raises(DeviceError, match="'cuda' requested but CUDA is not available"):
         pick_device("cuda")
     assert pick_device("auto").kind == "cpu" and pick_device("cpu").label.startswith("cpu (")
+
+
+def test_first_argmax_is_argmax_with_ties_to_the_lowest_class():
+    from tessera.core.device import first_argmax
+
+    rng = np.random.default_rng(5)
+    acc = rng.integers(0, 4, (6, 40, 50)).astype(np.float32)  # many ties
+    got = first_argmax(list(acc), acc.max(axis=0), np.empty((40, 50), np.uint8))
+    assert got.dtype == np.uint8 and (got == acc.argmax(axis=0)).all()
+    assert len(np.unique(got)) == 6
