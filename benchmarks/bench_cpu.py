@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -142,16 +143,11 @@ def real_batches(raster: Path, model, tile: int, batch: int, n: int = 8) -> list
     from tessera.core.rasterio_io import gdal_env, open_raster, read_window
 
     c = model.contract
-    tiles = []
     with gdal_env(), open_raster(str(raster)) as ds:
-        for r in range(0, ds.height - tile + 1, tile):
-            for col in range(0, ds.width - tile + 1, tile):
-                data, valid = read_window(ds, tuple(c.bands), r, col, tile, tile, None)
-                tiles.append(normalize(data, valid, c))
-                if len(tiles) == n * batch:
-                    break
-            if len(tiles) == n * batch:
-                break
+        corners = ((r, col) for r in range(0, ds.height - tile + 1, tile)
+                   for col in range(0, ds.width - tile + 1, tile))
+        tiles = [normalize(*read_window(ds, tuple(c.bands), r, col, tile, tile, None), c)
+                 for r, col in itertools.islice(corners, n * batch)]
     return [np.ascontiguousarray(np.stack(tiles[i:i + batch]), dtype=np.float32)
             for i in range(0, len(tiles) - batch + 1, batch)]
 
@@ -209,17 +205,16 @@ def child_throughput(args) -> None:
     startup = time.perf_counter() - t
     xs = real_batches(Path(args.child_throughput), model, args.tile, args.batch)
     if pred.backend == "onnxruntime":
-        def forward(x: np.ndarray) -> None:
-            pred.session.run(["logits"], {"input": x})
+        def forward(i: int) -> None:
+            pred.session.run(["logits"], {"input": xs[i % len(xs)]})
     else:
         import torch
 
-        xts = {id(x): torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
-               for x in xs}
+        xts = [torch.from_numpy(x).contiguous(memory_format=torch.channels_last) for x in xs]
 
-        def forward(x: np.ndarray) -> None:
+        def forward(i: int) -> None:
             with torch.inference_mode():
-                pred.module(xts[id(x)])
+                pred.module(xts[i % len(xts)])
     params = SegmentParams(tile_size=args.tile, overlap=0, batch_size=args.batch,
                            backend=args.backend)
     px = args.batch * args.tile ** 2 / 1e6
@@ -227,7 +222,7 @@ def child_throughput(args) -> None:
     def model_round() -> float:
         t = time.perf_counter()
         for i in range(args.reps):
-            forward(xs[i % len(xs)])
+            forward(i)
         return args.reps * px / (time.perf_counter() - t)
 
     raster_only = dataclasses.replace(params, vectorize=VectorizeParams(enabled=False))
@@ -237,7 +232,7 @@ def child_throughput(args) -> None:
         res = segment_raster(args.child_throughput, model, args.out, p, predictor=pred)
         return res.megapixels / (time.perf_counter() - t), res
 
-    forward(xs[0])  # warm-up
+    forward(0)  # warm-up
     e2e_round(params)  # warm-up (imports, caches)
     mo, e2e, e2e_r, last = [model_round()], [], [], None
     for _ in range(args.rounds):
@@ -245,14 +240,9 @@ def child_throughput(args) -> None:
         e2e.append(v)
         e2e_r.append(e2e_round(raster_only)[0])
         mo.append(model_round())
-    ratios = paired_ratios(e2e, mo)
     print(json.dumps({"backend": pred.backend, "device": pred.info.label, "startup_s": startup,
-                      "model_only": mo, "e2e": e2e, "mo_median": statistics.median(mo),
-                      "e2e_median": statistics.median(e2e), "ratios": ratios,
-                      "ratio": statistics.median(ratios), "polygons": last.n_polygons,
-                      "e2e_raster": e2e_r, "ratios_raster": paired_ratios(e2e_r, mo),
-                      "seconds_vectorize": last.seconds_vectorize,
-                      "mpx": last.megapixels}))
+                      "model_only": mo, "e2e": e2e, "e2e_raster": e2e_r,
+                      "polygons": last.n_polygons, "seconds_vectorize": last.seconds_vectorize}))
 
 
 def child_memory(args) -> None:
@@ -328,13 +318,15 @@ def main() -> int:
                          + (["--model", args.model] if args.model else []),
                          capture_output=True, text=True, check=True)
     tp = json.loads(out.stdout.strip().splitlines()[-1])
+    tp["ratios"] = paired_ratios(tp["e2e"], tp["model_only"])
+    tp["ratios_raster"] = paired_ratios(tp["e2e_raster"], tp["model_only"])
     backend = tp["backend"]
-    mo, e2e = tp["mo_median"], {"mpx_s": tp["e2e_median"], "polygons": tp["polygons"],
-                                "seconds_vectorize": tp["seconds_vectorize"]}
+    mo, e2e = statistics.median(tp["model_only"]), {
+        "mpx_s": statistics.median(tp["e2e"]), "polygons": tp["polygons"],
+        "seconds_vectorize": tp["seconds_vectorize"]}
     mo_torch = mo if backend == "torch" else model_only(
         model, real_batches(src, model, args.tile, args.batch), args.reps)
-    ratio = tp["ratio"]
-    ratio_r = statistics.median(tp["ratios_raster"])
+    ratio, ratio_r = statistics.median(tp["ratios"]), statistics.median(tp["ratios_raster"])
     args.backend_used, args.mo_torch, args.tp, args.ratio_r = backend, mo_torch, tp, ratio_r
     print(f"Backend: {backend} ({tp['device']}); start-up (open the model, build the "
           f"predictor) {tp['startup_s']:.1f} s, not counted")

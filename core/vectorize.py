@@ -310,7 +310,9 @@ def _geodetic(crs: Any) -> tuple[Any, Any]:
     """``(pyproj.Geod on the CRS's ellipsoid, Transformer CRS → its geodetic lon/lat)``, made
     once per CRS and thread (areas are computed for every batch of polygons written)."""
     key = crs.to_wkt() if hasattr(crs, "to_wkt") else str(crs)
-    cache = _GEODETIC.__dict__.setdefault("by_wkt", {})
+    if not hasattr(_GEODETIC, "by_wkt"):
+        _GEODETIC.by_wkt = {}
+    cache = _GEODETIC.by_wkt
     if key not in cache:
         if len(cache) > 16:
             cache.clear()
