@@ -80,6 +80,37 @@ def first_argmax(channels: list[np.ndarray], mx: np.ndarray, out: np.ndarray) ->
     return out
 
 
+class Pending:
+    """A batch handed to a predictor's ``submit``: ``result()`` waits for it and returns its
+    output, indexable by tile (``[k]`` is tile k's ``(K, H, W)`` or ``(2, H, W)``).
+
+    Made from per-tile futures (runs in a pool) or from an output already computed.
+    """
+
+    def __init__(self, futures: list[Any], value: Any = None) -> None:
+        self._futures, self._value = futures, value
+
+    def done(self) -> bool:
+        return all(f.done() for f in self._futures)
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The output; raises :class:`TimeoutError` if it is not there within ``timeout``
+        seconds, or the run's own error."""
+        if not self._futures:
+            return self._value
+        from concurrent.futures import TimeoutError as FutureTimeout
+
+        try:
+            return [f.result(timeout)[0] for f in self._futures]
+        except FutureTimeout as exc:
+            raise TimeoutError(str(exc)) from exc
+
+    def cancel(self) -> None:
+        """Drop the tiles not started yet (after an error or a cancel)."""
+        for f in self._futures:
+            f.cancel()
+
+
 def _is_oom(exc: BaseException) -> bool:
     import torch
 
@@ -142,6 +173,12 @@ class Predictor:
                 self.max_batch = step
                 log.warning("CUDA out of memory: batch size reduced to %d", step)
         return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
+
+    def submit(self, batch: np.ndarray, reduce: bool = False,
+               confidence: bool = True) -> Pending:
+        """:meth:`predict`, run now (a GPU queues its own work); the interface of
+        :meth:`.onnx_backend.OrtPredictor.submit`."""
+        return Pending([], self.predict(batch, reduce, confidence))
 
     def _forward(self, part: np.ndarray, reduce: bool = False,
                  confidence: bool = True) -> np.ndarray:

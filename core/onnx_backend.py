@@ -24,13 +24,14 @@ import sys
 import tempfile
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .contract import ModelContract
-from .device import DeviceInfo, first_argmax
+from .device import DeviceInfo, Pending, first_argmax
 from .errors import DeviceError, ModelError, OutputError
 from .model import TesseraModel, file_sha256
 
@@ -426,15 +427,25 @@ class OrtPredictor:
     ``predict`` takes ``(B, C, H, W)`` float32 numpy and returns ``(B, K, H, W)`` float32
     probabilities, or with ``reduce`` ``(B, 2, H, W)`` uint8 (winning class, its probability
     x 255, or 0 without ``confidence``). ``source``: an ``.onnx`` path or the graph's bytes.
+
+    ``threads`` CPU threads are spent as ``runs`` model runs at once, one tile each, with
+    ``threads // runs`` threads inside every run (default: ``runs = min(2, threads)``, so two
+    tiles' activations in memory at most, as a batch of two). Two single-threaded runs side by
+    side beat one run on two threads (measured: about 9 % more tiles per second on 2 cores):
+    ONNX Runtime's threads meet at every operator of a run, so any pre-emption of one stalls
+    the other, while independent runs only share the cores. :meth:`submit` queues a batch and
+    returns at once, so the engine reads, blends and writes while the model runs.
     """
 
     backend = "onnxruntime"
 
-    def __init__(self, source: str | Path | bytes, threads: int | None = None) -> None:
+    def __init__(self, source: str | Path | bytes, threads: int | None = None,
+                 runs: int | None = None) -> None:
         ort = require_onnxruntime()
         n = int(threads or _default_threads())
+        self.runs = max(1, min(int(runs or min(2, n)), n))
         so = ort.SessionOptions()
-        so.intra_op_num_threads = n
+        so.intra_op_num_threads = max(1, n // self.runs)
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         src = source if isinstance(source, bytes) else str(source)
@@ -449,28 +460,47 @@ class OrtPredictor:
         meta = self.session.get_modelmeta().custom_metadata_map or {}
         self.precision = meta.get("tessera.precision", "fp32")
         prec = "int8, " if self.precision == "int8" else ""
-        self.info = DeviceInfo("cpu", "cpu", f"cpu (onnxruntime {ort.__version__}, {prec}{n} threads)")
+        how = f"{n} threads" + (f", {self.runs} tiles at once" if self.runs > 1 else "")
+        self.info = DeviceInfo("cpu", "cpu", f"cpu (onnxruntime {ort.__version__}, {prec}{how})")
         self.max_batch: int | None = None
         self.oom_events = 0
+        # the pool's threads end when the predictor is garbage-collected (the executor's
+        # weak reference wakes them)
+        self._pool = (ThreadPoolExecutor(self.runs, thread_name_prefix="tessera-ort")
+                      if self.runs > 1 else None)
         log.info("inference on %s", self.info.label)
 
     @classmethod
     def for_model(cls, model: TesseraModel, threads: int | None = None,
-                  cache_dir: str | Path | None = None,
-                  opset: int = DEFAULT_OPSET) -> OrtPredictor:
+                  cache_dir: str | Path | None = None, opset: int = DEFAULT_OPSET,
+                  runs: int | None = None) -> OrtPredictor:
         """A predictor for ``model``: its cached graph when it comes from a file (see
         :func:`onnx_for`), else a graph exported in memory for this predictor only."""
         require_onnxruntime()
         if _model_sha(model):
-            return cls(onnx_for(model, cache_dir, opset), threads)
-        return cls(_export_in_memory(model, opset), threads)
+            return cls(onnx_for(model, cache_dir, opset), threads, runs)
+        return cls(_export_in_memory(model, opset), threads, runs)
 
-    def predict(self, batch: np.ndarray, reduce: bool = False,
-                confidence: bool = True) -> np.ndarray:
-        x = np.ascontiguousarray(batch, dtype=np.float32)
+    def _run(self, x: np.ndarray, reduce: bool, confidence: bool) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
         logits = self.session.run(["logits"], {"input": x})[0]
         if logits.dtype != np.float32:
             logits = logits.astype(np.float32)
         if not reduce:
             return _softmax(logits, inplace=True)
         return reduce_logits(logits, confidence)
+
+    def submit(self, batch: np.ndarray, reduce: bool = False,
+               confidence: bool = True) -> Pending:
+        """Queue ``batch``: one job per tile for the pool's runs. ``result()`` of the returned
+        :class:`Pending` gives what :meth:`predict` gives, tile by tile (``[k]`` is tile k)."""
+        if self._pool is None:
+            return Pending([], self._run(batch, reduce, confidence))
+        return Pending([self._pool.submit(self._run, batch[k:k + 1], reduce, confidence)
+                        for k in range(batch.shape[0])])
+
+    def predict(self, batch: np.ndarray, reduce: bool = False,
+                confidence: bool = True) -> np.ndarray:
+        if self._pool is None or batch.shape[0] == 1:
+            return self._run(batch, reduce, confidence)
+        return np.stack(self.submit(batch, reduce, confidence).result())

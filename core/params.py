@@ -64,7 +64,8 @@ class SegmentParams:
     window: ``(col_off, row_off, width, height)`` in pixels; ``None`` = the whole raster.
     confidence: also write the confidence raster (max class probability, 0..255).
     half: fp16 autocast; ``None`` = on for CUDA, off elsewhere.
-    threads: CPU threads for the model (``None``: torch's default).
+    threads: CPU threads for the model (``None``: all this process may use; ONNX Runtime spends
+        them on two tiles at once, half the threads each).
     backend: ``auto`` (PyTorch on a GPU; ONNX Runtime on the CPU when installed, else
         PyTorch), ``torch`` or ``onnxruntime`` (CPU only).
     """

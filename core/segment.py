@@ -18,6 +18,7 @@ import math
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .contract import ModelContract
-from .device import Predictor, first_argmax, make_predictor
+from .device import Pending, Predictor, first_argmax, make_predictor
 from .errors import BandMismatchError, CancelledError, NoCRSError, ParameterError, TesseraError
 from .model import TesseraModel
 from .normalize import normalize
@@ -368,6 +369,15 @@ class _Reader(threading.Thread):
         self._put(("end",))
 
 
+def _result(pending: Pending, cancel: CancelFn | None) -> Any:
+    """Wait for a submitted batch, checking for a cancel twice a second."""
+    while True:
+        try:
+            return pending.result(timeout=0.5)
+        except TimeoutError:
+            check_cancel(cancel)
+
+
 def _resolve_bands(ds: Any, path: str, contract: ModelContract, params: SegmentParams) -> tuple[int, ...]:
     bands = params.bands if params.bands is not None else contract.bands
     if len(bands) != contract.in_channels:
@@ -557,6 +567,8 @@ def _run(ds: Any, grid: TileGrid, win_off: tuple[int, int], bands: tuple[int, ..
     dst_conf = rasterio.open(temps[1], "w", nodata=0, **profile) if want_conf else None
     writer = _Writer(dst, dst_conf, grid.width, feed=feed)
     skipped = 0
+    # batches handed to the predictor, not yet in the band: (tile row, tiles, Pending or None)
+    inflight: deque[tuple[int, list[tuple[Tile, np.ndarray]], Pending | None]] = deque()
     done_in_row = [0] * n_rows_tiles
     tiles_done = 0
     try:
@@ -571,6 +583,45 @@ def _run(ds: Any, grid: TileGrid, win_off: tuple[int, int], bands: tuple[int, ..
         if vectorizer is not None:
             vectorizer.start()
         current = 0
+        # batches handed to the predictor and not yet in the band, oldest first: the model
+        # works on the next ones while the oldest is blended and written (ONNX Runtime runs
+        # tiles in a pool; PyTorch's results are there at once)
+        depth = getattr(predictor, "runs", 1)
+        submit = getattr(predictor, "submit", None) or (  # a predictor with predict() only
+            lambda b, **kw: Pending([], predictor.predict(b, **kw)))
+
+        def settle() -> None:
+            """The oldest batch in flight into the band; rows out once their tile row is done."""
+            nonlocal current, tiles_done, skipped
+            i, tiles, pending = inflight.popleft()
+            if i != current:
+                raise RuntimeError(f"tile rows out of order ({i} after {current})")
+            if pending is None:
+                skipped += len(tiles)
+                for t, valid in tiles:
+                    if direct:
+                        band.put(grid.owned(t), t, None, valid)
+                    else:
+                        band.add(t, None, grid.weights(t), valid)
+            else:
+                out = _result(pending, cancel)
+                for k, (t, valid) in enumerate(tiles):
+                    if direct:
+                        band.put(grid.owned(t), t, out[k][:, :t.height, :t.width], valid)
+                    else:
+                        band.add(t, out[k][:, :t.height, :t.width], grid.weights(t), valid)
+            done_in_row[i] += len(tiles)
+            tiles_done += len(tiles)
+            if writer.error is not None:
+                raise writer.error
+            if done_in_row[i] == n_cols_tiles:
+                n_final = grid.final_rows_after(i) - band.top
+                top, cls, conf = band.pop(n_final, nd, want_conf)
+                final = i == n_rows_tiles - 1
+                writer.q.put((top, cls, conf, final))
+                current += 1
+            meter.update(int(tiles_done / len(grid) * meter.total))
+
         while True:
             check_cancel(cancel)
             try:
@@ -585,34 +636,13 @@ def _run(ds: Any, grid: TileGrid, win_off: tuple[int, int], bands: tuple[int, ..
             if item[0] == "end":
                 break
             _, i, tiles, batch = item
-            if i != current:
-                raise RuntimeError(f"tile rows out of order ({i} after {current})")
-            if batch is None:
-                skipped += len(tiles)
-                for t, valid in tiles:
-                    if direct:
-                        band.put(grid.owned(t), t, None, valid)
-                    else:
-                        band.add(t, None, grid.weights(t), valid)
-            elif direct:
-                reduced = predictor.predict(batch, reduce=True, confidence=want_conf)
-                for k, (t, valid) in enumerate(tiles):
-                    band.put(grid.owned(t), t, reduced[k, :, :t.height, :t.width], valid)
-            else:
-                probs = predictor.predict(batch)
-                for k, (t, valid) in enumerate(tiles):
-                    band.add(t, probs[k, :, :t.height, :t.width], grid.weights(t), valid)
-            done_in_row[i] += len(tiles)
-            tiles_done += len(tiles)
-            if writer.error is not None:
-                raise writer.error
-            if done_in_row[i] == n_cols_tiles:
-                n_final = grid.final_rows_after(i) - band.top
-                top, cls, conf = band.pop(n_final, nd, want_conf)
-                final = i == n_rows_tiles - 1
-                writer.q.put((top, cls, conf, final))
-                current += 1
-            meter.update(int(tiles_done / len(grid) * meter.total))
+            inflight.append((i, tiles, None if batch is None else
+                             submit(batch, reduce=direct, confidence=want_conf)))
+            while inflight and (len(inflight) > depth or inflight[0][2] is None
+                                or inflight[0][2].done()):
+                settle()
+        while inflight:
+            settle()
         if current != n_rows_tiles:
             raise RuntimeError(f"only {current} of {n_rows_tiles} tile rows were processed")
         writer.q.put(_STOP)
@@ -637,6 +667,9 @@ def _run(ds: Any, grid: TileGrid, win_off: tuple[int, int], bands: tuple[int, ..
         return out
     except BaseException as exc:
         stop.set()
+        for _, _, pending in inflight:
+            if pending is not None:
+                pending.cancel()
         if feed is not None:
             feed.abort()
         if writer.is_alive():

@@ -317,3 +317,60 @@ def test_onnx_metadata_is_read_without_the_onnx_package(tmp_path, saved, monkeyp
     for name in ("cut.onnx", "text.onnx", "empty.onnx"):
         with pytest.raises(ModelError, match=rf"{name}: not a readable ONNX file"):
             ob.read_onnx_metadata(tmp_path / name)
+
+
+def test_tiles_run_side_by_side_give_what_one_run_gives(tmp_path, saved):
+    ob.export_onnx(saved, tmp_path / "m.onnx")
+    one = ob.OrtPredictor(tmp_path / "m.onnx", threads=2, runs=1)
+    two = ob.OrtPredictor(tmp_path / "m.onnx", threads=2, runs=2)
+    assert (one.runs, two.runs) == (1, 2)
+    assert one.session.get_session_options().intra_op_num_threads == 2
+    assert two.session.get_session_options().intra_op_num_threads == 1  # 2 runs x 1 thread
+    assert "2 tiles at once" in two.info.label and "tiles at once" not in one.info.label
+    assert ob.OrtPredictor(tmp_path / "m.onnx", threads=1, runs=4).runs == 1  # never > threads
+    x = np.random.default_rng(5).standard_normal((5, 3, 64, 96)).astype(np.float32)
+    np.testing.assert_allclose(two.predict(x), one.predict(x), atol=1e-5)
+    ref = one.predict(x, reduce=True)
+    got = two.predict(x, reduce=True)
+    assert got.shape == ref.shape == (5, 2, 64, 96)
+    assert (got[:, 0] == ref[:, 0]).all() and np.abs(got[:, 1].astype(int) - ref[:, 1]).max() <= 1
+    pending = two.submit(x, reduce=True, confidence=False)
+    tiles = pending.result(timeout=60)
+    assert pending.done() and len(tiles) == 5
+    for k in range(5):  # tile by tile, in the order given
+        assert tiles[k].shape == (2, 64, 96)
+        assert (tiles[k][0] == ref[k, 0]).all() and (tiles[k][1] == 0).all()
+    with pytest.raises(Exception, match="(?i)input"):  # a run's own error reaches the caller
+        two.submit(np.zeros((2, 4, 64, 64), np.float32)).result(timeout=60)
+
+
+def test_queued_tiles_are_dropped_on_cancel(tmp_path, saved):
+    from concurrent.futures import CancelledError as FutureCancelled
+
+    ob.export_onnx(saved, tmp_path / "m.onnx")
+    two = ob.OrtPredictor(tmp_path / "m.onnx", threads=2, runs=2)
+    pending = two.submit(np.zeros((12, 3, 256, 256), np.float32))
+    pending.cancel()  # at most the two tiles already started still run
+    assert sum(f.cancelled() for f in pending._futures) >= 10
+    with pytest.raises(FutureCancelled):
+        pending.result(timeout=60)
+
+
+@pytest.mark.parametrize("overlap", [0, 16])
+def test_segmenting_with_tiles_side_by_side_writes_the_same_outputs(tmp_path, saved, overlap):
+    ob.export_onnx(saved, tmp_path / "m.onnx")
+    data = random_rgb(230, 200, seed=8)
+    data[:, :, :70] = 0  # nodata: whole tiles skipped, batches of mixed sizes
+    src = write_raster(tmp_path / "in.tif", data, nodata=0)
+    params = SegmentParams(backend="onnxruntime", tile_size=64, overlap=overlap, batch_size=3,
+                           confidence=True)
+    out = {}
+    for runs in (1, 2):
+        p = ob.OrtPredictor(tmp_path / "m.onnx", threads=2, runs=runs)
+        res = segment_raster(src, saved, tmp_path / f"r{runs}", params, predictor=p)
+        assert res.tiles_skipped > 0
+        with rasterio.open(res.class_raster) as c, rasterio.open(res.confidence_raster) as f:
+            out[runs] = (c.read(1), f.read(1), res.n_polygons, res.class_pixels)
+    (c1, f1, n1, h1), (c2, f2, n2, h2) = out[1], out[2]
+    assert (c1 == c2).all() and (c1[:, :64] == 255).all() and (c1[:, 128:] != 255).all()
+    assert np.abs(f1.astype(int) - f2).max() <= 1 and n1 == n2 and h1 == h2
