@@ -237,8 +237,10 @@ class _StreamVectorizer(threading.Thread):
     """Polygonizes class rows while they are produced (the polygons' temporary file)."""
 
     def __init__(self, feed: RowFeed, tmp: Path, layer: str, params: Any,
-                 names: dict[int, str], nodata: int, transform: Any, crs: Any) -> None:
+                 names: dict[int, str], nodata: int, transform: Any, crs: Any,
+                 breaks: tuple[int, ...] = ()) -> None:
         super().__init__(name="tessera-vectorizer", daemon=True)
+        self.breaks = breaks
         self.feed, self.tmp, self.layer, self.params = feed, tmp, layer, params
         self.names, self.nodata, self.transform, self.crs = names, nodata, transform, crs
         self.result: tuple[int, dict[int, float]] | None = None
@@ -252,7 +254,7 @@ class _StreamVectorizer(threading.Thread):
             with gdal_env():
                 self.result = write_polygons(
                     self.feed, self.tmp, self.layer, self.params, self.names, self.nodata,
-                    self.transform, self.crs,
+                    self.transform, self.crs, breaks=self.breaks,
                     on_rows=lambda r: setattr(self, "rows_done", r))
         except BaseException as exc:  # noqa: BLE001  (handed to the main thread)
             self.error = exc
@@ -561,8 +563,10 @@ def _run(ds: Any, grid: TileGrid, win_off: tuple[int, int], bands: tuple[int, ..
     if vec is not None:
         # polygonize while segmenting: the vectorizer reads the class rows as they are written
         feed = RowFeed(grid.height, grid.width, max_rows=4 * band_rows + 2 * vec.sieve_px + 2048)
+        # strips end where tile rows end: none waits for the next tile row, the last is short
         vectorizer = _StreamVectorizer(feed, temps[-1], layer, vec, contract.class_names, nd,
-                                       profile["transform"], profile["crs"])
+                                       profile["transform"], profile["crs"],
+                                       tuple(grid.final_rows_after(i) for i in range(n_rows_tiles)))
     dst = rasterio.open(temps[0], "w", nodata=nd, **profile)
     dst_conf = rasterio.open(temps[1], "w", nodata=0, **profile) if want_conf else None
     writer = _Writer(dst, dst_conf, grid.width, feed=feed)

@@ -168,11 +168,29 @@ def _strip(ds: Any, r0: int, r1: int, sieve_px: int, nodata: int | None) -> tupl
     return arr[r0 - a0:r1 - a0], valid[r0 - a0:r1 - a0]
 
 
+def _strip_bounds(height: int, rows_per_strip: int,
+                  breaks: tuple[int, ...] = ()) -> list[tuple[int, int]]:
+    """``[(r0, r1)]`` of every strip: ``rows_per_strip`` rows (the last one shorter); with
+    ``breaks``, strips also end at each of them, and the rows between two are cut into as few
+    equal strips as ``rows_per_strip`` allows."""
+    if not breaks:
+        return [(r, min(r + rows_per_strip, height)) for r in range(0, height, rows_per_strip)]
+    out: list[tuple[int, int]] = []
+    r = 0
+    for stop in sorted({b for b in breaks if 0 < b < height} | {height}):
+        k = -(-(stop - r) // rows_per_strip)
+        edges = [r + (stop - r) * j // k for j in range(k + 1)]
+        out += itertools.pairwise(edges)
+        r = stop
+    return out
+
+
 def iter_class_polygons(ds: Any, strip_rows: int, sieve_px: int = 0,
                         skip_values: frozenset[int] = frozenset(), nodata: int | None = None,
                         cancel: CancelFn | None = None,
                         on_rows: Callable[[int], None] | None = None,
-                        max_open_vertices: int = 0) -> Iterator[tuple[int, Any]]:
+                        max_open_vertices: int = 0,
+                        breaks: tuple[int, ...] = ()) -> Iterator[tuple[int, Any]]:
     """Yield ``(class value, polygon)`` for every 4-connected region of band 1, once each.
 
     ``ds``: anything with ``height``, ``width`` and rasterio's ``read(1, window=...)`` (a rasterio
@@ -186,7 +204,9 @@ def iter_class_polygons(ds: Any, strip_rows: int, sieve_px: int = 0,
     the number of rows done after each strip. ``max_open_vertices`` > 0 bounds memory on
     pathological content: while the regions still open at a seam hold more vertices than that
     together, the largest is emitted as it stands and continues as a new polygon below the
-    seam (logged as a warning).
+    seam (logged as a warning). ``breaks``: rows where a strip must end, for rows that arrive
+    in blocks (the engine's tile rows): each block is then cut into equal strips of at most
+    the usual height, so no strip waits for the next block and the last one is short.
     """
     import shapely
     from affine import Affine
@@ -226,9 +246,8 @@ def iter_class_polygons(ds: Any, strip_rows: int, sieve_px: int = 0,
 
     seam_gid = np.full(width, -1, dtype=np.int64)  # group of pixel (r0 - 1, column), -1: none
     rows_per_strip = max(1, min(int(strip_rows), STRIP_PIXELS // max(width, 1)))
-    for r0 in range(0, height, rows_per_strip):
+    for r0, r1 in _strip_bounds(height, rows_per_strip, breaks):
         check_cancel(cancel)
-        r1 = min(r0 + rows_per_strip, height)
         arr, keep = _strip(ds, r0, r1, sieve_px, nodata)
         for v in skip_values:
             keep &= arr != v
@@ -490,14 +509,16 @@ def _resolve_skip(skip: tuple[str | int, ...], names: dict[int, str]) -> frozens
 def write_polygons(source: Any, tmp: Path, layer: str, params: VectorizeParams,
                    names: dict[int, str], nodata: int | None, transform: Any, crs: Any,
                    cancel: CancelFn | None = None,
-                   on_rows: Callable[[int], None] | None = None) -> tuple[int, dict[int, float]]:
+                   on_rows: Callable[[int], None] | None = None,
+                   breaks: tuple[int, ...] = ()) -> tuple[int, dict[int, float]]:
     """Polygonize ``source`` into the GeoPackage ``tmp``; return ``(count, m² per class id)``.
 
     ``source``: anything with ``height``, ``width`` and rasterio's ``read(1, window=...)``;
     ``transform``/``crs``: its georeferencing. ``tmp`` is written as is (callers wrap it in
     :func:`~.rasterio_io.atomic_outputs`). Polygons below ``params.min_area_m2`` are dropped;
     ``params.simplify_px`` simplifies in pixels after ``pixels`` and ``area_m2`` are measured.
-    Raises :class:`OutputError` when the GeoPackage cannot be written.
+    ``breaks``: see :func:`iter_class_polygons`. Raises :class:`OutputError` when the
+    GeoPackage cannot be written.
     """
     import geopandas as gpd
     import pyogrio
@@ -515,12 +536,18 @@ def write_polygons(source: Any, tmp: Path, layer: str, params: VectorizeParams,
     areas: dict[int, float] = {}
     first = True
     batch: list[tuple[int, Any]] = []
+    # polygons measured and moved into the CRS, not yet written: (class ids, m², pixels, geoms)
+    ready: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
 
-    def flush() -> None:
-        nonlocal first, n_total
+    def prepare() -> None:
+        """Measure the polygons found so far and move them into the CRS (done at each strip's
+        end, so that when polygonizing beside the model little is left after its last tile)."""
+        if not batch:
+            return
         cls = np.array([k for k, _ in batch], dtype=np.int32)
         pix = np.empty(len(batch), dtype=object)
         pix[:] = [g for _, g in batch]
+        batch.clear()
         pixels = np.rint(shapely.area(pix)).astype(np.int64)
         area = polygon_areas_m2(pix, transform, crs)
         keep = area >= params.min_area_m2 if params.min_area_m2 > 0 else np.ones(len(pix), bool)
@@ -528,22 +555,31 @@ def write_polygons(source: Any, tmp: Path, layer: str, params: VectorizeParams,
         if params.simplify_px > 0 and len(geoms):
             geoms = shapely.simplify(geoms, params.simplify_px, preserve_topology=True)
         geoms = shapely.transform(geoms, to_crs) if len(geoms) else geoms
+        ready.append((cls[keep], area[keep].astype(np.float64), pixels[keep], geoms))
+
+    def flush() -> None:
+        nonlocal first, n_total
+        prepare()
+        cls, area, pixels, geoms = (np.concatenate([r[j] for r in ready]) if ready
+                                    else np.zeros(0) for j in range(4))
+        cls = cls.astype(np.int32)
+        ready.clear()
         gdf = gpd.GeoDataFrame({
-            "class_id": cls[keep],
-            "class_name": np.array([names.get(int(k), f"class {int(k)}") for k in cls[keep]],
+            "class_id": cls,
+            "class_name": np.array([names.get(int(k), f"class {int(k)}") for k in cls],
                                    dtype=object),
-            "area_m2": area[keep].astype(np.float64), "pixels": pixels[keep]},
-            geometry=gpd.GeoSeries(geoms, crs=wkt), crs=wkt)
+            "area_m2": area.astype(np.float64), "pixels": pixels.astype(np.int64)},
+            geometry=gpd.GeoSeries(geoms.astype(object), crs=wkt), crs=wkt)
         pyogrio.write_dataframe(gdf, tmp, layer=layer, driver="GPKG", append=not first,
                                 geometry_type="Polygon", promote_to_multi=False)
-        for k, ar in zip(cls[keep], area[keep]):
+        for k, ar in zip(cls, area):
             areas[int(k)] = areas.get(int(k), 0.0) + float(ar)
-        n_total += int(keep.sum())
+        n_total += len(cls)
         first = False
-        batch.clear()
 
     def strip_done(rows: int) -> None:
-        if len(batch) >= STRIP_FLUSH:
+        prepare()
+        if sum(len(r[0]) for r in ready) >= STRIP_FLUSH:
             flush()
         if on_rows is not None:
             on_rows(rows)
@@ -551,11 +587,12 @@ def write_polygons(source: Any, tmp: Path, layer: str, params: VectorizeParams,
     try:
         for cls_v, poly in iter_class_polygons(
                 source, params.strip_rows, params.sieve_px, skip, nodata, cancel,
-                on_rows=strip_done, max_open_vertices=params.max_region_vertices):
+                on_rows=strip_done, max_open_vertices=params.max_region_vertices,
+                breaks=breaks):
             batch.append((cls_v, poly))
             if len(batch) >= WRITE_BATCH:
                 flush()
-        if batch or first:  # also creates the (empty) layer when there is nothing
+        if batch or ready or first:  # also creates the (empty) layer when there is nothing
             flush()
     except TesseraError:
         raise

@@ -579,3 +579,32 @@ def test_memory_guard_cuts_only_huge_open_regions(tmp_path, caplog):
     assert len(zeros) > 1 and zeros.pixels.sum() == whole[whole.class_id == 0].pixels.sum()
     assert shapely.union_all(zeros.geometry.values).equals(whole[whole.class_id == 0].geometry.iloc[0])
     assert "cut there to keep memory bounded" in caplog.text
+
+
+def test_strips_end_at_the_breaks_in_equal_parts():
+    from tessera.core.vectorize import _strip_bounds
+
+    assert _strip_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    # tile rows ending at 512, 1024...: each cut in two equal strips of at most 488 rows
+    b = _strip_bounds(2048, 488, (512, 1024, 1536, 2048))
+    assert b == [(0, 256), (256, 512), (512, 768), (768, 1024), (1024, 1280), (1280, 1536),
+                 (1536, 1792), (1792, 2048)]
+    b = _strip_bounds(100, 30, (40, 0, 100, 150))  # out-of-range breaks are ignored
+    assert b == [(0, 20), (20, 40), (40, 70), (70, 100)]
+    assert all(r0 < r1 for r0, r1 in _strip_bounds(7, 1, (3, 5)))
+
+
+def test_strips_cut_at_breaks_give_the_same_polygons(tmp_path):
+    from tessera.core.vectorize import write_polygons
+
+    a = blocky(5, 101, 77, 4, 3)
+    src = write_raster(tmp_path / "c.tif", a)
+    ref = read(vectorize_raster(src, tmp_path / "ref.gpkg", VectorizeParams(strip_rows=200)).path)
+    names = {k: f"c{k}" for k in range(4)}
+    with rasterio.open(src) as ds:
+        n, areas = write_polygons(ds, tmp_path / "b.gpkg", "b", VectorizeParams(strip_rows=9),
+                                  names, None, ds.transform, ds.crs, breaks=(13, 50, 64, 90))
+    got = read(tmp_path / "b.gpkg")
+    assert n == len(got) == len(ref) and geom_set(got) == geom_set(ref)
+    assert sorted(got.pixels) == sorted(ref.pixels)
+    assert sum(areas.values()) == pytest.approx(ref.area_m2.sum())
