@@ -571,7 +571,8 @@ def _run(ds: Any, grid: TileGrid, win_off: tuple[int, int], bands: tuple[int, ..
     dst_conf = rasterio.open(temps[1], "w", nodata=0, **profile) if want_conf else None
     writer = _Writer(dst, dst_conf, grid.width, feed=feed)
     skipped = 0
-    # batches handed to the predictor, not yet in the band: (tile row, tiles, Pending or None)
+    # batches handed to the predictor, not yet in the band, oldest first:
+    # (tile row, tiles, Pending or None for skipped tiles)
     inflight: deque[tuple[int, list[tuple[Tile, np.ndarray]], Pending | None]] = deque()
     done_in_row = [0] * n_rows_tiles
     tiles_done = 0
@@ -587,9 +588,8 @@ def _run(ds: Any, grid: TileGrid, win_off: tuple[int, int], bands: tuple[int, ..
         if vectorizer is not None:
             vectorizer.start()
         current = 0
-        # batches handed to the predictor and not yet in the band, oldest first: the model
-        # works on the next ones while the oldest is blended and written (ONNX Runtime runs
-        # tiles in a pool; PyTorch's results are there at once)
+        # the model works on the next batches while the oldest is blended and written (ONNX
+        # Runtime runs tiles in a pool; PyTorch's results are there at once)
         depth = getattr(predictor, "runs", 1)
         submit = getattr(predictor, "submit", None) or (  # a predictor with predict() only
             lambda b, **kw: Pending([], predictor.predict(b, **kw)))
