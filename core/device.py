@@ -128,6 +128,8 @@ class Predictor:
     """
 
     backend = "torch"
+    #: batches worth queueing ahead (see :meth:`submit`): none, results come at once
+    runs = 1
 
     def __init__(self, module: Any, device: str = "auto", half: bool | None = None,
                  threads: int | None = None) -> None:

@@ -590,9 +590,7 @@ def _run(ds: Any, grid: TileGrid, win_off: tuple[int, int], bands: tuple[int, ..
         current = 0
         # the model works on the next batches while the oldest is blended and written (ONNX
         # Runtime runs tiles in a pool; PyTorch's results are there at once)
-        depth = getattr(predictor, "runs", 1)
-        submit = getattr(predictor, "submit", None) or (  # a predictor with predict() only
-            lambda b, **kw: Pending([], predictor.predict(b, **kw)))
+        depth = predictor.runs
 
         def settle() -> None:
             """The oldest batch in flight into the band; rows out once their tile row is done."""
@@ -641,7 +639,7 @@ def _run(ds: Any, grid: TileGrid, win_off: tuple[int, int], bands: tuple[int, ..
                 break
             _, i, tiles, batch = item
             inflight.append((i, tiles, None if batch is None else
-                             submit(batch, reduce=direct, confidence=want_conf)))
+                             predictor.submit(batch, reduce=direct, confidence=want_conf)))
             while inflight and (len(inflight) > depth or inflight[0][2] is None
                                 or inflight[0][2].done()):
                 settle()

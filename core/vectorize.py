@@ -560,16 +560,15 @@ def write_polygons(source: Any, tmp: Path, layer: str, params: VectorizeParams,
     def flush() -> None:
         nonlocal first, n_total
         prepare()
-        cls, area, pixels, geoms = (np.concatenate([r[j] for r in ready]) if ready
-                                    else np.zeros(0) for j in range(4))
-        cls = cls.astype(np.int32)
+        empty = (np.zeros(0, np.int32), np.zeros(0), np.zeros(0, np.int64), np.empty(0, object))
+        cls, area, pixels, geoms = (np.concatenate(col) for col in zip(*(ready or [empty])))
         ready.clear()
         gdf = gpd.GeoDataFrame({
             "class_id": cls,
             "class_name": np.array([names.get(int(k), f"class {int(k)}") for k in cls],
                                    dtype=object),
-            "area_m2": area.astype(np.float64), "pixels": pixels.astype(np.int64)},
-            geometry=gpd.GeoSeries(geoms.astype(object), crs=wkt), crs=wkt)
+            "area_m2": area, "pixels": pixels},
+            geometry=gpd.GeoSeries(geoms, crs=wkt), crs=wkt)
         pyogrio.write_dataframe(gdf, tmp, layer=layer, driver="GPKG", append=not first,
                                 geometry_type="Polygon", promote_to_multi=False)
         for k, ar in zip(cls, area):
