@@ -84,3 +84,10 @@ def test_first_argmax_is_argmax_with_ties_to_the_lowest_class():
     got = first_argmax(list(acc), acc.max(axis=0), np.empty((40, 50), np.uint8))
     assert got.dtype == np.uint8 and (got == acc.argmax(axis=0)).all()
     assert len(np.unique(got)) == 6
+    acc[2, 3, 4] = np.nan  # no channel equals a NaN maximum: the last class
+    out = np.zeros((2, 40, 50), np.uint8)  # a strided view as the output
+    first_argmax(list(acc), acc.max(axis=0), out[1])
+    assert out[1, 3, 4] == 5 and (out[0] == 0).all()
+    keep = np.ones((40, 50), bool)
+    keep[3, 4] = False
+    assert (out[1][keep] == acc.argmax(axis=0)[keep]).all()

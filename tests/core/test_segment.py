@@ -235,8 +235,8 @@ def test_row_band_memory_does_not_depend_on_raster_height(tmp_path, monkeypatch)
     sizes = []
     orig = segmod.RowBand.__init__
 
-    def spy(self, n_classes, rows, width, direct=False):
-        orig(self, n_classes, rows, width, direct)
+    def spy(self, n_classes, grid):
+        orig(self, n_classes, grid)
         sizes.append(self.nbytes)
 
     monkeypatch.setattr(segmod.RowBand, "__init__", spy)
@@ -244,18 +244,73 @@ def test_row_band_memory_does_not_depend_on_raster_height(tmp_path, monkeypatch)
     for h in (40, 1200):
         src = write_raster(tmp_path / f"h{h}.tif", random_rgb(h, 48))
         segment_raster(src, m, tmp_path / "o", SegmentParams(vectorize=NOVEC))
-    assert len(sizes) == 2 and sizes[0] == sizes[1] == (3 * 4 + 4 + 1) * 32 * 48
+    # 3 float sums, the weight sum, validity, class and confidence bytes: 32 rows of 48
+    assert len(sizes) == 2 and sizes[0] == sizes[1] == (3 * 4 + 4 + 1 + 2) * 32 * 48
 
 
 def test_row_band_pop_shifts_rows():
-    band = RowBand(2, 4, 3)
-    t = segmod.Tile(0, 0, 0, 0, 4, 3)
+    grid = TileGrid(6, 3, 4, 1)
+    band = RowBand(2, grid)
+    t = grid.tile_row(0)[0]
     probs = np.zeros((2, 4, 3), np.float32)
     probs[1] = 1.0
-    band.add(t, probs, np.ones((4, 3), np.float32), np.ones((4, 3), bool))
-    top, cls, conf = band.pop(3, 255, True)
+    band.add(t, probs, np.ones((4, 3), bool))
+    top, cls, conf = band.pop(2, 255, True)
     assert top == 0 and (cls == 1).all() and (conf == 255).all()
-    assert band.top == 3 and band.wsum[0].sum() == 3 and band.wsum[1:].sum() == 0
+    assert band.top == 2 and (band.wsum[:2] > 0).all() and band.wsum[2:].sum() == 0
+
+
+def full_blend(grid, probs, valid, skipped):
+    """The weighted blend summed over every tile's whole area, the plain way (reference)."""
+    k = probs.shape[1]
+    acc = np.zeros((k, grid.height, grid.width), np.float32)
+    wsum = np.zeros((grid.height, grid.width), np.float32)
+    for n, t in enumerate(grid):
+        if n in skipped:
+            continue
+        w = grid.weights(t)
+        acc[:, t.row:t.row + t.height, t.col:t.col + t.width] += probs[n] * w
+        wsum[t.row:t.row + t.height, t.col:t.col + t.width] += w
+    mx = acc.max(axis=0)
+    ok = valid & (wsum > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        conf = np.clip(np.rint(mx / wsum * np.float32(255.0)), 1, 255)
+    return (np.where(ok, acc.argmax(axis=0), 255).astype(np.uint8),
+            np.where(ok, conf, 0).astype(np.uint8))
+
+
+@pytest.mark.parametrize("h,w,tile,overlap", [(700, 530, 128, 32), (128, 300, 128, 16),
+                                              (90, 100, 128, 8), (300, 260, 64, 30)])
+def test_row_band_gives_the_full_blend_bit_for_bit(h, w, tile, overlap):
+    """Blending only where tiles mix (class and confidence taken as they are elsewhere) gives
+    exactly the weighted blend summed over the tiles' whole areas; with ties, nodata pixels
+    and skipped tiles, and the last tiles moved back to the edge (wider overlaps)."""
+    grid = TileGrid(h, w, tile, overlap)
+    rng = np.random.default_rng(h + w)
+    k = 4
+    th, tw = min(tile, h), min(tile, w)
+    logits = rng.integers(0, 3, (len(grid), k, th, tw)).astype(np.float32)  # many ties
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    valid = rng.random((h, w)) > 0.05
+    skipped = {1} if len(grid) > 2 else set()
+    for n, t in enumerate(grid):
+        if n in skipped:
+            valid[t.row:t.row + t.height, t.col:t.col + t.width] = False
+    ref_cls, ref_conf = full_blend(grid, probs, valid, skipped)
+    band = RowBand(k, grid)
+    cls = np.full((h, w), 99, np.uint8)
+    conf = np.full((h, w), 99, np.uint8)
+    n = 0
+    for i in range(grid.shape[0]):
+        for t in grid.tile_row(i):
+            v = valid[t.row:t.row + t.height, t.col:t.col + t.width]
+            band.add(t, None if n in skipped else probs[n].copy(), v)
+            n += 1
+        top, c, f = band.pop(grid.final_rows_after(i) - band.top, 255, True)
+        cls[top:top + c.shape[0]], conf[top:top + c.shape[0]] = c, f
+    np.testing.assert_array_equal(cls, ref_cls)
+    np.testing.assert_array_equal(conf, ref_conf)
+    assert (cls == 255).sum() == (~valid).sum() and (conf == 0).sum() == (~valid).sum()
 
 
 def _outputs(folder: Path):

@@ -4,7 +4,7 @@ import itertools
 
 import numpy as np
 import pytest
-from tessera.core.tiling import TileGrid, axis_offsets, axis_weights, padded_size
+from tessera.core.tiling import TileGrid, axis_offsets, axis_weights, padded_size, true_runs
 
 
 @pytest.mark.parametrize("length,tile,overlap", [
@@ -121,3 +121,69 @@ def test_owned_parts_partition_the_raster(h, w, tile, overlap):
         assert t.row <= r0 < r1 <= t.row + t.height and t.col <= c0 < c1 <= t.col + t.width
         count[r0:r1, c0:c1] += 1
     assert (count == 1).all()
+
+
+@pytest.mark.parametrize("h,w,tile,overlap", [
+    (150, 230, 64, 16), (64, 64, 64, 16), (40, 300, 64, 8), (500, 77, 64, 30), (2048, 2048, 512, 64),
+    (10, 11, 4, 1),
+])
+def test_solo_and_blend_parts_split_every_tiles_weight(h, w, tile, overlap):
+    """Each tile's positive weight splits into its solo part (weight 1, no other tile's weight
+    there) and its blend parts; the pixels outside every solo part are exactly those the
+    blended masks mark, and there at least two tiles or a weight below 1 meet."""
+    g = TileGrid(h, w, tile, overlap)
+    positive = np.zeros((h, w), int)
+    solo = np.zeros((h, w), int)
+    for t in g:
+        wt = g.weights(t)
+        wy, wx = g.axis_weights(t)
+        np.testing.assert_array_equal(np.outer(wy, wx), wt)
+        mine = np.zeros((h, w), int)
+        r0, r1, c0, c1 = g.solo(t)
+        mine[r0:r1, c0:c1] += 1
+        if r0 < r1 and c0 < c1:
+            assert (wt[r0 - t.row:r1 - t.row, c0 - t.col:c1 - t.col] == 1).all()
+        solo[r0:r1, c0:c1] += 1
+        for p0, p1, q0, q1 in g.blend_parts(t):
+            mine[p0:p1, q0:q1] += 1
+        pos = np.zeros((h, w), int)
+        pos[t.row:t.row + t.height, t.col:t.col + t.width] = wt > 0
+        np.testing.assert_array_equal(mine, pos)  # solo + parts = positive, no pixel twice
+        positive += pos
+    assert solo.max() == 1 and (positive[solo == 1] == 1).all()
+    blended = g.row_blend.blended[:, None] | g.col_blend.blended[None, :]
+    np.testing.assert_array_equal(blended, solo == 0)
+    assert (positive[blended] >= 2).all()  # only where tiles really mix
+    for ax in (g.row_blend, g.col_blend):
+        assert [(a, b) for a, b in ax.runs] == true_runs(ax.blended)
+
+
+def test_blend_zones_on_the_benchmark_grid():
+    """2048² at overlap 64, tiles 512: blending only between the ramps, 32 px wide, also in the
+    middle of the 320 px that the last tile, moved back to the edge, shares."""
+    g = TileGrid(2048, 2048, 512, 64)
+    assert g.col_blend.runs == ((464, 496), (912, 944), (1360, 1392), (1680, 1712))
+    assert g.row_blend.runs == g.col_blend.runs
+    blended = g.row_blend.blended[:, None] | g.col_blend.blended[None, :]
+    assert round(blended.mean(), 4) == 0.1211  # of the pixels (the tiles cover 1.56 x them)
+    assert true_runs(np.array([1, 1, 0, 0, 1], bool)) == [(0, 2), (4, 5)]
+    assert true_runs(np.zeros(3, bool)) == []
+
+
+@pytest.mark.parametrize("length,tile,overlap", [(2048, 512, 64), (1000, 256, 64), (77, 64, 30),
+                                                 (300, 64, 8), (10, 4, 1), (130, 64, 16)])
+def test_neighbour_weights_sum_to_one_with_the_seam_in_the_middle(length, tile, overlap):
+    """Along an axis the weights of every two neighbours sum to one, also where the last tile,
+    moved back to the edge, overlaps by more: its ramps move to the middle of what is shared."""
+    g = TileGrid(tile, length, tile, overlap)  # one row of tiles
+    offs = g.col_offsets
+    total = np.zeros(length)
+    for t in g.tile_row(0):
+        _, wx = g.axis_weights(t)
+        total[t.col:t.col + t.width] += wx
+    np.testing.assert_allclose(total, 1.0, atol=1e-6)
+    if len(offs) > 1 and offs[-1] - offs[-2] < tile - overlap:  # the last one moved back
+        shared = (offs[-1], offs[-2] + tile)
+        a, b = g.col_blend.runs[-1]
+        middle = (shared[0] + shared[1]) / 2
+        assert abs((a + b) / 2 - middle) <= 1 and b - a == overlap - 2 * (overlap // 4)
