@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -43,6 +44,10 @@ WRITE_BATCH = 5000
 #: at once after the last one. Each write reopens the file (about 20 ms, against 15 µs per
 #: polygon), so not for a handful.
 STRIP_FLUSH = 2000
+#: At a break (the end of the engine's tile row) they are written once there are this many: the
+#: model then works on the next tile row for a while, so writing costs little there, and what
+#: is left to write after the last tile (when nothing else runs) shrinks.
+BREAK_FLUSH = 250
 #: Polygons taken from GDAL's polygonizer at a time (a strip's polygons are never all held as dicts).
 CHUNK = 20_000
 #: Most pixels in one strip: rows per strip = min(strip_rows, STRIP_PIXELS // width), at least 1.
@@ -168,6 +173,25 @@ def _strip(ds: Any, r0: int, r1: int, sieve_px: int, nodata: int | None) -> tupl
     return arr[r0 - a0:r1 - a0], valid[r0 - a0:r1 - a0]
 
 
+def _merge_pieces(pieces: list[Any]) -> Any:
+    """One region's strip pieces (pixel-space polygons) as one geometry."""
+    import shapely
+
+    if len(pieces) == 1:
+        return pieces[0]
+    # A piece's holes never touch a strip edge, so only the outer shells need the (costly)
+    # union; the holes are added back afterwards. Holes that cross a seam come out of the
+    # shells' union. simplify(0) drops the collinear vertices the seams leave (exact: all
+    # vertices are integers; tolerance 0 with the plain Douglas-Peucker keeps the point set,
+    # hence validity, at half the cost).
+    shells = shapely.polygons(shapely.get_exterior_ring(np.asarray(pieces, object)))
+    merged = shapely.simplify(shapely.union_all(shells), 0, preserve_topology=False)
+    holes = [r for p in pieces for r in p.interiors]
+    if holes and merged.geom_type == "Polygon":
+        return shapely.Polygon(merged.exterior, [*merged.interiors, *holes])
+    return merged
+
+
 def _strip_bounds(height: int, rows_per_strip: int,
                   breaks: tuple[int, ...] = ()) -> list[tuple[int, int]]:
     """``[(r0, r1)]`` of every strip: ``rows_per_strip`` rows (the last one shorter); with
@@ -223,26 +247,29 @@ def iter_class_polygons(ds: Any, strip_rows: int, sieve_px: int = 0,
             g = parent[g]
         return g
 
-    def finalize(gid: int) -> Iterator[tuple[int, Any]]:
+    def finalize(gid: int, geom: Any = None) -> Iterator[tuple[int, Any]]:
         grp = groups.pop(gid)
-        if len(grp.pieces) == 1:
-            geom = grp.pieces[0]
-        else:
-            # A piece's holes never touch a strip edge, so only the outer shells need the
-            # (costly) union; the holes are added back afterwards. Holes that cross a seam come
-            # out of the shells' union. simplify(0) drops the collinear vertices the seams leave
-            # (exact: all vertices are integers).
-            shells = shapely.polygons(shapely.get_exterior_ring(np.asarray(grp.pieces, object)))
-            # (tolerance 0: only vertices exactly on a straight edge go, so the plain
-            # Douglas-Peucker keeps the point set, hence validity, at half the cost)
-            merged = shapely.simplify(shapely.union_all(shells), 0, preserve_topology=False)
-            holes = [r for p in grp.pieces for r in p.interiors]
-            geom = merged
-            if holes and merged.geom_type == "Polygon":
-                geom = shapely.Polygon(merged.exterior, [*merged.interiors, *holes])
+        if geom is None:
+            geom = _merge_pieces(grp.pieces)
         for part in getattr(geom, "geoms", [geom]):
             if part.geom_type == "Polygon" and not part.is_empty:
                 yield grp.cls, part
+
+    def finalize_all(gids: list[int]) -> Iterator[tuple[int, Any]]:
+        """Finalize ``gids`` in order; after the last strip the model is done and the cores
+        are free, so the unions of the regions that stayed open run side by side (GEOS
+        releases the GIL): they are most of the time left after the last tile."""
+        multi = [g for g in gids if len(groups[g].pieces) > 1]
+        merged: dict[int, Any] = {}
+        if len(multi) > 1 and (os.cpu_count() or 1) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(len(multi), os.cpu_count() or 1, 4),
+                                    thread_name_prefix="tessera-union") as pool:
+                merged = dict(zip(multi, pool.map(
+                    _merge_pieces, [groups[g].pieces for g in multi])))
+        for gid in gids:
+            yield from finalize(gid, merged.get(gid))
 
     seam_gid = np.full(width, -1, dtype=np.int64)  # group of pixel (r0 - 1, column), -1: none
     rows_per_strip = max(1, min(int(strip_rows), STRIP_PIXELS // max(width, 1)))
@@ -299,8 +326,12 @@ def iter_class_polygons(ds: Any, strip_rows: int, sieve_px: int = 0,
             ids, inv = np.unique(new_seam[cols], return_inverse=True)
             new_seam[cols] = np.array([find(int(g)) for g in ids], dtype=np.int64)[inv]
         still_open = {int(g) for g in np.unique(new_seam[cols])}
-        for gid in sorted(set(groups) - still_open):
-            yield from finalize(gid)
+        closed = sorted(set(groups) - still_open)
+        if r1 == height:
+            yield from finalize_all(closed)
+        else:
+            for gid in closed:
+                yield from finalize(gid)
         if max_open_vertices > 0:
             while still_open and sum(groups[g].nverts for g in still_open) > max_open_vertices:
                 gid = max(still_open, key=lambda g: groups[g].nverts)
@@ -576,9 +607,11 @@ def write_polygons(source: Any, tmp: Path, layer: str, params: VectorizeParams,
         n_total += len(cls)
         first = False
 
+    break_rows = frozenset(breaks)
+
     def strip_done(rows: int) -> None:
         prepare()
-        if sum(len(r[0]) for r in ready) >= STRIP_FLUSH:
+        if sum(len(r[0]) for r in ready) >= (BREAK_FLUSH if rows in break_rows else STRIP_FLUSH):
             flush()
         if on_rows is not None:
             on_rows(rows)

@@ -608,3 +608,50 @@ def test_strips_cut_at_breaks_give_the_same_polygons(tmp_path):
     assert n == len(got) == len(ref) and geom_set(got) == geom_set(ref)
     assert sorted(got.pixels) == sorted(ref.pixels)
     assert sum(areas.values()) == pytest.approx(ref.area_m2.sum())
+
+
+def test_regions_open_to_the_last_strip_are_merged_side_by_side(tmp_path, monkeypatch):
+    """After the last strip, the unions of the regions still open run in a small pool (the
+    cores are free then); the polygons are those of one pass."""
+    import threading
+
+    import tessera.core.vectorize as vz
+
+    a = np.repeat(np.repeat(np.array([[0, 1, 2, 0, 1, 2, 0]], np.uint8), 40, axis=0), 5, axis=1)
+    a[10:14, 1:3] = 1  # a hole in the first stripe
+    src = write_raster(tmp_path / "c.tif", a)
+    ref = read(vectorize_raster(src, tmp_path / "ref.gpkg", VectorizeParams(strip_rows=100)).path)
+    threads = []
+    real = vz._merge_pieces
+    monkeypatch.setattr(vz, "_merge_pieces", lambda pieces: (
+        threads.append((threading.current_thread().name, len(pieces))), real(pieces))[1])
+    got = read(vectorize_raster(src, tmp_path / "s.gpkg", VectorizeParams(strip_rows=6)).path)
+    assert geom_set(got) == geom_set(ref) and len(got) == 8  # 7 stripes and the hole's fill
+    merged = sorted(n.split("_")[0] for n, k in threads if k > 1)
+    # the stripes stay open to the last strip; the hole's fill (rows 10-14) closes before
+    assert merged == ["MainThread"] + ["tessera-union"] * 7
+    assert len(got[got.geometry.apply(lambda g: len(g.interiors)) == 1]) == 1
+
+
+def test_polygons_are_written_at_the_breaks(tmp_path, monkeypatch):
+    """At each break (the end of the engine's tile row) the polygons found so far are written
+    once there are BREAK_FLUSH of them, so little is left to write after the last tile."""
+    import tessera.core.vectorize as vz
+
+    a = blocky(5, 101, 77, 4, 3)
+    writes = []
+    real = pyogrio.write_dataframe
+    monkeypatch.setattr(pyogrio, "write_dataframe",
+                        lambda df, *a, **k: (writes.append(len(df)), real(df, *a, **k))[1])
+    src = write_raster(tmp_path / "c.tif", a)
+    ref = read(vectorize_raster(src, tmp_path / "ref.gpkg", VectorizeParams(strip_rows=9)).path)
+    assert len(writes) == 1  # no breaks: fewer than STRIP_FLUSH polygons, one write at the end
+    monkeypatch.setattr(vz, "BREAK_FLUSH", 20)
+    writes.clear()
+    rows = []
+    with rasterio.open(src) as ds:
+        n, _ = write_polygons(ds, tmp_path / "b.gpkg", "b", VectorizeParams(strip_rows=9),
+                              NAMES, None, ds.transform, ds.crs, breaks=(50, 90),
+                              on_rows=rows.append)
+    assert len(writes) == 3 and all(w >= 20 for w in writes[:2]) and sum(writes) == n == len(ref)
+    assert geom_set(read(tmp_path / "b.gpkg")) == geom_set(ref)
