@@ -53,10 +53,11 @@ CHUNK = 20_000
 #: Most pixels in one strip: rows per strip = min(strip_rows, STRIP_PIXELS // width), at least 1.
 #: GDAL's polygonizer holds a whole strip's polygons: on a 16384-px-wide noisy class raster
 #: (44k polygons/Mpx) 4 Mpx strips peaked at 325 MiB, 1 Mpx strips at 266 MiB, ~5 % slower.
-#: Fewer seams mean fewer pieces to union: at 2 Mpx a 512-row tile row of a 2048-px-wide
-#: raster is one strip, and the time from the last tile to the finished GeoPackage fell from
-#: 0.19 to 0.13 s (median of 7 alternating runs).
-STRIP_PIXELS = 2_000_000
+#: 2**20 rather than 10**6: a 512-row tile row of a 2048-px-wide raster is then one strip, not
+#: two (fewer seams, fewer pieces to union: the time from the last tile to the finished
+#: GeoPackage fell from 0.19 to 0.13 s, median of 7 alternating runs), while wide rasters keep
+#: their memory (2 Mpx strips: 16384² peaked at 853 MiB once in `make bench`, over its x1.3).
+STRIP_PIXELS = 1 << 20
 #: Largest relative error accepted from the fast per-pixel area (above it: full geodesic area).
 AREA_REL_TOL = 1e-4
 #: Longest polygon edge, in metres on the ground, in the full geodesic area computation (edges
