@@ -104,7 +104,8 @@ class RowBand:
     (:meth:`.TileGrid.blend_parts`); :meth:`pop` takes the arg-max there. The result is the
     full weighted blend, bit for bit, at a fraction of its arithmetic.
 
-    Memory: ``(n_classes + 2) * 4 + 3`` bytes per band pixel with overlap, 4 without.
+    Memory: ``4 * n_classes + 7`` bytes per band pixel with overlap (float sums and their
+    weight, validity, class and confidence bytes), 4 without.
     """
 
     def __init__(self, n_classes: int, grid: TileGrid) -> None:
