@@ -265,10 +265,11 @@ def iter_class_polygons(ds: Any, strip_rows: int, sieve_px: int = 0,
         releases the GIL): they are most of the time left after the last tile."""
         multi = [g for g in gids if len(groups[g].pieces) > 1]
         merged: dict[int, Any] = {}
-        if len(multi) > 1 and (os.cpu_count() or 1) > 1:
+        workers = min(len(multi), os.cpu_count() or 1, 4)
+        if workers > 1:
             from concurrent.futures import ThreadPoolExecutor
 
-            with ThreadPoolExecutor(min(len(multi), os.cpu_count() or 1, 4),
+            with ThreadPoolExecutor(workers,
                                     thread_name_prefix="tessera-union") as pool:
                 merged = dict(zip(multi, pool.map(
                     _merge_pieces, [groups[g].pieces for g in multi])))
