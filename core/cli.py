@@ -256,11 +256,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "raster); 'patches' is the published study's random 80/20 split of patch "
                         "cells (default: image)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="validation share (default 0.2)")
+    p.add_argument("--sampling", choices=["random", "balanced"], default="random",
+                   help="training patches: 'random' windows, or 'balanced': half of them around "
+                        "a pixel of a class drawn with equal chances, so rare classes are seen "
+                        "often (default: random)")
     p.add_argument("--patience", type=int, metavar="EPOCHS",
                    help="stop when validation mean IoU has not improved for this many epochs")
     p.add_argument("--inference-tile", type=int, metavar="PIXELS",
                    help="tile size the model will use for inference (default: the patch size)")
-    p.add_argument("--max-minutes", type=float, help="stop cleanly after this many minutes")
+    p.add_argument("--max-minutes", type=float,
+                   help="time budget: the learning-rate schedule is fitted to it (fewer epochs "
+                        "when they do not all fit, still annealed to the end) and training "
+                        "ends within it")
     p.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder (resumes if present)")
     p.add_argument("--pixel-size", type=float,
                    help="the imagery's pixel size in metres (default: the raster's)")
@@ -431,6 +438,7 @@ def _dispatch(a: argparse.Namespace, bar: ProgressBar) -> int:
                          patches_per_epoch=a.patches_per_epoch, lr=a.lr, loss=a.loss,
                          encoder=a.encoder, device=a.device, max_minutes=a.max_minutes,
                          seed=a.seed, split=a.split, val_fraction=a.val_fraction,
+                         sampling=a.sampling,
                          early_stopping_patience=a.patience, inference_tile=a.inference_tile)
         src = _data_source(a)
         classes = read_class_file(a.classes) if a.classes else None

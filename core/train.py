@@ -21,8 +21,10 @@ Validation (``TrainParams.split``):
   are more optimistic than a split by image.
 
 Checkpoints are safetensors (weights and optimizer state) plus JSON — never pickle — so a
-run resumes exactly. A time budget (``max_minutes``) ends training cleanly on a CPU;
-``early_stopping_patience`` ends it when validation mean IoU stops improving.
+run resumes exactly. A time budget (``max_minutes``) fits the schedule to the time: after each
+epoch the span of the one-cycle schedule is set to the epochs that still fit (see
+:func:`fit_epochs`), so a run cut short still anneals its learning rate, and it ends within the
+budget; ``early_stopping_patience`` ends it when validation mean IoU stops improving.
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 #: Settings a resumed run must share with the checkpoint's run.
 RESUME_KEYS = ("patch_size", "batch_size", "patches_per_epoch", "lr", "weight_decay", "loss",
-               "val_fraction", "seed", "encoder", "val_patches", "split")
+               "val_fraction", "seed", "encoder", "val_patches", "split", "sampling")
+SAMPLINGS = ("random", "balanced")
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,9 @@ class TrainParams:
         the patch size); its overlap is max(patch/4, tile/8) rounded down to a multiple of 8.
     val_patches: validation patches drawn from the validation images or blocks (the
         ``patches`` split validates on every validation cell instead).
+    sampling: ``random`` (windows anywhere in the training ground) or ``balanced`` (half the
+        patches are placed around a pixel of a class drawn with equal chances, so rare
+        classes are seen as often as common ones; see :class:`ClassIndex`).
     """
 
     patch_size: int = 256
@@ -109,6 +115,7 @@ class TrainParams:
     split: str = "image"
     early_stopping_patience: int | None = None
     inference_tile: int | None = None
+    sampling: str = "random"
 
     def __post_init__(self) -> None:
         if self.patch_size % 32 or self.patch_size < 64:
@@ -117,6 +124,9 @@ class TrainParams:
             raise ParameterError(f"loss must be focal_dice or ce (got {self.loss})")
         if not 0 < self.val_fraction < 1:
             raise ParameterError("val_fraction must be between 0 and 1")
+        if self.sampling not in SAMPLINGS:
+            raise ParameterError(f"sampling must be one of {', '.join(SAMPLINGS)} "
+                                 f"(got {self.sampling!r})")
         if self.split not in ("image", "patches"):
             raise ParameterError(f"split must be 'image' or 'patches' (got {self.split!r})")
         for name in ("batch_size", "epochs", "patches_per_epoch", "val_patches"):
@@ -161,8 +171,10 @@ def _crop(a: np.ndarray | None, c: Cell) -> np.ndarray | None:
 
 def _sample(x: np.ndarray, y: np.ndarray, valid: np.ndarray | None, size: int,
             rng: np.random.Generator, augment: bool, lo: np.ndarray, hi: np.ndarray,
+            at: tuple[int, int] | None = None,
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """A random ``size``² patch of ``(x, y, valid)`` (reflect-padded if smaller), augmented.
+    """A random ``size``² patch of ``(x, y, valid)`` (reflect-padded if smaller), augmented;
+    with ``at`` = (row, col), a random one of the windows that contain that pixel.
 
     Jitter works in raw units: ``lo + (x - lo) * a + b * (hi - lo) / 255``, clipped to
     ``[lo, hi]`` — for 8-bit data, ``x * a + b`` with ``b`` in ±12 grey levels.
@@ -176,7 +188,11 @@ def _sample(x: np.ndarray, y: np.ndarray, valid: np.ndarray | None, size: int,
         if valid is not None:
             valid = np.pad(valid, ((0, ph), (0, pw)), constant_values=False)
         h, w = y.shape
-    r, c = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+    if at is None:
+        r, c = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+    else:
+        r = int(rng.integers(max(0, at[0] - size + 1), min(at[0], h - size) + 1))
+        c = int(rng.integers(max(0, at[1] - size + 1), min(at[1], w - size) + 1))
     px, py = x[r:r + size, c:c + size], y[r:r + size, c:c + size]
     pv = valid[r:r + size, c:c + size] if valid is not None else None
     if augment:
@@ -194,6 +210,46 @@ def _sample(x: np.ndarray, y: np.ndarray, valid: np.ndarray | None, size: int,
         np.clip(px, lo, hi, out=px)
     return (np.ascontiguousarray(px, dtype=np.float32), np.ascontiguousarray(py),
             None if pv is None else np.ascontiguousarray(pv))
+
+
+class ClassIndex:
+    """Where each class lies in the training ground, for class-balanced patches.
+
+    For every class, the training cells' pixels of that class (flat positions within their
+    cell), at most ``budget / cells`` per cell and class, drawn at random with ``seed`` where
+    a cell holds more: memory stays bounded on large rasters. :meth:`draw` picks a class with
+    equal chances among those present, then one of its pixels (so cells are weighted by how
+    much of the class they hold, up to that cap).
+    """
+
+    def __init__(self, labels: list[np.ndarray], n_classes: int, seed: int,
+                 budget: int = 2_000_000) -> None:
+        rng = np.random.default_rng([seed, 7])
+        cap = max(256, budget // max(1, len(labels)))
+        cells: list[list[np.ndarray]] = [[] for _ in range(n_classes)]
+        pos: list[list[np.ndarray]] = [[] for _ in range(n_classes)]
+        self.widths = np.array([y.shape[1] for y in labels], np.int64)
+        for i, y in enumerate(labels):
+            flat = y.reshape(-1)
+            for k in range(n_classes):
+                where = np.flatnonzero(flat == k)
+                if not len(where):
+                    continue
+                if len(where) > cap:
+                    where = np.sort(rng.choice(where, cap, replace=False))
+                cells[k].append(np.full(len(where), i, np.int32))
+                pos[k].append(where.astype(np.int64))
+        self.classes = [k for k in range(n_classes) if pos[k]]
+        self.cells = {k: np.concatenate(cells[k]) for k in self.classes}
+        self.pos = {k: np.concatenate(pos[k]) for k in self.classes}
+
+    def draw(self, rng: np.random.Generator) -> tuple[int, int, tuple[int, int]]:
+        """``(class, cell index, (row, col) within the cell)``."""
+        k = self.classes[int(rng.integers(len(self.classes)))]
+        j = int(rng.integers(len(self.pos[k])))
+        i = int(self.cells[k][j])
+        r, c = divmod(int(self.pos[k][j]), int(self.widths[i]))
+        return k, i, (r, c)
 
 
 def sample_patch(x: np.ndarray, y: np.ndarray, size: int, rng: np.random.Generator,
@@ -324,18 +380,21 @@ def train(source: DataSource | dict[str, Any] | str | Path, out_model: str | Pat
     opt = torch.optim.Adam(net.parameters(), lr=p.lr, weight_decay=p.weight_decay,
                            **({"fused": True} if cuda else {}))
     steps_per_epoch = max(1, p.patches_per_epoch // p.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=steps_per_epoch * p.epochs,
-                                                pct_start=0.05)
+    sched = OneCycle(opt, p.lr, steps_per_epoch * p.epochs)
     loss_fn = make_loss(p.loss)
 
-    def patch(cell: Cell, rng: np.random.Generator, augment: bool, tries: int = 10) -> tuple:
+    def patch(cell: Cell, rng: np.random.Generator, augment: bool, tries: int = 10,
+              at: tuple[int, int] | None = None) -> tuple:
         s = samples[cell.image]
         x, y, v = _crop(s.image, cell), _crop(s.labels, cell), _crop(s.valid, cell)
         for _ in range(tries):  # prefer patches with annotated pixels (sparse polygon labels)
-            out = _sample(x, y, v, p.patch_size, rng, augment, lo, hi)
-            if (out[1] != IGNORE).any():
+            out = _sample(x, y, v, p.patch_size, rng, augment, lo, hi, at)
+            if at is not None or (out[1] != IGNORE).any():
                 break
         return out
+
+    index = (ClassIndex([_crop(samples[c.image].labels, c) for c in split.train], k_classes,
+                        p.seed) if p.sampling == "balanced" else None)
 
     # fixed validation patches: the validation cells themselves (patches split), or random
     # patches from the validation images/blocks (no augmentation)
@@ -348,6 +407,7 @@ def train(source: DataSource | dict[str, Any] | str | Path, out_model: str | Pat
 
     history: list[dict[str, Any]] = []
     best, best_epoch, start_epoch = -1.0, 0, 0
+    plan = p.epochs  # epochs the schedule spans (a time budget may fit it shorter)
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     run_key = {k: getattr(p, k) for k in RESUME_KEYS}
     if ckpt is not None and (ckpt / "state.json").exists():
@@ -358,6 +418,7 @@ def train(source: DataSource | dict[str, Any] | str | Path, out_model: str | Pat
         sched.load_state_dict(st["scheduler"])
         start_epoch, best, history = st["epoch"], st["best"], st["history"]
         best_epoch = st.get("best_epoch") or _best_epoch(history)
+        plan = int(st.get("planned_epochs") or p.epochs)
         log.info("resumed from %s at epoch %d", ckpt, start_epoch)
     t0 = time.perf_counter()
     stopped = "completed"
@@ -365,31 +426,41 @@ def train(source: DataSource | dict[str, Any] | str | Path, out_model: str | Pat
     if patience and history and start_epoch - best_epoch >= patience:
         stopped = _early_stop_text(patience, best, best_epoch)
     hardware = dev.label + (f", {str(amp_dtype).removeprefix('torch.')} autocast" if cuda else "")
+    hardware += f"; PyTorch {torch.__version__}, segmentation-models-pytorch {_smp_version()}"
 
     def make_batch(epoch: int, step: int) -> tuple[np.ndarray, np.ndarray]:
         # one generator per (epoch, step): any thread can build any batch, and a resumed run
         # repeats the same batches
         rng = np.random.default_rng([p.seed, epoch, step])
-        batch = [patch(split.train[int(rng.integers(len(split.train)))], rng, True)
-                 for _ in range(p.batch_size)]
+        batch = []
+        for _ in range(p.batch_size):
+            if index is not None and rng.random() < 0.5:  # around a pixel of a drawn class
+                _, i, at = index.draw(rng)
+                batch.append(patch(split.train[i], rng, True, at=at))
+            else:
+                batch.append(patch(split.train[int(rng.integers(len(split.train)))], rng, True))
         return (np.stack([_input(px, pv, contract) for px, _, pv in batch]),
                 np.stack([b[1] for b in batch]).astype(np.int64))
 
     # batches are built ahead of the model: on a GPU by worker processes (threads would fight
     # the training loop for the GIL and starve the GPU of kernel launches), on a CPU by one
     # thread that overlaps the next batch with this step (numpy releases the GIL)
-    # (TESSERA_TRAIN_WORKERS=N asks for N worker processes on any device; 0 = the thread)
+    # (TESSERA_TRAIN_WORKERS=N asks for N worker processes on any device; 0 = the thread).
+    # The worker processes serve the whole run, so no epoch waits for them to start.
     workers = int(os.environ.get("TESSERA_TRAIN_WORKERS") or
                   (min(12, max(1, (os.cpu_count() or 2) - 2)) if cuda else 0))
     pool = ThreadPoolExecutor(1, thread_name_prefix="tessera-batches") if workers == 0 else None
+    run_batches: Iterator[tuple[Any, Any]] | None = None
+    if pool is None:
+        run_batches = iter(torch.utils.data.DataLoader(
+            _RunBatches(make_batch, start_epoch, p.epochs, steps_per_epoch), batch_size=None,
+            num_workers=workers, pin_memory=cuda, prefetch_factor=4,
+            multiprocessing_context="fork"))
 
     def batches(epoch: int) -> Iterator[tuple[Any, Any]]:
-        if pool is None:
-            loader = torch.utils.data.DataLoader(
-                _EpochBatches(make_batch, epoch, steps_per_epoch), batch_size=None,
-                num_workers=workers, pin_memory=cuda, prefetch_factor=4,
-                multiprocessing_context="fork")
-            yield from loader
+        if run_batches is not None:  # the run's batches come in order: this epoch's are next
+            for _ in range(steps_per_epoch):
+                yield next(run_batches)
             return
         ahead: deque = deque()
         for nxt in range(steps_per_epoch):
@@ -399,8 +470,11 @@ def train(source: DataSource | dict[str, Any] | str | Path, out_model: str | Pat
         while ahead:
             yield ahead.popleft().result()
 
+    durations: list[float] = []  # this session's epochs, in seconds (for a time budget)
+    shown = _ShownLoss(cuda)
     try:
-        for epoch in range(start_epoch, p.epochs if stopped == "completed" else start_epoch):
+        epoch = start_epoch
+        while epoch < (plan if stopped == "completed" else start_epoch):
             net.train()
             loss_sum = torch.zeros((), device=device)
             n_losses, n_patches, t_epoch = 0, 0, time.perf_counter()
@@ -425,11 +499,12 @@ def train(source: DataSource | dict[str, Any] | str | Path, out_model: str | Pat
                 if progress is not None and step % 10 == 0:
                     el = time.perf_counter() - t0
                     frac = ((epoch - start_epoch + (step + 1) / steps_per_epoch)
-                            / max(p.epochs - start_epoch, 1))
+                            / max(plan - start_epoch, 1))
+                    mean = shown.update(loss_sum, n_losses)
                     progress(Progress("train", step + 1, steps_per_epoch, frac, el, None,
                                       el / frac * (1 - frac) if frac else None,
-                                      f"epoch {epoch + 1}/{p.epochs} loss "
-                                      f"{float(loss_sum) / max(n_losses, 1):.3f}"
+                                      f"epoch {epoch + 1}/{plan}"
+                                      + (f" loss {mean:.3f}" if mean is not None else "")
                                       + (f", val mIoU {history[-1]['val_miou']:.3f}" if history else "")))
             if cuda:
                 torch.cuda.synchronize()
@@ -442,32 +517,47 @@ def train(source: DataSource | dict[str, Any] | str | Path, out_model: str | Pat
                             "val_accuracy": acc, "minutes": (time.perf_counter() - t0) / 60,
                             "patches_per_s": n_patches / train_s if train_s > 0 else None})
             log.info("epoch %d: loss %.4f, val mIoU %.4f, acc %.4f", epoch + 1, mean_loss, miou, acc)
+            epoch += 1
             if miou > best:
-                best, best_epoch = miou, epoch + 1
+                best, best_epoch = miou, epoch
                 model.contract = _with_card(contract, p, history, iou, miou, acc, hardware, ds,
-                                            split, len(val_inputs), counts)
+                                            split, len(val_inputs), counts, plan)
                 model.module = net
                 model.save(out_model, half=True)
                 net.to(device)
+            durations.append(time.perf_counter() - t_epoch)
+            if p.max_minutes is not None:  # fit the schedule to the time left
+                new_plan = fit_epochs(durations, p.max_minutes * 60 - (time.perf_counter() - t0),
+                                      epoch, plan, p.epochs)
+                if new_plan != plan:
+                    log.info("time budget: the schedule now spans %d epochs (was %d)", new_plan, plan)
+                    plan = new_plan
+                    sched.total_steps = max(plan * steps_per_epoch, sched.last_epoch)
             if progress is not None:
                 el = time.perf_counter() - t0
-                frac = (epoch + 1 - start_epoch) / max(p.epochs - start_epoch, 1)
+                frac = (epoch - start_epoch) / max(plan - start_epoch, 1)
                 progress(Progress("train", steps_per_epoch, steps_per_epoch, frac, el, None,
-                                  el / frac * (1 - frac), f"epoch {epoch + 1}/{p.epochs} val mIoU "
+                                  el / frac * (1 - frac), f"epoch {epoch}/{plan} val mIoU "
                                   f"{miou:.3f} (best {best:.3f})"))
             if ckpt is not None:
-                _save_checkpoint(ckpt, net, opt, sched, epoch + 1, best, history, save_file, p.epochs,
-                                 best_epoch=best_epoch, params=run_key, n_classes=k_classes)
-            if patience and epoch + 1 - best_epoch >= patience and epoch + 1 < p.epochs:
+                _save_checkpoint(ckpt, net, opt, sched, epoch, best, history, save_file, p.epochs,
+                                 best_epoch=best_epoch, params=run_key, n_classes=k_classes,
+                                 planned_epochs=plan)
+            if patience and epoch - best_epoch >= patience and epoch < plan:
                 stopped = _early_stop_text(patience, best, best_epoch)
                 break
-            if p.max_minutes is not None and (time.perf_counter() - t0) / 60 > p.max_minutes:
-                stopped = f"time budget of {p.max_minutes} min reached after epoch {epoch + 1}"
+            if p.max_minutes is not None and epoch < p.epochs and (
+                    epoch >= plan or (time.perf_counter() - t0) / 60 > p.max_minutes):
+                stopped = (f"time budget of {p.max_minutes:g} min: {epoch} of the recipe's "
+                           f"{p.epochs} epochs, " + (
+                               f"the learning-rate schedule fitted to {plan} epochs"
+                               if epoch >= plan else f"stopped within a schedule of {plan}"))
                 break
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-    _finish_card(out_model, stopped, best_epoch, history)
+        run_batches = None  # ends the worker processes
+    _finish_card(out_model, stopped, best_epoch, history, plan)
     if progress is not None:
         progress(Progress("done", 1, 1, 1.0, time.perf_counter() - t0, None, 0.0, stopped))
     return {"best_val_miou": best, "history": _clean(history), "stopped": stopped,
@@ -475,17 +565,119 @@ def train(source: DataSource | dict[str, Any] | str | Path, out_model: str | Pat
             "classes": table_to_dicts(ds.classes)}
 
 
-class _EpochBatches:
-    """One epoch's batches as a map-style dataset (item = a whole batch, built by ``fn``)."""
+class _RunBatches:
+    """A run's batches, epoch after epoch, as a map-style dataset (item = a whole batch built
+    by ``fn(epoch, step)``), so one set of worker processes serves every epoch."""
 
-    def __init__(self, fn: Any, epoch: int, steps: int) -> None:
-        self.fn, self.epoch, self.steps = fn, epoch, steps
+    def __init__(self, fn: Any, first_epoch: int, end_epoch: int, steps: int) -> None:
+        self.fn, self.first, self.steps = fn, first_epoch, steps
+        self.n = max(0, end_epoch - first_epoch) * steps
 
     def __len__(self) -> int:
-        return self.steps
+        return self.n
 
-    def __getitem__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.fn(self.epoch, step)
+    def __getitem__(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.fn(self.first + k // self.steps, k % self.steps)
+
+
+class _ShownLoss:
+    """The running loss for the progress bar without waiting for the GPU: on CUDA the sum is
+    copied to pinned memory behind the queued steps and shown once the copy has landed."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda, self.event, self.value = cuda, None, None
+        self.buf, self.n = None, 0
+
+    def update(self, loss_sum: Any, n: int) -> float | None:
+        import torch
+
+        if not self.cuda:
+            return float(loss_sum) / max(n, 1)
+        if self.event is not None and self.event.query():
+            self.value = float(self.buf[0]) / max(self.n, 1)
+            self.event = None
+        if self.event is None:
+            if self.buf is None:
+                self.buf = torch.zeros(1, pin_memory=True)
+            self.buf.copy_(loss_sum.reshape(1), non_blocking=True)
+            self.event, self.n = torch.cuda.Event(), n
+            self.event.record()
+        return self.value
+
+
+class OneCycle:
+    """PyTorch's ``OneCycleLR`` (two cosine phases; Adam's beta1 cycled 0.95 → 0.85 → 0.95),
+    with a span (``total_steps``) that may change during the run, so that a time budget can
+    shorten the schedule and the learning rate still anneals to its end. Its state is the
+    same two numbers ``OneCycleLR`` keeps (``last_epoch`` = steps taken, ``total_steps``), so
+    checkpoints of either resume with the other."""
+
+    def __init__(self, opt: Any, max_lr: float, total_steps: int, pct_start: float = 0.05,
+                 div_factor: float = 25.0, final_div_factor: float = 1e4,
+                 base_momentum: float = 0.85, max_momentum: float = 0.95) -> None:
+        self.opt, self.max_lr, self.total_steps = opt, max_lr, int(total_steps)
+        self.pct_start, self.initial_lr = pct_start, max_lr / div_factor
+        self.min_lr = self.initial_lr / final_div_factor
+        self.base_momentum, self.max_momentum = base_momentum, max_momentum
+        self.last_epoch = 0
+        self._apply()
+
+    @staticmethod
+    def _cos(start: float, end: float, pct: float) -> float:
+        return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+
+    def values(self, step: int) -> tuple[float, float]:
+        """(learning rate, beta1) at ``step``, as ``OneCycleLR`` computes them."""
+        end1, end2 = float(self.pct_start * self.total_steps) - 1, self.total_steps - 1
+        if step <= end1:
+            pct = step / end1 if end1 > 0 else 1.0
+            return (self._cos(self.initial_lr, self.max_lr, pct),
+                    self._cos(self.max_momentum, self.base_momentum, pct))
+        pct = (step - end1) / (end2 - end1) if end2 > end1 else 1.0
+        return (self._cos(self.max_lr, self.min_lr, pct),
+                self._cos(self.base_momentum, self.max_momentum, pct))
+
+    def _apply(self) -> None:
+        lr, beta1 = self.values(self.last_epoch)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+            g["betas"] = (beta1, *g["betas"][1:])
+
+    def step(self) -> None:
+        self.last_epoch += 1
+        self._apply()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"total_steps": self.total_steps, "last_epoch": self.last_epoch}
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        self.total_steps, self.last_epoch = int(st["total_steps"]), int(st["last_epoch"])
+        self._apply()
+
+
+def fit_epochs(durations: list[float], left_s: float, done: int, plan: int, epochs: int) -> int:
+    """The epochs a schedule should span so that it ends within a time budget.
+
+    durations: this session's epochs in seconds (the first, which starts the workers and
+    warms the caches, is left out once there are others); left_s: the budget's seconds left;
+    done: epochs completed; plan: the current span; epochs: the recipe's. The span may grow
+    back towards ``epochs`` during the first quarter of the plan and only shrinks after it;
+    it is never less than ``done`` (``done`` = stop now: no further epoch fits).
+    """
+    per = float(np.median(durations[1:] if len(durations) > 1 else durations))
+    fits = done + max(0, int(left_s // per)) if per > 0 else epochs
+    new = min(epochs, fits)
+    if done >= plan / 4:
+        new = min(new, plan)
+    return max(new, done)
+
+
+def _smp_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("segmentation-models-pytorch")
+    except Exception:  # noqa: BLE001 - a label only
+        return "?"
 
 
 def _early_stop_text(patience: int, best: float, best_epoch: int) -> str:
@@ -549,7 +741,7 @@ def evaluate_patches(net: Any, val: list[tuple[np.ndarray, np.ndarray]], n: int,
 
 def _with_card(contract: ModelContract, p: TrainParams, history: list[dict[str, Any]],
                iou: np.ndarray, miou: float, acc: float, device: str, ds: Dataset, split: Split,
-               n_val_patches: int, counts: np.ndarray) -> ModelContract:
+               n_val_patches: int, counts: np.ndarray, plan: int | None = None) -> ModelContract:
     d = contract.to_dict()
     d["card"] = {
         "data": f"{ds.description}; {split.describe()}",
@@ -558,9 +750,10 @@ def _with_card(contract: ModelContract, p: TrainParams, history: list[dict[str, 
         "annotated_pixels": {n: int(c) for (n, _), c in zip(ds.classes, counts)},
         "recipe": {k: v for k, v in asdict(p).items() if k not in ("device",)},
         "epochs_completed": history[-1]["epoch"],
+        "epochs_planned": plan or p.epochs,
         "best_epoch": history[-1]["epoch"],
         "minutes": round(history[-1]["minutes"], 1),
-        "hardware": f"{device} on {platform.node() or 'host'} ({platform.processor() or platform.machine()})",
+        "hardware": f"{device}; host {platform.node() or '?'} ({platform.processor() or platform.machine()})",
         "validation": {"patches": n_val_patches, "mean_iou": round(miou, 4),
                        "pixel_accuracy": round(acc, 4),
                        "iou_per_class": {n: (None if math.isnan(v) else round(float(v), 4))
@@ -574,7 +767,7 @@ def _with_card(contract: ModelContract, p: TrainParams, history: list[dict[str, 
 
 
 def _finish_card(out_model: str | Path, stopped: str, best_epoch: int,
-                 history: list[dict[str, Any]]) -> None:
+                 history: list[dict[str, Any]], plan: int | None = None) -> None:
     """Record how the run ended in the written model's card (the weights are unchanged)."""
     out = Path(out_model)
     if not out.exists():
@@ -584,6 +777,8 @@ def _finish_card(out_model: str | Path, stopped: str, best_epoch: int,
     d["card"]["stopped"] = stopped
     d["card"]["epochs_run"] = history[-1]["epoch"] if history else 0
     d["card"]["best_epoch"] = best_epoch
+    if plan is not None:
+        d["card"]["epochs_planned"] = plan
     if m.contract.card == d["card"]:
         return
     m.contract = ModelContract.from_dict(d)
@@ -593,7 +788,7 @@ def _finish_card(out_model: str | Path, stopped: str, best_epoch: int,
 def _save_checkpoint(ckpt: Path, net: Any, opt: Any, sched: Any, epoch: int, best: float,
                      history: list[dict[str, Any]], save_file: Any, epochs: int,
                      best_epoch: int = 0, params: dict[str, Any] | None = None,
-                     n_classes: int | None = None) -> None:
+                     n_classes: int | None = None, planned_epochs: int | None = None) -> None:
     import torch
 
     ckpt.mkdir(parents=True, exist_ok=True)
@@ -608,7 +803,7 @@ def _save_checkpoint(ckpt: Path, net: Any, opt: Any, sched: Any, epoch: int, bes
     save_file(opt_t, str(ckpt / "optimizer.safetensors.part"))
     state = {"epoch": epoch, "epochs": epochs, "best": best, "best_epoch": best_epoch,
              "history": _clean(history), "scheduler": sched.state_dict(), "params": params,
-             "n_classes": n_classes}
+             "n_classes": n_classes, "planned_epochs": planned_epochs or epochs}
     (ckpt / "state.json.part").write_text(json.dumps(state))
     for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
         (ckpt / f"{name}.part").replace(ckpt / name)

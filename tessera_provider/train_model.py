@@ -31,6 +31,9 @@ LOSSES = [("focal_dice", "Focal + Dice"), ("ce", "Cross-entropy")]
 SPLITS = [("image", "By image (whole images, or spatial blocks of a single raster)"),
           ("patches", "Random patches (the published study's protocol)")]
 ENCODERS = ["resnet34", "resnet18", "resnet50"]
+SAMPLINGS = [("random", "Random windows"),
+             ("balanced", "Class-balanced (half the patches around a pixel of a class drawn "
+                          "with equal chances)")]
 
 DATA_HELP = (
     "Training data — one of:\n"
@@ -152,13 +155,16 @@ class TrainModelAlgorithm(TrainingAlgorithm):
         "Trains a Tessera model (U-Net) from scratch on labelled imagery and writes the best "
         "model (by validation mean IoU) as a .safetensors file that Segment raster can use.\n\n"
         + DATA_HELP + "\n\n"
-        "Recipe: random patches (Patch size) with flips, rotations and colour jitter; "
+        "Recipe: random patches (Patch size) with flips, rotations and colour jitter "
+        "(class-balanced on request: half of them around a pixel of a class drawn with equal "
+        "chances, for rare classes); "
         "focal + dice loss (or cross-entropy); Adam with a one-cycle schedule. Split by "
         "image keeps whole images (or spatial blocks of a single raster) for validation; "
         "random patches reproduces the published study's protocol (validation patches come "
         "from the same images as the training patches, so its scores are optimistic). "
-        "A time budget ends training cleanly after the epoch that passes it — useful on a "
-        "CPU, where an epoch of 1300 patches of 256² takes many minutes. "
+        "A time budget fits the learning-rate schedule to the time (fewer epochs if they "
+        "do not all fit, so the rate still anneals to its end) and ends training within it — "
+        "useful on a CPU, where an epoch of 1300 patches of 256² takes many minutes. "
         "The engine runs in its own process; Cancel stops it.")
     OUTPUT = "OUTPUT"
 
@@ -178,7 +184,8 @@ class TrainModelAlgorithm(TrainingAlgorithm):
             self.addParameter(p)
         for name, label, options in (("LOSS", "Loss", [t for _, t in LOSSES]),
                                      ("SPLIT", "Validation split", [t for _, t in SPLITS]),
-                                     ("ENCODER", "Encoder", ENCODERS)):
+                                     ("ENCODER", "Encoder", ENCODERS),
+                                     ("SAMPLING", "Training patches", [t for _, t in SAMPLINGS])):
             p = QgsProcessingParameterEnum(name, tr(label), options=[tr(o) for o in options],
                                            defaultValue=0)
             if name != "SPLIT":
@@ -219,6 +226,7 @@ class TrainModelAlgorithm(TrainingAlgorithm):
             "max_minutes": minutes if minutes > 0 else None,
             "device": common.DEVICES[self.parameterAsEnum(parameters, "DEVICE", context)],
             "encoder": ENCODERS[self.parameterAsEnum(parameters, "ENCODER", context)],
+            "sampling": SAMPLINGS[self.parameterAsEnum(parameters, "SAMPLING", context)][0],
         }
         return {"op": "train", "data": self.data_source(parameters, context), "out": out,
                 "params": params,

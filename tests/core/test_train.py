@@ -305,3 +305,138 @@ def test_cli_train_on_a_label_raster_and_data_option_errors(tmp_path):
             (["train", "--out", str(out)], "no data: give a FOLDER")):
         p = subprocess.run([tessera, *args], capture_output=True, text=True, timeout=120)
         assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and msg in p.stderr
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")
+@pytest.mark.parametrize("total", [4, 21, 37, 200])
+def test_one_cycle_follows_torchs_one_cycle_lr_and_resumes_from_its_state(total):
+    net = torch.nn.Linear(2, 2)
+    ref_opt, opt = (torch.optim.Adam(net.parameters(), lr=1e-3) for _ in range(2))
+    ref = torch.optim.lr_scheduler.OneCycleLR(ref_opt, max_lr=2e-3, total_steps=total,
+                                              pct_start=0.05)
+    ours = train_mod.OneCycle(opt, 2e-3, total)
+    for step in range(total):
+        g, rg = opt.param_groups[0], ref_opt.param_groups[0]
+        assert g["lr"] == pytest.approx(rg["lr"], rel=1e-12, abs=1e-15), step
+        assert g["betas"] == pytest.approx(rg["betas"], rel=1e-12), step
+        if step == total // 2:  # a checkpoint written by OneCycleLR resumes here
+            again = train_mod.OneCycle(torch.optim.Adam(net.parameters(), lr=1e-3), 2e-3, total)
+            again.load_state_dict(json.loads(json.dumps(ref.state_dict())))
+            assert again.opt.param_groups[0]["lr"] == pytest.approx(rg["lr"], rel=1e-12)
+        if step < total - 1:
+            ref.step()
+            ours.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(2e-3 / 25 / 1e4, rel=1e-9)
+
+
+def test_one_cycle_span_can_shrink_mid_run_and_still_anneals():
+    opt = torch.optim.Adam(torch.nn.Linear(2, 2).parameters())
+    s = train_mod.OneCycle(opt, 1e-3, 100)
+    for _ in range(30):
+        s.step()
+    at30 = opt.param_groups[0]["lr"]
+    s.total_steps = 50
+    s.step()
+    assert opt.param_groups[0]["lr"] < at30  # further along the shorter cosine
+    for _ in range(18):
+        s.step()
+    assert s.last_epoch == 49 and opt.param_groups[0]["lr"] == pytest.approx(1e-3 / 25 / 1e4)
+    assert s.state_dict() == {"total_steps": 50, "last_epoch": 49}
+    # 20 steps put OneCycleLR's warm-up end at step 0 (it divides by zero there)
+    s = train_mod.OneCycle(opt, 1e-3, 20)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+    s.step()
+    assert 1e-3 / 25 / 1e4 < opt.param_groups[0]["lr"] < 1e-3
+
+
+def test_fitting_the_schedule_to_a_time_budget():
+    fit = train_mod.fit_epochs
+    # epoch 1 (30 s: workers start) is left out; 10 s per epoch, 95 s left after 3 epochs
+    assert fit([30, 10, 10], 95, 3, 100, 100) == 12
+    assert fit([10], 1000, 1, 100, 100) == 100  # more time than the recipe needs
+    # early in the plan it may grow back towards the recipe, later it only shrinks
+    assert fit([30, 5, 5], 200, 3, 20, 100) == 43  # 3 of 20 epochs done: may grow
+    assert fit([30, 5, 5], 200, 3, 10, 100) == 10  # 3 of 10: may not
+    assert fit([9, 10, 10, 10], 200, 4, 10, 100) == 10
+    assert fit([9, 10, 10, 10], 35, 4, 10, 100) == 7
+    # nothing more fits: the span ends where the run is
+    assert fit([10, 10], 5, 2, 50, 100) == 2 and fit([10, 10], -3, 2, 50, 100) == 2
+
+
+def test_a_time_budget_fits_the_schedule_and_says_so(dataset, tmp_path, monkeypatch):
+    spans = iter([3, 2, 2, 2])  # what fit_epochs answers after each epoch
+    seen = []
+
+    def fake_fit(durations, left_s, done, plan, epochs):
+        seen.append((len(durations), done, plan, epochs))
+        assert 0 < left_s <= 600 and all(d > 0 for d in durations)
+        return next(spans)
+
+    monkeypatch.setattr(train_mod, "fit_epochs", fake_fit)
+    p = TrainParams(**{**TINY, "epochs": 5, "max_minutes": 10.0, "patches_per_epoch": 4})
+    ck = tmp_path / "ck"
+    res = train_folder(dataset, tmp_path / "m.safetensors", p, checkpoint_dir=ck)
+    assert [h["epoch"] for h in res["history"]] == [1, 2]
+    assert seen == [(1, 1, 5, 5), (2, 2, 3, 5)]
+    assert res["stopped"] == ("time budget of 10 min: 2 of the recipe's 5 epochs, "
+                              "the learning-rate schedule fitted to 2 epochs")
+    st = json.loads((ck / "state.json").read_text())
+    assert st["planned_epochs"] == 2 and st["scheduler"] == {"total_steps": 4, "last_epoch": 4}
+    card = TesseraModel.load(tmp_path / "m.safetensors").contract.card
+    assert card["epochs_planned"] == 2 and card["stopped"] == res["stopped"]
+    assert card["recipe"]["epochs"] == 5 and card["recipe"]["max_minutes"] == 10.0
+
+
+def test_class_index_draws_classes_evenly_and_only_their_pixels():
+    rng = np.random.default_rng(3)
+    a = np.zeros((40, 50), np.uint8)
+    a[5:7, 10:13] = 2  # 6 pixels of a rare class
+    a[30:, :] = 1
+    a[0, 0] = IGNORE
+    b = np.full((20, 30), 1, np.uint8)
+    b[3, 4] = 2
+    idx = train_mod.ClassIndex([a, b], 4, seed=0, budget=600)  # cap 300 per cell and class
+    assert idx.classes == [0, 1, 2]  # class 3 is absent
+    assert len(idx.pos[0]) == 300 and len(idx.pos[1]) == 300 + 300 and len(idx.pos[2]) == 7
+    draws = [idx.draw(rng) for _ in range(3000)]
+    counts = np.bincount([k for k, _, _ in draws], minlength=4)
+    assert counts[3] == 0 and all(900 < c < 1100 for c in counts[:3])
+    labels = [a, b]
+    assert all(labels[i][r, c] == k for k, i, (r, c) in draws)
+    assert {(i, r, c) for k, i, (r, c) in draws if k == 2} == (
+        {(0, r, c) for r in (5, 6) for c in (10, 11, 12)} | {(1, 3, 4)})
+    # the same seed gives the same index
+    again = train_mod.ClassIndex([a, b], 4, seed=0, budget=600)
+    assert all(np.array_equal(again.pos[k], idx.pos[k]) for k in idx.classes)
+
+
+def test_a_patch_placed_at_a_pixel_contains_it():
+    rng = np.random.default_rng(0)
+    y = np.zeros((100, 120), np.uint8)
+    x = np.zeros((100, 120, 3), np.uint8)
+    lo, hi = np.zeros(3, np.float32), np.full(3, 255.0, np.float32)
+    for at in [(0, 0), (99, 119), (50, 3), (7, 118)]:
+        y[:] = 0
+        y[at] = 5
+        for _ in range(20):
+            _, py, _ = train_mod._sample(x, y, None, 32, rng, False, lo, hi, at=at)
+            assert py.shape == (32, 32) and (py == 5).sum() == 1
+    small = np.zeros((20, 20), np.uint8)
+    small[19, 2] = 4  # smaller than the patch: padded, the pixel kept
+    _, py, _ = train_mod._sample(np.zeros((20, 20, 3), np.uint8), small, None, 32, rng, True,
+                                 lo, hi, at=(19, 2))
+    assert (py == 4).sum() == 1
+
+
+def test_balanced_sampling_trains_and_is_recorded(dataset, tmp_path):
+    p = TrainParams(**{**TINY, "sampling": "balanced", "epochs": 2})
+    ck = tmp_path / "ck"
+    res = train_folder(dataset, tmp_path / "m.safetensors", p, checkpoint_dir=ck)
+    assert len(res["history"]) == 2 and np.isfinite(res["history"][-1]["loss"])
+    card = TesseraModel.load(tmp_path / "m.safetensors").contract.card
+    assert card["recipe"]["sampling"] == "balanced"
+    with pytest.raises(ParameterError, match="sampling='balanced', not 'random'"):
+        train_folder(dataset, tmp_path / "m.safetensors", TrainParams(**{**TINY, "epochs": 2}),
+                     checkpoint_dir=ck)
+    with pytest.raises(ParameterError, match="sampling must be one of random, balanced"):
+        TrainParams(sampling="rare")

@@ -298,7 +298,7 @@ def test_the_jobs_sent_to_the_engine_follow_the_worker_protocol(plugin, train_da
     res = run_alg("tessera:train_model", {
         "DATA_TYPE": 2, "IMAGE": str(train_data / "image.tif"), "POLYGONS": layer,
         "CLASS_FIELD": "cls", "OUTPUT": str(out), "EPOCHS": 3, "MAX_MINUTES": 2.5, "SPLIT": 1,
-        "LOSS": 1, "DEVICE": 1, "LR": 0.01})
+        "LOSS": 1, "DEVICE": 1, "LR": 0.01, "SAMPLING": 1})
     assert (res["MEAN_IOU"], res["EPOCHS"], res["OUTPUT"]) == (0.5, 1, str(out))
     assert jobs[-1] == {
         "op": "train",
@@ -307,13 +307,14 @@ def test_the_jobs_sent_to_the_engine_follow_the_worker_protocol(plugin, train_da
         "out": str(out),
         "params": {"epochs": 3, "patch_size": 256, "patches_per_epoch": 1300, "batch_size": 4,
                    "loss": "ce", "lr": 0.01, "split": "patches", "max_minutes": 2.5,
-                   "device": "cpu", "encoder": "resnet34"},
+                   "device": "cpu", "encoder": "resnet34", "sampling": "balanced"},
         "checkpoint": None, "name": None, "classes": None, "pixel_size_m": None}
     run_alg("tessera:train_model", {"FOLDER": str(train_data / "dubai"), "OUTPUT": str(out),
                                     "NAME": " mine "})
     assert jobs[-1]["data"] == {"kind": "folder", "root": str(train_data / "dubai")}
     assert jobs[-1]["name"] == "mine" and jobs[-1]["params"]["max_minutes"] is None
     assert jobs[-1]["params"]["split"] == "image" and jobs[-1]["params"]["loss"] == "focal_dice"
+    assert jobs[-1]["params"]["sampling"] == "random"
     fb = Recorder()
     res = run_alg("tessera:evaluate_model", {
         "MODEL": str(tmp_path / "any.safetensors"), "DATA_TYPE": 1,
