@@ -47,6 +47,9 @@ from .tiling import Tile, TileGrid, pad_tile, padded_size, true_runs
 log = logging.getLogger(__name__)
 
 _STOP = object()
+#: How far (in pixels) segmenting may run ahead of polygonizing: the row feed's bound on wide
+#: rasters (16 MB of class rows; narrower rasters keep 4 bands + 2048 rows).
+FEED_PIXELS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -256,13 +259,18 @@ class RowFeed:
                 self._cv.wait(0.1)
             if self._aborted:
                 raise CancelledError("polygonizing stopped")
-            allrows = np.concatenate(self._rows, axis=0) if len(self._rows) > 1 else self._rows[0]
-            out = allrows[r0 - self._base:r1 - self._base].copy()
-            drop = r0 - self._base  # windows only move forward: rows above r0 are done
-            if drop > 0:
-                allrows = allrows[drop:]
-                self._base = r0
-            self._rows = [allrows]
+            # windows only move forward: blocks wholly above r0 are done
+            while self._rows and self._base + self._rows[0].shape[0] <= r0:
+                self._base += self._rows.pop(0).shape[0]
+            parts, top = [], self._base
+            for blk in self._rows:  # copy just the window's rows, never the whole buffer
+                b1 = top + blk.shape[0]
+                if b1 > r0 and top < r1:
+                    parts.append(blk[max(r0, top) - top:min(r1, b1) - top])
+                if b1 >= r1:
+                    break
+                top = b1
+            out = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0].copy()
             self._cv.notify_all()
             return out
 
@@ -596,7 +604,14 @@ def _run(ds: Any, grid: TileGrid, win_off: tuple[int, int], bands: tuple[int, ..
     feed = vectorizer = None
     if vec is not None:
         # polygonize while segmenting: the vectorizer reads the class rows as they are written
-        feed = RowFeed(grid.height, grid.width, max_rows=4 * band_rows + 2 * vec.sieve_px + 2048)
+        # the feed lets segmenting run ahead of polygonizing by up to FEED_PIXELS (fewer rows
+        # on wide rasters), never by less than one strip with its sieve halo and one band
+        from .vectorize import STRIP_PIXELS
+
+        strip = max(1, min(vec.strip_rows, STRIP_PIXELS // max(grid.width, 1)))
+        feed = RowFeed(grid.height, grid.width, max_rows=max(
+            strip + 2 * vec.sieve_px + band_rows,
+            min(4 * band_rows + 2 * vec.sieve_px + 2048, FEED_PIXELS // max(grid.width, 1))))
         # strips end where tile rows end: none waits for the next tile row, the last is short
         vectorizer = _StreamVectorizer(feed, temps[-1], layer, vec, contract.class_names, nd,
                                        profile["transform"], profile["crs"],

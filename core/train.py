@@ -96,7 +96,8 @@ class TrainParams:
         ``patches`` split validates on every validation cell instead).
     sampling: ``random`` (windows anywhere in the training ground) or ``balanced`` (half the
         patches are placed around a pixel of a class drawn with equal chances, so rare
-        classes are seen as often as common ones; see :class:`ClassIndex`).
+        classes appear in far more patches than random windows give them; see
+        :class:`ClassIndex`).
     """
 
     patch_size: int = 256
@@ -608,9 +609,9 @@ class _ShownLoss:
 class OneCycle:
     """PyTorch's ``OneCycleLR`` (two cosine phases; Adam's beta1 cycled 0.95 → 0.85 → 0.95),
     with a span (``total_steps``) that may change during the run, so that a time budget can
-    shorten the schedule and the learning rate still anneals to its end. Its state is the
-    same two numbers ``OneCycleLR`` keeps (``last_epoch`` = steps taken, ``total_steps``), so
-    checkpoints of either resume with the other."""
+    shorten the schedule and the learning rate still anneals to its end. Its state is two of
+    the numbers ``OneCycleLR`` keeps (``last_epoch`` = steps taken, ``total_steps``), so
+    checkpoints written with ``OneCycleLR`` (Tessera 0.3.x) resume with it."""
 
     def __init__(self, opt: Any, max_lr: float, total_steps: int, pct_start: float = 0.05,
                  div_factor: float = 25.0, final_div_factor: float = 1e4,

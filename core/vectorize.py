@@ -48,6 +48,9 @@ STRIP_FLUSH = 2000
 #: model then works on the next tile row for a while, so writing costs little there, and what
 #: is left to write after the last tile (when nothing else runs) shrinks.
 BREAK_FLUSH = 250
+#: Most vertices in one GeoPackage write: a flush of many large polygons is written in pieces,
+#: so the write's transient copies (WKB, GDAL's buffers) stay small on wide rasters.
+WRITE_VERTICES = 1 << 18
 #: Polygons taken from GDAL's polygonizer at a time (a strip's polygons are never all held as dicts).
 CHUNK = 20_000
 #: Most pixels in one strip: rows per strip = min(strip_rows, STRIP_PIXELS // width), at least 1.
@@ -599,18 +602,27 @@ def write_polygons(source: Any, tmp: Path, layer: str, params: VectorizeParams,
         empty = (np.zeros(0, np.int32), np.zeros(0), np.zeros(0, np.int64), np.empty(0, object))
         cls, area, pixels, geoms = (np.concatenate(col) for col in zip(*(ready or [empty])))
         ready.clear()
-        gdf = gpd.GeoDataFrame({
-            "class_id": cls,
-            "class_name": np.array([names.get(int(k), f"class {int(k)}") for k in cls],
-                                   dtype=object),
-            "area_m2": area, "pixels": pixels},
-            geometry=gpd.GeoSeries(geoms, crs=wkt), crs=wkt)
-        pyogrio.write_dataframe(gdf, tmp, layer=layer, driver="GPKG", append=not first,
-                                geometry_type="Polygon", promote_to_multi=False)
+        # pieces of at most WRITE_VERTICES vertices (a polygon is never split)
+        ends = np.cumsum(shapely.get_num_coordinates(geoms)) if len(geoms) else np.zeros(0)
+        cuts = [0]
+        while cuts[-1] < len(geoms):
+            base = ends[cuts[-1] - 1] if cuts[-1] else 0
+            cuts.append(max(cuts[-1] + 1, int(np.searchsorted(ends, base + WRITE_VERTICES,
+                                                                side="right"))))
+        for i0, i1 in itertools.pairwise(cuts) if len(cuts) > 1 else [(0, 0)]:
+            k = cls[i0:i1]
+            gdf = gpd.GeoDataFrame({
+                "class_id": k,
+                "class_name": np.array([names.get(int(v), f"class {int(v)}") for v in k],
+                                       dtype=object),
+                "area_m2": area[i0:i1], "pixels": pixels[i0:i1]},
+                geometry=gpd.GeoSeries(geoms[i0:i1], crs=wkt), crs=wkt)
+            pyogrio.write_dataframe(gdf, tmp, layer=layer, driver="GPKG", append=not first,
+                                    geometry_type="Polygon", promote_to_multi=False)
+            first = False
         for k, ar in zip(cls, area):
             areas[int(k)] = areas.get(int(k), 0.0) + float(ar)
         n_total += len(cls)
-        first = False
 
     break_rows = frozenset(breaks)
 

@@ -454,3 +454,38 @@ def test_overlap_zero_takes_each_pixel_from_the_one_tile_owning_it(tmp_path):
     conf, _, _ = read1(res.confidence_raster)
     np.testing.assert_array_equal(cls, exp_cls)
     assert np.abs(conf.astype(int) - exp_conf).max() <= 1
+
+
+def test_row_feed_hands_out_windows_and_keeps_only_the_rows_still_needed():
+    import threading
+
+    from tessera.core.errors import CancelledError
+
+    src = (np.arange(40 * 3).reshape(40, 3) % 251).astype(np.uint8)
+    feed = segmod.RowFeed(40, 3, max_rows=12)
+    for top in (0, 8):  # two blocks of 8 rows
+        feed.push(top, src[top:top + 8])
+    win = rasterio.windows.Window
+    # a window across both blocks (as a strip with a halo), then one further on
+    assert np.array_equal(feed.read(1, win(0, 2, 3, 9)), src[2:11])
+    assert feed._base == 0 and len(feed._rows) == 2  # row 2 still needs the first block
+    assert np.array_equal(feed.read(1, win(0, 9, 3, 5)), src[9:14])
+    assert feed._base == 8 and len(feed._rows) == 1  # the first block is dropped, not copied
+    out = feed.read(1, win(0, 9, 3, 2))
+    out[:] = 0  # a copy: the feed's rows are untouched
+    assert np.array_equal(feed.read(1, win(0, 10, 3, 6)), src[10:16])
+    # more than max_rows buffered: a push waits until a read moves past the rows
+    feed.push(16, src[16:24])  # 16 rows buffered from row 8 (> 12)
+    pushed = threading.Event()
+    t = threading.Thread(target=lambda: (feed.push(24, src[24:40]), pushed.set()))
+    t.start()
+    assert not pushed.wait(0.3)
+    assert np.array_equal(feed.read(1, win(0, 20, 3, 4)), src[20:24])
+    assert pushed.wait(5)
+    t.join()
+    assert np.array_equal(feed.read(1, win(0, 22, 3, 18)), src[22:40])
+    # a read that waits for rows never pushed ends when the feed is aborted
+    feed2 = segmod.RowFeed(40, 3, max_rows=12)
+    threading.Timer(0.2, feed2.abort).start()
+    with pytest.raises(CancelledError, match="polygonizing stopped"):
+        feed2.read(1, win(0, 0, 3, 4))

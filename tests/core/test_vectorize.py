@@ -658,3 +658,27 @@ def test_polygons_are_written_at_the_breaks(tmp_path, monkeypatch):
                 int((bottom >= 90).sum())]
     assert writes == expected and min(expected) >= 20 and sum(writes) == n == len(ref)
     assert geom_set(read(tmp_path / "b.gpkg")) == geom_set(ref)
+
+
+def test_a_large_flush_is_written_in_pieces_of_bounded_vertices(tmp_path, monkeypatch):
+    import tessera.core.vectorize as vz
+
+    a = blocky(3, 97, 83, 4, 3)
+    src = write_raster(tmp_path / "c.tif", a)
+    once = vectorize_raster(src, tmp_path / "once.gpkg", VectorizeParams(strip_rows=4))
+    writes = []
+    real = pyogrio.write_dataframe
+    monkeypatch.setattr(pyogrio, "write_dataframe", lambda df, *a, **k: (
+        writes.append(int(shapely.get_num_coordinates(df.geometry.values).sum())),
+        real(df, *a, **k))[1])
+    monkeypatch.setattr(vz, "WRITE_VERTICES", 60)
+    pieces = vectorize_raster(src, tmp_path / "pieces.gpkg", VectorizeParams(strip_rows=4))
+    d1, d2 = read(once.path), read(pieces.path)
+    assert len(writes) > 3 and pieces.n_polygons == once.n_polygons == len(d2)
+    # each piece stays within the bound unless one polygon alone exceeds it
+    biggest = int(shapely.get_num_coordinates(d2.geometry.values).max())
+    assert all(w <= max(60, biggest) for w in writes)
+    assert geom_set(d1) == geom_set(d2)
+    assert list(d1.columns) == list(d2.columns)
+    assert sorted(zip(d1.class_id, d1.class_name, d1.pixels)) == sorted(
+        zip(d2.class_id, d2.class_name, d2.pixels))
