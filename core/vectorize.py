@@ -545,6 +545,20 @@ def _resolve_skip(skip: tuple[str | int, ...], names: dict[int, str]) -> frozens
 # --------------------------------------------------------------------------- writing
 
 
+def _pieces(nverts: np.ndarray, limit: int) -> list[tuple[int, int]]:
+    """Consecutive ``(start, end)`` index ranges holding at most ``limit`` vertices each (a
+    polygon over the limit alone is a piece of its own); ``[(0, 0)]`` when there are none, so
+    that a flush of nothing still writes (and creates) the layer."""
+    if not len(nverts):
+        return [(0, 0)]
+    ends = np.cumsum(nverts)
+    cuts = [0]
+    while cuts[-1] < len(nverts):
+        base = ends[cuts[-1] - 1] if cuts[-1] else 0
+        cuts.append(max(cuts[-1] + 1, int(np.searchsorted(ends, base + limit, side="right"))))
+    return list(itertools.pairwise(cuts))
+
+
 def write_polygons(source: Any, tmp: Path, layer: str, params: VectorizeParams,
                    names: dict[int, str], nodata: int | None, transform: Any, crs: Any,
                    cancel: CancelFn | None = None,
@@ -602,14 +616,7 @@ def write_polygons(source: Any, tmp: Path, layer: str, params: VectorizeParams,
         empty = (np.zeros(0, np.int32), np.zeros(0), np.zeros(0, np.int64), np.empty(0, object))
         cls, area, pixels, geoms = (np.concatenate(col) for col in zip(*(ready or [empty])))
         ready.clear()
-        # pieces of at most WRITE_VERTICES vertices (a polygon is never split)
-        ends = np.cumsum(shapely.get_num_coordinates(geoms)) if len(geoms) else np.zeros(0)
-        cuts = [0]
-        while cuts[-1] < len(geoms):
-            base = ends[cuts[-1] - 1] if cuts[-1] else 0
-            cuts.append(max(cuts[-1] + 1, int(np.searchsorted(ends, base + WRITE_VERTICES,
-                                                                side="right"))))
-        for i0, i1 in itertools.pairwise(cuts) if len(cuts) > 1 else [(0, 0)]:
+        for i0, i1 in _pieces(shapely.get_num_coordinates(geoms), WRITE_VERTICES):
             k = cls[i0:i1]
             gdf = gpd.GeoDataFrame({
                 "class_id": k,

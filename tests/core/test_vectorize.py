@@ -207,16 +207,22 @@ def test_strips_give_the_same_polygons_as_one_pass(tmp_path, make):
     assert per_class == components(a)
 
 
+def record_writes(monkeypatch, measure) -> list:
+    """``measure(df)`` of every GeoPackage write, in order (the writes still happen)."""
+    writes = []
+    real = pyogrio.write_dataframe
+    monkeypatch.setattr(pyogrio, "write_dataframe",
+                        lambda df, *a, **k: (writes.append(measure(df)), real(df, *a, **k))[1])
+    return writes
+
+
 def test_flushing_at_every_strip_writes_the_same_polygons(tmp_path, monkeypatch):
     import tessera.core.vectorize as vz
 
     a = blocky(3, 97, 83, 4, 3)
     src = write_raster(tmp_path / "c.tif", a)
     once = vectorize_raster(src, tmp_path / "once.gpkg", VectorizeParams(strip_rows=4))
-    writes = []
-    real = pyogrio.write_dataframe
-    monkeypatch.setattr(pyogrio, "write_dataframe",
-                        lambda df, *a, **k: (writes.append(len(df)), real(df, *a, **k))[1])
+    writes = record_writes(monkeypatch, len)
     monkeypatch.setattr(vz, "STRIP_FLUSH", 1)
     each = vectorize_raster(src, tmp_path / "each.gpkg", VectorizeParams(strip_rows=4))
     assert len(writes) > 5 and sum(writes) == each.n_polygons == once.n_polygons
@@ -666,11 +672,8 @@ def test_a_large_flush_is_written_in_pieces_of_bounded_vertices(tmp_path, monkey
     a = blocky(3, 97, 83, 4, 3)
     src = write_raster(tmp_path / "c.tif", a)
     once = vectorize_raster(src, tmp_path / "once.gpkg", VectorizeParams(strip_rows=4))
-    writes = []
-    real = pyogrio.write_dataframe
-    monkeypatch.setattr(pyogrio, "write_dataframe", lambda df, *a, **k: (
-        writes.append(int(shapely.get_num_coordinates(df.geometry.values).sum())),
-        real(df, *a, **k))[1])
+    writes = record_writes(
+        monkeypatch, lambda df: int(shapely.get_num_coordinates(df.geometry.values).sum()))
     monkeypatch.setattr(vz, "WRITE_VERTICES", 60)
     pieces = vectorize_raster(src, tmp_path / "pieces.gpkg", VectorizeParams(strip_rows=4))
     d1, d2 = read(once.path), read(pieces.path)
@@ -682,3 +685,12 @@ def test_a_large_flush_is_written_in_pieces_of_bounded_vertices(tmp_path, monkey
     assert list(d1.columns) == list(d2.columns)
     assert sorted(zip(d1.class_id, d1.class_name, d1.pixels)) == sorted(
         zip(d2.class_id, d2.class_name, d2.pixels))
+
+
+def test_pieces_hold_at_most_the_limit_and_cover_every_polygon():
+    from tessera.core.vectorize import _pieces
+
+    assert _pieces(np.zeros(0, int), 10) == [(0, 0)]
+    assert _pieces(np.array([4, 4, 4, 30, 1, 9, 2]), 10) == [(0, 2), (2, 3), (3, 4), (4, 6),
+                                                             (6, 7)]
+    assert _pieces(np.array([3, 3]), 100) == [(0, 2)]
