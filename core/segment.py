@@ -606,9 +606,9 @@ def _run(ds: Any, grid: TileGrid, win_off: tuple[int, int], bands: tuple[int, ..
         # polygonize while segmenting: the vectorizer reads the class rows as they are written
         # the feed lets segmenting run ahead of polygonizing by up to FEED_PIXELS (fewer rows
         # on wide rasters), never by less than one strip with its sieve halo and one band
-        from .vectorize import STRIP_PIXELS
+        from .vectorize import strip_height
 
-        strip = max(1, min(vec.strip_rows, STRIP_PIXELS // max(grid.width, 1)))
+        strip = strip_height(vec.strip_rows, grid.width)
         feed = RowFeed(grid.height, grid.width, max_rows=max(
             strip + 2 * vec.sieve_px + band_rows,
             min(4 * band_rows + 2 * vec.sieve_px + 2048, FEED_PIXELS // max(grid.width, 1))))

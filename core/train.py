@@ -427,7 +427,9 @@ def train(source: DataSource | dict[str, Any] | str | Path, out_model: str | Pat
     if patience and history and start_epoch - best_epoch >= patience:
         stopped = _early_stop_text(patience, best, best_epoch)
     hardware = dev.label + (f", {str(amp_dtype).removeprefix('torch.')} autocast" if cuda else "")
-    hardware += f"; PyTorch {torch.__version__}, segmentation-models-pytorch {_smp_version()}"
+    import segmentation_models_pytorch as smp  # loaded already: it built the network
+
+    hardware += f"; PyTorch {torch.__version__}, segmentation-models-pytorch {smp.__version__}"
 
     def make_batch(epoch: int, step: int) -> tuple[np.ndarray, np.ndarray]:
         # one generator per (epoch, step): any thread can build any batch, and a resumed run
@@ -452,7 +454,7 @@ def train(source: DataSource | dict[str, Any] | str | Path, out_model: str | Pat
                   (min(12, max(1, (os.cpu_count() or 2) - 2)) if cuda else 0))
     pool = ThreadPoolExecutor(1, thread_name_prefix="tessera-batches") if workers == 0 else None
     run_batches: Iterator[tuple[Any, Any]] | None = None
-    if pool is None:
+    if pool is None and stopped == "completed" and start_epoch < plan:  # epochs to run
         run_batches = iter(torch.utils.data.DataLoader(
             _RunBatches(make_batch, start_epoch, p.epochs, steps_per_epoch), batch_size=None,
             num_workers=workers, pin_memory=cuda, prefetch_factor=4,
@@ -671,14 +673,6 @@ def fit_epochs(durations: list[float], left_s: float, done: int, plan: int, epoc
     if done >= plan / 4:
         new = min(new, plan)
     return max(new, done)
-
-
-def _smp_version() -> str:
-    try:
-        from importlib.metadata import version
-        return version("segmentation-models-pytorch")
-    except Exception:  # noqa: BLE001 - a label only
-        return "?"
 
 
 def _early_stop_text(patience: int, best: float, best_epoch: int) -> str:

@@ -199,6 +199,12 @@ def _merge_pieces(pieces: list[Any]) -> Any:
     return merged
 
 
+def strip_height(strip_rows: int, width: int) -> int:
+    """Rows in one strip of a ``width``-pixel raster: ``strip_rows``, at most
+    :data:`STRIP_PIXELS` pixels, at least one row."""
+    return max(1, min(int(strip_rows), STRIP_PIXELS // max(width, 1)))
+
+
 def _strip_bounds(height: int, rows_per_strip: int,
                   breaks: tuple[int, ...] = ()) -> list[tuple[int, int]]:
     """``[(r0, r1)]`` of every strip: ``rows_per_strip`` rows (the last one shorter); with
@@ -280,8 +286,7 @@ def iter_class_polygons(ds: Any, strip_rows: int, sieve_px: int = 0,
             yield from finalize(gid, merged.get(gid))
 
     seam_gid = np.full(width, -1, dtype=np.int64)  # group of pixel (r0 - 1, column), -1: none
-    rows_per_strip = max(1, min(int(strip_rows), STRIP_PIXELS // max(width, 1)))
-    for r0, r1 in _strip_bounds(height, rows_per_strip, breaks):
+    for r0, r1 in _strip_bounds(height, strip_height(strip_rows, width), breaks):
         check_cancel(cancel)
         arr, keep = _strip(ds, r0, r1, sieve_px, nodata)
         for v in skip_values:
