@@ -229,7 +229,8 @@ def main() -> int:
         lines = _int8_rows(q, res, speed, acc, instr, args)
     # overlap: tiles against the minimum, pixel area against the raster's
     ov = m.contract.overlap
-    g0, g1 = TileGrid(2048, 2048, args.tile, 0), TileGrid(2048, 2048, args.tile, ov)
+    mult = m.contract.size_multiple
+    g0, g1 = TileGrid(2048, 2048, args.tile, 0, mult), TileGrid(2048, 2048, args.tile, ov, mult)
     stride = args.tile - ov
     minimum = (math.ceil((2048 - ov) / stride)) ** 2
     area = sum(t.height * t.width for t in g1) / (2048 * 2048)

@@ -167,9 +167,8 @@ def predict_image(predictor: Any, contract: ModelContract, image: np.ndarray,
     if overlap >= tile // 2:
         raise ParameterError(f"overlap ({overlap} px) must be less than half the tile size ({tile} px)")
     data = np.moveaxis(image, -1, 0)
-    grid = TileGrid(h, w, tile, overlap)
     m = contract.size_multiple
-    ph, pw = padded_size(min(tile, h), m), padded_size(min(tile, w), m)
+    grid = TileGrid(h, w, tile, overlap, m)
     k = contract.n_classes
     direct = overlap == 0
     acc = np.zeros((k, h, w), np.float32)
@@ -200,7 +199,10 @@ def predict_image(predictor: Any, contract: ModelContract, image: np.ndarray,
                 on_tiles(1)
             continue
         x = normalize(data[:, t.row:t.row + t.height, t.col:t.col + t.width], v, contract)
-        pending.append((t, pad_tile(x, ph, pw)))
+        x = pad_tile(x, padded_size(t.height, m), padded_size(t.width, m))
+        if pending and pending[0][1].shape != x.shape:  # a batch holds tiles of one shape
+            flush()
+        pending.append((t, x))
         if len(pending) == batch_size:
             flush()
     if pending:
@@ -244,7 +246,8 @@ def evaluate_model(model_path: str | Path | TesseraModel, source: DataSource | d
     predictor = make_predictor(model, device, backend)
     tile = tile_size or c.tile_size
     ov = c.overlap if overlap is None else overlap
-    n_tiles = sum(len(TileGrid(s.labels.shape[0], s.labels.shape[1], tile, ov)) for s in ds.samples)
+    n_tiles = sum(len(TileGrid(s.labels.shape[0], s.labels.shape[1], tile, ov, c.size_multiple))
+                  for s in ds.samples)
     meter = Meter("evaluate", n_tiles, progress)
     done = [0]
 

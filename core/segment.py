@@ -108,11 +108,13 @@ class RowBand:
     full weighted blend, bit for bit, at a fraction of its arithmetic.
 
     Memory: ``4 * n_classes + 7`` bytes per band pixel with overlap (float sums and their
-    weight, validity, class and confidence bytes), 4 without.
+    weight, validity, class and confidence bytes), 4 without. Without ``confidence`` the
+    solo parts' confidence is not computed (:meth:`pop` then returns none).
     """
 
-    def __init__(self, n_classes: int, grid: TileGrid) -> None:
+    def __init__(self, n_classes: int, grid: TileGrid, confidence: bool = True) -> None:
         self.grid = grid
+        self.confidence = confidence
         self.direct = grid.overlap == 0
         rows, width = min(grid.tile, grid.height), grid.width
         self.cls = np.zeros((rows, width), dtype=np.uint8)
@@ -156,7 +158,8 @@ class RowBand:
             bs = (slice(r0 - self.top, r1 - self.top), slice(c0, c1))
             mx = channel_max(p)
             first_argmax(list(p), mx, self.cls[bs])
-            self.conf[bs] = _confidence(mx)
+            if self.confidence:
+                self.conf[bs] = _confidence(mx)
             self.wsum[bs] = 1.0
         wy, wx = self.grid.axis_weights(t)
         for r0, r1, c0, c1 in self.grid.blend_parts(t):
@@ -172,6 +175,8 @@ class RowBand:
         classes: ``(n, width)`` uint8, ``nodata`` where invalid; confidence ``(n, width)`` uint8
         (max probability x 255, 1..255; 0 where invalid) or ``None``.
         """
+        if want_conf and not self.confidence:
+            raise ValueError("this band was made without confidence")
         cls = self.cls[:n].copy()
         conf = self.conf[:n].copy() if want_conf else None
         if not self.direct:  # the arg-max of the sums where tiles mix
@@ -359,17 +364,17 @@ class _Reader(threading.Thread):
     """Reads, masks, normalizes and batches tiles; puts work items on :attr:`q`.
 
     Items: ``("tiles", row_index, [(tile, valid)], batch or None)``; ``("end",)``;
-    ``("error", exc)``. Batches never span two tile rows.
+    ``("error", exc)``. Batches never span two tile rows and hold tiles of one shape.
     """
 
     def __init__(self, ds: Any, grid: TileGrid, win_off: tuple[int, int], bands: tuple[int, ...],
                  nodata: float | None, contract: ModelContract, batch_size: int,
-                 in_shape: tuple[int, int], stop: threading.Event, prefetch: int = 3) -> None:
+                 stop: threading.Event, prefetch: int = 3) -> None:
         super().__init__(name="tessera-reader", daemon=True)
         self.q: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
         self.ds, self.grid, self.win_off, self.bands = ds, grid, win_off, bands
         self.nodata, self.contract, self.batch_size = nodata, contract, batch_size
-        self.in_shape, self.stop = in_shape, stop
+        self.stop = stop
 
     def _put(self, item: Any) -> bool:
         while not self.stop.is_set():
@@ -388,8 +393,8 @@ class _Reader(threading.Thread):
             self._put(("error", exc))
 
     def _run(self) -> None:
-        ph, pw = self.in_shape
         col0, row0 = self.win_off
+        m = self.contract.size_multiple
         for i in range(self.grid.shape[0]):
             pending: list[tuple[Tile, np.ndarray]] = []
             arrays: list[np.ndarray] = []
@@ -402,8 +407,15 @@ class _Reader(threading.Thread):
                     if not self._put(("tiles", i, [(t, valid)], None)):
                         return
                     continue
+                x = pad_tile(normalize(data, valid, self.contract), padded_size(t.height, m),
+                             padded_size(t.width, m))
+                # a batch holds tiles of one shape (the last tile of a row may be narrower)
+                if arrays and arrays[0].shape != x.shape:
+                    if not self._put(("tiles", i, pending, np.stack(arrays))):
+                        return
+                    pending, arrays = [], []
                 pending.append((t, valid))
-                arrays.append(pad_tile(normalize(data, valid, self.contract), ph, pw))
+                arrays.append(x)
                 if len(pending) == self.batch_size:
                     if not self._put(("tiles", i, pending, np.stack(arrays))):
                         return
@@ -525,9 +537,7 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
         if predictor is None:
             predictor = make_predictor(model, params.device, params.backend, params.half,
                                        params.threads)
-        grid = TileGrid(h, w, tile, overlap)
-        in_shape = (padded_size(min(tile, h), contract.size_multiple),
-                    padded_size(min(tile, w), contract.size_multiple))
+        grid = TileGrid(h, w, tile, overlap, contract.size_multiple)
         from rasterio.windows import Window
 
         transform = ds.window_transform(Window(c0, r0, w, h))
@@ -546,7 +556,7 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
         # all outputs appear together, complete, or not at all
         with atomic_outputs(*finals) as temps:
             stats = _run(ds, grid, (c0, r0), bands, nodata, contract, predictor,
-                         params.batch_size, in_shape, profile, temps, path, meter, cancel,
+                         params.batch_size, profile, temps, path, meter, cancel,
                          vec, outs.polygons.stem, progress)
             names = [c.name for c in contract.classes]
             write_category_names(temps[0], names)
@@ -580,7 +590,7 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
 
 def _run(ds: Any, grid: TileGrid, win_off: tuple[int, int], bands: tuple[int, ...],
          nodata: float | None, contract: ModelContract, predictor: Any, batch_size: int,
-         in_shape: tuple[int, int], profile: dict[str, Any], temps: list[Path], path: str,
+         profile: dict[str, Any], temps: list[Path], path: str,
          meter: Meter, cancel: CancelFn | None, vec: Any = None, layer: str = "polygons",
          progress: ProgressFn | None = None) -> dict[str, Any]:
     """Segment into the open temporaries; polygonize concurrently when ``vec`` is given."""
@@ -590,10 +600,8 @@ def _run(ds: Any, grid: TileGrid, win_off: tuple[int, int], bands: tuple[int, ..
     n_rows_tiles, n_cols_tiles = grid.shape
     band_rows = min(grid.tile, grid.height)
     direct = grid.overlap == 0
-    band = RowBand(contract.n_classes, grid)
-    log.debug("row band: %.1f MB", band.nbytes / 1e6)
     stop = threading.Event()
-    reader = _Reader(ds, grid, win_off, bands, nodata, contract, batch_size, in_shape, stop)
+    reader = _Reader(ds, grid, win_off, bands, nodata, contract, batch_size, stop)
     nd = contract.nodata_value
     cmap = {c.id: (*c.rgb, 255) for c in contract.classes}
     cmap[nd] = (0, 0, 0, 0)
@@ -601,6 +609,8 @@ def _run(ds: Any, grid: TileGrid, win_off: tuple[int, int], bands: tuple[int, ..
                                      for c in contract.classes]),
             "TESSERA_MODEL": contract.name, "TESSERA_SOURCE": Path(path).name}
     want_conf = len(temps) - (1 if vec is not None else 0) > 1
+    band = RowBand(contract.n_classes, grid, confidence=want_conf)
+    log.debug("row band: %.1f MB", band.nbytes / 1e6)
     feed = vectorizer = None
     if vec is not None:
         # polygonize while segmenting: the vectorizer reads the class rows as they are written

@@ -235,8 +235,8 @@ def test_row_band_memory_does_not_depend_on_raster_height(tmp_path, monkeypatch)
     sizes = []
     orig = segmod.RowBand.__init__
 
-    def spy(self, n_classes, grid):
-        orig(self, n_classes, grid)
+    def spy(self, n_classes, grid, **kw):
+        orig(self, n_classes, grid, **kw)
         sizes.append(self.nbytes)
 
     monkeypatch.setattr(segmod.RowBand, "__init__", spy)
@@ -269,7 +269,7 @@ def full_blend(grid, probs, valid, skipped):
         if n in skipped:
             continue
         w = grid.weights(t)
-        acc[:, t.row:t.row + t.height, t.col:t.col + t.width] += probs[n] * w
+        acc[:, t.row:t.row + t.height, t.col:t.col + t.width] += probs[n][:, :t.height, :t.width] * w
         wsum[t.row:t.row + t.height, t.col:t.col + t.width] += w
     mx = acc.max(axis=0)
     ok = valid & (wsum > 0)
@@ -284,8 +284,8 @@ def full_blend(grid, probs, valid, skipped):
 def test_row_band_gives_the_full_blend_bit_for_bit(h, w, tile, overlap):
     """Blending only where tiles mix (class and confidence taken as they are elsewhere) gives
     exactly the weighted blend summed over the tiles' whole areas; with ties, nodata pixels
-    and skipped tiles, and the last tiles moved back to the edge (wider overlaps)."""
-    grid = TileGrid(h, w, tile, overlap)
+    and skipped tiles, and last tiles that are shorter or overlap by more."""
+    grid = TileGrid(h, w, tile, overlap, 32)
     rng = np.random.default_rng(h + w)
     k = 4
     th, tw = min(tile, h), min(tile, w)
@@ -304,13 +304,27 @@ def test_row_band_gives_the_full_blend_bit_for_bit(h, w, tile, overlap):
     for i in range(grid.shape[0]):
         for t in grid.tile_row(i):
             v = valid[t.row:t.row + t.height, t.col:t.col + t.width]
-            band.add(t, None if n in skipped else probs[n].copy(), v)
+            band.add(t, None if n in skipped else probs[n][:, :t.height, :t.width].copy(), v)
             n += 1
         top, c, f = band.pop(grid.final_rows_after(i) - band.top, 255, True)
         cls[top:top + c.shape[0]], conf[top:top + c.shape[0]] = c, f
     np.testing.assert_array_equal(cls, ref_cls)
     np.testing.assert_array_equal(conf, ref_conf)
     assert (cls == 255).sum() == (~valid).sum() and (conf == 0).sum() == (~valid).sum()
+    # without confidence: the same classes, no confidence computed or returned
+    band = RowBand(k, grid, confidence=False)
+    n = 0
+    for i in range(grid.shape[0]):
+        for t in grid.tile_row(i):
+            v = valid[t.row:t.row + t.height, t.col:t.col + t.width]
+            band.add(t, None if n in skipped else probs[n][:, :t.height, :t.width].copy(), v)
+            n += 1
+        top, c, f = band.pop(grid.final_rows_after(i) - band.top, 255, False)
+        assert f is None
+        np.testing.assert_array_equal(c, ref_cls[top:top + c.shape[0]])
+    assert not band.conf.any()
+    with pytest.raises(ValueError, match="without confidence"):
+        band.pop(0, 255, True)
 
 
 def _outputs(folder: Path):
@@ -432,18 +446,35 @@ def test_pixel_size_and_dtype_warnings(tmp_path):
 
 
 def test_overlap_zero_takes_each_pixel_from_the_one_tile_owning_it(tmp_path):
-    """overlap 0: no float accumulators; the shifted last tiles split shared pixels midway."""
+    """overlap 0: no float accumulators; the last tiles, shorter, split shared pixels midway."""
+    from tessera.core.device import make_predictor
+
     h, w = 150, 230
     data = random_rgb(h, w, seed=7)
     module = LocalModel(depth=2)
     m = model_with(module, tile_size=64, overlap=0)
+    pred = make_predictor(m, "cpu", "torch")
+    shapes = []
+    submit = pred.submit
+
+    def spy(batch, **kw):
+        shapes.append(batch.shape)
+        return submit(batch, **kw)
+
+    pred.submit = spy
     res = segment_raster(write_raster(tmp_path / "in.tif", data), m, tmp_path / "o",
-                         SegmentParams(confidence=True, vectorize=NOVEC, batch_size=4))
-    grid = TileGrid(h, w, 64, 0)
+                         SegmentParams(confidence=True, vectorize=NOVEC, batch_size=4),
+                         predictor=pred)
+    # a batch holds tiles of one shape: the three full tiles of a row, then the narrower last
+    assert shapes == [(3, 3, 64, 64), (1, 3, 64, 40)] * 2 + [(3, 3, 32, 64), (1, 3, 32, 40)]
+    grid = TileGrid(h, w, 64, 0, m.contract.size_multiple)
+    # the last tiles are shorter: 32 rows (half a tile) and 40 columns (230 - 192, to 8s)
+    assert grid.row_layout[-1] == (118, 32) and grid.col_layout[-1] == (190, 40)
     exp_cls = np.full((h, w), 99, np.uint8)
     exp_conf = np.zeros((h, w), np.uint8)
     for t in grid:
-        p = reference_probs(module, data[:, t.row:t.row + 64, t.col:t.col + 64], m.contract)
+        p = reference_probs(module, data[:, t.row:t.row + t.height, t.col:t.col + t.width],
+                            m.contract)
         r0, r1, c0, c1 = grid.owned(t)
         assert exp_cls[r0:r1, c0:c1].max() == 99  # owned by exactly one tile
         sl = (slice(r0 - t.row, r1 - t.row), slice(c0 - t.col, c1 - t.col))

@@ -4,37 +4,70 @@ import itertools
 
 import numpy as np
 import pytest
-from tessera.core.tiling import TileGrid, axis_offsets, axis_weights, padded_size, true_runs
+from tessera.core.tiling import (
+    TileGrid,
+    axis_offsets,
+    axis_tiles,
+    axis_weights,
+    padded_size,
+    true_runs,
+)
 
 
-@pytest.mark.parametrize("length,tile,overlap", [
-    (10, 4, 1), (11, 4, 1), (4, 4, 0), (3, 8, 2), (257, 64, 16), (1000, 256, 64), (65, 64, 0),
+@pytest.mark.parametrize("length,tile,overlap,multiple", [
+    (10, 4, 1, 1), (11, 4, 1, 1), (4, 4, 0, 1), (3, 8, 2, 1), (257, 64, 16, 1),
+    (1000, 256, 64, 32), (65, 64, 0, 32), (2048, 512, 64, 32), (2048, 512, 0, 32),
+    (2100, 512, 0, 32), (2100, 512, 64, 32), (700, 512, 64, 32), (4096, 512, 64, 32),
+    (3072, 512, 64, 32), (77, 64, 30, 1), (130, 64, 16, 8),
 ])
-def test_axis_offsets_cover_everything_and_end_on_the_edge(length, tile, overlap):
-    offs = axis_offsets(length, tile, overlap)
-    assert offs[0] == 0
-    assert offs == sorted(set(offs))
-    if length > tile:
-        assert offs[-1] == length - tile  # last tile ends exactly at the edge: no padding
-        steps = np.diff(offs)
-        assert steps.max() <= tile - overlap  # consecutive tiles overlap by >= overlap
+def test_axis_tiles_cover_everything_with_a_last_tile_no_longer_than_it_must_be(
+        length, tile, overlap, multiple):
+    layout = axis_tiles(length, tile, overlap, multiple)
+    offs = [o for o, _ in layout]
+    assert offs == axis_offsets(length, tile, overlap, multiple)
+    assert offs[0] == 0 and offs == sorted(set(offs))
     covered = np.zeros(length, bool)
-    for o in offs:
-        covered[o:o + tile] = True
+    for o, size in layout:
+        assert 0 < size <= tile and o + size <= length
+        covered[o:o + size] = True
     assert covered.all()
+    if length <= tile:
+        assert layout == [(0, length)]
+        return
+    # full tiles at the regular stride, the last one ending exactly at the edge: no padding
+    assert all(size == tile for _, size in layout[:-1])
+    assert np.diff(offs[:-1]).tolist() == [tile - overlap] * (len(offs) - 2)
+    (po, ps), (o, size) = layout[-2], layout[-1]
+    assert o + size == length
     # no more tiles than needed at this stride
-    if length > tile:
-        assert len(offs) == int(np.ceil((length - tile) / (tile - overlap))) + 1
+    assert len(offs) == int(np.ceil((length - tile) / (tile - overlap))) + 1
+    # the last tile: overlaps its neighbour by at least `overlap`, at least half a tile, a
+    # multiple of `multiple`, and no longer than that
+    def ok(n: int) -> bool:
+        return n >= tile // 2 and po + ps - (length - n) >= overlap
+
+    assert ok(size) and size % multiple == 0
+    assert size == tile or not ok(size - multiple)
 
 
-def test_axis_offsets_examples_and_errors():
-    assert axis_offsets(10, 4, 1) == [0, 3, 6]
-    assert axis_offsets(11, 4, 1) == [0, 3, 6, 7]
-    assert axis_offsets(3, 8, 2) == [0]
+def test_axis_tiles_examples_and_errors():
+    assert axis_tiles(10, 4, 1) == [(0, 4), (3, 4), (6, 4)]
+    assert axis_tiles(11, 4, 1) == [(0, 4), (3, 4), (6, 4), (9, 2)]
+    assert axis_tiles(3, 8, 2) == [(0, 3)]
+    # the benchmark raster: a last tile of 256 where a full one moved back computed 512
+    assert axis_tiles(2048, 512, 64, 32) == [(0, 512), (448, 512), (896, 512), (1344, 512),
+                                             (1792, 256)]
+    # a few pixels past whole tiles: half a tile, not a full one (and not 64 px of context)
+    assert axis_tiles(2100, 512, 0, 32) == [(0, 512), (512, 512), (1024, 512), (1536, 512),
+                                            (1844, 256)]
+    # rounded up to the multiple: 2100 - 1344 - 512 + 64 = 308 -> 320
+    assert axis_tiles(2100, 512, 64, 32)[-1] == (1780, 320)
     with pytest.raises(ValueError, match="overlap"):
-        axis_offsets(10, 4, 4)
+        axis_tiles(10, 4, 4)
     with pytest.raises(ValueError, match="positive"):
-        axis_offsets(0, 4, 1)
+        axis_tiles(0, 4, 1)
+    with pytest.raises(ValueError, match="multiple"):
+        axis_tiles(10, 4, 1, 0)
 
 
 def test_axis_weights_shape_margin_and_edges():
@@ -159,13 +192,18 @@ def test_solo_and_blend_parts_split_every_tiles_weight(h, w, tile, overlap):
 
 
 def test_blend_zones_on_the_benchmark_grid():
-    """2048² at overlap 64, tiles 512: blending only between the ramps, 32 px wide, also in the
-    middle of the 320 px that the last tile, moved back to the edge, shares."""
-    g = TileGrid(2048, 2048, 512, 64)
-    assert g.col_blend.runs == ((464, 496), (912, 944), (1360, 1392), (1680, 1712))
+    """2048² at overlap 64, tiles 512: blending only between the ramps, 32 px wide; the last
+    tile is 256 px and overlaps by 64 like the others."""
+    g = TileGrid(2048, 2048, 512, 64, 32)
+    assert g.col_blend.runs == ((464, 496), (912, 944), (1360, 1392), (1808, 1840))
     assert g.row_blend.runs == g.col_blend.runs
     blended = g.row_blend.blended[:, None] | g.col_blend.blended[None, :]
-    assert round(blended.mean(), 4) == 0.1211  # of the pixels (the tiles cover 1.56 x them)
+    assert round(blended.mean(), 4) == 0.1211  # of the pixels
+    # the tiles cover 1.27 x them (2304² px; full last tiles moved back: 2560², 1.56 x)
+    assert g.pixels == 2304 ** 2 == sum(t.height * t.width for t in g)
+    assert [t.width for t in g.tile_row(4)] == [512, 512, 512, 512, 256]
+    assert {t.height for t in g.tile_row(4)} == {256}
+    assert TileGrid(2048, 2048, 512, 0, 32).pixels == 2048 ** 2
     assert true_runs(np.array([1, 1, 0, 0, 1], bool)) == [(0, 2), (4, 5)]
     assert true_runs(np.zeros(3, bool)) == []
 
@@ -173,8 +211,9 @@ def test_blend_zones_on_the_benchmark_grid():
 @pytest.mark.parametrize("length,tile,overlap", [(2048, 512, 64), (1000, 256, 64), (77, 64, 30),
                                                  (300, 64, 8), (10, 4, 1), (130, 64, 16)])
 def test_neighbour_weights_sum_to_one_with_the_seam_in_the_middle(length, tile, overlap):
-    """Along an axis the weights of every two neighbours sum to one, also where the last tile,
-    moved back to the edge, overlaps by more: its ramps move to the middle of what is shared."""
+    """Along an axis the weights of every two neighbours sum to one, also where the last tile
+    overlaps by more (it is at least half a tile): its ramps move to the middle of what is
+    shared."""
     g = TileGrid(tile, length, tile, overlap)  # one row of tiles
     offs = g.col_offsets
     total = np.zeros(length)
@@ -182,7 +221,7 @@ def test_neighbour_weights_sum_to_one_with_the_seam_in_the_middle(length, tile, 
         _, wx = g.axis_weights(t)
         total[t.col:t.col + t.width] += wx
     np.testing.assert_allclose(total, 1.0, atol=1e-6)
-    if len(offs) > 1 and offs[-1] - offs[-2] < tile - overlap:  # the last one moved back
+    if len(offs) > 1 and offs[-1] - offs[-2] < tile - overlap:  # the last one overlaps more
         shared = (offs[-1], offs[-2] + tile)
         a, b = g.col_blend.runs[-1]
         middle = (shared[0] + shared[1]) / 2
