@@ -64,15 +64,6 @@ def axis_tiles(length: int, tile: int, overlap: int, multiple: int = 1) -> list[
     return tiles + [(length - size, size)]
 
 
-def axis_offsets(length: int, tile: int, overlap: int, multiple: int = 1) -> list[int]:
-    """The start offsets of :func:`axis_tiles`.
-
-    >>> axis_offsets(11, 4, 1)
-    [0, 3, 6, 9]
-    """
-    return [o for o, _ in axis_tiles(length, tile, overlap, multiple)]
-
-
 @lru_cache(maxsize=64)
 def axis_weights(size: int, overlap: int, start_is_edge: bool, end_is_edge: bool,
                  start_shift: int = 0, end_shift: int = 0) -> np.ndarray:

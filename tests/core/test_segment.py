@@ -279,6 +279,26 @@ def full_blend(grid, probs, valid, skipped):
             np.where(ok, conf, 0).astype(np.uint8))
 
 
+def blend_through_band(band, grid, probs, valid, skipped):
+    """Feed every tile to ``band`` row by row as the engine does; the classes and (if the band
+    keeps them) confidence it pops, as whole rasters (99 where nothing was popped)."""
+    cls = np.full((grid.height, grid.width), 99, np.uint8)
+    conf = np.full((grid.height, grid.width), 99, np.uint8) if band.confidence else None
+    n = 0
+    for i in range(grid.shape[0]):
+        for t in grid.tile_row(i):
+            v = valid[t.row:t.row + t.height, t.col:t.col + t.width]
+            band.add(t, None if n in skipped else probs[n][:, :t.height, :t.width].copy(), v)
+            n += 1
+        top, c, f = band.pop(grid.final_rows_after(i) - band.top, 255, band.confidence)
+        cls[top:top + c.shape[0]] = c
+        if conf is not None:
+            conf[top:top + c.shape[0]] = f
+        else:
+            assert f is None
+    return cls, conf
+
+
 @pytest.mark.parametrize("h,w,tile,overlap", [(700, 530, 128, 32), (128, 300, 128, 16),
                                               (90, 100, 128, 8), (300, 260, 64, 30)])
 def test_row_band_gives_the_full_blend_bit_for_bit(h, w, tile, overlap):
@@ -297,32 +317,15 @@ def test_row_band_gives_the_full_blend_bit_for_bit(h, w, tile, overlap):
         if n in skipped:
             valid[t.row:t.row + t.height, t.col:t.col + t.width] = False
     ref_cls, ref_conf = full_blend(grid, probs, valid, skipped)
-    band = RowBand(k, grid)
-    cls = np.full((h, w), 99, np.uint8)
-    conf = np.full((h, w), 99, np.uint8)
-    n = 0
-    for i in range(grid.shape[0]):
-        for t in grid.tile_row(i):
-            v = valid[t.row:t.row + t.height, t.col:t.col + t.width]
-            band.add(t, None if n in skipped else probs[n][:, :t.height, :t.width].copy(), v)
-            n += 1
-        top, c, f = band.pop(grid.final_rows_after(i) - band.top, 255, True)
-        cls[top:top + c.shape[0]], conf[top:top + c.shape[0]] = c, f
+    cls, conf = blend_through_band(RowBand(k, grid), grid, probs, valid, skipped)
     np.testing.assert_array_equal(cls, ref_cls)
     np.testing.assert_array_equal(conf, ref_conf)
     assert (cls == 255).sum() == (~valid).sum() and (conf == 0).sum() == (~valid).sum()
     # without confidence: the same classes, no confidence computed or returned
     band = RowBand(k, grid, confidence=False)
-    n = 0
-    for i in range(grid.shape[0]):
-        for t in grid.tile_row(i):
-            v = valid[t.row:t.row + t.height, t.col:t.col + t.width]
-            band.add(t, None if n in skipped else probs[n][:, :t.height, :t.width].copy(), v)
-            n += 1
-        top, c, f = band.pop(grid.final_rows_after(i) - band.top, 255, False)
-        assert f is None
-        np.testing.assert_array_equal(c, ref_cls[top:top + c.shape[0]])
-    assert not band.conf.any()
+    cls, conf = blend_through_band(band, grid, probs, valid, skipped)
+    np.testing.assert_array_equal(cls, ref_cls)
+    assert conf is None and not band.conf.any()
     with pytest.raises(ValueError, match="without confidence"):
         band.pop(0, 255, True)
 
