@@ -233,7 +233,7 @@ def main() -> int:
     g0, g1 = TileGrid(2048, 2048, args.tile, 0, mult), TileGrid(2048, 2048, args.tile, ov, mult)
     stride = args.tile - ov
     minimum = (math.ceil((2048 - ov) / stride)) ** 2
-    area = sum(t.height * t.width for t in g1) / (2048 * 2048)
+    area = g1.pixels / (2048 * 2048)
     print(f"Overlap {ov}: {len(g1)} tiles (minimum for that overlap {minimum}; overlap 0: "
           f"{len(g0)}), pixel area computed x{area:.3f} of the raster's")
     if res is not None:

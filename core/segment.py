@@ -108,8 +108,8 @@ class RowBand:
     full weighted blend, bit for bit, at a fraction of its arithmetic.
 
     Memory: ``4 * n_classes + 7`` bytes per band pixel with overlap (float sums and their
-    weight, validity, class and confidence bytes), 4 without. Without ``confidence`` the
-    solo parts' confidence is not computed (:meth:`pop` then returns none).
+    weight, validity, class and confidence bytes), 4 without. Without ``confidence`` no
+    confidence is computed (:meth:`pop` returns none).
     """
 
     def __init__(self, n_classes: int, grid: TileGrid, confidence: bool = True) -> None:
@@ -169,16 +169,14 @@ class RowBand:
             self.acc[(slice(None), *bs)] += probs[:, ty, tx] * w
             self.wsum[bs] += w
 
-    def pop(self, n: int, nodata: int, want_conf: bool) -> tuple[int, np.ndarray, np.ndarray | None]:
+    def pop(self, n: int, nodata: int) -> tuple[int, np.ndarray, np.ndarray | None]:
         """Finalize the first ``n`` rows: return ``(raster_row, classes, confidence)`` and shift.
 
         classes: ``(n, width)`` uint8, ``nodata`` where invalid; confidence ``(n, width)`` uint8
-        (max probability x 255, 1..255; 0 where invalid) or ``None``.
+        (max probability x 255, 1..255; 0 where invalid), ``None`` for a band made without.
         """
-        if want_conf and not self.confidence:
-            raise ValueError("this band was made without confidence")
         cls = self.cls[:n].copy()
-        conf = self.conf[:n].copy() if want_conf else None
+        conf = self.conf[:n].copy() if self.confidence else None
         if not self.direct:  # the arg-max of the sums where tiles mix
             rows = self.grid.row_blend.blended[self.top:self.top + n]
             blocks = [(a, b, 0, self.grid.width) for a, b in true_runs(rows)]
@@ -677,7 +675,7 @@ def _run(ds: Any, grid: TileGrid, win_off: tuple[int, int], bands: tuple[int, ..
                 raise writer.error
             if done_in_row[i] == n_cols_tiles:
                 n_final = grid.final_rows_after(i) - band.top
-                top, cls, conf = band.pop(n_final, nd, want_conf)
+                top, cls, conf = band.pop(n_final, nd)
                 final = i == n_rows_tiles - 1
                 writer.q.put((top, cls, conf, final))
                 current += 1

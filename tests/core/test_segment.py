@@ -255,7 +255,7 @@ def test_row_band_pop_shifts_rows():
     probs = np.zeros((2, 4, 3), np.float32)
     probs[1] = 1.0
     band.add(t, probs, np.ones((4, 3), bool))
-    top, cls, conf = band.pop(2, 255, True)
+    top, cls, conf = band.pop(2, 255)
     assert top == 0 and (cls == 1).all() and (conf == 255).all()
     assert band.top == 2 and (band.wsum[:2] > 0).all() and band.wsum[2:].sum() == 0
 
@@ -290,7 +290,7 @@ def blend_through_band(band, grid, probs, valid, skipped):
             v = valid[t.row:t.row + t.height, t.col:t.col + t.width]
             band.add(t, None if n in skipped else probs[n][:, :t.height, :t.width].copy(), v)
             n += 1
-        top, c, f = band.pop(grid.final_rows_after(i) - band.top, 255, band.confidence)
+        top, c, f = band.pop(grid.final_rows_after(i) - band.top, 255)
         cls[top:top + c.shape[0]] = c
         if conf is not None:
             conf[top:top + c.shape[0]] = f
@@ -326,8 +326,6 @@ def test_row_band_gives_the_full_blend_bit_for_bit(h, w, tile, overlap):
     cls, conf = blend_through_band(band, grid, probs, valid, skipped)
     np.testing.assert_array_equal(cls, ref_cls)
     assert conf is None and not band.conf.any()
-    with pytest.raises(ValueError, match="without confidence"):
-        band.pop(0, 255, True)
 
 
 def _outputs(folder: Path):
