@@ -55,7 +55,7 @@ $(STAMP): $(QGIS_OK) requirements.txt requirements-dev.txt
 	@echo "$(CURDIR)/$(VENV)/src" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/tessera-dev.pth"
 	@printf '#!%s\nimport sys\nfrom tessera.core.cli import main\nsys.exit(main())\n' "$(CURDIR)/$(PY)" > $(VENV)/bin/tessera
 	@chmod +x $(VENV)/bin/tessera
-	$(PY) -m tessera.core.envcheck
+	$(PY) -m tessera.core.jobs.envcheck
 	@touch $@
 
 test: setup

@@ -95,7 +95,7 @@ class TesseraPlugin:
 
     # -- actions -----------------------------------------------------------------------------
     def default_model(self) -> str:
-        from .tessera_provider.common import default_model_path
+        from .bridge.engine import default_model_path
 
         return default_model_path()
 
@@ -131,10 +131,10 @@ class TesseraPlugin:
                   window: tuple[int, int, int, int] | None = None, out_dir: str | None = None,
                   on_finished: Any = None, message_bar: bool = False) -> Any:
         """Start a background run; layers are added (styled) when it finishes. Returns the task."""
-        from .core.client import EngineNotFoundError
-        from .tessera_provider.common import engine_python, model_classes
-        from .ui.dock import fallback_output_dir
-        from .ui.results import add_result_layers, default_output_dir
+        from .bridge.engine import engine_python, model_classes
+        from .bridge.layers import default_output_dir, fallback_output_dir
+        from .core.jobs.client import EngineNotFoundError
+        from .ui.results import add_result_layers
         from .ui.tasks import EngineTask
 
         bar = self.iface.messageBar()

@@ -62,8 +62,8 @@ def default_model_path() -> str | None:
 
 
 def bench_model(model_path: str | None):
-    from tessera.core.contract import ModelContract
-    from tessera.core.model import TesseraModel
+    from tessera.core.model.contract import ModelContract
+    from tessera.core.model.files import TesseraModel
 
     if model_path:
         return TesseraModel.load(model_path)
@@ -144,8 +144,8 @@ def real_batches(raster: Path, model, tile: int, batch: int, n: int = 8) -> list
     """Up to ``n`` batches of the raster's own tiles, read and normalized as the engine reads
     them: the model-only figures infer the same kind of data as the end-to-end run (on this
     model, real imagery runs about 5 % slower through ONNX Runtime than random numbers)."""
-    from tessera.core.normalize import normalize
-    from tessera.core.rasterio_io import gdal_env, open_raster, read_window
+    from tessera.core.io.raster import gdal_env, open_raster, read_window
+    from tessera.core.pipeline.normalize import normalize
 
     c = model.contract
     with gdal_env(), open_raster(str(raster)) as ds:
@@ -160,7 +160,7 @@ def real_batches(raster: Path, model, tile: int, batch: int, n: int = 8) -> list
 def ort_model_only(session: Any, batches: list[np.ndarray], reps: int, runs: int = 1) -> float:
     """ONNX Runtime's bare forward passes in Mpx/s: ``reps`` batches of ``batches`` (cycled),
     one ``session.run`` per batch; with ``runs`` > 1, the same tiles one per call from
-    ``runs`` threads at once, as :class:`~tessera.core.onnx_backend.OrtPredictor` schedules
+    ``runs`` threads at once, as :class:`~tessera.core.inference.onnx_backend.OrtPredictor` schedules
     them (its session then has ``threads // runs`` threads)."""
     import threading
 
@@ -217,7 +217,7 @@ def model_only(model, batches: list[np.ndarray], reps: int) -> float:
 
 def end_to_end(model, raster: Path, tile: int, batch: int, out: Path, backend: str) -> dict:
     from tessera.core.params import SegmentParams
-    from tessera.core.segment import segment_raster
+    from tessera.core.pipeline.segment import segment_raster
 
     params = SegmentParams(tile_size=tile, overlap=0, batch_size=batch, backend=backend)
     t = time.perf_counter()
@@ -232,11 +232,11 @@ def child_throughput(args) -> None:
     """Run in a fresh process, as the CLI and the plugin's worker run: open the model, build
     the predictor once (its start-up time is reported, not counted), then alternate bare
     forward passes and end-to-end runs on the same predictor; print JSON."""
-    from tessera.core.device import make_predictor
-    from tessera.core.model import TesseraModel
+    from tessera.core.inference.factory import make_predictor
+    from tessera.core.io.raster import limit_malloc_arenas
+    from tessera.core.model.files import TesseraModel
     from tessera.core.params import SegmentParams, VectorizeParams
-    from tessera.core.rasterio_io import limit_malloc_arenas
-    from tessera.core.segment import segment_raster
+    from tessera.core.pipeline.segment import segment_raster
 
     limit_malloc_arenas()
     t = time.perf_counter()
@@ -247,7 +247,7 @@ def child_throughput(args) -> None:
     px = args.batch * args.tile ** 2 / 1e6
     one = None
     if pred.backend == "onnxruntime":
-        from tessera.core.onnx_backend import OrtPredictor
+        from tessera.core.inference.onnx_backend import OrtPredictor
 
         # ONNX Runtime as the issue measured it: one session on all the threads, one batch
         # per call (the engine instead runs single tiles side by side: pred.runs at once)
@@ -304,11 +304,11 @@ def child_throughput(args) -> None:
 
 def child_memory(args) -> None:
     """Run in a fresh process: segment one raster; print peak RSS (VmHWM) as JSON."""
+    from tessera.core.io.raster import limit_malloc_arenas
     from tessera.core.params import SegmentParams
-    from tessera.core.rasterio_io import limit_malloc_arenas
 
     limit_malloc_arenas()  # as the CLI and the plugin's worker do
-    from tessera.core.segment import segment_raster
+    from tessera.core.pipeline.segment import segment_raster
 
     # a model file is opened as the CLI and the plugin open it (weights read only if needed)
     model = args.model if args.model else bench_model(None)

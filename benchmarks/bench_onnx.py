@@ -4,7 +4,7 @@ Run with ``make bench`` (after ``bench_cpu.py``) or ``.venv/bin/python benchmark
 --write BENCHMARKS.md``. Prints every figure and, with ``--write``, replaces its section of
 ``BENCHMARKS.md``.
 
-* int8: the default model quantized with ``tessera.core.quantize`` (static, calibrated on 16
+* int8: the default model quantized with ``tessera.core.training.quantize`` (static, calibrated on 16
   tiles of the Dubai training images when ``../shared`` is there, else of the benchmark
   raster). Refused, and reported as such, on a CPU without int8 dot-product instructions.
 * Throughput, in one fresh process with the predictors built once: rounds alternate fp32
@@ -60,12 +60,12 @@ DUBAI = ROOT.parent / "shared" / "data" / "dubai-aerial"
 
 
 def child(args) -> None:
-    from tessera.core.device import make_predictor
-    from tessera.core.model import TesseraModel
-    from tessera.core.onnx_backend import OrtPredictor
+    from tessera.core.inference.factory import make_predictor
+    from tessera.core.inference.onnx_backend import OrtPredictor
+    from tessera.core.io.raster import limit_malloc_arenas
+    from tessera.core.model.files import TesseraModel
     from tessera.core.params import SegmentParams
-    from tessera.core.rasterio_io import limit_malloc_arenas
-    from tessera.core.segment import segment_raster
+    from tessera.core.pipeline.segment import segment_raster
 
     limit_malloc_arenas()
     m32, m8 = TesseraModel.open(args.model), TesseraModel.open(args.int8)
@@ -127,7 +127,7 @@ def heldout_folder(dest: Path) -> Path | None:
     """Symlinks to the default model's 13 validation images (split by image, 20 %, seed 0)."""
     if not DUBAI.is_dir():
         return None
-    from tessera.core.train import find_pairs, split_by_image
+    from tessera.core.training.train import find_pairs, split_by_image
 
     pairs = find_pairs(DUBAI)
     _, val = split_by_image(len(pairs), 0.2, 0)
@@ -160,9 +160,9 @@ def main() -> int:
         child(args)
         return 0
     from tessera.core.errors import ParameterError
-    from tessera.core.model import TesseraModel
-    from tessera.core.quantize import check_int8_cpu, quantize_model
-    from tessera.core.tiling import TileGrid
+    from tessera.core.model.files import TesseraModel
+    from tessera.core.pipeline.tiling import TileGrid
+    from tessera.core.training.quantize import check_int8_cpu, quantize_model
 
     args.model = args.model or default_model_path()
     if not args.model:
@@ -217,7 +217,7 @@ def main() -> int:
         acc = None
         folder = None if args.skip_accuracy else heldout_folder(work / "heldout")
         if folder is not None:
-            from tessera.core.evaluate import evaluate_model
+            from tessera.core.training.evaluate import evaluate_model
 
             e32 = evaluate_model(args.model, folder, backend="onnxruntime", device="cpu")
             e8 = evaluate_model(int8, folder, device="cpu")

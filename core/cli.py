@@ -371,7 +371,7 @@ def _print_result(res: Any, out: TextIO) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from .rasterio_io import limit_malloc_arenas
+    from .io.raster import limit_malloc_arenas
 
     limit_malloc_arenas()
     parser = build_parser()
@@ -400,13 +400,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(a: argparse.Namespace, bar: ProgressBar) -> int:
     if a.command == "info":
-        from .model import read_contract
+        from .model.files import read_contract
 
         c = read_contract(a.model)
         print(c.to_json() if a.json else c.describe())
         return 0
     if a.command == "segment":
-        from .segment import segment_raster
+        from .pipeline.segment import segment_raster
 
         res = segment_raster(a.raster, a.model, a.out, _params(a), progress=bar)
         bar.close()
@@ -416,7 +416,7 @@ def _dispatch(a: argparse.Namespace, bar: ProgressBar) -> int:
             _print_result(res, sys.stdout)
         return 0
     if a.command == "batch":
-        from .batch import segment_folder
+        from .pipeline.batch import segment_folder
 
         rep = segment_folder(a.folder, a.model, a.out, _params(a), pattern=a.pattern,
                              recursive=a.recursive, skip_existing=not a.overwrite, progress=bar)
@@ -431,8 +431,8 @@ def _dispatch(a: argparse.Namespace, bar: ProgressBar) -> int:
               f"failed; report: {rep.csv_path}")
         return 1 if rep.count("failed") else 0
     if a.command == "train":
-        from .datasets import read_class_file
-        from .train import TrainParams, train
+        from .training.datasets import read_class_file
+        from .training.train import TrainParams, train
 
         tp = TrainParams(patch_size=a.patch_size, batch_size=a.batch_size, epochs=a.epochs,
                          patches_per_epoch=a.patches_per_epoch, lr=a.lr, loss=a.loss,
@@ -454,7 +454,7 @@ def _dispatch(a: argparse.Namespace, bar: ProgressBar) -> int:
               f"{res['stopped']}; model: {res['model']}")
         return 0
     if a.command == "evaluate":
-        from .evaluate import evaluate_model
+        from .training.evaluate import evaluate_model
 
         ev = evaluate_model(a.model, _data_source(a), out_json=a.out_json, out_png=a.out_png,
                             device=a.device, batch_size=a.batch_size, progress=bar,
@@ -468,7 +468,7 @@ def _dispatch(a: argparse.Namespace, bar: ProgressBar) -> int:
         print(f"  report: {ev.out_json}" + (f"\n  chart:  {ev.out_png}" if ev.out_png else ""))
         return 0
     if a.command == "export-onnx":
-        from .onnx_backend import export_onnx
+        from .inference.onnx_backend import export_onnx
 
         res = export_onnx(a.model, a.out, opset=a.opset, check=not a.no_check)
         if a.json:
@@ -482,7 +482,7 @@ def _dispatch(a: argparse.Namespace, bar: ProgressBar) -> int:
                   f"{res['max_abs_diff']:.3g}; classes {agree}")
         return 0
     if a.command == "quantize":
-        from .quantize import quantize_model
+        from .training.quantize import quantize_model
 
         res = quantize_model(a.model, a.out, a.calibrate, n_tiles=a.tiles, force=a.force)
         if a.json:
@@ -495,7 +495,7 @@ def _dispatch(a: argparse.Namespace, bar: ProgressBar) -> int:
         return 0
     if a.command == "vectorize":
         from .params import VectorizeParams
-        from .vectorize import vectorize_raster
+        from .vectorize.gpkg import vectorize_raster
 
         skip = tuple(int(s) if s.isdigit() else s for s in a.skip_class)
         vp = VectorizeParams(sieve_px=a.sieve, min_area_m2=a.min_area, simplify_px=a.simplify,

@@ -42,8 +42,8 @@ def default_model() -> tuple[Path, bool]:
     path = VENV / "tessera-demo-untrained.safetensors"
     if not path.exists():
         import torch
-        from tessera.core.contract import ModelContract
-        from tessera.core.model import TesseraModel
+        from tessera.core.model.contract import ModelContract
+        from tessera.core.model.files import TesseraModel
 
         torch.manual_seed(0)
         names = [("Building", "#3C1098"), ("Land", "#8429F6"), ("Road", "#6EC1E4"),
@@ -143,7 +143,7 @@ def main() -> int:
             return 1
     try:
         model, trained = default_model()
-        from tessera.core.model import read_contract
+        from tessera.core.model.files import read_contract
 
         contract = read_contract(model)
         if not trained:

@@ -1,30 +1,22 @@
-"""What the Processing algorithms share: finding the engine, running it, styling the results."""
+"""What the Processing algorithms share: their base class, running a job with Processing feedback,
+and styling the layers loaded on completion. What the dock shares too is in ``bridge/``."""
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
 from typing import Any, ClassVar
 
 from qgis.core import (
-    QgsApplication,
     QgsProcessingAlgorithm,
     QgsProcessingException,
     QgsProcessingFeedback,
     QgsProcessingLayerPostProcessorInterface,
     QgsRasterLayer,
-    QgsSettings,
     QgsVectorLayer,
 )
 
-from ..core import client
+from ..bridge.engine import engine_python, progress_text
 from ..core.errors import CancelledError, TesseraError
-
-PLUGIN_DIR = Path(__file__).resolve().parents[1]
-DEVICES = ["auto", "cpu", "cuda", "mps"]
-BACKENDS = ["auto", "torch", "onnxruntime"]
-#: The model pickers: Tessera model files, and ONNX ones (exported or int8).
-MODEL_FILTER = "Tessera models (*.safetensors *.onnx)"
+from ..core.jobs import client
 
 
 def tr(text: str) -> str:
@@ -60,74 +52,6 @@ class TesseraAlgorithm(QgsProcessingAlgorithm):
 
     def createInstance(self):  # noqa: N802
         return type(self)()
-
-
-def default_model_path() -> str:
-    """The bundled default model, or '' when none is shipped."""
-    models = sorted((PLUGIN_DIR / "resources" / "models").glob("*.safetensors"))
-    return str(models[0]) if models else ""
-
-
-def engine_python() -> Path:
-    """The Python environment that runs the engine (see :func:`client.find_engine_python`)."""
-    explicit = QgsSettings().value("tessera/python", "", type=str) or None
-    return client.find_engine_python(QgsApplication.qgisSettingsDirPath(), explicit)
-
-
-def model_classes(model_path: str) -> list[dict[str, Any]]:
-    """The model's classes as plain dicts (read from the file's header: no torch needed)."""
-    from ..core.model import read_contract
-
-    c = read_contract(model_path)
-    return [{"id": k.id, "name": k.name, "color": k.color} for k in c.classes]
-
-
-def raster_source_path(layer: QgsRasterLayer) -> str:
-    """The file behind a raster layer; refuse (with the reason) layers that are not files."""
-    if layer is None or not layer.isValid():
-        raise QgsProcessingException("The input raster layer is not valid.")
-    if layer.providerType() != "gdal":
-        raise QgsProcessingException(
-            f"Layer '{layer.name()}' comes from the '{layer.providerType()}' provider (a web or "
-            "virtual layer), not a file. Export it first (right-click → Export → Save As… → "
-            "GeoTIFF, with the extent you need) and run Tessera on the file.")
-    src = layer.source().split("|")[0]
-    if not src.startswith("/vsi") and not Path(src).exists():
-        raise QgsProcessingException(f"{src}: the layer's file does not exist")
-    return src
-
-
-def extent_to_window(layer: QgsRasterLayer, extent: Any) -> tuple[int, int, int, int] | None:
-    """A pixel window ``(col, row, width, height)`` covering ``extent`` (in the layer's CRS).
-
-    Returns ``None`` for an empty extent (the whole raster). Raises when the extent misses
-    the raster.
-    """
-    if extent is None or extent.isNull() or extent.isEmpty():
-        return None
-    full = layer.extent()
-    w, h = layer.width(), layer.height()
-    px, py = full.width() / w, full.height() / h
-    c0 = max(0, math.floor((extent.xMinimum() - full.xMinimum()) / px + 1e-9))
-    c1 = min(w, math.ceil((extent.xMaximum() - full.xMinimum()) / px - 1e-9))
-    r0 = max(0, math.floor((full.yMaximum() - extent.yMaximum()) / py + 1e-9))
-    r1 = min(h, math.ceil((full.yMaximum() - extent.yMinimum()) / py - 1e-9))
-    if c1 <= c0 or r1 <= r0:
-        raise QgsProcessingException("The chosen extent does not overlap the raster layer.")
-    if (c0, r0, c1, r1) == (0, 0, w, h):
-        return None
-    return (c0, r0, c1 - c0, r1 - r0)
-
-
-def progress_text(ev: dict[str, Any]) -> str:
-    parts = [f"{ev.get('stage', '')} {100 * ev.get('fraction', 0):.0f}%"]
-    if ev.get("mpx_per_s"):
-        parts.append(f"{ev['mpx_per_s']:.2f} Mpx/s")
-    if ev.get("eta_s") is not None and ev.get("fraction", 0) < 1:
-        parts.append(f"ETA {int(ev['eta_s']) // 60:d}:{int(ev['eta_s']) % 60:02d}")
-    if ev.get("message"):
-        parts.append(str(ev["message"]))
-    return " · ".join(parts)
 
 
 def run_engine(job: dict[str, Any], feedback: QgsProcessingFeedback | None) -> dict[str, Any]:
@@ -175,7 +99,7 @@ class StyleClasses(QgsProcessingLayerPostProcessorInterface):
         return inst
 
     def postProcessLayer(self, layer, context, feedback):  # noqa: N802  (QGIS API)
-        from ..ui.style import style_class_raster, style_confidence_raster, style_polygons
+        from ..bridge.style import style_class_raster, style_confidence_raster, style_polygons
 
         if self.kind == "classes" and isinstance(layer, QgsRasterLayer):
             style_class_raster(layer, self.classes)

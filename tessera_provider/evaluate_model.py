@@ -14,6 +14,7 @@ from qgis.core import (
     QgsProcessingParameterFileDestination,
 )
 
+from ..bridge import engine
 from . import common
 from .segment_raster import tr
 from .train_model import DATA_HELP, TrainingAlgorithm
@@ -50,11 +51,11 @@ class EvaluateModelAlgorithm(TrainingAlgorithm):
     def initAlgorithm(self, config=None):  # noqa: N802
         self.addParameter(QgsProcessingParameterFile(
             "MODEL", tr("Model file (.safetensors, or .onnx for ONNX/int8 models)"),
-            fileFilter=common.MODEL_FILTER,
-            defaultValue=common.default_model_path() or None))
+            fileFilter=engine.MODEL_FILTER,
+            defaultValue=engine.default_model_path() or None))
         self.add_data_params()
         self.addParameter(QgsProcessingParameterEnum("DEVICE", tr("Device"),
-                                                     options=common.DEVICES, defaultValue=0))
+                                                     options=engine.DEVICES, defaultValue=0))
         self.addParameter(QgsProcessingParameterFileDestination(
             self.OUTPUT_JSON, tr("Evaluation report (JSON)"), tr("JSON files (*.json)")))
         self.addParameter(QgsProcessingParameterFileDestination(
@@ -82,7 +83,7 @@ class EvaluateModelAlgorithm(TrainingAlgorithm):
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
         job = {"op": "evaluate", "model": model, "data": self.data_source(parameters, context),
                "out_json": out_json, "out_png": out_png,
-               "device": common.DEVICES[self.parameterAsEnum(parameters, "DEVICE", context)]}
+               "device": engine.DEVICES[self.parameterAsEnum(parameters, "DEVICE", context)]}
         feedback.pushInfo(f"Evaluating {Path(model).name} on {job['data']}")
         res = common.run_engine(job, feedback)
         feedback.pushInfo(f"Device used: {res.get('device')}")

@@ -24,6 +24,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QCoreApplication
 
+from ..bridge import engine, layers
 from . import common
 
 
@@ -64,8 +65,8 @@ def add_run_options(alg: QgsProcessingAlgorithm) -> None:
     """MODEL, TILE_SIZE, OVERLAP, BATCH_SIZE, DEVICE — shared with segment_folder."""
     alg.addParameter(QgsProcessingParameterFile(
         "MODEL", tr("Model file (.safetensors, or .onnx for ONNX/int8 models)"),
-        fileFilter=common.MODEL_FILTER,
-        defaultValue=common.default_model_path() or None))
+        fileFilter=engine.MODEL_FILTER,
+        defaultValue=engine.default_model_path() or None))
     for name, label, default, lo in (("TILE_SIZE", "Tile size (pixels, 0 = model default)", 0, 0),
                                      ("OVERLAP", "Tile overlap (pixels, -1 = model default)", -1, -1),
                                      ("BATCH_SIZE", "Batch size (tiles per forward pass)", 2, 1)):
@@ -73,11 +74,11 @@ def add_run_options(alg: QgsProcessingAlgorithm) -> None:
                                          default, minValue=lo)
         p.setFlags(p.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
         alg.addParameter(p)
-    alg.addParameter(QgsProcessingParameterEnum("DEVICE", tr("Device"), options=common.DEVICES,
+    alg.addParameter(QgsProcessingParameterEnum("DEVICE", tr("Device"), options=engine.DEVICES,
                                                 defaultValue=0))
     p = QgsProcessingParameterEnum(
         "BACKEND", tr("Inference backend (auto: PyTorch on a GPU, ONNX Runtime on the CPU)"),
-        options=common.BACKENDS, defaultValue=0)
+        options=engine.BACKENDS, defaultValue=0)
     p.setFlags(p.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
     alg.addParameter(p)
 
@@ -87,8 +88,8 @@ def run_options(alg: QgsProcessingAlgorithm, parameters, context) -> dict:
     overlap = alg.parameterAsInt(parameters, "OVERLAP", context)
     return {"tile_size": tile or None, "overlap": overlap if overlap >= 0 else None,
             "batch_size": alg.parameterAsInt(parameters, "BATCH_SIZE", context),
-            "device": common.DEVICES[alg.parameterAsEnum(parameters, "DEVICE", context)],
-            "backend": common.BACKENDS[alg.parameterAsEnum(parameters, "BACKEND", context)]}
+            "device": engine.DEVICES[alg.parameterAsEnum(parameters, "DEVICE", context)],
+            "backend": engine.BACKENDS[alg.parameterAsEnum(parameters, "BACKEND", context)]}
 
 
 def model_path(alg: QgsProcessingAlgorithm, parameters, context) -> str:
@@ -135,12 +136,12 @@ class SegmentRasterAlgorithm(common.TesseraAlgorithm):
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
-        src = common.raster_source_path(layer)
+        src = layers.raster_source_path(layer)
         model = model_path(self, parameters, context)
         bands = self.parameterAsInts(parameters, "BANDS", context) if hasattr(
             self, "parameterAsInts") else []
         extent = self.parameterAsExtent(parameters, "EXTENT", context, layer.crs())
-        window = common.extent_to_window(layer, extent)
+        window = layers.extent_to_window(layer, extent)
         out_cls = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
         out_conf = self.parameterAsOutputLayer(parameters, self.CONFIDENCE, context) or ""
         out_poly = self.parameterAsOutputLayer(parameters, self.OUTPUT_POLYGONS, context) or ""
@@ -165,7 +166,7 @@ class SegmentRasterAlgorithm(common.TesseraAlgorithm):
                           f"({res['tiles_skipped']} empty, skipped); {res['seconds']:.1f} s")
         for w in res.get("warnings", []):
             feedback.pushWarning(w)
-        classes = common.model_classes(model)
+        classes = engine.model_classes(model)
         name = layer.name()
         common.style_on_load(context, out_cls, "classes", classes, f"{name} classes")
         if out_conf:

@@ -20,6 +20,7 @@ from qgis.core import (
     QgsProcessingParameterVectorLayer,
 )
 
+from ..bridge import engine, layers
 from . import common
 from .segment_raster import tr
 
@@ -117,9 +118,9 @@ class TrainingAlgorithm(common.TesseraAlgorithm):
         kind = DATA_KINDS[self.parameterAsEnum(parameters, "DATA_TYPE", context)]
         if kind == "folder":
             return {"kind": "folder", "root": self.parameterAsFile(parameters, "FOLDER", context)}
-        image = common.raster_source_path(self.parameterAsRasterLayer(parameters, "IMAGE", context))
+        image = layers.raster_source_path(self.parameterAsRasterLayer(parameters, "IMAGE", context))
         if kind == "raster":
-            labels = common.raster_source_path(
+            labels = layers.raster_source_path(
                 self.parameterAsRasterLayer(parameters, "LABELS", context))
             return {"kind": "raster", "image": image, "labels": labels}
         path, layer = vector_source_path(self.parameterAsVectorLayer(parameters, "POLYGONS", context))
@@ -192,7 +193,7 @@ class TrainModelAlgorithm(TrainingAlgorithm):
                 p.setFlags(p.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
             self.addParameter(p)
         self.addParameter(QgsProcessingParameterEnum("DEVICE", tr("Device"),
-                                                     options=common.DEVICES, defaultValue=0))
+                                                     options=engine.DEVICES, defaultValue=0))
         self.addParameter(QgsProcessingParameterString("NAME", tr("Model name"), optional=True))
         p = QgsProcessingParameterFile(
             "CHECKPOINT", tr("Checkpoint folder (resume an interrupted run with the same "
@@ -224,7 +225,7 @@ class TrainModelAlgorithm(TrainingAlgorithm):
             "lr": self.parameterAsDouble(parameters, "LR", context),
             "split": SPLITS[self.parameterAsEnum(parameters, "SPLIT", context)][0],
             "max_minutes": minutes if minutes > 0 else None,
-            "device": common.DEVICES[self.parameterAsEnum(parameters, "DEVICE", context)],
+            "device": engine.DEVICES[self.parameterAsEnum(parameters, "DEVICE", context)],
             "encoder": ENCODERS[self.parameterAsEnum(parameters, "ENCODER", context)],
             "sampling": SAMPLINGS[self.parameterAsEnum(parameters, "SAMPLING", context)][0],
         }

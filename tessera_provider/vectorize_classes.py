@@ -13,6 +13,7 @@ from qgis.core import (
     QgsProcessingParameterVectorDestination,
 )
 
+from ..bridge import layers
 from . import common
 from .segment_raster import add_vector_options, tr, vector_options
 
@@ -64,7 +65,7 @@ class VectorizeClassesAlgorithm(common.TesseraAlgorithm):
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
-        src = common.raster_source_path(layer)
+        src = layers.raster_source_path(layer)
         out = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
         if Path(out).suffix.lower() != ".gpkg":
             raise QgsProcessingException(tr(f"{out}: Tessera writes GeoPackage (.gpkg) files; "

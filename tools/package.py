@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 INCLUDE = ["metadata.txt", "__init__.py", "plugin.py", "README.md", "requirements.txt",
-           "core", "ui", "tessera_provider", "resources"]
+           "core", "bridge", "ui", "tessera_provider", "resources"]
 EXCLUDE_PARTS = {"__pycache__", ".pytest_cache", ".ruff_cache"}
 EXCLUDE_SUFFIXES = {".pyc", ".pyo", ".part"}
 

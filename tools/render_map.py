@@ -41,7 +41,7 @@ def classes_from(model: str | None, layer) -> list[dict]:
     """The classes (id, name, colour): from the model's contract, else by name from PALETTE."""
     if model:
         import_tessera()
-        from tessera.core.model import read_contract
+        from tessera.core.model.files import read_contract
 
         return [{"id": c.id, "name": c.name, "color": c.color} for c in read_contract(model).classes]
     seen = {}
@@ -113,7 +113,7 @@ def render(raster: str, gpkg: str, out_png: str, model: str | None = None, width
     from qgis.PyQt.QtGui import QColor
 
     import_tessera()
-    from tessera.ui.style import style_polygons
+    from tessera.bridge.style import style_polygons
 
     rl = QgsRasterLayer(raster, Path(raster).stem)
     if not rl.isValid():

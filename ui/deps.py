@@ -46,7 +46,7 @@ class _InstallTask(QgsTask):
         self.error: str | None = None
 
     def run(self) -> bool:
-        from ..core.installer import InstallError, install
+        from ..core.jobs.installer import InstallError, install
 
         try:
             install(self.venv, log=self.line.emit)
@@ -81,9 +81,9 @@ class DependencyDialog(QDialog):
         return Path(QgsApplication.qgisSettingsDirPath()) / "tessera" / "venv"
 
     def check(self) -> None:
-        from ..core import client
+        from ..bridge.engine import engine_python
         from ..core.errors import TesseraError
-        from ..tessera_provider.common import engine_python
+        from ..core.jobs import client
 
         try:
             py = engine_python()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -243,7 +242,7 @@ class TesseraDock(QgsDockWidget):
     # -- reactions ---------------------------------------------------------------------------
     def _on_model_changed(self, path: str) -> None:
         from ..core.errors import ModelError
-        from ..core.model import read_contract
+        from ..core.model.files import read_contract
 
         self.contract = None
         self.class_list.clear()
@@ -332,8 +331,8 @@ class TesseraDock(QgsDockWidget):
 
     def detect_devices(self) -> None:
         """Ask the engine (in the background) which GPUs it sees; list each CUDA GPU."""
+        from ..bridge.engine import engine_python
         from ..core.errors import TesseraError
-        from ..tessera_provider.common import engine_python
         from .tasks import EngineTask
 
         try:
@@ -366,7 +365,7 @@ class TesseraDock(QgsDockWidget):
 
     # -- running -----------------------------------------------------------------------------
     def window(self, layer: QgsRasterLayer) -> tuple[int, int, int, int] | None:
-        from ..tessera_provider.common import extent_to_window
+        from ..bridge.layers import extent_to_window
 
         mode = self.extent_mode.currentIndex()
         if mode == 0:
@@ -434,7 +433,3 @@ class TesseraDock(QgsDockWidget):
             self.status.setText(f"Failed: {task.error}")
         self._validate()
 
-
-def fallback_output_dir() -> str:
-    return str(Path(QgsApplication.qgisSettingsDirPath()) / "tessera" / "outputs") \
-        if QgsApplication.qgisSettingsDirPath() else tempfile.gettempdir()

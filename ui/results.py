@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from qgis.core import QgsProject, QgsRasterLayer, QgsVectorLayer
 
-from .style import style_class_raster, style_confidence_raster, style_polygons
+from ..bridge.style import style_class_raster, style_confidence_raster, style_polygons
 
 
 def add_result_layers(result: dict[str, Any], classes: list[dict[str, Any]], source_name: str,
@@ -41,10 +40,3 @@ def add_result_layers(result: dict[str, Any], classes: list[dict[str, Any]], sou
             node.setItemVisibilityChecked(False)
     return added
 
-
-def default_output_dir(source: str, fallback: str) -> str:
-    """Beside the source raster when that folder is writable, else ``fallback``."""
-    import os
-
-    folder = Path(source).parent
-    return str(folder) if os.access(folder, os.W_OK) else fallback

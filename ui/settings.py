@@ -60,7 +60,7 @@ class RunSettings:
 
     def params(self, bands: list[int] | None = None,
                window: tuple[int, int, int, int] | None = None) -> dict[str, Any]:
-        """The worker's ``params`` dict (see :func:`tessera.core.worker.params_from_dict`)."""
+        """The worker's ``params`` dict (see :func:`tessera.core.jobs.worker.params_from_dict`)."""
         return {
             "tile_size": self.tile_size or None,
             "overlap": self.overlap if self.overlap >= 0 else None,

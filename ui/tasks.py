@@ -13,8 +13,8 @@ from typing import Any
 from qgis.core import QgsTask
 from qgis.PyQt.QtCore import pyqtSignal
 
-from ..core import client
 from ..core.errors import CancelledError, TesseraError
+from ..core.jobs import client
 
 
 class EngineTask(QgsTask):
@@ -32,7 +32,7 @@ class EngineTask(QgsTask):
         self.last_event: dict[str, Any] = {}
 
     def run(self) -> bool:
-        from ..tessera_provider.common import progress_text
+        from ..bridge.engine import progress_text
 
         def on_event(ev: dict[str, Any]) -> None:
             if ev.get("event") == "progress":

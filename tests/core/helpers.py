@@ -9,8 +9,8 @@ import rasterio
 import torch
 from affine import Affine
 from rasterio.crs import CRS
-from tessera.core.contract import ModelContract
-from tessera.core.model import TesseraModel
+from tessera.core.model.contract import ModelContract
+from tessera.core.model.files import TesseraModel
 
 CLASSES = [{"id": 0, "name": "Building", "color": "#3C1098"},
            {"id": 1, "name": "Land", "color": "#8429F6"},

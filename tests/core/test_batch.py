@@ -6,10 +6,10 @@ import json
 import pytest
 import rasterio
 from helpers import ConstantModel, model_with, random_rgb, write_raster
-from tessera.core import batch as batchmod
-from tessera.core.batch import find_rasters, segment_folder
 from tessera.core.errors import CancelledError, ParameterError
 from tessera.core.params import SegmentParams, VectorizeParams
+from tessera.core.pipeline import batch as batchmod
+from tessera.core.pipeline.batch import find_rasters, segment_folder
 
 NOVEC = SegmentParams(vectorize=VectorizeParams(enabled=False))
 

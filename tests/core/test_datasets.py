@@ -10,7 +10,8 @@ from helpers import write_raster
 from PIL import Image
 from pyproj import Transformer
 from shapely.geometry import Polygon, box
-from tessera.core.datasets import (
+from tessera.core.errors import BandMismatchError, ParameterError
+from tessera.core.training.datasets import (
     DUBAI_CLASSES,
     IGNORE,
     FolderSource,
@@ -22,7 +23,6 @@ from tessera.core.datasets import (
     source_from_dict,
     split_cells,
 )
-from tessera.core.errors import BandMismatchError, ParameterError
 
 T = Affine(1.0, 0, 500000.0, 0, -1.0, 4000000.0)  # write_raster's default grid (EPSG:32633)
 TABLE = [{"id": 0, "name": "Building", "color": "#3C1098"},

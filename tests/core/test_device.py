@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 from helpers import LocalModel
-from tessera.core.device import Predictor, pick_device
 from tessera.core.errors import DeviceError
+from tessera.core.inference.base import pick_device
+from tessera.core.inference.torch_backend import TorchPredictor as Predictor
 
 
 def _oom_predictor(monkeypatch, fits: int):
@@ -77,7 +78,7 @@ def test_device_requests_that_cannot_be_met_say_so():
 
 
 def test_first_argmax_is_argmax_with_ties_to_the_lowest_class():
-    from tessera.core.device import first_argmax
+    from tessera.core.inference.base import first_argmax
 
     rng = np.random.default_rng(5)
     acc = rng.integers(0, 4, (6, 40, 50)).astype(np.float32)  # many ties

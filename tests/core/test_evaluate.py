@@ -11,10 +11,10 @@ import torch
 from helpers import BrightnessModel, model_with, tiny_unet, write_raster
 from PIL import Image
 from shapely.geometry import box
-from tessera.core import evaluate as ev
 from tessera.core.errors import BandMismatchError, ParameterError
-from tessera.core.evaluate import evaluate_model, metrics_from_confusion
-from tessera.core.worker import run_job
+from tessera.core.jobs.worker import run_job
+from tessera.core.training import evaluate as ev
+from tessera.core.training.evaluate import evaluate_model, metrics_from_confusion
 
 TESSERA = Path(sys.executable).parent / "tessera"
 

@@ -3,7 +3,7 @@
 import subprocess
 
 import pytest
-from tessera.core.installer import InstallError, install, venv_python
+from tessera.core.jobs.installer import InstallError, install, venv_python
 
 
 def test_install_creates_an_isolated_environment(tmp_path):

@@ -17,9 +17,10 @@ sys.meta_path.insert(0, Block())
 
 
 def test_every_core_module_imports_with_qgis_qt_and_osgeo_blocked():
-    mods = sorted(p.stem for p in CORE.glob("*.py") if p.stem != "__init__")
+    mods = sorted(".".join(p.relative_to(CORE).with_suffix("").parts).removesuffix(".__init__")
+                  .removesuffix("__init__") for p in CORE.rglob("*.py"))
     code = BLOCKER + "import importlib\n" + "".join(
-        f"importlib.import_module('tessera.core.{m}')\n" for m in mods) + "print('ok')"
+        f"importlib.import_module('tessera.core{'.' + m if m else ''}')\n" for m in mods) + "print('ok')"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "ok"

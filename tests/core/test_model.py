@@ -8,9 +8,9 @@ import pytest
 import torch
 from helpers import contract_dict, tiny_unet
 from safetensors.torch import save_file
-from tessera.core.contract import ModelContract
 from tessera.core.errors import ModelError, ModelNotFoundError
-from tessera.core.model import META_KEY, TesseraModel, read_contract
+from tessera.core.model.contract import ModelContract
+from tessera.core.model.files import META_KEY, TesseraModel, read_contract
 
 
 def test_contract_round_trip_and_derived_values():

@@ -11,14 +11,17 @@ import pytest
 import rasterio
 import torch
 from helpers import BrightnessModel, model_with, random_rgb, tiny_unet, write_raster
-from tessera.core import onnx_backend as ob
 from tessera.core.cli import main
-from tessera.core.device import Predictor, make_predictor
 from tessera.core.errors import DeviceError, ModelError, ParameterError
-from tessera.core.model import TesseraModel, file_sha256
+from tessera.core.inference import base
+from tessera.core.inference import onnx_backend as ob
+from tessera.core.inference.factory import make_predictor
+from tessera.core.inference.torch_backend import TorchPredictor as Predictor
+from tessera.core.jobs.worker import params_from_dict
+from tessera.core.model import onnx_meta as meta_mod
+from tessera.core.model.files import TesseraModel, file_sha256
 from tessera.core.params import SegmentParams, VectorizeParams
-from tessera.core.segment import segment_raster
-from tessera.core.worker import params_from_dict
+from tessera.core.pipeline.segment import segment_raster
 
 NOVEC = dict(vectorize=VectorizeParams(enabled=False))
 
@@ -67,10 +70,10 @@ def test_export_round_trip_matches_pytorch(tmp_path, saved):
 def test_contract_and_model_hash_are_in_the_metadata(tmp_path, saved):
     out = tmp_path / "m.onnx"
     ob.export_onnx(saved, out, check=False)
-    meta = ob.read_onnx_metadata(out)
-    assert meta[ob.SHA_KEY] == saved.sha256 == file_sha256(tmp_path / "m.safetensors")
-    assert json.loads(meta[ob.CONTRACT_KEY])["name"] == saved.contract.name
-    assert ob.read_onnx_contract(out) == saved.contract
+    meta = meta_mod.read_onnx_metadata(out)
+    assert meta[meta_mod.SHA_KEY] == saved.sha256 == file_sha256(tmp_path / "m.safetensors")
+    assert json.loads(meta[meta_mod.CONTRACT_KEY])["name"] == saved.contract.name
+    assert meta_mod.read_onnx_contract(out) == saved.contract
 
 
 def test_reduced_output_matches_argmax_and_softmax_ties_included():
@@ -80,8 +83,8 @@ def test_reduced_output_matches_argmax_and_softmax_ties_included():
     logits[0, :, 1, :5] = -5.0
     logits[0, 1:4, 1, :5] = 2.5          # a three-way tie among classes 1..3
     logits[1, 2, 3, 4] = 90.0            # exp would overflow without subtracting the max
-    probs = ob._softmax(logits)
-    red = ob.reduce_logits(logits.copy())
+    probs = base.softmax(logits)
+    red = base.reduce_logits(logits.copy())
     assert red.shape == (3, 2, 33, 47) and red.dtype == np.uint8
     assert (red[:, 0] == logits.argmax(axis=1)).all()
     assert (red[0, 0, 0, :5] == 0).all() and (red[0, 0, 1, :5] == 1).all()
@@ -89,7 +92,7 @@ def test_reduced_output_matches_argmax_and_softmax_ties_included():
     assert red[1, 0, 3, 4] == 2 and red[1, 1, 3, 4] == 255
     expected = np.clip(np.rint(probs.max(axis=1) * 255), 1, 255)
     assert np.abs(red[:, 1].astype(int) - expected).max() <= 1
-    bare = ob.reduce_logits(logits.copy(), confidence=False)
+    bare = base.reduce_logits(logits.copy(), confidence=False)
     assert (bare[:, 0] == red[:, 0]).all() and not bare[:, 1].any()
 
 
@@ -174,7 +177,7 @@ def test_cache_is_reused_and_stale_or_tampered_files_are_rebuilt(tmp_path, saved
     with caplog.at_level(logging.WARNING):
         ob.onnx_for(saved, cache)
     assert "another model" in caplog.text
-    assert ob.read_onnx_metadata(path)[ob.SHA_KEY] == sha
+    assert meta_mod.read_onnx_metadata(path)[meta_mod.SHA_KEY] == sha
 
     # tampered: bytes changed in place
     caplog.clear()
@@ -236,7 +239,7 @@ def test_cli_export_onnx_and_backend_option(tmp_path, saved, capsys):
     assert main(["-q", "export-onnx", str(model), str(out)]) == 0
     text = capsys.readouterr().out
     assert "max abs difference" in text and "classes agree" in text
-    assert ob.read_onnx_contract(out) == saved.contract
+    assert meta_mod.read_onnx_contract(out) == saved.contract
     assert main(["-q", "export-onnx", str(model), str(tmp_path / "n.onnx"), "--no-check",
                  "--opset", "18", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
@@ -270,7 +273,7 @@ def test_a_cached_graph_runs_without_importing_torch(tmp_path):
     import subprocess
     import sys
 
-    from tessera.core.device import gpu_possible
+    from tessera.core.inference.base import gpu_possible
 
     if gpu_possible():
         pytest.skip("this machine may have a GPU: auto would ask torch")
@@ -279,7 +282,7 @@ def test_a_cached_graph_runs_without_importing_torch(tmp_path):
     env = dict(os.environ, TESSERA_CACHE=str(tmp_path / "cache"))
     code = (
         "import sys\n"
-        "from tessera.core.segment import segment_raster\n"
+        "from tessera.core.pipeline.segment import segment_raster\n"
         "from tessera.core.params import SegmentParams, VectorizeParams\n"
         "r = segment_raster(sys.argv[1], sys.argv[2], sys.argv[3],\n"
         "                   SegmentParams(backend=sys.argv[4], vectorize=VectorizeParams(enabled=False)))\n"
@@ -306,9 +309,9 @@ def test_onnx_metadata_is_read_without_the_onnx_package(tmp_path, saved, monkeyp
     ob.export_onnx(saved, tmp_path / "m.onnx", check=False)
     expected = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
     _hide_onnxruntime(monkeypatch, "onnx")
-    meta = ob.read_onnx_metadata(tmp_path / "m.onnx")
-    assert meta == expected and set(meta) == {ob.CONTRACT_KEY, ob.SHA_KEY}
-    assert ob.read_onnx_contract(tmp_path / "m.onnx").name == saved.contract.name
+    meta = meta_mod.read_onnx_metadata(tmp_path / "m.onnx")
+    assert meta == expected and set(meta) == {meta_mod.CONTRACT_KEY, meta_mod.SHA_KEY}
+    assert meta_mod.read_onnx_contract(tmp_path / "m.onnx").name == saved.contract.name
     # broken files are refused with the file named, never half-read
     data = (tmp_path / "m.onnx").read_bytes()
     (tmp_path / "cut.onnx").write_bytes(data[: len(data) // 2])
@@ -316,7 +319,7 @@ def test_onnx_metadata_is_read_without_the_onnx_package(tmp_path, saved, monkeyp
     (tmp_path / "empty.onnx").write_bytes(b"")
     for name in ("cut.onnx", "text.onnx", "empty.onnx"):
         with pytest.raises(ModelError, match=rf"{name}: not a readable ONNX file"):
-            ob.read_onnx_metadata(tmp_path / name)
+            meta_mod.read_onnx_metadata(tmp_path / name)
 
 
 def test_tiles_run_side_by_side_give_what_one_run_gives(tmp_path, saved):

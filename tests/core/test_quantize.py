@@ -10,13 +10,13 @@ import pytest
 import rasterio
 import torch
 from helpers import model_with, tiny_unet, write_raster
-from tessera.core import quantize as qz
 from tessera.core.cli import main
-from tessera.core.device import make_predictor
 from tessera.core.errors import ModelError, ParameterError, RasterReadError
-from tessera.core.model import TesseraModel, file_sha256
+from tessera.core.inference.factory import make_predictor
+from tessera.core.model.files import TesseraModel, file_sha256
 from tessera.core.params import SegmentParams, VectorizeParams
-from tessera.core.segment import segment_raster
+from tessera.core.pipeline.segment import segment_raster
+from tessera.core.training import quantize as qz
 
 NOVEC = dict(vectorize=VectorizeParams(enabled=False))
 

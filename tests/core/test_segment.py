@@ -19,7 +19,6 @@ from helpers import (
     tiny_unet,
     write_raster,
 )
-from tessera.core import segment as segmod
 from tessera.core.errors import (
     BandMismatchError,
     CancelledError,
@@ -31,10 +30,11 @@ from tessera.core.errors import (
     RasterReadError,
     TesseraError,
 )
-from tessera.core.normalize import normalize
 from tessera.core.params import SegmentParams, VectorizeParams
-from tessera.core.segment import RowBand, segment_raster
-from tessera.core.tiling import TileGrid
+from tessera.core.pipeline import segment as segmod
+from tessera.core.pipeline.normalize import normalize
+from tessera.core.pipeline.segment import RowBand, segment_raster
+from tessera.core.pipeline.tiling import TileGrid
 
 NOVEC = VectorizeParams(enabled=False)
 
@@ -448,7 +448,7 @@ def test_pixel_size_and_dtype_warnings(tmp_path):
 
 def test_overlap_zero_takes_each_pixel_from_the_one_tile_owning_it(tmp_path):
     """overlap 0: no float accumulators; the last tiles, shorter, split shared pixels midway."""
-    from tessera.core.device import make_predictor
+    from tessera.core.inference.factory import make_predictor
 
     h, w = 150, 230
     data = random_rgb(h, w, seed=7)

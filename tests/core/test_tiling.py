@@ -4,13 +4,7 @@ import itertools
 
 import numpy as np
 import pytest
-from tessera.core.tiling import (
-    TileGrid,
-    axis_tiles,
-    axis_weights,
-    padded_size,
-    true_runs,
-)
+from tessera.core.pipeline.tiling import TileGrid, axis_tiles, axis_weights, padded_size, true_runs
 
 
 @pytest.mark.parametrize("length,tile,overlap,multiple", [

@@ -23,13 +23,9 @@ from tessera.core.errors import (
 )
 from tessera.core.params import VectorizeParams
 from tessera.core.progress import Progress
-from tessera.core.vectorize import (
-    geodesic_area_m2,
-    iter_class_polygons,
-    pixel_area_m2,
-    vectorize_raster,
-    write_polygons,
-)
+from tessera.core.vectorize.area import geodesic_area_m2, pixel_area_m2
+from tessera.core.vectorize.gpkg import vectorize_raster, write_polygons
+from tessera.core.vectorize.polygonize import iter_class_polygons
 
 T = Affine(2.0, 0, 500000.0, 0, -2.0, 4000000.0)  # UTM 33N, 2 m pixels
 NAMES = {0: "Land", 1: "Building", 2: "Water"}
@@ -217,7 +213,7 @@ def record_writes(monkeypatch, measure) -> list:
 
 
 def test_flushing_at_every_strip_writes_the_same_polygons(tmp_path, monkeypatch):
-    import tessera.core.vectorize as vz
+    import tessera.core.vectorize.gpkg as vz
 
     a = blocky(3, 97, 83, 4, 3)
     src = write_raster(tmp_path / "c.tif", a)
@@ -588,7 +584,7 @@ def test_memory_guard_cuts_only_huge_open_regions(tmp_path, caplog):
 
 
 def test_strips_end_at_the_breaks_in_equal_parts():
-    from tessera.core.vectorize import _strip_bounds
+    from tessera.core.vectorize.polygonize import _strip_bounds
 
     assert _strip_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
     # tile rows ending at 512, 1024...: each cut in two equal strips of at most 488 rows
@@ -601,7 +597,7 @@ def test_strips_end_at_the_breaks_in_equal_parts():
 
 
 def test_strips_cut_at_breaks_give_the_same_polygons(tmp_path):
-    from tessera.core.vectorize import write_polygons
+    from tessera.core.vectorize.gpkg import write_polygons
 
     a = blocky(5, 101, 77, 4, 3)
     src = write_raster(tmp_path / "c.tif", a)
@@ -621,7 +617,7 @@ def test_regions_open_to_the_last_strip_are_merged_side_by_side(tmp_path, monkey
     cores are free then); the polygons are those of one pass."""
     import threading
 
-    import tessera.core.vectorize as vz
+    import tessera.core.vectorize.polygonize as vz
 
     a = np.repeat(np.repeat(np.array([[0, 1, 2, 0, 1, 2, 0]], np.uint8), 40, axis=0), 5, axis=1)
     a[10:14, 1:3] = 1  # a hole in the first stripe
@@ -642,7 +638,7 @@ def test_regions_open_to_the_last_strip_are_merged_side_by_side(tmp_path, monkey
 def test_polygons_are_written_at_the_breaks(tmp_path, monkeypatch):
     """At each break (the end of the engine's tile row) the polygons found so far are written
     once there are BREAK_FLUSH of them, so little is left to write after the last tile."""
-    import tessera.core.vectorize as vz
+    import tessera.core.vectorize.gpkg as vz
 
     a = blocky(5, 101, 77, 4, 3)
     writes = []
@@ -667,7 +663,7 @@ def test_polygons_are_written_at_the_breaks(tmp_path, monkeypatch):
 
 
 def test_a_large_flush_is_written_in_pieces_of_bounded_vertices(tmp_path, monkeypatch):
-    import tessera.core.vectorize as vz
+    import tessera.core.vectorize.gpkg as vz
 
     a = blocky(3, 97, 83, 4, 3)
     src = write_raster(tmp_path / "c.tif", a)
@@ -689,7 +685,7 @@ def test_a_large_flush_is_written_in_pieces_of_bounded_vertices(tmp_path, monkey
 
 
 def test_pieces_hold_at_most_the_limit_and_cover_every_polygon():
-    from tessera.core.vectorize import _pieces
+    from tessera.core.vectorize.gpkg import _pieces
 
     assert _pieces(np.zeros(0, int), 10) == [(0, 0)]
     assert _pieces(np.array([4, 4, 4, 30, 1, 9, 2]), 10) == [(0, 2), (2, 3), (3, 4), (4, 6),

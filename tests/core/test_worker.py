@@ -7,12 +7,12 @@ import sys
 import pytest
 from helpers import random_rgb, tiny_unet, write_raster
 from tessera.core.errors import ParameterError
+from tessera.core.jobs.worker import params_from_dict, params_to_dict
 from tessera.core.params import SegmentParams, VectorizeParams
-from tessera.core.worker import params_from_dict, params_to_dict
 
 
 def start(job):
-    p = subprocess.Popen([sys.executable, "-m", "tessera.core.worker"], stdin=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "-m", "tessera.core.jobs.worker"], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     p.stdin.write(json.dumps(job) + "\n")
     p.stdin.flush()

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from affine import Affine
 from helpers import contract_dict, random_rgb, write_raster
-from tessera.core.contract import ModelContract
-from tessera.core.model import TesseraModel
+from tessera.core.model.contract import ModelContract
+from tessera.core.model.files import TesseraModel
 
 out = Path(sys.argv[1])
 # A tiny real U-Net whose output is known: every weight of the segmentation head is zero and
@@ -57,7 +57,7 @@ write_raster(folder / "a.tif", random_rgb(50, 60, seed=1), crs="EPSG:32618")
 write_raster(folder / "b.tif", random_rgb(40, 70, seed=2), crs="EPSG:32618")
 (folder / "broken.tif").write_bytes(b"II*\x00 not really a tiff")
 # its int8 version (calibrated on the scene; forced: the CI machine's CPU is not known)
-from tessera.core.quantize import quantize_model
+from tessera.core.training.quantize import quantize_model
 quantize_model(TesseraModel.load(out / "water.safetensors"), out / "water_int8.onnx",
                [out / "scene.tif"], n_tiles=2, force=True)
 print("ok")

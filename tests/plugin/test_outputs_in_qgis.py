@@ -23,7 +23,7 @@ def outputs(tmp_path_factory):
         "import sys; sys.path.insert(0, sys.argv[2])\n"
         "from pathlib import Path\nimport numpy as np\nfrom affine import Affine\n"
         "from helpers import model_with, write_raster, BrightnessModel\n"
-        "from tessera.core.segment import segment_raster\n"
+        "from tessera.core.pipeline.segment import segment_raster\n"
         "from tessera.core.params import SegmentParams\n"
         "out = Path(sys.argv[1])\n"
         "data = np.full((3, 60, 80), 200, np.uint8)\n"

@@ -26,7 +26,8 @@ def profile(tmp_path_factory):
         names = z.namelist()
         assert all(n.startswith("tessera/") for n in names)
         assert not any("/tests/" in n or "/.venv/" in n or n.endswith(".pyc") for n in names)
-        assert "tessera/metadata.txt" in names and "tessera/core/segment.py" in names
+        assert "tessera/metadata.txt" in names and "tessera/core/pipeline/segment.py" in names
+        assert "tessera/bridge/engine.py" in names
         prof = base / "profiles" / "default"
         (prof / "python" / "plugins").mkdir(parents=True)
         z.extractall(prof / "python" / "plugins")

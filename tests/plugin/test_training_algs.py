@@ -41,7 +41,7 @@ import numpy as np
 from affine import Affine
 from PIL import Image
 from helpers import random_rgb, write_raster
-from tessera.core.train import DUBAI_CLASSES
+from tessera.core.training.train import DUBAI_CLASSES
 
 out = Path(sys.argv[1])
 colors = np.array([[int(c[i:i + 2], 16) for i in (1, 3, 5)] for _, c in DUBAI_CLASSES], np.uint8)
@@ -181,7 +181,7 @@ def test_non_file_polygon_layers_are_refused_with_the_reason(plugin, train_data,
 
 
 def test_train_model_on_a_dubai_folder_writes_a_loadable_model(plugin, train_data, tmp_path):
-    from tessera.core.model import read_contract
+    from tessera.core.model.files import read_contract
 
     out = tmp_path / "models" / "tiny.safetensors"
     fb = Recorder()
@@ -198,7 +198,7 @@ def test_train_model_on_a_dubai_folder_writes_a_loadable_model(plugin, train_dat
 
 
 def test_train_model_on_a_raster_and_its_label_raster(plugin, train_data, tmp_path):
-    from tessera.core.model import read_contract
+    from tessera.core.model.files import read_contract
 
     out = tmp_path / "r.safetensors"
     res = run_alg("tessera:train_model", dict(
@@ -210,7 +210,7 @@ def test_train_model_on_a_raster_and_its_label_raster(plugin, train_data, tmp_pa
 
 
 def test_train_model_on_a_raster_and_a_polygon_layer(plugin, train_data, tmp_path):
-    from tessera.core.model import read_contract
+    from tessera.core.model.files import read_contract
 
     layer = polygon_gpkg(tmp_path / "labels.gpkg")
     out = tmp_path / "v.safetensors"

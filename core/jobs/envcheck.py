@@ -1,6 +1,6 @@
 """Check that the Python environment can run Tessera; print what it found.
 
-Run as ``python -m tessera.core.envcheck``. Exits non-zero with a one-line reason when a
+Run as ``python -m tessera.core.jobs.envcheck``. Exits non-zero with a one-line reason when a
 known trap is present (numpy 2 beside Debian's compiled packages, a broken ``affine``).
 """
 

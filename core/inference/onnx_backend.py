@@ -8,11 +8,11 @@
   (``$TESSERA_CACHE/onnx``, else ``$XDG_CACHE_HOME/tessera/onnx``, else
   ``~/.cache/tessera/onnx``) as ``<model sha256>.onnx`` with a ``<model sha256>.json``
   sidecar; a cached file is reused only if it is intact and belongs to that model.
-* :class:`OrtPredictor` has the interface of :class:`.device.Predictor` and runs the graph
+* :class:`OrtPredictor` implements :class:`.base.Predictor` and runs the graph
   with ONNX Runtime's CPU execution provider.
 
 ``onnx`` and ``onnxruntime`` are optional: nothing here is imported by the engine until a
-predictor is made, and :func:`.device.make_predictor` falls back to PyTorch without them.
+predictor is made, and :func:`.factory.make_predictor` falls back to PyTorch without them.
 """
 
 from __future__ import annotations
@@ -30,15 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from .contract import ModelContract
-from .device import DeviceInfo, Pending, first_argmax
-from .errors import DeviceError, ModelError, OutputError
-from .model import TesseraModel, file_sha256
+from ..errors import DeviceError, ModelError, OutputError
+from ..io.atomic import atomic_file
+from ..model.contract import ModelContract
+from ..model.files import TesseraModel, file_sha256
+from ..model.onnx_meta import CONTRACT_KEY, SHA_KEY, read_onnx_metadata
+from .base import DeviceInfo, Pending, reduce_logits, softmax
 
 log = logging.getLogger(__name__)
 
-CONTRACT_KEY = "tessera.contract"
-SHA_KEY = "tessera.model_sha256"
 DEFAULT_OPSET = 17
 INSTALL_HINT = ("install it into Tessera's Python environment with "
                 "'python -m pip install onnx==1.23.1 onnxruntime==1.30.0', or use the "
@@ -87,14 +87,6 @@ def _model_sha(model: TesseraModel) -> str | None:
     if model.path is not None and model.path.is_file():
         return file_sha256(model.path)
     return None
-
-
-def _softmax(logits: np.ndarray, inplace: bool = False) -> np.ndarray:
-    z = logits if inplace else logits.copy()
-    z -= z.max(axis=1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
-    return z
 
 
 def _sample_shape(contract: ModelContract, batch: int = 2) -> tuple[int, int, int, int]:
@@ -148,7 +140,7 @@ def check_onnx(model: TesseraModel, source: str | Path | bytes,
     x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
     src = source if isinstance(source, bytes) else str(source)
     sess = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
-    p_ort = _softmax(sess.run(["logits"], {"input": x})[0].astype(np.float32))
+    p_ort = softmax(sess.run(["logits"], {"input": x})[0].astype(np.float32))
     module = model.module
     try:
         dev = next(iter(module.parameters())).device
@@ -185,8 +177,7 @@ def export_onnx(model: TesseraModel | str | Path, out: str | Path, opset: int = 
     meta = {CONTRACT_KEY: m.contract.to_json()}
     if sha:
         meta[SHA_KEY] = sha
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_file(out) as tmp:
         try:
             _export_graph(m.module, m.contract, tmp, opset, meta)
         except OSError as exc:
@@ -197,98 +188,9 @@ def export_onnx(model: TesseraModel | str | Path, out: str | Path, opset: int = 
         res: dict[str, Any] = {"path": str(out), "opset": opset, "model_sha256": sha}
         if check:
             res.update(check_onnx(m, tmp))
-        tmp.replace(out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     res["onnx_sha256"] = file_sha256(out)
     res["seconds"] = round(time.perf_counter() - t0, 3)
     return res
-
-
-def read_onnx_metadata(path: str | Path) -> dict[str, str]:
-    """The ``metadata_props`` of an ONNX file (raises :class:`ModelError` if it is unreadable).
-
-    Read straight from the protobuf wire format (the graph is skipped, not parsed), so it needs
-    neither the ``onnx`` package nor memory for the weights: the QGIS panel uses it to show an
-    ONNX model's contract.
-    """
-    import mmap
-
-    path = Path(path)
-    try:
-        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _metadata_props(buf)
-    except (OSError, ValueError, IndexError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path}: not a readable ONNX file ({type(exc).__name__}: {exc})",
-                         path) from exc
-
-
-def _varint(buf: Any, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        b = buf[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return value, i
-        shift += 7
-        if shift > 63:
-            raise ValueError("malformed varint")
-
-
-def _fields(buf: Any, start: int, end: int) -> Any:
-    """Top-level ``(field number, wire type, value or (offset, length))`` of a protobuf message."""
-    i = start
-    while i < end:
-        key, i = _varint(buf, i)
-        num, wt = key >> 3, key & 7
-        if wt == 0:
-            v, i = _varint(buf, i)
-            yield num, wt, v
-        elif wt == 1:
-            i += 8
-        elif wt == 2:
-            n, i = _varint(buf, i)
-            if i + n > end:
-                raise ValueError("a field runs past the end of the file")
-            yield num, wt, (i, n)
-            i += n
-        elif wt == 5:
-            i += 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wt}")
-    if i != end:
-        raise ValueError("truncated message")
-
-
-def _metadata_props(buf: Any) -> dict[str, str]:
-    """ModelProto field 14: repeated StringStringEntryProto {key = 1, value = 2}."""
-    out: dict[str, str] = {}
-    seen_graph = False
-    for num, wt, v in _fields(buf, 0, len(buf)):
-        if num == 7 and wt == 2:
-            seen_graph = True
-        if num == 14 and wt == 2:
-            off, n = v
-            key = value = ""
-            for f, fwt, fv in _fields(buf, off, off + n):
-                if fwt == 2 and f in (1, 2):
-                    text = bytes(buf[fv[0]:fv[0] + fv[1]]).decode("utf-8")
-                    key, value = (text, value) if f == 1 else (key, text)
-            out[key] = value
-    if not seen_graph:
-        raise ValueError("no graph in it")
-    return out
-
-
-def read_onnx_contract(path: str | Path) -> ModelContract:
-    """The Tessera contract stored in an ONNX file's metadata."""
-    meta = read_onnx_metadata(path)
-    if CONTRACT_KEY not in meta:
-        raise ModelError(f"{path}: an ONNX file without a Tessera contract (metadata key "
-                         f"'{CONTRACT_KEY}' is missing)", path)
-    return ModelContract.from_json(meta[CONTRACT_KEY], source=str(path))
 
 
 def _cache_problem(onnx_path: Path, side: Path, sha: str) -> str | None:
@@ -356,12 +258,10 @@ def onnx_for(model: TesseraModel | str | Path, cache_dir: str | Path | None = No
               "onnxruntime": onnxruntime.__version__,
               "max_abs_diff": res.get("max_abs_diff"),
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    tmp = side.with_name(f".{side.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
-        tmp.replace(side)
+        with atomic_file(side) as tmp:
+            tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise OutputError(f"{side}: cannot write the ONNX cache record: {exc}", side) from exc
     log.info("ONNX graph of '%s' exported to %s in %.1f s (max prob. difference %.2g)",
              m.contract.name, onnx_path, res["seconds"], res.get("max_abs_diff", float("nan")))
@@ -397,32 +297,8 @@ def _default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def reduce_logits(logits: np.ndarray, confidence: bool = True) -> np.ndarray:
-    """``(B, K, H, W)`` float32 logits → ``(B, 2, H, W)`` uint8: the winning class (the first
-    of equal maxima, as ``argmax``) and its softmax probability x 255 (1..255; 0 everywhere
-    when ``confidence`` is false: the exponentials are then skipped). Works in place on
-    ``logits``. This runs on every pixel between two model runs, so it is kept to a few
-    passes: the arg-max comes from the maximum by equality tests, a third cheaper than
-    ``argmax`` along the class axis."""
-    b, k, h, w = logits.shape
-    out = np.empty((b, 2, h, w), np.uint8)
-    mx = logits.max(axis=1)
-    first_argmax([logits[:, j] for j in range(k)], mx, out[:, 0])
-    if not confidence:
-        out[:, 1] = 0
-        return out
-    np.subtract(logits, mx[:, None], out=logits)
-    np.exp(logits, out=logits)
-    conf = logits.sum(axis=1)  # 1 / the max probability
-    np.divide(np.float32(255.0), conf, out=conf)
-    np.rint(conf, out=conf)
-    np.clip(conf, 1, 255, out=conf)
-    out[:, 1] = conf
-    return out
-
-
 class OrtPredictor:
-    """Runs an ONNX graph with ONNX Runtime on the CPU; the interface of :class:`.device.Predictor`.
+    """Runs an ONNX graph with ONNX Runtime on the CPU; a :class:`.base.Predictor`.
 
     ``predict`` takes ``(B, C, H, W)`` float32 numpy and returns ``(B, K, H, W)`` float32
     probabilities, or with ``reduce`` ``(B, 2, H, W)`` uint8 (winning class, its probability
@@ -487,7 +363,7 @@ class OrtPredictor:
         if logits.dtype != np.float32:
             logits = logits.astype(np.float32)
         if not reduce:
-            return _softmax(logits, inplace=True)
+            return softmax(logits, inplace=True)
         return reduce_logits(logits, confidence)
 
     def submit(self, batch: np.ndarray, reduce: bool = False,

@@ -5,17 +5,14 @@ Everything else in the engine works on arrays, windows, transforms and CRSs.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import uuid
-from collections.abc import Iterator
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import OutputError, RasterNotFoundError, RasterReadError
+from ..errors import RasterNotFoundError, RasterReadError
 
 log = logging.getLogger(__name__)
 
@@ -123,47 +120,6 @@ def read_window(ds: Any, bands: tuple[int, ...], row: int, col: int, height: int
     return data, valid
 
 
-def temp_path(final: Path) -> Path:
-    """A unique temporary name beside ``final`` (same folder, so the rename is atomic)."""
-    return final.with_name(f".{final.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part{final.suffix}")
-
-
-def check_writable_dir(folder: Path) -> None:
-    """Create ``folder`` if needed; raise :class:`OutputError` if it cannot be written."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"{folder}: cannot create the output folder ({exc.strerror})",
-                          folder) from exc
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"{folder}: the output folder is not writable", folder)
-
-
-@contextlib.contextmanager
-def atomic_outputs(*finals: Path) -> Iterator[list[Path]]:
-    """Yield temporary paths for ``finals``; on success rename each to its final name.
-
-    On any exception (cancel included) the temporaries are deleted and no final name is
-    touched. Sidecars GDAL writes beside a temporary (``.aux.xml``) follow it.
-    """
-    temps = [temp_path(f) for f in finals]
-    try:
-        yield temps
-        for t, f in zip(temps, finals):
-            if t.exists():
-                aux = t.with_name(t.name + ".aux.xml")
-                if aux.exists():
-                    aux.replace(f.with_name(f.name + ".aux.xml"))
-                t.replace(f)
-    except BaseException:
-        for t in temps:
-            for p in (t, t.with_name(t.name + ".aux.xml"), t.with_name(t.name + "-journal"),
-                      t.with_name(t.name + "-wal"), t.with_name(t.name + "-shm")):
-                with contextlib.suppress(OSError):
-                    p.unlink()
-        raise
-
-
 def write_category_names(tif: Path, names: list[str]) -> None:
     """Write GDAL category names for band 1 as a PAM sidecar (``<tif>.aux.xml``).
 
@@ -175,3 +131,18 @@ def write_category_names(tif: Path, names: list[str]) -> None:
     xml = (f'<PAMDataset>\n  <PAMRasterBand band="1">\n    <CategoryNames>{cats}</CategoryNames>\n'
            f"  </PAMRasterBand>\n</PAMDataset>\n")
     tif.with_name(tif.name + ".aux.xml").write_text(xml, encoding="utf-8")
+
+
+def pixel_size_m(ds: Any) -> float | None:
+    """Approximate pixel width in metres (degrees converted at the raster's centre)."""
+    crs = ds.crs
+    if crs is None:
+        return None
+    px = abs(ds.transform.a)
+    try:
+        if crs.is_geographic:
+            lat = (ds.bounds.top + ds.bounds.bottom) / 2
+            return px * 111_320.0 * math.cos(math.radians(lat))
+        return px * float(crs.linear_units_factor[1])
+    except (ValueError, TypeError, AttributeError):
+        return None

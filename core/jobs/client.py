@@ -17,8 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import errors as _errors
-from .errors import CancelledError, TesseraError
+from .. import errors as _errors
+from ..errors import CancelledError, TesseraError
 
 #: Environment variables of the host (QGIS) that must not leak into the engine's Python: they
 #: point the pip rasterio/pyproj at QGIS's older GDAL/PROJ data (or the reverse).
@@ -33,13 +33,13 @@ class EngineNotFoundError(TesseraError, FileNotFoundError):
 def package_root() -> tuple[Path, str]:
     """``(folder to put on PYTHONPATH, package name)`` of this Tessera installation.
 
-    Taken from how this module was imported (``tessera.core.client`` → the folder holding the
+    Taken from how this module was imported (``tessera.core.jobs.client`` → the folder holding the
     ``tessera`` package, symlinks not resolved), so the worker imports the very same code.
     """
     top = __name__.split(".")[0]
     pkg = sys.modules.get(top)
     paths = list(getattr(pkg, "__path__", []) or [])
-    pkg_dir = Path(paths[0]) if paths else Path(__file__).parent
+    pkg_dir = Path(paths[0]) if paths else Path(__file__).resolve().parents[2]
     return pkg_dir.parent, pkg_dir.name
 
 
@@ -55,7 +55,7 @@ def candidate_pythons(settings_dir: str | Path | None = None) -> list[Path]:
     if settings_dir:
         base = Path(settings_dir) / "tessera" / "venv"
         out.append(base / ("Scripts/python.exe" if os.name == "nt" else "bin/python"))
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     out.append(root / ".venv" / ("Scripts/python.exe" if os.name == "nt" else "bin/python"))
     return out
 

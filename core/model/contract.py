@@ -32,7 +32,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import ModelError
+from ..errors import ModelError
 
 FORMAT = "tessera-model"
 FORMAT_VERSION = 1

@@ -1,6 +1,6 @@
 """Run one engine job in its own process, talking JSON lines (used by the QGIS plugin).
 
-    python -m tessera.core.worker            (reads the job from stdin)
+    python -m tessera.core.jobs.worker            (reads the job from stdin)
 
 Protocol. The first stdin line is the job, a JSON object::
 
@@ -53,8 +53,8 @@ import sys
 import threading
 from typing import Any, TextIO
 
-from .errors import CancelledError, ParameterError, TesseraError
-from .params import SegmentParams, VectorizeParams
+from ..errors import CancelledError, ParameterError, TesseraError
+from ..params import SegmentParams, VectorizeParams
 
 
 def params_from_dict(d: dict[str, Any] | None) -> SegmentParams:
@@ -142,7 +142,7 @@ def run_job(job: dict[str, Any], emit: Any, cancel: Any) -> dict[str, Any]:
     if op == "segment":
         from pathlib import Path
 
-        from .segment import OutputPaths, segment_raster
+        from ..pipeline.segment import OutputPaths, segment_raster
 
         outputs = None
         if job.get("outputs"):
@@ -156,7 +156,7 @@ def run_job(job: dict[str, Any], emit: Any, cancel: Any) -> dict[str, Any]:
                              progress=progress, cancel=cancel, outputs=outputs)
         return res.to_dict()
     if op == "batch":
-        from .batch import segment_folder
+        from ..pipeline.batch import segment_folder
 
         rep = segment_folder(job["folder"], job["model"], job["out_dir"],
                              params_from_dict(job.get("params")),
@@ -170,7 +170,7 @@ def run_job(job: dict[str, Any], emit: Any, cancel: Any) -> dict[str, Any]:
                 "done": rep.count("done"), "skipped": rep.count("skipped"),
                 "failed": rep.count("failed")}
     if op == "vectorize":
-        from .vectorize import vectorize_raster
+        from ..vectorize.gpkg import vectorize_raster
 
         v = vectorize_raster(job["raster"], job["out"],
                              VectorizeParams(**_tuples(job.get("params") or {})),
@@ -179,8 +179,8 @@ def run_job(job: dict[str, Any], emit: Any, cancel: Any) -> dict[str, Any]:
                 "area_m2_by_class": {str(k): a for k, a in v.area_m2_by_class.items()},
                 "seconds": v.seconds}
     if op == "train":
-        from .datasets import source_from_dict
-        from .train import train, train_params_from_dict
+        from ..training.datasets import source_from_dict
+        from ..training.train import train, train_params_from_dict
 
         _require(job, "data", "out")
         return train(source_from_dict(job["data"]), job["out"],
@@ -189,8 +189,8 @@ def run_job(job: dict[str, Any], emit: Any, cancel: Any) -> dict[str, Any]:
                      classes=job.get("classes") or None, pixel_size_m=job.get("pixel_size_m"),
                      progress=progress, cancel=cancel)
     if op == "evaluate":
-        from .datasets import source_from_dict
-        from .evaluate import evaluate_model
+        from ..training.datasets import source_from_dict
+        from ..training.evaluate import evaluate_model
 
         _require(job, "model", "data")
         res = evaluate_model(job["model"], source_from_dict(job["data"]),
@@ -214,7 +214,7 @@ def _require(job: dict[str, Any], *keys: str) -> None:
 def main(stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     stdin = stdin or sys.stdin
     emit = _Emitter(stdout or sys.stdout)
-    from .rasterio_io import limit_malloc_arenas
+    from ..io.raster import limit_malloc_arenas
 
     limit_malloc_arenas()
     cancelled = threading.Event()

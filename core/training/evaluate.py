@@ -1,7 +1,7 @@
 """Evaluate a model on labelled imagery: confusion matrix, accuracy, IoU, precision, recall.
 
 Every labelled image of a :mod:`.datasets` source is segmented in memory with the engine's
-own tiling and smooth blending (:class:`.tiling.TileGrid`, :class:`.device.Predictor`, the
+own tiling and smooth blending (:class:`.tiling.TileGrid`, :class:`.base.Predictor`, the
 contract's tile size, overlap and normalization — what ``tessera segment`` does), then compared
 with its labels. Unannotated pixels (label 255, nodata in the label raster, outside every
 polygon, or nodata in the image) do not count.
@@ -32,39 +32,20 @@ from typing import Any
 
 import numpy as np
 
-from .contract import ModelContract
-from .datasets import IGNORE, DataSource, FolderSource, as_source, load_dataset
-from .errors import BandMismatchError, OutputError, ParameterError
-from .model import TesseraModel
-from .normalize import normalize
-from .progress import CancelFn, Meter, Progress, ProgressFn, check_cancel
-from .tiling import TileGrid, pad_tile, padded_size
+from ..errors import BandMismatchError, OutputError, ParameterError
+from ..io.atomic import atomic_file
+from ..model.contract import ModelContract
+from ..model.files import TesseraModel
+from ..pipeline.normalize import normalize
+from ..pipeline.tiling import TileGrid, pad_tile, padded_size
+from ..progress import CancelFn, Meter, Progress, ProgressFn, check_cancel
+from .datasets import DataSource, FolderSource, as_source, load_dataset
+from .metrics import IGNORE, MEAN_IOU_DEFINITION, confusion, metrics_from_confusion
 
 log = logging.getLogger(__name__)
 
 #: Images above this size are refused (each is segmented in memory).
 MAX_EVAL_MPX = 100.0
-MEAN_IOU_DEFINITION = ("mean of per-class IoU over the classes present in the truth or the "
-                       "prediction; unannotated pixels are ignored")
-
-
-def metrics_from_confusion(cm: np.ndarray) -> dict[str, Any]:
-    """``accuracy``, ``mean_iou`` (floats) and per-class ``iou``, ``precision``, ``recall``
-    (float arrays, NaN where undefined) of a confusion matrix (rows = truth)."""
-    cm = np.asarray(cm, dtype=np.int64)
-    tp = np.diag(cm).astype(np.float64)
-    truth, pred = cm.sum(1).astype(np.float64), cm.sum(0).astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        union = truth + pred - tp
-        iou = np.where(union > 0, tp / union, np.nan)
-        precision = np.where(pred > 0, tp / pred, np.nan)
-        recall = np.where(truth > 0, tp / truth, np.nan)
-    total = cm.sum()
-    return {"accuracy": float(tp.sum() / total) if total else float("nan"),
-            "mean_iou": float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
-            "iou": iou, "precision": precision, "recall": recall}
-
-
 def _num(v: Any) -> float | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
@@ -224,7 +205,7 @@ def evaluate_model(model_path: str | Path | TesseraModel, source: DataSource | d
     docstring). The labels are read with the model's classes (folder masks by the classes'
     colours, polygon names by the classes' names) and the model's bands unless the source
     lists bands. Writes ``out_json``/``out_png`` if given."""
-    from .device import make_predictor
+    from ..inference.factory import make_predictor
 
     t0 = time.perf_counter()
     model = model_path if isinstance(model_path, TesseraModel) else TesseraModel.open(model_path)
@@ -240,7 +221,7 @@ def evaluate_model(model_path: str | Path | TesseraModel, source: DataSource | d
                                 f"{len(ds.bands)} were selected ({list(ds.bands)})")
     for path in (out_json, out_png):
         if path is not None:
-            from .rasterio_io import check_writable_dir
+            from ..io.atomic import check_writable_dir
 
             check_writable_dir(Path(path).parent)
     predictor = make_predictor(model, device, backend)
@@ -262,7 +243,7 @@ def evaluate_model(model_path: str | Path | TesseraModel, source: DataSource | d
         pred = predict_image(predictor, c, s.image, s.valid, tile, ov, batch_size, cancel, on_tiles)
         truth = s.labels.copy()
         truth[pred >= k] = IGNORE  # not predicted (image nodata): not scored
-        cmi = confusion_matrix(pred, truth, k)
+        cmi = confusion(pred, truth, k)
         cm += cmi
         mi = metrics_from_confusion(cmi)
         rows.append({"image": s.name, "annotated_pixels": int(cmi.sum()),
@@ -287,26 +268,12 @@ def evaluate_model(model_path: str | Path | TesseraModel, source: DataSource | d
     return res
 
 
-def confusion_matrix(pred: np.ndarray, truth: np.ndarray, n: int) -> np.ndarray:
-    """``(n, n)`` int64 (rows = truth, columns = prediction); truth 255 does not count."""
-    from .train import confusion
-
-    return confusion(pred, truth, n)
-
-
 def _atomic_write(path: Path, write: Any) -> None:
-    from .rasterio_io import temp_path
-
-    tmp = temp_path(path)
     try:
-        write(tmp)
-        tmp.replace(path)
+        with atomic_file(path) as tmp:
+            write(tmp)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise OutputError(f"{path}: cannot write it ({exc})", path) from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------- the chart

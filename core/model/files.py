@@ -15,8 +15,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ..errors import ModelError, ModelNotFoundError, OutputError
+from ..io.atomic import atomic_file
 from .contract import ModelContract
-from .errors import ModelError, ModelNotFoundError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -116,15 +117,13 @@ class TesseraModel:
         from safetensors.torch import save_file
 
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
         state = {k: (v.detach().half() if half and v.is_floating_point() else v.detach())
                  .contiguous().cpu() for k, v in self.module.state_dict().items()}
         try:
-            save_file(state, str(tmp), metadata={META_KEY: self.contract.to_json(),
-                                                 "format": "pt"})
-            tmp.replace(path)
+            with atomic_file(path) as tmp:
+                save_file(state, str(tmp), metadata={META_KEY: self.contract.to_json(),
+                                                     "format": "pt"})
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise OutputError(f"{path}: cannot write the model file: {exc}", path) from exc
         self.path, self.sha256 = path, file_sha256(path)
         return path
@@ -187,7 +186,7 @@ def read_contract(path: str | Path) -> ModelContract:
     if path.is_dir():
         raise ModelError(f"{path}: is a folder, not a model file", path)
     if path.suffix.lower() == ".onnx":  # an exported or int8 model: contract in its metadata
-        from .onnx_backend import read_onnx_contract
+        from .onnx_meta import read_onnx_contract
 
         return read_onnx_contract(path)
     with open(path, "rb") as fh:

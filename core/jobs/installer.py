@@ -14,9 +14,9 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from .errors import TesseraError
+from ..errors import TesseraError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 REQUIREMENTS = ROOT / "requirements.txt"
 
 

@@ -47,11 +47,11 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BandMismatchError, ParameterError, RasterReadError
+from ..errors import BandMismatchError, ParameterError, RasterReadError
+from .metrics import IGNORE
 
 log = logging.getLogger(__name__)
 
-IGNORE = 255
 #: The Dubai dataset's true mask colours (see ../shared/data/README.md), in class-id order.
 DUBAI_CLASSES = [("Building", "#3C1098"), ("Land", "#8429F6"), ("Road", "#6EC1E4"),
                  ("Vegetation", "#FEDD3A"), ("Water", "#E2A929"), ("Unlabeled", "#9B9B9B")]
@@ -384,8 +384,7 @@ def _check_size(path: Any, w: int, h: int, max_mpx: float) -> None:
 # ---- (b)/(c) rasters
 def _load_raster(src: RasterSource | VectorSource, classes: ClassTable | None,
                  bands: tuple[int, ...] | None, max_mpx: float | None) -> Dataset:
-    from .rasterio_io import gdal_env, open_raster, read_window
-    from .segment import _pixel_size_m
+    from ..io.raster import gdal_env, open_raster, pixel_size_m, read_window
 
     path = str(src.image)
     with gdal_env(), open_raster(path) as ds:
@@ -403,7 +402,7 @@ def _load_raster(src: RasterSource | VectorSource, classes: ClassTable | None,
             ci = [ds.colorinterp[b - 1].name for b in bands]
             band_names = tuple(ci) if all(c in ("red", "green", "blue", "alpha") for c in ci) \
                 and len(set(ci)) == len(ci) else None
-        px = _pixel_size_m(ds)
+        px = pixel_size_m(ds)
     if not valid.any():
         raise ParameterError(f"{path}: every pixel is nodata", path)
     if data.dtype == np.uint8:
@@ -461,7 +460,7 @@ def _crs_name(crs: Any) -> str:
 
 def _raster_labels(src: RasterSource, grid: dict[str, Any],
                    classes: ClassTable | None) -> tuple[np.ndarray, ClassTable, str]:
-    from .rasterio_io import gdal_env, open_raster
+    from ..io.raster import gdal_env, open_raster
 
     path = str(src.labels)
     with gdal_env(), open_raster(path) as lds:

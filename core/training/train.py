@@ -44,10 +44,14 @@ from typing import Any
 
 import numpy as np
 
-from .contract import ModelContract
-from .datasets import (  # re-exported: the public names of the first version of this module
+from ..errors import ParameterError
+from ..io.atomic import atomic_outputs
+from ..model.contract import ModelContract
+from ..model.files import TesseraModel
+from ..pipeline.normalize import normalize
+from ..progress import CancelFn, Progress, ProgressFn, check_cancel
+from .datasets import (
     DUBAI_CLASSES,
-    IGNORE,
     Cell,
     Dataset,
     DataSource,
@@ -62,10 +66,7 @@ from .datasets import (  # re-exported: the public names of the first version of
     split_cells,
     table_to_dicts,
 )
-from .errors import ParameterError
-from .model import TesseraModel
-from .normalize import normalize
-from .progress import CancelFn, Progress, ProgressFn, check_cancel
+from .metrics import IGNORE, confusion, iou_from_confusion
 
 __all__ = ["DUBAI_CLASSES", "IGNORE", "IMAGENET_MEAN", "IMAGENET_STD", "TrainParams", "confusion",
            "find_pairs", "iou_from_confusion", "load_pair", "make_loss", "mask_to_labels",
@@ -274,26 +275,7 @@ def _input(px: np.ndarray, pv: np.ndarray | None, contract: ModelContract) -> np
     return normalize(px.transpose(2, 0, 1), valid, contract)
 
 
-# --------------------------------------------------------------------------- metrics, loss
-def confusion(pred: np.ndarray, target: np.ndarray, n: int) -> np.ndarray:
-    """``(n, n)`` int64 confusion matrix (rows = truth); ignored (255) pixels do not count."""
-    ok = target != IGNORE
-    return np.bincount(target[ok].astype(np.int64) * n + pred[ok].astype(np.int64),
-                       minlength=n * n).reshape(n, n)
-
-
-def iou_from_confusion(cm: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """Per-class IoU (NaN for classes absent from truth and prediction), mean IoU over the
-    classes present in truth or prediction, pixel accuracy. Mean IoU is 0 with no pixels."""
-    tp = np.diag(cm).astype(np.float64)
-    denom = cm.sum(0) + cm.sum(1) - tp
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(denom > 0, tp / denom, np.nan)
-    acc = tp.sum() / max(cm.sum(), 1)
-    miou = float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0
-    return iou, miou, float(acc)
-
-
+# --------------------------------------------------------------------------- loss
 def make_loss(name: str) -> Any:
     """The loss ``f(logits (B, K, H, W), target (B, H, W) int64) -> scalar``; target 255 is
     ignored (neither its value nor its gradient depends on those pixels)."""
@@ -355,7 +337,7 @@ def train(source: DataSource | dict[str, Any] | str | Path, out_model: str | Pat
     import torch
     from safetensors.torch import load_file, save_file
 
-    from .device import pick_device
+    from ..inference.base import pick_device
 
     p = params or TrainParams()
     src = as_source(source)
@@ -787,18 +769,18 @@ def _save_checkpoint(ckpt: Path, net: Any, opt: Any, sched: Any, epoch: int, bes
     import torch
 
     ckpt.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()},
-              str(ckpt / "model.safetensors.part"))
     opt_t = {}
     for pid, st in opt.state_dict()["state"].items():
         for key in ("step", "exp_avg", "exp_avg_sq"):
             v = st[key]
             opt_t[f"{pid}.{key}"] = (v if hasattr(v, "detach") else torch.tensor(v)
                                      ).detach().contiguous().cpu()
-    save_file(opt_t, str(ckpt / "optimizer.safetensors.part"))
     state = {"epoch": epoch, "epochs": epochs, "best": best, "best_epoch": best_epoch,
              "history": _clean(history), "scheduler": sched.state_dict(), "params": params,
              "n_classes": n_classes, "planned_epochs": planned_epochs or epochs}
-    (ckpt / "state.json.part").write_text(json.dumps(state))
-    for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
-        (ckpt / f"{name}.part").replace(ckpt / name)
+    names = ("model.safetensors", "optimizer.safetensors", "state.json")
+    with atomic_outputs(*(ckpt / n for n in names)) as (model_tmp, opt_tmp, state_tmp):
+        save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()},
+                  str(model_tmp))
+        save_file(opt_t, str(opt_tmp))
+        state_tmp.write_text(json.dumps(state))

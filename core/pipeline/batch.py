@@ -18,12 +18,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .device import make_predictor
-from .errors import CancelledError, OutputError, ParameterError, TesseraError
-from .model import TesseraModel
-from .params import SegmentParams
-from .progress import CancelFn, Progress, ProgressFn, check_cancel
-from .rasterio_io import check_writable_dir
+from ..errors import CancelledError, OutputError, ParameterError, TesseraError
+from ..inference.factory import make_predictor
+from ..io.atomic import atomic_outputs, check_writable_dir
+from ..model.files import TesseraModel
+from ..params import SegmentParams
+from ..progress import CancelFn, Progress, ProgressFn, check_cancel
 from .segment import OutputPaths, segment_raster
 
 log = logging.getLogger(__name__)
@@ -190,8 +190,6 @@ def write_report(report: BatchReport) -> None:
         return
     summary = {"done": report.count("done"), "skipped": report.count("skipped"),
                "failed": report.count("failed"), "files": [asdict(r) for r in report.rows]}
-    for path, text in ((report.csv_path, report.to_csv()),
-                       (report.json_path, json.dumps(summary, indent=1))):
-        tmp = path.with_name(f".{path.name}.part")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+    with atomic_outputs(report.csv_path, report.json_path) as (csv_tmp, json_tmp):
+        csv_tmp.write_text(report.to_csv(), encoding="utf-8")
+        json_tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8")

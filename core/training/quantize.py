@@ -17,7 +17,6 @@ than fp32, so :func:`check_int8_cpu` refuses, unless forced.
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import tempfile
 import time
@@ -27,12 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from .contract import ModelContract
-from .errors import ModelError, OutputError, ParameterError, RasterReadError, TesseraError
-from .model import TesseraModel, file_sha256
-from .normalize import normalize
-from .progress import CancelFn, ProgressFn, check_cancel
-from .tiling import pad_tile, padded_size
+from ..errors import ModelError, OutputError, ParameterError, RasterReadError, TesseraError
+from ..io.atomic import atomic_file
+from ..model.contract import ModelContract
+from ..model.files import TesseraModel, file_sha256
+from ..pipeline.normalize import normalize
+from ..pipeline.tiling import pad_tile, padded_size
+from ..progress import CancelFn, ProgressFn, check_cancel
 
 __all__ = ["INT8_FLAGS", "calibration_tiles", "check_int8_cpu", "cpu_flags", "quantize_model"]
 
@@ -164,7 +164,7 @@ def _image_tiles(path: Path, contract: ModelContract, size: int, n: int,
 
 def _raster_tiles(path: Path, contract: ModelContract, size: int, n: int,
                   rng: np.random.Generator) -> list[np.ndarray]:
-    from .rasterio_io import gdal_env, open_raster, read_window
+    from ..io.raster import gdal_env, open_raster, read_window
 
     out = []
     with gdal_env(), open_raster(str(path)) as ds:
@@ -212,7 +212,8 @@ def quantize_model(model: TesseraModel | str | Path, out: str | Path,
     :func:`check_int8_cpu`), :class:`RasterReadError` for unusable calibration data,
     :class:`OutputError` if ``out`` cannot be written.
     """
-    from .onnx_backend import CONTRACT_KEY, SHA_KEY, export_onnx, require_onnxruntime
+    from ..inference.onnx_backend import export_onnx, require_onnxruntime
+    from ..model.onnx_meta import CONTRACT_KEY, SHA_KEY
 
     t0 = time.perf_counter()
     instructions = check_int8_cpu(force=force)
@@ -236,8 +237,7 @@ def quantize_model(model: TesseraModel | str | Path, out: str | Path,
     contract = m.contract
     tiles = calibration_tiles(calibration, contract, n_tiles, tile)
     _say(progress, 0.1, f"{len(tiles)} calibration tiles of {tiles[0].shape[-1]} px")
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    with tempfile.TemporaryDirectory(prefix="tessera-int8-") as d:
+    with tempfile.TemporaryDirectory(prefix="tessera-int8-") as d, atomic_file(out) as tmp:
         fp32 = Path(d) / "fp32.onnx"
         export_onnx(m, fp32, check=False)
         _fold_constants(fp32)
@@ -250,10 +250,8 @@ def quantize_model(model: TesseraModel | str | Path, out: str | Path,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                                 calibrate_method=CalibrationMethod.MinMax)
         except (KeyboardInterrupt, TesseraError):  # cancelled, or already in words
-            tmp.unlink(missing_ok=True)
             raise
         except Exception as exc:
-            tmp.unlink(missing_ok=True)
             raise ModelError(f"model '{contract.name}' could not be quantized: "
                              f"{type(exc).__name__}: {exc}") from exc
         try:
@@ -283,11 +281,8 @@ def quantize_model(model: TesseraModel | str | Path, out: str | Path,
                 e = proto.metadata_props.add()
                 e.key, e.value = k, v
             onnx.save(proto, str(tmp))
-            tmp.replace(out)
         except OSError as exc:
             raise OutputError(f"{out}: cannot write the int8 model: {exc}", out) from exc
-        finally:
-            tmp.unlink(missing_ok=True)
     log.info("int8 model written to %s (class agreement with fp32 %.4f)", out, agreement)
     _say(progress, 1.0, "done")
     return {**record, "path": str(out), "sha256": file_sha256(out),
@@ -366,7 +361,7 @@ def _agreement(fp32: str, int8: str, tiles: list[np.ndarray], ort: Any) -> float
 def _say(progress: ProgressFn | None, frac: float, msg: str) -> None:
     log.info("%s", msg)
     if progress is not None:
-        from .progress import Progress
+        from ..progress import Progress
 
         progress(Progress("quantize", int(frac * 100), 100, frac, 0.0, None, None, msg))
 

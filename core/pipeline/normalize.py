@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .contract import ModelContract
+from ..model.contract import ModelContract
 
 
 def normalize(data: np.ndarray, valid: np.ndarray, contract: ModelContract) -> np.ndarray:

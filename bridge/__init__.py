@@ -1,0 +1,1 @@
+"""What the dock (ui/) and the Processing algorithms share; their one way into core/."""

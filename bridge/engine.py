@@ -1,0 +1,52 @@
+"""Finding the engine environment, running jobs in it, and the text of its progress events.
+
+Shared by the dock (``ui/``) and the Processing algorithms (``tessera_provider/``): neither
+imports the other, and both reach ``core`` only through this package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from qgis.core import QgsApplication, QgsSettings
+
+from ..core.jobs import client
+
+PLUGIN_DIR = Path(__file__).resolve().parents[1]
+DEVICES = ["auto", "cpu", "cuda", "mps"]
+BACKENDS = ["auto", "torch", "onnxruntime"]
+#: The model pickers: Tessera model files, and ONNX ones (exported or int8).
+MODEL_FILTER = "Tessera models (*.safetensors *.onnx)"
+
+
+def default_model_path() -> str:
+    """The bundled default model, or '' when none is shipped."""
+    models = sorted((PLUGIN_DIR / "resources" / "models").glob("*.safetensors"))
+    return str(models[0]) if models else ""
+
+
+def engine_python() -> Path:
+    """The Python environment that runs the engine (see :func:`client.find_engine_python`)."""
+    explicit = QgsSettings().value("tessera/python", "", type=str) or None
+    return client.find_engine_python(QgsApplication.qgisSettingsDirPath(), explicit)
+
+
+def model_classes(model_path: str) -> list[dict[str, Any]]:
+    """The model's classes as plain dicts (read from the file's header: no torch needed)."""
+    from ..core.model.files import read_contract
+
+    c = read_contract(model_path)
+    return [{"id": k.id, "name": k.name, "color": k.color} for k in c.classes]
+
+
+def progress_text(ev: dict[str, Any]) -> str:
+    """One line for a progress event: stage, percent, Mpx/s, ETA and the message."""
+    parts = [f"{ev.get('stage', '')} {100 * ev.get('fraction', 0):.0f}%"]
+    if ev.get("mpx_per_s"):
+        parts.append(f"{ev['mpx_per_s']:.2f} Mpx/s")
+    if ev.get("eta_s") is not None and ev.get("fraction", 0) < 1:
+        parts.append(f"ETA {int(ev['eta_s']) // 60:d}:{int(ev['eta_s']) % 60:02d}")
+    if ev.get("message"):
+        parts.append(str(ev["message"]))
+    return " · ".join(parts)

@@ -1,0 +1,66 @@
+"""One function decides the backend: :func:`make_predictor`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ..errors import DeviceError, ParameterError
+from . import onnx_backend as ob
+from .base import Predictor, gpu_possible, pick_device
+from .torch_backend import TorchPredictor
+
+log = logging.getLogger(__name__)
+
+
+BACKENDS = ("auto", "torch", "onnxruntime")
+
+
+
+def make_predictor(model: Any, device: str = "auto", backend: str = "auto",
+                   half: bool | None = None, threads: int | None = None,
+                   cache_dir: Any = None) -> Predictor:
+    """The :class:`.base.Predictor` for a :class:`~..model.files.TesseraModel`: a
+    :class:`.torch_backend.TorchPredictor` (PyTorch) or an :class:`.onnx_backend.OrtPredictor`
+    (ONNX Runtime, CPU).
+
+    ``backend``: ``torch``; ``onnxruntime`` (CPU only: raises :class:`DeviceError` if it is not
+    installed, :class:`~.errors.ParameterError` with a GPU device); ``auto``: PyTorch on a GPU
+    (CUDA/MPS), ONNX Runtime on the CPU when it is installed and the network exports to ONNX
+    faithfully, PyTorch otherwise (the reason is logged).
+    """
+    b = (backend or "auto").lower()
+    if b not in BACKENDS:
+        raise ParameterError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
+    if getattr(model, "is_onnx", False):  # an ONNX model file (exported, or int8)
+        if b == "torch" or device.lower() not in ("auto", "cpu"):
+            raise ParameterError(f"{model.path}: an ONNX model runs on ONNX Runtime on the CPU "
+                                 f"only (asked: backend {b}, device {device}); use the "
+                                 ".safetensors model for PyTorch or a GPU")
+        ob.require_onnxruntime()
+        return ob.OrtPredictor(model.path, threads)
+    if b == "torch":
+        return TorchPredictor(model.module, device, half, threads)
+
+    if b == "onnxruntime":
+        if device.lower() not in ("auto", "cpu"):
+            raise ParameterError(f"the onnxruntime backend runs on the CPU; device '{device}' "
+                                 "needs the torch backend")
+        ob.require_onnxruntime()
+        return ob.OrtPredictor.for_model(model, threads, cache_dir)
+    if device.lower() != "cpu" and not (device.lower() == "auto" and not gpu_possible()):
+        info = pick_device(device)  # imports torch to ask it which GPUs there are
+        if info.kind != "cpu":
+            return TorchPredictor(model.module, device, half, threads)
+    if not ob.onnxruntime_available():
+        log.info("onnxruntime is not installed: inference with PyTorch")
+        return TorchPredictor(model.module, device, half, threads)
+    try:
+        return ob.OrtPredictor.for_model(model, threads, cache_dir)
+    except DeviceError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (any export problem: PyTorch still works)
+        log.warning("ONNX Runtime not used for model '%s' (%s: %s); inference with PyTorch",
+                    getattr(getattr(model, "contract", None), "name", "?"),
+                    type(exc).__name__, exc)
+        return TorchPredictor(model.module, device, half, threads)

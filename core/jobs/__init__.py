@@ -1,0 +1,1 @@
+"""Jobs across the process boundary: the worker, the client that starts it, the installer."""

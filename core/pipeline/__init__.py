@@ -1,0 +1,1 @@
+"""Segmenting rasters: tiling, normalizing, the rolling blend, the threaded stages, batches."""

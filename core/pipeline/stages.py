@@ -1,0 +1,224 @@
+"""The threads of a segmentation run beside the model: the reader (windows → normalized
+batches), the writer (final rows → GeoTIFF blocks) and the vectorizer (rows → polygons, fed
+by a bounded :class:`RowFeed`)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import CancelledError
+from ..io.raster import gdal_env, read_window
+from ..model.contract import ModelContract
+from .normalize import normalize
+from .tiling import Tile, TileGrid, pad_tile, padded_size
+
+STOP = object()
+
+
+class RowFeed:
+    """A read-only, ds-like view of the class rows as the writer produces them.
+
+    ``read(1, window=...)`` blocks until the rows exist; rows below the last window read are
+    dropped, and ``push`` blocks while more than ``max_rows`` are buffered, so memory stays
+    bounded when polygonizing is slower than segmenting.
+    """
+
+    def __init__(self, height: int, width: int, max_rows: int) -> None:
+        self.height, self.width, self.max_rows = height, width, max_rows
+        self._rows: list[np.ndarray] = []   # consecutive row blocks starting at self._base
+        self._base = 0
+        self._end = 0
+        self._aborted = False
+        self._cv = threading.Condition()
+
+    def push(self, top: int, rows: np.ndarray) -> None:
+        with self._cv:
+            while not self._aborted and self._end - self._base > self.max_rows:
+                self._cv.wait(0.1)
+            if self._aborted:
+                return
+            if top != self._end:
+                raise RuntimeError(f"rows out of order ({top} != {self._end})")
+            self._rows.append(rows)
+            self._end += rows.shape[0]
+            self._cv.notify_all()
+
+    def abort(self) -> None:
+        with self._cv:
+            self._aborted = True
+            self._cv.notify_all()
+
+    def read(self, band: int, window: Any) -> np.ndarray:
+        r0, r1 = int(window.row_off), int(window.row_off + window.height)
+        with self._cv:
+            while not self._aborted and self._end < r1:
+                self._cv.wait(0.1)
+            if self._aborted:
+                raise CancelledError("polygonizing stopped")
+            # windows only move forward: blocks wholly above r0 are done
+            while self._rows and self._base + self._rows[0].shape[0] <= r0:
+                self._base += self._rows.pop(0).shape[0]
+            parts, top = [], self._base
+            for blk in self._rows:  # copy just the window's rows, never the whole buffer
+                b1 = top + blk.shape[0]
+                if b1 > r0 and top < r1:
+                    parts.append(blk[max(r0, top) - top:min(r1, b1) - top])
+                if b1 >= r1:
+                    break
+                top = b1
+            out = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0].copy()
+            self._cv.notify_all()
+            return out
+
+
+
+class StreamVectorizer(threading.Thread):
+    """Polygonizes class rows while they are produced (the polygons' temporary file)."""
+
+    def __init__(self, feed: RowFeed, tmp: Path, layer: str, params: Any,
+                 names: dict[int, str], nodata: int, transform: Any, crs: Any,
+                 breaks: tuple[int, ...] = ()) -> None:
+        super().__init__(name="tessera-vectorizer", daemon=True)
+        self.breaks = breaks
+        self.feed, self.tmp, self.layer, self.params = feed, tmp, layer, params
+        self.names, self.nodata, self.transform, self.crs = names, nodata, transform, crs
+        self.result: tuple[int, dict[int, float]] | None = None
+        self.error: BaseException | None = None
+        self.rows_done = 0
+
+    def run(self) -> None:
+        from ..vectorize.gpkg import write_polygons
+
+        try:
+            with gdal_env():
+                self.result = write_polygons(
+                    self.feed, self.tmp, self.layer, self.params, self.names, self.nodata,
+                    self.transform, self.crs, breaks=self.breaks,
+                    on_rows=lambda r: setattr(self, "rows_done", r))
+        except BaseException as exc:  # noqa: BLE001  (handed to the main thread)
+            self.error = exc
+            self.feed.abort()
+
+
+
+class RowWriter(threading.Thread):
+    """Writes final rows to the open output datasets, in whole block rows where possible."""
+
+    def __init__(self, dst: Any, dst_conf: Any | None, width: int, block: int = 256,
+                 feed: RowFeed | None = None) -> None:
+        super().__init__(name="tessera-writer", daemon=True)
+        self.feed = feed
+        self.q: queue.Queue[Any] = queue.Queue(maxsize=4)
+        self.dst, self.dst_conf, self.width, self.block = dst, dst_conf, width, block
+        self.error: BaseException | None = None
+        self.hist = np.zeros(256, dtype=np.int64)
+        self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self._pending_rows = 0
+        self._next_row = 0
+
+    def run(self) -> None:
+        from rasterio.windows import Window
+
+        with gdal_env():
+            while True:
+                item = self.q.get()
+                if item is STOP:
+                    break
+                if self.error is not None:
+                    continue
+                try:
+                    top, cls, conf, final = item
+                    if top != self._next_row + self._pending_rows:
+                        raise RuntimeError(f"rows out of order: {top}")
+                    self.hist += np.bincount(cls.ravel(), minlength=256)
+                    if self.feed is not None:
+                        self.feed.push(top, cls)
+                    self._pending.append((cls, conf))
+                    self._pending_rows += cls.shape[0]
+                    n = self._pending_rows if final else (self._pending_rows // self.block) * self.block
+                    if n:
+                        c_all = np.concatenate([p[0] for p in self._pending], axis=0)
+                        f_all = (np.concatenate([p[1] for p in self._pending], axis=0)
+                                 if self.dst_conf is not None else None)
+                        win = Window(0, self._next_row, self.width, n)
+                        self.dst.write(c_all[:n], 1, window=win)
+                        if f_all is not None:
+                            self.dst_conf.write(f_all[:n], 1, window=win)
+                        rest = c_all.shape[0] - n
+                        self._pending = [(c_all[n:], f_all[n:] if f_all is not None else None)] \
+                            if rest else []
+                        self._pending_rows = rest
+                        self._next_row += n
+                except BaseException as exc:  # noqa: BLE001  (handed to the main thread)
+                    self.error = exc
+
+
+
+class TileReader(threading.Thread):
+    """Reads, masks, normalizes and batches tiles; puts work items on :attr:`q`.
+
+    Items: ``("tiles", row_index, [(tile, valid)], batch or None)``; ``("end",)``;
+    ``("error", exc)``. Batches never span two tile rows and hold tiles of one shape.
+    """
+
+    def __init__(self, ds: Any, grid: TileGrid, win_off: tuple[int, int], bands: tuple[int, ...],
+                 nodata: float | None, contract: ModelContract, batch_size: int,
+                 stop: threading.Event, prefetch: int = 3) -> None:
+        super().__init__(name="tessera-reader", daemon=True)
+        self.q: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
+        self.ds, self.grid, self.win_off, self.bands = ds, grid, win_off, bands
+        self.nodata, self.contract, self.batch_size = nodata, contract, batch_size
+        self.stop = stop
+
+    def _put(self, item: Any) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run(self) -> None:
+        try:
+            with gdal_env():
+                self._run()
+        except BaseException as exc:  # noqa: BLE001  (handed to the main thread)
+            self._put(("error", exc))
+
+    def _run(self) -> None:
+        col0, row0 = self.win_off
+        m = self.contract.size_multiple
+        for i in range(self.grid.shape[0]):
+            pending: list[tuple[Tile, np.ndarray]] = []
+            arrays: list[np.ndarray] = []
+            for t in self.grid.tile_row(i):
+                if self.stop.is_set():
+                    return
+                data, valid = read_window(self.ds, self.bands, row0 + t.row, col0 + t.col,
+                                          t.height, t.width, self.nodata)
+                if not valid.any():
+                    if not self._put(("tiles", i, [(t, valid)], None)):
+                        return
+                    continue
+                x = pad_tile(normalize(data, valid, self.contract), padded_size(t.height, m),
+                             padded_size(t.width, m))
+                # a batch holds tiles of one shape (the last tile of a row may be narrower)
+                if arrays and arrays[0].shape != x.shape:
+                    if not self._put(("tiles", i, pending, np.stack(arrays))):
+                        return
+                    pending, arrays = [], []
+                pending.append((t, valid))
+                arrays.append(x)
+                if len(pending) == self.batch_size:
+                    if not self._put(("tiles", i, pending, np.stack(arrays))):
+                        return
+                    pending, arrays = [], []
+            if pending and not self._put(("tiles", i, pending, np.stack(arrays))):
+                return
+        self._put(("end",))

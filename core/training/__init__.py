@@ -1,0 +1,1 @@
+"""Training, evaluating and quantizing models on a person's own labelled imagery."""

@@ -1,0 +1,1 @@
+"""Class rasters into polygons: strip-wise tracing, true areas, the GeoPackage writer."""
