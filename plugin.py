@@ -131,9 +131,11 @@ class TesseraPlugin:
                   window: tuple[int, int, int, int] | None = None, out_dir: str | None = None,
                   on_finished: Any = None, message_bar: bool = False) -> Any:
         """Start a background run; layers are added (styled) when it finishes. Returns the task."""
-        from .bridge.engine import engine_python, model_classes
+        from .bridge.engine import ENGINE_LOG, engine_python, model_classes
         from .bridge.layers import default_output_dir, fallback_output_dir
+        from .core.errors import TesseraError
         from .core.jobs.client import EngineNotFoundError
+        from .core.jobs.spec import SegmentJob
         from .ui.results import add_result_layers
         from .ui.tasks import EngineTask
 
@@ -153,8 +155,11 @@ class TesseraPlugin:
             bar.pushMessage("Tessera", str(exc), Qgis.Critical)
             return None
         out = out_dir or settings.output_dir or default_output_dir(src, fallback_output_dir())
-        job = {"op": "segment", "raster": src, "model": settings.model, "out_dir": out,
-               "params": settings.params(bands, window)}
+        try:  # validated here, before an engine process starts
+            job = SegmentJob(src, settings.model, out, settings.segment_params(bands, window))
+        except TesseraError as exc:
+            bar.pushMessage("Tessera", str(exc), Qgis.Warning)
+            return None
         name = layer.name()
         widgets: dict[str, Any] = {}
 
@@ -172,6 +177,11 @@ class TesseraPlugin:
                 poly = f", {r['n_polygons']} polygons" if r.get("n_polygons") is not None else ""
                 bar.pushMessage("Tessera", f"{name}: done in {r['seconds']:.1f} s on "
                                 f"{r['device']}{poly}. Outputs in {out}", Qgis.Success)
+                warnings = [*task.warnings, *r.get("warnings", [])]
+                for w in r.get("warnings", []):  # the run's own warnings: to the QGIS log too
+                    ENGINE_LOG.warning("%s", w)
+                if warnings:
+                    bar.pushMessage("Tessera", f"{name}: " + "; ".join(warnings), Qgis.Warning)
             elif task.cancelled_by_user:
                 bar.pushMessage("Tessera", f"{name}: cancelled; no partial output was left.",
                                 Qgis.Info)

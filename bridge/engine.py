@@ -6,14 +6,19 @@ imports the other, and both reach ``core`` only through this package.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from qgis.core import QgsApplication, QgsSettings
 
 from ..core.jobs import client
+from ..core.jobs.spec import Job, as_job
 
 PLUGIN_DIR = Path(__file__).resolve().parents[1]
+#: Engine log records (from the worker process) are re-logged here, under the plugin's logger,
+#: which the plugin forwards to the QGIS message log.
+ENGINE_LOG = logging.getLogger(__name__.rsplit(".", 2)[0] + ".engine")
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 BACKENDS = ["auto", "torch", "onnxruntime"]
 #: The model pickers: Tessera model files, and ONNX ones (exported or int8).
@@ -50,3 +55,18 @@ def progress_text(ev: dict[str, Any]) -> str:
     if ev.get("message"):
         parts.append(str(ev["message"]))
     return " · ".join(parts)
+
+
+def prepare(job: Job | dict[str, Any]) -> dict[str, Any]:
+    """The JSON to send for ``job`` (a typed job or its dict), validated here, in the QGIS
+    process, before any engine process is started: raises :class:`ParameterError`."""
+    return as_job(job).to_dict()
+
+
+def forward_log(ev: dict[str, Any]) -> int:
+    """Re-log an engine ``log`` event in this process (so it reaches the QGIS message log);
+    return its level (``logging.INFO``, ``logging.WARNING``...)."""
+    level = logging.getLevelName(str(ev.get("level") or "INFO"))
+    level = level if isinstance(level, int) else logging.INFO
+    ENGINE_LOG.log(level, "%s", ev.get("message"))
+    return level

@@ -249,7 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--loss", choices=["focal_dice", "ce"], default="focal_dice")
-    p.add_argument("--encoder", default="resnet34")
+    p.add_argument("--arch", default="unet",
+                   choices=["unet", "unetplusplus", "fpn", "deeplabv3plus", "linknet", "pspnet",
+                            "manet"],
+                   help="segmentation-models-pytorch architecture (default: unet)")
+    p.add_argument("--encoder", default="resnet34",
+                   help="any segmentation-models-pytorch encoder, built with random weights "
+                        "(default: resnet34)")
     p.add_argument("--device", default="auto")
     p.add_argument("--split", choices=["image", "patches"], default="image",
                    help="validation split: 'image' holds out whole images (blocks of a single "
@@ -398,113 +404,144 @@ def main(argv: list[str] | None = None) -> int:
         bar.close()
 
 
+def _run(job: Any, bar: ProgressBar) -> Any:
+    from .jobs.runners import Context, run
+
+    try:
+        return run(job, Context(progress=bar))
+    finally:
+        bar.close()
+
+
+def _cmd_info(a: argparse.Namespace, bar: ProgressBar) -> int:
+    from .model.files import read_contract
+
+    c = read_contract(a.model)
+    print(c.to_json() if a.json else c.describe())
+    return 0
+
+
+def _cmd_segment(a: argparse.Namespace, bar: ProgressBar) -> int:
+    from .jobs.spec import SegmentJob
+
+    res = _run(SegmentJob(a.raster, a.model, a.out, _params(a)), bar)
+    if a.json:
+        print(json.dumps(res.to_dict(), indent=1))
+    else:
+        _print_result(res, sys.stdout)
+    return 0
+
+
+def _cmd_batch(a: argparse.Namespace, bar: ProgressBar) -> int:
+    from .jobs.spec import BatchJob
+
+    rep = _run(BatchJob(a.folder, a.model, a.out, _params(a), pattern=a.pattern,
+                        recursive=a.recursive, skip_existing=not a.overwrite), bar)
+    for r in rep.rows:
+        extra = (f" — {r.error}" if r.error else
+                 f" ({r.polygons} polygons)" if r.polygons is not None else "")
+        print(f"{r.status:8s} {r.file}{extra}")
+        if r.warnings:
+            print(f"         warning: {r.warnings}")
+    print(f"{rep.count('done')} done, {rep.count('skipped')} skipped, {rep.count('failed')} "
+          f"failed; report: {rep.csv_path}")
+    return 1 if rep.count("failed") else 0
+
+
+def _cmd_train(a: argparse.Namespace, bar: ProgressBar) -> int:
+    from .jobs.spec import TrainJob
+    from .params import TrainParams
+    from .training.datasets import read_class_file
+    from .training.sources import source_from_dict
+
+    tp = TrainParams(patch_size=a.patch_size, batch_size=a.batch_size, epochs=a.epochs,
+                     patches_per_epoch=a.patches_per_epoch, lr=a.lr, loss=a.loss, arch=a.arch,
+                     encoder=a.encoder, device=a.device, max_minutes=a.max_minutes,
+                     seed=a.seed, split=a.split, val_fraction=a.val_fraction,
+                     sampling=a.sampling,
+                     early_stopping_patience=a.patience, inference_tile=a.inference_tile)
+    src = _data_source(a)
+    classes = read_class_file(a.classes) if a.classes else None
+    name = a.name or ("Dubai land cover" if src["kind"] == "folder" else None)
+    res = _run(TrainJob(source_from_dict(src), a.out, tp, checkpoint=a.checkpoint, name=name,
+                        classes=tuple(classes) if classes else None,
+                        pixel_size_m=a.pixel_size), bar)
+    for h in res["history"]:
+        loss = f"{h['loss']:.4f}" if h["loss"] is not None else "  -   "
+        print(f"epoch {h['epoch']:3d}  loss {loss}  val mIoU {h['val_miou']:.4f}  "
+              f"acc {h['val_accuracy']:.4f}  {h['minutes']:.1f} min")
+    print(f"best validation mean IoU {res['best_val_miou']:.4f} (epoch {res['best_epoch']}); "
+          f"{res['stopped']}; model: {res['model']}")
+    return 0
+
+
+def _cmd_evaluate(a: argparse.Namespace, bar: ProgressBar) -> int:
+    from .jobs.spec import EvaluateJob
+    from .training.sources import source_from_dict
+
+    ev = _run(EvaluateJob(a.model, source_from_dict(_data_source(a)), out_json=a.out_json,
+                          out_png=a.out_png, device=a.device, backend=a.backend,
+                          batch_size=a.batch_size), bar)
+    if a.json:
+        print(json.dumps(ev.summary(), indent=1))
+        return 0
+    print(f"Evaluated '{ev.model}' on {ev.device}")
+    print(ev.table())
+    print(f"  report: {ev.out_json}" + (f"\n  chart:  {ev.out_png}" if ev.out_png else ""))
+    return 0
+
+
+def _cmd_export(a: argparse.Namespace, bar: ProgressBar) -> int:
+    from .jobs.spec import ExportJob
+
+    res = _run(ExportJob(a.model, a.out, opset=a.opset, check=not a.no_check), bar)
+    if a.json:
+        print(json.dumps(res, indent=1))
+        return 0
+    print(f"ONNX graph written to {res['path']} (opset {res['opset']}, {res['seconds']:.1f} s)")
+    if "max_abs_diff" in res:
+        agree = "agree" if res["classes_agree"] else \
+            f"agree on {res['class_agreement']:.4%} of pixels"
+        print(f"  check: max abs difference of probabilities, ONNX Runtime vs PyTorch: "
+              f"{res['max_abs_diff']:.3g}; classes {agree}")
+    return 0
+
+
+def _cmd_quantize(a: argparse.Namespace, bar: ProgressBar) -> int:
+    from .jobs.spec import QuantizeJob
+
+    res = _run(QuantizeJob(a.model, a.out, tuple(a.calibrate), n_tiles=a.tiles, force=a.force),
+               ProgressBar(enabled=False))
+    if a.json:
+        print(json.dumps(res, indent=1))
+        return 0
+    print(f"int8 model written to {res['path']} ({res['seconds']:.1f} s): calibrated on "
+          f"{res['calibration']['tiles']} tiles; int8 and fp32 pick the same class on "
+          f"{res['class_agreement_with_fp32']:.2%} of their pixels "
+          f"(CPU instructions: {res['cpu_instructions']})")
+    return 0
+
+
+def _cmd_vectorize(a: argparse.Namespace, bar: ProgressBar) -> int:
+    from .jobs.spec import VectorizeJob
+    from .params import VectorizeParams
+
+    skip = tuple(int(s) if s.isdigit() else s for s in a.skip_class)
+    vp = VectorizeParams(sieve_px=a.sieve, min_area_m2=a.min_area, simplify_px=a.simplify,
+                         skip_classes=skip)
+    v = _run(VectorizeJob(a.raster, a.out, vp), bar)
+    print(f"{v.n_polygons} polygons written to {v.path} (layer '{v.layer}')")
+    return 0
+
+
+#: subcommand → the function that runs it
+COMMANDS = {"info": _cmd_info, "segment": _cmd_segment, "batch": _cmd_batch,
+            "train": _cmd_train, "evaluate": _cmd_evaluate, "export-onnx": _cmd_export,
+            "quantize": _cmd_quantize, "vectorize": _cmd_vectorize}
+
+
 def _dispatch(a: argparse.Namespace, bar: ProgressBar) -> int:
-    if a.command == "info":
-        from .model.files import read_contract
-
-        c = read_contract(a.model)
-        print(c.to_json() if a.json else c.describe())
-        return 0
-    if a.command == "segment":
-        from .pipeline.segment import segment_raster
-
-        res = segment_raster(a.raster, a.model, a.out, _params(a), progress=bar)
-        bar.close()
-        if a.json:
-            print(json.dumps(res.to_dict(), indent=1))
-        else:
-            _print_result(res, sys.stdout)
-        return 0
-    if a.command == "batch":
-        from .pipeline.batch import segment_folder
-
-        rep = segment_folder(a.folder, a.model, a.out, _params(a), pattern=a.pattern,
-                             recursive=a.recursive, skip_existing=not a.overwrite, progress=bar)
-        bar.close()
-        for r in rep.rows:
-            extra = (f" — {r.error}" if r.error else
-                     f" ({r.polygons} polygons)" if r.polygons is not None else "")
-            print(f"{r.status:8s} {r.file}{extra}")
-            if r.warnings:
-                print(f"         warning: {r.warnings}")
-        print(f"{rep.count('done')} done, {rep.count('skipped')} skipped, {rep.count('failed')} "
-              f"failed; report: {rep.csv_path}")
-        return 1 if rep.count("failed") else 0
-    if a.command == "train":
-        from .training.datasets import read_class_file
-        from .training.train import TrainParams, train
-
-        tp = TrainParams(patch_size=a.patch_size, batch_size=a.batch_size, epochs=a.epochs,
-                         patches_per_epoch=a.patches_per_epoch, lr=a.lr, loss=a.loss,
-                         encoder=a.encoder, device=a.device, max_minutes=a.max_minutes,
-                         seed=a.seed, split=a.split, val_fraction=a.val_fraction,
-                         sampling=a.sampling,
-                         early_stopping_patience=a.patience, inference_tile=a.inference_tile)
-        src = _data_source(a)
-        classes = read_class_file(a.classes) if a.classes else None
-        name = a.name or ("Dubai land cover" if src["kind"] == "folder" else None)
-        res = train(src, a.out, tp, checkpoint_dir=a.checkpoint, name=name, classes=classes,
-                    pixel_size_m=a.pixel_size, progress=bar)
-        bar.close()
-        for h in res["history"]:
-            loss = f"{h['loss']:.4f}" if h["loss"] is not None else "  -   "
-            print(f"epoch {h['epoch']:3d}  loss {loss}  val mIoU {h['val_miou']:.4f}  "
-                  f"acc {h['val_accuracy']:.4f}  {h['minutes']:.1f} min")
-        print(f"best validation mean IoU {res['best_val_miou']:.4f} (epoch {res['best_epoch']}); "
-              f"{res['stopped']}; model: {res['model']}")
-        return 0
-    if a.command == "evaluate":
-        from .training.evaluate import evaluate_model
-
-        ev = evaluate_model(a.model, _data_source(a), out_json=a.out_json, out_png=a.out_png,
-                            device=a.device, batch_size=a.batch_size, progress=bar,
-                            backend=a.backend)
-        bar.close()
-        if a.json:
-            print(json.dumps(ev.summary(), indent=1))
-            return 0
-        print(f"Evaluated '{ev.model}' on {ev.device}")
-        print(ev.table())
-        print(f"  report: {ev.out_json}" + (f"\n  chart:  {ev.out_png}" if ev.out_png else ""))
-        return 0
-    if a.command == "export-onnx":
-        from .inference.onnx_backend import export_onnx
-
-        res = export_onnx(a.model, a.out, opset=a.opset, check=not a.no_check)
-        if a.json:
-            print(json.dumps(res, indent=1))
-            return 0
-        print(f"ONNX graph written to {res['path']} (opset {res['opset']}, {res['seconds']:.1f} s)")
-        if "max_abs_diff" in res:
-            agree = "agree" if res["classes_agree"] else \
-                f"agree on {res['class_agreement']:.4%} of pixels"
-            print(f"  check: max abs difference of probabilities, ONNX Runtime vs PyTorch: "
-                  f"{res['max_abs_diff']:.3g}; classes {agree}")
-        return 0
-    if a.command == "quantize":
-        from .training.quantize import quantize_model
-
-        res = quantize_model(a.model, a.out, a.calibrate, n_tiles=a.tiles, force=a.force)
-        if a.json:
-            print(json.dumps(res, indent=1))
-            return 0
-        print(f"int8 model written to {res['path']} ({res['seconds']:.1f} s): calibrated on "
-              f"{res['calibration']['tiles']} tiles; int8 and fp32 pick the same class on "
-              f"{res['class_agreement_with_fp32']:.2%} of their pixels "
-              f"(CPU instructions: {res['cpu_instructions']})")
-        return 0
-    if a.command == "vectorize":
-        from .params import VectorizeParams
-        from .vectorize.gpkg import vectorize_raster
-
-        skip = tuple(int(s) if s.isdigit() else s for s in a.skip_class)
-        vp = VectorizeParams(sieve_px=a.sieve, min_area_m2=a.min_area, simplify_px=a.simplify,
-                             skip_classes=skip)
-        v = vectorize_raster(a.raster, a.out, vp, progress=bar)
-        bar.close()
-        print(f"{v.n_polygons} polygons written to {v.path} (layer '{v.layer}')")
-        return 0
-    raise AssertionError(a.command)
+    return COMMANDS[a.command](a, bar)
 
 
 if __name__ == "__main__":

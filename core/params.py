@@ -1,17 +1,49 @@
-"""Run parameters as frozen, validated dataclasses.
+"""Run parameters as frozen, validated dataclasses, and where a run's outputs go.
 
-The CLI, the QGIS dock and the Processing algorithms all build these same objects, so a
-value is checked in one place. Invalid values raise :class:`~.errors.ParameterError`.
+The CLI, the QGIS dock and the Processing algorithms all build these same objects (in their
+own process, before any engine process starts), so a value is checked in one place. Invalid
+values raise :class:`~.errors.ParameterError`. Nothing here imports more than the standard
+library: QGIS builds these in its own process.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
 
 from .errors import ParameterError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 BACKENDS = ("auto", "torch", "onnxruntime")
+#: The segmentation-models-pytorch architectures Tessera builds, trains and runs.
+ARCHITECTURES = ("unet", "unetplusplus", "fpn", "deeplabv3plus", "linknet", "pspnet", "manet")
+LOSSES = ("focal_dice", "ce")
+SAMPLINGS = ("random", "balanced")
+
+
+def check_tile_overlap(tile: int, overlap: int) -> None:
+    """The one rule for a tile and its overlap: the overlap is under half the tile, so every
+    pixel has one tile in which it is not in the blended margin."""
+    if overlap >= tile // 2:
+        raise ParameterError(f"overlap ({overlap} px) must be less than half the tile size "
+                             f"({tile} px)")
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    """Where the outputs of one raster go: ``<out_dir>/<stem>_classes.tif`` etc."""
+
+    class_raster: Path
+    confidence_raster: Path
+    polygons: Path
+
+    @classmethod
+    def for_stem(cls, out_dir: str | Path, stem: str) -> OutputPaths:
+        """The default names for ``stem`` in ``out_dir``."""
+        d = Path(out_dir)
+        return cls(d / f"{stem}_classes.tif", d / f"{stem}_confidence.tif",
+                   d / f"{stem}_polygons.gpkg")
 
 
 @dataclass(frozen=True)
@@ -90,9 +122,8 @@ class SegmentParams:
         if self.overlap is not None:
             if self.overlap < 0:
                 raise ParameterError(f"overlap must be 0 or more pixels (got {self.overlap})")
-            if self.tile_size is not None and self.overlap >= self.tile_size // 2:
-                raise ParameterError(f"overlap ({self.overlap} px) must be less than half the "
-                                     f"tile size ({self.tile_size} px)")
+            if self.tile_size is not None:
+                check_tile_overlap(self.tile_size, self.overlap)
         if self.batch_size < 1:
             raise ParameterError(f"batch size must be at least 1 (got {self.batch_size})")
         dev = self.device.lower()
@@ -120,3 +151,94 @@ class SegmentParams:
             raise ParameterError(f"the onnxruntime backend runs on the CPU; device '{dev}' needs "
                                  "backend 'torch' (or 'auto')")
         object.__setattr__(self, "backend", backend)
+
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """How to train. Sizes in pixels; ``max_minutes`` None = no time limit.
+
+    split: ``image`` (whole images, or spatial blocks of a single raster) or ``patches``
+        (random split of a grid of patch cells: the published study's protocol).
+    early_stopping_patience: stop when validation mean IoU has not improved for this many
+        epochs (None = never).
+    inference_tile: the tile size written into the model's contract for inference (default:
+        the patch size); its overlap is max(patch/4, tile/8) rounded down to a multiple of 8.
+    val_patches: validation patches drawn from the validation images or blocks (the
+        ``patches`` split validates on every validation cell instead).
+    arch: the segmentation-models-pytorch architecture (:data:`ARCHITECTURES`); ``encoder``
+        any smp encoder (built with random weights: nothing is downloaded).
+    sampling: ``random`` (windows anywhere in the training ground) or ``balanced`` (half the
+        patches are placed around a pixel of a class drawn with equal chances, so rare
+        classes appear in far more patches than random windows give them; see
+        :class:`ClassIndex`).
+    """
+
+    patch_size: int = 256
+    batch_size: int = 4
+    arch: str = "unet"
+    epochs: int = 100
+    patches_per_epoch: int = 1300
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    loss: str = "focal_dice"
+    val_fraction: float = 0.2
+    seed: int = 0
+    encoder: str = "resnet34"
+    device: str = "auto"
+    max_minutes: float | None = None
+    val_patches: int = 96
+    split: str = "image"
+    early_stopping_patience: int | None = None
+    inference_tile: int | None = None
+    sampling: str = "random"
+
+    def __post_init__(self) -> None:
+        if self.patch_size % 32 or self.patch_size < 64:
+            raise ParameterError(f"patch size must be a multiple of 32, >= 64 (got {self.patch_size})")
+        if self.loss not in LOSSES:
+            raise ParameterError(f"loss must be focal_dice or ce (got {self.loss})")
+        if self.arch not in ARCHITECTURES:
+            raise ParameterError(f"architecture must be one of {', '.join(ARCHITECTURES)} "
+                                 f"(got {self.arch!r})")
+        if not 0 < self.val_fraction < 1:
+            raise ParameterError("val_fraction must be between 0 and 1")
+        if self.sampling not in SAMPLINGS:
+            raise ParameterError(f"sampling must be one of {', '.join(SAMPLINGS)} "
+                                 f"(got {self.sampling!r})")
+        if self.split not in ("image", "patches"):
+            raise ParameterError(f"split must be 'image' or 'patches' (got {self.split!r})")
+        for name in ("batch_size", "epochs", "patches_per_epoch", "val_patches"):
+            if getattr(self, name) < 1:
+                raise ParameterError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        if self.lr <= 0:
+            raise ParameterError(f"the learning rate must be positive (got {self.lr})")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise ParameterError("early stopping patience must be at least 1 epoch (or none)")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ParameterError("max_minutes must be positive (or none)")
+        t = self.inference_tile
+        if t is not None and (t % 32 or t < 64):
+            raise ParameterError(f"inference tile must be a multiple of 32, >= 64 (got {t})")
+
+    @property
+    def tile_and_overlap(self) -> tuple[int, int]:
+        """The contract's inference ``(tile_size, overlap)``."""
+        tile = self.inference_tile or self.patch_size
+        overlap = max(self.patch_size // 4, tile // 8) // 8 * 8
+        return tile, min(overlap, (tile // 2 - 1) // 8 * 8)
+
+
+
+def train_params_from_dict(d: dict[str, Any] | None) -> TrainParams:
+    """:class:`TrainParams` from plain JSON values; unknown keys are refused."""
+    d = dict(d or {})
+    known = {f.name for f in fields(TrainParams)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ParameterError(f"unknown training parameter(s): {', '.join(unknown)} "
+                             f"(known: {', '.join(sorted(known))})")
+    try:
+        return TrainParams(**d)
+    except TypeError as exc:
+        raise ParameterError(f"bad training parameter: {exc}") from exc

@@ -3,7 +3,9 @@ and styling the layers loaded on completion. What the dock shares too is in ``br
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import logging
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
 
 from qgis.core import (
     QgsProcessingAlgorithm,
@@ -14,9 +16,12 @@ from qgis.core import (
     QgsVectorLayer,
 )
 
-from ..bridge.engine import engine_python, progress_text
+from ..bridge.engine import engine_python, forward_log, prepare, progress_text
 from ..core.errors import CancelledError, TesseraError
 from ..core.jobs import client
+from ..core.jobs.spec import Job
+
+T = TypeVar("T")
 
 
 def tr(text: str) -> str:
@@ -54,9 +59,11 @@ class TesseraAlgorithm(QgsProcessingAlgorithm):
         return type(self)()
 
 
-def run_engine(job: dict[str, Any], feedback: QgsProcessingFeedback | None) -> dict[str, Any]:
-    """Run a worker job with Processing feedback (progress, log, cancel); errors become
-    :class:`QgsProcessingException` with the engine's own message."""
+def run_engine(job: Job | dict[str, Any], feedback: QgsProcessingFeedback | None) -> dict[str, Any]:
+    """Run a job (typed, or its JSON) with Processing feedback: progress, the engine's log
+    (warnings as warnings, also in the QGIS message log) and cancel. The job is validated
+    before the engine starts; errors become :class:`QgsProcessingException` with the engine's
+    own message."""
     fb = feedback or QgsProcessingFeedback()
 
     def on_event(ev: dict[str, Any]) -> None:
@@ -65,7 +72,14 @@ def run_engine(job: dict[str, Any], feedback: QgsProcessingFeedback | None) -> d
             fb.setProgress(100.0 * float(ev.get("fraction", 0)))
             fb.setProgressText(progress_text(ev))
         elif kind == "log":
-            (fb.reportError if ev.get("level") == "ERROR" else fb.pushInfo)(str(ev.get("message")))
+            level = forward_log(ev)
+            msg = str(ev.get("message"))
+            if level >= logging.ERROR:
+                fb.reportError(msg)
+            elif level >= logging.WARNING:
+                fb.pushWarning(msg)
+            else:
+                fb.pushInfo(msg)
         elif kind == "file":
             msg = f"{ev.get('status')}: {ev.get('file')}"
             if ev.get("error"):
@@ -74,11 +88,21 @@ def run_engine(job: dict[str, Any], feedback: QgsProcessingFeedback | None) -> d
                 fb.pushInfo(msg)
 
     try:
+        wire = prepare(job)
         python = engine_python()
         fb.pushInfo(f"Engine: {python}")
-        return client.run_job(job, python, on_event, fb.isCanceled)
+        return client.run_job(wire, python, on_event, fb.isCanceled)
     except CancelledError as exc:
         raise QgsProcessingException(f"Cancelled: {exc}. No partial output was left.") from exc
+    except TesseraError as exc:
+        raise QgsProcessingException(str(exc)) from exc
+
+
+def build(make: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``make(*args, **kwargs)`` (a job or its parameters), with a bad value reported as a
+    :class:`QgsProcessingException` in the engine's words."""
+    try:
+        return make(*args, **kwargs)
     except TesseraError as exc:
         raise QgsProcessingException(str(exc)) from exc
 

@@ -20,6 +20,8 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QVariant
 
+from ..core.jobs.spec import BatchJob
+from ..core.params import SegmentParams, VectorizeParams
 from . import common
 from .segment_raster import add_run_options, add_vector_options, model_path, run_options, tr, vector_options
 
@@ -62,13 +64,15 @@ class SegmentFolderAlgorithm(common.TesseraAlgorithm):
         out = self.parameterAsString(parameters, self.OUTPUT_FOLDER, context)
         Path(out).mkdir(parents=True, exist_ok=True)
         vectorize = self.parameterAsBoolean(parameters, "VECTORIZE", context)
-        params = dict(run_options(self, parameters, context),
-                      vectorize=vector_options(self, parameters, context, vectorize))
-        job = {"op": "batch", "folder": folder, "model": model_path(self, parameters, context),
-               "out_dir": out, "pattern": self.parameterAsString(parameters, "PATTERN", context),
-               "recursive": self.parameterAsBoolean(parameters, "RECURSIVE", context),
-               "skip_existing": self.parameterAsBoolean(parameters, "SKIP_EXISTING", context),
-               "params": params}
+        params = common.build(
+            SegmentParams, **run_options(self, parameters, context),
+            vectorize=common.build(VectorizeParams, **vector_options(self, parameters, context,
+                                                                      vectorize)))
+        job = common.build(
+            BatchJob, folder, model_path(self, parameters, context), out, params,
+            pattern=self.parameterAsString(parameters, "PATTERN", context),
+            recursive=self.parameterAsBoolean(parameters, "RECURSIVE", context),
+            skip_existing=self.parameterAsBoolean(parameters, "SKIP_EXISTING", context))
         res = common.run_engine(job, feedback)
         fields = QgsFields()
         for name, typ in (("file", QVariant.String), ("status", QVariant.String),

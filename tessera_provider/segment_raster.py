@@ -25,6 +25,8 @@ from qgis.core import (
 from qgis.PyQt.QtCore import QCoreApplication
 
 from ..bridge import engine, layers
+from ..core.jobs.spec import SegmentJob
+from ..core.params import OutputPaths, SegmentParams, VectorizeParams
 from . import common
 
 
@@ -52,6 +54,7 @@ def add_vector_options(alg: QgsProcessingAlgorithm, advanced: bool = False) -> N
 
 
 def vector_options(alg: QgsProcessingAlgorithm, parameters, context, enabled: bool = True) -> dict:
+    """The keyword arguments of :class:`VectorizeParams` chosen in the dialog."""
     skip = alg.parameterAsString(parameters, "SKIP_CLASSES", context) or ""
     return {"enabled": enabled,
             "min_area_m2": alg.parameterAsDouble(parameters, "MIN_AREA", context),
@@ -84,6 +87,7 @@ def add_run_options(alg: QgsProcessingAlgorithm) -> None:
 
 
 def run_options(alg: QgsProcessingAlgorithm, parameters, context) -> dict:
+    """The run's keyword arguments of :class:`SegmentParams` chosen in the dialog."""
     tile = alg.parameterAsInt(parameters, "TILE_SIZE", context)
     overlap = alg.parameterAsInt(parameters, "OVERLAP", context)
     return {"tile_size": tile or None, "overlap": overlap if overlap >= 0 else None,
@@ -151,14 +155,15 @@ class SegmentRasterAlgorithm(common.TesseraAlgorithm):
                 kind = "GeoTIFF (.tif)" if ext == ".tif" else "GeoPackage (.gpkg)"
                 raise QgsProcessingException(
                     tr(f"{path}: Tessera writes {kind} files; choose that extension."))
-        params = dict(run_options(self, parameters, context),
-                      bands=list(bands) or None, window=list(window) if window else None,
-                      confidence=bool(out_conf),
-                      vectorize=vector_options(self, parameters, context, vectorize))
-        job = {"op": "segment", "raster": src, "model": model, "out_dir": str(Path(out_cls).parent),
-               "outputs": {"class_raster": out_cls, "confidence_raster": out_conf or None,
-                           "polygons": out_poly or None},
-               "params": params}
+        params = common.build(
+            SegmentParams, **run_options(self, parameters, context),
+            bands=tuple(bands) or None, window=window, confidence=bool(out_conf),
+            vectorize=common.build(VectorizeParams, **vector_options(self, parameters, context,
+                                                                      vectorize)))
+        dflt = OutputPaths.for_stem(Path(out_cls).parent, Path(src).stem)
+        job = SegmentJob(src, model, str(Path(out_cls).parent), params, outputs=OutputPaths(
+            Path(out_cls), Path(out_conf) if out_conf else dflt.confidence_raster,
+            Path(out_poly) if out_poly else dflt.polygons))
         feedback.pushInfo(f"Segmenting {src} with {Path(model).name}")
         res = common.run_engine(job, feedback)
         feedback.pushInfo(f"Device used: {res['device']} ({res.get('backend', 'torch')}); "

@@ -14,6 +14,8 @@ from qgis.core import (
 )
 
 from ..bridge import layers
+from ..core.jobs.spec import VectorizeJob
+from ..core.params import VectorizeParams
 from . import common
 from .segment_raster import add_vector_options, tr, vector_options
 
@@ -70,10 +72,8 @@ class VectorizeClassesAlgorithm(common.TesseraAlgorithm):
         if Path(out).suffix.lower() != ".gpkg":
             raise QgsProcessingException(tr(f"{out}: Tessera writes GeoPackage (.gpkg) files; "
                                             "choose that extension."))
-        vp = vector_options(self, parameters, context)
-        vp.pop("enabled")
-        res = common.run_engine({"op": "vectorize", "raster": src, "out": out, "params": vp},
-                                feedback)
+        vp = common.build(VectorizeParams, **vector_options(self, parameters, context))
+        res = common.run_engine(VectorizeJob(src, out, vp), feedback)
         classes = classes_of_raster(src)
         if classes:
             common.style_on_load(context, out, "polygons", classes, f"{layer.name()} polygons")

@@ -425,7 +425,9 @@ class TesseraDock(QgsDockWidget):
             backend = f", {r['backend']}" if r.get("backend") else ""
             self.device_used.setText(f"Device used: {r['device']}{backend}")
             poly = f", {r['n_polygons']} polygons" if r.get("n_polygons") is not None else ""
-            self.status.setText(f"Done in {r['seconds']:.1f} s on {r['device']}{poly}.")
+            warnings = [*task.warnings, *r.get("warnings", [])]
+            note = f" Warning: {'; '.join(warnings)}" if warnings else ""
+            self.status.setText(f"Done in {r['seconds']:.1f} s on {r['device']}{poly}.{note}")
         elif task.cancelled_by_user:
             self.progress.setValue(0)
             self.status.setText("Cancelled. No partial output was left.")

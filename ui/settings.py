@@ -7,6 +7,9 @@ from typing import Any
 
 from qgis.core import QgsSettings
 
+from ..core.jobs.spec import params_to_dict
+from ..core.params import SegmentParams, VectorizeParams
+
 PREFIX = "tessera/run/"
 
 
@@ -58,17 +61,21 @@ class RunSettings:
         for k, v in asdict(self).items():
             s.setValue(PREFIX + k, v)
 
+    def segment_params(self, bands: list[int] | None = None,
+                       window: tuple[int, int, int, int] | None = None) -> SegmentParams:
+        """The engine's :class:`SegmentParams` of these settings (0 and -1 mean the model's
+        own tile size and overlap); raises :class:`ParameterError` for a bad value."""
+        return SegmentParams(
+            tile_size=self.tile_size or None,
+            overlap=self.overlap if self.overlap >= 0 else None,
+            batch_size=self.batch_size, device=self.device, backend=self.backend,
+            bands=tuple(bands) if bands else None, window=tuple(window) if window else None,
+            confidence=self.confidence,
+            vectorize=VectorizeParams(enabled=self.vectorize, min_area_m2=self.min_area_m2,
+                                      simplify_px=self.simplify_px, sieve_px=self.sieve_px,
+                                      skip_classes=tuple(self.skip_classes)))
+
     def params(self, bands: list[int] | None = None,
                window: tuple[int, int, int, int] | None = None) -> dict[str, Any]:
-        """The worker's ``params`` dict (see :func:`tessera.core.jobs.worker.params_from_dict`)."""
-        return {
-            "tile_size": self.tile_size or None,
-            "overlap": self.overlap if self.overlap >= 0 else None,
-            "batch_size": self.batch_size, "device": self.device, "backend": self.backend,
-            "bands": list(bands) if bands else None,
-            "window": list(window) if window else None,
-            "confidence": self.confidence,
-            "vectorize": {"enabled": self.vectorize, "min_area_m2": self.min_area_m2,
-                          "simplify_px": self.simplify_px, "sieve_px": self.sieve_px,
-                          "skip_classes": list(self.skip_classes)},
-        }
+        """:meth:`segment_params` as the job's JSON."""
+        return params_to_dict(self.segment_params(bands, window))

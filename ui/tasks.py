@@ -13,8 +13,10 @@ from typing import Any
 from qgis.core import QgsTask
 from qgis.PyQt.QtCore import pyqtSignal
 
+from ..bridge import engine
 from ..core.errors import CancelledError, TesseraError
 from ..core.jobs import client
+from ..core.jobs.spec import Job
 
 
 class EngineTask(QgsTask):
@@ -22,23 +24,28 @@ class EngineTask(QgsTask):
 
     progressText = pyqtSignal(str)  # noqa: N815  (Qt naming)
 
-    def __init__(self, description: str, job: dict[str, Any], python: str,
+    def __init__(self, description: str, job: Job | dict[str, Any], python: str,
                  on_done: Callable[[EngineTask], None] | None = None) -> None:
+        """``job`` is validated here, on the main thread: a bad parameter raises
+        :class:`~..core.errors.ParameterError` before anything starts."""
         super().__init__(description, QgsTask.CanCancel)
-        self.job, self.python, self.on_done = job, python, on_done
+        self.job, self.python, self.on_done = engine.prepare(job), python, on_done
         self.result: dict[str, Any] | None = None
         self.error: str | None = None
         self.cancelled_by_user = False
         self.last_event: dict[str, Any] = {}
+        #: the engine's warnings during the run (also in the QGIS message log)
+        self.warnings: list[str] = []
 
     def run(self) -> bool:
-        from ..bridge.engine import progress_text
-
         def on_event(ev: dict[str, Any]) -> None:
-            if ev.get("event") == "progress":
+            kind = ev.get("event")
+            if kind == "progress":
                 self.last_event = ev
                 self.setProgress(100.0 * float(ev.get("fraction", 0)))
-                self.progressText.emit(progress_text(ev))
+                self.progressText.emit(engine.progress_text(ev))
+            elif kind == "log" and engine.forward_log(ev) >= logging.WARNING:
+                self.warnings.append(str(ev.get("message")))
 
         try:
             self.result = client.run_job(self.job, self.python, on_event, self.isCanceled)

@@ -33,10 +33,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import ModelError
+from ..params import ARCHITECTURES
 
 FORMAT = "tessera-model"
 FORMAT_VERSION = 1
-ARCHITECTURES = ("unet", "unetplusplus", "fpn", "deeplabv3plus", "linknet", "pspnet", "manet")
 SCALING_METHODS = ("none", "divide", "minmax")
 _COLOR = re.compile(r"^#[0-9A-Fa-f]{6}$")
 

@@ -22,9 +22,9 @@ from ..errors import CancelledError, OutputError, ParameterError, TesseraError
 from ..inference.factory import make_predictor
 from ..io.atomic import atomic_outputs, check_writable_dir
 from ..model.files import TesseraModel
-from ..params import SegmentParams
+from ..params import OutputPaths, SegmentParams
 from ..progress import CancelFn, Progress, ProgressFn, check_cancel
-from .segment import OutputPaths, segment_raster
+from .segment import segment_raster
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from ..io.atomic import atomic_outputs, check_writable_dir
 from ..io.raster import CLASSES_TAG, GTIFF_OPTIONS, gdal_env, open_raster, pixel_size_m, write_category_names
 from ..model.contract import ModelContract
 from ..model.files import TesseraModel
-from ..params import SegmentParams
+from ..params import OutputPaths, SegmentParams, check_tile_overlap
 from ..progress import CancelFn, Meter, ProgressFn, check_cancel
 from .band import RowBand
 from .stages import STOP, RowFeed, RowWriter, StreamVectorizer, TileReader
@@ -42,21 +42,6 @@ log = logging.getLogger(__name__)
 #: How far (in pixels) segmenting may run ahead of polygonizing: the row feed's bound on wide
 #: rasters (16 MB of class rows; narrower rasters keep 4 bands + 2048 rows).
 FEED_PIXELS = 1 << 24
-
-
-@dataclass(frozen=True)
-class OutputPaths:
-    """Where the outputs of one raster go: ``<out_dir>/<stem>_classes.tif`` etc."""
-
-    class_raster: Path
-    confidence_raster: Path
-    polygons: Path
-
-    @classmethod
-    def for_stem(cls, out_dir: str | Path, stem: str) -> OutputPaths:
-        d = Path(out_dir)
-        return cls(d / f"{stem}_classes.tif", d / f"{stem}_confidence.tif",
-                   d / f"{stem}_polygons.gpkg")
 
 
 @dataclass
@@ -153,9 +138,7 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
 
     tile = params.tile_size or contract.tile_size
     overlap = params.overlap if params.overlap is not None else contract.overlap
-    if overlap >= tile // 2:
-        raise ParameterError(f"overlap ({overlap} px) must be less than half the tile size "
-                             f"({tile} px)")
+    check_tile_overlap(tile, overlap)
     if tile % contract.size_multiple:
         raise ParameterError(f"tile size {tile} must be a multiple of {contract.size_multiple} "
                              f"for model '{contract.name}'")

@@ -39,8 +39,9 @@ from ..model.files import TesseraModel
 from ..pipeline.normalize import normalize
 from ..pipeline.tiling import TileGrid, pad_tile, padded_size
 from ..progress import CancelFn, Meter, Progress, ProgressFn, check_cancel
-from .datasets import DataSource, FolderSource, as_source, load_dataset
+from .datasets import load_dataset
 from .metrics import IGNORE, MEAN_IOU_DEFINITION, confusion, metrics_from_confusion
+from .sources import DataSource, FolderSource, as_source
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +48,14 @@ from ..errors import ParameterError
 from ..io.atomic import atomic_outputs
 from ..model.contract import ModelContract
 from ..model.files import TesseraModel
+from ..params import TrainParams, train_params_from_dict
 from ..pipeline.normalize import normalize
 from ..progress import CancelFn, Progress, ProgressFn, check_cancel
 from .datasets import (
     DUBAI_CLASSES,
     Cell,
     Dataset,
-    DataSource,
     Split,
-    as_source,
     class_table,
     find_pairs,
     load_dataset,
@@ -67,6 +66,7 @@ from .datasets import (
     table_to_dicts,
 )
 from .metrics import IGNORE, confusion, iou_from_confusion
+from .sources import DataSource, as_source
 
 __all__ = ["DUBAI_CLASSES", "IGNORE", "IMAGENET_MEAN", "IMAGENET_STD", "TrainParams", "confusion",
            "find_pairs", "iou_from_confusion", "load_pair", "make_loss", "mask_to_labels",
@@ -75,95 +75,15 @@ __all__ = ["DUBAI_CLASSES", "IGNORE", "IMAGENET_MEAN", "IMAGENET_STD", "TrainPar
 
 log = logging.getLogger(__name__)
 
+#: How the architectures are written in a model's description.
+ARCH_NAMES = {"unet": "U-Net", "unetplusplus": "U-Net++", "fpn": "FPN",
+              "deeplabv3plus": "DeepLabV3+", "linknet": "LinkNet", "pspnet": "PSPNet",
+              "manet": "MA-Net"}
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 #: Settings a resumed run must share with the checkpoint's run.
 RESUME_KEYS = ("patch_size", "batch_size", "patches_per_epoch", "lr", "weight_decay", "loss",
-               "val_fraction", "seed", "encoder", "val_patches", "split", "sampling")
-SAMPLINGS = ("random", "balanced")
-
-
-@dataclass(frozen=True)
-class TrainParams:
-    """How to train. Sizes in pixels; ``max_minutes`` None = no time limit.
-
-    split: ``image`` (whole images, or spatial blocks of a single raster) or ``patches``
-        (random split of a grid of patch cells: the published study's protocol).
-    early_stopping_patience: stop when validation mean IoU has not improved for this many
-        epochs (None = never).
-    inference_tile: the tile size written into the model's contract for inference (default:
-        the patch size); its overlap is max(patch/4, tile/8) rounded down to a multiple of 8.
-    val_patches: validation patches drawn from the validation images or blocks (the
-        ``patches`` split validates on every validation cell instead).
-    sampling: ``random`` (windows anywhere in the training ground) or ``balanced`` (half the
-        patches are placed around a pixel of a class drawn with equal chances, so rare
-        classes appear in far more patches than random windows give them; see
-        :class:`ClassIndex`).
-    """
-
-    patch_size: int = 256
-    batch_size: int = 4
-    epochs: int = 100
-    patches_per_epoch: int = 1300
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    loss: str = "focal_dice"
-    val_fraction: float = 0.2
-    seed: int = 0
-    encoder: str = "resnet34"
-    device: str = "auto"
-    max_minutes: float | None = None
-    val_patches: int = 96
-    split: str = "image"
-    early_stopping_patience: int | None = None
-    inference_tile: int | None = None
-    sampling: str = "random"
-
-    def __post_init__(self) -> None:
-        if self.patch_size % 32 or self.patch_size < 64:
-            raise ParameterError(f"patch size must be a multiple of 32, >= 64 (got {self.patch_size})")
-        if self.loss not in ("focal_dice", "ce"):
-            raise ParameterError(f"loss must be focal_dice or ce (got {self.loss})")
-        if not 0 < self.val_fraction < 1:
-            raise ParameterError("val_fraction must be between 0 and 1")
-        if self.sampling not in SAMPLINGS:
-            raise ParameterError(f"sampling must be one of {', '.join(SAMPLINGS)} "
-                                 f"(got {self.sampling!r})")
-        if self.split not in ("image", "patches"):
-            raise ParameterError(f"split must be 'image' or 'patches' (got {self.split!r})")
-        for name in ("batch_size", "epochs", "patches_per_epoch", "val_patches"):
-            if getattr(self, name) < 1:
-                raise ParameterError(f"{name} must be at least 1 (got {getattr(self, name)})")
-        if self.lr <= 0:
-            raise ParameterError(f"the learning rate must be positive (got {self.lr})")
-        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
-            raise ParameterError("early stopping patience must be at least 1 epoch (or none)")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise ParameterError("max_minutes must be positive (or none)")
-        t = self.inference_tile
-        if t is not None and (t % 32 or t < 64):
-            raise ParameterError(f"inference tile must be a multiple of 32, >= 64 (got {t})")
-
-    @property
-    def tile_and_overlap(self) -> tuple[int, int]:
-        """The contract's inference ``(tile_size, overlap)``."""
-        tile = self.inference_tile or self.patch_size
-        overlap = max(self.patch_size // 4, tile // 8) // 8 * 8
-        return tile, min(overlap, (tile // 2 - 1) // 8 * 8)
-
-
-def train_params_from_dict(d: dict[str, Any] | None) -> TrainParams:
-    """:class:`TrainParams` from plain JSON values; unknown keys are refused."""
-    d = dict(d or {})
-    known = {f.name for f in fields(TrainParams)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ParameterError(f"unknown training parameter(s): {', '.join(unknown)} "
-                             f"(known: {', '.join(sorted(known))})")
-    try:
-        return TrainParams(**d)
-    except TypeError as exc:
-        raise ParameterError(f"bad training parameter: {exc}") from exc
+               "val_fraction", "seed", "arch", "encoder", "val_patches", "split", "sampling")
 
 
 # --------------------------------------------------------------------------- patches
@@ -310,8 +230,9 @@ def _contract(ds: Dataset, p: TrainParams, name: str, pixel_size_m: float | None
     tile, overlap = p.tile_and_overlap
     return ModelContract.from_dict({
         "format": "tessera-model", "format_version": 1, "name": name,
-        "description": f"U-Net/{p.encoder} trained from scratch by tessera train",
-        "architecture": "unet", "encoder": p.encoder, "in_channels": n, "bands": list(ds.bands),
+        "description": f"{ARCH_NAMES.get(p.arch, p.arch)}/{p.encoder} trained from scratch by "
+                       "tessera train",
+        "architecture": p.arch, "encoder": p.encoder, "in_channels": n, "bands": list(ds.bands),
         "band_names": list(ds.band_names) if ds.band_names else None, "scaling": ds.scaling(),
         "mean": mean, "std": std, "classes": table_to_dicts(ds.classes),
         "nodata_value": IGNORE, "tile_size": tile, "overlap": overlap,

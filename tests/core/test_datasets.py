@@ -11,18 +11,9 @@ from PIL import Image
 from pyproj import Transformer
 from shapely.geometry import Polygon, box
 from tessera.core.errors import BandMismatchError, ParameterError
-from tessera.core.training.datasets import (
-    DUBAI_CLASSES,
-    IGNORE,
-    FolderSource,
-    RasterSource,
-    VectorSource,
-    class_table,
-    load_dataset,
-    patch_cells,
-    source_from_dict,
-    split_cells,
-)
+from tessera.core.training.datasets import DUBAI_CLASSES, class_table, load_dataset, patch_cells, split_cells
+from tessera.core.training.metrics import IGNORE
+from tessera.core.training.sources import FolderSource, RasterSource, VectorSource, source_from_dict
 
 T = Affine(1.0, 0, 500000.0, 0, -1.0, 4000000.0)  # write_raster's default grid (EPSG:32633)
 TABLE = [{"id": 0, "name": "Building", "color": "#3C1098"},

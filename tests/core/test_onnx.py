@@ -17,7 +17,7 @@ from tessera.core.inference import base
 from tessera.core.inference import onnx_backend as ob
 from tessera.core.inference.factory import make_predictor
 from tessera.core.inference.torch_backend import TorchPredictor as Predictor
-from tessera.core.jobs.worker import params_from_dict
+from tessera.core.jobs.spec import params_from_dict
 from tessera.core.model import onnx_meta as meta_mod
 from tessera.core.model.files import TesseraModel, file_sha256
 from tessera.core.params import SegmentParams, VectorizeParams

@@ -5,28 +5,28 @@ import json
 
 import numpy as np
 import pytest
+import rasterio
 import torch
 from helpers import BrightnessModel, write_raster
 from PIL import Image
 from shapely.geometry import box
+from tessera.core.cli import main
 from tessera.core.errors import ParameterError
 from tessera.core.jobs.worker import run_job
 from tessera.core.model.files import TesseraModel
+from tessera.core.params import SegmentParams, TrainParams, train_params_from_dict
+from tessera.core.pipeline.segment import segment_raster
 from tessera.core.training import train as train_mod
+from tessera.core.training.metrics import IGNORE, confusion, iou_from_confusion
 from tessera.core.training.train import (
     DUBAI_CLASSES,
-    IGNORE,
-    TrainParams,
-    confusion,
     evaluate_patches,
     find_pairs,
-    iou_from_confusion,
     make_loss,
     mask_to_labels,
     split_by_image,
     train,
     train_folder,
-    train_params_from_dict,
 )
 
 TINY = dict(patch_size=64, batch_size=2, epochs=1, patches_per_epoch=2, encoder="resnet18",
@@ -440,3 +440,26 @@ def test_balanced_sampling_trains_and_is_recorded(dataset, tmp_path):
                      checkpoint_dir=ck)
     with pytest.raises(ParameterError, match="sampling must be one of random, balanced"):
         TrainParams(sampling="rare")
+
+
+def test_another_architecture_trains_and_segments_end_to_end(dataset, tmp_path):
+    """The architecture is a training parameter (the CLI's --arch): a U-Net++ on a ResNet18
+    trains for a few steps, its contract says so, and it segments a raster."""
+    out = tmp_path / "pp.safetensors"
+    assert main(["train", str(dataset), "--out", str(out), "--arch", "unetplusplus",
+                 "--encoder", "resnet18", "--epochs", "1", "--patches-per-epoch", "2",
+                 "--patch-size", "64", "--batch-size", "2", "--device", "cpu", "-q"]) == 0
+    m = TesseraModel.load(out)
+    assert (m.contract.architecture, m.contract.encoder) == ("unetplusplus", "resnet18")
+    assert m.contract.description.startswith("U-Net++/resnet18")
+    assert type(m.module).__name__ == "UnetPlusPlus"
+    img = np.kron(np.random.default_rng(1).integers(0, 6, (6, 6)), np.ones((16, 16), int))
+    src = write_raster(tmp_path / "scene.tif",
+                       np.moveaxis((np.array(COLORS)[img] * 0.8).astype(np.uint8), -1, 0))
+    res = segment_raster(src, out, tmp_path / "seg", SegmentParams(device="cpu"))
+    with rasterio.open(res.class_raster) as ds:
+        cls = ds.read(1)
+    assert cls.shape == (96, 96) and cls.max() < 6
+    assert sum(res.class_pixels.values()) == 96 * 96 and res.n_polygons >= 1
+    with pytest.raises(ParameterError, match="architecture must be one of"):
+        TrainParams(arch="segformer")

@@ -7,7 +7,7 @@ import sys
 import pytest
 from helpers import random_rgb, tiny_unet, write_raster
 from tessera.core.errors import ParameterError
-from tessera.core.jobs.worker import params_from_dict, params_to_dict
+from tessera.core.jobs.spec import params_from_dict, params_to_dict
 from tessera.core.params import SegmentParams, VectorizeParams
 
 

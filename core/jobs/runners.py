@@ -1,0 +1,168 @@
+"""Running a typed job in this process: one runner per job type, in one registry.
+
+A runner takes the job and a :class:`Context` (progress, cancel, and a channel for events such
+as a batch's finished files) and returns the job's typed result; :func:`result_to_dict` gives
+its JSON (what the worker sends back). The worker (another process) and the CLI (this one)
+both run jobs through :func:`run`, so a job does the same wherever it is started.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..progress import CancelFn, ProgressFn
+from .spec import (
+    BatchJob,
+    EnvJob,
+    EvaluateJob,
+    ExportJob,
+    Job,
+    QuantizeJob,
+    SegmentJob,
+    TrainJob,
+    VectorizeJob,
+)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a running job may report through: ``progress`` and ``cancel`` go to the engine;
+    ``emit(event, **fields)`` sends any other event (a batch's ``file`` rows)."""
+
+    progress: ProgressFn | None = None
+    cancel: CancelFn | None = None
+    emit: Callable[..., None] | None = None
+
+
+def _segment(job: SegmentJob, ctx: Context) -> Any:
+    from ..pipeline.segment import segment_raster
+
+    return segment_raster(job.raster, job.model, job.out_dir, job.params, stem=job.stem,
+                          progress=ctx.progress, cancel=ctx.cancel, outputs=job.outputs)
+
+
+def _batch(job: BatchJob, ctx: Context) -> Any:
+    from ..pipeline.batch import segment_folder
+
+    emit = ctx.emit
+    return segment_folder(job.folder, job.model, job.out_dir, job.params, pattern=job.pattern,
+                          recursive=job.recursive, skip_existing=job.skip_existing,
+                          progress=ctx.progress, cancel=ctx.cancel,
+                          on_file=None if emit is None else
+                          (lambda r: emit("file", **dataclasses.asdict(r))))
+
+
+def _vectorize(job: VectorizeJob, ctx: Context) -> Any:
+    from ..vectorize.gpkg import vectorize_raster
+
+    return vectorize_raster(job.raster, job.out, job.params, layer=job.layer,
+                            progress=ctx.progress, cancel=ctx.cancel)
+
+
+def _train(job: TrainJob, ctx: Context) -> Any:
+    from ..training.train import train
+
+    return train(job.data, job.out, job.params, checkpoint_dir=job.checkpoint, name=job.name,
+                 classes=list(job.classes) if job.classes else None,
+                 pixel_size_m=job.pixel_size_m, progress=ctx.progress, cancel=ctx.cancel)
+
+
+def _evaluate(job: EvaluateJob, ctx: Context) -> Any:
+    from ..training.evaluate import evaluate_model
+
+    return evaluate_model(job.model, job.data, out_json=job.out_json, out_png=job.out_png,
+                          device=job.device, backend=job.backend, batch_size=job.batch_size,
+                          progress=ctx.progress, cancel=ctx.cancel)
+
+
+def _export(job: ExportJob, ctx: Context) -> Any:
+    from ..inference.onnx_backend import export_onnx
+
+    return export_onnx(job.model, job.out, opset=job.opset, check=job.check)
+
+
+def _quantize(job: QuantizeJob, ctx: Context) -> Any:
+    from ..training.quantize import quantize_model
+
+    return quantize_model(job.model, job.out, list(job.calibration), n_tiles=job.n_tiles,
+                          force=job.force, progress=ctx.progress, cancel=ctx.cancel)
+
+
+def env_report() -> dict[str, Any]:
+    """What the engine's environment holds: packages, versions, torch's CUDA build and GPUs."""
+    import importlib
+
+    rep: dict[str, Any] = {"python": sys.executable, "version": sys.version.split()[0],
+                           "packages": {}}
+    for name in ("torch", "segmentation_models_pytorch", "safetensors", "rasterio", "shapely",
+                 "pyproj", "pyogrio", "geopandas", "numpy"):
+        try:
+            mod = importlib.import_module(name)
+            rep["packages"][name] = getattr(mod, "__version__", "?")
+        except Exception as exc:  # noqa: BLE001  (report whatever breaks the import)
+            rep["packages"][name] = None
+            rep.setdefault("problems", []).append(f"{name}: {exc}")
+    rep["optional"] = {}  # the ONNX Runtime backend: inference falls back to PyTorch without it
+    for name in ("onnx", "onnxruntime"):
+        try:
+            rep["optional"][name] = getattr(importlib.import_module(name), "__version__", "?")
+        except Exception:  # noqa: BLE001
+            rep["optional"][name] = None
+    try:
+        import torch
+
+        rep["torch_cuda_build"] = torch.version.cuda
+        rep["cuda_available"] = torch.cuda.is_available()
+        rep["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        mps = getattr(torch.backends, "mps", None)
+        rep["mps_available"] = bool(mps is not None and mps.is_available())
+    except Exception:  # noqa: BLE001
+        rep["cuda_available"] = False
+        rep["gpus"] = []
+    return rep
+
+
+def _env(job: EnvJob, ctx: Context) -> Any:
+    return env_report()
+
+
+#: job type → the function that runs it here.
+RUNNERS: dict[type, Callable[[Any, Context], Any]] = {
+    SegmentJob: _segment, BatchJob: _batch, VectorizeJob: _vectorize, TrainJob: _train,
+    EvaluateJob: _evaluate, ExportJob: _export, QuantizeJob: _quantize, EnvJob: _env,
+}
+
+
+def run(job: Job, ctx: Context | None = None) -> Any:
+    """Run ``job`` in this process; return its typed result."""
+    return RUNNERS[type(job)](job, ctx or Context())
+
+
+def _batch_dict(rep: Any) -> dict[str, Any]:
+    return {"rows": [dataclasses.asdict(r) for r in rep.rows],
+            "csv": str(rep.csv_path), "json": str(rep.json_path),
+            "done": rep.count("done"), "skipped": rep.count("skipped"),
+            "failed": rep.count("failed")}
+
+
+def _vectorize_dict(v: Any) -> dict[str, Any]:
+    return {"path": str(v.path), "layer": v.layer, "n_polygons": v.n_polygons,
+            "area_m2_by_class": {str(k): a for k, a in v.area_m2_by_class.items()},
+            "seconds": v.seconds}
+
+
+#: job type → its result's JSON (results that are dicts already pass as they are)
+ENCODERS: dict[type, Callable[[Any], dict[str, Any]]] = {
+    SegmentJob: lambda r: r.to_dict(), BatchJob: _batch_dict, VectorizeJob: _vectorize_dict,
+    EvaluateJob: lambda r: r.summary(),
+}
+
+
+def result_to_dict(job: Job, result: Any) -> dict[str, Any]:
+    """The JSON of ``job``'s result (the worker's ``result`` event)."""
+    enc = ENCODERS.get(type(job))
+    return enc(result) if enc is not None else result

@@ -1,0 +1,105 @@
+"""The typed job boundary: every job round-trips through its JSON, is validated when it is
+built, and runs through the one registry the worker and the CLI share."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from helpers import random_rgb, tiny_unet, write_raster
+from tessera.core.errors import ModelError, ParameterError
+from tessera.core.jobs import runners, spec
+from tessera.core.jobs.worker import run_job
+from tessera.core.params import OutputPaths, SegmentParams, TrainParams, VectorizeParams
+from tessera.core.pipeline.segment import SegmentResult
+from tessera.core.training.sources import RasterSource, VectorSource
+
+JOBS = [
+    spec.SegmentJob("a.tif", "m.safetensors", "out", SegmentParams(
+        tile_size=64, overlap=8, bands=(3, 2, 1), window=(0, 1, 20, 30), confidence=True,
+        vectorize=VectorizeParams(min_area_m2=2.5, skip_classes=("Water", 3))), stem="s",
+        outputs=OutputPaths(Path("c.tif"), Path("f.tif"), Path("p.gpkg"))),
+    spec.BatchJob("in", "m.onnx", "out", SegmentParams(backend="onnxruntime"), pattern="*.jp2",
+                  recursive=True, skip_existing=False),
+    spec.VectorizeJob("c.tif", "p.gpkg", VectorizeParams(sieve_px=4), layer="L"),
+    spec.TrainJob(VectorSource(Path("i.tif"), Path("v.gpkg"), "cls", "lyr", (3, 2, 1)), "m.safetensors",
+                  TrainParams(epochs=2, arch="fpn", encoder="resnet18", sampling="balanced"),
+                  checkpoint="ck", name="mine",
+                  classes=({"id": 0, "name": "Water", "color": "#0000FF"},), pixel_size_m=0.5),
+    spec.EvaluateJob("m.safetensors", RasterSource(Path("i.tif"), Path("l.tif")), "e.json",
+                     None, device="cpu", backend="torch", batch_size=2),
+    spec.ExportJob("m.safetensors", "m.onnx", opset=18, check=False),
+    spec.QuantizeJob("m.safetensors", "q.onnx", ("cal.tif", "folder"), n_tiles=4, force=True),
+    spec.EnvJob(),
+]
+
+
+@pytest.mark.parametrize("job", JOBS, ids=lambda j: j.op)
+def test_every_job_round_trips_through_json(job):
+    wire = json.loads(json.dumps(job.to_dict()))
+    assert wire["op"] == job.op
+    assert spec.job_from_dict(wire) == job
+    assert spec.as_job(job) is job and spec.as_job(wire) == job
+
+
+def test_every_job_type_has_a_runner_and_a_distinct_op():
+    assert set(runners.RUNNERS) == set(spec.JOBS.values())
+    assert sorted(spec.JOBS) == ["batch", "env", "evaluate", "export", "quantize", "segment",
+                                 "train", "vectorize"]
+
+
+@pytest.mark.parametrize(("wire", "message"), [
+    ({"op": "explode"}, "unknown job op 'explode'"),
+    (["segment"], "a job must be a JSON object, not list"),
+    ({"op": "segment", "raster": "a.tif", "model": "m"}, "segment job: missing out_dir"),
+    ({"op": "segment", "raster": "a.tif", "model": "m", "out_dir": "o",
+      "params": {"tile_size": 64, "overlap": 32}},
+     r"overlap \(32 px\) must be less than half the tile size \(64 px\)"),
+    ({"op": "segment", "raster": "a.tif", "model": "m", "out_dir": "o", "params": {"tile": 3}},
+     "unknown parameter"),
+    ({"op": "vectorize", "raster": "c.tif", "out": "p.gpkg", "params": {"sieve_px": -1}},
+     "sieve must be 0 or more pixels"),
+    ({"op": "train", "data": {"kind": "folder", "root": "d"}, "out": "m.safetensors",
+      "params": {"arch": "segformer"}}, "architecture must be one of unet, unetplusplus"),
+    ({"op": "train", "data": {"kind": "cloud"}, "out": "m"}, "data source kind must be"),
+    ({"op": "evaluate", "model": "m", "data": {"kind": "folder", "root": "d"},
+      "device": "tpu"}, "device 'tpu' is not one of"),
+    ({"op": "quantize", "model": "m", "out": "q.onnx", "calibration": []},
+     "quantize job: missing calibration"),
+])
+def test_a_bad_job_is_refused_when_it_is_built(wire, message):
+    with pytest.raises(ParameterError, match=message):
+        spec.job_from_dict(wire)
+
+
+def test_a_segment_job_runs_through_the_registry_and_returns_its_typed_result(tmp_path):
+    model = tiny_unet(seed=4).save(tmp_path / "m.safetensors")
+    src = write_raster(tmp_path / "a.tif", random_rgb(70, 90, seed=3))
+    job = spec.SegmentJob(str(src), str(model), str(tmp_path / "o"),
+                          SegmentParams(vectorize=VectorizeParams(enabled=False)))
+    res = runners.run(job)
+    assert isinstance(res, SegmentResult)
+    with rasterio.open(res.class_raster) as ds:
+        classes = ds.read(1)
+    assert classes.shape == (70, 90) and sum(res.class_pixels.values()) == 70 * 90
+    assert np.bincount(classes.ravel(), minlength=256)[:len(res.class_pixels)].tolist() == \
+        list(res.class_pixels.values())
+    wire = run_job(job.to_dict(), lambda *a, **k: None, lambda: False)  # what the worker sends
+    assert wire == json.loads(json.dumps(runners.result_to_dict(job, res))) | {
+        k: wire[k] for k in ("seconds", "seconds_segment", "seconds_vectorize")}
+
+
+def test_an_export_job_runs_in_the_worker(tmp_path):
+    model = tiny_unet(seed=1).save(tmp_path / "m.safetensors")
+    res = run_job({"op": "export", "model": str(model), "out": str(tmp_path / "m.onnx")},
+                  lambda *a, **k: None, lambda: False)
+    assert res["path"] == str(tmp_path / "m.onnx") and (tmp_path / "m.onnx").is_file()
+    assert res["classes_agree"] is True and res["max_abs_diff"] < 1e-3
+    with pytest.raises(ModelError, match="not a Tessera model"):
+        (tmp_path / "junk.safetensors").write_bytes(b"junk")
+        run_job({"op": "export", "model": str(tmp_path / "junk.safetensors"),
+                 "out": str(tmp_path / "j.onnx")}, lambda *a, **k: None, lambda: False)
+    assert not (tmp_path / "j.onnx").exists()
