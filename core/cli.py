@@ -49,6 +49,7 @@ class ProgressBar:
         self._width = 0
 
     def __call__(self, p: Any) -> None:
+        """Draw the bar for a :class:`~.progress.Progress` report."""
         if not self.enabled:
             return
         now = time.monotonic()
@@ -71,6 +72,7 @@ class ProgressBar:
         self.stream.flush()
 
     def close(self) -> None:
+        """End the bar's line (once)."""
         if self.enabled and self.tty and self._width:
             self.stream.write("\n")
             self.stream.flush()
@@ -196,6 +198,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``tessera`` command line: one subcommand per job."""
     parser = argparse.ArgumentParser(
         prog="tessera", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Tessera: segment rasters (GeoTIFF, VRT, JPEG2000...) into classes and "
@@ -376,6 +379,7 @@ def _print_result(res: Any, out: TextIO) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``tessera`` command; return its exit status (0 done, 1 error, 130 interrupted)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .io.raster import limit_malloc_arenas
 
@@ -451,7 +455,7 @@ def _cmd_batch(a: argparse.Namespace, bar: ProgressBar) -> int:
 def _cmd_train(a: argparse.Namespace, bar: ProgressBar) -> int:
     from .jobs.spec import TrainJob
     from .params import TrainParams
-    from .training.datasets import read_class_file
+    from .training.datasets import read_class_file, table_to_dicts
     from .training.sources import source_from_dict
 
     tp = TrainParams(patch_size=a.patch_size, batch_size=a.batch_size, epochs=a.epochs,
@@ -464,7 +468,7 @@ def _cmd_train(a: argparse.Namespace, bar: ProgressBar) -> int:
     classes = read_class_file(a.classes) if a.classes else None
     name = a.name or ("Dubai land cover" if src["kind"] == "folder" else None)
     res = _run(TrainJob(source_from_dict(src), a.out, tp, checkpoint=a.checkpoint, name=name,
-                        classes=tuple(classes) if classes else None,
+                        classes=tuple(table_to_dicts(classes)) if classes else None,
                         pixel_size_m=a.pixel_size), bar)
     for h in res["history"]:
         loss = f"{h['loss']:.4f}" if h["loss"] is not None else "  -   "

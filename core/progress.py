@@ -69,6 +69,7 @@ class Meter:
         self.done = 0
 
     def update(self, done: int, message: str = "", force: bool = False) -> None:
+        """Report ``done`` units (at most a few times a second unless ``force``)."""
         self.done = done
         if self.fn is None:
             return

@@ -69,7 +69,7 @@ class RunSettings:
             tile_size=self.tile_size or None,
             overlap=self.overlap if self.overlap >= 0 else None,
             batch_size=self.batch_size, device=self.device, backend=self.backend,
-            bands=tuple(bands) if bands else None, window=tuple(window) if window else None,
+            bands=tuple(bands) if bands else None, window=window,
             confidence=self.confidence,
             vectorize=VectorizeParams(enabled=self.vectorize, min_area_m2=self.min_area_m2,
                                       simplify_px=self.simplify_px, sieve_px=self.sieve_px,

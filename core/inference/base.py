@@ -101,6 +101,7 @@ class Pending:
         self._futures, self._value = futures, value
 
     def done(self) -> bool:
+        """Whether every tile of the batch is done."""
         return all(f.done() for f in self._futures)
 
     def result(self, timeout: float | None = None) -> Any:
@@ -173,7 +174,11 @@ class Predictor(Protocol):
     oom_events: int
 
     def predict(self, batch: np.ndarray, reduce: bool = False,
-                confidence: bool = True) -> np.ndarray: ...
+                confidence: bool = True) -> np.ndarray:
+        """Run ``batch`` now and return its output (see the class docstring)."""
+        ...
 
     def submit(self, batch: np.ndarray, reduce: bool = False,
-               confidence: bool = True) -> Pending: ...
+               confidence: bool = True) -> Pending:
+        """Queue ``batch``; the returned :class:`Pending` gives :meth:`predict`'s output."""
+        ...

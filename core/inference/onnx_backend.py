@@ -377,6 +377,7 @@ class OrtPredictor:
 
     def predict(self, batch: np.ndarray, reduce: bool = False,
                 confidence: bool = True) -> np.ndarray:
+        """Run ``batch`` now (its tiles side by side in the pool) and return its output."""
         if self._pool is None or batch.shape[0] == 1:
             return self._run(batch, reduce, confidence)
         return np.stack(self.submit(batch, reduce, confidence).result())

@@ -47,6 +47,7 @@ def check() -> list[str]:
 
 
 def main() -> int:
+    """Check the environment; print one line per problem and return 1 if there is one."""
     print("Tessera environment:")
     problems = check()
     for p in problems:

@@ -48,6 +48,7 @@ def base_python() -> Path:
 
 
 def venv_python(venv: Path) -> Path:
+    """The Python executable of the environment ``venv``."""
     return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 

@@ -84,6 +84,7 @@ class SegmentJob:
     outputs: OutputPaths | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The job's JSON (the worker protocol)."""
         return {"op": self.op, "raster": self.raster, "model": self.model,
                 "out_dir": self.out_dir, "stem": self.stem,
                 "params": params_to_dict(self.params),
@@ -91,6 +92,7 @@ class SegmentJob:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SegmentJob:
+        """Decode and validate the job's JSON."""
         _need(d, cls.op, "raster", "model", "out_dir")
         stem = _text(d, "stem")
         outputs = None
@@ -118,12 +120,14 @@ class BatchJob:
     skip_existing: bool = True
 
     def to_dict(self) -> dict[str, Any]:
+        """The job's JSON (the worker protocol)."""
         return {"op": self.op, "folder": self.folder, "model": self.model,
                 "out_dir": self.out_dir, "pattern": self.pattern, "recursive": self.recursive,
                 "skip_existing": self.skip_existing, "params": params_to_dict(self.params)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BatchJob:
+        """Decode and validate the job's JSON."""
         _need(d, cls.op, "folder", "model", "out_dir")
         return cls(str(d["folder"]), str(d["model"]), str(d["out_dir"]),
                    params_from_dict(d.get("params")), str(d.get("pattern") or "*.tif;*.tiff"),
@@ -141,11 +145,13 @@ class VectorizeJob:
     layer: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The job's JSON (the worker protocol)."""
         return {"op": self.op, "raster": self.raster, "out": self.out, "layer": self.layer,
                 "params": _plain(self.params)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VectorizeJob:
+        """Decode and validate the job's JSON."""
         _need(d, cls.op, "raster", "out")
         return cls(str(d["raster"]), str(d["out"]), vectorize_params_from_dict(d.get("params")),
                    _text(d, "layer"))
@@ -165,6 +171,7 @@ class TrainJob:
     pixel_size_m: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The job's JSON (the worker protocol)."""
         return {"op": self.op, "data": self.data.to_dict(), "out": self.out,
                 "params": _plain(self.params), "checkpoint": self.checkpoint, "name": self.name,
                 "classes": _plain(self.classes) if self.classes else None,
@@ -172,6 +179,7 @@ class TrainJob:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainJob:
+        """Decode and validate the job's JSON."""
         _need(d, cls.op, "data", "out")
         classes = d.get("classes") or None
         px = d.get("pixel_size_m")
@@ -198,12 +206,14 @@ class EvaluateJob:
         SegmentParams(device=self.device, backend=self.backend, batch_size=self.batch_size)
 
     def to_dict(self) -> dict[str, Any]:
+        """The job's JSON (the worker protocol)."""
         return {"op": self.op, "model": self.model, "data": self.data.to_dict(),
                 "out_json": self.out_json, "out_png": self.out_png, "device": self.device,
                 "backend": self.backend, "batch_size": self.batch_size}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EvaluateJob:
+        """Decode and validate the job's JSON."""
         _need(d, cls.op, "model", "data")
         return cls(str(d["model"]), source_from_dict(d["data"]), _text(d, "out_json"),
                    _text(d, "out_png"), str(d.get("device") or "auto"),
@@ -221,11 +231,13 @@ class ExportJob:
     check: bool = True
 
     def to_dict(self) -> dict[str, Any]:
+        """The job's JSON (the worker protocol)."""
         return {"op": self.op, "model": self.model, "out": self.out, "opset": self.opset,
                 "check": self.check}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ExportJob:
+        """Decode and validate the job's JSON."""
         _need(d, cls.op, "model", "out")
         return cls(str(d["model"]), str(d["out"]), int(d.get("opset") or 17),
                    bool(d.get("check", True)))
@@ -249,12 +261,14 @@ class QuantizeJob:
             raise ParameterError(f"quantize job: tiles must be at least 1 (got {self.n_tiles})")
 
     def to_dict(self) -> dict[str, Any]:
+        """The job's JSON (the worker protocol)."""
         return {"op": self.op, "model": self.model, "out": self.out,
                 "calibration": list(self.calibration), "n_tiles": self.n_tiles,
                 "force": self.force}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantizeJob:
+        """Decode and validate the job's JSON."""
         _need(d, cls.op, "model", "out", "calibration")
         cal = d["calibration"]
         return cls(str(d["model"]), str(d["out"]),
@@ -269,10 +283,12 @@ class EnvJob:
     op: ClassVar[str] = "env"
 
     def to_dict(self) -> dict[str, Any]:
+        """The job's JSON (the worker protocol)."""
         return {"op": self.op}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EnvJob:
+        """Decode and validate the job's JSON."""
         return cls()
 
 
@@ -294,4 +310,4 @@ def job_from_dict(d: Any) -> Job:
 
 def as_job(job: Job | dict[str, Any]) -> Job:
     """A typed job from a job or its JSON (validated either way)."""
-    return job if isinstance(job, tuple(JOBS.values())) else job_from_dict(job)
+    return job_from_dict(job) if isinstance(job, dict) else job

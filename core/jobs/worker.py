@@ -98,6 +98,7 @@ def run_job(job: dict[str, Any], emit: Any, cancel: Any) -> dict[str, Any]:
 
 
 def main(stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+    """Read one job from ``stdin``, run it, write its events to ``stdout``; return the exit status."""
     stdin = stdin or sys.stdin
     emit = _Emitter(stdout or sys.stdout)
     from ..io.raster import limit_malloc_arenas

@@ -92,10 +92,12 @@ class ModelContract:
     # -- derived -------------------------------------------------------------------------
     @property
     def n_classes(self) -> int:
+        """How many classes the model predicts."""
         return len(self.classes)
 
     @property
     def class_names(self) -> dict[int, str]:
+        """Class id → name."""
         return {c.id: c.name for c in self.classes}
 
     @property
@@ -114,6 +116,7 @@ class ModelContract:
 
     # -- (de)serialization ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """The contract's JSON object (the inverse of :meth:`from_dict`)."""
         d = asdict(self)
         d.pop("format_version")
         out: dict[str, Any] = {"format": FORMAT, "format_version": self.format_version}
@@ -128,10 +131,12 @@ class ModelContract:
         return out
 
     def to_json(self) -> str:
+        """The contract as JSON text."""
         return json.dumps(self.to_dict(), indent=1, sort_keys=False)
 
     @classmethod
     def from_json(cls, text: str, source: str = "model") -> ModelContract:
+        """Parse and validate a contract from JSON text (``source`` names it in errors)."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:

@@ -43,6 +43,7 @@ class RowBand:
 
     @property
     def nbytes(self) -> int:
+        """Bytes held by the band's arrays."""
         return sum(a.nbytes for a in (self.acc, self.wsum, self.valid, self.cls, self.conf))
 
     def put(self, owned: tuple[int, int, int, int], t: Tile, reduced: np.ndarray | None,
@@ -112,11 +113,11 @@ class RowBand:
         arrays = [self.wsum, self.valid, self.cls, self.conf]
         if keep > 0:
             self.acc[:, :keep] = self.acc[:, n:]
-            for a in arrays:
-                a[:keep] = a[n:]
+            for arr in arrays:
+                arr[:keep] = arr[n:]
         self.acc[:, max(keep, n):] = 0  # rows above n are zero already (the blocks above)
-        for a in arrays:
-            a[keep:] = 0
+        for arr in arrays:
+            arr[keep:] = 0
         self.top += n
         return top, cls, conf
 

@@ -59,9 +59,11 @@ class BatchReport:
     json_path: Path | None = None
 
     def count(self, status: str) -> int:
+        """How many files ended with ``status``."""
         return sum(1 for r in self.rows if r.status == status)
 
     def to_csv(self) -> str:
+        """The report as CSV text, one row per file."""
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=REPORT_FIELDS, lineterminator="\n")
         w.writeheader()
@@ -92,6 +94,7 @@ def find_rasters(folder: str | Path, pattern: str = "*.tif", recursive: bool = F
 
 
 def expected_outputs(paths: OutputPaths, params: SegmentParams) -> list[Path]:
+    """The files a finished run of ``params`` leaves at ``paths``."""
     out = [paths.class_raster]
     if params.confidence:
         out.append(paths.confidence_raster)

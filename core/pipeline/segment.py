@@ -69,6 +69,7 @@ class SegmentResult:
     backend: str = "torch"
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as JSON values."""
         return asdict(self)
 
 

@@ -37,6 +37,7 @@ class RowFeed:
         self._cv = threading.Condition()
 
     def push(self, top: int, rows: np.ndarray) -> None:
+        """Append rows from raster row ``top`` on (blocks while too many are buffered)."""
         with self._cv:
             while not self._aborted and self._end - self._base > self.max_rows:
                 self._cv.wait(0.1)
@@ -49,11 +50,13 @@ class RowFeed:
             self._cv.notify_all()
 
     def abort(self) -> None:
+        """Wake and stop every reader and writer of the feed."""
         with self._cv:
             self._aborted = True
             self._cv.notify_all()
 
     def read(self, band: int, window: Any) -> np.ndarray:
+        """Band ``band``'s rows of ``window`` (rasterio's ``read``), once they exist."""
         r0, r1 = int(window.row_off), int(window.row_off + window.height)
         with self._cv:
             while not self._aborted and self._end < r1:
@@ -92,6 +95,7 @@ class StreamVectorizer(threading.Thread):
         self.rows_done = 0
 
     def run(self) -> None:
+        """The thread's loop; an error is kept in :attr:`error` for the main thread."""
         from ..vectorize.gpkg import write_polygons
 
         try:
@@ -122,6 +126,7 @@ class RowWriter(threading.Thread):
         self._next_row = 0
 
     def run(self) -> None:
+        """The thread's loop; an error is kept in :attr:`error` for the main thread."""
         from rasterio.windows import Window
 
         with gdal_env():
@@ -147,7 +152,7 @@ class RowWriter(threading.Thread):
                                  if self.dst_conf is not None else None)
                         win = Window(0, self._next_row, self.width, n)
                         self.dst.write(c_all[:n], 1, window=win)
-                        if f_all is not None:
+                        if f_all is not None and self.dst_conf is not None:
                             self.dst_conf.write(f_all[:n], 1, window=win)
                         rest = c_all.shape[0] - n
                         self._pending = [(c_all[n:], f_all[n:] if f_all is not None else None)] \
@@ -185,6 +190,7 @@ class TileReader(threading.Thread):
         return False
 
     def run(self) -> None:
+        """The thread's loop; an error is kept in :attr:`error` for the main thread."""
         try:
             with gdal_env():
                 self._run()

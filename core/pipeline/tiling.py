@@ -29,6 +29,7 @@ probabilities only in the narrow zones where tiles really mix.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
@@ -210,10 +211,12 @@ class TileGrid:
 
     @property
     def row_offsets(self) -> list[int]:
+        """The top row of each tile row."""
         return [o for o, _ in self.row_layout]
 
     @property
     def col_offsets(self) -> list[int]:
+        """The left column of each tile column."""
         return [o for o, _ in self.col_layout]
 
     @property
@@ -235,7 +238,7 @@ class TileGrid:
         r, h = self.row_layout[i]
         return [Tile(i, j, r, c, h, w) for j, (c, w) in enumerate(self.col_layout)]
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Tile]:
         for i in range(len(self.row_layout)):
             yield from self.tile_row(i)
 
@@ -251,10 +254,12 @@ class TileGrid:
 
     @cached_property
     def row_blend(self) -> AxisBlend:
+        """Where tiles mix along the rows."""
         return axis_blend(self.row_layout, self.height, self.overlap)
 
     @cached_property
     def col_blend(self) -> AxisBlend:
+        """Where tiles mix along the columns."""
         return axis_blend(self.col_layout, self.width, self.overlap)
 
     def solo(self, t: Tile) -> tuple[int, int, int, int]:

@@ -133,6 +133,7 @@ def read_class_file(path: str | Path) -> ClassTable:
 
 
 def table_to_dicts(classes: ClassTable) -> list[dict[str, Any]]:
+    """A class table as ``[{"id", "name", "color"}]``."""
     return [{"id": k, "name": n, "color": c} for k, (n, c) in enumerate(classes)]
 
 
@@ -480,20 +481,20 @@ def _ids_from_names(names: list[str], classes: ClassTable | None,
             raise ParameterError(f"{where}: {len(order)} distinct class names; at most 255 classes")
         classes = list(zip([spelled[k] for k in order], distinct_colors(len(order))))
     lookup = {n.lower(): k for k, (n, _) in enumerate(classes)}
-    ids = []
+    found: list[int] = []
     unknown = set()
     for n, k in zip(names, keys):
         if k in lookup:
-            ids.append(lookup[k])
+            found.append(lookup[k])
         elif k.isdigit() and int(k) < len(classes):
-            ids.append(int(k))
+            found.append(int(k))
         else:
             unknown.add(n.strip())
     if unknown:
         raise ParameterError(f"{where}: class names not in the class table: "
                              f"{', '.join(sorted(unknown))} (known: "
                              f"{', '.join(n for n, _ in classes)})")
-    return np.array(ids, np.int64), classes
+    return np.array(found, np.int64), classes
 
 
 # --------------------------------------------------------------------------- splits
@@ -520,6 +521,7 @@ class Split:
     cell_px: int | None = None
 
     def describe(self) -> str:
+        """The split in words, for the model card and the log."""
         if self.method == "image":
             return (f"split by image: {len(self.train)} training, {len(self.val)} validation "
                     "images")
@@ -530,6 +532,7 @@ class Split:
                 f"random, {len(self.train)} training, {len(self.val)} validation cells")
 
     def to_dict(self) -> dict[str, Any]:
+        """The split's method and sizes as JSON values."""
         return {"method": self.method, "cell_px": self.cell_px, "train": len(self.train),
                 "val": len(self.val)}
 

@@ -71,21 +71,26 @@ class EvalResult:
 
     @property
     def metrics(self) -> dict[str, Any]:
+        """Accuracy, mean IoU and per-class IoU, precision, recall."""
         return metrics_from_confusion(self.confusion)
 
     @property
     def accuracy(self) -> float:
+        """Pixel accuracy (NaN with no pixels)."""
         return self.metrics["accuracy"]
 
     @property
     def mean_iou(self) -> float:
+        """Mean IoU over the classes present (NaN with no pixels)."""
         return self.metrics["mean_iou"]
 
     @property
     def pixels(self) -> int:
+        """Annotated pixels scored."""
         return int(self.confusion.sum())
 
     def per_class(self) -> list[dict[str, Any]]:
+        """One row per class: id, name, IoU, precision, recall and pixel counts."""
         m = self.metrics
         truth, pred = self.confusion.sum(1), self.confusion.sum(0)
         return [{"id": k, "name": n, "iou": _num(m["iou"][k]), "precision": _num(m["precision"][k]),
@@ -392,11 +397,11 @@ def draw_chart(res: EvalResult) -> Any:
     d.text((bars_x, mat_y - 22), "IoU per class", fill="black", font=f_label)
     d.text((bars_x + bar_w + 8, mat_y - 18), "IoU, P = precision, R = recall", fill=(80, 80, 80),
            font=f_small)
-    for t in (0.0, 0.25, 0.5, 0.75, 1.0):
-        x = bars_x + round(t * bar_w)
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        x = bars_x + round(tick * bar_w)
         d.line([x, mat_y, x, mat_y + k * cell], fill=(225, 225, 225))
-        tw, _ = _text_size(d, f"{t:g}", f_small)
-        d.text((x - tw // 2, mat_y + k * cell + 6), f"{t:g}", fill=(80, 80, 80), font=f_small)
+        tw, _ = _text_size(d, f"{tick:g}", f_small)
+        d.text((x - tw // 2, mat_y + k * cell + 6), f"{tick:g}", fill=(80, 80, 80), font=f_small)
     for i in range(k):
         v = m["iou"][i]
         y0 = mat_y + i * cell + cell // 4

@@ -25,6 +25,7 @@ class FolderSource:
     kind = "folder"
 
     def to_dict(self) -> dict[str, Any]:
+        """The source's JSON (see the module docstring)."""
         return {"kind": "folder", "root": str(self.root)}
 
 
@@ -39,6 +40,7 @@ class RasterSource:
     kind = "raster"
 
     def to_dict(self) -> dict[str, Any]:
+        """The source's JSON (see the module docstring)."""
         return {"kind": "raster", "image": str(self.image), "labels": str(self.labels),
                 "bands": list(self.bands) if self.bands else None}
 
@@ -56,6 +58,7 @@ class VectorSource:
     kind = "vector"
 
     def to_dict(self) -> dict[str, Any]:
+        """The source's JSON (see the module docstring)."""
         return {"kind": "vector", "image": str(self.image), "vector": str(self.vector),
                 "field": self.field, "layer": self.layer,
                 "bands": list(self.bands) if self.bands else None}

@@ -87,8 +87,8 @@ RESUME_KEYS = ("patch_size", "batch_size", "patches_per_epoch", "lr", "weight_de
 
 
 # --------------------------------------------------------------------------- patches
-def _crop(a: np.ndarray | None, c: Cell) -> np.ndarray | None:
-    return None if a is None else a[c.row:c.row + c.height, c.col:c.col + c.width]
+def _crop(a: np.ndarray, c: Cell) -> np.ndarray:
+    return a[c.row:c.row + c.height, c.col:c.col + c.width]
 
 
 def _sample(x: np.ndarray, y: np.ndarray, valid: np.ndarray | None, size: int,
@@ -104,8 +104,10 @@ def _sample(x: np.ndarray, y: np.ndarray, valid: np.ndarray | None, size: int,
     h, w = y.shape
     if h < size or w < size:
         ph, pw = max(0, size - h), max(0, size - w)
-        mode = "reflect" if h > 1 and w > 1 and ph < h and pw < w else "edge"
-        x = np.pad(x, ((0, ph), (0, pw), (0, 0)), mode=mode)
+        if h > 1 and w > 1 and ph < h and pw < w:
+            x = np.pad(x, ((0, ph), (0, pw), (0, 0)), mode="reflect")
+        else:
+            x = np.pad(x, ((0, ph), (0, pw), (0, 0)), mode="edge")
         y = np.pad(y, ((0, ph), (0, pw)), constant_values=IGNORE)
         if valid is not None:
             valid = np.pad(valid, ((0, ph), (0, pw)), constant_values=False)
@@ -282,7 +284,7 @@ def train(source: DataSource | dict[str, Any] | str | Path, out_model: str | Pat
     amp_dtype = (torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
     opt = torch.optim.Adam(net.parameters(), lr=p.lr, weight_decay=p.weight_decay,
-                           **({"fused": True} if cuda else {}))
+                           fused=True if cuda else None)
     steps_per_epoch = max(1, p.patches_per_epoch // p.batch_size)
     sched = OneCycle(opt, p.lr, steps_per_epoch * p.epochs)
     loss_fn = make_loss(p.loss)
@@ -290,7 +292,8 @@ def train(source: DataSource | dict[str, Any] | str | Path, out_model: str | Pat
     def patch(cell: Cell, rng: np.random.Generator, augment: bool, tries: int = 10,
               at: tuple[int, int] | None = None) -> tuple:
         s = samples[cell.image]
-        x, y, v = _crop(s.image, cell), _crop(s.labels, cell), _crop(s.valid, cell)
+        x, y = _crop(s.image, cell), _crop(s.labels, cell)
+        v = None if s.valid is None else _crop(s.valid, cell)
         for _ in range(tries):  # prefer patches with annotated pixels (sparse polygon labels)
             out = _sample(x, y, v, p.patch_size, rng, augment, lo, hi, at)
             if at is not None or (out[1] != IGNORE).any():
@@ -359,7 +362,9 @@ def train(source: DataSource | dict[str, Any] | str | Path, out_model: str | Pat
     run_batches: Iterator[tuple[Any, Any]] | None = None
     if pool is None and stopped == "completed" and start_epoch < plan:  # epochs to run
         run_batches = iter(torch.utils.data.DataLoader(
-            _RunBatches(make_batch, start_epoch, p.epochs, steps_per_epoch), batch_size=None,
+            # a map-style dataset by protocol (__len__, __getitem__): torch is imported lazily
+            _RunBatches(make_batch, start_epoch, p.epochs, steps_per_epoch),  # type: ignore[arg-type]
+            batch_size=None,
             num_workers=workers, pin_memory=cuda, prefetch_factor=4,
             multiprocessing_context="fork"))
 
@@ -369,6 +374,7 @@ def train(source: DataSource | dict[str, Any] | str | Path, out_model: str | Pat
                 yield next(run_batches)
             return
         ahead: deque = deque()
+        assert pool is not None  # no worker processes: batches come from the thread
         for nxt in range(steps_per_epoch):
             ahead.append(pool.submit(make_batch, epoch, nxt))
             if len(ahead) > 2:
@@ -491,8 +497,11 @@ class _ShownLoss:
     copied to pinned memory behind the queued steps and shown once the copy has landed."""
 
     def __init__(self, cuda: bool) -> None:
-        self.cuda, self.event, self.value = cuda, None, None
-        self.buf, self.n = None, 0
+        self.cuda = cuda
+        self.event: Any = None  # a CUDA event marking the last loss copy
+        self.value: float | None = None
+        self.buf: Any = None  # a pinned host tensor, once a CUDA loss was copied
+        self.n = 0
 
     def update(self, loss_sum: Any, n: int) -> float | None:
         import torch

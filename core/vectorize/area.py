@@ -47,6 +47,8 @@ def _make_geodetic(wkt: str) -> tuple[Any, Any]:
     if geo is None:
         raise NoCRSError(f"the CRS {c.name!r} has no geodetic datum; true areas need one")
     ell = geo.ellipsoid
+    if ell is None:
+        raise NoCRSError(f"the CRS {c.name!r} has no ellipsoid; true areas need one")
     geod = Geod(a=ell.semi_major_metre, b=ell.semi_minor_metre)
     return geod, Transformer.from_crs(c, geo, always_xy=True)
 
