@@ -85,7 +85,7 @@ def check_int8_cpu(flags: set[str] | None = None, force: bool = False) -> str:
 
 # --------------------------------------------------------------------------- calibration data
 def _folder_images(folder: Path) -> list[Path]:
-    from .train import find_pairs
+    from .datasets import find_pairs
 
     return [img for img, _ in find_pairs(folder)]
 

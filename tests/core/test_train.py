@@ -17,17 +17,12 @@ from tessera.core.model.files import TesseraModel
 from tessera.core.params import SegmentParams, TrainParams, train_params_from_dict
 from tessera.core.pipeline.segment import segment_raster
 from tessera.core.training import train as train_mod
+from tessera.core.training.datasets import DUBAI_CLASSES, find_pairs, mask_to_labels, split_by_image
+from tessera.core.training.losses import make_loss
 from tessera.core.training.metrics import IGNORE, confusion, iou_from_confusion
-from tessera.core.training.train import (
-    DUBAI_CLASSES,
-    evaluate_patches,
-    find_pairs,
-    make_loss,
-    mask_to_labels,
-    split_by_image,
-    train,
-    train_folder,
-)
+from tessera.core.training.sampling import ClassIndex, sample_window
+from tessera.core.training.schedule import OneCycle
+from tessera.core.training.train import evaluate_patches, train, train_folder
 
 TINY = dict(patch_size=64, batch_size=2, epochs=1, patches_per_epoch=2, encoder="resnet18",
             val_patches=2, device="cpu")
@@ -314,13 +309,13 @@ def test_one_cycle_follows_torchs_one_cycle_lr_and_resumes_from_its_state(total)
     ref_opt, opt = (torch.optim.Adam(net.parameters(), lr=1e-3) for _ in range(2))
     ref = torch.optim.lr_scheduler.OneCycleLR(ref_opt, max_lr=2e-3, total_steps=total,
                                               pct_start=0.05)
-    ours = train_mod.OneCycle(opt, 2e-3, total)
+    ours = OneCycle(opt, 2e-3, total)
     for step in range(total):
         g, rg = opt.param_groups[0], ref_opt.param_groups[0]
         assert g["lr"] == pytest.approx(rg["lr"], rel=1e-12, abs=1e-15), step
         assert g["betas"] == pytest.approx(rg["betas"], rel=1e-12), step
         if step == total // 2:  # a checkpoint written by OneCycleLR resumes here
-            again = train_mod.OneCycle(torch.optim.Adam(net.parameters(), lr=1e-3), 2e-3, total)
+            again = OneCycle(torch.optim.Adam(net.parameters(), lr=1e-3), 2e-3, total)
             again.load_state_dict(json.loads(json.dumps(ref.state_dict())))
             assert again.opt.param_groups[0]["lr"] == pytest.approx(rg["lr"], rel=1e-12)
         if step < total - 1:
@@ -331,7 +326,7 @@ def test_one_cycle_follows_torchs_one_cycle_lr_and_resumes_from_its_state(total)
 
 def test_one_cycle_span_can_shrink_mid_run_and_still_anneals():
     opt = torch.optim.Adam(torch.nn.Linear(2, 2).parameters())
-    s = train_mod.OneCycle(opt, 1e-3, 100)
+    s = OneCycle(opt, 1e-3, 100)
     for _ in range(30):
         s.step()
     at30 = opt.param_groups[0]["lr"]
@@ -343,7 +338,7 @@ def test_one_cycle_span_can_shrink_mid_run_and_still_anneals():
     assert s.last_epoch == 49 and opt.param_groups[0]["lr"] == pytest.approx(1e-3 / 25 / 1e4)
     assert s.state_dict() == {"total_steps": 50, "last_epoch": 49}
     # 20 steps put OneCycleLR's warm-up end at step 0 (it divides by zero there)
-    s = train_mod.OneCycle(opt, 1e-3, 20)
+    s = OneCycle(opt, 1e-3, 20)
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)
     s.step()
     assert 1e-3 / 25 / 1e4 < opt.param_groups[0]["lr"] < 1e-3
@@ -395,7 +390,7 @@ def test_class_index_draws_classes_evenly_and_only_their_pixels():
     a[0, 0] = IGNORE
     b = np.full((20, 30), 1, np.uint8)
     b[3, 4] = 2
-    idx = train_mod.ClassIndex([a, b], 4, seed=0, budget=600)  # cap 300 per cell and class
+    idx = ClassIndex([a, b], 4, seed=0, budget=600)  # cap 300 per cell and class
     assert idx.classes == [0, 1, 2]  # class 3 is absent
     assert len(idx.pos[0]) == 300 and len(idx.pos[1]) == 300 + 300 and len(idx.pos[2]) == 7
     draws = [idx.draw(rng) for _ in range(3000)]
@@ -406,7 +401,7 @@ def test_class_index_draws_classes_evenly_and_only_their_pixels():
     assert {(i, r, c) for k, i, (r, c) in draws if k == 2} == (
         {(0, r, c) for r in (5, 6) for c in (10, 11, 12)} | {(1, 3, 4)})
     # the same seed gives the same index
-    again = train_mod.ClassIndex([a, b], 4, seed=0, budget=600)
+    again = ClassIndex([a, b], 4, seed=0, budget=600)
     assert all(np.array_equal(again.pos[k], idx.pos[k]) for k in idx.classes)
 
 
@@ -419,11 +414,11 @@ def test_a_patch_placed_at_a_pixel_contains_it():
         y[:] = 0
         y[at] = 5
         for _ in range(20):
-            _, py, _ = train_mod._sample(x, y, None, 32, rng, False, lo, hi, at=at)
+            _, py, _ = sample_window(x, y, None, 32, rng, False, lo, hi, at=at)
             assert py.shape == (32, 32) and (py == 5).sum() == 1
     small = np.zeros((20, 20), np.uint8)
     small[19, 2] = 4  # smaller than the patch: padded, the pixel kept
-    _, py, _ = train_mod._sample(np.zeros((20, 20, 3), np.uint8), small, None, 32, rng, True,
+    _, py, _ = sample_window(np.zeros((20, 20, 3), np.uint8), small, None, 32, rng, True,
                                  lo, hi, at=(19, 2))
     assert (py == 4).sum() == 1
 
