@@ -116,6 +116,19 @@ class SegmentParams:
     backend: str = "auto"
 
     def __post_init__(self) -> None:
+        self._check_tiles()
+        if self.batch_size < 1:
+            raise ParameterError(f"batch size must be at least 1 (got {self.batch_size})")
+        object.__setattr__(self, "device", _device(self.device))
+        if self.bands is not None:
+            object.__setattr__(self, "bands", _bands(self.bands))
+        if self.window is not None:
+            object.__setattr__(self, "window", _window(self.window))
+        if self.threads is not None and self.threads < 1:
+            raise ParameterError(f"threads must be at least 1 (got {self.threads})")
+        object.__setattr__(self, "backend", _backend(self.backend, self.device))
+
+    def _check_tiles(self) -> None:
         if self.tile_size is not None and (self.tile_size < 32 or self.tile_size % 32):
             raise ParameterError(f"tile size must be a multiple of 32 and at least 32 "
                                  f"(got {self.tile_size})")
@@ -124,34 +137,40 @@ class SegmentParams:
                 raise ParameterError(f"overlap must be 0 or more pixels (got {self.overlap})")
             if self.tile_size is not None:
                 check_tile_overlap(self.tile_size, self.overlap)
-        if self.batch_size < 1:
-            raise ParameterError(f"batch size must be at least 1 (got {self.batch_size})")
-        dev = self.device.lower()
-        base = dev.split(":")[0]
-        if base not in DEVICES or (":" in dev and (base != "cuda" or not dev.split(":")[1].isdigit())):
-            raise ParameterError(f"device '{self.device}' is not one of auto, cpu, cuda, cuda:N, mps")
-        object.__setattr__(self, "device", dev)
-        if self.bands is not None:
-            bands = tuple(self.bands)
-            if not bands or any((not isinstance(b, int)) or b < 1 for b in bands):
-                raise ParameterError(f"bands are raster band numbers counted from 1 (got {bands})")
-            object.__setattr__(self, "bands", bands)
-        if self.window is not None:
-            w = tuple(int(v) for v in self.window)
-            if len(w) != 4 or w[0] < 0 or w[1] < 0 or w[2] <= 0 or w[3] <= 0:
-                raise ParameterError(f"window must be (col_off, row_off, width, height) with "
-                                     f"offsets >= 0 and a positive size (got {self.window})")
-            object.__setattr__(self, "window", w)
-        if self.threads is not None and self.threads < 1:
-            raise ParameterError(f"threads must be at least 1 (got {self.threads})")
-        backend = str(self.backend).lower()
-        if backend not in BACKENDS:
-            raise ParameterError(f"backend '{self.backend}' is not one of {', '.join(BACKENDS)}")
-        if backend == "onnxruntime" and dev not in ("auto", "cpu"):
-            raise ParameterError(f"the onnxruntime backend runs on the CPU; device '{dev}' needs "
-                                 "backend 'torch' (or 'auto')")
-        object.__setattr__(self, "backend", backend)
 
+
+def _device(device: str) -> str:
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, lower case."""
+    dev = device.lower()
+    base = dev.split(":")[0]
+    if base not in DEVICES or (":" in dev and (base != "cuda" or not dev.split(":")[1].isdigit())):
+        raise ParameterError(f"device '{device}' is not one of auto, cpu, cuda, cuda:N, mps")
+    return dev
+
+
+def _bands(bands: tuple[int, ...]) -> tuple[int, ...]:
+    out = tuple(bands)
+    if not out or any((not isinstance(b, int)) or b < 1 for b in out):
+        raise ParameterError(f"bands are raster band numbers counted from 1 (got {out})")
+    return out
+
+
+def _window(window: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    w = tuple(int(v) for v in window)
+    if len(w) != 4 or w[0] < 0 or w[1] < 0 or w[2] <= 0 or w[3] <= 0:
+        raise ParameterError(f"window must be (col_off, row_off, width, height) with "
+                             f"offsets >= 0 and a positive size (got {window})")
+    return w  # type: ignore[return-value]
+
+
+def _backend(backend: str, device: str) -> str:
+    b = str(backend).lower()
+    if b not in BACKENDS:
+        raise ParameterError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
+    if b == "onnxruntime" and device not in ("auto", "cpu"):
+        raise ParameterError(f"the onnxruntime backend runs on the CPU; device '{device}' needs "
+                             "backend 'torch' (or 'auto')")
+    return b
 
 
 @dataclass(frozen=True)

@@ -148,126 +148,18 @@ class ModelContract:
         """Validate ``data`` and build a contract; raise :class:`ModelError` listing every problem."""
         if not isinstance(data, dict):
             raise ModelError(f"{source}: the model contract must be a JSON object")
-        errs: list[str] = []
-
-        def need(key: str, typ: type | tuple[type, ...], default: Any = ...) -> Any:
-            if key not in data or (data[key] is None and default is not ...):
-                if default is ...:
-                    errs.append(f"'{key}' is missing")
-                    return None
-                return default
-            val = data[key]
-            if typ is float and isinstance(val, int) and not isinstance(val, bool):
-                val = float(val)
-            if not isinstance(val, typ) or (isinstance(val, bool) and typ is not bool):
-                errs.append(f"'{key}' must be {getattr(typ, '__name__', typ)}, not {val!r}")
-                return None
-            return val
-
-        if data.get("format") != FORMAT:
-            errs.append(f"'format' must be '{FORMAT}' (got {data.get('format')!r})")
-        version = data.get("format_version")
-        if version != FORMAT_VERSION:
-            errs.append(f"'format_version' {version!r} is not supported (this Tessera reads "
-                        f"version {FORMAT_VERSION})")
-        name = need("name", str, "unnamed model")
-        arch = need("architecture", str)
-        if arch is not None and arch.lower() not in ARCHITECTURES:
-            errs.append(f"architecture '{arch}' is not supported ({', '.join(ARCHITECTURES)})")
-        encoder = need("encoder", str)
-        in_ch = need("in_channels", int)
-        if in_ch is not None and in_ch < 1:
-            errs.append(f"'in_channels' must be at least 1 (got {in_ch})")
-        bands = need("bands", list, None)
-        if bands is None and in_ch:
-            bands = list(range(1, in_ch + 1))
-        if bands is not None:
-            if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in bands):
-                errs.append(f"'bands' must be raster band numbers counted from 1 (got {bands})")
-            elif in_ch is not None and len(bands) != in_ch:
-                errs.append(f"'bands' lists {len(bands)} bands but 'in_channels' is {in_ch}")
-        band_names = need("band_names", list, None)
-        if band_names is not None and in_ch is not None and len(band_names) != in_ch:
-            errs.append(f"'band_names' has {len(band_names)} names but 'in_channels' is {in_ch}")
-
-        classes: list[ClassInfo] = []
-        raw_classes = need("classes", list)
-        if raw_classes is not None:
-            if not raw_classes:
-                errs.append("'classes' is empty")
-            for i, c in enumerate(raw_classes):
-                if not isinstance(c, dict) or not isinstance(c.get("id"), int) \
-                        or not isinstance(c.get("name"), str):
-                    errs.append(f"class #{i} must have an integer 'id' and a 'name'")
-                    continue
-                color = c.get("color", "#808080")
-                if not isinstance(color, str) or not _COLOR.match(color):
-                    errs.append(f"class '{c['name']}' colour {color!r} is not #RRGGBB")
-                    continue
-                classes.append(ClassInfo(int(c["id"]), c["name"], color.upper()))
-            ids = [c.id for c in classes]
-            if sorted(ids) != list(range(len(raw_classes))):
-                errs.append(f"class ids must be 0..{len(raw_classes) - 1}, each once (got {ids})")
-        nodata_value = need("nodata_value", int, 255)
-        if nodata_value is not None and not (0 <= nodata_value <= 255):
-            errs.append(f"'nodata_value' must be 0..255 (got {nodata_value})")
-        if nodata_value is not None and nodata_value < len(classes):
-            errs.append(f"'nodata_value' {nodata_value} collides with a class id")
-        if len(classes) > 255:
-            errs.append("at most 255 classes are supported (the class raster is 8-bit)")
-
-        scaling = Scaling()
-        raw_sc = need("scaling", dict, {"method": "divide", "value": 255.0})
-        if raw_sc is not None:
-            method = raw_sc.get("method")
-            if method not in SCALING_METHODS:
-                errs.append(f"scaling method {method!r} is not one of {', '.join(SCALING_METHODS)}")
-            elif method == "divide":
-                value = raw_sc.get("value")
-                if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                    errs.append(f"scaling 'divide' needs a positive 'value' (got {value!r})")
-                else:
-                    scaling = Scaling("divide", float(value))
-            elif method == "minmax":
-                lo, hi = raw_sc.get("min"), raw_sc.get("max")
-                ok = (isinstance(lo, list) and isinstance(hi, list) and in_ch is not None
-                      and len(lo) == len(hi) == in_ch
-                      and all(isinstance(v, (int, float)) for v in lo + hi))
-                if not ok:
-                    errs.append(f"scaling 'minmax' needs 'min' and 'max' lists of {in_ch} numbers")
-                elif any(h <= low for low, h in zip(lo, hi)):
-                    errs.append("scaling 'minmax' needs max > min for every band")
-                else:
-                    scaling = Scaling("minmax", None, tuple(map(float, lo)), tuple(map(float, hi)))
-            else:
-                scaling = Scaling("none", None)
-        mean = need("mean", list, None)
-        std = need("std", list, None)
-        for key, vals in (("mean", mean), ("std", std)):
-            if vals is not None and in_ch is not None and (
-                    len(vals) != in_ch or not all(isinstance(v, (int, float)) for v in vals)):
-                errs.append(f"'{key}' must be a list of {in_ch} numbers")
-        if (mean is None) != (std is None):
-            errs.append("'mean' and 'std' must be given together")
-        if std is not None and any(isinstance(v, (int, float)) and v <= 0 for v in std):
-            errs.append("'std' values must be positive")
-
-        arch_params = need("arch_params", dict, {})
-        depth = int((arch_params or {}).get("encoder_depth", 5))
-        tile = need("tile_size", int, 256)
-        if tile is not None and (tile < 2 ** depth or tile % (2 ** depth)):
-            errs.append(f"'tile_size' {tile} must be a positive multiple of {2 ** depth}")
-        overlap = need("overlap", int, 32)
-        if overlap is not None and tile is not None and not (0 <= overlap < tile // 2):
-            errs.append(f"'overlap' {overlap} must be between 0 and half the tile size ({tile // 2})")
-        px = need("pixel_size_m", float, None)
-        if px is not None and px <= 0:
-            errs.append(f"'pixel_size_m' must be positive (got {px})")
-        description = need("description", str, "")
-        card = need("card", dict, {})
-
-        if errs:
-            raise ModelError(f"{source}: invalid model contract: " + "; ".join(errs))
+        r = _Fields(data)
+        name, arch, encoder = r.header()
+        in_ch, bands, band_names = r.bands()
+        classes = r.classes()
+        nodata_value = r.nodata(classes)
+        scaling = r.scaling(in_ch)
+        mean, std = r.mean_std(in_ch)
+        arch_params, tile, overlap, px = r.tiling()
+        description = r.need("description", str, "")
+        card = r.need("card", dict, {})
+        if r.errs:
+            raise ModelError(f"{source}: invalid model contract: " + "; ".join(r.errs))
         return cls(
             name=name, architecture=arch.lower(), encoder=encoder, in_channels=in_ch,
             bands=tuple(bands), classes=tuple(classes), scaling=scaling,
@@ -311,3 +203,164 @@ class ModelContract:
             lines += [f"  {k}: {json.dumps(v) if not isinstance(v, str) else v}"
                       for k, v in self.card.items()]
         return "\n".join(lines)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class _Fields:
+    """Reads a contract's JSON object section by section, collecting every problem in
+    :attr:`errs` (in the order the fields are read) instead of stopping at the first."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+        self.errs: list[str] = []
+
+    def need(self, key: str, typ: type | tuple[type, ...], default: Any = ...) -> Any:
+        """``data[key]`` if it has type ``typ`` (an int passes for a float); ``default`` when
+        it is missing or null (an error when there is no default); ``None`` after an error."""
+        data = self.data
+        if key not in data or (data[key] is None and default is not ...):
+            if default is ...:
+                self.errs.append(f"'{key}' is missing")
+                return None
+            return default
+        val = data[key]
+        if typ is float and isinstance(val, int) and not isinstance(val, bool):
+            val = float(val)
+        if not isinstance(val, typ) or (isinstance(val, bool) and typ is not bool):
+            self.errs.append(f"'{key}' must be {getattr(typ, '__name__', typ)}, not {val!r}")
+            return None
+        return val
+
+    def header(self) -> tuple[Any, Any, Any]:
+        """The format and version; ``(name, architecture, encoder)``."""
+        data, errs = self.data, self.errs
+        if data.get("format") != FORMAT:
+            errs.append(f"'format' must be '{FORMAT}' (got {data.get('format')!r})")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            errs.append(f"'format_version' {version!r} is not supported (this Tessera reads "
+                        f"version {FORMAT_VERSION})")
+        name = self.need("name", str, "unnamed model")
+        arch = self.need("architecture", str)
+        if arch is not None and arch.lower() not in ARCHITECTURES:
+            errs.append(f"architecture '{arch}' is not supported ({', '.join(ARCHITECTURES)})")
+        return name, arch, self.need("encoder", str)
+
+    def bands(self) -> tuple[Any, Any, Any]:
+        """``(in_channels, bands, band_names)``; bands default to 1..in_channels."""
+        errs = self.errs
+        in_ch = self.need("in_channels", int)
+        if in_ch is not None and in_ch < 1:
+            errs.append(f"'in_channels' must be at least 1 (got {in_ch})")
+        bands = self.need("bands", list, None)
+        if bands is None and in_ch:
+            bands = list(range(1, in_ch + 1))
+        if bands is not None:
+            if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in bands):
+                errs.append(f"'bands' must be raster band numbers counted from 1 (got {bands})")
+            elif in_ch is not None and len(bands) != in_ch:
+                errs.append(f"'bands' lists {len(bands)} bands but 'in_channels' is {in_ch}")
+        band_names = self.need("band_names", list, None)
+        if band_names is not None and in_ch is not None and len(band_names) != in_ch:
+            errs.append(f"'band_names' has {len(band_names)} names but 'in_channels' is {in_ch}")
+        return in_ch, bands, band_names
+
+    def classes(self) -> list[ClassInfo]:
+        """The classes: ids 0..K-1 each once, a name and a ``#RRGGBB`` colour each."""
+        classes: list[ClassInfo] = []
+        raw = self.need("classes", list)
+        if raw is None:
+            return classes
+        if not raw:
+            self.errs.append("'classes' is empty")
+        for i, c in enumerate(raw):
+            if not isinstance(c, dict) or not isinstance(c.get("id"), int) \
+                    or not isinstance(c.get("name"), str):
+                self.errs.append(f"class #{i} must have an integer 'id' and a 'name'")
+                continue
+            color = c.get("color", "#808080")
+            if not isinstance(color, str) or not _COLOR.match(color):
+                self.errs.append(f"class '{c['name']}' colour {color!r} is not #RRGGBB")
+                continue
+            classes.append(ClassInfo(int(c["id"]), c["name"], color.upper()))
+        ids = [c.id for c in classes]
+        if sorted(ids) != list(range(len(raw))):
+            self.errs.append(f"class ids must be 0..{len(raw) - 1}, each once (got {ids})")
+        return classes
+
+    def nodata(self, classes: list[ClassInfo]) -> Any:
+        """The class raster's nodata value: 0..255, not a class id."""
+        nodata_value = self.need("nodata_value", int, 255)
+        if nodata_value is not None and not (0 <= nodata_value <= 255):
+            self.errs.append(f"'nodata_value' must be 0..255 (got {nodata_value})")
+        if nodata_value is not None and nodata_value < len(classes):
+            self.errs.append(f"'nodata_value' {nodata_value} collides with a class id")
+        if len(classes) > 255:
+            self.errs.append("at most 255 classes are supported (the class raster is 8-bit)")
+        return nodata_value
+
+    def scaling(self, in_ch: Any) -> Scaling:
+        """The input scaling (default: divide by 255)."""
+        raw = self.need("scaling", dict, {"method": "divide", "value": 255.0})
+        if raw is None:
+            return Scaling()
+        method = raw.get("method")
+        if method not in SCALING_METHODS:
+            self.errs.append(f"scaling method {method!r} is not one of {', '.join(SCALING_METHODS)}")
+        elif method == "divide":
+            value = raw.get("value")
+            if not _is_number(value) or value <= 0:
+                self.errs.append(f"scaling 'divide' needs a positive 'value' (got {value!r})")
+            else:
+                return Scaling("divide", float(value))
+        elif method == "minmax":
+            return self._minmax(raw, in_ch)
+        else:
+            return Scaling("none", None)
+        return Scaling()
+
+    def _minmax(self, raw: dict[str, Any], in_ch: Any) -> Scaling:
+        lo, hi = raw.get("min"), raw.get("max")
+        ok = (isinstance(lo, list) and isinstance(hi, list) and in_ch is not None
+              and len(lo) == len(hi) == in_ch
+              and all(isinstance(v, (int, float)) for v in lo + hi))
+        if not ok:
+            self.errs.append(f"scaling 'minmax' needs 'min' and 'max' lists of {in_ch} numbers")
+        elif any(h <= low for low, h in zip(lo, hi)):  # type: ignore[arg-type]
+            self.errs.append("scaling 'minmax' needs max > min for every band")
+        else:
+            return Scaling("minmax", None, tuple(map(float, lo)), tuple(map(float, hi)))  # type: ignore[arg-type]
+        return Scaling()
+
+    def mean_std(self, in_ch: Any) -> tuple[Any, Any]:
+        """``(mean, std)``: both or neither, one number per band, std positive."""
+        mean = self.need("mean", list, None)
+        std = self.need("std", list, None)
+        for key, vals in (("mean", mean), ("std", std)):
+            if vals is not None and in_ch is not None and (
+                    len(vals) != in_ch or not all(isinstance(v, (int, float)) for v in vals)):
+                self.errs.append(f"'{key}' must be a list of {in_ch} numbers")
+        if (mean is None) != (std is None):
+            self.errs.append("'mean' and 'std' must be given together")
+        if std is not None and any(isinstance(v, (int, float)) and v <= 0 for v in std):
+            self.errs.append("'std' values must be positive")
+        return mean, std
+
+    def tiling(self) -> tuple[Any, Any, Any, Any]:
+        """``(arch_params, tile_size, overlap, pixel_size_m)``."""
+        arch_params = self.need("arch_params", dict, {})
+        depth = int((arch_params or {}).get("encoder_depth", 5))
+        tile = self.need("tile_size", int, 256)
+        if tile is not None and (tile < 2 ** depth or tile % (2 ** depth)):
+            self.errs.append(f"'tile_size' {tile} must be a positive multiple of {2 ** depth}")
+        overlap = self.need("overlap", int, 32)
+        if overlap is not None and tile is not None and not (0 <= overlap < tile // 2):
+            self.errs.append(f"'overlap' {overlap} must be between 0 and half the tile size "
+                             f"({tile // 2})")
+        px = self.need("pixel_size_m", float, None)
+        if px is not None and px <= 0:
+            self.errs.append(f"'pixel_size_m' must be positive (got {px})")
+        return arch_params, tile, overlap, px
