@@ -160,7 +160,7 @@ def _window(window: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
     if len(w) != 4 or w[0] < 0 or w[1] < 0 or w[2] <= 0 or w[3] <= 0:
         raise ParameterError(f"window must be (col_off, row_off, width, height) with "
                              f"offsets >= 0 and a positive size (got {window})")
-    return w  # type: ignore[return-value]
+    return w
 
 
 def _backend(backend: str, device: str) -> str:

@@ -120,6 +120,13 @@ def read_window(ds: Any, bands: tuple[int, ...], row: int, col: int, height: int
     return data, valid
 
 
+def window_transform(ds: Any, col: int, row: int, width: int, height: int) -> Any:
+    """The affine transform of the window ``(col, row, width, height)`` of ``ds``."""
+    from rasterio.windows import Window
+
+    return ds.window_transform(Window(col, row, width, height))
+
+
 def write_category_names(tif: Path, names: list[str]) -> None:
     """Write GDAL category names for band 1 as a PAM sidecar (``<tif>.aux.xml``).
 

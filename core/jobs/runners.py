@@ -57,7 +57,7 @@ def _batch(job: BatchJob, ctx: Context) -> Any:
 
 
 def _vectorize(job: VectorizeJob, ctx: Context) -> Any:
-    from ..vectorize.gpkg import vectorize_raster
+    from ..vectorize.writer import vectorize_raster
 
     return vectorize_raster(job.raster, job.out, job.params, layer=job.layer,
                             progress=ctx.progress, cancel=ctx.cancel)

@@ -136,7 +136,7 @@ class BatchJob:
 
 @dataclass(frozen=True)
 class VectorizeJob:
-    """Polygonize a class raster (:func:`~..vectorize.gpkg.vectorize_raster`)."""
+    """Polygonize a class raster (:func:`~..vectorize.writer.vectorize_raster`)."""
 
     op: ClassVar[str] = "vectorize"
     raster: str

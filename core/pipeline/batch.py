@@ -4,6 +4,11 @@ Files whose outputs all exist already are skipped (outputs only ever appear comp
 run interrupted by a crash or Ctrl-C resumes where it stopped). A file that fails is recorded
 in the report with its error and the rest are processed. The report is rewritten after every
 file as ``<out_dir>/tessera_report.csv`` and ``.json``.
+
+Three steps, so that where files run can change without touching the rest: :func:`plan_folder`
+(which files, where their outputs go, which are done already), an :class:`Executor` that runs
+each :class:`FileTask` through :func:`run_one` (:class:`LocalExecutor`: this process, one
+file after another), and the report.
 """
 
 from __future__ import annotations
@@ -13,10 +18,10 @@ import io
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import CancelledError, OutputError, ParameterError, TesseraError
 from ..inference.factory import make_predictor
@@ -103,85 +108,161 @@ def expected_outputs(paths: OutputPaths, params: SegmentParams) -> list[Path]:
     return out
 
 
-def segment_folder(folder: str | Path, model: TesseraModel | str | Path, out_dir: str | Path,
-                   params: SegmentParams | None = None, *, pattern: str = "*.tif",
-                   recursive: bool = False, skip_existing: bool = True,
-                   progress: ProgressFn | None = None, cancel: CancelFn | None = None,
-                   on_file: Callable[[FileReport], None] | None = None) -> BatchReport:
-    """Segment every matching raster of ``folder`` into ``out_dir`` (sub-folders mirrored).
+@dataclass(frozen=True)
+class FileTask:
+    """One raster of a batch: the file, its path in the report, where its outputs go, and
+    whether they exist already (``skip``: a resumed batch leaves those files alone)."""
 
-    ``progress`` receives per-file progress with ``stage="batch"`` (``done``/``total`` count
-    files, ``fraction`` includes the current file's own progress). ``on_file`` is called with
-    each finished :class:`FileReport`. Cancelling stops the current file (no partial
-    outputs), writes the report and raises :class:`CancelledError`.
-    """
-    params = params or SegmentParams()
+    index: int
+    source: Path
+    rel: Path
+    dest: Path
+    outputs: OutputPaths
+    skip: bool
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """What a batch will do, decided before any file is segmented."""
+
+    folder: Path
+    out_dir: Path
+    model: TesseraModel
+    params: SegmentParams
+    tasks: tuple[FileTask, ...]
+
+
+def plan_folder(folder: str | Path, model: TesseraModel | str | Path, out_dir: str | Path,
+                params: SegmentParams, pattern: str = "*.tif", recursive: bool = False,
+                skip_existing: bool = True) -> BatchPlan:
+    """The files of ``folder`` to segment into ``out_dir`` (sub-folders mirrored); checks the
+    output folder and the model before anything runs."""
     folder, out_dir = Path(folder), Path(out_dir)
     check_writable_dir(out_dir)
     files = find_rasters(folder, pattern, recursive, exclude=out_dir)
     if not isinstance(model, TesseraModel):
         model = TesseraModel.open(model)
-    report = BatchReport(csv_path=out_dir / f"{REPORT_NAME}.csv",
-                         json_path=out_dir / f"{REPORT_NAME}.json")
-    predictor: Any = None
-    t0 = time.perf_counter()
-    n = len(files)
+    tasks = []
+    for k, src in enumerate(files):
+        rel = src.relative_to(folder)
+        paths = OutputPaths.for_stem(out_dir / rel.parent, src.stem)
+        skip = skip_existing and all(p.exists() for p in expected_outputs(paths, params))
+        tasks.append(FileTask(k, src, rel, out_dir / rel.parent, paths, skip))
+    return BatchPlan(folder, out_dir, model, params, tuple(tasks))
 
-    def file_progress(k: int, name: str) -> ProgressFn:
+
+def run_one(task: FileTask, model: TesseraModel, params: SegmentParams,
+            predictor: Callable[[], Any], progress: ProgressFn | None = None,
+            cancel: CancelFn | None = None) -> FileReport:
+    """Segment one file of a batch and report it; a file's own failure is its row's
+    ``failed`` status, not the batch's end. ``predictor()`` gives the (shared) predictor.
+
+    Raises :class:`CancelledError` when cancelled and :class:`OutputError` when the output
+    folder itself is unusable (every file would fail the same way)."""
+    row = FileReport(file=str(task.rel), status="")
+    if task.skip:
+        row.status = "skipped"
+        row.class_raster = str(task.outputs.class_raster)
+        if params.vectorize.enabled:
+            row.polygons_file = str(task.outputs.polygons)
+        log.info("%s: outputs exist, skipped", task.rel)
+        return row
+    t = time.perf_counter()
+    try:
+        res = segment_raster(task.source, model, task.dest, params, predictor=predictor(),
+                             progress=progress, cancel=cancel)
+        row.status = "done"
+        row.megapixels = round(res.megapixels, 3)
+        row.polygons = res.n_polygons
+        row.class_raster = res.class_raster
+        row.polygons_file = res.polygons or ""
+        row.device = res.device
+        row.backend = res.backend
+        row.warnings = "; ".join(res.warnings)
+    except CancelledError:
+        raise
+    except OutputError:
+        raise  # the output folder itself is unusable: stop, do not fail every file
+    except TesseraError as exc:
+        row.status, row.error = "failed", str(exc)
+        log.error("%s: %s", task.rel, exc)
+    except (OSError, ValueError, RuntimeError, MemoryError) as exc:
+        row.status, row.error = "failed", f"{type(exc).__name__}: {exc}"
+        log.exception("%s: unexpected error", task.rel)
+    row.seconds = round(time.perf_counter() - t, 3)
+    return row
+
+
+class Executor(Protocol):
+    """Runs a batch's files and yields their reports as they finish (in any order)."""
+
+    def run(self, plan: BatchPlan, progress_for: Callable[[FileTask], ProgressFn | None],
+            cancel: CancelFn | None) -> Iterator[FileReport]:
+        """Run every task of ``plan``; ``progress_for(task)`` is that file's progress."""
+        ...
+
+
+class LocalExecutor:
+    """This process, one file after another, all sharing one predictor (the model is loaded
+    once, and not at all when every file is skipped)."""
+
+    def run(self, plan: BatchPlan, progress_for: Callable[[FileTask], ProgressFn | None],
+            cancel: CancelFn | None) -> Iterator[FileReport]:
+        """Run the tasks in order (see :class:`Executor`)."""
+        shared: list[Any] = []
+        params = plan.params
+
+        def predictor() -> Any:
+            if not shared:
+                shared.append(make_predictor(plan.model, params.device, params.backend,
+                                             params.half, params.threads))
+            return shared[0]
+
+        for task in plan.tasks:
+            check_cancel(cancel)
+            yield run_one(task, plan.model, params, predictor, progress_for(task), cancel)
+
+
+def segment_folder(folder: str | Path, model: TesseraModel | str | Path, out_dir: str | Path,
+                   params: SegmentParams | None = None, *, pattern: str = "*.tif",
+                   recursive: bool = False, skip_existing: bool = True,
+                   progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+                   on_file: Callable[[FileReport], None] | None = None,
+                   executor: Executor | None = None) -> BatchReport:
+    """Segment every matching raster of ``folder`` into ``out_dir`` (sub-folders mirrored).
+
+    plan → run (``executor``: by default :class:`LocalExecutor`) → report. ``progress``
+    receives per-file progress with ``stage="batch"`` (``done``/``total`` count files,
+    ``fraction`` includes the current file's own progress). ``on_file`` is called with each
+    finished :class:`FileReport`. The report (CSV and JSON) is rewritten after every file.
+    Cancelling stops the current file (no partial outputs), writes the report and raises
+    :class:`CancelledError`.
+    """
+    plan = plan_folder(folder, model, out_dir, params or SegmentParams(), pattern, recursive,
+                       skip_existing)
+    report = BatchReport(csv_path=plan.out_dir / f"{REPORT_NAME}.csv",
+                         json_path=plan.out_dir / f"{REPORT_NAME}.json")
+    t0 = time.perf_counter()
+    n = len(plan.tasks)
+
+    def progress_for(task: FileTask) -> ProgressFn:
         def fn(p: Progress) -> None:
             if progress is not None:
-                progress(Progress("batch", k, n, (k + p.fraction) / max(n, 1),
+                progress(Progress("batch", task.index, n, (task.index + p.fraction) / max(n, 1),
                                   time.perf_counter() - t0, p.mpx_per_s, None,
-                                  f"{name}: {p.stage} {p.fraction:.0%}"))
+                                  f"{task.rel}: {p.stage} {p.fraction:.0%}"))
         return fn
 
     try:
-        for k, src in enumerate(files):
-            check_cancel(cancel)
-            rel = src.relative_to(folder)
-            dest = out_dir / rel.parent
-            paths = OutputPaths.for_stem(dest, src.stem)
-            row = FileReport(file=str(rel), status="")
-            if skip_existing and all(p.exists() for p in expected_outputs(paths, params)):
-                row.status = "skipped"
-                row.class_raster = str(paths.class_raster)
-                if params.vectorize.enabled:
-                    row.polygons_file = str(paths.polygons)
-                log.info("%s: outputs exist, skipped", rel)
-            else:
-                t = time.perf_counter()
-                try:
-                    if predictor is None:
-                        predictor = make_predictor(model, params.device, params.backend,
-                                                   params.half, params.threads)
-                    res = segment_raster(src, model, dest, params, predictor=predictor,
-                                         progress=file_progress(k, str(rel)), cancel=cancel)
-                    row.status = "done"
-                    row.megapixels = round(res.megapixels, 3)
-                    row.polygons = res.n_polygons
-                    row.class_raster = res.class_raster
-                    row.polygons_file = res.polygons or ""
-                    row.device = res.device
-                    row.backend = res.backend
-                    row.warnings = "; ".join(res.warnings)
-                except CancelledError:
-                    raise
-                except OutputError:
-                    raise  # the output folder itself is unusable: stop, do not fail every file
-                except TesseraError as exc:
-                    row.status, row.error = "failed", str(exc)
-                    log.error("%s: %s", rel, exc)
-                except (OSError, ValueError, RuntimeError, MemoryError) as exc:
-                    row.status, row.error = "failed", f"{type(exc).__name__}: {exc}"
-                    log.exception("%s: unexpected error", rel)
-                row.seconds = round(time.perf_counter() - t, 3)
+        for row in (executor or LocalExecutor()).run(plan, progress_for, cancel):
             report.rows.append(row)
             write_report(report)
             if on_file is not None:
                 on_file(row)
             if progress is not None:
-                progress(Progress("batch", k + 1, n, (k + 1) / max(n, 1),
-                                  time.perf_counter() - t0, None, None, f"{rel}: {row.status}"))
+                k = len(report.rows)
+                progress(Progress("batch", k, n, k / max(n, 1), time.perf_counter() - t0, None,
+                                  None, f"{row.file}: {row.status}"))
     finally:
         write_report(report)
     return report

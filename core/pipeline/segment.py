@@ -1,18 +1,21 @@
 """Segment one raster: read → infer → blend → write → polygonize, streamed in bounded memory.
 
-Three threads share the work so that the model, not I/O, is the bottleneck:
+:func:`segment_raster` is plan → run → result: :func:`_plan` checks everything that can be
+known before any work (bands, CRS, window, output folders, classes to skip) and fixes the
+tile grid and the outputs; a :class:`_Run` does the work; :class:`SegmentResult` says how it
+went. Three threads share the run so that the model, not I/O, is the bottleneck:
 
 * a reader reads tile windows, masks nodata, normalizes and batches them;
 * the calling thread runs the model and blends class probabilities into a rolling band of
   rows (``(K, tile, width)`` float32 — it never grows with the raster's height);
-* a writer compresses and writes rows to the class/confidence GeoTIFFs once they are final.
+* a writer hands rows to the class/confidence sinks (:mod:`..io.sinks`) once they are final,
+  and to the vectorizer thread when polygons are asked for.
 
-Outputs are written under temporary names and renamed only when complete.
+Outputs are written under temporary names and renamed only when complete, all together.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -28,11 +31,12 @@ from ..errors import BandMismatchError, CancelledError, NoCRSError, ParameterErr
 from ..inference.base import Pending, Predictor
 from ..inference.factory import make_predictor
 from ..io.atomic import atomic_outputs, check_writable_dir
-from ..io.raster import CLASSES_TAG, GTIFF_OPTIONS, gdal_env, open_raster, pixel_size_m, write_category_names
+from ..io.raster import gdal_env, open_raster, pixel_size_m, window_transform, write_category_names
+from ..io.sinks import RowSink, class_raster_sink, confidence_raster_sink
 from ..model.contract import ModelContract
 from ..model.files import TesseraModel
-from ..params import OutputPaths, SegmentParams, check_tile_overlap
-from ..progress import CancelFn, Meter, ProgressFn, check_cancel
+from ..params import OutputPaths, SegmentParams, VectorizeParams, check_tile_overlap
+from ..progress import CancelFn, Meter, Progress, ProgressFn, check_cancel
 from .band import RowBand
 from .stages import STOP, RowFeed, RowWriter, StreamVectorizer, TileReader
 from .tiling import Tile, TileGrid
@@ -73,7 +77,7 @@ class SegmentResult:
         return asdict(self)
 
 
-def _result(pending: Pending, cancel: CancelFn | None) -> Any:
+def _wait(pending: Pending, cancel: CancelFn | None) -> Any:
     """Wait for a submitted batch, checking for a cancel twice a second."""
     while True:
         try:
@@ -111,6 +115,31 @@ def _warnings(ds: Any, path: str, contract: ModelContract, bands: tuple[int, ...
     return out
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a run needs, checked before any work: the raster window, the bands, the
+    grid, the outputs (temporaries are made for ``finals``, in that order)."""
+
+    path: str
+    contract: ModelContract
+    bands: tuple[int, ...]
+    nodata: float | None  # the input value meaning "no data", over the file's own
+    window: tuple[int, int, int, int]  # col_off, row_off, width, height
+    grid: TileGrid
+    profile: dict[str, Any]  # width, height, crs, transform of the outputs
+    outs: OutputPaths
+    confidence: bool
+    vec: VectorizeParams | None
+    warnings: list[str]
+
+    @property
+    def finals(self) -> list[Path]:
+        """The output files, class raster first, in the order of the run's temporaries."""
+        return ([self.outs.class_raster] + ([self.outs.confidence_raster] if self.confidence
+                                            else [])
+                + ([self.outs.polygons] if self.vec is not None else []))
+
+
 def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir: str | Path,
                    params: SegmentParams | None = None, *, stem: str | None = None,
                    predictor: Predictor | Any | None = None, progress: ProgressFn | None = None,
@@ -122,10 +151,11 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
     the model's ``nodata_value``), ``<stem>_confidence.tif`` (if ``params.confidence``) and
     ``<stem>_polygons.gpkg`` (if ``params.vectorize.enabled``). ``stem`` defaults to the
     raster's file stem. ``outputs`` overrides the three paths (``out_dir``/``stem`` are then
-    ignored). Pass a ``predictor`` (see :func:`.device.make_predictor`) to reuse a loaded model
-    across rasters; otherwise one is made for ``params.device`` and ``params.backend``.
+    ignored). Pass a ``predictor`` (see :func:`..inference.factory.make_predictor`) to reuse a
+    loaded model across rasters; otherwise one is made for ``params.device`` and
+    ``params.backend``.
 
-    Raises the typed errors of :mod:`.errors`; a failed or cancelled run leaves nothing under
+    Raises the typed errors of :mod:`..errors`; a failed or cancelled run leaves nothing under
     the final output names.
     """
     params = params or SegmentParams()
@@ -134,76 +164,83 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
         model = TesseraModel.open(model)
     contract = model.contract
     path = str(raster)
-    stem = stem or Path(path).stem
-    outs = outputs or OutputPaths.for_stem(out_dir, stem)
+    outs = outputs or OutputPaths.for_stem(out_dir, stem or Path(path).stem)
+    with gdal_env(), open_raster(path) as ds:
+        plan = _plan(ds, path, contract, params, outs)
+        for msg in plan.warnings:  # returned in the result too, for the caller to show
+            log.info("warning: %s", msg)
+        if predictor is None:
+            predictor = make_predictor(model, params.device, params.backend, params.half,
+                                       params.threads)
+        meter = Meter("segment", plan.window[2] * plan.window[3], progress,
+                      *((0.0, 0.95) if plan.vec is not None else (0.0, 1.0)))
+        meter.update(0, f"{len(plan.grid)} tiles on {predictor.info.label}", force=True)
+        with atomic_outputs(*plan.finals) as temps:  # all outputs together, complete, or none
+            stats = _Run(ds, plan, predictor, params.batch_size, temps, meter, cancel,
+                         progress).run()
+            write_category_names(temps[0], [c.name for c in contract.classes])
+    return _result(plan, params, predictor, stats, t_start, progress)
 
+
+def _tiling(params: SegmentParams, contract: ModelContract) -> tuple[int, int]:
+    """The run's ``(tile, overlap)``: the parameters', else the model's; checked."""
     tile = params.tile_size or contract.tile_size
     overlap = params.overlap if params.overlap is not None else contract.overlap
     check_tile_overlap(tile, overlap)
     if tile % contract.size_multiple:
         raise ParameterError(f"tile size {tile} must be a multiple of {contract.size_multiple} "
                              f"for model '{contract.name}'")
+    return tile, overlap
 
-    with gdal_env(), open_raster(path) as ds:
-        bands = _resolve_bands(ds, path, contract, params)
-        if params.vectorize.enabled and ds.crs is None:
-            raise NoCRSError(f"{path}: has no coordinate reference system; polygons and areas "
-                             "in m² need one (georeference the raster, or turn vectorizing off)",
-                             path)
-        if params.window is not None:
-            c0, r0, w, h = params.window
-            if c0 + w > ds.width or r0 + h > ds.height:
-                raise ParameterError(f"{path}: window {params.window} reaches beyond the raster "
-                                     f"({ds.width} x {ds.height} px)", path)
-        else:
-            c0, r0, w, h = 0, 0, ds.width, ds.height
-        nodata = params.nodata
-        warns = _warnings(ds, path, contract, bands)
-        for msg in warns:  # returned in the result too, for the caller to show
-            log.info("warning: %s", msg)
-        wanted = [outs.class_raster] + ([outs.confidence_raster] if params.confidence else []) \
-            + ([outs.polygons] if params.vectorize.enabled else [])
-        for folder in sorted({p.parent for p in wanted}):
-            check_writable_dir(folder)
-        if predictor is None:
-            predictor = make_predictor(model, params.device, params.backend, params.half,
-                                       params.threads)
-        grid = TileGrid(h, w, tile, overlap, contract.size_multiple)
-        from rasterio.windows import Window
 
-        transform = ds.window_transform(Window(c0, r0, w, h))
-        profile = dict(GTIFF_OPTIONS, width=w, height=h, count=1, dtype="uint8",
-                       crs=ds.crs, transform=transform)
-        finals = [outs.class_raster] + ([outs.confidence_raster] if params.confidence else [])
-        vec = params.vectorize if params.vectorize.enabled else None
-        if vec is not None:
-            from ..vectorize.gpkg import _resolve_skip
+def _plan(ds: Any, path: str, contract: ModelContract, params: SegmentParams,
+          outs: OutputPaths) -> _Plan:
+    """Check the run against the open raster ``ds`` and fix what it will do."""
+    tile, overlap = _tiling(params, contract)
+    bands = _resolve_bands(ds, path, contract, params)
+    if params.vectorize.enabled and ds.crs is None:
+        raise NoCRSError(f"{path}: has no coordinate reference system; polygons and areas "
+                         "in m² need one (georeference the raster, or turn vectorizing off)",
+                         path)
+    if params.window is not None:
+        c0, r0, w, h = params.window
+        if c0 + w > ds.width or r0 + h > ds.height:
+            raise ParameterError(f"{path}: window {params.window} reaches beyond the raster "
+                                 f"({ds.width} x {ds.height} px)", path)
+    else:
+        c0, r0, w, h = 0, 0, ds.width, ds.height
+    warns = _warnings(ds, path, contract, bands)
+    vec = params.vectorize if params.vectorize.enabled else None
+    wanted = [outs.class_raster] + ([outs.confidence_raster] if params.confidence else []) \
+        + ([outs.polygons] if vec is not None else [])
+    for folder in sorted({p.parent for p in wanted}):
+        check_writable_dir(folder)
+    if vec is not None:
+        from ..vectorize.writer import _resolve_skip
 
-            _resolve_skip(vec.skip_classes, contract.class_names)  # fail before any work
-            finals.append(outs.polygons)
-        seg_span = (0.0, 0.95) if vec is not None else (0.0, 1.0)
-        meter = Meter("segment", w * h, progress, *seg_span)
-        meter.update(0, f"{len(grid)} tiles on {predictor.info.label}", force=True)
-        # all outputs appear together, complete, or not at all
-        with atomic_outputs(*finals) as temps:
-            stats = _run(ds, grid, (c0, r0), bands, nodata, contract, predictor,
-                         params.batch_size, profile, temps, path, meter, cancel,
-                         vec, outs.polygons.stem, progress)
-            names = [c.name for c in contract.classes]
-            write_category_names(temps[0], names)
-        t_seg = stats["seconds_segment"]
+        _resolve_skip(vec.skip_classes, contract.class_names)  # fail before any work
+    profile = {"width": w, "height": h, "crs": ds.crs,
+               "transform": window_transform(ds, c0, r0, w, h)}
+    return _Plan(path, contract, bands, params.nodata, (c0, r0, w, h),
+                 TileGrid(h, w, tile, overlap, contract.size_multiple), profile, outs,
+                 params.confidence, vec, warns)
 
+
+def _result(plan: _Plan, params: SegmentParams, predictor: Any, stats: dict[str, Any],
+            t_start: float, progress: ProgressFn | None) -> SegmentResult:
+    contract, grid, outs = plan.contract, plan.grid, plan.outs
     result = SegmentResult(
-        source=path, class_raster=str(outs.class_raster),
-        confidence_raster=str(outs.confidence_raster) if params.confidence else None,
+        source=plan.path, class_raster=str(outs.class_raster),
+        confidence_raster=str(outs.confidence_raster) if plan.confidence else None,
         polygons=None, n_polygons=None, device=predictor.info.label, seconds=0.0,
         backend=getattr(predictor, "backend", "torch"),
-        seconds_segment=round(t_seg, 3), seconds_vectorize=0.0, megapixels=w * h / 1e6,
-        tiles=len(grid), tiles_skipped=stats["skipped"], tile_size=tile, overlap=overlap,
+        seconds_segment=round(stats["seconds_segment"], 3), seconds_vectorize=0.0,
+        megapixels=grid.width * grid.height / 1e6, tiles=len(grid),
+        tiles_skipped=stats["skipped"], tile_size=grid.tile, overlap=grid.overlap,
         batch_size=predictor.max_batch or params.batch_size,
         class_pixels={c.name: int(stats["hist"][c.id]) for c in contract.classes},
-        warnings=warns)
-    if vec is not None:
+        warnings=plan.warnings)
+    if plan.vec is not None:
         n_poly, areas = stats["polygons"]
         result.polygons = str(outs.polygons)
         result.n_polygons = n_poly
@@ -212,116 +249,109 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
         result.seconds_vectorize = round(stats["seconds_vectorize_tail"], 3)
     result.seconds = round(time.perf_counter() - t_start, 3)
     if progress is not None:
-        from ..progress import Progress
-
         progress(Progress("done", 1, 1, 1.0, result.seconds, result.megapixels /
                           max(result.seconds, 1e-9), 0.0, "done"))
     return result
 
 
-def _run(ds: Any, grid: TileGrid, win_off: tuple[int, int], bands: tuple[int, ...],
-         nodata: float | None, contract: ModelContract, predictor: Any, batch_size: int,
-         profile: dict[str, Any], temps: list[Path], path: str,
-         meter: Meter, cancel: CancelFn | None, vec: Any = None, layer: str = "polygons",
-         progress: ProgressFn | None = None) -> dict[str, Any]:
-    """Segment into the open temporaries; polygonize concurrently when ``vec`` is given."""
-    import rasterio
+class _Run:
+    """One run of a plan into its temporaries: the reader, writer and vectorizer threads
+    around the model and the rolling band on the calling thread."""
 
-    t0 = time.perf_counter()
-    n_rows_tiles, n_cols_tiles = grid.shape
-    band_rows = min(grid.tile, grid.height)
-    direct = grid.overlap == 0
-    stop = threading.Event()
-    reader = TileReader(ds, grid, win_off, bands, nodata, contract, batch_size, stop)
-    nd = contract.nodata_value
-    cmap = {c.id: (*c.rgb, 255) for c in contract.classes}
-    cmap[nd] = (0, 0, 0, 0)
-    tags = {CLASSES_TAG: json.dumps([{"id": c.id, "name": c.name, "color": c.color}
-                                     for c in contract.classes]),
-            "TESSERA_MODEL": contract.name, "TESSERA_SOURCE": Path(path).name}
-    want_conf = len(temps) - (1 if vec is not None else 0) > 1
-    band = RowBand(contract.n_classes, grid, confidence=want_conf)
-    log.debug("row band: %.1f MB", band.nbytes / 1e6)
-    feed = vectorizer = None
-    if vec is not None:
-        # polygonize while segmenting: the vectorizer reads the class rows as they are written
-        # the feed lets segmenting run ahead of polygonizing by up to FEED_PIXELS (fewer rows
-        # on wide rasters), never by less than one strip with its sieve halo and one band
+    def __init__(self, ds: Any, plan: _Plan, predictor: Any, batch_size: int,
+                 temps: list[Path], meter: Meter, cancel: CancelFn | None,
+                 progress: ProgressFn | None) -> None:
+        grid, contract = plan.grid, plan.contract
+        self.plan, self.grid, self.predictor = plan, grid, predictor
+        self.meter, self.cancel, self.progress = meter, cancel, progress
+        self.t0 = time.perf_counter()
+        self.direct = grid.overlap == 0
+        self.nd = contract.nodata_value
+        self.stop = threading.Event()
+        self.reader = TileReader(ds, grid, (plan.window[0], plan.window[1]), plan.bands,
+                                 plan.nodata, contract, batch_size, self.stop)
+        self.band = RowBand(contract.n_classes, grid, confidence=plan.confidence)
+        log.debug("row band: %.1f MB", self.band.nbytes / 1e6)
+        self.feed: RowFeed | None = None
+        self.vectorizer: StreamVectorizer | None = None
+        if plan.vec is not None:
+            self.feed, self.vectorizer = self._vectorizer(plan.vec, temps[-1])
+        source = Path(plan.path).name
+        classes = [(c.id, c.name, c.color) for c in contract.classes]
+        self.sinks: list[RowSink] = [class_raster_sink(temps[0], plan.profile, self.nd, classes,
+                                                       contract.name, source)]
+        if plan.confidence:
+            try:
+                self.sinks.append(confidence_raster_sink(temps[1], plan.profile, contract.name,
+                                                         source))
+            except BaseException:
+                self.sinks[0].close()
+                raise
+        self.writer = RowWriter(self.sinks[0], self.sinks[1] if plan.confidence else None,
+                                grid.width, feed=self.feed)
+        # batches handed to the predictor, not yet in the band, oldest first:
+        # (tile row, tiles, Pending or None for skipped tiles)
+        self.inflight: deque[tuple[int, list[tuple[Tile, np.ndarray]], Pending | None]] = deque()
+        self.done_in_row = [0] * grid.shape[0]
+        self.tiles_done = self.skipped = self.current = 0
+
+    def _vectorizer(self, vec: VectorizeParams, tmp: Path) -> tuple[RowFeed, StreamVectorizer]:
+        """Polygonize while segmenting: the vectorizer reads the class rows as they are
+        written. The feed lets segmenting run ahead of polygonizing by up to FEED_PIXELS
+        (fewer rows on wide rasters), never by less than one strip with its sieve halo and
+        one band; strips end where tile rows end (none waits for the next tile row)."""
         from ..vectorize.polygonize import strip_height
 
+        grid = self.grid
+        band_rows = min(grid.tile, grid.height)
         strip = strip_height(vec.strip_rows, grid.width)
         feed = RowFeed(grid.height, grid.width, max_rows=max(
             strip + 2 * vec.sieve_px + band_rows,
             min(4 * band_rows + 2 * vec.sieve_px + 2048, FEED_PIXELS // max(grid.width, 1))))
-        # strips end where tile rows end: none waits for the next tile row, the last is short
-        vectorizer = StreamVectorizer(feed, temps[-1], layer, vec, contract.class_names, nd,
-                                       profile["transform"], profile["crs"],
-                                       tuple(grid.final_rows_after(i) for i in range(n_rows_tiles)))
-    dst = rasterio.open(temps[0], "w", nodata=nd, **profile)
-    dst_conf = rasterio.open(temps[1], "w", nodata=0, **profile) if want_conf else None
-    writer = RowWriter(dst, dst_conf, grid.width, feed=feed)
-    skipped = 0
-    # batches handed to the predictor, not yet in the band, oldest first:
-    # (tile row, tiles, Pending or None for skipped tiles)
-    inflight: deque[tuple[int, list[tuple[Tile, np.ndarray]], Pending | None]] = deque()
-    done_in_row = [0] * n_rows_tiles
-    tiles_done = 0
-    try:
-        dst.write_colormap(1, cmap)
-        dst.update_tags(**tags)
-        dst.set_band_description(1, "class")
-        if dst_conf is not None:
-            dst_conf.update_tags(TESSERA_MODEL=contract.name, TESSERA_SOURCE=Path(path).name)
-            dst_conf.set_band_description(1, "confidence (max class probability x 255)")
-        reader.start()
-        writer.start()
-        if vectorizer is not None:
-            vectorizer.start()
-        current = 0
-        # the model works on the next batches while the oldest is blended and written (ONNX
-        # Runtime runs tiles in a pool; PyTorch's results are there at once)
-        depth = predictor.runs
+        breaks = tuple(grid.final_rows_after(i) for i in range(grid.shape[0]))
+        return feed, StreamVectorizer(feed, tmp, self.plan.outs.polygons.stem, vec,
+                                      self.plan.contract.class_names, self.nd,
+                                      self.plan.profile["transform"], self.plan.profile["crs"],
+                                      breaks)
 
-        def settle() -> None:
-            """The oldest batch in flight into the band; rows out once their tile row is done."""
-            nonlocal current, tiles_done, skipped
-            i, tiles, pending = inflight.popleft()
-            if i != current:
-                raise RuntimeError(f"tile rows out of order ({i} after {current})")
-            if pending is None:
-                skipped += len(tiles)
-                for t, valid in tiles:
-                    if direct:
-                        band.put(grid.owned(t), t, None, valid)
-                    else:
-                        band.add(t, None, valid)
-            else:
-                out = _result(pending, cancel)
-                for k, (t, valid) in enumerate(tiles):
-                    if direct:
-                        band.put(grid.owned(t), t, out[k][:, :t.height, :t.width], valid)
-                    else:
-                        band.add(t, out[k][:, :t.height, :t.width], valid)
-            done_in_row[i] += len(tiles)
-            tiles_done += len(tiles)
-            if writer.error is not None:
-                raise writer.error
-            if done_in_row[i] == n_cols_tiles:
-                n_final = grid.final_rows_after(i) - band.top
-                top, cls, conf = band.pop(n_final, nd)
-                final = i == n_rows_tiles - 1
-                writer.q.put((top, cls, conf, final))
-                current += 1
-            meter.update(int(tiles_done / len(grid) * meter.total))
+    def run(self) -> dict[str, Any]:
+        """Segment into the temporaries; return the run's counts and times."""
+        try:
+            self._start()
+            self._segment()
+            out = self._finish()
+            if self.vectorizer is not None:
+                out.update(self._vectorize_tail(self.vectorizer))
+            return out
+        except BaseException as exc:
+            self._abort(exc)
+            if isinstance(exc, KeyboardInterrupt):
+                raise CancelledError("interrupted") from exc
+            raise
+        finally:
+            self._join()
 
+    def _start(self) -> None:
+        self.reader.start()
+        self.writer.start()
+        if self.vectorizer is not None:
+            self.vectorizer.start()
+
+    def _segment(self) -> None:
+        """Feed the reader's batches to the model; the model works on the next batches while
+        the oldest is blended and written (ONNX Runtime runs tiles in a pool; PyTorch's
+        results are there at once)."""
+        depth = self.predictor.runs
+        want_conf = self.plan.confidence
+        inflight = self.inflight
         while True:
-            check_cancel(cancel)
+            check_cancel(self.cancel)
             try:
-                item = reader.q.get(timeout=0.5)
+                item = self.reader.q.get(timeout=0.5)
             except queue.Empty:
-                if not reader.is_alive():
-                    raise TesseraError(f"{path}: the tile reader stopped unexpectedly",
-                                       path) from None
+                if not self.reader.is_alive():
+                    raise TesseraError(f"{self.plan.path}: the tile reader stopped "
+                                       "unexpectedly", self.plan.path) from None
                 continue
             if item[0] == "error":
                 raise item[1]
@@ -329,57 +359,89 @@ def _run(ds: Any, grid: TileGrid, win_off: tuple[int, int], bands: tuple[int, ..
                 break
             _, i, tiles, batch = item
             inflight.append((i, tiles, None if batch is None else
-                             predictor.submit(batch, reduce=direct, confidence=want_conf)))
+                             self.predictor.submit(batch, reduce=self.direct,
+                                                   confidence=want_conf)))
             while inflight and (len(inflight) > depth or inflight[0][2] is None
                                 or inflight[0][2].done()):
-                settle()
+                self._settle()
         while inflight:
-            settle()
-        if current != n_rows_tiles:
-            raise RuntimeError(f"only {current} of {n_rows_tiles} tile rows were processed")
-        writer.q.put(STOP)
-        writer.join()
-        if writer.error is not None:
-            raise writer.error
-        meter.update(meter.total, force=True)
-        out = {"skipped": skipped, "hist": writer.hist,
-               "seconds_segment": time.perf_counter() - t0, "seconds_vectorize_tail": 0.0}
-        if vectorizer is not None:
-            t_tail = time.perf_counter()
-            vmeter = Meter("vectorize", grid.height, progress, 0.95, 1.0,
-                           pixels_per_unit=grid.width)
-            while vectorizer.is_alive():
-                vectorizer.join(timeout=0.2)
-                check_cancel(cancel)
-                vmeter.update(vectorizer.rows_done)
-            if vectorizer.error is not None:
-                raise vectorizer.error
-            out["polygons"] = vectorizer.result
-            out["seconds_vectorize_tail"] = time.perf_counter() - t_tail
-        return out
-    except BaseException as exc:
-        stop.set()
-        for _, _, pending in inflight:
+            self._settle()
+        n_rows = self.grid.shape[0]
+        if self.current != n_rows:
+            raise RuntimeError(f"only {self.current} of {n_rows} tile rows were processed")
+
+    def _settle(self) -> None:
+        """The oldest batch in flight into the band; rows out once their tile row is done."""
+        band, grid = self.band, self.grid
+        i, tiles, pending = self.inflight.popleft()
+        if i != self.current:
+            raise RuntimeError(f"tile rows out of order ({i} after {self.current})")
+        out = None if pending is None else _wait(pending, self.cancel)
+        if out is None:
+            self.skipped += len(tiles)
+        for k, (t, valid) in enumerate(tiles):
+            part = None if out is None else out[k][:, :t.height, :t.width]
+            if self.direct:
+                band.put(grid.owned(t), t, part, valid)
+            else:
+                band.add(t, part, valid)
+        self.done_in_row[i] += len(tiles)
+        self.tiles_done += len(tiles)
+        if self.writer.error is not None:
+            raise self.writer.error
+        if self.done_in_row[i] == grid.shape[1]:
+            top, cls, conf = band.pop(grid.final_rows_after(i) - band.top, self.nd)
+            self.writer.q.put((top, cls, conf, i == grid.shape[0] - 1))
+            self.current += 1
+        self.meter.update(int(self.tiles_done / len(grid) * self.meter.total))
+
+    def _finish(self) -> dict[str, Any]:
+        """Let the writer finish; the segmenting part's counts and time."""
+        self.writer.q.put(STOP)
+        self.writer.join()
+        if self.writer.error is not None:
+            raise self.writer.error
+        self.meter.update(self.meter.total, force=True)
+        return {"skipped": self.skipped, "hist": self.writer.hist,
+                "seconds_segment": time.perf_counter() - self.t0, "seconds_vectorize_tail": 0.0}
+
+    def _vectorize_tail(self, vectorizer: StreamVectorizer) -> dict[str, Any]:
+        """Wait for the polygons still being traced after the last row was written."""
+        t_tail = time.perf_counter()
+        vmeter = Meter("vectorize", self.grid.height, self.progress, 0.95, 1.0,
+                       pixels_per_unit=self.grid.width)
+        while vectorizer.is_alive():
+            vectorizer.join(timeout=0.2)
+            check_cancel(self.cancel)
+            vmeter.update(vectorizer.rows_done)
+        if vectorizer.error is not None:
+            raise vectorizer.error
+        return {"polygons": vectorizer.result,
+                "seconds_vectorize_tail": time.perf_counter() - t_tail}
+
+    def _abort(self, exc: BaseException) -> None:
+        """Stop every thread after ``exc``: drop the batches in flight, wake the feed, tell
+        the writer (its queue may be full)."""
+        self.stop.set()
+        for _, _, pending in self.inflight:
             if pending is not None:
                 pending.cancel()
-        if feed is not None:
-            feed.abort()
-        if writer.is_alive():
-            writer.error = writer.error or exc
+        if self.feed is not None:
+            self.feed.abort()
+        if self.writer.is_alive():
+            self.writer.error = self.writer.error or exc
             try:
-                writer.q.put(STOP, timeout=5)
+                self.writer.q.put(STOP, timeout=5)
             except queue.Full:
                 pass
-        if isinstance(exc, KeyboardInterrupt):
-            raise CancelledError("interrupted") from exc
-        raise
-    finally:
-        stop.set()
-        reader.join(timeout=10)
-        writer.join(timeout=30)
-        if vectorizer is not None and vectorizer.is_alive():
-            feed.abort()  # type: ignore[union-attr]
-            vectorizer.join(timeout=30)
-        dst.close()
-        if dst_conf is not None:
-            dst_conf.close()
+
+    def _join(self) -> None:
+        self.stop.set()
+        self.reader.join(timeout=10)
+        self.writer.join(timeout=30)
+        if self.vectorizer is not None and self.vectorizer.is_alive():
+            assert self.feed is not None
+            self.feed.abort()
+            self.vectorizer.join(timeout=30)
+        for sink in self.sinks:
+            sink.close()

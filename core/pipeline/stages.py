@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import CancelledError
 from ..io.raster import gdal_env, read_window
+from ..io.sinks import RowSink
 from ..model.contract import ModelContract
 from .normalize import normalize
 from .tiling import Tile, TileGrid, pad_tile, padded_size
@@ -96,7 +97,7 @@ class StreamVectorizer(threading.Thread):
 
     def run(self) -> None:
         """The thread's loop; an error is kept in :attr:`error` for the main thread."""
-        from ..vectorize.gpkg import write_polygons
+        from ..vectorize.writer import write_polygons
 
         try:
             with gdal_env():
@@ -111,9 +112,10 @@ class StreamVectorizer(threading.Thread):
 
 
 class RowWriter(threading.Thread):
-    """Writes final rows to the open output datasets, in whole block rows where possible."""
+    """Writes final rows to the class and confidence sinks, in whole block rows where
+    possible, and hands the class rows to the vectorizer's ``feed``."""
 
-    def __init__(self, dst: Any, dst_conf: Any | None, width: int, block: int = 256,
+    def __init__(self, dst: RowSink, dst_conf: RowSink | None, width: int, block: int = 256,
                  feed: RowFeed | None = None) -> None:
         super().__init__(name="tessera-writer", daemon=True)
         self.feed = feed
@@ -127,8 +129,6 @@ class RowWriter(threading.Thread):
 
     def run(self) -> None:
         """The thread's loop; an error is kept in :attr:`error` for the main thread."""
-        from rasterio.windows import Window
-
         with gdal_env():
             while True:
                 item = self.q.get()
@@ -150,10 +150,9 @@ class RowWriter(threading.Thread):
                         c_all = np.concatenate([p[0] for p in self._pending], axis=0)
                         f_all = (np.concatenate([p[1] for p in self._pending], axis=0)
                                  if self.dst_conf is not None else None)
-                        win = Window(0, self._next_row, self.width, n)
-                        self.dst.write(c_all[:n], 1, window=win)
+                        self.dst.write_rows(self._next_row, c_all[:n])
                         if f_all is not None and self.dst_conf is not None:
-                            self.dst_conf.write(f_all[:n], 1, window=win)
+                            self.dst_conf.write_rows(self._next_row, f_all[:n])
                         rest = c_all.shape[0] - n
                         self._pending = [(c_all[n:], f_all[n:] if f_all is not None else None)] \
                             if rest else []

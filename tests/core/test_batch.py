@@ -104,3 +104,44 @@ def test_cancel_stops_the_batch_and_keeps_the_report(tmp_path):
     assert [r["file"] for r in rows] == ["a.tif"]
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("tessera_report")) == [
         "a_classes.tif", "a_classes.tif.aux.xml"]
+
+
+def test_an_executor_runs_the_plan_and_the_report_follows_it(tmp_path):
+    """The executor seam: a batch is planned first (nothing runs for a file whose outputs
+    exist), any executor runs its tasks through run_one, and the report lists the files in the
+    order they finished."""
+    from tessera.core.pipeline.batch import LocalExecutor, plan_folder, run_one
+
+    src = make_folder(tmp_path)
+    m = model_with(ConstantModel(2), tile_size=32, overlap=8)
+    plan = plan_folder(src, m, tmp_path / "o", NOVEC, recursive=True)
+    assert [str(t.rel) for t in plan.tasks] == ["a.tif", "b.tif", "broken.tif", "sub/c.tif"]
+    assert [t.outputs.class_raster for t in plan.tasks][3] == tmp_path / "o" / "sub" / "c_classes.tif"
+    assert not any(t.skip for t in plan.tasks)
+
+    class Backwards:
+        """Runs the files last to first, each with a predictor of its own."""
+
+        def __init__(self):
+            self.ran = []
+
+        def run(self, plan, progress_for, cancel):
+            for task in reversed(plan.tasks):
+                self.ran.append(task.index)
+                yield run_one(task, plan.model, plan.params, lambda: None, progress_for(task),
+                              cancel)
+
+    ex = Backwards()
+    rep = segment_folder(src, m, tmp_path / "o", NOVEC, recursive=True, executor=ex)
+    assert ex.ran == [3, 2, 1, 0]
+    assert [(r.file, r.status) for r in rep.rows] == [
+        ("sub/c.tif", "done"), ("broken.tif", "failed"), ("b.tif", "done"), ("a.tif", "done")]
+    rows = list(csv.DictReader(open(rep.csv_path)))
+    assert [r["file"] for r in rows] == ["sub/c.tif", "broken.tif", "b.tif", "a.tif"]
+    with rasterio.open(tmp_path / "o" / "b_classes.tif") as ds:
+        assert (ds.read(1) == 2).all()
+    # planned again, the finished files are marked to skip; the default executor skips them
+    again = plan_folder(src, m, tmp_path / "o", NOVEC, recursive=True)
+    assert [t.skip for t in again.tasks] == [True, True, False, True]
+    got = list(LocalExecutor().run(again, lambda t: None, None))
+    assert [r.status for r in got] == ["skipped", "skipped", "failed", "skipped"]

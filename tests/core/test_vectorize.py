@@ -24,8 +24,8 @@ from tessera.core.errors import (
 from tessera.core.params import VectorizeParams
 from tessera.core.progress import Progress
 from tessera.core.vectorize.area import geodesic_area_m2, pixel_area_m2
-from tessera.core.vectorize.gpkg import vectorize_raster, write_polygons
 from tessera.core.vectorize.polygonize import iter_class_polygons
+from tessera.core.vectorize.writer import vectorize_raster, write_polygons
 
 T = Affine(2.0, 0, 500000.0, 0, -2.0, 4000000.0)  # UTM 33N, 2 m pixels
 NAMES = {0: "Land", 1: "Building", 2: "Water"}
@@ -213,7 +213,7 @@ def record_writes(monkeypatch, measure) -> list:
 
 
 def test_flushing_at_every_strip_writes_the_same_polygons(tmp_path, monkeypatch):
-    import tessera.core.vectorize.gpkg as vz
+    import tessera.core.vectorize.writer as vz
 
     a = blocky(3, 97, 83, 4, 3)
     src = write_raster(tmp_path / "c.tif", a)
@@ -597,7 +597,7 @@ def test_strips_end_at_the_breaks_in_equal_parts():
 
 
 def test_strips_cut_at_breaks_give_the_same_polygons(tmp_path):
-    from tessera.core.vectorize.gpkg import write_polygons
+    from tessera.core.vectorize.writer import write_polygons
 
     a = blocky(5, 101, 77, 4, 3)
     src = write_raster(tmp_path / "c.tif", a)
@@ -638,7 +638,7 @@ def test_regions_open_to_the_last_strip_are_merged_side_by_side(tmp_path, monkey
 def test_polygons_are_written_at_the_breaks(tmp_path, monkeypatch):
     """At each break (the end of the engine's tile row) the polygons found so far are written
     once there are BREAK_FLUSH of them, so little is left to write after the last tile."""
-    import tessera.core.vectorize.gpkg as vz
+    import tessera.core.vectorize.writer as vz
 
     a = blocky(5, 101, 77, 4, 3)
     writes = []
@@ -663,7 +663,7 @@ def test_polygons_are_written_at_the_breaks(tmp_path, monkeypatch):
 
 
 def test_a_large_flush_is_written_in_pieces_of_bounded_vertices(tmp_path, monkeypatch):
-    import tessera.core.vectorize.gpkg as vz
+    import tessera.core.vectorize.writer as vz
 
     a = blocky(3, 97, 83, 4, 3)
     src = write_raster(tmp_path / "c.tif", a)
@@ -685,7 +685,7 @@ def test_a_large_flush_is_written_in_pieces_of_bounded_vertices(tmp_path, monkey
 
 
 def test_pieces_hold_at_most_the_limit_and_cover_every_polygon():
-    from tessera.core.vectorize.gpkg import _pieces
+    from tessera.core.vectorize.writer import _pieces
 
     assert _pieces(np.zeros(0, int), 10) == [(0, 0)]
     assert _pieces(np.array([4, 4, 4, 30, 1, 9, 2]), 10) == [(0, 2), (2, 3), (3, 4), (4, 6),

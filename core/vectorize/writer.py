@@ -1,9 +1,10 @@
-"""Polygons into a GeoPackage: measured, filtered, simplified and written in bounded pieces;
-:func:`vectorize_raster` is the whole job for a class raster on disk.
+"""Polygons into a polygon sink (:mod:`..io.sinks`; today a GeoPackage): measured, filtered,
+simplified and written in bounded pieces; :func:`vectorize_raster` is the whole job for a class
+raster on disk.
 
-Per polygon the GeoPackage gets ``class_id``, ``class_name``, ``area_m2`` (true ellipsoidal
-area in square metres, whatever the CRS) and ``pixels`` (the region's pixel count).
-Geometries are in the raster's CRS.
+Per polygon the layer gets ``class_id``, ``class_name``, ``area_m2`` (true ellipsoidal area in
+square metres, whatever the CRS) and ``pixels`` (the region's pixel count). Geometries are in
+the raster's CRS.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 from ..errors import NoCRSError, OutputError, ParameterError, TesseraError
 from ..io.atomic import atomic_outputs, check_writable_dir
 from ..io.raster import CLASSES_TAG, gdal_env, open_raster
+from ..io.sinks import POLYGON_FIELDS, polygon_sink
 from ..params import VectorizeParams
 from ..progress import CancelFn, Meter, ProgressFn
 from .area import polygon_areas_m2
@@ -31,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 #: The attribute fields of every polygon layer, in order.
-FIELDS = ("class_id", "class_name", "area_m2", "pixels")
+FIELDS = POLYGON_FIELDS
 
 
 
@@ -138,14 +140,12 @@ def write_polygons(source: Any, tmp: Path, layer: str, params: VectorizeParams,
     ``breaks``: see :func:`iter_class_polygons`. Raises :class:`OutputError` when the
     GeoPackage cannot be written.
     """
-    import geopandas as gpd
-    import pyogrio
     import shapely
     from pyogrio.errors import DataLayerError, DataSourceError
 
     skip = _resolve_skip(params.skip_classes, names)
     a, b, c, d, e, f = transform.a, transform.b, transform.c, transform.d, transform.e, transform.f
-    wkt = crs.to_wkt()
+    sink = polygon_sink(tmp, layer, crs.to_wkt())
 
     def to_crs(xy: np.ndarray) -> np.ndarray:
         return np.column_stack([a * xy[:, 0] + b * xy[:, 1] + c, d * xy[:, 0] + e * xy[:, 1] + f])
@@ -183,14 +183,8 @@ def write_polygons(source: Any, tmp: Path, layer: str, params: VectorizeParams,
         ready.clear()
         for i0, i1 in _pieces(shapely.get_num_coordinates(geoms), WRITE_VERTICES):
             k = cls[i0:i1]
-            gdf = gpd.GeoDataFrame({
-                "class_id": k,
-                "class_name": np.array([names.get(int(v), f"class {int(v)}") for v in k],
-                                       dtype=object),
-                "area_m2": area[i0:i1], "pixels": pixels[i0:i1]},
-                geometry=gpd.GeoSeries(geoms[i0:i1], crs=wkt), crs=wkt)
-            pyogrio.write_dataframe(gdf, tmp, layer=layer, driver="GPKG", append=not first,
-                                    geometry_type="Polygon", promote_to_multi=False)
+            sink.write(k, np.array([names.get(int(v), f"class {int(v)}") for v in k],
+                                   dtype=object), area[i0:i1], pixels[i0:i1], geoms[i0:i1])
             first = False
         for k, ar in zip(cls, area):
             areas[int(k)] = areas.get(int(k), 0.0) + float(ar)

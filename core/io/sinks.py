@@ -1,0 +1,134 @@
+"""Where outputs go: small sink interfaces, and the file formats behind them.
+
+A run writes three kinds of output: the class raster and the confidence raster (rows, top to
+bottom: :class:`RowSink`) and the polygons (batches of records: :class:`PolygonSink`). The
+engine only talks to these interfaces; a new format or a database is a new sink here, and
+:func:`class_raster_sink`, :func:`confidence_raster_sink` and :func:`polygon_sink` are the
+one place that picks them. Sinks write to the (temporary) path they are given; committing the
+run's outputs together is :func:`.atomic.atomic_outputs`'s job.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .raster import CLASSES_TAG, GTIFF_OPTIONS
+
+#: A model class as the sinks need it: ``(id, name, "#RRGGBB")``.
+ClassRow = tuple[int, str, str]
+
+#: The attribute fields of every polygon layer, in order.
+POLYGON_FIELDS = ("class_id", "class_name", "area_m2", "pixels")
+
+
+class RowSink(Protocol):
+    """One output band written in consecutive row blocks, top to bottom."""
+
+    def write_rows(self, row: int, rows: np.ndarray) -> None:
+        """Write ``rows`` ``(n, width)`` starting at raster row ``row``."""
+        ...
+
+    def close(self) -> None:
+        """Finish writing (flush and close the file)."""
+        ...
+
+
+class PolygonSink(Protocol):
+    """A polygon layer written in batches of records (the fields of :data:`POLYGON_FIELDS`)."""
+
+    def write(self, class_id: np.ndarray, class_name: np.ndarray, area_m2: np.ndarray,
+              pixels: np.ndarray, geometry: np.ndarray) -> None:
+        """Append one batch (equal-length columns; ``geometry``: shapely Polygons in the
+        layer's CRS). A batch of none still creates the (empty) layer."""
+        ...
+
+
+class GeoTiffRows:
+    """A single-band uint8 GeoTIFF (tiled, deflate) written in row blocks."""
+
+    def __init__(self, path: Path, profile: dict[str, Any], nodata: int,
+                 colormap: dict[int, tuple[int, int, int, int]] | None = None,
+                 tags: dict[str, str] | None = None, description: str = "") -> None:
+        import rasterio
+
+        self.width = int(profile["width"])
+        self.ds = rasterio.open(path, "w", **dict(GTIFF_OPTIONS, **profile), count=1,
+                                dtype="uint8", nodata=nodata)
+        try:
+            if colormap:
+                self.ds.write_colormap(1, colormap)
+            if tags:
+                self.ds.update_tags(**tags)
+            if description:
+                self.ds.set_band_description(1, description)
+        except BaseException:
+            self.ds.close()
+            raise
+
+    def write_rows(self, row: int, rows: np.ndarray) -> None:
+        """Write ``rows`` ``(n, width)`` uint8 at raster row ``row``."""
+        from rasterio.windows import Window
+
+        self.ds.write(rows, 1, window=Window(0, row, self.width, rows.shape[0]))
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        self.ds.close()
+
+
+def _rgba(color: str) -> tuple[int, int, int, int]:
+    c = color.lstrip("#")
+    return int(c[0:2], 16), int(c[2:4], 16), int(c[4:6], 16), 255
+
+
+def class_raster_sink(path: Path, profile: dict[str, Any], nodata: int,
+                      classes: list[ClassRow], model_name: str, source_name: str) -> RowSink:
+    """The class raster: class ids, the classes' colours (nodata transparent), the classes in
+    the :data:`.raster.CLASSES_TAG` tag. ``profile``: ``width``, ``height``, ``crs``,
+    ``transform``."""
+    cmap = {cid: _rgba(color) for cid, _, color in classes}
+    cmap[nodata] = (0, 0, 0, 0)
+    tags = {CLASSES_TAG: json.dumps([{"id": cid, "name": name, "color": color}
+                                     for cid, name, color in classes]),
+            "TESSERA_MODEL": model_name, "TESSERA_SOURCE": source_name}
+    return GeoTiffRows(path, profile, nodata, cmap, tags, "class")
+
+
+def confidence_raster_sink(path: Path, profile: dict[str, Any], model_name: str,
+                           source_name: str) -> RowSink:
+    """The confidence raster: the winning class's probability x 255 (nodata 0)."""
+    return GeoTiffRows(path, profile, 0, None,
+                       {"TESSERA_MODEL": model_name, "TESSERA_SOURCE": source_name},
+                       "confidence (max class probability x 255)")
+
+
+class GeoPackageLayer:
+    """A Polygon layer of a GeoPackage, created by the first write and appended to after."""
+
+    def __init__(self, path: Path, layer: str, crs_wkt: str) -> None:
+        self.path, self.layer, self.crs_wkt = path, layer, crs_wkt
+        self._first = True
+
+    def write(self, class_id: np.ndarray, class_name: np.ndarray, area_m2: np.ndarray,
+              pixels: np.ndarray, geometry: np.ndarray) -> None:
+        """Append one batch of polygons (see :class:`PolygonSink`)."""
+        import geopandas as gpd
+        import pyogrio
+
+        gdf = gpd.GeoDataFrame({"class_id": class_id, "class_name": class_name,
+                                "area_m2": area_m2, "pixels": pixels},
+                               geometry=gpd.GeoSeries(geometry, crs=self.crs_wkt),
+                               crs=self.crs_wkt)
+        pyogrio.write_dataframe(gdf, self.path, layer=self.layer, driver="GPKG",
+                                append=not self._first, geometry_type="Polygon",
+                                promote_to_multi=False)
+        self._first = False
+
+
+def polygon_sink(path: Path, layer: str, crs_wkt: str) -> PolygonSink:
+    """The polygons' sink for ``path`` (today: a GeoPackage layer)."""
+    return GeoPackageLayer(path, layer, crs_wkt)
