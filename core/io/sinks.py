@@ -106,6 +106,20 @@ def confidence_raster_sink(path: Path, profile: dict[str, Any], model_name: str,
                        "confidence (max class probability x 255)")
 
 
+class ArrayRows:
+    """Rows into an ``(height, width)`` uint8 array in memory (``nodata`` until written)."""
+
+    def __init__(self, height: int, width: int, nodata: int) -> None:
+        self.array = np.full((height, width), nodata, np.uint8)
+
+    def write_rows(self, row: int, rows: np.ndarray) -> None:
+        """Copy ``rows`` in at ``row``."""
+        self.array[row:row + rows.shape[0]] = rows
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
 class GeoPackageLayer:
     """A Polygon layer of a GeoPackage, created by the first write and appended to after."""
 

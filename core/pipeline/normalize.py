@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..model.contract import ModelContract
+from .tiling import pad_tile, padded_size
 
 
 def normalize(data: np.ndarray, valid: np.ndarray, contract: ModelContract) -> np.ndarray:
@@ -31,3 +32,14 @@ def normalize(data: np.ndarray, valid: np.ndarray, contract: ModelContract) -> n
     if not valid.all():
         x[:, ~valid] = 0.0
     return x
+
+
+def tile_input(data: np.ndarray, valid: np.ndarray, contract: ModelContract,
+               height: int | None = None, width: int | None = None) -> np.ndarray:
+    """A tile's model input: :func:`normalize`, then zero-padded to ``height`` x ``width``
+    (default: the tile's own size rounded up to the model's size multiple). The one way a
+    tile becomes input: segmentation, evaluation and int8 calibration all use it."""
+    m = contract.size_multiple
+    h = height or padded_size(data.shape[1], m)
+    w = width or padded_size(data.shape[2], m)
+    return pad_tile(normalize(data, valid, contract), h, w)

@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,13 +33,22 @@ from ..inference.base import Pending, Predictor
 from ..inference.factory import make_predictor
 from ..io.atomic import atomic_outputs, check_writable_dir
 from ..io.raster import gdal_env, open_raster, pixel_size_m, window_transform, write_category_names
-from ..io.sinks import RowSink, class_raster_sink, confidence_raster_sink
+from ..io.sinks import ArrayRows, RowSink, class_raster_sink, confidence_raster_sink
 from ..model.contract import ModelContract
 from ..model.files import TesseraModel
 from ..params import OutputPaths, SegmentParams, VectorizeParams, check_tile_overlap
 from ..progress import CancelFn, Meter, Progress, ProgressFn, check_cancel
 from .band import RowBand
-from .stages import STOP, RowFeed, RowWriter, StreamVectorizer, TileReader
+from .stages import (
+    STOP,
+    RowFeed,
+    RowWriter,
+    StreamVectorizer,
+    TileRead,
+    TileReader,
+    array_reader,
+    window_reader,
+)
 from .tiling import Tile, TileGrid
 
 log = logging.getLogger(__name__)
@@ -175,9 +185,22 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
         meter = Meter("segment", plan.window[2] * plan.window[3], progress,
                       *((0.0, 0.95) if plan.vec is not None else (0.0, 1.0)))
         meter.update(0, f"{len(plan.grid)} tiles on {predictor.info.label}", force=True)
+        grid = plan.grid
+
+        def tick(tiles_done: int, final: bool) -> None:
+            meter.update(int(tiles_done / len(grid) * meter.total), force=final)
+
         with atomic_outputs(*plan.finals) as temps:  # all outputs together, complete, or none
-            stats = _Run(ds, plan, predictor, params.batch_size, temps, meter, cancel,
-                         progress).run()
+            sinks = _open_sinks(plan, temps)
+            try:
+                c0, r0 = plan.window[:2]
+                stats = _Run(window_reader(ds, plan.bands, c0, r0, plan.nodata), grid, contract,
+                             predictor, params.batch_size, sinks,
+                             _polygons(plan, temps[-1]) if plan.vec is not None else None,
+                             tick, cancel, progress, plan.path).run()
+            finally:
+                for sink in sinks:
+                    sink.close()
             write_category_names(temps[0], [c.name for c in contract.classes])
     return _result(plan, params, predictor, stats, t_start, progress)
 
@@ -186,11 +209,15 @@ def _tiling(params: SegmentParams, contract: ModelContract) -> tuple[int, int]:
     """The run's ``(tile, overlap)``: the parameters', else the model's; checked."""
     tile = params.tile_size or contract.tile_size
     overlap = params.overlap if params.overlap is not None else contract.overlap
+    _check_tiling(tile, overlap, contract)
+    return tile, overlap
+
+
+def _check_tiling(tile: int, overlap: int, contract: ModelContract) -> None:
     check_tile_overlap(tile, overlap)
     if tile % contract.size_multiple:
         raise ParameterError(f"tile size {tile} must be a multiple of {contract.size_multiple} "
                              f"for model '{contract.name}'")
-    return tile, overlap
 
 
 def _plan(ds: Any, path: str, contract: ModelContract, params: SegmentParams,
@@ -254,65 +281,113 @@ def _result(plan: _Plan, params: SegmentParams, predictor: Any, stats: dict[str,
     return result
 
 
-class _Run:
-    """One run of a plan into its temporaries: the reader, writer and vectorizer threads
-    around the model and the rolling band on the calling thread."""
+def _open_sinks(plan: _Plan, temps: list[Path]) -> list[RowSink]:
+    """The class raster's sink (and the confidence raster's) on the run's temporaries."""
+    contract, source = plan.contract, Path(plan.path).name
+    classes = [(c.id, c.name, c.color) for c in contract.classes]
+    sinks = [class_raster_sink(temps[0], plan.profile, contract.nodata_value, classes,
+                               contract.name, source)]
+    if plan.confidence:
+        try:
+            sinks.append(confidence_raster_sink(temps[1], plan.profile, contract.name, source))
+        except BaseException:
+            sinks[0].close()
+            raise
+    return sinks
 
-    def __init__(self, ds: Any, plan: _Plan, predictor: Any, batch_size: int,
-                 temps: list[Path], meter: Meter, cancel: CancelFn | None,
-                 progress: ProgressFn | None) -> None:
-        grid, contract = plan.grid, plan.contract
-        self.plan, self.grid, self.predictor = plan, grid, predictor
-        self.meter, self.cancel, self.progress = meter, cancel, progress
+
+@dataclass(frozen=True)
+class _Polygons:
+    """Polygons traced while segmenting: the parameters, the (temporary) GeoPackage, its
+    layer name, and the georeferencing of the class rows."""
+
+    vec: VectorizeParams
+    tmp: Path
+    layer: str
+    transform: Any
+    crs: Any
+
+
+def _polygons(plan: _Plan, tmp: Path) -> _Polygons:
+    assert plan.vec is not None
+    return _Polygons(plan.vec, tmp, plan.outs.polygons.stem, plan.profile["transform"],
+                     plan.profile["crs"])
+
+
+def segment_array(image: np.ndarray, valid: np.ndarray | None, contract: ModelContract,
+                  predictor: Any, tile: int | None = None, overlap: int | None = None,
+                  batch_size: int = 4, cancel: CancelFn | None = None,
+                  on_tiles: Callable[[int], None] | None = None) -> np.ndarray:
+    """Segment an image in memory, ``(C, H, W)`` raw values of the model's bands in order
+    (``valid`` ``(H, W)``, ``None``: all valid): ``(H, W)`` uint8 classes, the contract's
+    nodata value where the image is invalid. The very run :func:`segment_raster` does (its
+    reader, blend and writer) into an array; ``on_tiles(n)`` is told of every ``n`` tiles
+    done. What evaluation scores is therefore what segmentation writes."""
+    tile = tile or contract.tile_size
+    overlap = contract.overlap if overlap is None else overlap
+    _check_tiling(tile, overlap, contract)
+    h, w = image.shape[1:]
+    grid = TileGrid(h, w, tile, overlap, contract.size_multiple)
+    sink = ArrayRows(h, w, contract.nodata_value)
+    seen = [0]
+
+    def tick(tiles_done: int, final: bool) -> None:
+        if on_tiles is not None and tiles_done > seen[0]:
+            on_tiles(tiles_done - seen[0])
+        seen[0] = tiles_done
+
+    _Run(array_reader(image, valid), grid, contract, predictor, batch_size, [sink], None,
+         tick, cancel, None, "the image").run()
+    return sink.array
+
+
+class _Run:
+    """One run over a tile grid into row sinks: the reader, writer and (with ``polygons``)
+    vectorizer threads around the model and the rolling band on the calling thread.
+    ``tick(tiles_done, final)`` follows the tiles; ``where`` names the input in errors."""
+
+    def __init__(self, read: TileRead, grid: TileGrid, contract: ModelContract, predictor: Any,
+                 batch_size: int, sinks: list[RowSink], polygons: _Polygons | None,
+                 tick: Callable[[int, bool], None], cancel: CancelFn | None,
+                 progress: ProgressFn | None, where: str) -> None:
+        self.grid, self.contract, self.predictor = grid, contract, predictor
+        self.tick, self.cancel, self.progress, self.where = tick, cancel, progress, where
         self.t0 = time.perf_counter()
         self.direct = grid.overlap == 0
         self.nd = contract.nodata_value
+        self.confidence = len(sinks) > 1
         self.stop = threading.Event()
-        self.reader = TileReader(ds, grid, (plan.window[0], plan.window[1]), plan.bands,
-                                 plan.nodata, contract, batch_size, self.stop)
-        self.band = RowBand(contract.n_classes, grid, confidence=plan.confidence)
+        self.reader = TileReader(read, grid, contract, batch_size, self.stop)
+        self.band = RowBand(contract.n_classes, grid, confidence=self.confidence)
         log.debug("row band: %.1f MB", self.band.nbytes / 1e6)
         self.feed: RowFeed | None = None
         self.vectorizer: StreamVectorizer | None = None
-        if plan.vec is not None:
-            self.feed, self.vectorizer = self._vectorizer(plan.vec, temps[-1])
-        source = Path(plan.path).name
-        classes = [(c.id, c.name, c.color) for c in contract.classes]
-        self.sinks: list[RowSink] = [class_raster_sink(temps[0], plan.profile, self.nd, classes,
-                                                       contract.name, source)]
-        if plan.confidence:
-            try:
-                self.sinks.append(confidence_raster_sink(temps[1], plan.profile, contract.name,
-                                                         source))
-            except BaseException:
-                self.sinks[0].close()
-                raise
-        self.writer = RowWriter(self.sinks[0], self.sinks[1] if plan.confidence else None,
-                                grid.width, feed=self.feed)
+        if polygons is not None:
+            self.feed, self.vectorizer = self._vectorizer(polygons)
+        self.writer = RowWriter(sinks[0], sinks[1] if self.confidence else None, grid.width,
+                                feed=self.feed)
         # batches handed to the predictor, not yet in the band, oldest first:
         # (tile row, tiles, Pending or None for skipped tiles)
         self.inflight: deque[tuple[int, list[tuple[Tile, np.ndarray]], Pending | None]] = deque()
         self.done_in_row = [0] * grid.shape[0]
         self.tiles_done = self.skipped = self.current = 0
 
-    def _vectorizer(self, vec: VectorizeParams, tmp: Path) -> tuple[RowFeed, StreamVectorizer]:
+    def _vectorizer(self, pg: _Polygons) -> tuple[RowFeed, StreamVectorizer]:
         """Polygonize while segmenting: the vectorizer reads the class rows as they are
         written. The feed lets segmenting run ahead of polygonizing by up to FEED_PIXELS
         (fewer rows on wide rasters), never by less than one strip with its sieve halo and
         one band; strips end where tile rows end (none waits for the next tile row)."""
         from ..vectorize.polygonize import strip_height
 
-        grid = self.grid
+        grid, vec = self.grid, pg.vec
         band_rows = min(grid.tile, grid.height)
         strip = strip_height(vec.strip_rows, grid.width)
         feed = RowFeed(grid.height, grid.width, max_rows=max(
             strip + 2 * vec.sieve_px + band_rows,
             min(4 * band_rows + 2 * vec.sieve_px + 2048, FEED_PIXELS // max(grid.width, 1))))
         breaks = tuple(grid.final_rows_after(i) for i in range(grid.shape[0]))
-        return feed, StreamVectorizer(feed, tmp, self.plan.outs.polygons.stem, vec,
-                                      self.plan.contract.class_names, self.nd,
-                                      self.plan.profile["transform"], self.plan.profile["crs"],
-                                      breaks)
+        return feed, StreamVectorizer(feed, pg.tmp, pg.layer, vec, self.contract.class_names,
+                                      self.nd, pg.transform, pg.crs, breaks)
 
     def run(self) -> dict[str, Any]:
         """Segment into the temporaries; return the run's counts and times."""
@@ -342,7 +417,7 @@ class _Run:
         the oldest is blended and written (ONNX Runtime runs tiles in a pool; PyTorch's
         results are there at once)."""
         depth = self.predictor.runs
-        want_conf = self.plan.confidence
+        want_conf = self.confidence
         inflight = self.inflight
         while True:
             check_cancel(self.cancel)
@@ -350,8 +425,8 @@ class _Run:
                 item = self.reader.q.get(timeout=0.5)
             except queue.Empty:
                 if not self.reader.is_alive():
-                    raise TesseraError(f"{self.plan.path}: the tile reader stopped "
-                                       "unexpectedly", self.plan.path) from None
+                    raise TesseraError(f"{self.where}: the tile reader stopped "
+                                       "unexpectedly", self.where) from None
                 continue
             if item[0] == "error":
                 raise item[1]
@@ -393,7 +468,7 @@ class _Run:
             top, cls, conf = band.pop(grid.final_rows_after(i) - band.top, self.nd)
             self.writer.q.put((top, cls, conf, i == grid.shape[0] - 1))
             self.current += 1
-        self.meter.update(int(self.tiles_done / len(grid) * self.meter.total))
+        self.tick(self.tiles_done, False)
 
     def _finish(self) -> dict[str, Any]:
         """Let the writer finish; the segmenting part's counts and time."""
@@ -401,7 +476,7 @@ class _Run:
         self.writer.join()
         if self.writer.error is not None:
             raise self.writer.error
-        self.meter.update(self.meter.total, force=True)
+        self.tick(self.tiles_done, True)
         return {"skipped": self.skipped, "hist": self.writer.hist,
                 "seconds_segment": time.perf_counter() - self.t0, "seconds_vectorize_tail": 0.0}
 
@@ -443,5 +518,3 @@ class _Run:
             assert self.feed is not None
             self.feed.abort()
             self.vectorizer.join(timeout=30)
-        for sink in self.sinks:
-            sink.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,33 @@ from ..errors import CancelledError
 from ..io.raster import gdal_env, read_window
 from ..io.sinks import RowSink
 from ..model.contract import ModelContract
-from .normalize import normalize
-from .tiling import Tile, TileGrid, pad_tile, padded_size
+from .normalize import tile_input
+from .tiling import Tile, TileGrid
 
 STOP = object()
+#: How the reader gets a tile's pixels: ``tile → (data (C, h, w), valid (h, w) bool)``.
+TileRead = Callable[[Tile], tuple[np.ndarray, np.ndarray]]
+
+
+def window_reader(ds: Any, bands: tuple[int, ...], col0: int, row0: int,
+                  nodata: float | None) -> TileRead:
+    """Tiles of the window at ``(col0, row0)`` of the open raster ``ds``."""
+    def read(t: Tile) -> tuple[np.ndarray, np.ndarray]:
+        return read_window(ds, bands, row0 + t.row, col0 + t.col, t.height, t.width, nodata)
+    return read
+
+
+def array_reader(data: np.ndarray, valid: np.ndarray | None) -> TileRead:
+    """Tiles of an image in memory, ``data`` ``(C, H, W)`` (``valid`` ``(H, W)``; ``None``:
+    all valid). Float data is invalid where not finite, as in a raster window."""
+    def read(t: Tile) -> tuple[np.ndarray, np.ndarray]:
+        d = data[:, t.row:t.row + t.height, t.col:t.col + t.width]
+        v = (np.ones((t.height, t.width), bool) if valid is None
+             else valid[t.row:t.row + t.height, t.col:t.col + t.width].copy())
+        if d.dtype.kind == "f":
+            v &= np.all(np.isfinite(d), axis=0)
+        return d, v
+    return read
 
 
 class RowFeed:
@@ -166,17 +190,18 @@ class RowWriter(threading.Thread):
 class TileReader(threading.Thread):
     """Reads, masks, normalizes and batches tiles; puts work items on :attr:`q`.
 
-    Items: ``("tiles", row_index, [(tile, valid)], batch or None)``; ``("end",)``;
-    ``("error", exc)``. Batches never span two tile rows and hold tiles of one shape.
+    ``read(tile)`` gives a tile's ``(data (C, h, w), valid (h, w))`` (from a raster window,
+    :func:`window_reader`, or an array in memory, :func:`array_reader`). Items:
+    ``("tiles", row_index, [(tile, valid)], batch or None)``; ``("end",)``; ``("error", exc)``.
+    Batches never span two tile rows and hold tiles of one shape.
     """
 
-    def __init__(self, ds: Any, grid: TileGrid, win_off: tuple[int, int], bands: tuple[int, ...],
-                 nodata: float | None, contract: ModelContract, batch_size: int,
-                 stop: threading.Event, prefetch: int = 3) -> None:
+    def __init__(self, read: TileRead, grid: TileGrid, contract: ModelContract,
+                 batch_size: int, stop: threading.Event, prefetch: int = 3) -> None:
         super().__init__(name="tessera-reader", daemon=True)
         self.q: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
-        self.ds, self.grid, self.win_off, self.bands = ds, grid, win_off, bands
-        self.nodata, self.contract, self.batch_size = nodata, contract, batch_size
+        self.read, self.grid = read, grid
+        self.contract, self.batch_size = contract, batch_size
         self.stop = stop
 
     def _put(self, item: Any) -> bool:
@@ -197,22 +222,18 @@ class TileReader(threading.Thread):
             self._put(("error", exc))
 
     def _run(self) -> None:
-        col0, row0 = self.win_off
-        m = self.contract.size_multiple
         for i in range(self.grid.shape[0]):
             pending: list[tuple[Tile, np.ndarray]] = []
             arrays: list[np.ndarray] = []
             for t in self.grid.tile_row(i):
                 if self.stop.is_set():
                     return
-                data, valid = read_window(self.ds, self.bands, row0 + t.row, col0 + t.col,
-                                          t.height, t.width, self.nodata)
+                data, valid = self.read(t)
                 if not valid.any():
                     if not self._put(("tiles", i, [(t, valid)], None)):
                         return
                     continue
-                x = pad_tile(normalize(data, valid, self.contract), padded_size(t.height, m),
-                             padded_size(t.width, m))
+                x = tile_input(data, valid, self.contract)
                 # a batch holds tiles of one shape (the last tile of a row may be narrower)
                 if arrays and arrays[0].shape != x.shape:
                     if not self._put(("tiles", i, pending, np.stack(arrays))):

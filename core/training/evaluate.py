@@ -36,9 +36,9 @@ from ..errors import BandMismatchError, OutputError, ParameterError
 from ..io.atomic import atomic_file
 from ..model.contract import ModelContract
 from ..model.files import TesseraModel
-from ..pipeline.normalize import normalize
-from ..pipeline.tiling import TileGrid, pad_tile, padded_size
-from ..progress import CancelFn, Meter, Progress, ProgressFn, check_cancel
+from ..pipeline.segment import segment_array
+from ..pipeline.tiling import TileGrid
+from ..progress import CancelFn, Meter, Progress, ProgressFn
 from .datasets import load_dataset
 from .metrics import IGNORE, MEAN_IOU_DEFINITION, confusion, metrics_from_confusion
 from .sources import DataSource, FolderSource, as_source
@@ -143,63 +143,12 @@ def predict_image(predictor: Any, contract: ModelContract, image: np.ndarray,
     """Segment an in-memory image ``(H, W, C)`` (raw values, the model's bands in order):
     ``(H, W)`` uint8 classes, the contract's nodata value where the image is invalid.
 
-    The same tiling, padding, normalization and blending as :func:`.segment.segment_raster`.
+    This is :func:`..pipeline.segment.segment_array`: the reader, blend and writer of
+    :func:`..pipeline.segment.segment_raster` itself, so evaluation scores exactly what
+    segmentation writes.
     """
-    h, w = image.shape[:2]
-    tile = tile or contract.tile_size
-    overlap = contract.overlap if overlap is None else overlap
-    if tile % contract.size_multiple:
-        raise ParameterError(f"tile size {tile} must be a multiple of {contract.size_multiple} "
-                             f"for model '{contract.name}'")
-    if overlap >= tile // 2:
-        raise ParameterError(f"overlap ({overlap} px) must be less than half the tile size ({tile} px)")
-    data = np.moveaxis(image, -1, 0)
-    m = contract.size_multiple
-    grid = TileGrid(h, w, tile, overlap, m)
-    k = contract.n_classes
-    direct = overlap == 0
-    acc = np.zeros((k, h, w), np.float32)
-    wsum = np.zeros((h, w), np.float32)
-    pending: list[tuple[Any, np.ndarray]] = []
-
-    def flush() -> None:
-        probs = predictor.predict(np.stack([x for _, x in pending]))
-        for (t, _), pr in zip(pending, probs):
-            if direct:
-                r0, r1, c0, c1 = grid.owned(t)
-                acc[:, r0:r1, c0:c1] = pr[:, r0 - t.row:r1 - t.row, c0 - t.col:c1 - t.col]
-                wsum[r0:r1, c0:c1] = 1.0
-            else:
-                wt = grid.weights(t)
-                acc[:, t.row:t.row + t.height, t.col:t.col + t.width] += pr[:, :t.height, :t.width] * wt
-                wsum[t.row:t.row + t.height, t.col:t.col + t.width] += wt
-        if on_tiles is not None:
-            on_tiles(len(pending))
-        pending.clear()
-
-    for t in grid:
-        check_cancel(cancel)
-        v = valid[t.row:t.row + t.height, t.col:t.col + t.width] if valid is not None \
-            else np.ones((t.height, t.width), bool)
-        if not v.any():
-            if on_tiles is not None:
-                on_tiles(1)
-            continue
-        x = normalize(data[:, t.row:t.row + t.height, t.col:t.col + t.width], v, contract)
-        x = pad_tile(x, padded_size(t.height, m), padded_size(t.width, m))
-        if pending and pending[0][1].shape != x.shape:  # a batch holds tiles of one shape
-            flush()
-        pending.append((t, x))
-        if len(pending) == batch_size:
-            flush()
-    if pending:
-        flush()
-    cls = np.argmax(acc, axis=0).astype(np.uint8)
-    bad = wsum <= 0
-    if valid is not None:
-        bad |= ~valid
-    cls[bad] = contract.nodata_value
-    return cls
+    return segment_array(np.moveaxis(image, -1, 0), valid, contract, predictor, tile, overlap,
+                         batch_size, cancel, on_tiles)
 
 
 def evaluate_model(model_path: str | Path | TesseraModel, source: DataSource | dict[str, Any] | str | Path,

@@ -30,8 +30,8 @@ from ..errors import ModelError, OutputError, ParameterError, RasterReadError, T
 from ..io.atomic import atomic_file
 from ..model.contract import ModelContract
 from ..model.files import TesseraModel, file_sha256
-from ..pipeline.normalize import normalize
-from ..pipeline.tiling import pad_tile, padded_size
+from ..pipeline.normalize import tile_input
+from ..pipeline.tiling import padded_size
 from ..progress import CancelFn, ProgressFn, check_cancel
 
 __all__ = ["INT8_FLAGS", "calibration_tiles", "check_int8_cpu", "cpu_flags", "quantize_model"]
@@ -136,9 +136,11 @@ def _crop_positions(h: int, w: int, size: int, n: int, rng: np.random.Generator)
 
 
 def _as_input(data: np.ndarray, valid: np.ndarray, contract: ModelContract, size: int) -> np.ndarray:
+    """A calibration crop as the engine feeds a tile (:func:`..pipeline.normalize.tile_input`),
+    padded to a square so that the crops batch together."""
     ph = padded_size(min(size, data.shape[1]), contract.size_multiple)
     pw = padded_size(min(size, data.shape[2]), contract.size_multiple)
-    return pad_tile(normalize(data, valid, contract), max(ph, pw), max(ph, pw))
+    return tile_input(data, valid, contract, max(ph, pw), max(ph, pw))
 
 
 def _image_tiles(path: Path, contract: ModelContract, size: int, n: int,

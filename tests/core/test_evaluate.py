@@ -208,3 +208,32 @@ def test_cli_evaluate_end_to_end(tmp_path, scene):
     assert p.returncode == 1
     assert p.stderr.strip().splitlines() == ["tessera: error: --image needs exactly one of --labels "
                                              "(a label raster) or --vector (class polygons)"]
+
+
+@pytest.mark.parametrize("overlap", [0, 16])
+def test_evaluation_scores_what_segmentation_writes(tmp_path, overlap):
+    """One tiled-inference path: a real U-Net's classes on an image, as evaluation predicts
+    them, are the class raster segmentation writes, pixel for pixel (nodata included)."""
+    import rasterio
+    from helpers import random_rgb
+    from tessera.core.inference.factory import make_predictor
+    from tessera.core.params import SegmentParams, VectorizeParams
+    from tessera.core.pipeline.segment import segment_raster
+
+    model = tiny_unet(seed=5, tile_size=64, overlap=16)
+    img = random_rgb(150, 170, seed=4)
+    img[:, :20, :30] = 0  # a nodata corner
+    src = write_raster(tmp_path / "s.tif", img, nodata=0)
+    res = segment_raster(src, model, tmp_path / "o", SegmentParams(
+        overlap=overlap, backend="torch", vectorize=VectorizeParams(enabled=False)))
+    with rasterio.open(res.class_raster) as ds:
+        written = ds.read(1)
+    tiles = []
+    pred = ev.predict_image(make_predictor(model, "cpu", "torch"), model.contract,
+                            np.moveaxis(img, 0, -1), ~np.all(img == 0, axis=0), overlap=overlap,
+                            on_tiles=tiles.append)
+    assert pred.dtype == np.uint8 and pred.shape == written.shape == (150, 170)
+    assert (pred[:20, :30] == model.contract.nodata_value).all()
+    assert len(np.unique(written)) > 1
+    np.testing.assert_array_equal(pred, written)
+    assert sum(tiles) == res.tiles
