@@ -6,7 +6,7 @@
 #   make train-default  retrain the shipped default model (DUBAI=folder, TRAIN_ARGS=...)
 #   make package  build the installable plugin zip (dist/tessera-<version>.zip)
 #   make deploy   install that zip into the local QGIS profile, using this checkout's venv
-#   make lint     ruff (docstring and annotation rules on core/) and mypy on core/
+#   make lint     ruff (docstring and annotation rules on core/), mypy on core/, the house rules
 #   make setup    only the set-up: QGIS from apt, the venv (.venv/) and the `tessera` command
 #   make clean    remove the venv and caches
 
@@ -104,6 +104,7 @@ deploy: setup package
 lint: setup
 	$(VENV)/bin/ruff check core bridge ui tessera_provider plugin.py __init__.py tests benchmarks tools resources
 	cd $(VENV)/src && ../bin/mypy --config-file "$(CURDIR)/pyproject.toml" -p tessera.core
+	$(PY) tools/check_house.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

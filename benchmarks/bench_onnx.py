@@ -127,7 +127,8 @@ def heldout_folder(dest: Path) -> Path | None:
     """Symlinks to the default model's 13 validation images (split by image, 20 %, seed 0)."""
     if not DUBAI.is_dir():
         return None
-    from tessera.core.training.datasets import find_pairs, split_by_image
+    from tessera.core.training.datasets import find_pairs
+    from tessera.core.training.splits import split_by_image
 
     pairs = find_pairs(DUBAI)
     _, val = split_by_image(len(pairs), 0.2, 0)

@@ -142,23 +142,14 @@ def run_job(job: dict[str, Any], python: str | Path, on_event: Callable[[dict[st
     t_err = threading.Thread(target=read_err, daemon=True)
     t_out.start()
     t_err.start()
-    result: dict[str, Any] | None = None
-    error: BaseException | None = None
+    pump = _Pump(on_event)
     cancel_sent_at: float | None = None
     try:
         while True:
-            while True:
-                with lock:
-                    ev = events.popleft() if events else None
-                if ev is None:
-                    break
-                kind = ev.get("event")
-                if kind == "result":
-                    result = ev.get("result", {})
-                elif kind == "error":
-                    error = _error_from(ev)
-                elif on_event is not None:
-                    on_event(ev)
+            with lock:
+                batch = list(events)
+                events.clear()
+            pump.take(batch)
             if proc.poll() is not None and not t_out.is_alive():
                 with lock:
                     if events:
@@ -166,26 +157,52 @@ def run_job(job: dict[str, Any], python: str | Path, on_event: Callable[[dict[st
                 break
             if cancelled is not None and cancelled() and cancel_sent_at is None:
                 cancel_sent_at = time.monotonic()
-                try:
-                    proc.stdin.write("cancel\n")
-                    proc.stdin.flush()
-                except OSError:
-                    pass
+                _send_cancel(proc)
             if cancel_sent_at is not None and time.monotonic() - cancel_sent_at > kill_after_s:
                 proc.kill()
-                error = CancelledError("cancelled (the engine was stopped)")
+                pump.error = CancelledError("cancelled (the engine was stopped)")
             time.sleep(poll_s)
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
         t_err.join(timeout=2)
-    if error is not None:
-        raise error
-    if result is None:
+    if pump.error is not None:
+        raise pump.error
+    if pump.result is None:
         if cancel_sent_at is not None:
             raise CancelledError("cancelled")
         tail = "\n".join(list(stderr_tail)[-8:])
         raise TesseraError(f"the engine process ended unexpectedly (exit code {proc.returncode})"
                            + (f":\n{tail}" if tail else ""))
-    return result
+    return pump.result
+
+
+class _Pump:
+    """Sorts the worker's events: the result, the error, and the rest for ``on_event``."""
+
+    def __init__(self, on_event: Callable[[dict[str, Any]], None] | None) -> None:
+        self.on_event = on_event
+        self.result: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+
+    def take(self, events: list[dict[str, Any]]) -> None:
+        """Handle ``events`` in order."""
+        for ev in events:
+            kind = ev.get("event")
+            if kind == "result":
+                self.result = ev.get("result", {})
+            elif kind == "error":
+                self.error = _error_from(ev)
+            elif self.on_event is not None:
+                self.on_event(ev)
+
+
+def _send_cancel(proc: subprocess.Popen[str]) -> None:
+    """Tell the worker to cancel (it may have closed its input already)."""
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write("cancel\n")
+        proc.stdin.flush()
+    except OSError:
+        pass

@@ -2,7 +2,7 @@
 
 :func:`segment_raster` is plan → run → result: :func:`_plan` checks everything that can be
 known before any work (bands, CRS, window, output folders, classes to skip) and fixes the
-tile grid and the outputs; a :class:`_Run` does the work; :class:`SegmentResult` says how it
+tile grid and the outputs; a :class:`Run` does the work; :class:`SegmentResult` says how it
 went. Three threads share the run so that the model, not I/O, is the bottleneck:
 
 * a reader reads tile windows, masks nodata, normalizes and batches them;
@@ -17,10 +17,7 @@ Outputs are written under temporary names and renamed only when complete, all to
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BandMismatchError, CancelledError, NoCRSError, ParameterError, TesseraError
-from ..inference.base import Pending, Predictor
+from ..errors import BandMismatchError, NoCRSError, ParameterError
+from ..inference.base import Predictor
 from ..inference.factory import make_predictor
 from ..io.atomic import atomic_outputs, check_writable_dir
 from ..io.raster import gdal_env, open_raster, pixel_size_m, window_transform, write_category_names
@@ -37,25 +34,15 @@ from ..io.sinks import ArrayRows, RowSink, class_raster_sink, confidence_raster_
 from ..model.contract import ModelContract
 from ..model.files import TesseraModel
 from ..params import OutputPaths, SegmentParams, VectorizeParams, check_tile_overlap
-from ..progress import CancelFn, Meter, Progress, ProgressFn, check_cancel
-from .band import RowBand
+from ..progress import CancelFn, Meter, Progress, ProgressFn
+from .run import Polygons, Run
 from .stages import (
-    STOP,
-    RowFeed,
-    RowWriter,
-    StreamVectorizer,
-    TileRead,
-    TileReader,
     array_reader,
     window_reader,
 )
-from .tiling import Tile, TileGrid
+from .tiling import TileGrid
 
 log = logging.getLogger(__name__)
-
-#: How far (in pixels) segmenting may run ahead of polygonizing: the row feed's bound on wide
-#: rasters (16 MB of class rows; narrower rasters keep 4 bands + 2048 rows).
-FEED_PIXELS = 1 << 24
 
 
 @dataclass
@@ -85,15 +72,6 @@ class SegmentResult:
     def to_dict(self) -> dict[str, Any]:
         """The result as JSON values."""
         return asdict(self)
-
-
-def _wait(pending: Pending, cancel: CancelFn | None) -> Any:
-    """Wait for a submitted batch, checking for a cancel twice a second."""
-    while True:
-        try:
-            return pending.result(timeout=0.5)
-        except TimeoutError:
-            check_cancel(cancel)
 
 
 def _resolve_bands(ds: Any, path: str, contract: ModelContract, params: SegmentParams) -> tuple[int, ...]:
@@ -194,7 +172,7 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
             sinks = _open_sinks(plan, temps)
             try:
                 c0, r0 = plan.window[:2]
-                stats = _Run(window_reader(ds, plan.bands, c0, r0, plan.nodata), grid, contract,
+                stats = Run(window_reader(ds, plan.bands, c0, r0, plan.nodata), grid, contract,
                              predictor, params.batch_size, sinks,
                              _polygons(plan, temps[-1]) if plan.vec is not None else None,
                              tick, cancel, progress, plan.path).run()
@@ -296,21 +274,9 @@ def _open_sinks(plan: _Plan, temps: list[Path]) -> list[RowSink]:
     return sinks
 
 
-@dataclass(frozen=True)
-class _Polygons:
-    """Polygons traced while segmenting: the parameters, the (temporary) GeoPackage, its
-    layer name, and the georeferencing of the class rows."""
-
-    vec: VectorizeParams
-    tmp: Path
-    layer: str
-    transform: Any
-    crs: Any
-
-
-def _polygons(plan: _Plan, tmp: Path) -> _Polygons:
+def _polygons(plan: _Plan, tmp: Path) -> Polygons:
     assert plan.vec is not None
-    return _Polygons(plan.vec, tmp, plan.outs.polygons.stem, plan.profile["transform"],
+    return Polygons(plan.vec, tmp, plan.outs.polygons.stem, plan.profile["transform"],
                      plan.profile["crs"])
 
 
@@ -336,185 +302,8 @@ def segment_array(image: np.ndarray, valid: np.ndarray | None, contract: ModelCo
             on_tiles(tiles_done - seen[0])
         seen[0] = tiles_done
 
-    _Run(array_reader(image, valid), grid, contract, predictor, batch_size, [sink], None,
+    Run(array_reader(image, valid), grid, contract, predictor, batch_size, [sink], None,
          tick, cancel, None, "the image").run()
     return sink.array
 
 
-class _Run:
-    """One run over a tile grid into row sinks: the reader, writer and (with ``polygons``)
-    vectorizer threads around the model and the rolling band on the calling thread.
-    ``tick(tiles_done, final)`` follows the tiles; ``where`` names the input in errors."""
-
-    def __init__(self, read: TileRead, grid: TileGrid, contract: ModelContract, predictor: Any,
-                 batch_size: int, sinks: list[RowSink], polygons: _Polygons | None,
-                 tick: Callable[[int, bool], None], cancel: CancelFn | None,
-                 progress: ProgressFn | None, where: str) -> None:
-        self.grid, self.contract, self.predictor = grid, contract, predictor
-        self.tick, self.cancel, self.progress, self.where = tick, cancel, progress, where
-        self.t0 = time.perf_counter()
-        self.direct = grid.overlap == 0
-        self.nd = contract.nodata_value
-        self.confidence = len(sinks) > 1
-        self.stop = threading.Event()
-        self.reader = TileReader(read, grid, contract, batch_size, self.stop)
-        self.band = RowBand(contract.n_classes, grid, confidence=self.confidence)
-        log.debug("row band: %.1f MB", self.band.nbytes / 1e6)
-        self.feed: RowFeed | None = None
-        self.vectorizer: StreamVectorizer | None = None
-        if polygons is not None:
-            self.feed, self.vectorizer = self._vectorizer(polygons)
-        self.writer = RowWriter(sinks[0], sinks[1] if self.confidence else None, grid.width,
-                                feed=self.feed)
-        # batches handed to the predictor, not yet in the band, oldest first:
-        # (tile row, tiles, Pending or None for skipped tiles)
-        self.inflight: deque[tuple[int, list[tuple[Tile, np.ndarray]], Pending | None]] = deque()
-        self.done_in_row = [0] * grid.shape[0]
-        self.tiles_done = self.skipped = self.current = 0
-
-    def _vectorizer(self, pg: _Polygons) -> tuple[RowFeed, StreamVectorizer]:
-        """Polygonize while segmenting: the vectorizer reads the class rows as they are
-        written. The feed lets segmenting run ahead of polygonizing by up to FEED_PIXELS
-        (fewer rows on wide rasters), never by less than one strip with its sieve halo and
-        one band; strips end where tile rows end (none waits for the next tile row)."""
-        from ..vectorize.polygonize import strip_height
-
-        grid, vec = self.grid, pg.vec
-        band_rows = min(grid.tile, grid.height)
-        strip = strip_height(vec.strip_rows, grid.width)
-        feed = RowFeed(grid.height, grid.width, max_rows=max(
-            strip + 2 * vec.sieve_px + band_rows,
-            min(4 * band_rows + 2 * vec.sieve_px + 2048, FEED_PIXELS // max(grid.width, 1))))
-        breaks = tuple(grid.final_rows_after(i) for i in range(grid.shape[0]))
-        return feed, StreamVectorizer(feed, pg.tmp, pg.layer, vec, self.contract.class_names,
-                                      self.nd, pg.transform, pg.crs, breaks)
-
-    def run(self) -> dict[str, Any]:
-        """Segment into the temporaries; return the run's counts and times."""
-        try:
-            self._start()
-            self._segment()
-            out = self._finish()
-            if self.vectorizer is not None:
-                out.update(self._vectorize_tail(self.vectorizer))
-            return out
-        except BaseException as exc:
-            self._abort(exc)
-            if isinstance(exc, KeyboardInterrupt):
-                raise CancelledError("interrupted") from exc
-            raise
-        finally:
-            self._join()
-
-    def _start(self) -> None:
-        self.reader.start()
-        self.writer.start()
-        if self.vectorizer is not None:
-            self.vectorizer.start()
-
-    def _segment(self) -> None:
-        """Feed the reader's batches to the model; the model works on the next batches while
-        the oldest is blended and written (ONNX Runtime runs tiles in a pool; PyTorch's
-        results are there at once)."""
-        depth = self.predictor.runs
-        want_conf = self.confidence
-        inflight = self.inflight
-        while True:
-            check_cancel(self.cancel)
-            try:
-                item = self.reader.q.get(timeout=0.5)
-            except queue.Empty:
-                if not self.reader.is_alive():
-                    raise TesseraError(f"{self.where}: the tile reader stopped "
-                                       "unexpectedly", self.where) from None
-                continue
-            if item[0] == "error":
-                raise item[1]
-            if item[0] == "end":
-                break
-            _, i, tiles, batch = item
-            inflight.append((i, tiles, None if batch is None else
-                             self.predictor.submit(batch, reduce=self.direct,
-                                                   confidence=want_conf)))
-            while inflight and (len(inflight) > depth or inflight[0][2] is None
-                                or inflight[0][2].done()):
-                self._settle()
-        while inflight:
-            self._settle()
-        n_rows = self.grid.shape[0]
-        if self.current != n_rows:
-            raise RuntimeError(f"only {self.current} of {n_rows} tile rows were processed")
-
-    def _settle(self) -> None:
-        """The oldest batch in flight into the band; rows out once their tile row is done."""
-        band, grid = self.band, self.grid
-        i, tiles, pending = self.inflight.popleft()
-        if i != self.current:
-            raise RuntimeError(f"tile rows out of order ({i} after {self.current})")
-        out = None if pending is None else _wait(pending, self.cancel)
-        if out is None:
-            self.skipped += len(tiles)
-        for k, (t, valid) in enumerate(tiles):
-            part = None if out is None else out[k][:, :t.height, :t.width]
-            if self.direct:
-                band.put(grid.owned(t), t, part, valid)
-            else:
-                band.add(t, part, valid)
-        self.done_in_row[i] += len(tiles)
-        self.tiles_done += len(tiles)
-        if self.writer.error is not None:
-            raise self.writer.error
-        if self.done_in_row[i] == grid.shape[1]:
-            top, cls, conf = band.pop(grid.final_rows_after(i) - band.top, self.nd)
-            self.writer.q.put((top, cls, conf, i == grid.shape[0] - 1))
-            self.current += 1
-        self.tick(self.tiles_done, False)
-
-    def _finish(self) -> dict[str, Any]:
-        """Let the writer finish; the segmenting part's counts and time."""
-        self.writer.q.put(STOP)
-        self.writer.join()
-        if self.writer.error is not None:
-            raise self.writer.error
-        self.tick(self.tiles_done, True)
-        return {"skipped": self.skipped, "hist": self.writer.hist,
-                "seconds_segment": time.perf_counter() - self.t0, "seconds_vectorize_tail": 0.0}
-
-    def _vectorize_tail(self, vectorizer: StreamVectorizer) -> dict[str, Any]:
-        """Wait for the polygons still being traced after the last row was written."""
-        t_tail = time.perf_counter()
-        vmeter = Meter("vectorize", self.grid.height, self.progress, 0.95, 1.0,
-                       pixels_per_unit=self.grid.width)
-        while vectorizer.is_alive():
-            vectorizer.join(timeout=0.2)
-            check_cancel(self.cancel)
-            vmeter.update(vectorizer.rows_done)
-        if vectorizer.error is not None:
-            raise vectorizer.error
-        return {"polygons": vectorizer.result,
-                "seconds_vectorize_tail": time.perf_counter() - t_tail}
-
-    def _abort(self, exc: BaseException) -> None:
-        """Stop every thread after ``exc``: drop the batches in flight, wake the feed, tell
-        the writer (its queue may be full)."""
-        self.stop.set()
-        for _, _, pending in self.inflight:
-            if pending is not None:
-                pending.cancel()
-        if self.feed is not None:
-            self.feed.abort()
-        if self.writer.is_alive():
-            self.writer.error = self.writer.error or exc
-            try:
-                self.writer.q.put(STOP, timeout=5)
-            except queue.Full:
-                pass
-
-    def _join(self) -> None:
-        self.stop.set()
-        self.reader.join(timeout=10)
-        self.writer.join(timeout=30)
-        if self.vectorizer is not None and self.vectorizer.is_alive():
-            assert self.feed is not None
-            self.feed.abort()
-            self.vectorizer.join(timeout=30)

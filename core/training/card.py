@@ -14,9 +14,11 @@ import numpy as np
 from ..model.contract import ModelContract
 from ..model.files import TesseraModel
 from ..params import TrainParams
-from .datasets import Dataset, Split, table_to_dicts
+from .classes import table_to_dicts
+from .datasets import Dataset
 from .metrics import IGNORE
 from .sampling import IMAGENET_MEAN, IMAGENET_STD
+from .splits import Split
 
 #: How the architectures are written in a model's description.
 ARCH_NAMES = {"unet": "U-Net", "unetplusplus": "U-Net++", "fpn": "FPN",

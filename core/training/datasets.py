@@ -25,125 +25,32 @@ otherwise (raw values, not scaled); their per-band min/max over valid pixels is 
 model trained on them scales inputs min-max (``scaling: minmax`` in the contract) — inference
 then repeats exactly that. Pixels that are nodata in the image are unannotated.
 
-Class tables are lists of ``{"id", "name", "color"}`` (ids 0..n-1) or ``(name, colour)``
-pairs in id order. Without one, (b)/(c) derive it: ids 0..max found named ``class N``, or for
-a text field the sorted distinct names; colours from a fixed palette of distinct colours.
-
-The module also holds the training/validation splits (:func:`split_cells`): whole images,
-spatial blocks of one image, or the reference protocol's random split of patch cells.
+Class tables (:mod:`.classes`) are lists of ``{"id", "name", "color"}`` (ids 0..n-1) or
+``(name, colour)`` pairs in id order. Without one, (b)/(c) derive it: ids 0..max found named
+``class N``, or for a text field the sorted distinct names; colours from a fixed palette of
+distinct colours. The training/validation splits are :mod:`.splits`.
 """
 
 from __future__ import annotations
 
-import colorsys
-import json
 import logging
-import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import BandMismatchError, ParameterError, RasterReadError
+from .classes import DUBAI_CLASSES, ClassTable, _derived_classes, class_table, distinct_colors
 from .metrics import IGNORE
 from .sources import DataSource, FolderSource, RasterSource, VectorSource, as_source
 
 log = logging.getLogger(__name__)
 
-#: The Dubai dataset's true mask colours (see ../shared/data/README.md), in class-id order.
-DUBAI_CLASSES = [("Building", "#3C1098"), ("Land", "#8429F6"), ("Road", "#6EC1E4"),
-                 ("Vegetation", "#FEDD3A"), ("Water", "#E2A929"), ("Unlabeled", "#9B9B9B")]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
-#: Distinct colours for derived class tables (then golden-ratio hues).
-PALETTE = ["#E6194B", "#3CB44B", "#4363D8", "#FFE119", "#F58231", "#911EB4", "#42D4F4",
-           "#F032E6", "#BFEF45", "#FABED4", "#469990", "#DCBEFF", "#9A6324", "#FFFAC8",
-           "#800000", "#AAFFC3", "#808000", "#FFD8B1", "#000075", "#A9A9A9"]
 #: Images larger than this are refused for training (each is held in memory).
 MAX_TRAIN_MPX = 250.0
-
-ClassTable = list[tuple[str, str]]
-
-
-# --------------------------------------------------------------------------- class tables
-def distinct_colors(n: int) -> list[str]:
-    """``n`` distinct ``#RRGGBB`` colours: the palette, then golden-ratio hues."""
-    out = list(PALETTE[:n])
-    h = 0.0
-    while len(out) < n:
-        h = (h + 0.618033988749895) % 1.0
-        r, g, b = colorsys.hsv_to_rgb(h, 0.65, 0.9)
-        c = f"#{round(r * 255):02X}{round(g * 255):02X}{round(b * 255):02X}"
-        if c not in out:
-            out.append(c)
-    return out
-
-
-def class_table(classes: Any, need_colors: bool = False) -> ClassTable:
-    """Normalize a class table to ``[(name, colour)]`` in id order.
-
-    Accepts ``(name, colour)`` pairs in id order, a list of ``{"id", "name", "color"}``
-    dicts (any order; ids 0..n-1 each once; colour optional unless ``need_colors``), or
-    ``{"classes": [...]}`` (e.g. a model contract).
-    """
-    if isinstance(classes, dict) and "classes" in classes:
-        classes = classes["classes"]
-    if not isinstance(classes, (list, tuple)) or not classes:
-        raise ParameterError("a class table must be a non-empty list of {id, name, color}")
-    if all(isinstance(c, (list, tuple)) and len(c) == 2 for c in classes):
-        rows = [{"id": k, "name": n, "color": c} for k, (n, c) in enumerate(classes)]
-    elif all(isinstance(c, dict) for c in classes):
-        rows = list(classes)
-    else:
-        raise ParameterError("a class table must be a list of {id, name, color} objects")
-    errs = []
-    for r in rows:
-        if not isinstance(r.get("id"), int) or isinstance(r.get("id"), bool) or \
-                not isinstance(r.get("name"), str) or not r["name"].strip():
-            errs.append(f"{r!r} needs an integer 'id' and a 'name'")
-        elif r.get("color") is None and need_colors:
-            errs.append(f"class '{r['name']}' needs a 'color' (its colour in the masks)")
-        elif r.get("color") is not None and not _is_color(r["color"]):
-            errs.append(f"class '{r['name']}' colour {r['color']!r} is not #RRGGBB")
-    if errs:
-        raise ParameterError("class table: " + "; ".join(errs))
-    ids = sorted(r["id"] for r in rows)
-    if ids != list(range(len(rows))):
-        raise ParameterError(f"class table: ids must be 0..{len(rows) - 1}, each once (got {ids})")
-    names = [r["name"].strip().lower() for r in rows]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ParameterError(f"class table: names must differ (case-insensitively): {', '.join(dup)}")
-    rows.sort(key=lambda r: r["id"])
-    spare = iter(c for c in distinct_colors(len(rows) + 20)
-                 if c not in {str(r.get("color") or "").upper() for r in rows})
-    return [(r["name"].strip(), str(r["color"]).upper() if r.get("color") else next(spare))
-            for r in rows]
-
-
-def read_class_file(path: str | Path) -> ClassTable:
-    """A class table from a JSON file (a list of ``{"id", "name", "color"}``, or ``{"classes": [...]}``)."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ParameterError(f"{path}: cannot read the class table ({exc})", path) from exc
-    return class_table(data)
-
-
-def table_to_dicts(classes: ClassTable) -> list[dict[str, Any]]:
-    """A class table as ``[{"id", "name", "color"}]``."""
-    return [{"id": k, "name": n, "color": c} for k, (n, c) in enumerate(classes)]
-
-
-def _is_color(c: Any) -> bool:
-    return isinstance(c, str) and len(c) == 7 and c[0] == "#" and \
-        all(ch in "0123456789abcdefABCDEF" for ch in c[1:])
-
-
-def _derived_classes(n: int) -> ClassTable:
-    return list(zip([f"class {k}" for k in range(n)], distinct_colors(n)))
 
 
 # --------------------------------------------------------------------------- samples
@@ -411,40 +318,12 @@ def _check_ids(found: list[int], classes: ClassTable | None, where: str) -> Clas
 
 def _vector_labels(src: VectorSource, grid: dict[str, Any],
                    classes: ClassTable | None) -> tuple[np.ndarray, ClassTable, str]:
-    import pyogrio
-    from pyogrio.errors import DataLayerError, DataSourceError
     from rasterio.features import rasterize
 
     path = str(src.vector)
-    if not path.startswith("/vsi") and not Path(path).exists():
-        raise ParameterError(f"{path}: polygon file not found", path)
-    layer = src.layer
-    try:
-        if layer is None:
-            spatial = [str(n) for n, g in pyogrio.list_layers(path) if g]
-            if len(spatial) > 1:
-                raise ParameterError(f"{path}: holds several layers ({', '.join(spatial)}); say "
-                                     "which one holds the labels", path)
-            layer = spatial[0] if spatial else None
-        info = pyogrio.read_info(path, layer=layer)
-        fields = [str(f) for f in info["fields"]]
-        if src.field not in fields:
-            raise ParameterError(f"{path}: has no field '{src.field}' (fields: "
-                                 f"{', '.join(fields) or 'none'})", path)
-        gdf = pyogrio.read_dataframe(path, layer=layer, columns=[src.field])
-    except (DataSourceError, DataLayerError, OSError) as exc:
-        raise ParameterError(f"{path}: cannot read the polygon layer ({exc})", path) from exc
+    gdf, layer = _read_polygons(src)
     where = f"{src.vector.name}" + (f" layer {layer}" if src.layer else "") + f" field {src.field}"
-    rcrs = grid["crs"]
-    if gdf.crs is not None and rcrs is not None:
-        from pyproj import CRS
-
-        target = CRS.from_user_input(rcrs.to_wkt())
-        if not target.equals(gdf.crs, ignore_axis_order=True):
-            log.info("reprojecting %s from %s to the image's CRS", path, gdf.crs.name)
-            gdf = gdf.to_crs(target)
-    elif (gdf.crs is None) != (rcrs is None):
-        log.warning("%s or %s has no CRS: assuming both use the same coordinates", path, src.image)
+    gdf = _to_image_crs(gdf, grid["crs"], path, src.image)
     keep = gdf.geometry.notna() & ~gdf.geometry.is_empty & gdf[src.field].notna()
     gdf = gdf[keep]
     values = gdf[src.field]
@@ -464,6 +343,46 @@ def _vector_labels(src: VectorSource, grid: dict[str, Any],
     labels = rasterize(shapes, out_shape=(grid["height"], grid["width"]), transform=grid["transform"],
                        fill=IGNORE, dtype="uint8")
     return labels, classes, where
+
+
+def _read_polygons(src: VectorSource) -> tuple[Any, str | None]:
+    """The class field of the source's polygon layer (the only spatial one unless named)."""
+    import pyogrio
+    from pyogrio.errors import DataLayerError, DataSourceError
+
+    path = str(src.vector)
+    if not path.startswith("/vsi") and not Path(path).exists():
+        raise ParameterError(f"{path}: polygon file not found", path)
+    layer = src.layer
+    try:
+        if layer is None:
+            spatial = [str(n) for n, g in pyogrio.list_layers(path) if g]
+            if len(spatial) > 1:
+                raise ParameterError(f"{path}: holds several layers ({', '.join(spatial)}); say "
+                                     "which one holds the labels", path)
+            layer = spatial[0] if spatial else None
+        info = pyogrio.read_info(path, layer=layer)
+        fields = [str(f) for f in info["fields"]]
+        if src.field not in fields:
+            raise ParameterError(f"{path}: has no field '{src.field}' (fields: "
+                                 f"{', '.join(fields) or 'none'})", path)
+        return pyogrio.read_dataframe(path, layer=layer, columns=[src.field]), layer
+    except (DataSourceError, DataLayerError, OSError) as exc:
+        raise ParameterError(f"{path}: cannot read the polygon layer ({exc})", path) from exc
+
+
+def _to_image_crs(gdf: Any, rcrs: Any, path: str, image: Path) -> Any:
+    """The polygons in the image's CRS (assumed the same when either has none)."""
+    if gdf.crs is not None and rcrs is not None:
+        from pyproj import CRS
+
+        target = CRS.from_user_input(rcrs.to_wkt())
+        if not target.equals(gdf.crs, ignore_axis_order=True):
+            log.info("reprojecting %s from %s to the image's CRS", path, gdf.crs.name)
+            return gdf.to_crs(target)
+    elif (gdf.crs is None) != (rcrs is None):
+        log.warning("%s or %s has no CRS: assuming both use the same coordinates", path, image)
+    return gdf
 
 
 def _ids_from_names(names: list[str], classes: ClassTable | None,
@@ -497,113 +416,3 @@ def _ids_from_names(names: list[str], classes: ClassTable | None,
     return np.array(found, np.int64), classes
 
 
-# --------------------------------------------------------------------------- splits
-@dataclass(frozen=True)
-class Cell:
-    """A rectangle of sample ``image`` (index) in pixels: training or validation ground."""
-
-    image: int
-    row: int
-    col: int
-    height: int
-    width: int
-
-
-@dataclass(frozen=True)
-class Split:
-    """Training and validation cells. ``method``: ``image`` (whole images), ``blocks``
-    (spatial blocks of one image, ``cell_px`` about their side) or ``patches`` (the
-    reference protocol: a grid of ``cell_px`` cells over every image, split at random)."""
-
-    method: str
-    train: tuple[Cell, ...]
-    val: tuple[Cell, ...]
-    cell_px: int | None = None
-
-    def describe(self) -> str:
-        """The split in words, for the model card and the log."""
-        if self.method == "image":
-            return (f"split by image: {len(self.train)} training, {len(self.val)} validation "
-                    "images")
-        if self.method == "blocks":
-            return (f"split by spatial blocks of about {self.cell_px} px: {len(self.train)} "
-                    f"training, {len(self.val)} validation blocks")
-        return (f"split by patches: a grid of {self.cell_px} px cells over all images split at "
-                f"random, {len(self.train)} training, {len(self.val)} validation cells")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The split's method and sizes as JSON values."""
-        return {"method": self.method, "cell_px": self.cell_px, "train": len(self.train),
-                "val": len(self.val)}
-
-
-def split_by_image(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Indices of training and validation images (whole images, never patches of one image)."""
-    idx = list(range(n))
-    random.Random(seed).shuffle(idx)
-    n_val = max(1, round(n * val_fraction))
-    return sorted(idx[n_val:]), sorted(idx[:n_val])
-
-
-def _annotated(labels: np.ndarray, c: Cell) -> bool:
-    return bool((labels[c.row:c.row + c.height, c.col:c.col + c.width] != IGNORE).any())
-
-
-def _random_split(cells: list[Cell], val_fraction: float, seed: int) -> tuple[list[Cell], list[Cell]]:
-    tr, va = split_by_image(len(cells), val_fraction, seed)
-    return [cells[i] for i in tr], [cells[i] for i in va]
-
-
-def block_cells(k: int, h: int, w: int, block: int) -> list[Cell]:
-    """About ``block``-px blocks tiling an ``h`` x ``w`` image (edges spread evenly)."""
-    rows = np.linspace(0, h, max(1, round(h / block)) + 1).round().astype(int)
-    cols = np.linspace(0, w, max(1, round(w / block)) + 1).round().astype(int)
-    return [Cell(k, int(r0), int(c0), int(r1 - r0), int(c1 - c0))
-            for r0, r1 in pairwise(rows.tolist()) for c0, c1 in pairwise(cols.tolist())]
-
-
-def patch_cells(k: int, h: int, w: int, size: int) -> list[Cell]:
-    """Non-overlapping ``size``² cells from the top-left corner (a last partial row or column
-    is left out; an image smaller than ``size`` is one cell)."""
-    nr, nc = max(1, h // size), max(1, w // size)
-    return [Cell(k, i * size, j * size, min(size, h), min(size, w))
-            for i in range(nr) for j in range(nc)]
-
-
-def split_cells(labels: Sequence[np.ndarray], method: str, patch: int, val_fraction: float,
-                seed: int) -> Split:
-    """Split labelled images into training and validation cells (see :class:`Split`).
-
-    ``method`` ``image``: whole images when there are at least two annotated images, else
-    spatial blocks of about ``4 * patch`` px of the one image (smaller blocks if the image
-    has fewer than two); ``patches``: the reference protocol. Cells without an annotated
-    pixel are left out. Deterministic for a given ``seed``.
-    """
-    if method not in ("image", "patches"):
-        raise ParameterError(f"split must be 'image' or 'patches' (got {method!r})")
-    shapes = [lab.shape for lab in labels]
-    if method == "patches":
-        cells = [c for k, (h, w) in enumerate(shapes) for c in patch_cells(k, h, w, patch)
-                 if _annotated(labels[k], c)]
-        if len(cells) < 2:
-            raise ParameterError(f"only {len(cells)} annotated {patch} px cell(s): too little "
-                                 "data to split into training and validation patches")
-        tr, va = _random_split(cells, val_fraction, seed)
-        return Split("patches", tuple(tr), tuple(va), patch)
-    whole = [Cell(k, 0, 0, h, w) for k, (h, w) in enumerate(shapes)]
-    whole = [c for c in whole if _annotated(labels[c.image], c)]
-    if len(whole) >= 2:
-        tr, va = _random_split(whole, val_fraction, seed)
-        return Split("image", tuple(tr), tuple(va))
-    if not whole:
-        raise ParameterError("no annotated pixel in the data")
-    k = whole[0].image
-    h, w = shapes[k]
-    for block in (4 * patch, 2 * patch, patch):
-        cells = [c for c in block_cells(k, h, w, block) if _annotated(labels[k], c)]
-        if len(cells) >= 2:
-            tr, va = _random_split(cells, val_fraction, seed)
-            return Split("blocks", tuple(tr), tuple(va), block)
-    raise ParameterError(f"one image of {w} x {h} px with annotations in fewer than two "
-                         f"{patch} px blocks: too small to keep validation pixels apart from "
-                         "training pixels; add images or annotate more of it")

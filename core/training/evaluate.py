@@ -322,27 +322,44 @@ def draw_chart(res: EvalResult) -> Any:
     rows = cm.sum(1)
     for i in range(k):
         for j in range(k):
-            x0, y0 = mat_x + j * cell, mat_y + i * cell
-            if rows[i] == 0:
-                d.rectangle([x0, y0, x0 + cell, y0 + cell], fill=(235, 235, 235), outline="white")
-                if i == j:
-                    d.text((x0 + cell // 2 - 3, y0 + cell // 2 - 7), "-", fill=(140, 140, 140), font=f_cell)
-                continue
-            f = cm[i, j] / rows[i]
-            dark = (8, 69, 148) if i == j else (165, 15, 21)
-            color = _mix((255, 255, 255), dark, float(f) ** 0.7)
-            d.rectangle([x0, y0, x0 + cell, y0 + cell], fill=color, outline="white")
-            ink = "white" if f ** 0.7 > 0.5 else "black"
-            pct = f"{f:.0%}" if f >= 0.01 or f == 0 else "<1%"
-            lines = [pct, _short_count(int(cm[i, j]))] if cell >= 44 else [pct]
-            hs = [_text_size(d, t, f_cell) for t in lines]
-            y = y0 + (cell - sum(h for _, h in hs) - 3 * (len(lines) - 1)) // 2 - 1
-            for t, (tw, th) in zip(lines, hs):
-                d.text((x0 + (cell - tw) // 2, y), t, fill=ink, font=f_cell)
-                y += th + 3
+            _draw_cell(d, mat_x + j * cell, mat_y + i * cell, cell, int(cm[i, j]), int(rows[i]),
+                       i == j, f_cell)
     d.rectangle([mat_x, mat_y, mat_x + k * cell, mat_y + k * cell], outline=(120, 120, 120))
     d.text((pad, mat_y + k * cell + 46), caption, fill=(80, 80, 80), font=f_small)
-    # IoU bars, one per class, beside its matrix row
+    _draw_bars(d, res, bars_x, mat_y, cell, bar_w, f_label, f_small)
+    return img
+
+
+def _draw_cell(d: Any, x0: int, y0: int, cell: int, count: int, row_total: int, diagonal: bool,
+               font: Any) -> None:
+    """One matrix cell: its share of the row (blue on the diagonal, red off it), in percent
+    and, when there is room, in pixels."""
+    if row_total == 0:
+        d.rectangle([x0, y0, x0 + cell, y0 + cell], fill=(235, 235, 235), outline="white")
+        if diagonal:
+            d.text((x0 + cell // 2 - 3, y0 + cell // 2 - 7), "-", fill=(140, 140, 140), font=font)
+        return
+    f = count / row_total
+    dark = (8, 69, 148) if diagonal else (165, 15, 21)
+    color = _mix((255, 255, 255), dark, float(f) ** 0.7)
+    d.rectangle([x0, y0, x0 + cell, y0 + cell], fill=color, outline="white")
+    ink = "white" if f ** 0.7 > 0.5 else "black"
+    pct = f"{f:.0%}" if f >= 0.01 or f == 0 else "<1%"
+    lines = [pct, _short_count(count)] if cell >= 44 else [pct]
+    hs = [_text_size(d, t, font) for t in lines]
+    y = y0 + (cell - sum(h for _, h in hs) - 3 * (len(lines) - 1)) // 2 - 1
+    for t, (tw, th) in zip(lines, hs):
+        d.text((x0 + (cell - tw) // 2, y), t, fill=ink, font=font)
+        y += th + 3
+
+
+def _draw_bars(d: Any, res: EvalResult, bars_x: int, mat_y: int, cell: int, bar_w: int,
+               f_label: Any, f_small: Any) -> None:
+    """IoU bars, one per class beside its matrix row, with precision and recall, and the
+    mean IoU as a dashed line."""
+    m = res.metrics
+    k = len(res.class_names)
+    miou = m["mean_iou"]
     d.text((bars_x, mat_y - 22), "IoU per class", fill="black", font=f_label)
     d.text((bars_x + bar_w + 8, mat_y - 18), "IoU, P = precision, R = recall", fill=(80, 80, 80),
            font=f_small)
@@ -373,4 +390,3 @@ def draw_chart(res: EvalResult) -> Any:
         tw, _ = _text_size(d, lbl, f_small)
         d.text((min(max(bars_x, x - tw // 2), bars_x + bar_w + 190 - tw), mat_y + k * cell + 24), lbl,
                fill="black", font=f_small)
-    return img

@@ -9,8 +9,9 @@ import numpy as np
 from ..model.contract import ModelContract
 from ..params import TrainParams
 from ..pipeline.normalize import normalize
-from .datasets import Cell, Dataset, Split
+from .datasets import Dataset
 from .metrics import IGNORE
+from .splits import Cell, Split
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]

@@ -83,27 +83,35 @@ def source_from_dict(d: Any) -> DataSource:
     if kind not in _KEYS:
         raise ParameterError(f"data source kind must be folder, raster or vector (got {kind!r})")
     need, opt = _KEYS[kind]
-    missing = sorted(k for k in need if not d.get(k))
-    unknown = sorted(set(d) - need - opt - {"kind"})
-    if missing or unknown:
-        raise ParameterError(f"{kind} data source: " + "; ".join(
-            ([f"missing {', '.join(missing)}"] if missing else []) +
-            ([f"unknown keys {', '.join(unknown)}"] if unknown else [])))
+    _check_keys(d, kind, need, opt)
     bad = [k for k in need | (opt - {"bands"}) if d.get(k) is not None and not isinstance(d[k], str)]
     if bad:
         raise ParameterError(f"{kind} data source: {', '.join(sorted(bad))} must be text")
-    bands = d.get("bands")
-    if bands is not None:
-        if not isinstance(bands, (list, tuple)) or not bands or not all(
-                isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in bands):
-            raise ParameterError(f"'bands' must be a list of band numbers counted from 1 (got {bands})")
-        bands = tuple(bands)
+    bands = _bands(d.get("bands"))
     if kind == "folder":
         return FolderSource(Path(d["root"]))
     if kind == "raster":
         return RasterSource(Path(d["image"]), Path(d["labels"]), bands)
     return VectorSource(Path(d["image"]), Path(d["vector"]), d["field"], d.get("layer") or None, bands)
 
+
+
+def _check_keys(d: dict[str, Any], kind: str, need: set[str], opt: set[str]) -> None:
+    missing = sorted(k for k in need if not d.get(k))
+    unknown = sorted(set(d) - need - opt - {"kind"})
+    if missing or unknown:
+        raise ParameterError(f"{kind} data source: " + "; ".join(
+            ([f"missing {', '.join(missing)}"] if missing else []) +
+            ([f"unknown keys {', '.join(unknown)}"] if unknown else [])))
+
+
+def _bands(bands: Any) -> tuple[int, ...] | None:
+    if bands is None:
+        return None
+    if not isinstance(bands, (list, tuple)) or not bands or not all(
+            isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in bands):
+        raise ParameterError(f"'bands' must be a list of band numbers counted from 1 (got {bands})")
+    return tuple(bands)
 
 
 def as_source(src: DataSource | dict[str, Any] | str | Path) -> DataSource:

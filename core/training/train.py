@@ -47,12 +47,14 @@ from ..progress import CancelFn, Progress, ProgressFn, check_cancel
 from .batches import BatchFeed
 from .card import finish_card, make_contract, with_card
 from .checkpoints import clean_history, resume, run_key, save_checkpoint
-from .datasets import class_table, load_dataset, split_cells, table_to_dicts
+from .classes import class_table, table_to_dicts
+from .datasets import load_dataset
 from .losses import make_loss
 from .metrics import IGNORE, confusion, iou_from_confusion
 from .sampling import PatchSampler
 from .schedule import OneCycle, fit_epochs
 from .sources import DataSource, as_source
+from .splits import split_cells
 
 log = logging.getLogger(__name__)
 

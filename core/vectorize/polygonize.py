@@ -204,42 +204,7 @@ def iter_class_polygons(ds: Any, strip_rows: int, sieve_px: int = 0,
     from rasterio.features import shapes
 
     height, width = int(ds.height), int(ds.width)
-    groups: dict[int, _Group] = {}      # open regions, by union-find root
-    parent: dict[int, int] = {}         # union-find over group ids (compacted after each strip)
-    next_id = 0
-
-    def find(g: int) -> int:
-        while parent[g] != g:
-            parent[g] = parent[parent[g]]
-            g = parent[g]
-        return g
-
-    def finalize(gid: int, geom: Any = None) -> Iterator[tuple[int, Any]]:
-        grp = groups.pop(gid)
-        if geom is None:
-            geom = _merge_pieces(grp.pieces)
-        for part in getattr(geom, "geoms", [geom]):
-            if part.geom_type == "Polygon" and not part.is_empty:
-                yield grp.cls, part
-
-    def finalize_all(gids: list[int]) -> Iterator[tuple[int, Any]]:
-        """Finalize ``gids`` in order; after the last strip the model is done and the cores
-        are free, so the unions of the regions that stayed open run side by side (GEOS
-        releases the GIL): they are most of the time left after the last tile."""
-        multi = [g for g in gids if len(groups[g].pieces) > 1]
-        merged: dict[int, Any] = {}
-        workers = min(len(multi), os.cpu_count() or 1, 4)
-        if workers > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(workers,
-                                    thread_name_prefix="tessera-union") as pool:
-                merged = dict(zip(multi, pool.map(
-                    _merge_pieces, [groups[g].pieces for g in multi])))
-        for gid in gids:
-            yield from finalize(gid, merged.get(gid))
-
-    seam_gid = np.full(width, -1, dtype=np.int64)  # group of pixel (r0 - 1, column), -1: none
+    regions = _OpenRegions(width)
     for r0, r1 in _strip_bounds(height, strip_height(strip_rows, width), breaks):
         check_cancel(cancel)
         arr, keep = _strip(ds, r0, r1, sieve_px, nodata)
@@ -259,67 +224,130 @@ def iter_class_polygons(ds: Any, strip_rows: int, sieve_px: int = 0,
             for k in np.nonzero(~(top | bottom))[0]:
                 yield int(items[k][1]), polys[k]  # complete: touches neither seam
             for k in np.nonzero(top | bottom)[0]:
-                geom, cls = polys[k], int(items[k][1])
-                gid = -1
-                if top[k]:
-                    linked: set[int] = set()
-                    for x0, x1 in _seam_segments(geom, r0):
-                        for g in np.unique(seam_gid[x0:x1]):
-                            if g >= 0:
-                                root = find(int(g))
-                                if root in groups and groups[root].cls == cls:
-                                    linked.add(root)
-                    if linked:
-                        roots = sorted(linked)
-                        gid = roots[0]
-                        for other in roots[1:]:
-                            parent[other] = gid
-                            gone = groups.pop(other)
-                            groups[gid].pieces.extend(gone.pieces)
-                            groups[gid].nverts += gone.nverts
-                        groups[gid].pieces.append(geom)
-                        groups[gid].nverts += int(nverts[k])
-                if gid < 0:
-                    gid = next_id
-                    next_id += 1
-                    parent[gid] = gid
-                    groups[gid] = _Group(cls, [geom], int(nverts[k]))
-                if bottom[k]:
-                    for x0, x1 in _seam_segments(geom, r1):
-                        new_seam[x0:x1] = gid
+                regions.add(polys[k], int(items[k][1]), int(nverts[k]), r0 if top[k] else None,
+                            r1 if bottom[k] else None, new_seam)
+        yield from regions.end_strip(new_seam, r1, r1 == height, max_open_vertices)
+        if on_rows is not None:
+            on_rows(r1)
+    yield from regions.finalize_rest()
+
+
+class _OpenRegions:
+    """The regions still open at the current strip seam: strip pieces joined by union-find
+    (pieces of one class sharing an edge on a seam) and unioned once a region is complete.
+
+    ``seam_gid[x]`` is the region of pixel (seam row - 1, x); -1: none.
+    """
+
+    def __init__(self, width: int) -> None:
+        self.groups: dict[int, _Group] = {}      # open regions, by union-find root
+        self.parent: dict[int, int] = {}         # union-find over group ids (compacted per strip)
+        self.next_id = 0
+        self.seam_gid = np.full(width, -1, dtype=np.int64)
+
+    def find(self, g: int) -> int:
+        """The root of group ``g`` (with path halving)."""
+        parent = self.parent
+        while parent[g] != g:
+            parent[g] = parent[parent[g]]
+            g = parent[g]
+        return g
+
+    def add(self, geom: Any, cls: int, nverts: int, top: int | None, bottom: int | None,
+            new_seam: np.ndarray) -> None:
+        """A piece touching the seam at row ``top`` (joined to the open regions of its class
+        there) and/or at row ``bottom`` (marked on ``new_seam``, the next seam)."""
+        gid = self._join(geom, cls, nverts, top) if top is not None else -1
+        if gid < 0:
+            gid = self.next_id
+            self.next_id += 1
+            self.parent[gid] = gid
+            self.groups[gid] = _Group(cls, [geom], nverts)
+        if bottom is not None:
+            for x0, x1 in _seam_segments(geom, bottom):
+                new_seam[x0:x1] = gid
+
+    def _join(self, geom: Any, cls: int, nverts: int, row: int) -> int:
+        """Join ``geom`` to the regions of class ``cls`` it meets on the seam at ``row``;
+        their root, or -1 when it meets none."""
+        groups = self.groups
+        linked: set[int] = set()
+        for x0, x1 in _seam_segments(geom, row):
+            for g in np.unique(self.seam_gid[x0:x1]):
+                if g >= 0:
+                    root = self.find(int(g))
+                    if root in groups and groups[root].cls == cls:
+                        linked.add(root)
+        if not linked:
+            return -1
+        roots = sorted(linked)
+        gid = roots[0]
+        for other in roots[1:]:
+            self.parent[other] = gid
+            gone = groups.pop(other)
+            groups[gid].pieces.extend(gone.pieces)
+            groups[gid].nverts += gone.nverts
+        groups[gid].pieces.append(geom)
+        groups[gid].nverts += nverts
+        return gid
+
+    def end_strip(self, new_seam: np.ndarray, r1: int, last: bool,
+                  max_open_vertices: int) -> Iterator[tuple[int, Any]]:
+        """The strip ending at row ``r1`` is done: emit the regions that no longer touch the
+        seam (side by side after the ``last`` strip), cut the largest open ones while they
+        hold more than ``max_open_vertices`` together (> 0), and move to ``new_seam``."""
+        groups = self.groups
         # the seam now names union-find roots; a region stays open only if it touches it
         cols = np.nonzero(new_seam >= 0)[0]
         if len(cols):
             ids, inv = np.unique(new_seam[cols], return_inverse=True)
-            new_seam[cols] = np.array([find(int(g)) for g in ids], dtype=np.int64)[inv]
+            new_seam[cols] = np.array([self.find(int(g)) for g in ids], dtype=np.int64)[inv]
         still_open = {int(g) for g in np.unique(new_seam[cols])}
         closed = sorted(set(groups) - still_open)
-        if r1 == height:
-            yield from finalize_all(closed)
+        if last:
+            yield from self.finalize_all(closed)
         else:
             for gid in closed:
-                yield from finalize(gid)
+                yield from self.finalize(gid)
         if max_open_vertices > 0:
             while still_open and sum(groups[g].nverts for g in still_open) > max_open_vertices:
                 gid = max(still_open, key=lambda g: groups[g].nverts)
                 log.warning("open regions exceed %d vertices at row %d: a region of class %d is "
                             "cut there to keep memory bounded", max_open_vertices, r1,
                             groups[gid].cls)
-                yield from finalize(gid)
+                yield from self.finalize(gid)
                 still_open.discard(gid)
                 new_seam[new_seam == gid] = -1
-        parent.clear()  # only the open roots can be reached from the new seam
-        parent.update((g, g) for g in groups)
-        seam_gid = new_seam
-        if on_rows is not None:
-            on_rows(r1)
-    for gid in sorted(groups):
-        yield from finalize(gid)
+        self.parent.clear()  # only the open roots can be reached from the new seam
+        self.parent.update((g, g) for g in groups)
+        self.seam_gid = new_seam
 
+    def finalize(self, gid: int, geom: Any = None) -> Iterator[tuple[int, Any]]:
+        """Emit region ``gid`` (its pieces unioned, unless ``geom`` is that union already)."""
+        grp = self.groups.pop(gid)
+        if geom is None:
+            geom = _merge_pieces(grp.pieces)
+        for part in getattr(geom, "geoms", [geom]):
+            if part.geom_type == "Polygon" and not part.is_empty:
+                yield grp.cls, part
 
+    def finalize_all(self, gids: list[int]) -> Iterator[tuple[int, Any]]:
+        """Finalize ``gids`` in order; after the last strip the model is done and the cores
+        are free, so the unions of the regions that stayed open run side by side (GEOS
+        releases the GIL): they are most of the time left after the last tile."""
+        multi = [g for g in gids if len(self.groups[g].pieces) > 1]
+        merged: dict[int, Any] = {}
+        workers = min(len(multi), os.cpu_count() or 1, 4)
+        if workers > 1:
+            from concurrent.futures import ThreadPoolExecutor
 
+            with ThreadPoolExecutor(workers, thread_name_prefix="tessera-union") as pool:
+                merged = dict(zip(multi, pool.map(
+                    _merge_pieces, [self.groups[g].pieces for g in multi])))
+        for gid in gids:
+            yield from self.finalize(gid, merged.get(gid))
 
-
-
-
-
+    def finalize_rest(self) -> Iterator[tuple[int, Any]]:
+        """Whatever is still open (there is nothing below)."""
+        for gid in sorted(self.groups):
+            yield from self.finalize(gid)

@@ -11,9 +11,11 @@ from PIL import Image
 from pyproj import Transformer
 from shapely.geometry import Polygon, box
 from tessera.core.errors import BandMismatchError, ParameterError
-from tessera.core.training.datasets import DUBAI_CLASSES, class_table, load_dataset, patch_cells, split_cells
+from tessera.core.training.classes import DUBAI_CLASSES, class_table
+from tessera.core.training.datasets import load_dataset
 from tessera.core.training.metrics import IGNORE
 from tessera.core.training.sources import FolderSource, RasterSource, VectorSource, source_from_dict
+from tessera.core.training.splits import patch_cells, split_cells
 
 T = Affine(1.0, 0, 500000.0, 0, -1.0, 4000000.0)  # write_raster's default grid (EPSG:32633)
 TABLE = [{"id": 0, "name": "Building", "color": "#3C1098"},

@@ -18,7 +18,7 @@ sys.meta_path.insert(0, Block())
 
 def test_every_core_module_imports_with_qgis_qt_and_osgeo_blocked():
     mods = sorted(".".join(p.relative_to(CORE).with_suffix("").parts).removesuffix(".__init__")
-                  .removesuffix("__init__") for p in CORE.rglob("*.py"))
+                  .removesuffix("__init__") for p in CORE.rglob("*.py") if p.stem != "__main__")
     code = BLOCKER + "import importlib\n" + "".join(
         f"importlib.import_module('tessera.core{'.' + m if m else ''}')\n" for m in mods) + "print('ok')"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -31,9 +31,10 @@ from tessera.core.errors import (
     TesseraError,
 )
 from tessera.core.params import SegmentParams, VectorizeParams
-from tessera.core.pipeline import segment as segmod
+from tessera.core.pipeline.band import RowBand
 from tessera.core.pipeline.normalize import normalize
-from tessera.core.pipeline.segment import RowBand, segment_raster
+from tessera.core.pipeline.segment import segment_raster
+from tessera.core.pipeline.stages import RowFeed
 from tessera.core.pipeline.tiling import TileGrid
 
 NOVEC = VectorizeParams(enabled=False)
@@ -233,13 +234,13 @@ def test_vrt_input(tmp_path):
 
 def test_row_band_memory_does_not_depend_on_raster_height(tmp_path, monkeypatch):
     sizes = []
-    orig = segmod.RowBand.__init__
+    orig = RowBand.__init__
 
     def spy(self, n_classes, grid, **kw):
         orig(self, n_classes, grid, **kw)
         sizes.append(self.nbytes)
 
-    monkeypatch.setattr(segmod.RowBand, "__init__", spy)
+    monkeypatch.setattr(RowBand, "__init__", spy)
     m = model_with(ConstantModel(0), tile_size=32, overlap=8)
     for h in (40, 1200):
         src = write_raster(tmp_path / f"h{h}.tif", random_rgb(h, 48))
@@ -494,7 +495,7 @@ def test_row_feed_hands_out_windows_and_keeps_only_the_rows_still_needed():
     from tessera.core.errors import CancelledError
 
     src = (np.arange(40 * 3).reshape(40, 3) % 251).astype(np.uint8)
-    feed = segmod.RowFeed(40, 3, max_rows=12)
+    feed = RowFeed(40, 3, max_rows=12)
     for top in (0, 8):  # two blocks of 8 rows
         feed.push(top, src[top:top + 8])
     win = rasterio.windows.Window
@@ -517,7 +518,7 @@ def test_row_feed_hands_out_windows_and_keeps_only_the_rows_still_needed():
     t.join()
     assert np.array_equal(feed.read(1, win(0, 22, 3, 18)), src[22:40])
     # a read that waits for rows never pushed ends when the feed is aborted
-    feed2 = segmod.RowFeed(40, 3, max_rows=12)
+    feed2 = RowFeed(40, 3, max_rows=12)
     threading.Timer(0.2, feed2.abort).start()
     with pytest.raises(CancelledError, match="polygonizing stopped"):
         feed2.read(1, win(0, 0, 3, 4))

@@ -17,11 +17,13 @@ from tessera.core.model.files import TesseraModel
 from tessera.core.params import SegmentParams, TrainParams, train_params_from_dict
 from tessera.core.pipeline.segment import segment_raster
 from tessera.core.training import train as train_mod
-from tessera.core.training.datasets import DUBAI_CLASSES, find_pairs, mask_to_labels, split_by_image
+from tessera.core.training.classes import DUBAI_CLASSES
+from tessera.core.training.datasets import find_pairs, mask_to_labels
 from tessera.core.training.losses import make_loss
 from tessera.core.training.metrics import IGNORE, confusion, iou_from_confusion
 from tessera.core.training.sampling import ClassIndex, sample_window
 from tessera.core.training.schedule import OneCycle
+from tessera.core.training.splits import split_by_image
 from tessera.core.training.train import evaluate_patches, train, train_folder
 
 TINY = dict(patch_size=64, batch_size=2, epochs=1, patches_per_epoch=2, encoder="resnet18",

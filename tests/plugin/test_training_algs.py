@@ -41,7 +41,7 @@ import numpy as np
 from affine import Affine
 from PIL import Image
 from helpers import random_rgb, write_raster
-from tessera.core.training.datasets import DUBAI_CLASSES
+from tessera.core.training.classes import DUBAI_CLASSES
 
 out = Path(sys.argv[1])
 colors = np.array([[int(c[i:i + 2], 16) for i in (1, 3, 5)] for _, c in DUBAI_CLASSES], np.uint8)
