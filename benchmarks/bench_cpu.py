@@ -145,13 +145,14 @@ def real_batches(raster: Path, model, tile: int, batch: int, n: int = 8) -> list
     them: the model-only figures infer the same kind of data as the end-to-end run (on this
     model, real imagery runs about 5 % slower through ONNX Runtime than random numbers)."""
     from tessera.core.io.raster import gdal_env, open_raster, read_window
+    from tessera.core.params import Window
     from tessera.core.pipeline.normalize import normalize
 
     c = model.contract
     with gdal_env(), open_raster(str(raster)) as ds:
         corners = ((r, col) for r in range(0, ds.height - tile + 1, tile)
                    for col in range(0, ds.width - tile + 1, tile))
-        tiles = [normalize(*read_window(ds, tuple(c.bands), r, col, tile, tile, None), c)
+        tiles = [normalize(*read_window(ds, tuple(c.bands), Window(col, r, tile, tile), None), c)
                  for r, col in itertools.islice(corners, n * batch)]
     return [np.ascontiguousarray(np.stack(tiles[i:i + batch]), dtype=np.float32)
             for i in range(0, len(tiles) - batch + 1, batch)]

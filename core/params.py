@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import ParameterError
 
@@ -20,6 +20,30 @@ BACKENDS = ("auto", "torch", "onnxruntime")
 ARCHITECTURES = ("unet", "unetplusplus", "fpn", "deeplabv3plus", "linknet", "pspnet", "manet")
 LOSSES = ("focal_dice", "ce")
 SAMPLINGS = ("random", "balanced")
+
+
+class Window(NamedTuple):
+    """A rectangle of raster pixels, in rasterio's order: the one rectangle value of the
+    engine's parameters and I/O. (Inside the tile grid, spans of rows and columns are
+    half-open ``(r0, r1, c0, c1)`` ranges; see :mod:`.pipeline.tiling`.)"""
+
+    col_off: int
+    row_off: int
+    width: int
+    height: int
+
+    @classmethod
+    def full(cls, width: int, height: int) -> Window:
+        """The whole of a ``width`` x ``height`` raster."""
+        return cls(0, 0, width, height)
+
+    def fits(self, width: int, height: int) -> bool:
+        """Whether the window lies within a ``width`` x ``height`` raster."""
+        return self.col_off + self.width <= width and self.row_off + self.height <= height
+
+    def shifted(self, col: int, row: int) -> Window:
+        """The same size, ``col``/``row`` pixels further."""
+        return Window(self.col_off + col, self.row_off + row, self.width, self.height)
 
 
 def check_tile_overlap(tile: int, overlap: int) -> None:
@@ -108,7 +132,7 @@ class SegmentParams:
     device: str = "auto"
     bands: tuple[int, ...] | None = None
     nodata: float | None = None
-    window: tuple[int, int, int, int] | None = None
+    window: Window | tuple[int, int, int, int] | None = None
     confidence: bool = False
     half: bool | None = None
     threads: int | None = None
@@ -155,12 +179,12 @@ def _bands(bands: tuple[int, ...]) -> tuple[int, ...]:
     return out
 
 
-def _window(window: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+def _window(window: tuple[int, int, int, int]) -> Window:
     w = tuple(int(v) for v in window)
     if len(w) != 4 or w[0] < 0 or w[1] < 0 or w[2] <= 0 or w[3] <= 0:
         raise ParameterError(f"window must be (col_off, row_off, width, height) with "
                              f"offsets >= 0 and a positive size (got {window})")
-    return w
+    return Window(*w)
 
 
 def _backend(backend: str, device: str) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import RasterNotFoundError, RasterReadError
+from ..params import Window
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def _short(exc: BaseException) -> str:
     return s[:300]
 
 
-def read_window(ds: Any, bands: tuple[int, ...], row: int, col: int, height: int, width: int,
+def read_window(ds: Any, bands: tuple[int, ...], window: Window,
                 nodata: float | None) -> tuple[np.ndarray, np.ndarray]:
     """Read a window: ``(data (C, h, w) in the file's dtype, valid (h, w) bool)``.
 
@@ -100,9 +101,10 @@ def read_window(ds: Any, bands: tuple[int, ...], row: int, col: int, height: int
     Raises :class:`RasterReadError` naming the file when GDAL cannot decode the window.
     """
     from rasterio.errors import RasterioIOError
-    from rasterio.windows import Window
+    from rasterio.windows import Window as RioWindow
 
-    win = Window(col, row, width, height)
+    win = RioWindow(*window)
+    row, col = window.row_off, window.col_off
     try:
         data = ds.read(list(bands), window=win)
         if nodata is not None:
@@ -120,11 +122,11 @@ def read_window(ds: Any, bands: tuple[int, ...], row: int, col: int, height: int
     return data, valid
 
 
-def window_transform(ds: Any, col: int, row: int, width: int, height: int) -> Any:
-    """The affine transform of the window ``(col, row, width, height)`` of ``ds``."""
-    from rasterio.windows import Window
+def window_transform(ds: Any, window: Window) -> Any:
+    """The affine transform of ``window`` of ``ds``."""
+    from rasterio.windows import Window as RioWindow
 
-    return ds.window_transform(Window(col, row, width, height))
+    return ds.window_transform(RioWindow(*window))
 
 
 def write_category_names(tif: Path, names: list[str]) -> None:

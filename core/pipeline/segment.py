@@ -33,7 +33,7 @@ from ..io.raster import gdal_env, open_raster, pixel_size_m, window_transform, w
 from ..io.sinks import ArrayRows, RowSink, class_raster_sink, confidence_raster_sink
 from ..model.contract import ModelContract
 from ..model.files import TesseraModel
-from ..params import OutputPaths, SegmentParams, VectorizeParams, check_tile_overlap
+from ..params import OutputPaths, SegmentParams, VectorizeParams, Window, check_tile_overlap
 from ..progress import CancelFn, Meter, Progress, ProgressFn
 from .run import Polygons, Run
 from .stages import (
@@ -112,7 +112,7 @@ class _Plan:
     contract: ModelContract
     bands: tuple[int, ...]
     nodata: float | None  # the input value meaning "no data", over the file's own
-    window: tuple[int, int, int, int]  # col_off, row_off, width, height
+    window: Window  # the part of the raster segmented
     grid: TileGrid
     profile: dict[str, Any]  # width, height, crs, transform of the outputs
     outs: OutputPaths
@@ -160,7 +160,7 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
         if predictor is None:
             predictor = make_predictor(model, params.device, params.backend, params.half,
                                        params.threads)
-        meter = Meter("segment", plan.window[2] * plan.window[3], progress,
+        meter = Meter("segment", plan.window.width * plan.window.height, progress,
                       *((0.0, 0.95) if plan.vec is not None else (0.0, 1.0)))
         meter.update(0, f"{len(plan.grid)} tiles on {predictor.info.label}", force=True)
         grid = plan.grid
@@ -171,8 +171,7 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
         with atomic_outputs(*plan.finals) as temps:  # all outputs together, complete, or none
             sinks = _open_sinks(plan, temps)
             try:
-                c0, r0 = plan.window[:2]
-                stats = Run(window_reader(ds, plan.bands, c0, r0, plan.nodata), grid, contract,
+                stats = Run(window_reader(ds, plan.bands, plan.window, plan.nodata), grid, contract,
                              predictor, params.batch_size, sinks,
                              _polygons(plan, temps[-1]) if plan.vec is not None else None,
                              tick, cancel, progress, plan.path).run()
@@ -207,13 +206,10 @@ def _plan(ds: Any, path: str, contract: ModelContract, params: SegmentParams,
         raise NoCRSError(f"{path}: has no coordinate reference system; polygons and areas "
                          "in m² need one (georeference the raster, or turn vectorizing off)",
                          path)
-    if params.window is not None:
-        c0, r0, w, h = params.window
-        if c0 + w > ds.width or r0 + h > ds.height:
-            raise ParameterError(f"{path}: window {params.window} reaches beyond the raster "
-                                 f"({ds.width} x {ds.height} px)", path)
-    else:
-        c0, r0, w, h = 0, 0, ds.width, ds.height
+    win = Window(*params.window) if params.window is not None else Window.full(ds.width, ds.height)
+    if not win.fits(ds.width, ds.height):
+        raise ParameterError(f"{path}: window {params.window} reaches beyond the raster "
+                             f"({ds.width} x {ds.height} px)", path)
     warns = _warnings(ds, path, contract, bands)
     vec = params.vectorize if params.vectorize.enabled else None
     wanted = [outs.class_raster] + ([outs.confidence_raster] if params.confidence else []) \
@@ -224,10 +220,10 @@ def _plan(ds: Any, path: str, contract: ModelContract, params: SegmentParams,
         from ..vectorize.writer import _resolve_skip
 
         _resolve_skip(vec.skip_classes, contract.class_names)  # fail before any work
-    profile = {"width": w, "height": h, "crs": ds.crs,
-               "transform": window_transform(ds, c0, r0, w, h)}
-    return _Plan(path, contract, bands, params.nodata, (c0, r0, w, h),
-                 TileGrid(h, w, tile, overlap, contract.size_multiple), profile, outs,
+    profile = {"width": win.width, "height": win.height, "crs": ds.crs,
+               "transform": window_transform(ds, win)}
+    return _Plan(path, contract, bands, params.nodata, win,
+                 TileGrid(win.height, win.width, tile, overlap, contract.size_multiple), profile, outs,
                  params.confidence, vec, warns)
 
 

@@ -16,6 +16,7 @@ from ..errors import CancelledError
 from ..io.raster import gdal_env, read_window
 from ..io.sinks import RowSink
 from ..model.contract import ModelContract
+from ..params import Window
 from .normalize import tile_input
 from .tiling import Tile, TileGrid
 
@@ -24,11 +25,11 @@ STOP = object()
 TileRead = Callable[[Tile], tuple[np.ndarray, np.ndarray]]
 
 
-def window_reader(ds: Any, bands: tuple[int, ...], col0: int, row0: int,
+def window_reader(ds: Any, bands: tuple[int, ...], window: Window,
                   nodata: float | None) -> TileRead:
-    """Tiles of the window at ``(col0, row0)`` of the open raster ``ds``."""
+    """Tiles of ``window`` of the open raster ``ds`` (tile offsets are within the window)."""
     def read(t: Tile) -> tuple[np.ndarray, np.ndarray]:
-        return read_window(ds, bands, row0 + t.row, col0 + t.col, t.height, t.width, nodata)
+        return read_window(ds, bands, t.window.shifted(window.col_off, window.row_off), nodata)
     return read
 
 

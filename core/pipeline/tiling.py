@@ -35,6 +35,8 @@ from functools import cached_property, lru_cache
 
 import numpy as np
 
+from ..params import Window
+
 
 def axis_tiles(length: int, tile: int, overlap: int, multiple: int = 1) -> list[tuple[int, int]]:
     """``(offset, size)`` of the tiles along one axis of ``length`` pixels (see the module
@@ -177,6 +179,11 @@ class Tile:
     col: int
     height: int
     width: int
+
+    @property
+    def window(self) -> Window:
+        """The tile's pixels as a :class:`~..params.Window`."""
+        return Window(self.col, self.row, self.width, self.height)
 
 
 @dataclass(frozen=True)

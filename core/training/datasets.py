@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BandMismatchError, ParameterError, RasterReadError
+from ..params import Window
 from .classes import DUBAI_CLASSES, ClassTable, _derived_classes, class_table, distinct_colors
 from .metrics import IGNORE
 from .sources import DataSource, FolderSource, RasterSource, VectorSource, as_source
@@ -214,7 +215,7 @@ def _load_raster(src: RasterSource | VectorSource, classes: ClassTable | None,
                                     f"has {ds.count}", path)
         if max_mpx is not None:
             _check_size(path, ds.width, ds.height, max_mpx)
-        data, valid = read_window(ds, bands, 0, 0, ds.height, ds.width, None)
+        data, valid = read_window(ds, bands, Window.full(ds.width, ds.height), None)
         grid = {"width": ds.width, "height": ds.height, "transform": ds.transform, "crs": ds.crs}
         descr = [ds.descriptions[b - 1] for b in bands]
         band_names = tuple(descr) if all(descr) else None

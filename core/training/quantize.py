@@ -30,6 +30,7 @@ from ..errors import ModelError, OutputError, ParameterError, RasterReadError, T
 from ..io.atomic import atomic_file
 from ..model.contract import ModelContract
 from ..model.files import TesseraModel, file_sha256
+from ..params import Window
 from ..pipeline.normalize import tile_input
 from ..pipeline.tiling import padded_size
 from ..progress import CancelFn, ProgressFn, check_cancel
@@ -176,7 +177,7 @@ def _raster_tiles(path: Path, contract: ModelContract, size: int, n: int,
                                   f"the raster has {ds.count}", path)
         for r, c in _crop_positions(ds.height, ds.width, size, 4 * n, rng):
             h, w = min(size, ds.height - r), min(size, ds.width - c)
-            data, valid = read_window(ds, bands, r, c, h, w, None)
+            data, valid = read_window(ds, bands, Window(c, r, w, h), None)
             if valid.mean() < 0.5:
                 continue  # mostly nodata: it would calibrate the ranges on filler
             out.append(_as_input(data, valid, contract, size))
