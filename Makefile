@@ -1,7 +1,7 @@
 # Tessera — the single entry point. Every target sets up what it needs first and is idempotent.
 #
 #   make demo     set everything up and run Tessera on the bundled sample
-#   make test     set everything up and run every test (core tier, then the real-QGIS tier)
+#   make test     set everything up, run make lint, then every test (core tier, then the real-QGIS tier)
 #   make bench    CPU benchmarks: throughput, peak memory, int8 and overlap (BENCHMARKS.md)
 #   make train-default  retrain the shipped default model (DUBAI=folder, TRAIN_ARGS=...)
 #   make package  build the installable plugin zip (dist/tessera-<version>.zip)
@@ -58,7 +58,8 @@ $(STAMP): $(QGIS_OK) requirements.txt requirements-dev.txt
 	$(PY) -m tessera.core.jobs.envcheck
 	@touch $@
 
-test: setup
+# the lint (ruff, mypy, the house rules) first: a house that breaks its rules fails fast
+test: lint
 	$(PY) -m pytest -p no:pytest_qgis tests/core
 	$(PY) -m pytest tests/plugin
 

@@ -26,7 +26,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import numpy as np
 
@@ -156,8 +156,22 @@ def check_onnx(model: TesseraModel, source: str | Path | bytes,
             "class_agreement": float(same.mean()), "shape": list(shape)}
 
 
+class ExportResult(TypedDict, total=False):
+    """What :func:`export_onnx` returns (the ``export`` job's result)."""
+
+    path: str
+    opset: int
+    model_sha256: str | None
+    onnx_sha256: str
+    seconds: float
+    max_abs_diff: float  # with the check: ONNX Runtime against PyTorch
+    classes_agree: bool
+    class_agreement: float
+    shape: list[int]
+
+
 def export_onnx(model: TesseraModel | str | Path, out: str | Path, opset: int = DEFAULT_OPSET,
-                check: bool = True) -> dict[str, Any]:
+                check: bool = True) -> ExportResult:
     """Export ``model`` (a :class:`TesseraModel` or a model file) to the ONNX file ``out``.
 
     Written atomically (temporary name, then rename). Returns a dict: ``path``, ``opset``,
@@ -185,9 +199,9 @@ def export_onnx(model: TesseraModel | str | Path, out: str | Path, opset: int = 
         except Exception as exc:
             raise ModelError(f"model '{m.contract.name}' cannot be exported to ONNX: "
                              f"{type(exc).__name__}: {exc}") from exc
-        res: dict[str, Any] = {"path": str(out), "opset": opset, "model_sha256": sha}
+        res = ExportResult(path=str(out), opset=opset, model_sha256=sha)
         if check:
-            res.update(check_onnx(m, tmp))
+            res.update(cast(ExportResult, check_onnx(m, tmp)))
     res["onnx_sha256"] = file_sha256(out)
     res["seconds"] = round(time.perf_counter() - t0, 3)
     return res
@@ -272,7 +286,7 @@ def onnx_for(model: TesseraModel | str | Path, cache_dir: str | Path | None = No
 AGREEMENT_TOL = 1e-3
 
 
-def _require_agreement(model: TesseraModel, res: dict[str, Any]) -> None:
+def _require_agreement(model: TesseraModel, res: ExportResult) -> None:
     diff = res.get("max_abs_diff")
     if diff is None or not diff <= AGREEMENT_TOL:
         raise ModelError(f"model '{model.contract.name}': the exported ONNX graph does not "

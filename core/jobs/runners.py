@@ -12,7 +12,7 @@ import dataclasses
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 from ..progress import CancelFn, ProgressFn
 from .spec import (
@@ -92,12 +92,25 @@ def _quantize(job: QuantizeJob, ctx: Context) -> Any:
                           force=job.force, progress=ctx.progress, cancel=ctx.cancel)
 
 
-def env_report() -> dict[str, Any]:
+class EnvReport(TypedDict, total=False):
+    """What the ``env`` job returns: the engine environment's packages and devices."""
+
+    python: str
+    version: str
+    packages: dict[str, str | None]
+    problems: list[str]
+    optional: dict[str, str | None]
+    torch_cuda_build: str | None
+    cuda_available: bool
+    gpus: list[str]
+    mps_available: bool
+
+
+def env_report() -> EnvReport:
     """What the engine's environment holds: packages, versions, torch's CUDA build and GPUs."""
     import importlib
 
-    rep: dict[str, Any] = {"python": sys.executable, "version": sys.version.split()[0],
-                           "packages": {}}
+    rep = EnvReport(python=sys.executable, version=sys.version.split()[0], packages={})
     for name in ("torch", "segmentation_models_pytorch", "safetensors", "rasterio", "shapely",
                  "pyproj", "pyogrio", "geopandas", "numpy"):
         try:
@@ -138,7 +151,10 @@ RUNNERS: dict[type, Callable[[Any, Context], Any]] = {
 
 
 def run(job: Job, ctx: Context | None = None) -> Any:
-    """Run ``job`` in this process; return its typed result."""
+    """Run ``job`` in this process; return its typed result: :class:`SegmentResult`,
+    :class:`BatchReport`, :class:`VectorizeResult`, :class:`EvalResult` (dataclasses),
+    :class:`TrainResult`, :class:`ExportResult`, :class:`QuantizeResult`, :class:`EnvReport`
+    (typed dicts: their JSON as they are)."""
     return RUNNERS[type(job)](job, ctx or Context())
 
 

@@ -42,6 +42,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import BandMismatchError, ParameterError, RasterReadError
+from ..io.images import image_size, read_rgb
+from ..io.vectors import read_polygon_field
 from ..params import Window
 from .classes import DUBAI_CLASSES, ClassTable, _derived_classes, class_table, distinct_colors
 from .metrics import IGNORE
@@ -161,11 +163,9 @@ def mask_to_labels(rgb: np.ndarray, colors: list[str]) -> np.ndarray:
 
 def load_pair(img: Path, mask: Path, colors: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """An image ``(H, W, 3)`` uint8 and its labels ``(H, W)`` uint8 (255 = unannotated)."""
-    from PIL import Image
-
     try:
-        x = np.asarray(Image.open(img).convert("RGB"))
-        y = mask_to_labels(np.asarray(Image.open(mask).convert("RGB")), colors)
+        x = read_rgb(img)
+        y = mask_to_labels(read_rgb(mask), colors)
     except OSError as exc:
         raise RasterReadError(f"{img}: cannot read the image or its mask ({exc})", img) from exc
     if x.shape[:2] != y.shape:
@@ -174,16 +174,13 @@ def load_pair(img: Path, mask: Path, colors: list[str]) -> tuple[np.ndarray, np.
 
 
 def _load_folder(src: FolderSource, classes: ClassTable, max_mpx: float | None) -> Dataset:
-    from PIL import Image
-
     pairs = find_pairs(src.root)
     colors = [c for _, c in classes]
     samples = []
     for img, mask in pairs:
         if max_mpx is not None:
             try:
-                with Image.open(img) as im:
-                    w, h = im.size
+                w, h = image_size(img)
             except OSError as exc:
                 raise RasterReadError(f"{img}: cannot read the image ({exc})", img) from exc
             _check_size(img, w, h, max_mpx)
@@ -322,7 +319,7 @@ def _vector_labels(src: VectorSource, grid: dict[str, Any],
     from rasterio.features import rasterize
 
     path = str(src.vector)
-    gdf, layer = _read_polygons(src)
+    gdf, layer = read_polygon_field(path, src.layer, src.field)
     where = f"{src.vector.name}" + (f" layer {layer}" if src.layer else "") + f" field {src.field}"
     gdf = _to_image_crs(gdf, grid["crs"], path, src.image)
     keep = gdf.geometry.notna() & ~gdf.geometry.is_empty & gdf[src.field].notna()
@@ -344,32 +341,6 @@ def _vector_labels(src: VectorSource, grid: dict[str, Any],
     labels = rasterize(shapes, out_shape=(grid["height"], grid["width"]), transform=grid["transform"],
                        fill=IGNORE, dtype="uint8")
     return labels, classes, where
-
-
-def _read_polygons(src: VectorSource) -> tuple[Any, str | None]:
-    """The class field of the source's polygon layer (the only spatial one unless named)."""
-    import pyogrio
-    from pyogrio.errors import DataLayerError, DataSourceError
-
-    path = str(src.vector)
-    if not path.startswith("/vsi") and not Path(path).exists():
-        raise ParameterError(f"{path}: polygon file not found", path)
-    layer = src.layer
-    try:
-        if layer is None:
-            spatial = [str(n) for n, g in pyogrio.list_layers(path) if g]
-            if len(spatial) > 1:
-                raise ParameterError(f"{path}: holds several layers ({', '.join(spatial)}); say "
-                                     "which one holds the labels", path)
-            layer = spatial[0] if spatial else None
-        info = pyogrio.read_info(path, layer=layer)
-        fields = [str(f) for f in info["fields"]]
-        if src.field not in fields:
-            raise ParameterError(f"{path}: has no field '{src.field}' (fields: "
-                                 f"{', '.join(fields) or 'none'})", path)
-        return pyogrio.read_dataframe(path, layer=layer, columns=[src.field]), layer
-    except (DataSourceError, DataLayerError, OSError) as exc:
-        raise ParameterError(f"{path}: cannot read the polygon layer ({exc})", path) from exc
 
 
 def _to_image_crs(gdf: Any, rcrs: Any, path: str, image: Path) -> Any:

@@ -22,12 +22,13 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
 from ..errors import ModelError, OutputError, ParameterError, RasterReadError, TesseraError
 from ..io.atomic import atomic_file
+from ..io.images import read_rgb
 from ..model.contract import ModelContract
 from ..model.files import TesseraModel, file_sha256
 from ..params import Window
@@ -146,11 +147,8 @@ def _as_input(data: np.ndarray, valid: np.ndarray, contract: ModelContract, size
 
 def _image_tiles(path: Path, contract: ModelContract, size: int, n: int,
                  rng: np.random.Generator) -> list[np.ndarray]:
-    from PIL import Image
-
     try:
-        with Image.open(path) as im:
-            a = np.asarray(im.convert("RGB"))
+        a = read_rgb(path)
     except OSError as exc:
         raise RasterReadError(f"{path}: cannot read the image: {exc}", path) from exc
     a = a.transpose(2, 0, 1)[: contract.in_channels]
@@ -203,10 +201,26 @@ class _Reader:
 
 
 # --------------------------------------------------------------------------- quantize
+class QuantizeResult(TypedDict):
+    """What :func:`quantize_model` returns (the ``quantize`` job's result): the record
+    written into the int8 model's card, and the file."""
+
+    method: str
+    calibration: dict[str, Any]
+    source_model_sha256: str | None
+    class_agreement_with_fp32: float
+    cpu_instructions: str
+    onnxruntime: str
+    created: str
+    path: str
+    sha256: str
+    seconds: float
+
+
 def quantize_model(model: TesseraModel | str | Path, out: str | Path,
                    calibration: Sequence[str | Path], n_tiles: int = 16, tile: int | None = None,
                    force: bool = False, progress: ProgressFn | None = None,
-                   cancel: CancelFn | None = None) -> dict[str, Any]:
+                   cancel: CancelFn | None = None) -> QuantizeResult:
     """Write an int8 ONNX Tessera model of ``model`` to ``out`` (atomically).
 
     calibration: rasters or Dubai-layout folders (see :func:`calibration_tiles`).
@@ -288,7 +302,7 @@ def quantize_model(model: TesseraModel | str | Path, out: str | Path,
             raise OutputError(f"{out}: cannot write the int8 model: {exc}", out) from exc
     log.info("int8 model written to %s (class agreement with fp32 %.4f)", out, agreement)
     _say(progress, 1.0, "done")
-    return {**record, "path": str(out), "sha256": file_sha256(out),
+    return {**record, "path": str(out), "sha256": file_sha256(out),  # type: ignore[typeddict-item]
             "seconds": round(time.perf_counter() - t0, 2)}
 
 

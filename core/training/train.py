@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -59,10 +59,22 @@ from .splits import split_cells
 log = logging.getLogger(__name__)
 
 
+class TrainResult(TypedDict):
+    """What :func:`train` returns (the ``train`` job's result)."""
+
+    best_val_miou: float
+    history: list[dict[str, Any]]  # epoch, loss, val_miou, val_accuracy, minutes, patches_per_s
+    stopped: str  # "completed", or why the run ended early
+    model: str
+    best_epoch: int
+    split: dict[str, Any]
+    classes: list[dict[str, Any]]
+
+
 def train_folder(root: str | Path, out_model: str | Path, params: TrainParams | None = None,
                  checkpoint_dir: str | Path | None = None, name: str = "Dubai land cover",
                  classes: Any = None, pixel_size_m: float | None = None,
-                 progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> dict[str, Any]:
+                 progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> TrainResult:
     """Train on a Dubai-layout folder (see :func:`train`)."""
     return train({"kind": "folder", "root": str(root)}, out_model, params, checkpoint_dir, name,
                  classes, pixel_size_m, progress, cancel)
@@ -71,7 +83,7 @@ def train_folder(root: str | Path, out_model: str | Path, params: TrainParams | 
 def train(source: DataSource | dict[str, Any] | str | Path, out_model: str | Path,
           params: TrainParams | None = None, checkpoint_dir: str | Path | None = None,
           name: str | None = None, classes: Any = None, pixel_size_m: float | None = None,
-          progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> dict[str, Any]:
+          progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> TrainResult:
     """Train a model (``params.arch``/``params.encoder``, random weights) on ``source``; write
     the best one (fp16) to ``out_model``.
 
@@ -147,7 +159,7 @@ class _Run:
                          + f"; PyTorch {torch.__version__}, segmentation-models-pytorch "
                            f"{smp.__version__}")
 
-    def fit(self) -> dict[str, Any]:
+    def fit(self) -> TrainResult:
         """Train the epochs left; return the run's summary (see :func:`train`)."""
         p = self.p
         feed = BatchFeed(self.sampler.batch, self.steps, self.start_epoch, p.epochs, self.cuda,
