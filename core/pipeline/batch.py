@@ -14,6 +14,7 @@ file after another), and the report.
 from __future__ import annotations
 
 import csv
+import fnmatch
 import io
 import json
 import logging
@@ -79,20 +80,27 @@ class BatchReport:
 
 def find_rasters(folder: str | Path, pattern: str = "*.tif", recursive: bool = False,
                  exclude: Path | None = None) -> list[Path]:
-    """Rasters in ``folder`` matching ``pattern`` (several patterns separated by ``;``)."""
+    """Rasters in ``folder`` whose names match ``pattern`` (several patterns separated by
+    ``;``, matched without regard to case: ``*.tif`` finds ``SCENE.TIF``). ``exclude``: an
+    output folder inside ``folder`` whose files are never inputs; the outputs Tessera names
+    (``*_classes.tif``, ``*_confidence.tif``) never are, wherever they lie, so the output
+    folder may be the input folder itself."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ParameterError(f"{folder}: input folder not found", folder)
-    found: set[Path] = set()
-    for pat in [p.strip() for p in pattern.split(";") if p.strip()]:
-        found.update(folder.rglob(pat) if recursive else folder.glob(pat))
+    pats = [p.strip().lower() for p in pattern.split(";") if p.strip()]
+    skip_dir = None
+    if exclude is not None and exclude.resolve() != folder.resolve():
+        skip_dir = exclude.resolve()
     out = []
-    for p in sorted(found):
+    for p in sorted(folder.rglob("*") if recursive else folder.iterdir()):
         if not p.is_file() or p.name.startswith("."):
             continue
-        if exclude is not None and exclude.resolve() in p.resolve().parents:
+        if not any(fnmatch.fnmatchcase(p.name.lower(), pat) for pat in pats):
+            continue
+        if skip_dir is not None and skip_dir in p.resolve().parents:
             continue  # never re-segment our own outputs
-        if p.name.endswith(("_classes.tif", "_confidence.tif")):
+        if p.name.lower().endswith(("_classes.tif", "_confidence.tif")):
             continue
         out.append(p)
     return out

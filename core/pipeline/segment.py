@@ -17,6 +17,7 @@ Outputs are written under temporary names and renamed only when complete, all to
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -210,6 +211,8 @@ def _plan(ds: Any, path: str, contract: ModelContract, params: SegmentParams,
     if not win.fits(ds.width, ds.height):
         raise ParameterError(f"{path}: window {params.window} reaches beyond the raster "
                              f"({ds.width} x {ds.height} px)", path)
+    if params.nodata is not None:
+        _check_nodata(params.nodata, {ds.dtypes[b - 1] for b in bands}, path)
     warns = _warnings(ds, path, contract, bands)
     vec = params.vectorize if params.vectorize.enabled else None
     wanted = [outs.class_raster] + ([outs.confidence_raster] if params.confidence else []) \
@@ -225,6 +228,22 @@ def _plan(ds: Any, path: str, contract: ModelContract, params: SegmentParams,
     return _Plan(path, contract, bands, params.nodata, win,
                  TileGrid(win.height, win.width, tile, overlap, contract.size_multiple), profile, outs,
                  params.confidence, vec, warns)
+
+
+def _check_nodata(nodata: float, dtypes: set[str], path: str) -> None:
+    """A nodata value must be one the bands can hold: out of range it would wrap (300 on
+    8-bit data would mask every pixel of value 44, -1 every white one)."""
+    for dt in sorted(dtypes):
+        kind = np.dtype(dt).kind
+        if kind in "iu":
+            info = np.iinfo(dt)
+            if not math.isfinite(nodata) or nodata != int(nodata) or not info.min <= nodata <= info.max:
+                raise ParameterError(f"{path}: nodata {nodata:g} cannot occur in the raster's "
+                                     f"{dt} bands (whole numbers {info.min}..{info.max}); give "
+                                     "a value they can hold", path)
+        elif kind == "f" and math.isfinite(nodata) and abs(nodata) > np.finfo(dt).max:
+            raise ParameterError(f"{path}: nodata {nodata:g} is beyond the range of the raster's "
+                                 f"{dt} bands", path)
 
 
 def _result(plan: _Plan, params: SegmentParams, predictor: Any, stats: dict[str, Any],

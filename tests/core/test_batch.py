@@ -145,3 +145,22 @@ def test_an_executor_runs_the_plan_and_the_report_follows_it(tmp_path):
     assert [t.skip for t in again.tasks] == [True, True, False, True]
     got = list(LocalExecutor().run(again, lambda t: None, None))
     assert [r.status for r in got] == ["skipped", "skipped", "failed", "skipped"]
+
+
+def test_the_output_folder_may_be_the_input_folder_and_patterns_ignore_case(tmp_path):
+    """Outputs beside their inputs: every raster is done once (was "0 done, 0 skipped, 0
+    failed"), a rerun skips them and never takes an output for an input; SCENE.TIF matches
+    *.tif."""
+    src = tmp_path / "in"
+    src.mkdir()
+    write_raster(src / "a.tif", random_rgb(40, 50, seed=1))
+    write_raster(src / "SCENE.TIF", random_rgb(30, 30, seed=2))
+    m = model_with(ConstantModel(1), tile_size=32, overlap=8)
+    rep = segment_folder(src, m, src, NOVEC, pattern="*.tif")
+    assert [(r.file, r.status) for r in rep.rows] == [("SCENE.TIF", "done"), ("a.tif", "done")]
+    with rasterio.open(src / "SCENE_classes.tif") as ds:
+        assert ds.shape == (30, 30) and (ds.read(1) == 1).all()
+    again = segment_folder(src, m, src, NOVEC, pattern="*.tif")
+    assert [(r.file, r.status) for r in again.rows] == [("SCENE.TIF", "skipped"),
+                                                          ("a.tif", "skipped")]
+    assert [p.name for p in find_rasters(src, "*.TIF")] == ["SCENE.TIF", "a.tif"]

@@ -522,3 +522,34 @@ def test_row_feed_hands_out_windows_and_keeps_only_the_rows_still_needed():
     threading.Timer(0.2, feed2.abort).start()
     with pytest.raises(CancelledError, match="polygonizing stopped"):
         feed2.read(1, win(0, 0, 3, 4))
+
+
+@pytest.mark.parametrize(("nodata", "dtype", "message"), [
+    (300, "uint8", r"nodata 300 cannot occur in the raster's uint8 bands \(whole numbers 0\.\.255\)"),
+    (-1, "uint8", r"nodata -1 cannot occur in the raster's uint8 bands"),
+    (2.5, "uint16", r"nodata 2\.5 cannot occur in the raster's uint16 bands \(whole numbers 0\.\.65535\)"),
+    (float("nan"), "int16", r"nodata nan cannot occur in the raster's int16 bands"),
+    (float("inf"), "uint8", r"nodata inf cannot occur"),
+    (1e39, "float32", r"nodata 1e\+39 is beyond the range of the raster's float32 bands"),
+])
+def test_a_nodata_the_bands_cannot_hold_is_refused_before_the_run(tmp_path, nodata, dtype,
+                                                                  message):
+    """Out of the bands' range a nodata value would wrap (300 on uint8 masked every pixel of
+    value 44): it is refused with the file and the range, before any output exists."""
+    data = (random_rgb(40, 40) // 2).astype(dtype)
+    data[:, :5, :5] = 0
+    src = write_raster(tmp_path / "r.tif", data)
+    m = model_with(ConstantModel(1), tile_size=32, overlap=8)
+    with pytest.raises(ParameterError, match=message) as e:
+        segment_raster(src, m, tmp_path / "o", SegmentParams(
+            nodata=nodata, vectorize=VectorizeParams(enabled=False)))
+    assert str(src) in str(e.value)
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+    # a value the bands can hold is used as it is
+    res = segment_raster(src, m, tmp_path / "ok", SegmentParams(
+        nodata=0, vectorize=VectorizeParams(enabled=False)))
+    with rasterio.open(res.class_raster) as ds:
+        cls = ds.read(1)
+    valid = ~np.all(data == 0, axis=0)
+    assert not valid[:5, :5].any() and valid.sum() > 1000
+    assert (cls[valid] == 1).all() and (cls[~valid] == m.contract.nodata_value).all()
