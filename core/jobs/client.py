@@ -163,10 +163,7 @@ def run_job(job: dict[str, Any], python: str | Path, on_event: Callable[[dict[st
                 pump.error = CancelledError("cancelled (the engine was stopped)")
             time.sleep(poll_s)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        t_err.join(timeout=2)
+        _reap(proc, t_out, t_err)
     if pump.error is not None:
         raise pump.error
     if pump.result is None:
@@ -176,6 +173,24 @@ def run_job(job: dict[str, Any], python: str | Path, on_event: Callable[[dict[st
         raise TesseraError(f"the engine process ended unexpectedly (exit code {proc.returncode})"
                            + (f":\n{tail}" if tail else ""))
     return pump.result
+
+
+def _reap(proc: subprocess.Popen[str], t_out: threading.Thread, t_err: threading.Thread) -> None:
+    """End the worker (killed if still running), its reader threads and its pipes (no
+    ResourceWarning left behind; a pipe a reader still holds is left to it)."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    t_err.join(timeout=2)
+    t_out.join(timeout=2)
+    pipes = [proc.stdin] + [pipe for pipe, t in ((proc.stdout, t_out), (proc.stderr, t_err))
+                            if not t.is_alive()]
+    for pipe in pipes:
+        try:
+            if pipe is not None:
+                pipe.close()
+        except OSError:
+            pass
 
 
 class _Pump:

@@ -116,6 +116,14 @@ def expected_outputs(paths: OutputPaths, params: SegmentParams) -> list[Path]:
     return out
 
 
+class BatchStopped(OutputError):
+    """An output error that ends the batch, with the failed file's report row."""
+
+    def __init__(self, message: str, path: str | None, row: FileReport) -> None:
+        super().__init__(message, path)
+        self.row = row
+
+
 @dataclass(frozen=True)
 class FileTask:
     """One raster of a batch: the file, its path in the report, where its outputs go, and
@@ -148,15 +156,33 @@ def plan_folder(folder: str | Path, model: TesseraModel | str | Path, out_dir: s
     folder, out_dir = Path(folder), Path(out_dir)
     check_writable_dir(out_dir)
     files = find_rasters(folder, pattern, recursive, exclude=out_dir)
+    if not files:
+        raise ParameterError(f"{folder}: no file matches {pattern!r}"
+                             + ("" if recursive else " (sub-folders not searched: --recursive)"),
+                             folder)
     if not isinstance(model, TesseraModel):
         model = TesseraModel.open(model)
     tasks = []
-    for k, src in enumerate(files):
+    for k, (src, stem) in enumerate(zip(files, _stems(files, folder))):
         rel = src.relative_to(folder)
-        paths = OutputPaths.for_stem(out_dir / rel.parent, src.stem)
+        paths = OutputPaths.for_stem(out_dir / rel.parent, stem)
         skip = skip_existing and all(p.exists() for p in expected_outputs(paths, params))
         tasks.append(FileTask(k, src, rel, out_dir / rel.parent, paths, skip))
     return BatchPlan(folder, out_dir, model, params, tuple(tasks))
+
+
+def _stems(files: list[Path], folder: Path) -> list[str]:
+    """One output stem per input: the file's stem, or where two inputs of one folder share
+    it (``scene.tif``, ``scene.tiff``) the stem and the extension of all but the first
+    (``scene``, ``scene_tiff``), so no two inputs ever write or skip the same outputs."""
+    seen: set[tuple[Path, str]] = set()
+    out = []
+    for f in files:
+        key = (f.relative_to(folder).parent, f.stem.lower())
+        stem = f.stem if key not in seen else f"{f.stem}_{f.suffix.lstrip('.')}"
+        seen.add(key)
+        out.append(stem)
+    return out
 
 
 def run_one(task: FileTask, model: TesseraModel, params: SegmentParams,
@@ -178,7 +204,7 @@ def run_one(task: FileTask, model: TesseraModel, params: SegmentParams,
     t = time.perf_counter()
     try:
         res = segment_raster(task.source, model, task.dest, params, predictor=predictor(),
-                             progress=progress, cancel=cancel)
+                             progress=progress, cancel=cancel, outputs=task.outputs)
         row.status = "done"
         row.megapixels = round(res.megapixels, 3)
         row.polygons = res.n_polygons
@@ -189,8 +215,10 @@ def run_one(task: FileTask, model: TesseraModel, params: SegmentParams,
         row.warnings = "; ".join(res.warnings)
     except CancelledError:
         raise
-    except OutputError:
-        raise  # the output folder itself is unusable: stop, do not fail every file
+    except OutputError as exc:  # the output folder itself is unusable: stop, do not fail
+        row.status, row.error = "failed", str(exc)  # every file; but report this one
+        row.seconds = round(time.perf_counter() - t, 3)
+        raise BatchStopped(str(exc), exc.path, row) from exc
     except TesseraError as exc:
         row.status, row.error = "failed", str(exc)
         log.error("%s: %s", task.rel, exc)
@@ -262,15 +290,21 @@ def segment_folder(folder: str | Path, model: TesseraModel | str | Path, out_dir
         return fn
 
     try:
-        for row in (executor or LocalExecutor()).run(plan, progress_for, cancel):
-            report.rows.append(row)
-            write_report(report)
+        try:
+            for row in (executor or LocalExecutor()).run(plan, progress_for, cancel):
+                report.rows.append(row)
+                write_report(report)
+                if on_file is not None:
+                    on_file(row)
+                if progress is not None:
+                    k = len(report.rows)
+                    progress(Progress("batch", k, n, k / max(n, 1), time.perf_counter() - t0,
+                                      None, None, f"{row.file}: {row.status}"))
+        except BatchStopped as stop:
+            report.rows.append(stop.row)
             if on_file is not None:
-                on_file(row)
-            if progress is not None:
-                k = len(report.rows)
-                progress(Progress("batch", k, n, k / max(n, 1), time.perf_counter() - t0, None,
-                                  None, f"{row.file}: {row.status}"))
+                on_file(stop.row)
+            raise OutputError(stop.message, stop.path) from stop.__cause__
     finally:
         write_report(report)
     return report

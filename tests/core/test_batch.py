@@ -164,3 +164,57 @@ def test_the_output_folder_may_be_the_input_folder_and_patterns_ignore_case(tmp_
     assert [(r.file, r.status) for r in again.rows] == [("SCENE.TIF", "skipped"),
                                                           ("a.tif", "skipped")]
     assert [p.name for p in find_rasters(src, "*.TIF")] == ["SCENE.TIF", "a.tif"]
+
+
+def test_colliding_stems_get_outputs_of_their_own_and_no_match_is_an_error(tmp_path):
+    """scene.tif and scene.tiff in one folder: both are segmented, into outputs of their own
+    (the second was "skipped", never segmented); a folder where nothing matches is an error
+    naming it, not "0 done"."""
+    src = tmp_path / "in"
+    src.mkdir()
+    write_raster(src / "scene.tif", random_rgb(30, 40, seed=1))
+    write_raster(src / "scene.tiff", random_rgb(20, 20, seed=2))
+    m = model_with(ConstantModel(1), tile_size=32, overlap=8)
+    out = tmp_path / "o"
+    rep = segment_folder(src, m, out, NOVEC, pattern="*.tif;*.tiff")
+    assert [(r.file, r.status) for r in rep.rows] == [("scene.tif", "done"), ("scene.tiff", "done")]
+    assert [r.class_raster for r in rep.rows] == [str(out / "scene_classes.tif"),
+                                                  str(out / "scene_tiff_classes.tif")]
+    with rasterio.open(out / "scene_tiff_classes.tif") as ds:
+        assert ds.shape == (20, 20)
+    with rasterio.open(out / "scene_classes.tif") as ds:
+        assert ds.shape == (30, 40)
+    again = segment_folder(src, m, out, NOVEC, pattern="*.tif;*.tiff")
+    assert [r.status for r in again.rows] == ["skipped", "skipped"]
+    with pytest.raises(ParameterError, match=r"in: no file matches '\*\.jp2' \(sub-folders not "
+                                             r"searched: --recursive\)"):
+        segment_folder(src, m, out, NOVEC, pattern="*.jp2")
+
+
+def test_an_output_failure_ends_the_batch_with_a_row_for_that_file(tmp_path, monkeypatch):
+    """An unusable output stops the batch (every file would fail the same way), and the
+    report still has that file's row with the error."""
+    from tessera.core.errors import OutputError
+
+    src = make_folder(tmp_path)
+    m = model_with(ConstantModel(1), tile_size=32, overlap=8)
+    out = tmp_path / "o"
+    real = batchmod.segment_raster
+    calls = []
+
+    def full_disk(source, *a, **k):
+        calls.append(source.name)
+        if source.name == "b.tif":
+            raise OutputError(f"{out / 'b_classes.tif'}: cannot write it (No space left on device)",
+                              out / "b_classes.tif")
+        return real(source, *a, **k)
+
+    monkeypatch.setattr(batchmod, "segment_raster", full_disk)
+    seen = []
+    with pytest.raises(OutputError, match="No space left on device"):
+        segment_folder(src, m, out, NOVEC, on_file=seen.append)
+    assert calls == ["a.tif", "b.tif"]
+    rows = list(csv.DictReader(open(out / "tessera_report.csv")))
+    assert [(r["file"], r["status"]) for r in rows] == [("a.tif", "done"), ("b.tif", "failed")]
+    assert "No space left on device" in rows[1]["error"]
+    assert [r.file for r in seen] == ["a.tif", "b.tif"]

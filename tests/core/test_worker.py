@@ -90,3 +90,19 @@ def test_env_report(tmp_path):
     rep = ev[-1]["result"]
     assert rep["packages"]["torch"] and rep["packages"]["rasterio"]
     assert isinstance(rep["cuda_available"], bool) and isinstance(rep["gpus"], list)
+
+
+def test_the_client_closes_the_worker_pipes():
+    """No ResourceWarning from a finished job: the client closes the worker's pipes."""
+    import gc
+    import warnings
+
+    from tessera.core.jobs import client
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        rep = client.run_job({"op": "env"}, sys.executable)
+        gc.collect()
+    assert rep["python"] and "packages" in rep
+    leaks = [str(w.message) for w in seen if issubclass(w.category, ResourceWarning)]
+    assert leaks == []
