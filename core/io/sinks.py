@@ -11,6 +11,7 @@ run's outputs together is :func:`.atomic.atomic_outputs`'s job.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,8 +19,29 @@ import numpy as np
 
 from .raster import CLASSES_TAG, GTIFF_OPTIONS
 
-#: A model class as the sinks need it: ``(id, name, "#RRGGBB")``.
-ClassRow = tuple[int, str, str]
+
+class ClassLike(Protocol):
+    """A class as the class raster needs it (the model contract's ``ClassInfo`` is one)."""
+
+    @property
+    def id(self) -> int:
+        """The class id, the value in the class raster."""
+        ...
+
+    @property
+    def name(self) -> str:
+        """The class name."""
+        ...
+
+    @property
+    def color(self) -> str:
+        """``#RRGGBB``."""
+        ...
+
+    @property
+    def rgb(self) -> tuple[int, int, int]:
+        """The colour as 0..255 ints."""
+        ...
 
 #: The attribute fields of every polygon layer, in order.
 POLYGON_FIELDS = ("class_id", "class_name", "area_m2", "pixels")
@@ -80,20 +102,16 @@ class GeoTiffRows:
         self.ds.close()
 
 
-def _rgba(color: str) -> tuple[int, int, int, int]:
-    c = color.lstrip("#")
-    return int(c[0:2], 16), int(c[2:4], 16), int(c[4:6], 16), 255
-
-
 def class_raster_sink(path: Path, profile: dict[str, Any], nodata: int,
-                      classes: list[ClassRow], model_name: str, source_name: str) -> RowSink:
+                      classes: Sequence[ClassLike], model_name: str,
+                      source_name: str) -> RowSink:
     """The class raster: class ids, the classes' colours (nodata transparent), the classes in
     the :data:`.raster.CLASSES_TAG` tag. ``profile``: ``width``, ``height``, ``crs``,
     ``transform``."""
-    cmap = {cid: _rgba(color) for cid, _, color in classes}
+    cmap = {c.id: (*c.rgb, 255) for c in classes}
     cmap[nodata] = (0, 0, 0, 0)
-    tags = {CLASSES_TAG: json.dumps([{"id": cid, "name": name, "color": color}
-                                     for cid, name, color in classes]),
+    tags = {CLASSES_TAG: json.dumps([{"id": c.id, "name": c.name, "color": c.color}
+                                     for c in classes]),
             "TESSERA_MODEL": model_name, "TESSERA_SOURCE": source_name}
     return GeoTiffRows(path, profile, nodata, cmap, tags, "class")
 

@@ -81,8 +81,7 @@ class Run:
         self.vectorizer: StreamVectorizer | None = None
         if polygons is not None:
             self.feed, self.vectorizer = self._vectorizer(polygons)
-        self.writer = RowWriter(sinks[0], sinks[1] if self.confidence else None, grid.width,
-                                feed=self.feed)
+        self.writer = RowWriter(sinks[0], sinks[1] if self.confidence else None, feed=self.feed)
         # batches handed to the predictor, not yet in the band, oldest first:
         # (tile row, tiles, Pending or None for skipped tiles)
         self.inflight: deque[tuple[int, list[tuple[Tile, np.ndarray]], Pending | None]] = deque()

@@ -277,8 +277,7 @@ def _result(plan: _Plan, params: SegmentParams, predictor: Any, stats: dict[str,
 def _open_sinks(plan: _Plan, temps: list[Path]) -> list[RowSink]:
     """The class raster's sink (and the confidence raster's) on the run's temporaries."""
     contract, source = plan.contract, Path(plan.path).name
-    classes = [(c.id, c.name, c.color) for c in contract.classes]
-    sinks = [class_raster_sink(temps[0], plan.profile, contract.nodata_value, classes,
+    sinks = [class_raster_sink(temps[0], plan.profile, contract.nodata_value, contract.classes,
                                contract.name, source)]
     if plan.confidence:
         try:

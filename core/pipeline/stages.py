@@ -140,12 +140,12 @@ class RowWriter(threading.Thread):
     """Writes final rows to the class and confidence sinks, in whole block rows where
     possible, and hands the class rows to the vectorizer's ``feed``."""
 
-    def __init__(self, dst: RowSink, dst_conf: RowSink | None, width: int, block: int = 256,
+    def __init__(self, dst: RowSink, dst_conf: RowSink | None, block: int = 256,
                  feed: RowFeed | None = None) -> None:
         super().__init__(name="tessera-writer", daemon=True)
         self.feed = feed
         self.q: queue.Queue[Any] = queue.Queue(maxsize=4)
-        self.dst, self.dst_conf, self.width, self.block = dst, dst_conf, width, block
+        self.dst, self.dst_conf, self.block = dst, dst_conf, block
         self.error: BaseException | None = None
         self.hist = np.zeros(256, dtype=np.int64)
         self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []

@@ -149,3 +149,27 @@ def plugin(iface, qgis_processing):
     p.initGui()
     yield p
     p.unload()
+
+
+def _feedback_base():
+    from qgis.core import QgsProcessingFeedback
+
+    return QgsProcessingFeedback
+
+
+class Recorder(_feedback_base()):
+    """Processing feedback that keeps what it was told: ``lines`` (pushInfo) and
+    ``warnings`` (pushWarning)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+        self.warnings: list[str] = []
+
+    def pushInfo(self, info):
+        self.lines.append(info)
+        super().pushInfo(info)
+
+    def pushWarning(self, warning):
+        self.warnings.append(warning)
+        super().pushWarning(warning)

@@ -8,18 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
-from qgis.core import Qgis, QgsApplication, QgsProcessingException, QgsProcessingFeedback
-
-
-class Recorder(QgsProcessingFeedback):
-    def __init__(self) -> None:
-        super().__init__()
-        self.warnings: list[str] = []
-
-    def pushWarning(self, warning):
-        self.warnings.append(warning)
-        super().pushWarning(warning)
+from conftest import Recorder, wait_for
+from qgis.core import Qgis, QgsApplication, QgsProcessingException
 
 
 def spoil_onnx_cache() -> int:

@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import make_engine_data
+from conftest import Recorder, make_engine_data
 from qgis.core import (
     QgsApplication,
     QgsFeature,
@@ -20,7 +20,6 @@ from qgis.core import (
     QgsGeometry,
     QgsProcessingContext,
     QgsProcessingException,
-    QgsProcessingFeedback,
     QgsProject,
     QgsVectorFileWriter,
     QgsVectorLayer,
@@ -104,16 +103,6 @@ def polygon_gpkg(path: Path, with_layer: bool = True) -> QgsVectorLayer:
     vl = QgsVectorLayer(f"{path}|layername=labelled", "labelled", "ogr")
     assert vl.isValid()
     return vl
-
-
-class Recorder(QgsProcessingFeedback):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[str] = []
-
-    def pushInfo(self, info):
-        self.lines.append(info)
-        super().pushInfo(info)
 
 
 def run_alg(alg_id, params, feedback=None):
