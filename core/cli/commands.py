@@ -135,9 +135,29 @@ def _print_result(res: Any, out: TextIO) -> None:
         out.write(f"  warning: {w}\n")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, schedulers, service managers), raised like Ctrl+C so that a run
+    stops the same way and leaves nothing behind."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+#: Exit statuses: 0 done, 1 error (a message on stderr), 2 bad command line, 130 interrupted
+#: (SIGINT, Ctrl+C), 143 terminated (SIGTERM). An interrupted run leaves nothing.
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the ``tessera`` command; return its exit status (0 done, 1 error, 130 interrupted)."""
+    """Run the ``tessera`` command; return its exit status (0 done, 1 error, 130 interrupted,
+    143 terminated)."""
+    import signal
+    import threading
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     from ..io.raster import limit_malloc_arenas
 
     limit_malloc_arenas()
@@ -148,21 +168,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from ..errors import TesseraError
+    from ..errors import CancelledError, TesseraError
 
     bar = ProgressBar(enabled=not a.quiet)
     try:
         return _dispatch(a, bar)
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc, bar)
     except TesseraError as exc:
+        if isinstance(exc, CancelledError) and isinstance(exc.__cause__, KeyboardInterrupt):
+            return _interrupted(exc.__cause__, bar)
         bar.close()
         print(f"tessera: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        bar.close()
-        print("tessera: interrupted; no partial outputs were left", file=sys.stderr)
-        return 130
+        return EXIT_ERROR
     finally:
         bar.close()
+
+
+def _interrupted(exc: KeyboardInterrupt, bar: ProgressBar) -> int:
+    bar.close()
+    what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+    print(f"tessera: {what}; no partial outputs were left", file=sys.stderr)
+    return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
 
 
 def _run(job: Any, bar: ProgressBar) -> Any:

@@ -1,24 +1,124 @@
 """Committing outputs: everything is written under a temporary name beside its final one and
-renamed only when complete, all of a set together, so a failed or cancelled run leaves nothing
-under a final name. The one temporary-name scheme of the engine is :func:`temp_path`."""
+renamed only when complete, all of a set together, so a failed, cancelled or killed run leaves
+nothing under a final name.
+
+* :func:`temp_path` is the one temporary-name scheme of the engine:
+  ``.<stem>.<pid>-<host><random>.part<suffix>``, shortened so that it (and the sidecars GDAL
+  and SQLite write beside it) always fits where the final name fits.
+* :func:`atomic_outputs` stages a set of outputs and commits them together: finals that
+  already exist are moved aside first, then every temporary is renamed into place; if any
+  step fails the new files are removed and the old ones put back (a rollback), so the set is
+  all new or all old.
+* :func:`remove_stale` deletes the temporaries of runs that died (SIGKILL, power loss): the
+  next run into a folder removes those whose process no longer exists on this host.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import logging
 import os
+import re
+import shutil
+import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import OutputError
 
+log = logging.getLogger(__name__)
+
 #: Files GDAL and SQLite write beside a dataset, which follow it or go with it.
 _SIDECARS = (".aux.xml", "-journal", "-wal", "-shm")
+_LONGEST_SIDECAR = max(len(s) for s in _SIDECARS)
+#: This host's tag in temporary names: a pid means something only on the host that made it.
+HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:4]
+_TEMP_RE = re.compile(r"^\..*\.(?P<pid>\d+)-(?P<host>[0-9a-f]{4})[0-9a-f]{6}\.(?P<kind>part|old)")
 
 
-def temp_path(final: Path) -> Path:
-    """A unique temporary name beside ``final`` (same folder, so the rename is atomic)."""
-    return final.with_name(f".{final.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part{final.suffix}")
+def _name_max(folder: Path) -> int:
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        return 255
+
+
+def _fit(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` of UTF-8, never inside a character."""
+    raw = text.encode("utf-8", "surrogateescape")
+    if len(raw) <= max_bytes:
+        return text
+    return raw[:max(max_bytes, 0)].decode("utf-8", "ignore")
+
+
+def temp_path(final: Path, kind: str = "part") -> Path:
+    """A unique temporary name beside ``final`` (same folder, so the rename is atomic).
+
+    The name carries this process's pid and host (for :func:`remove_stale`) and is cut short
+    enough that it, with the longest sidecar suffix, fits the folder's name limit."""
+    final = Path(final)
+    tag = f".{os.getpid()}-{HOST_TAG}{uuid.uuid4().hex[:6]}.{kind}{final.suffix}"
+    room = _name_max(final.parent) - _LONGEST_SIDECAR - len(tag.encode()) - 1
+    return final.with_name(f".{_fit(final.stem, room)}{tag}")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(folder: Path) -> list[Path]:
+    """Remove the temporaries (and moved-aside old outputs) that runs on this host left in
+    ``folder`` when they died: those whose process is gone. Returns what was removed.
+
+    An old output moved aside by a run killed in the middle of its commit is put back when
+    its final name is free, so a crash between two renames loses nothing."""
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP_RE.match(entry.name)
+        if not m or m["host"] != HOST_TAG or _alive(int(m["pid"])):
+            continue
+        p = Path(entry.path)
+        try:
+            if m["kind"] == "old":
+                final = _final_of(p)
+                if final is not None and not final.exists():
+                    p.replace(final)
+                    log.warning("%s: put back the previous output a killed run had moved aside",
+                                final)
+                    continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p)
+        except OSError:
+            continue
+    if removed:
+        log.info("%s: removed %d temporary file(s) left by runs that were killed", folder,
+                 len(removed))
+    return removed
+
+
+def _final_of(old: Path) -> Path | None:
+    """The final name a moved-aside ``.old`` file belongs to (when its stem was not cut)."""
+    m = re.match(r"^\.(?P<stem>.*)\.\d+-[0-9a-f]{10}\.old(?P<suffix>.*)$", old.name)
+    cut = len(old.name.encode("utf-8", "surrogateescape")) >= \
+        _name_max(old.parent) - _LONGEST_SIDECAR - 4
+    return old.with_name(m["stem"] + m["suffix"]) if m and not cut else None
 
 
 def check_writable_dir(folder: Path) -> None:
@@ -28,31 +128,97 @@ def check_writable_dir(folder: Path) -> None:
     except OSError as exc:
         raise OutputError(f"{folder}: cannot create the output folder ({exc.strerror})",
                           folder) from exc
+    if not folder.is_dir():
+        raise OutputError(f"{folder}: is not a folder", folder)
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"{folder}: the output folder is not writable", folder)
 
 
-@contextlib.contextmanager
-def atomic_outputs(*finals: Path) -> Iterator[list[Path]]:
-    """Yield temporary paths for ``finals``; on success rename each to its final name.
+def check_final_name(final: Path) -> None:
+    """An output name must be free or a replaceable file (not a folder), and short enough."""
+    final = Path(final)
+    if final.is_dir() and not final.is_symlink():
+        raise OutputError(f"{final}: a folder has this output's name; move it or choose "
+                          "another output name", final)
+    if len(final.name.encode("utf-8", "surrogateescape")) > _name_max(final.parent) - \
+            len(".aux.xml"):
+        raise OutputError(f"{final}: the file name is too long for the folder's file system "
+                          f"(at most {_name_max(final.parent) - len('.aux.xml')} bytes)", final)
 
-    On any exception (cancel included) the temporaries are deleted and no final name is
-    touched. Sidecars GDAL writes beside a temporary (``.aux.xml``) follow it.
+
+def _sidecars(p: Path) -> list[Path]:
+    return [p.with_name(p.name + s) for s in _SIDECARS]
+
+
+def _remove(p: Path) -> None:
+    for q in (p, *_sidecars(p)):
+        with contextlib.suppress(OSError):
+            q.unlink()
+
+
+def _commit(temps: list[Path], finals: list[Path]) -> None:
+    """Rename ``temps`` onto ``finals`` all together: old finals (and their ``.aux.xml``) are
+    moved aside first; on any failure everything is put back as it was."""
+    aside: list[tuple[Path, Path]] = []  # (final or its .aux.xml, where it was moved)
+    placed: list[Path] = []
+    try:
+        for f in finals:
+            aux = f.with_name(f.name + ".aux.xml")
+            old = temp_path(f, "old")
+            for p, to in ((f, old), (aux, old.with_name(old.name + ".aux.xml"))):
+                if p.exists() or p.is_symlink():
+                    p.replace(to)
+                    aside.append((p, to))
+        for t, f in zip(temps, finals):
+            if not t.exists():
+                continue
+            aux = t.with_name(t.name + ".aux.xml")
+            if aux.exists():
+                aux.replace(f.with_name(f.name + ".aux.xml"))
+                placed.append(f.with_name(f.name + ".aux.xml"))
+            t.replace(f)
+            placed.append(f)
+    except BaseException as exc:
+        for p in placed:
+            with contextlib.suppress(OSError):
+                p.unlink()
+        for final, old in reversed(aside):
+            with contextlib.suppress(OSError):
+                old.replace(final)
+        if isinstance(exc, OSError):
+            raise OutputError(f"{finals[0]}: cannot put the outputs in place ({exc}); the "
+                              "previous outputs were left as they were", finals[0]) from exc
+        raise
+    for _, old in aside:
+        with contextlib.suppress(OSError):
+            old.unlink()
+
+
+@contextlib.contextmanager
+def atomic_outputs(*finals: Path, verify: Callable[[list[Path]], None] | None = None,
+                   ) -> Iterator[list[Path]]:
+    """Yield temporary paths for ``finals``; on success commit them together (see
+    :func:`_commit`), after ``verify(temps)`` if given.
+
+    Before anything, the temporaries dead runs left in the output folders are removed
+    (:func:`remove_stale`). On any exception (cancel and interrupt included) the temporaries
+    are deleted and no final name is touched. Sidecars GDAL writes beside a temporary
+    (``.aux.xml``) follow it.
     """
-    temps = [temp_path(Path(f)) for f in finals]
+    paths = [Path(f) for f in finals]
+    for folder in sorted({p.parent for p in paths}):
+        remove_stale(folder)
+    for p in paths:
+        check_final_name(p)
+    temps = [temp_path(p) for p in paths]
     try:
         yield temps
-        for t, f in zip(temps, finals):
-            if t.exists():
-                aux = t.with_name(t.name + ".aux.xml")
-                if aux.exists():
-                    aux.replace(Path(f).with_name(Path(f).name + ".aux.xml"))
-                t.replace(f)
+        if verify is not None:
+            verify(temps)
+        _commit(temps, paths)
     except BaseException:
         for t in temps:
-            for p in (t, *(t.with_name(t.name + s) for s in _SIDECARS)):
-                with contextlib.suppress(OSError):
-                    p.unlink()
+            _remove(t)
         raise
 
 
@@ -68,5 +234,16 @@ def write_text_atomic(final: Path, text: str) -> None:
     try:
         with atomic_file(final) as tmp:
             tmp.write_text(text, encoding="utf-8")
+    except OutputError:
+        raise
     except OSError as exc:
         raise OutputError(f"{final}: cannot write it ({exc})", final) from exc
+
+
+def free_bytes(folder: Path) -> int | None:
+    """Bytes free to an unprivileged writer in ``folder`` (``None`` if unknown)."""
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,47 @@ def gdal_env() -> Any:
     return rasterio.Env(**GDAL_ENV)
 
 
+class GdalErrors(logging.Filter):
+    """While open (a context manager), collects the errors GDAL signals: rasterio logs them
+    at INFO on the ``rasterio._env`` logger and raises only those of the call it wraps, so a
+    failed flush of a written block (a full disk) would otherwise pass unseen. What the
+    logger printed before is printed still (nothing more)."""
+
+    _LOGGER = "rasterio._env"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+        self._level = logging.NOTSET
+        self._shown = logging.WARNING
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Keep GDAL's error messages; let through what would have been shown anyway."""
+        msg = record.getMessage()
+        if "signalled an error" in msg or record.levelno >= logging.ERROR:
+            self.messages.append(msg.split("msg=", 1)[-1].strip("'\""))
+        return record.levelno >= self._shown
+
+    def __enter__(self) -> GdalErrors:
+        lg = logging.getLogger(self._LOGGER)
+        self._level, self._shown = lg.level, lg.getEffectiveLevel()
+        lg.addFilter(self)
+        if self._shown > logging.INFO:
+            lg.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        lg = logging.getLogger(self._LOGGER)
+        lg.removeFilter(self)
+        if not any(isinstance(f, GdalErrors) for f in lg.filters):
+            lg.setLevel(self._level)
+
+    def write_errors(self) -> list[str]:
+        """The messages that tell of a failed write (I/O, full disk, too large)."""
+        return [m for m in self.messages
+                if re.search(r"writ|i/o|io error|seek|no space|too large|flush", m, re.I)]
+
+
 def open_raster(path: str | Path) -> Any:
     """Open a raster for reading; raise :class:`RasterNotFoundError`/:class:`RasterReadError`.
 
@@ -85,6 +127,11 @@ def open_raster(path: str | Path) -> Any:
         ds.close()
         raise RasterReadError(f"{path}: has no raster bands or pixels", path)
     return ds
+
+
+def short_error(exc: BaseException) -> str:
+    """The first line of an exception's message (at most 300 characters)."""
+    return _short(exc)
 
 
 def _short(exc: BaseException) -> str:

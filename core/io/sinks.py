@@ -11,13 +11,15 @@ run's outputs together is :func:`.atomic.atomic_outputs`'s job.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from .raster import CLASSES_TAG, GTIFF_OPTIONS
+from ..errors import OutputError, TesseraError
+from .raster import CLASSES_TAG, GTIFF_OPTIONS, short_error
 
 
 class ClassLike(Protocol):
@@ -69,17 +71,45 @@ class PolygonSink(Protocol):
         ...
 
 
+_FULL = re.compile(r"no space|too large|quota|errno 28|errno 27|errno 122", re.I)
+
+
+def write_failed(final: Path, exc: BaseException | str, what: str = "write") -> OutputError:
+    """The :class:`OutputError` for a failed write of ``final`` (the name the user asked for,
+    not the temporary), saying when the disk is full."""
+    from .atomic import free_bytes
+
+    detail = exc if isinstance(exc, str) else short_error(exc)
+    free = free_bytes(Path(final).parent)
+    if _FULL.search(detail) or (free is not None and free < 64e6):
+        hint = "; the disk (or your quota) is full: free some space and run again"
+    elif re.search(r"writ|seek|i/o", detail, re.I):
+        hint = "; is the disk full, or the file too large for its file system?"
+    else:
+        hint = ""
+    return OutputError(f"{final}: cannot {what} it ({detail}){hint}; nothing was replaced",
+                       final)
+
+
 class GeoTiffRows:
-    """A single-band uint8 GeoTIFF (tiled, deflate) written in row blocks."""
+    """A single-band uint8 GeoTIFF (tiled, deflate) written in row blocks. ``final`` is the
+    name errors give (the file is written to ``path``, its temporary)."""
 
     def __init__(self, path: Path, profile: dict[str, Any], nodata: int,
                  colormap: dict[int, tuple[int, int, int, int]] | None = None,
-                 tags: dict[str, str] | None = None, description: str = "") -> None:
+                 tags: dict[str, str] | None = None, description: str = "",
+                 final: Path | None = None) -> None:
         import rasterio
 
         self.width = int(profile["width"])
-        self.ds = rasterio.open(path, "w", **dict(GTIFF_OPTIONS, **profile), count=1,
-                                dtype="uint8", nodata=nodata)
+        self.final = final or path
+        try:
+            self.ds = rasterio.open(path, "w", **dict(GTIFF_OPTIONS, **profile), count=1,
+                                    dtype="uint8", nodata=nodata)
+        except TesseraError:
+            raise
+        except Exception as exc:
+            raise write_failed(self.final, exc, "create") from exc
         try:
             if colormap:
                 self.ds.write_colormap(1, colormap)
@@ -87,24 +117,76 @@ class GeoTiffRows:
                 self.ds.update_tags(**tags)
             if description:
                 self.ds.set_band_description(1, description)
-        except BaseException:
+        except BaseException as exc:
             self.ds.close()
+            if isinstance(exc, Exception) and not isinstance(exc, TesseraError):
+                raise write_failed(self.final, exc) from exc
             raise
 
     def write_rows(self, row: int, rows: np.ndarray) -> None:
         """Write ``rows`` ``(n, width)`` uint8 at raster row ``row``."""
         from rasterio.windows import Window
 
-        self.ds.write(rows, 1, window=Window(0, row, self.width, rows.shape[0]))
+        try:
+            self.ds.write(rows, 1, window=Window(0, row, self.width, rows.shape[0]))
+        except TesseraError:
+            raise
+        except Exception as exc:
+            raise write_failed(self.final, exc) from exc
 
     def close(self) -> None:
-        """Close the file (idempotent)."""
+        """Close the file (idempotent). GDAL does not report errors of the last flush here:
+        :func:`verify_geotiff` finds them."""
         self.ds.close()
+
+
+def verify_geotiff(path: Path, final: Path, hist: np.ndarray | None = None) -> None:
+    """Read every block of the single-band GeoTIFF ``path`` back; with ``hist`` (the counts
+    of each value written, 256 bins) the file must hold exactly those. Raises the
+    :class:`OutputError` of :func:`write_failed` for ``final`` otherwise: GDAL and libtiff
+    do not always report a failed write (a full disk at the last flush), this does."""
+    import rasterio
+
+    counts = np.zeros(256, np.int64)
+    try:
+        with rasterio.open(path) as ds:
+            for _, win in ds.block_windows(1):
+                counts += np.bincount(ds.read(1, window=win).ravel(), minlength=256)[:256]
+    except Exception as exc:
+        raise write_failed(final, f"the file written is damaged: {short_error(exc)}; "
+                           "is the disk full or failing?") from exc
+    if hist is not None and not np.array_equal(counts, hist[:256]):
+        raise write_failed(final, "the file written does not hold what was computed; is the "
+                           "disk full or failing?")
+
+
+def verify_geopackage(path: Path, final: Path, layer: str, n_features: int) -> None:
+    """The GeoPackage ``path`` must pass SQLite's integrity check and hold ``n_features`` in
+    ``layer``; :class:`OutputError` for ``final`` otherwise."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            ok = con.execute("PRAGMA quick_check").fetchone()[0]
+            n = con.execute(f'SELECT count(*) FROM "{layer.replace(chr(34), chr(34) * 2)}"'
+                            ).fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise write_failed(final, f"the file written is damaged: {exc}") from exc
+    if ok != "ok":
+        raise write_failed(final, f"the file written is damaged (SQLite: {ok}); is the disk "
+                           "full or failing?")
+    if n != n_features:
+        raise write_failed(final, f"the file written holds {n} polygons, {n_features} were "
+                           "traced; is the disk full or failing?")
 
 
 def class_raster_sink(path: Path, profile: dict[str, Any], nodata: int,
                       classes: Sequence[ClassLike], model_name: str,
-                      source_name: str) -> RowSink:
+                      source_name: str, final: Path | None = None,
+                      extra_tags: dict[str, str] | None = None) -> RowSink:
     """The class raster: class ids, the classes' colours (nodata transparent), the classes in
     the :data:`.raster.CLASSES_TAG` tag. ``profile``: ``width``, ``height``, ``crs``,
     ``transform``."""
@@ -112,16 +194,18 @@ def class_raster_sink(path: Path, profile: dict[str, Any], nodata: int,
     cmap[nodata] = (0, 0, 0, 0)
     tags = {CLASSES_TAG: json.dumps([{"id": c.id, "name": c.name, "color": c.color}
                                      for c in classes]),
-            "TESSERA_MODEL": model_name, "TESSERA_SOURCE": source_name}
-    return GeoTiffRows(path, profile, nodata, cmap, tags, "class")
+            "TESSERA_MODEL": model_name, "TESSERA_SOURCE": source_name, **(extra_tags or {})}
+    return GeoTiffRows(path, profile, nodata, cmap, tags, "class", final)
 
 
 def confidence_raster_sink(path: Path, profile: dict[str, Any], model_name: str,
-                           source_name: str) -> RowSink:
+                           source_name: str, final: Path | None = None,
+                           extra_tags: dict[str, str] | None = None) -> RowSink:
     """The confidence raster: the winning class's probability x 255 (nodata 0)."""
     return GeoTiffRows(path, profile, 0, None,
-                       {"TESSERA_MODEL": model_name, "TESSERA_SOURCE": source_name},
-                       "confidence (max class probability x 255)")
+                       {"TESSERA_MODEL": model_name, "TESSERA_SOURCE": source_name,
+                        **(extra_tags or {})},
+                       "confidence (max class probability x 255)", final)
 
 
 class ArrayRows:

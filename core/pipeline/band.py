@@ -41,6 +41,12 @@ class RowBand:
             self.wsum = np.zeros((rows, width), dtype=np.float32)
         self.top = 0
 
+    @staticmethod
+    def bytes_for(n_classes: int, grid: TileGrid) -> int:
+        """What a band for ``grid`` will hold (see the class notes), before making it."""
+        pixels = min(grid.tile, grid.height) * grid.width
+        return pixels * (4 if grid.overlap == 0 else 4 * n_classes + 7)
+
     @property
     def nbytes(self) -> int:
         """Bytes held by the band's arrays."""

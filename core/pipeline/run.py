@@ -55,6 +55,7 @@ class Polygons:
     layer: str
     transform: Any
     crs: Any
+    final: Path | None = None  # the name errors give
 
 
 
@@ -103,7 +104,7 @@ class Run:
             min(4 * band_rows + 2 * vec.sieve_px + 2048, FEED_PIXELS // max(grid.width, 1))))
         breaks = tuple(grid.final_rows_after(i) for i in range(grid.shape[0]))
         return feed, StreamVectorizer(feed, pg.tmp, pg.layer, vec, self.contract.class_names,
-                                      self.nd, pg.transform, pg.crs, breaks)
+                                      self.nd, pg.transform, pg.crs, breaks, pg.final)
 
     def run(self) -> dict[str, Any]:
         """Segment into the temporaries; return the run's counts and times."""
@@ -180,6 +181,8 @@ class Run:
         self.tiles_done += len(tiles)
         if self.writer.error is not None:
             raise self.writer.error
+        if self.vectorizer is not None and self.vectorizer.error is not None:
+            raise self.vectorizer.error  # at once, not at the end of the run
         if self.done_in_row[i] == grid.shape[1]:
             top, cls, conf = band.pop(grid.final_rows_after(i) - band.top, self.nd)
             self.writer.q.put((top, cls, conf, i == grid.shape[0] - 1))

@@ -26,16 +26,32 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BandMismatchError, NoCRSError, ParameterError
+from ..errors import BandMismatchError, NoCRSError, OutputError, ParameterError
 from ..inference.base import Predictor
 from ..inference.factory import make_predictor
-from ..io.atomic import atomic_outputs, check_writable_dir
-from ..io.raster import gdal_env, open_raster, pixel_size_m, window_transform, write_category_names
-from ..io.sinks import ArrayRows, RowSink, class_raster_sink, confidence_raster_sink
+from ..io.atomic import atomic_outputs, check_final_name, check_writable_dir, free_bytes
+from ..io.raster import (
+    GdalErrors,
+    gdal_env,
+    open_raster,
+    pixel_size_m,
+    window_transform,
+    write_category_names,
+)
+from ..io.sinks import (
+    ArrayRows,
+    RowSink,
+    class_raster_sink,
+    confidence_raster_sink,
+    verify_geopackage,
+    verify_geotiff,
+    write_failed,
+)
 from ..model.contract import ModelContract
 from ..model.files import TesseraModel
 from ..params import OutputPaths, SegmentParams, VectorizeParams, Window, check_tile_overlap
 from ..progress import CancelFn, Meter, Progress, ProgressFn
+from .band import RowBand
 from .run import Polygons, Run
 from .stages import (
     array_reader,
@@ -169,7 +185,8 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
         def tick(tiles_done: int, final: bool) -> None:
             meter.update(int(tiles_done / len(grid) * meter.total), force=final)
 
-        with atomic_outputs(*plan.finals) as temps:  # all outputs together, complete, or none
+        # all outputs together, complete and read back, or none
+        with GdalErrors() as gdal_errors, atomic_outputs(*plan.finals) as temps:
             sinks = _open_sinks(plan, temps)
             try:
                 stats = Run(window_reader(ds, plan.bands, plan.window, plan.nodata), grid, contract,
@@ -179,8 +196,27 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
             finally:
                 for sink in sinks:
                     sink.close()
-            write_category_names(temps[0], [c.name for c in contract.classes])
+            _verify(plan, temps, stats, gdal_errors)
+            try:
+                write_category_names(temps[0], [c.name for c in contract.classes])
+            except OSError as exc:
+                raise write_failed(plan.outs.class_raster, exc) from exc
     return _result(plan, params, predictor, stats, t_start, progress)
+
+
+def _verify(plan: _Plan, temps: list[Path], stats: dict[str, Any], gdal: GdalErrors) -> None:
+    """Every output checked before its commit: no write error signalled by GDAL, each
+    raster read back whole (the class raster holding exactly the classes computed), the
+    GeoPackage sound and holding every polygon."""
+    finals = plan.finals
+    errors = gdal.write_errors()
+    if errors:
+        raise write_failed(finals[0], errors[0])
+    verify_geotiff(temps[0], finals[0], stats["hist"])
+    if plan.confidence:
+        verify_geotiff(temps[1], finals[1])
+    if plan.vec is not None:
+        verify_geopackage(temps[-1], finals[-1], plan.outs.polygons.stem, stats["polygons"][0])
 
 
 def _tiling(params: SegmentParams, contract: ModelContract) -> tuple[int, int]:
@@ -219,15 +255,87 @@ def _plan(ds: Any, path: str, contract: ModelContract, params: SegmentParams,
         + ([outs.polygons] if vec is not None else [])
     for folder in sorted({p.parent for p in wanted}):
         check_writable_dir(folder)
+    for p in wanted:
+        check_final_name(p)
+    grid = TileGrid(win.height, win.width, tile, overlap, contract.size_multiple)
+    _check_memory(path, grid, contract, params.batch_size)
+    warns += _check_space(wanted, win, params.confidence)
     if vec is not None:
         from ..vectorize.writer import _resolve_skip
 
         _resolve_skip(vec.skip_classes, contract.class_names)  # fail before any work
     profile = {"width": win.width, "height": win.height, "crs": ds.crs,
                "transform": window_transform(ds, win)}
-    return _Plan(path, contract, bands, params.nodata, win,
-                 TileGrid(win.height, win.width, tile, overlap, contract.size_multiple), profile, outs,
+    return _Plan(path, contract, bands, params.nodata, win, grid, profile, outs,
                  params.confidence, vec, warns)
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``), or ``None``."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def run_memory(grid: TileGrid, contract: ModelContract, batch_size: int) -> int:
+    """Bytes a run holds at its peak, beyond the model: the rolling band, and the batches
+    queued, in flight and being blended (inputs and class probabilities, float32)."""
+    tile_px = min(grid.tile, grid.height) * min(grid.tile, grid.width)
+    batches = 6 * batch_size * (contract.in_channels + contract.n_classes) * tile_px * 4
+    return RowBand.bytes_for(contract.n_classes, grid) + batches
+
+
+def _check_memory(path: str, grid: TileGrid, contract: ModelContract, batch_size: int) -> None:
+    """Refuse a run that would need more memory than the machine has free, with the figure
+    and what lowers it."""
+    need, free = run_memory(grid, contract, batch_size), _available_memory()
+    if free is not None and need > free:
+        raise ParameterError(
+            f"{path}: this run would need about {_mb(need)} of memory ({grid.width} px wide, "
+            f"tile {grid.tile}, batch {batch_size}, {contract.n_classes} classes); "
+            f"{_mb(free)} is available. Use a smaller tile size or batch size, or a window "
+            "of the raster", path)
+
+
+#: Compressed size of the outputs, as a fraction of one byte per pixel: what a run needs at
+#: the least (class rasters deflate to a few per cent; confidence to about half), and at most.
+_SPACE_MIN = {"classes": 0.01, "confidence": 0.2, "polygons": 0.01}
+_SPACE_MAX = {"classes": 1.0, "confidence": 1.0, "polygons": 1.0}
+
+
+def _check_space(wanted: list[Path], win: Window, confidence: bool) -> list[str]:
+    """Refuse a run whose outputs cannot fit in the free space even at their smallest; warn
+    when they may not fit at their largest. The figures are the run's own."""
+    pixels = win.width * win.height
+    kinds = ["classes"] + (["confidence"] if confidence else []) + ["polygons"]
+    per_folder: dict[Path, tuple[float, float]] = {}
+    for p, kind in zip(wanted, kinds):
+        lo, hi = per_folder.get(p.parent, (0.0, 0.0))
+        per_folder[p.parent] = (lo + pixels * _SPACE_MIN[kind], hi + pixels * _SPACE_MAX[kind])
+    warns = []
+    for folder, (lo, hi) in sorted(per_folder.items()):
+        free = free_bytes(folder)
+        if free is None:
+            continue
+        lo, hi = lo + 1e6, hi + 1e6
+        if free < lo:
+            raise OutputError(f"{folder}: not enough free space for the outputs: they need at "
+                              f"least about {_mb(lo)} ({win.width} x {win.height} px), "
+                              f"{_mb(free)} is free; free some space or choose another output "
+                              "folder", folder)
+        if free < hi:
+            warns.append(f"{folder}: {_mb(free)} free; the outputs of {win.width} x "
+                         f"{win.height} px may need up to {_mb(hi)}")
+    return warns
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
 def _check_nodata(nodata: float, dtypes: set[str], path: str) -> None:
@@ -278,10 +386,11 @@ def _open_sinks(plan: _Plan, temps: list[Path]) -> list[RowSink]:
     """The class raster's sink (and the confidence raster's) on the run's temporaries."""
     contract, source = plan.contract, Path(plan.path).name
     sinks = [class_raster_sink(temps[0], plan.profile, contract.nodata_value, contract.classes,
-                               contract.name, source)]
+                               contract.name, source, plan.outs.class_raster)]
     if plan.confidence:
         try:
-            sinks.append(confidence_raster_sink(temps[1], plan.profile, contract.name, source))
+            sinks.append(confidence_raster_sink(temps[1], plan.profile, contract.name, source,
+                                                plan.outs.confidence_raster))
         except BaseException:
             sinks[0].close()
             raise
@@ -291,7 +400,7 @@ def _open_sinks(plan: _Plan, temps: list[Path]) -> list[RowSink]:
 def _polygons(plan: _Plan, tmp: Path) -> Polygons:
     assert plan.vec is not None
     return Polygons(plan.vec, tmp, plan.outs.polygons.stem, plan.profile["transform"],
-                     plan.profile["crs"])
+                     plan.profile["crs"], plan.outs.polygons)
 
 
 def segment_array(image: np.ndarray, valid: np.ndarray | None, contract: ModelContract,

@@ -111,9 +111,9 @@ class StreamVectorizer(threading.Thread):
 
     def __init__(self, feed: RowFeed, tmp: Path, layer: str, params: Any,
                  names: dict[int, str], nodata: int, transform: Any, crs: Any,
-                 breaks: tuple[int, ...] = ()) -> None:
+                 breaks: tuple[int, ...] = (), final: Path | None = None) -> None:
         super().__init__(name="tessera-vectorizer", daemon=True)
-        self.breaks = breaks
+        self.breaks, self.final = breaks, final
         self.feed, self.tmp, self.layer, self.params = feed, tmp, layer, params
         self.names, self.nodata, self.transform, self.crs = names, nodata, transform, crs
         self.result: tuple[int, dict[int, float]] | None = None
@@ -129,7 +129,7 @@ class StreamVectorizer(threading.Thread):
                 self.result = write_polygons(
                     self.feed, self.tmp, self.layer, self.params, self.names, self.nodata,
                     self.transform, self.crs, breaks=self.breaks,
-                    on_rows=lambda r: setattr(self, "rows_done", r))
+                    on_rows=lambda r: setattr(self, "rows_done", r), final=self.final)
         except BaseException as exc:  # noqa: BLE001  (handed to the main thread)
             self.error = exc
             self.feed.abort()

@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import NoCRSError, OutputError, ParameterError, TesseraError
 from ..io.atomic import atomic_outputs, check_writable_dir
 from ..io.raster import CLASSES_TAG, gdal_env, open_raster
-from ..io.sinks import POLYGON_FIELDS, polygon_sink
+from ..io.sinks import POLYGON_FIELDS, polygon_sink, verify_geopackage, write_failed
 from ..params import VectorizeParams
 from ..progress import CancelFn, Meter, ProgressFn
 from .area import polygon_areas_m2
@@ -130,15 +130,16 @@ def write_polygons(source: Any, tmp: Path, layer: str, params: VectorizeParams,
                    names: dict[int, str], nodata: int | None, transform: Any, crs: Any,
                    cancel: CancelFn | None = None,
                    on_rows: Callable[[int], None] | None = None,
-                   breaks: tuple[int, ...] = ()) -> tuple[int, dict[int, float]]:
+                   breaks: tuple[int, ...] = (),
+                   final: Path | None = None) -> tuple[int, dict[int, float]]:
     """Polygonize ``source`` into the GeoPackage ``tmp``; return ``(count, m² per class id)``.
 
     ``source``: anything with ``height``, ``width`` and rasterio's ``read(1, window=...)``;
     ``transform``/``crs``: its georeferencing. ``tmp`` is written as is (callers wrap it in
     :func:`~..io.atomic.atomic_outputs`). Polygons below ``params.min_area_m2`` are dropped;
     ``params.simplify_px`` simplifies in pixels after ``pixels`` and ``area_m2`` are measured.
-    ``breaks``: see :func:`iter_class_polygons`. Raises :class:`OutputError` when the
-    GeoPackage cannot be written.
+    ``breaks``: see :func:`iter_class_polygons`. Raises :class:`OutputError` naming ``final``
+    (the output ``tmp`` becomes) when the GeoPackage cannot be written.
     """
     import shapely
     from pyogrio.errors import DataLayerError, DataSourceError
@@ -212,7 +213,7 @@ def write_polygons(source: Any, tmp: Path, layer: str, params: VectorizeParams,
     except TesseraError:
         raise
     except (OSError, DataSourceError, DataLayerError) as exc:
-        raise OutputError(f"{tmp}: cannot write the polygons ({exc})", tmp) from exc
+        raise write_failed(final or tmp, exc) from exc
     return n_total, areas
 
 
@@ -256,6 +257,7 @@ def vectorize_raster(class_raster: str | Path, out_gpkg: str | Path,
         meter.update(0, "polygonizing", force=True)
         with atomic_outputs(out) as (tmp,):
             n_total, areas = write_polygons(ds, tmp, layer, params, names, nodata, ds.transform,
-                                            ds.crs, cancel, on_rows=meter.update)
+                                            ds.crs, cancel, on_rows=meter.update, final=out)
+            verify_geopackage(tmp, out, layer, n_total)
         meter.update(ds.height, f"{n_total} polygons", force=True)
     return VectorizeResult(out, layer, n_total, areas, time.perf_counter() - t0)
