@@ -54,6 +54,10 @@ class ModelNotFoundError(ModelError, FileNotFoundError):
     """The model file does not exist."""
 
 
+class ExportError(ModelError):
+    """A network cannot be exported to ONNX faithfully (PyTorch can still run it)."""
+
+
 class OutputError(TesseraError, OSError):
     """An output cannot be written (folder missing or read-only, disk full...)."""
 

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import DeviceError
+from ..errors import DeviceError, ModelError
 
 
 @dataclass(frozen=True)
@@ -122,10 +122,25 @@ class Pending:
             f.cancel()
 
 
+NON_FINITE = ("the model gave NaN or infinite values (its weights are damaged, or its "
+              "training diverged); nothing was written")
+
+
+def check_max(mx: Any) -> None:
+    """Raise :class:`ModelError` when the per-pixel maximum of a model's logits is NaN or
+    infinite (a NaN anywhere makes its pixel's maximum NaN): a damaged model would otherwise
+    paint one class everywhere and pass."""
+    if not bool(np.isfinite(mx).all()):
+        raise ModelError(NON_FINITE)
+
+
 def softmax(logits: np.ndarray, inplace: bool = False) -> np.ndarray:
-    """Softmax along axis 1 of ``(B, K, H, W)`` float32 logits (in place with ``inplace``)."""
+    """Softmax along axis 1 of ``(B, K, H, W)`` float32 logits (in place with ``inplace``);
+    :class:`ModelError` for non-finite logits."""
     z = logits if inplace else logits.copy()
-    z -= z.max(axis=1, keepdims=True)
+    mx = z.max(axis=1, keepdims=True)
+    check_max(mx)
+    z -= mx
     np.exp(z, out=z)
     z /= z.sum(axis=1, keepdims=True)
     return z
@@ -142,6 +157,7 @@ def reduce_logits(logits: np.ndarray, confidence: bool = True) -> np.ndarray:
     b, k, h, w = logits.shape
     out = np.empty((b, 2, h, w), np.uint8)
     mx = logits.max(axis=1)
+    check_max(mx)
     first_argmax([logits[:, j] for j in range(k)], mx, out[:, 0])
     if not confidence:
         out[:, 1] = 0

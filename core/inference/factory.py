@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ..errors import DeviceError, ParameterError
+from ..errors import DeviceError, ExportError, ModelError, ParameterError
 from . import onnx_backend as ob
 from .base import Predictor, gpu_possible, pick_device
 from .torch_backend import TorchPredictor
@@ -38,7 +38,7 @@ def make_predictor(model: Any, device: str = "auto", backend: str = "auto",
                                  f"only (asked: backend {b}, device {device}); use the "
                                  ".safetensors model for PyTorch or a GPU")
         ob.require_onnxruntime()
-        return ob.OrtPredictor(model.path, threads)
+        return ob.OrtPredictor(model.path, threads, contract=model.contract)
     if b == "torch":
         return TorchPredictor(model.module, device, half, threads)
 
@@ -57,8 +57,12 @@ def make_predictor(model: Any, device: str = "auto", backend: str = "auto",
         return TorchPredictor(model.module, device, half, threads)
     try:
         return ob.OrtPredictor.for_model(model, threads, cache_dir)
-    except DeviceError:
-        raise
+    except ExportError as exc:
+        log.warning("ONNX Runtime not used for model '%s' (%s); inference with PyTorch",
+                    model.contract.name, exc)
+        return TorchPredictor(model.module, device, half, threads)
+    except (DeviceError, ModelError):
+        raise  # the model itself is at fault: PyTorch would fail the same way (once is enough)
     except Exception as exc:  # noqa: BLE001  (any export problem: PyTorch still works)
         log.warning("ONNX Runtime not used for model '%s' (%s: %s); inference with PyTorch",
                     getattr(getattr(model, "contract", None), "name", "?"),

@@ -17,6 +17,7 @@ predictor is made, and :func:`.factory.make_predictor` falls back to PyTorch wit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from typing import Any, TypedDict, cast
 
 import numpy as np
 
-from ..errors import DeviceError, ModelError, OutputError
+from ..errors import DeviceError, ExportError, ModelError, OutputError
 from ..io.atomic import atomic_file
 from ..model.contract import ModelContract
 from ..model.files import TesseraModel, file_sha256
@@ -197,7 +198,7 @@ def export_onnx(model: TesseraModel | str | Path, out: str | Path, opset: int = 
         except OSError as exc:
             raise OutputError(f"{out}: cannot write the ONNX file: {exc}", out) from exc
         except Exception as exc:
-            raise ModelError(f"model '{m.contract.name}' cannot be exported to ONNX: "
+            raise ExportError(f"model '{m.contract.name}' cannot be exported to ONNX: "
                              f"{type(exc).__name__}: {exc}") from exc
         res = ExportResult(path=str(out), opset=opset, model_sha256=sha)
         if check:
@@ -248,14 +249,17 @@ def onnx_for(model: TesseraModel | str | Path, cache_dir: str | Path | None = No
                          "hash to cache its ONNX graph under; use export_onnx instead")
     folder = Path(cache_dir) if cache_dir is not None else cache_dir_default()
     onnx_path, side = folder / f"{sha}.onnx", folder / f"{sha}.json"
+    check_cache_folder(folder, onnx_path, side)
     problem = _cache_problem(onnx_path, side, sha)
     if problem is None:
         log.debug("ONNX graph from the cache: %s", onnx_path)
+        with contextlib.suppress(OSError):
+            os.utime(side)  # last used: what pruning goes by
         return onnx_path
     if problem != "not cached yet":
         log.warning("cached ONNX graph %s is not used: %s; rebuilding it", onnx_path, problem)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise OutputError(f"{folder}: cannot create the ONNX cache folder: {exc}", folder) from exc
     res = export_onnx(m, onnx_path, opset=opset, check=True)
@@ -279,7 +283,74 @@ def onnx_for(model: TesseraModel | str | Path, cache_dir: str | Path | None = No
         raise OutputError(f"{side}: cannot write the ONNX cache record: {exc}", side) from exc
     log.info("ONNX graph of '%s' exported to %s in %.1f s (max prob. difference %.2g)",
              m.contract.name, onnx_path, res["seconds"], res.get("max_abs_diff", float("nan")))
+    prune_cache(folder, keep=sha)
     return onnx_path
+
+
+class UnsafeCacheError(OutputError):
+    """The ONNX cache folder (or a file in it) can be written by someone else."""
+
+
+def check_cache_folder(folder: Path, *files: Path) -> None:
+    """Refuse a cache that other users could write (as ssh and pip do): the folder and the
+    entry's files must belong to this user and be writable by no group or other. A graph
+    and its record replaced together would otherwise be trusted, and run."""
+    if not hasattr(os, "getuid"):
+        return
+    for p in (folder, *files):
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise OutputError(f"{p}: cannot read the ONNX cache ({exc})", p) from exc
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise UnsafeCacheError(
+                f"{p}: the ONNX cache can be written by other users (owner uid {st.st_uid}, "
+                f"mode {oct(st.st_mode & 0o777)}), so its graphs cannot be trusted; make it "
+                f"yours alone (chmod 700 {folder}) or set TESSERA_CACHE to a folder of your "
+                "own", p)
+
+
+#: The cache keeps graphs used in the last CACHE_MAX_DAYS, and CACHE_MAX_MB at most
+#: (``TESSERA_CACHE_MAX_MB`` overrides), the least recently used going first.
+CACHE_MAX_DAYS = 180
+CACHE_MAX_MB = 2048
+
+
+def prune_cache(folder: Path, keep: str | None = None, now: float | None = None) -> list[Path]:
+    """Remove cached graphs not used for :data:`CACHE_MAX_DAYS` days, then the least recently
+    used until the cache fits :data:`CACHE_MAX_MB`; never the entry ``keep``. Returns the
+    graphs removed."""
+    try:
+        max_bytes = float(os.environ.get("TESSERA_CACHE_MAX_MB", CACHE_MAX_MB)) * 1e6
+    except ValueError:
+        max_bytes = CACHE_MAX_MB * 1e6
+    now = time.time() if now is None else now
+    entries = []
+    for graph in folder.glob("*.onnx"):
+        side = graph.with_suffix(".json")
+        try:
+            used = max(side.stat().st_mtime if side.exists() else 0.0, graph.stat().st_mtime)
+            entries.append((used, graph.stat().st_size, graph, side))
+        except OSError:
+            continue
+    entries.sort()  # least recently used first
+    total = sum(e[1] for e in entries)
+    removed = []
+    for used, size, graph, side in entries:
+        if graph.stem == keep:
+            continue
+        if now - used > CACHE_MAX_DAYS * 86400 or total > max_bytes:
+            for p in (graph, side):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            total -= size
+            removed.append(graph)
+    if removed:
+        log.info("ONNX cache %s: removed %d graph(s) unused for long or over %.0f MB",
+                 folder, len(removed), max_bytes / 1e6)
+    return removed
 
 
 # probabilities from ONNX Runtime and PyTorch may differ by float rounding, not more
@@ -289,7 +360,7 @@ AGREEMENT_TOL = 1e-3
 def _require_agreement(model: TesseraModel, res: ExportResult) -> None:
     diff = res.get("max_abs_diff")
     if diff is None or not diff <= AGREEMENT_TOL:
-        raise ModelError(f"model '{model.contract.name}': the exported ONNX graph does not "
+        raise ExportError(f"model '{model.contract.name}': the exported ONNX graph does not "
                          f"reproduce PyTorch (max probability difference {diff}); it is not used")
 
 
@@ -311,6 +382,34 @@ def _default_threads() -> int:
         return os.cpu_count() or 1
 
 
+def check_graph(session: Any, contract: ModelContract, where: str) -> None:
+    """The graph's input and output must be what its contract says: one float input
+    ``input`` ``(batch, in_channels, H, W)`` and an output ``logits``
+    ``(batch, n_classes, H, W)``; :class:`ModelError` naming ``where`` and the field
+    otherwise (it would fail deep in the blend, or give wrong classes)."""
+    ins, outs = session.get_inputs(), session.get_outputs()
+    problems = []
+    if [i.name for i in ins] != ["input"] or "logits" not in [o.name for o in outs]:
+        problems.append(f"it must have one input 'input' and an output 'logits' (it has "
+                        f"inputs {[i.name for i in ins]}, outputs {[o.name for o in outs]})")
+    else:
+        inp, out = ins[0], next(o for o in outs if o.name == "logits")
+        if inp.type != "tensor(float)":
+            problems.append(f"its input is {inp.type}, not float32")
+        for what, node, key, want in (("input", inp, "in_channels", contract.in_channels),
+                                      ("output", out, "classes", contract.n_classes)):
+            shape = list(node.shape or [])
+            if len(shape) != 4:
+                problems.append(f"its {what} has shape {shape}, not (batch, channels, "
+                                "height, width)")
+            elif isinstance(shape[1], int) and shape[1] != want:
+                problems.append(f"its {what} has {shape[1]} channels but the contract's "
+                                f"'{key}' says {want}")
+    if problems:
+        raise ModelError(f"{where}: the ONNX graph does not match its Tessera contract: "
+                         + "; ".join(problems), where)
+
+
 class OrtPredictor:
     """Runs an ONNX graph with ONNX Runtime on the CPU; a :class:`.base.Predictor`.
 
@@ -330,7 +429,7 @@ class OrtPredictor:
     backend = "onnxruntime"
 
     def __init__(self, source: str | Path | bytes, threads: int | None = None,
-                 runs: int | None = None) -> None:
+                 runs: int | None = None, contract: ModelContract | None = None) -> None:
         ort = require_onnxruntime()
         n = int(threads or _default_threads())
         self.runs = max(1, min(int(runs or min(2, n)), n))
@@ -345,6 +444,9 @@ class OrtPredictor:
         except Exception as exc:
             where = "" if isinstance(source, bytes) else f"{source}: "
             raise ModelError(f"{where}ONNX Runtime cannot load the graph: {exc}") from exc
+        if contract is not None:
+            check_graph(self.session, contract,
+                        "the graph" if isinstance(source, bytes) else str(source))
         self.source = None if isinstance(source, bytes) else Path(source)
         self.threads = n
         meta = self.session.get_modelmeta().custom_metadata_map or {}
@@ -368,8 +470,11 @@ class OrtPredictor:
         :func:`onnx_for`), else a graph exported in memory for this predictor only."""
         require_onnxruntime()
         if _model_sha(model):
-            return cls(onnx_for(model, cache_dir, opset), threads, runs)
-        return cls(_export_in_memory(model, opset), threads, runs)
+            try:
+                return cls(onnx_for(model, cache_dir, opset), threads, runs, model.contract)
+            except UnsafeCacheError as exc:
+                log.warning("%s; the graph is exported for this run only", exc)
+        return cls(_export_in_memory(model, opset), threads, runs, model.contract)
 
     def _run(self, x: np.ndarray, reduce: bool, confidence: bool) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DeviceError
-from .base import Pending, pick_device
+from ..errors import DeviceError, ModelError
+from .base import NON_FINITE, Pending, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,8 @@ class TorchPredictor:
             lf = logits.float()
             if reduce:
                 top, idx = lf.max(dim=1)
+                if not bool(torch.isfinite(top).all()):
+                    raise ModelError(NON_FINITE)
                 if confidence:
                     conf = 1.0 / torch.exp(lf - top.unsqueeze(1)).sum(dim=1)  # max softmax prob
                     conf = torch.clamp(torch.round(conf * 255.0), 1, 255)
@@ -112,6 +114,8 @@ class TorchPredictor:
                     conf = torch.zeros_like(top)
                 out = torch.stack([idx.to(torch.uint8), conf.to(torch.uint8)], dim=1)
                 return out.to("cpu").numpy()
+            if not bool(torch.isfinite(lf.amax(dim=1)).all()):
+                raise ModelError(NON_FINITE)
             probs = torch.softmax(lf, dim=1)
         return probs.to("cpu").numpy()
 

@@ -28,6 +28,7 @@ after scaling: ``(x - mean[b]) / std[b]``.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -88,6 +89,9 @@ class ModelContract:
     description: str = ""
     card: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    #: SHA-256 of the weights (a safetensors file's data section), written at save and
+    #: checked on load: a changed or damaged weight is refused before it runs.
+    weights_sha256: str | None = None
 
     # -- derived -------------------------------------------------------------------------
     @property
@@ -128,6 +132,8 @@ class ModelContract:
         for k in ("mean", "std", "band_names"):
             if out[k] is not None:
                 out[k] = list(out[k])
+        if out["weights_sha256"] is None:
+            del out["weights_sha256"]
         return out
 
     def to_json(self) -> str:
@@ -158,6 +164,9 @@ class ModelContract:
         arch_params, tile, overlap, px = r.tiling()
         description = r.need("description", str, "")
         card = r.need("card", dict, {})
+        digest = r.need("weights_sha256", str, None)
+        if digest is not None and not re.fullmatch(r"[0-9a-f]{64}", digest):
+            r.errs.append(f"'weights_sha256' must be 64 hex digits (got {digest[:80]!r})")
         if r.errs:
             raise ModelError(f"{source}: invalid model contract: " + "; ".join(r.errs))
         return cls(
@@ -168,6 +177,7 @@ class ModelContract:
             band_names=tuple(map(str, band_names)) if band_names is not None else None,
             nodata_value=nodata_value, tile_size=tile, overlap=overlap, pixel_size_m=px,
             arch_params=dict(arch_params), description=description, card=dict(card),
+            weights_sha256=digest,
         )
 
     def describe(self) -> str:
@@ -206,7 +216,50 @@ class ModelContract:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A finite JSON number (not a bool, not NaN or infinity, which Python's JSON reads)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+#: Upper bounds a real model stays far below: beyond them a contract is damaged or crafted.
+MAX_CHANNELS = 256
+MAX_TILE = 8192
+MAX_DEPTH = 5
+MAX_DECODER_CHANNELS = 4096
+_NAME_MAX = 200
+_ENCODER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+_TYPE_WORDS: dict[Any, str] = {int: "a whole number", float: "a number", str: "text",
+                               list: "a list", dict: "a JSON object", bool: "true or false"}
+
+
+def _show(val: Any) -> str:
+    text = repr(val)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _arch_param_problem(key: Any, val: Any) -> str | None:
+    """What is wrong with one ``arch_params`` entry, or ``None``."""
+    if not isinstance(key, str) or not key.isidentifier():
+        return f"'arch_params' key {_show(key)} is not a parameter name"
+    if key == "encoder_depth":
+        if not _is_int(val) or not 1 <= val <= MAX_DEPTH:
+            return f"'encoder_depth' must be a whole number 1..{MAX_DEPTH} (got {_show(val)})"
+    elif key == "decoder_channels":
+        if not isinstance(val, list) or not val or not all(
+                _is_int(v) and 1 <= v <= MAX_DECODER_CHANNELS for v in val):
+            return ("'decoder_channels' must be a list of whole numbers "
+                    f"1..{MAX_DECODER_CHANNELS} (got {_show(val)})")
+    elif not (val is None or isinstance(val, (str, bool)) or _is_number(val)
+              or (isinstance(val, list) and all(_is_number(v) for v in val))):
+        return (f"'arch_params' {key!r} must be a number, text, true/false or a list of "
+                f"numbers (got {_show(val)})")
+    return None
 
 
 class _Fields:
@@ -230,7 +283,29 @@ class _Fields:
         if typ is float and isinstance(val, int) and not isinstance(val, bool):
             val = float(val)
         if not isinstance(val, typ) or (isinstance(val, bool) and typ is not bool):
-            self.errs.append(f"'{key}' must be {getattr(typ, '__name__', typ)}, not {val!r}")
+            self.errs.append(f"'{key}' must be {_TYPE_WORDS.get(typ, typ)}, not "
+                             f"{_show(val)}")
+            return None
+        if isinstance(val, float) and not math.isfinite(val):
+            self.errs.append(f"'{key}' must be a finite number, not {val!r}")
+            return None
+        return val
+
+    def text(self, key: str, default: Any = ..., limit: int = _NAME_MAX) -> Any:
+        """A one-line string field: no control characters, at most ``limit`` characters."""
+        val = self.need(key, str, default)
+        if isinstance(val, str) and val is not default and (
+                _CONTROL.search(val) or len(val) > limit or not val.strip()):
+            self.errs.append(f"'{key}' must be a non-empty line of at most {limit} characters "
+                             f"(got {_show(val)})")
+            return None
+        return val
+
+    def count(self, key: str, lo: int, hi: int, default: Any = ...) -> Any:
+        """An integer field within ``lo..hi``."""
+        val = self.need(key, int, default)
+        if _is_int(val) and not lo <= val <= hi:
+            self.errs.append(f"'{key}' must be {lo}..{hi} (got {val})")
             return None
         return val
 
@@ -243,29 +318,40 @@ class _Fields:
         if version != FORMAT_VERSION:
             errs.append(f"'format_version' {version!r} is not supported (this Tessera reads "
                         f"version {FORMAT_VERSION})")
-        name = self.need("name", str, "unnamed model")
+        name = self.text("name", "unnamed model")
         arch = self.need("architecture", str)
         if arch is not None and arch.lower() not in ARCHITECTURES:
-            errs.append(f"architecture '{arch}' is not supported ({', '.join(ARCHITECTURES)})")
-        return name, arch, self.need("encoder", str)
+            errs.append(f"architecture {_show(arch)} is not supported "
+                        f"({', '.join(ARCHITECTURES)})")
+        encoder = self.need("encoder", str)
+        if encoder is not None and not _ENCODER.match(encoder):
+            errs.append(f"'encoder' {_show(encoder)} is not an encoder name")
+            encoder = None
+        return name, arch, encoder
 
     def bands(self) -> tuple[Any, Any, Any]:
         """``(in_channels, bands, band_names)``; bands default to 1..in_channels."""
         errs = self.errs
-        in_ch = self.need("in_channels", int)
-        if in_ch is not None and in_ch < 1:
-            errs.append(f"'in_channels' must be at least 1 (got {in_ch})")
+        in_ch = self.count("in_channels", 1, MAX_CHANNELS)
         bands = self.need("bands", list, None)
         if bands is None and in_ch:
             bands = list(range(1, in_ch + 1))
         if bands is not None:
-            if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in bands):
-                errs.append(f"'bands' must be raster band numbers counted from 1 (got {bands})")
+            if not all(_is_int(b) and 1 <= b <= 65535 for b in bands):
+                errs.append("'bands' must be raster band numbers counted from 1 (got "
+                            f"{_show(bands)})")
+                bands = None
             elif in_ch is not None and len(bands) != in_ch:
                 errs.append(f"'bands' lists {len(bands)} bands but 'in_channels' is {in_ch}")
         band_names = self.need("band_names", list, None)
-        if band_names is not None and in_ch is not None and len(band_names) != in_ch:
-            errs.append(f"'band_names' has {len(band_names)} names but 'in_channels' is {in_ch}")
+        if band_names is not None:
+            if not all(isinstance(n, str) and len(n) <= _NAME_MAX and not _CONTROL.search(n)
+                       for n in band_names):
+                errs.append(f"'band_names' must be short texts (got {_show(band_names)})")
+                band_names = None
+            elif in_ch is not None and len(band_names) != in_ch:
+                errs.append(f"'band_names' has {len(band_names)} names but 'in_channels' is "
+                            f"{in_ch}")
         return in_ch, bands, band_names
 
     def classes(self) -> list[ClassInfo]:
@@ -276,10 +362,18 @@ class _Fields:
             return classes
         if not raw:
             self.errs.append("'classes' is empty")
+        if len(raw) > 255:
+            self.errs.append(f"'classes' lists {len(raw)}; at most 255 are supported (the "
+                             "class raster is 8-bit)")
+            return classes
         for i, c in enumerate(raw):
-            if not isinstance(c, dict) or not isinstance(c.get("id"), int) \
+            if not isinstance(c, dict) or not _is_int(c.get("id")) \
                     or not isinstance(c.get("name"), str):
-                self.errs.append(f"class #{i} must have an integer 'id' and a 'name'")
+                self.errs.append(f"class #{i} must have a whole-number 'id' and a 'name'")
+                continue
+            if not c["name"].strip() or len(c["name"]) > _NAME_MAX or _CONTROL.search(c["name"]):
+                self.errs.append(f"class #{i}: 'name' must be a non-empty line of at most "
+                                 f"{_NAME_MAX} characters (got {_show(c['name'])})")
                 continue
             color = c.get("color", "#808080")
             if not isinstance(color, str) or not _COLOR.match(color):
@@ -288,7 +382,11 @@ class _Fields:
             classes.append(ClassInfo(int(c["id"]), c["name"], color.upper()))
         ids = [c.id for c in classes]
         if sorted(ids) != list(range(len(raw))):
-            self.errs.append(f"class ids must be 0..{len(raw) - 1}, each once (got {ids})")
+            self.errs.append(f"class ids must be 0..{len(raw) - 1}, each once (got "
+                             f"{_show(ids)})")
+        names = [c.name.strip().lower() for c in classes]
+        if len(set(names)) != len(names):
+            self.errs.append("class names must differ (a class is picked by its name)")
         return classes
 
     def nodata(self, classes: list[ClassInfo]) -> Any:
@@ -298,8 +396,6 @@ class _Fields:
             self.errs.append(f"'nodata_value' must be 0..255 (got {nodata_value})")
         if nodata_value is not None and nodata_value < len(classes):
             self.errs.append(f"'nodata_value' {nodata_value} collides with a class id")
-        if len(classes) > 255:
-            self.errs.append("at most 255 classes are supported (the class raster is 8-bit)")
         return nodata_value
 
     def scaling(self, in_ch: Any) -> Scaling:
@@ -308,12 +404,14 @@ class _Fields:
         if raw is None:
             return Scaling()
         method = raw.get("method")
-        if method not in SCALING_METHODS:
-            self.errs.append(f"scaling method {method!r} is not one of {', '.join(SCALING_METHODS)}")
+        if not isinstance(method, str) or method not in SCALING_METHODS:
+            self.errs.append(f"scaling method {_show(method)} is not one of "
+                             f"{', '.join(SCALING_METHODS)}")
         elif method == "divide":
             value = raw.get("value")
             if not _is_number(value) or value <= 0:
-                self.errs.append(f"scaling 'divide' needs a positive 'value' (got {value!r})")
+                self.errs.append(f"scaling 'divide' needs a positive 'value' (got "
+                                 f"{_show(value)})")
             else:
                 return Scaling("divide", float(value))
         elif method == "minmax":
@@ -326,7 +424,7 @@ class _Fields:
         lo, hi = raw.get("min"), raw.get("max")
         ok = (isinstance(lo, list) and isinstance(hi, list) and in_ch is not None
               and len(lo) == len(hi) == in_ch
-              and all(isinstance(v, (int, float)) for v in lo + hi))
+              and all(_is_number(v) for v in lo + hi))
         if not ok:
             self.errs.append(f"scaling 'minmax' needs 'min' and 'max' lists of {in_ch} numbers")
         elif any(h <= low for low, h in zip(lo, hi)):  # type: ignore[arg-type]
@@ -341,26 +439,48 @@ class _Fields:
         std = self.need("std", list, None)
         for key, vals in (("mean", mean), ("std", std)):
             if vals is not None and in_ch is not None and (
-                    len(vals) != in_ch or not all(isinstance(v, (int, float)) for v in vals)):
-                self.errs.append(f"'{key}' must be a list of {in_ch} numbers")
+                    len(vals) != in_ch or not all(_is_number(v) for v in vals)):
+                self.errs.append(f"'{key}' must be a list of {in_ch} finite numbers (got "
+                                 f"{_show(vals)})")
         if (mean is None) != (std is None):
             self.errs.append("'mean' and 'std' must be given together")
-        if std is not None and any(isinstance(v, (int, float)) and v <= 0 for v in std):
+        if std is not None and any(_is_number(v) and v <= 0 for v in std):
             self.errs.append("'std' values must be positive")
         return mean, std
 
     def tiling(self) -> tuple[Any, Any, Any, Any]:
         """``(arch_params, tile_size, overlap, pixel_size_m)``."""
-        arch_params = self.need("arch_params", dict, {})
-        depth = int((arch_params or {}).get("encoder_depth", 5))
-        tile = self.need("tile_size", int, 256)
+        arch_params = self.arch_params()
+        depth = arch_params.get("encoder_depth", 5)
+        tile = self.count("tile_size", 1, MAX_TILE, 256)
         if tile is not None and (tile < 2 ** depth or tile % (2 ** depth)):
             self.errs.append(f"'tile_size' {tile} must be a positive multiple of {2 ** depth}")
-        overlap = self.need("overlap", int, 32)
+        overlap = self.count("overlap", 0, MAX_TILE, 32)
         if overlap is not None and tile is not None and not (0 <= overlap < tile // 2):
             self.errs.append(f"'overlap' {overlap} must be between 0 and half the tile size "
                              f"({tile // 2})")
         px = self.need("pixel_size_m", float, None)
-        if px is not None and px <= 0:
-            self.errs.append(f"'pixel_size_m' must be positive (got {px})")
+        if px is not None and not 1e-4 <= px <= 1e5:
+            self.errs.append(f"'pixel_size_m' must be between 0.0001 and 100000 m (got {px})")
+            px = None
         return arch_params, tile, overlap, px
+
+    def arch_params(self) -> dict[str, Any]:
+        """The network's extra parameters: ``encoder_depth`` 1..5, ``decoder_channels`` one
+        positive count per level; other keys names with JSON values (smp checks them when
+        it builds the network). An invalid value is reported and dropped."""
+        raw = self.need("arch_params", dict, {})
+        if not raw:
+            return {}
+        out: dict[str, Any] = {}
+        for key, val in raw.items():
+            problem = _arch_param_problem(key, val)
+            if problem:
+                self.errs.append(problem)
+            else:
+                out[key] = val
+        chans, depth = out.get("decoder_channels"), out.get("encoder_depth", 5)
+        if chans is not None and len(chans) != depth and "encoder_depth" in raw:
+            self.errs.append(f"'decoder_channels' lists {len(chans)} levels but "
+                             f"'encoder_depth' is {depth}")
+        return out

@@ -96,37 +96,73 @@ class TesseraModel:
     @classmethod
     def load(cls, path: str | Path) -> TesseraModel:
         """Load and validate a model file. Raises :class:`ModelError` with the reason in words."""
-        path = Path(path)
-        contract = read_contract(path)
-        if path.suffix.lower() == ".onnx":  # no torch weights: ONNX Runtime reads the graph
-            return cls(contract, None, path, sha256=file_sha256(path))
-        return cls(contract, _read_module(path, contract), path, sha256=file_sha256(path))
+        m = cls.open(path)
+        if not m.is_onnx:  # an ONNX graph has no torch weights: ONNX Runtime reads it
+            m.module  # noqa: B018  (reads the weights now, in eval mode)
+        return m
 
     @classmethod
     def open(cls, path: str | Path) -> TesseraModel:
         """The contract and hash of a model file now, the weights when ``module`` is first used.
 
-        An inference backend that has the network already (the ONNX Runtime cache, keyed by
-        the file's SHA-256) then never imports torch nor reads the weights.
+        The weights' digest in the contract (``weights_sha256``, written at save) is checked
+        here, in the same read as the file's hash, so a changed or damaged file is refused
+        at once, before any backend is chosen. An inference backend that has the network
+        already (the ONNX Runtime cache, keyed by the file's SHA-256) then never imports
+        torch nor reads the weights.
         """
         path = Path(path)
         contract = read_contract(path)
-        return cls(contract, None, path, sha256=file_sha256(path))
+        sha, data_sha = file_digests(path)
+        if None not in (contract.weights_sha256, data_sha) and data_sha != contract.weights_sha256:
+            raise ModelError(f"{path}: the weights are not the ones this model was saved with "
+                             "(their SHA-256 differs from the contract's 'weights_sha256'): "
+                             "the file was changed or damaged; copy it again", path)
+        return cls(contract, None, path, sha256=sha)
+
     def save(self, path: str | Path, half: bool = False) -> Path:
-        """Write the model file atomically (temporary name, then rename). ``half`` stores fp16."""
-        from safetensors.torch import save_file
+        """Write the model file atomically (temporary name, then rename). ``half`` stores fp16.
+
+        The contract written carries the weights' digest (``weights_sha256``: the SHA-256 of
+        the file's data section), checked whenever the file is opened. Non-finite weights
+        are refused: such a model would paint one class everywhere."""
+        import dataclasses
+
+        from safetensors.torch import save
 
         path = Path(path)
         state = {k: (v.detach().half() if half and v.is_floating_point() else v.detach())
                  .contiguous().cpu() for k, v in self.module.state_dict().items()}
+        _check_finite(state, path)
+        blob = save(state)  # the data section is the same whatever the header holds
+        n = int.from_bytes(blob[:8], "little")
+        contract = dataclasses.replace(self.contract,
+                                       weights_sha256=hashlib.sha256(blob[8 + n:]).hexdigest())
+        header = json.loads(blob[8:8 + n])
+        header["__metadata__"] = {META_KEY: contract.to_json(), "format": "pt"}
+        head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        head += b" " * (-len(head) % 8)  # safetensors aligns the data section to 8 bytes
         try:
-            with atomic_file(path) as tmp:
-                save_file(state, str(tmp), metadata={META_KEY: self.contract.to_json(),
-                                                     "format": "pt"})
+            with atomic_file(path) as tmp, open(tmp, "wb") as fh:
+                fh.write(len(head).to_bytes(8, "little"))
+                fh.write(head)
+                fh.write(memoryview(blob)[8 + n:])
         except OSError as exc:
             raise OutputError(f"{path}: cannot write the model file: {exc}", path) from exc
+        self.contract = contract
         self.path, self.sha256 = path, file_sha256(path)
         return path
+
+
+def _check_finite(state: dict[str, Any], path: Path) -> None:
+    """Refuse weights holding NaN or infinity, naming the first such tensor."""
+    import torch
+
+    for k, v in state.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise ModelError(f"{path}: weight '{k}' holds NaN or infinite values: the model is "
+                             "damaged (or its training diverged) and would give no real "
+                             "classes", path)
 
 
 def _read_module(path: Path, contract: ModelContract) -> Any:
@@ -149,6 +185,7 @@ def _read_module(path: Path, contract: ModelContract) -> Any:
         state[k] = v.to(dtype=torch.float32 if v.is_floating_point() else v.dtype,
                         memory_format=fmt)
         del v
+    _check_finite(state, path)
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -228,6 +265,24 @@ def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
     except (ValueError, UnicodeDecodeError, OSError) as exc:
         raise ModelError(f"{path}: not a Tessera model file (not a readable safetensors file: "
                          f"{exc})", path) from exc
+
+
+def file_digests(path: str | Path) -> tuple[str, str | None]:
+    """``(SHA-256 of the file, SHA-256 of its safetensors data section)`` in one read (the
+    second ``None`` for a file that is not safetensors)."""
+    whole, data = hashlib.sha256(), hashlib.sha256()
+    with open(path, "rb") as fh:
+        first = fh.read(8)
+        whole.update(first)
+        n = int.from_bytes(first, "little") if len(first) == 8 else -1
+        is_st = Path(path).suffix.lower() != ".onnx" and 2 <= n
+        if is_st:
+            head = fh.read(n)
+            whole.update(head)
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            whole.update(chunk)
+            data.update(chunk)
+    return whole.hexdigest(), (data.hexdigest() if is_st else None)
 
 
 def file_sha256(path: str | Path) -> str:

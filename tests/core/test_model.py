@@ -40,11 +40,11 @@ def test_contract_round_trip_and_derived_values():
     ({"scaling": {"method": "log"}}, "scaling method 'log'"),
     ({"scaling": {"method": "minmax", "min": [0], "max": [1]}}, "lists of 3 numbers"),
     ({"scaling": {"method": "divide", "value": 0}}, "positive 'value'"),
-    ({"mean": [0.5, 0.5]}, "'mean' must be a list of 3 numbers"),
+    ({"mean": [0.5, 0.5]}, "'mean' must be a list of 3 finite numbers"),
     ({"std": [1, 0, 1]}, "'std' values must be positive"),
     ({"tile_size": 100}, "'tile_size' 100 must be a positive multiple of 8"),
     ({"overlap": 40}, "'overlap' 40 must be between 0 and half"),
-    ({"in_channels": "3"}, "'in_channels' must be int"),
+    ({"in_channels": "3"}, "'in_channels' must be a whole number, not '3'"),
 ])
 def test_contract_problems_are_reported_in_words(over, message):
     with pytest.raises(ModelError, match=message):
