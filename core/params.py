@@ -61,13 +61,16 @@ class OutputPaths:
     class_raster: Path
     confidence_raster: Path
     polygons: Path
+    #: ``<stem>_tessera.json``: what made the outputs (model, parameters, input, engine) and
+    #: how the run went, committed with them; a batch reads it to decide what is done.
+    manifest: Path | None = None
 
     @classmethod
-    def for_stem(cls, out_dir: str | Path, stem: str) -> OutputPaths:
-        """The default names for ``stem`` in ``out_dir``."""
+    def for_stem(cls, out_dir: str | Path, stem: str, manifest: bool = False) -> OutputPaths:
+        """The default names for ``stem`` in ``out_dir`` (with the manifest if asked)."""
         d = Path(out_dir)
         return cls(d / f"{stem}_classes.tif", d / f"{stem}_confidence.tif",
-                   d / f"{stem}_polygons.gpkg")
+                   d / f"{stem}_polygons.gpkg", d / f"{stem}_tessera.json" if manifest else None)
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,10 @@ class SegmentParams:
         them on two tiles at once, half the threads each).
     backend: ``auto`` (PyTorch on a GPU; ONNX Runtime on the CPU when installed, else
         PyTorch), ``torch`` or ``onnxruntime`` (CPU only).
+    rescale: ``None`` (values as they are), or ``percentile`` / ``percentile:LO,HI``: each
+        band stretched linearly from its LO-th to its HI-th percentile (default 2, 98) onto
+        0..255 before the model's own scaling, for 16-bit or float imagery fed to an 8-bit
+        model; the figures used are recorded in the outputs' tags.
     """
 
     tile_size: int | None = None
@@ -138,9 +145,12 @@ class SegmentParams:
     threads: int | None = None
     vectorize: VectorizeParams = field(default_factory=VectorizeParams)
     backend: str = "auto"
+    rescale: str | None = None
 
     def __post_init__(self) -> None:
         self._check_tiles()
+        if self.rescale is not None:
+            object.__setattr__(self, "rescale", rescale_spec(self.rescale))
         if self.batch_size < 1:
             raise ParameterError(f"batch size must be at least 1 (got {self.batch_size})")
         object.__setattr__(self, "device", _device(self.device))
@@ -153,14 +163,35 @@ class SegmentParams:
         object.__setattr__(self, "backend", _backend(self.backend, self.device))
 
     def _check_tiles(self) -> None:
-        if self.tile_size is not None and (self.tile_size < 32 or self.tile_size % 32):
-            raise ParameterError(f"tile size must be a multiple of 32 and at least 32 "
+        if self.tile_size is not None and (self.tile_size < 32 or self.tile_size % 32
+                                           or self.tile_size > MAX_TILE):
+            raise ParameterError(f"tile size must be a multiple of 32, 32..{MAX_TILE} "
                                  f"(got {self.tile_size})")
         if self.overlap is not None:
             if self.overlap < 0:
                 raise ParameterError(f"overlap must be 0 or more pixels (got {self.overlap})")
             if self.tile_size is not None:
                 check_tile_overlap(self.tile_size, self.overlap)
+
+
+#: The largest tile side accepted (a tile of 8192² px already takes gigabytes per batch).
+MAX_TILE = 8192
+
+
+def rescale_spec(spec: str) -> str:
+    """``percentile`` or ``percentile:LO,HI`` (0 <= LO < HI <= 100), as ``percentile:LO,HI``."""
+    text = str(spec).strip().lower().replace(" ", "")
+    name, _, args = text.partition(":")
+    lo, hi = 2.0, 98.0
+    try:
+        if args:
+            lo, hi = (float(v) for v in args.split(","))
+    except ValueError:
+        name = ""
+    if name != "percentile" or not 0 <= lo < hi <= 100:
+        raise ParameterError(f"rescale {spec!r}: give 'percentile' or 'percentile:LO,HI' with "
+                             "0 <= LO < HI <= 100 (e.g. percentile:2,98)")
+    return f"percentile:{lo:g},{hi:g}"
 
 
 def _device(device: str) -> str:

@@ -109,6 +109,7 @@ def _params(a: argparse.Namespace) -> Any:
         bands=tuple(a.bands) if a.bands else None, nodata=a.nodata,
         window=tuple(a.window) if a.window else None, confidence=a.confidence,
         half=False if a.no_half else None, threads=a.threads, backend=a.backend,
+        rescale=a.rescale,
         vectorize=VectorizeParams(enabled=not a.no_vectorize, sieve_px=a.sieve,
                                   min_area_m2=a.min_area, simplify_px=a.simplify,
                                   skip_classes=skip))

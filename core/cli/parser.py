@@ -32,6 +32,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="raster band numbers (from 1) feeding the model's inputs, in order "
                         "(default: the model's, e.g. 1 2 3)")
     g.add_argument("--nodata", type=float, help="input value meaning 'no data' (default: the file's)")
+    g.add_argument("--rescale", metavar="percentile[:LO,HI]",
+                   help="stretch each band from its LO-th to HI-th percentile (default 2,98) "
+                        "onto 0..255 first: for 16-bit or float imagery and an 8-bit model")
     g.add_argument("--window", type=int, nargs=4, metavar=("COL", "ROW", "WIDTH", "HEIGHT"),
                    help="only this pixel window of the raster")
     g = p.add_argument_group("tiling and device")

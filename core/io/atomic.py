@@ -240,6 +240,45 @@ def write_text_atomic(final: Path, text: str) -> None:
         raise OutputError(f"{final}: cannot write it ({exc})", final) from exc
 
 
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[bool]:
+    """Try to take the lock ``path`` (an advisory ``flock``, without waiting): yields whether
+    this process holds it. The lock file is removed when released; a process that dies
+    releases its lock with it, so a lock never outlives its holder. Where ``fcntl`` does not
+    exist (Windows) every lock is granted."""
+    try:
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            yield True  # a folder we cannot lock in: the run's own checks speak for it
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            yield False
+            return
+        try:  # the file we locked may have been removed by its last holder meanwhile
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except OSError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield True
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+
+
 def free_bytes(folder: Path) -> int | None:
     """Bytes free to an unprivileged writer in ``folder`` (``None`` if unknown)."""
     try:

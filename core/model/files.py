@@ -80,6 +80,19 @@ class TesseraModel:
     def module(self, value: Any) -> None:
         self._module = value
 
+    def identity(self) -> str:
+        """What tells this model from any other: the file's SHA-256, or for a model built in
+        memory the SHA-256 of its contract, network class and weights."""
+        if self.sha256:
+            return self.sha256
+        h = hashlib.sha256(self.contract.to_json().encode())
+        module = self.module
+        h.update(f"{type(module).__module__}.{type(module).__qualname__}".encode())
+        for k, v in module.state_dict().items():
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        return "memory:" + h.hexdigest()
+
     @property
     def module_loaded(self) -> bool:
         """Whether the weights are in memory (False for an opened model not yet used by torch)."""

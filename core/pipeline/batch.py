@@ -1,8 +1,13 @@
 """Segment every raster in a folder: one model load, resume, error isolation, a report.
 
-Files whose outputs all exist already are skipped (outputs only ever appear complete, so a
-run interrupted by a crash or Ctrl-C resumes where it stopped). A file that fails is recorded
-in the report with its error and the rest are processed. The report is rewritten after every
+A file is done when its outputs exist and their manifest (``<stem>_tessera.json``,
+committed with them: :mod:`.manifest`) records the very run this batch would do: the same
+model file, parameters, engine and input file. Such files are skipped, their report rows
+filled from the manifest; any other file is segmented again, so a rerun with another model
+or other options redoes the work, and a run interrupted by a crash or Ctrl-C resumes where it
+stopped. While a file is being segmented it is locked (``.<stem>.tessera-lock``): a second
+batch on the same folder skips it instead of doing it twice. A file that fails is recorded in
+the report with its error and the rest are processed. The report is rewritten after every
 file as ``<out_dir>/tessera_report.csv`` and ``.json``.
 
 Three steps, so that where files run can change without touching the rest: :func:`plan_folder`
@@ -26,10 +31,11 @@ from typing import Any, Protocol
 
 from ..errors import CancelledError, OutputError, ParameterError, TesseraError
 from ..inference.factory import make_predictor
-from ..io.atomic import atomic_outputs, check_writable_dir
+from ..io.atomic import atomic_outputs, check_writable_dir, file_lock
 from ..model.files import TesseraModel
 from ..params import OutputPaths, SegmentParams
 from ..progress import CancelFn, Progress, ProgressFn, check_cancel
+from .manifest import read_manifest, run_record
 from .segment import segment_raster
 
 log = logging.getLogger(__name__)
@@ -127,14 +133,25 @@ class BatchStopped(OutputError):
 @dataclass(frozen=True)
 class FileTask:
     """One raster of a batch: the file, its path in the report, where its outputs go, and
-    whether they exist already (``skip``: a resumed batch leaves those files alone)."""
+    the manifest of the same run when one is there already (``done``: a resumed batch leaves
+    those files alone)."""
 
     index: int
     source: Path
     rel: Path
     dest: Path
     outputs: OutputPaths
-    skip: bool
+    done: dict[str, Any] | None
+
+    @property
+    def skip(self) -> bool:
+        """Whether this file's outputs of this very run exist already."""
+        return self.done is not None
+
+    @property
+    def lock(self) -> Path:
+        """The lock file held while the file is segmented."""
+        return self.dest / f".{self.outputs.class_raster.stem[:-len('_classes')]}.tessera-lock"
 
 
 @dataclass(frozen=True)
@@ -165,10 +182,25 @@ def plan_folder(folder: str | Path, model: TesseraModel | str | Path, out_dir: s
     tasks = []
     for k, (src, stem) in enumerate(zip(files, _stems(files, folder))):
         rel = src.relative_to(folder)
-        paths = OutputPaths.for_stem(out_dir / rel.parent, stem)
-        skip = skip_existing and all(p.exists() for p in expected_outputs(paths, params))
-        tasks.append(FileTask(k, src, rel, out_dir / rel.parent, paths, skip))
+        paths = OutputPaths.for_stem(out_dir / rel.parent, stem, manifest=True)
+        done = done_before(src, paths, model, params) if skip_existing else None
+        tasks.append(FileTask(k, src, rel, out_dir / rel.parent, paths, done))
     return BatchPlan(folder, out_dir, model, params, tuple(tasks))
+
+
+def done_before(source: Path, paths: OutputPaths, model: TesseraModel,
+                params: SegmentParams) -> dict[str, Any] | None:
+    """The manifest of an earlier run of exactly this one, when its outputs are all there;
+    ``None`` when the file must be segmented (never run, other settings, changed input)."""
+    if paths.manifest is None or not all(p.exists() for p in expected_outputs(paths, params)):
+        return None
+    doc = read_manifest(paths.manifest)
+    try:
+        if doc is not None and doc.get("run") == run_record(source, model, params):
+            return doc
+    except OSError:
+        pass
+    return None
 
 
 def _stems(files: list[Path], folder: Path) -> list[str]:
@@ -194,25 +226,42 @@ def run_one(task: FileTask, model: TesseraModel, params: SegmentParams,
     Raises :class:`CancelledError` when cancelled and :class:`OutputError` when the output
     folder itself is unusable (every file would fail the same way)."""
     row = FileReport(file=str(task.rel), status="")
-    if task.skip:
-        row.status = "skipped"
-        row.class_raster = str(task.outputs.class_raster)
-        if params.vectorize.enabled:
-            row.polygons_file = str(task.outputs.polygons)
-        log.info("%s: outputs exist, skipped", task.rel)
-        return row
+    if task.done is not None:
+        log.info("%s: done before with this model and these settings, skipped", task.rel)
+        return _fill(row, "skipped", task.done.get("result") or {})
+    with file_lock(task.lock) as mine:
+        if not mine:
+            log.info("%s: being segmented by another batch, skipped", task.rel)
+            row.status, row.error = "skipped", "being segmented by another batch right now"
+            return row
+        done = done_before(task.source, task.outputs, model, params)  # done meanwhile?
+        if done is not None:
+            return _fill(row, "skipped", done.get("result") or {})
+        return _segment_one(task, model, params, predictor, progress, cancel, row)
+
+
+def _fill(row: FileReport, status: str, res: dict[str, Any]) -> FileReport:
+    """``row`` with a run's result (a :class:`SegmentResult`'s dict, or a manifest's)."""
+    row.status = status
+    row.seconds = float(res.get("seconds") or 0.0)
+    row.megapixels = round(float(res.get("megapixels") or 0.0), 3)
+    row.polygons = res.get("n_polygons")
+    row.class_raster = str(res.get("class_raster") or "")
+    row.polygons_file = str(res.get("polygons") or "")
+    row.device = str(res.get("device") or "")
+    row.backend = str(res.get("backend") or "")
+    row.warnings = "; ".join(res.get("warnings") or [])
+    return row
+
+
+def _segment_one(task: FileTask, model: TesseraModel, params: SegmentParams,
+                 predictor: Callable[[], Any], progress: ProgressFn | None,
+                 cancel: CancelFn | None, row: FileReport) -> FileReport:
     t = time.perf_counter()
     try:
         res = segment_raster(task.source, model, task.dest, params, predictor=predictor(),
                              progress=progress, cancel=cancel, outputs=task.outputs)
-        row.status = "done"
-        row.megapixels = round(res.megapixels, 3)
-        row.polygons = res.n_polygons
-        row.class_raster = res.class_raster
-        row.polygons_file = res.polygons or ""
-        row.device = res.device
-        row.backend = res.backend
-        row.warnings = "; ".join(res.warnings)
+        _fill(row, "done", res.to_dict())
     except CancelledError:
         raise
     except OutputError as exc:  # the output folder itself is unusable: stop, do not fail

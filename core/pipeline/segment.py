@@ -51,12 +51,12 @@ from ..model.contract import ModelContract
 from ..model.files import TesseraModel
 from ..params import OutputPaths, SegmentParams, VectorizeParams, Window, check_tile_overlap
 from ..progress import CancelFn, Meter, Progress, ProgressFn
+from ..vectorize.area import check_area_crs
 from .band import RowBand
+from .inputs import InputView, band_count, check_values, georeferenced, palette_lut, sample_values
+from .manifest import run_record, write_manifest
 from .run import Polygons, Run
-from .stages import (
-    array_reader,
-    window_reader,
-)
+from .stages import array_reader
 from .tiling import TileGrid
 
 log = logging.getLogger(__name__)
@@ -91,15 +91,16 @@ class SegmentResult:
         return asdict(self)
 
 
-def _resolve_bands(ds: Any, path: str, contract: ModelContract, params: SegmentParams) -> tuple[int, ...]:
+def _resolve_bands(count: int, path: str, contract: ModelContract,
+                   params: SegmentParams) -> tuple[int, ...]:
     bands = params.bands if params.bands is not None else contract.bands
     if len(bands) != contract.in_channels:
         raise BandMismatchError(f"model '{contract.name}' expects {contract.in_channels} bands, "
                                 f"but {len(bands)} were selected ({list(bands)})", path)
-    if max(bands) > ds.count:
+    if max(bands) > count:
         raise BandMismatchError(
             f"{path}: model '{contract.name}' expects {contract.in_channels} bands "
-            f"(raster bands {list(bands)}), raster has {ds.count}"
+            f"(raster bands {list(bands)}), raster has {count}"
             + ("" if params.bands is not None else "; choose bands explicitly if the raster "
                "holds them in another order"), path)
     return tuple(bands)
@@ -112,11 +113,9 @@ def _warnings(ds: Any, path: str, contract: ModelContract, bands: tuple[int, ...
         out.append(f"{Path(path).name}: pixel size is about {px:.3g} m but model "
                    f"'{contract.name}' was trained at {contract.pixel_size_m:g} m; results may "
                    "be poor (resample the raster first)")
-    dtypes = {ds.dtypes[b - 1] for b in bands}
-    if contract.scaling.method == "divide" and contract.scaling.value == 255.0 and \
-            dtypes - {"uint8"}:
-        out.append(f"{Path(path).name}: bands are {'/'.join(sorted(dtypes))} but model "
-                   f"'{contract.name}' scales inputs as 8-bit (divide by 255)")
+    if px is None and ds.crs is not None and contract.pixel_size_m:
+        out.append(f"{Path(path).name}: its pixel size is not known in metres; model "
+                   f"'{contract.name}' was trained at {contract.pixel_size_m:g} m")
     return out
 
 
@@ -136,13 +135,21 @@ class _Plan:
     confidence: bool
     vec: VectorizeParams | None
     warnings: list[str]
+    view: InputView  # palette expansion and value stretch
 
     @property
     def finals(self) -> list[Path]:
-        """The output files, class raster first, in the order of the run's temporaries."""
+        """The output files, class raster first, in the order of the run's temporaries (the
+        polygons, then the manifest, last)."""
         return ([self.outs.class_raster] + ([self.outs.confidence_raster] if self.confidence
                                             else [])
-                + ([self.outs.polygons] if self.vec is not None else []))
+                + ([self.outs.polygons] if self.vec is not None else [])
+                + ([self.outs.manifest] if self.outs.manifest is not None else []))
+
+    @property
+    def polygons_temp_index(self) -> int:
+        """Where the polygons' temporary is in the run's temporaries."""
+        return 1 + int(self.confidence)
 
 
 def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir: str | Path,
@@ -154,11 +161,11 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
 
     Outputs (see :class:`OutputPaths`): ``<stem>_classes.tif`` (uint8, colour table, nodata =
     the model's ``nodata_value``), ``<stem>_confidence.tif`` (if ``params.confidence``) and
-    ``<stem>_polygons.gpkg`` (if ``params.vectorize.enabled``). ``stem`` defaults to the
-    raster's file stem. ``outputs`` overrides the three paths (``out_dir``/``stem`` are then
-    ignored). Pass a ``predictor`` (see :func:`..inference.factory.make_predictor`) to reuse a
-    loaded model across rasters; otherwise one is made for ``params.device`` and
-    ``params.backend``.
+    ``<stem>_polygons.gpkg`` (if ``params.vectorize.enabled``), and the run's manifest when
+    ``outputs.manifest`` is set (see :mod:`.manifest`). ``stem`` defaults to the raster's
+    file stem. ``outputs`` overrides the paths (``out_dir``/``stem`` are then ignored). Pass
+    a ``predictor`` (see :func:`..inference.factory.make_predictor`) to reuse a loaded model
+    across rasters; otherwise one is made for ``params.device`` and ``params.backend``.
 
     Raises the typed errors of :mod:`..errors`; a failed or cancelled run leaves nothing under
     the final output names.
@@ -170,10 +177,10 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
     contract = model.contract
     path = str(raster)
     outs = outputs or OutputPaths.for_stem(out_dir, stem or Path(path).stem)
-    with gdal_env(), open_raster(path) as ds:
-        plan = _plan(ds, path, contract, params, outs)
-        for msg in plan.warnings:  # returned in the result too, for the caller to show
-            log.info("warning: %s", msg)
+    with gdal_env(), open_raster(path) as src, georeferenced(src, path) as (ds, notes):
+        plan = _plan(ds, path, contract, params, outs, notes, src.count)
+        for msg in plan.warnings:  # before the run; in the result too, for the caller to show
+            log.warning("%s", msg)
         if predictor is None:
             predictor = make_predictor(model, params.device, params.backend, params.half,
                                        params.threads)
@@ -189,9 +196,10 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
         with GdalErrors() as gdal_errors, atomic_outputs(*plan.finals) as temps:
             sinks = _open_sinks(plan, temps)
             try:
-                stats = Run(window_reader(ds, plan.bands, plan.window, plan.nodata), grid, contract,
+                stats = Run(plan.view.reader(ds, plan.bands, plan.window, plan.nodata), grid, contract,
                              predictor, params.batch_size, sinks,
-                             _polygons(plan, temps[-1]) if plan.vec is not None else None,
+                             _polygons(plan, temps[plan.polygons_temp_index])
+                             if plan.vec is not None else None,
                              tick, cancel, progress, plan.path).run()
             finally:
                 for sink in sinks:
@@ -201,7 +209,14 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
                 write_category_names(temps[0], [c.name for c in contract.classes])
             except OSError as exc:
                 raise write_failed(plan.outs.class_raster, exc) from exc
-    return _result(plan, params, predictor, stats, t_start, progress)
+            result = _result(plan, params, predictor, stats, t_start)
+            if plan.outs.manifest is not None:
+                write_manifest(temps[-1], plan.outs.manifest, run_record(path, model, params),
+                               result.to_dict())
+    if progress is not None:
+        progress(Progress("done", 1, 1, 1.0, result.seconds, result.megapixels /
+                          max(result.seconds, 1e-9), 0.0, "done"))
+    return result
 
 
 def _verify(plan: _Plan, temps: list[Path], stats: dict[str, Any], gdal: GdalErrors) -> None:
@@ -216,7 +231,8 @@ def _verify(plan: _Plan, temps: list[Path], stats: dict[str, Any], gdal: GdalErr
     if plan.confidence:
         verify_geotiff(temps[1], finals[1])
     if plan.vec is not None:
-        verify_geopackage(temps[-1], finals[-1], plan.outs.polygons.stem, stats["polygons"][0])
+        k = plan.polygons_temp_index
+        verify_geopackage(temps[k], finals[k], plan.outs.polygons.stem, stats["polygons"][0])
 
 
 def _tiling(params: SegmentParams, contract: ModelContract) -> tuple[int, int]:
@@ -235,21 +251,14 @@ def _check_tiling(tile: int, overlap: int, contract: ModelContract) -> None:
 
 
 def _plan(ds: Any, path: str, contract: ModelContract, params: SegmentParams,
-          outs: OutputPaths) -> _Plan:
-    """Check the run against the open raster ``ds`` and fix what it will do."""
+          outs: OutputPaths, notes: list[str] | None = None, count: int | None = None) -> _Plan:
+    """Check the run against the open raster ``ds`` (``count`` bands of its own: a warped
+    view adds an alpha band) and fix what it will do."""
     tile, overlap = _tiling(params, contract)
-    bands = _resolve_bands(ds, path, contract, params)
-    if params.vectorize.enabled and ds.crs is None:
-        raise NoCRSError(f"{path}: has no coordinate reference system; polygons and areas "
-                         "in m² need one (georeference the raster, or turn vectorizing off)",
-                         path)
-    win = Window(*params.window) if params.window is not None else Window.full(ds.width, ds.height)
-    if not win.fits(ds.width, ds.height):
-        raise ParameterError(f"{path}: window {params.window} reaches beyond the raster "
-                             f"({ds.width} x {ds.height} px)", path)
-    if params.nodata is not None:
-        _check_nodata(params.nodata, {ds.dtypes[b - 1] for b in bands}, path)
-    warns = _warnings(ds, path, contract, bands)
+    bands, win, dtypes, palette = _plan_input(ds, path, contract, params, count)
+    warns = list(notes or []) + _warnings(ds, path, contract, bands)
+    if palette is not None:
+        warns.append(f"{Path(path).name}: a paletted raster; its palette is expanded to RGB")
     vec = params.vectorize if params.vectorize.enabled else None
     wanted = [outs.class_raster] + ([outs.confidence_raster] if params.confidence else []) \
         + ([outs.polygons] if vec is not None else [])
@@ -264,10 +273,37 @@ def _plan(ds: Any, path: str, contract: ModelContract, params: SegmentParams,
         from ..vectorize.writer import _resolve_skip
 
         _resolve_skip(vec.skip_classes, contract.class_names)  # fail before any work
+    needs_values = params.rescale is not None or not dtypes <= {"uint8"}
+    values = sample_values(ds, bands, win, params.nodata, palette) if needs_values else None
+    rescale = check_values(path, contract, dtypes, values, params.rescale) \
+        if values is not None else None
     profile = {"width": win.width, "height": win.height, "crs": ds.crs,
                "transform": window_transform(ds, win)}
     return _Plan(path, contract, bands, params.nodata, win, grid, profile, outs,
-                 params.confidence, vec, warns)
+                 params.confidence, vec, warns, InputView(palette, rescale))
+
+
+def _plan_input(ds: Any, path: str, contract: ModelContract, params: SegmentParams,
+                count: int | None) -> tuple[tuple[int, ...], Window, set[str], np.ndarray | None]:
+    """``(bands, window, band dtypes, palette)`` of the run, checked: bands, CRS (and its
+    datum, for areas), window, nodata."""
+    palette = palette_lut(ds)
+    bands = _resolve_bands(band_count(ds, palette) if count is None or palette is not None
+                           else count, path, contract, params)
+    if params.vectorize.enabled:
+        if ds.crs is None:
+            raise NoCRSError(f"{path}: has no coordinate reference system; polygons and areas "
+                             "in m² need one (georeference the raster, or turn vectorizing "
+                             "off)", path)
+        check_area_crs(ds.crs, path)
+    win = Window(*params.window) if params.window is not None else Window.full(ds.width, ds.height)
+    if not win.fits(ds.width, ds.height):
+        raise ParameterError(f"{path}: window {params.window} reaches beyond the raster "
+                             f"({ds.width} x {ds.height} px)", path)
+    dtypes = {ds.dtypes[0]} if palette is not None else {ds.dtypes[b - 1] for b in bands}
+    if params.nodata is not None:
+        _check_nodata(params.nodata, dtypes, path)
+    return bands, win, ({"uint8"} if palette is not None else dtypes), palette
 
 
 def _available_memory() -> int | None:
@@ -355,7 +391,7 @@ def _check_nodata(nodata: float, dtypes: set[str], path: str) -> None:
 
 
 def _result(plan: _Plan, params: SegmentParams, predictor: Any, stats: dict[str, Any],
-            t_start: float, progress: ProgressFn | None) -> SegmentResult:
+            t_start: float) -> SegmentResult:
     contract, grid, outs = plan.contract, plan.grid, plan.outs
     result = SegmentResult(
         source=plan.path, class_raster=str(outs.class_raster),
@@ -376,21 +412,19 @@ def _result(plan: _Plan, params: SegmentParams, predictor: Any, stats: dict[str,
                                    for k, v in sorted(areas.items())}
         result.seconds_vectorize = round(stats["seconds_vectorize_tail"], 3)
     result.seconds = round(time.perf_counter() - t_start, 3)
-    if progress is not None:
-        progress(Progress("done", 1, 1, 1.0, result.seconds, result.megapixels /
-                          max(result.seconds, 1e-9), 0.0, "done"))
     return result
 
 
 def _open_sinks(plan: _Plan, temps: list[Path]) -> list[RowSink]:
     """The class raster's sink (and the confidence raster's) on the run's temporaries."""
     contract, source = plan.contract, Path(plan.path).name
+    tags = {"TESSERA_RESCALE": plan.view.rescale.tag()} if plan.view.rescale else None
     sinks = [class_raster_sink(temps[0], plan.profile, contract.nodata_value, contract.classes,
-                               contract.name, source, plan.outs.class_raster)]
+                               contract.name, source, plan.outs.class_raster, tags)]
     if plan.confidence:
         try:
             sinks.append(confidence_raster_sink(temps[1], plan.profile, contract.name, source,
-                                                plan.outs.confidence_raster))
+                                                plan.outs.confidence_raster, tags))
         except BaseException:
             sinks[0].close()
             raise

@@ -13,24 +13,15 @@ from typing import Any
 import numpy as np
 
 from ..errors import CancelledError
-from ..io.raster import gdal_env, read_window
+from ..io.raster import gdal_env
 from ..io.sinks import RowSink
 from ..model.contract import ModelContract
-from ..params import Window
 from .normalize import tile_input
 from .tiling import Tile, TileGrid
 
 STOP = object()
 #: How the reader gets a tile's pixels: ``tile → (data (C, h, w), valid (h, w) bool)``.
 TileRead = Callable[[Tile], tuple[np.ndarray, np.ndarray]]
-
-
-def window_reader(ds: Any, bands: tuple[int, ...], window: Window,
-                  nodata: float | None) -> TileRead:
-    """Tiles of ``window`` of the open raster ``ds`` (tile offsets are within the window)."""
-    def read(t: Tile) -> tuple[np.ndarray, np.ndarray]:
-        return read_window(ds, bands, t.window.shifted(window.col_off, window.row_off), nodata)
-    return read
 
 
 def array_reader(data: np.ndarray, valid: np.ndarray | None) -> TileRead:
@@ -192,7 +183,7 @@ class TileReader(threading.Thread):
     """Reads, masks, normalizes and batches tiles; puts work items on :attr:`q`.
 
     ``read(tile)`` gives a tile's ``(data (C, h, w), valid (h, w))`` (from a raster window,
-    :func:`window_reader`, or an array in memory, :func:`array_reader`). Items:
+    :meth:`.inputs.InputView.reader`, or an array in memory, :func:`array_reader`). Items:
     ``("tiles", row_index, [(tile, valid)], batch or None)``; ``("end",)``; ``("error", exc)``.
     Batches never span two tile rows and hold tiles of one shape.
     """

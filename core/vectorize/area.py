@@ -54,6 +54,18 @@ def _make_geodetic(wkt: str) -> tuple[Any, Any]:
 
 
 
+def check_area_crs(crs: Any, path: str) -> None:
+    """Fail before any work when areas in m² cannot be computed in ``crs`` (a local or
+    engineering CRS without a geodetic datum): :class:`NoCRSError` naming ``path``."""
+    try:
+        _geodetic(crs)
+    except Exception as exc:
+        name = getattr(crs, "to_string", lambda: str(crs))()
+        raise NoCRSError(f"{path}: its CRS ({name[:80]}) has no geodetic datum, so polygon "
+                         f"areas in m² cannot be computed ({exc}); assign the raster's real "
+                         "CRS, or turn vectorizing off", path) from exc
+
+
 def geodesic_area_m2(geoms: np.ndarray, crs: Any) -> np.ndarray:
     """True ellipsoidal area in m² of ``geoms`` (shapely polygons, coordinates in ``crs``).
 

@@ -103,7 +103,7 @@ def test_cancel_stops_the_batch_and_keeps_the_report(tmp_path):
     rows = list(csv.DictReader(open(out / "tessera_report.csv")))
     assert [r["file"] for r in rows] == ["a.tif"]
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("tessera_report")) == [
-        "a_classes.tif", "a_classes.tif.aux.xml"]
+        "a_classes.tif", "a_classes.tif.aux.xml", "a_tessera.json"]
 
 
 def test_an_executor_runs_the_plan_and_the_report_follows_it(tmp_path):
@@ -218,3 +218,103 @@ def test_an_output_failure_ends_the_batch_with_a_row_for_that_file(tmp_path, mon
     assert [(r["file"], r["status"]) for r in rows] == [("a.tif", "done"), ("b.tif", "failed")]
     assert "No space left on device" in rows[1]["error"]
     assert [r.file for r in seen] == ["a.tif", "b.tif"]
+
+
+# -- manifests and locks (issue 16, class 4) --------------------------------------------------
+
+def _three(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for k, name in enumerate(("a", "b", "c")):
+        write_raster(src / f"{name}.tif", random_rgb(40, 50, seed=k))
+    return src
+
+
+def test_a_rerun_with_another_model_or_other_options_redoes_the_work(tmp_path):
+    from helpers import tiny_unet
+
+    src, out = _three(tmp_path), tmp_path / "out"
+    m1 = tiny_unet(seed=1).save(tmp_path / "m1.safetensors")
+    m2 = tiny_unet(seed=2).save(tmp_path / "m2.safetensors")
+    first = segment_folder(src, m1, out, SegmentParams())
+    assert [r.status for r in first.rows] == ["done"] * 3
+    manifest = json.loads((out / "a_tessera.json").read_text())
+    assert manifest["run"]["model"] == "tiny test model"
+    assert manifest["result"]["n_polygons"] == first.rows[0].polygons
+    again = segment_folder(src, m1, out, SegmentParams())
+    assert [r.status for r in again.rows] == ["skipped"] * 3
+    # full rows for skipped files: the figures of the run that made the outputs
+    for a, b in zip(first.rows, again.rows):
+        assert (b.megapixels, b.polygons, b.device, b.class_raster, b.polygons_file) == \
+            (a.megapixels, a.polygons, a.device, a.class_raster, a.polygons_file)
+    other = segment_folder(src, m2, out, SegmentParams())
+    assert [r.status for r in other.rows] == ["done"] * 3
+    assert json.loads((out / "a_tessera.json").read_text())["run"]["model_sha256"] != \
+        manifest["run"]["model_sha256"]
+    options = segment_folder(src, m2, out, SegmentParams(vectorize=VectorizeParams(
+        min_area_m2=5.0)))
+    assert [r.status for r in options.rows] == ["done"] * 3
+    assert segment_folder(src, m2, out, SegmentParams(vectorize=VectorizeParams(
+        min_area_m2=5.0))).count("skipped") == 3
+
+
+def test_a_changed_input_or_outputs_without_a_manifest_are_redone(tmp_path):
+    import os
+
+    src, out = _three(tmp_path), tmp_path / "out"
+    m = model_with(ConstantModel(1), tile_size=32, overlap=8)
+    segment_folder(src, m, out, NOVEC)
+    write_raster(src / "b.tif", random_rgb(40, 50, seed=9))  # new pixels, new mtime
+    os.utime(src / "b.tif", ns=(1, 10 ** 18))
+    (out / "c_tessera.json").unlink()  # outputs of an older Tessera: no manifest
+    rep = segment_folder(src, m, out, NOVEC)
+    assert [r.status for r in rep.rows] == ["skipped", "done", "done"]
+    from helpers import LocalModel
+
+    one = model_with(LocalModel(seed=1), tile_size=32, overlap=8)  # in memory: by weights
+    assert segment_folder(src, one, out, NOVEC).count("done") == 3
+    assert segment_folder(src, one, out, NOVEC).count("skipped") == 3
+    two = model_with(LocalModel(seed=2), tile_size=32, overlap=8)
+    assert segment_folder(src, two, out, NOVEC).count("done") == 3
+
+
+def test_a_file_locked_by_another_batch_is_left_to_it(tmp_path):
+    from tessera.core.io.atomic import file_lock
+
+    src, out = _three(tmp_path), tmp_path / "out"
+    out.mkdir()
+    m = model_with(ConstantModel(1), tile_size=32, overlap=8)
+    with file_lock(out / ".b.tessera-lock") as mine:
+        assert mine
+        rep = segment_folder(src, m, out, NOVEC)
+    assert [(r.file, r.status) for r in rep.rows] == [("a.tif", "done"), ("b.tif", "skipped"),
+                                                      ("c.tif", "done")]
+    assert rep.rows[1].error == "being segmented by another batch right now"
+    assert not (out / "b_classes.tif").exists()
+    assert not (out / ".b.tessera-lock").exists()  # released, removed
+    assert segment_folder(src, m, out, NOVEC).count("done") == 1  # b, now free
+
+
+def test_two_batches_on_one_folder_do_each_file_once(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import tiny_unet
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for k in range(6):
+        write_raster(src / f"s{k}.tif", random_rgb(300, 300, seed=k))
+    model = tiny_unet(seed=1).save(tmp_path / "m.safetensors")
+    tessera = Path(sys.executable).parent / "tessera"
+    cmd = [str(tessera), "batch", str(src), "--model", str(model), "--out",
+           str(tmp_path / "out"), "-q", "--no-vectorize"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    done = [line.split()[1] for o, _ in outs for line in o.splitlines()
+            if line.startswith("done ")]
+    assert sorted(done) == [f"s{k}.tif" for k in range(6)]  # each file once, by one batch
+    assert not list((tmp_path / "out").glob(".*"))  # no lock or temporary left

@@ -1,0 +1,52 @@
+"""The manifest of a run, ``<stem>_tessera.json``, committed with its outputs: what made them
+(engine, model hash, input file, every parameter that changes a pixel or a polygon) and how the
+run went. A batch compares it with the run it would do to decide whether a file is done."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ..io.sinks import write_failed
+from ..model.files import TesseraModel
+from ..params import SegmentParams
+
+
+def run_record(source: str | Path, model: TesseraModel, params: SegmentParams) -> dict[str, Any]:
+    """What decides a run's outputs: the engine, the model (by hash), the input file (name,
+    size, modification time) and every parameter that changes a pixel or a polygon (not the
+    device, threads or batch size). Two runs with equal records make equal outputs."""
+    from .. import __version__
+
+    c, st = model.contract, Path(source).stat()
+    rec = {"engine": __version__, "model_sha256": model.identity(), "model": c.name,
+           "source": {"name": Path(source).name, "bytes": st.st_size,
+                      "mtime_ns": st.st_mtime_ns},
+           "params": {"tile_size": params.tile_size or c.tile_size,
+                      "overlap": c.overlap if params.overlap is None else params.overlap,
+                      "bands": list(params.bands or c.bands), "nodata": params.nodata,
+                      "window": list(params.window) if params.window else None,
+                      "confidence": params.confidence, "rescale": params.rescale,
+                      "vectorize": asdict(params.vectorize)}}
+    return json.loads(json.dumps(rec))  # JSON values, as read back from a manifest
+
+
+def write_manifest(tmp: Path, final: Path, record: dict[str, Any],
+                   result: dict[str, Any]) -> None:
+    """The manifest (see :class:`~..params.OutputPaths`) into ``tmp``."""
+    doc = {"format": "tessera-run", "format_version": 1, "run": record, "result": result}
+    try:
+        tmp.write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    except OSError as exc:
+        raise write_failed(final, exc) from exc
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    """A manifest's contents, or ``None`` when it is missing or unreadable."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and doc.get("format") == "tessera-run" else None
