@@ -137,7 +137,7 @@ class TesseraPlugin:
         from .core.jobs.client import EngineNotFoundError
         from .core.jobs.spec import SegmentJob
         from .ui.results import add_result_layers
-        from .ui.tasks import EngineTask
+        from .ui.tasks import EngineTask, Relay
 
         bar = self.iface.messageBar()
         if layer.providerType() != "gdal":
@@ -177,11 +177,12 @@ class TesseraPlugin:
                 poly = f", {r['n_polygons']} polygons" if r.get("n_polygons") is not None else ""
                 bar.pushMessage("Tessera", f"{name}: done in {r['seconds']:.1f} s on "
                                 f"{r['device']}{poly}. Outputs in {out}", Qgis.Success)
-                warnings = [*task.warnings, *r.get("warnings", [])]
-                for w in r.get("warnings", []):  # the run's own warnings: to the QGIS log too
+                # the run's warnings not shown while it ran (those were, and are in the log)
+                later = [w for w in r.get("warnings", []) if w not in task.warnings]
+                for w in later:
                     ENGINE_LOG.warning("%s", w)
-                if warnings:
-                    bar.pushMessage("Tessera", f"{name}: " + "; ".join(warnings), Qgis.Warning)
+                if later:
+                    bar.pushMessage("Tessera", f"{name}: " + "; ".join(later), Qgis.Warning)
             elif task.cancelled_by_user:
                 bar.pushMessage("Tessera", f"{name}: cancelled; no partial output was left.",
                                 Qgis.Info)
@@ -191,6 +192,10 @@ class TesseraPlugin:
                 on_finished(task)
 
         task = EngineTask(f"Tessera: segmenting {name}", job, str(python), done)
+        # warnings as they come: the input checks speak before the first tile
+        widgets["relay"] = Relay(lambda w: bar.pushMessage("Tessera", f"{name}: {w}",
+                                                           Qgis.Warning))
+        task.warning.connect(widgets["relay"].call)
         if message_bar:
             item = bar.createMessage("Tessera", f"Segmenting {name}…")
             progress = QProgressBar()

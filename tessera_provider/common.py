@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from qgis.core import (
@@ -12,6 +13,7 @@ from qgis.core import (
     QgsProcessingException,
     QgsProcessingFeedback,
     QgsProcessingLayerPostProcessorInterface,
+    QgsProcessingParameterRasterLayer,
     QgsRasterLayer,
     QgsVectorLayer,
 )
@@ -58,6 +60,18 @@ class TesseraAlgorithm(QgsProcessingAlgorithm):
     def createInstance(self):  # noqa: N802
         return type(self)()
 
+    def checkParameterValues(self, parameters, context):  # noqa: N802  (QGIS API)
+        """A raster input that is no raster says what it is (a vector, an unreadable file),
+        where QGIS would say only "not found"."""
+        for d in self.parameterDefinitions():
+            if isinstance(d, QgsProcessingParameterRasterLayer) and \
+                    parameters.get(d.name()) not in (None, ""):
+                try:
+                    raster_input(self, parameters, d.name(), context)
+                except QgsProcessingException as exc:
+                    return False, str(exc)
+        return super().checkParameterValues(parameters, context)
+
 
 def run_engine(job: Job | dict[str, Any], feedback: QgsProcessingFeedback | None) -> dict[str, Any]:
     """Run a job (typed, or its JSON) with Processing feedback: progress, the engine's log
@@ -74,11 +88,11 @@ def run_engine(job: Job | dict[str, Any], feedback: QgsProcessingFeedback | None
         elif kind == "log":
             level = forward_log(ev)
             msg = str(ev.get("message"))
-            if level >= logging.ERROR:
-                fb.reportError(msg)
-            elif level >= logging.WARNING:
+            # an error reaches the user once: as the exception that ends the run, or as the
+            # file row of a batch; the log record itself only goes to the QGIS message log
+            if logging.WARNING <= level < logging.ERROR:
                 fb.pushWarning(msg)
-            else:
+            elif level < logging.WARNING:
                 fb.pushInfo(msg)
         elif kind == "file":
             msg = f"{ev.get('status')}: {ev.get('file')}"
@@ -96,6 +110,32 @@ def run_engine(job: Job | dict[str, Any], feedback: QgsProcessingFeedback | None
         raise QgsProcessingException(f"Cancelled: {exc}. No partial output was left.") from exc
     except TesseraError as exc:
         raise QgsProcessingException(str(exc)) from exc
+
+
+def raster_input(alg: QgsProcessingAlgorithm, parameters: dict[str, Any], name: str,
+                 context: Any) -> QgsRasterLayer:
+    """The raster layer of parameter ``name``; a value that is no raster says what it is
+    (a vector layer or file, a file GDAL cannot read, a path that does not exist)."""
+    layer = alg.parameterAsRasterLayer(parameters, name, context)
+    if layer is not None:
+        return layer
+    value = parameters.get(name)
+    text = value.source() if hasattr(value, "source") else str(value or "")
+    proj = context.project() if context is not None else None
+    found = proj.mapLayer(text) if proj is not None and text else None
+    if found is not None and not isinstance(found, QgsRasterLayer):
+        raise QgsProcessingException(f"'{found.name()}' is a vector layer, not a raster: "
+                                     "choose a raster layer")
+    path = text.split("|")[0]
+    if not path:
+        raise QgsProcessingException("Choose an input raster layer.")
+    if not Path(path).exists():
+        raise QgsProcessingException(f"{path}: not found")
+    if QgsVectorLayer(path, "probe", "ogr").isValid():
+        raise QgsProcessingException(f"{path}: is a vector file, not a raster: choose a raster "
+                                     "layer or a raster file (GeoTIFF...)")
+    raise QgsProcessingException(f"{path}: GDAL cannot open it as a raster (truncated, or a "
+                                 "format it does not read)")
 
 
 def build(make: Callable[..., T], *args: Any, **kwargs: Any) -> T:

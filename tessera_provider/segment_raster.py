@@ -26,7 +26,7 @@ from qgis.PyQt.QtCore import QCoreApplication
 
 from ..bridge import engine, layers
 from ..core.jobs.spec import SegmentJob
-from ..core.params import OutputPaths, SegmentParams, VectorizeParams
+from ..core.params import MAX_TILE, OutputPaths, SegmentParams, VectorizeParams
 from . import common
 
 
@@ -70,13 +70,19 @@ def add_run_options(alg: QgsProcessingAlgorithm) -> None:
         "MODEL", tr("Model file (.safetensors, or .onnx for ONNX/int8 models)"),
         fileFilter=engine.MODEL_FILTER,
         defaultValue=engine.default_model_path() or None))
-    for name, label, default, lo in (("TILE_SIZE", "Tile size (pixels, 0 = model default)", 0, 0),
-                                     ("OVERLAP", "Tile overlap (pixels, -1 = model default)", -1, -1),
-                                     ("BATCH_SIZE", "Batch size (tiles per forward pass)", 2, 1)):
+    for name, label, default, lo, hi in (
+            ("TILE_SIZE", "Tile size (pixels, 0 = model default)", 0, 0, MAX_TILE),
+            ("OVERLAP", "Tile overlap (pixels, -1 = model default)", -1, -1, MAX_TILE // 2 - 1),
+            ("BATCH_SIZE", "Batch size (tiles per forward pass)", 2, 1, 256)):
         p = QgsProcessingParameterNumber(name, tr(label), QgsProcessingParameterNumber.Integer,
-                                         default, minValue=lo)
+                                         default, minValue=lo, maxValue=hi)
         p.setFlags(p.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
         alg.addParameter(p)
+    p = QgsProcessingParameterBoolean(
+        "RESCALE", tr("Rescale to 8 bits (each band stretched from its 2nd to its 98th "
+                      "percentile: for 16-bit or float imagery)"), False)
+    p.setFlags(p.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+    alg.addParameter(p)
     alg.addParameter(QgsProcessingParameterEnum("DEVICE", tr("Device"), options=engine.DEVICES,
                                                 defaultValue=0))
     p = QgsProcessingParameterEnum(
@@ -93,7 +99,9 @@ def run_options(alg: QgsProcessingAlgorithm, parameters, context) -> dict:
     return {"tile_size": tile or None, "overlap": overlap if overlap >= 0 else None,
             "batch_size": alg.parameterAsInt(parameters, "BATCH_SIZE", context),
             "device": engine.DEVICES[alg.parameterAsEnum(parameters, "DEVICE", context)],
-            "backend": engine.BACKENDS[alg.parameterAsEnum(parameters, "BACKEND", context)]}
+            "backend": engine.BACKENDS[alg.parameterAsEnum(parameters, "BACKEND", context)],
+            "rescale": "percentile" if alg.parameterAsBoolean(parameters, "RESCALE", context)
+            else None}
 
 
 def model_path(alg: QgsProcessingAlgorithm, parameters, context) -> str:
@@ -139,7 +147,7 @@ class SegmentRasterAlgorithm(common.TesseraAlgorithm):
         self.addOutput(QgsProcessingOutputNumber("N_POLYGONS", tr("Number of polygons")))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
-        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
+        layer = common.raster_input(self, parameters, self.INPUT, context)
         src = layers.raster_source_path(layer)
         model = model_path(self, parameters, context)
         bands = self.parameterAsInts(parameters, "BANDS", context) if hasattr(
@@ -169,8 +177,7 @@ class SegmentRasterAlgorithm(common.TesseraAlgorithm):
         feedback.pushInfo(f"Device used: {res['device']} ({res.get('backend', 'torch')}); "
                           f"{res['tiles']} tiles "
                           f"({res['tiles_skipped']} empty, skipped); {res['seconds']:.1f} s")
-        for w in res.get("warnings", []):
-            feedback.pushWarning(w)
+        # the run's warnings came as the engine logged them, before the first tile
         classes = engine.model_classes(model)
         name = layer.name()
         common.style_on_load(context, out_cls, "classes", classes, f"{name} classes")

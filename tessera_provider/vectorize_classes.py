@@ -66,7 +66,7 @@ class VectorizeClassesAlgorithm(common.TesseraAlgorithm):
         self.addOutput(QgsProcessingOutputNumber("N_POLYGONS", tr("Number of polygons")))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
-        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
+        layer = common.raster_input(self, parameters, self.INPUT, context)
         src = layers.raster_source_path(layer)
         out = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
         if Path(out).suffix.lower() != ".gpkg":

@@ -137,6 +137,11 @@ class TesseraDock(QgsDockWidget):
         df.addRow("Batch size", self.batch)
         self.confidence = QCheckBox("Also write the confidence raster")
         df.addRow("", self.confidence)
+        self.rescale = QCheckBox("Rescale to 8 bits (16-bit or float imagery)")
+        self.rescale.setToolTip("Each band stretched from its 2nd to its 98th percentile onto "
+                                "0..255 before the model sees it; the figures are recorded "
+                                "in the outputs")
+        df.addRow("", self.rescale)
         lay.addWidget(dev)
 
         vec = QgsCollapsibleGroupBox("Polygons")
@@ -219,6 +224,7 @@ class TesseraDock(QgsDockWidget):
         self.overlap.setValue(s.overlap)
         self.batch.setValue(s.batch_size)
         self.confidence.setChecked(s.confidence)
+        self.rescale.setChecked(s.rescale)
         self.vectorize.setChecked(s.vectorize)
         self.min_area.setValue(s.min_area_m2)
         self.simplify.setValue(s.simplify_px)
@@ -235,7 +241,8 @@ class TesseraDock(QgsDockWidget):
             backend=self.backend.currentText(),
             tile_size=self.tile.value(), overlap=self.overlap.value(),
             batch_size=self.batch.value(), confidence=self.confidence.isChecked(),
-            vectorize=self.vectorize.isChecked(), min_area_m2=self.min_area.value(),
+            rescale=self.rescale.isChecked(), vectorize=self.vectorize.isChecked(),
+            min_area_m2=self.min_area.value(),
             simplify_px=self.simplify.value(), sieve_px=self.sieve.value(), skip_classes=skip,
             output_dir=self.out_dir.filePath())
 
@@ -425,7 +432,7 @@ class TesseraDock(QgsDockWidget):
             backend = f", {r['backend']}" if r.get("backend") else ""
             self.device_used.setText(f"Device used: {r['device']}{backend}")
             poly = f", {r['n_polygons']} polygons" if r.get("n_polygons") is not None else ""
-            warnings = [*task.warnings, *r.get("warnings", [])]
+            warnings = list(dict.fromkeys([*task.warnings, *r.get("warnings", [])]))
             note = f" Warning: {'; '.join(warnings)}" if warnings else ""
             self.status.setText(f"Done in {r['seconds']:.1f} s on {r['device']}{poly}.{note}")
         elif task.cancelled_by_user:

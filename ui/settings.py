@@ -24,6 +24,7 @@ class RunSettings:
     overlap: int = -1           # -1 = the model's
     batch_size: int = 2
     confidence: bool = False
+    rescale: bool = False       # per-band 2-98 % stretch onto 0..255
     vectorize: bool = True
     min_area_m2: float = 0.0
     simplify_px: float = 0.0
@@ -70,7 +71,7 @@ class RunSettings:
             overlap=self.overlap if self.overlap >= 0 else None,
             batch_size=self.batch_size, device=self.device, backend=self.backend,
             bands=tuple(bands) if bands else None, window=window,
-            confidence=self.confidence,
+            confidence=self.confidence, rescale="percentile" if self.rescale else None,
             vectorize=VectorizeParams(enabled=self.vectorize, min_area_m2=self.min_area_m2,
                                       simplify_px=self.simplify_px, sieve_px=self.sieve_px,
                                       skip_classes=tuple(self.skip_classes)))

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from qgis.core import QgsTask
-from qgis.PyQt.QtCore import pyqtSignal
+from qgis.PyQt.QtCore import QObject, pyqtSignal, pyqtSlot
 
 from ..bridge import engine
 from ..core.errors import CancelledError, TesseraError
@@ -19,10 +19,27 @@ from ..core.jobs import client
 from ..core.jobs.spec import Job
 
 
+class Relay(QObject):
+    """Calls ``fn(text)`` on the main thread when a task's signal fires in its own thread
+    (a signal connected to a plain function would run it in the task's thread, where no
+    widget may be touched)."""
+
+    def __init__(self, fn: Callable[[str], None]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    @pyqtSlot(str)
+    def call(self, text: str) -> None:
+        """Run ``fn`` (main thread)."""
+        self.fn(text)
+
+
 class EngineTask(QgsTask):
     """A cancellable background task running one worker job."""
 
     progressText = pyqtSignal(str)  # noqa: N815  (Qt naming)
+    #: an engine warning, as it comes (before the run for the input checks: pixel size...)
+    warning = pyqtSignal(str)
 
     def __init__(self, description: str, job: Job | dict[str, Any], python: str,
                  on_done: Callable[[EngineTask], None] | None = None) -> None:
@@ -45,7 +62,10 @@ class EngineTask(QgsTask):
                 self.setProgress(100.0 * float(ev.get("fraction", 0)))
                 self.progressText.emit(engine.progress_text(ev))
             elif kind == "log" and engine.forward_log(ev) >= logging.WARNING:
-                self.warnings.append(str(ev.get("message")))
+                msg = str(ev.get("message"))
+                if msg not in self.warnings:
+                    self.warnings.append(msg)
+                    self.warning.emit(msg)
 
         try:
             self.result = client.run_job(self.job, self.python, on_event, self.isCanceled)

@@ -165,6 +165,11 @@ class Recorder(_feedback_base()):
         super().__init__()
         self.lines: list[str] = []
         self.warnings: list[str] = []
+        self.errors: list[str] = []
+
+    def reportError(self, error, fatalError=False):  # noqa: N803  (QGIS API)
+        self.errors.append(error)
+        super().reportError(error, fatalError)
 
     def pushInfo(self, info):
         self.lines.append(info)
