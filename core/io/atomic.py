@@ -76,13 +76,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale(folder: Path) -> list[Path]:
+#: Folders this process has cleaned already (a batch commits many times into one folder).
+_CLEANED: set[str] = set()
+
+
+def remove_stale(folder: Path, once: bool = False) -> list[Path]:
     """Remove the temporaries (and moved-aside old outputs) that runs on this host left in
-    ``folder`` when they died: those whose process is gone. Returns what was removed.
+    ``folder`` when they died: those whose process is gone. Returns what was removed. With
+    ``once``, a folder this process cleaned before is not scanned again.
 
     An old output moved aside by a run killed in the middle of its commit is put back when
     its final name is free, so a crash between two renames loses nothing."""
     removed: list[Path] = []
+    key = os.path.abspath(folder)
+    if once and key in _CLEANED:
+        return removed
+    _CLEANED.add(key)
     try:
         entries = list(os.scandir(folder))
     except OSError:
@@ -207,7 +216,7 @@ def atomic_outputs(*finals: Path, verify: Callable[[list[Path]], None] | None = 
     """
     paths = [Path(f) for f in finals]
     for folder in sorted({p.parent for p in paths}):
-        remove_stale(folder)
+        remove_stale(folder, once=True)
     for p in paths:
         check_final_name(p)
     temps = [temp_path(p) for p in paths]

@@ -102,7 +102,7 @@ class GdalErrors(logging.Filter):
     def write_errors(self) -> list[str]:
         """The messages that tell of a failed write (I/O, full disk, too large)."""
         return [m for m in self.messages
-                if re.search(r"writ|i/o|io error|seek|no space|too large|flush", m, re.I)]
+                if re.search(r"writ|no space|too large|flush", m, re.I)]
 
 
 def open_raster(path: str | Path) -> Any:

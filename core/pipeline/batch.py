@@ -229,6 +229,10 @@ def run_one(task: FileTask, model: TesseraModel, params: SegmentParams,
     if task.done is not None:
         log.info("%s: done before with this model and these settings, skipped", task.rel)
         return _fill(row, "skipped", task.done.get("result") or {})
+    try:
+        task.dest.mkdir(parents=True, exist_ok=True)  # the lock lives there
+    except OSError:
+        pass  # the run's own folder check says why
     with file_lock(task.lock) as mine:
         if not mine:
             log.info("%s: being segmented by another batch, skipped", task.rel)
