@@ -192,9 +192,10 @@ def export_onnx(model: TesseraModel | str | Path, out: str | Path, opset: int = 
     meta = {CONTRACT_KEY: m.contract.to_json()}
     if sha:
         meta[SHA_KEY] = sha
+    module = m.module  # a model that cannot be read is the model's fault, not the export's
     with atomic_file(out) as tmp:
         try:
-            _export_graph(m.module, m.contract, tmp, opset, meta)
+            _export_graph(module, m.contract, tmp, opset, meta)
         except OSError as exc:
             raise OutputError(f"{out}: cannot write the ONNX file: {exc}", out) from exc
         except Exception as exc:

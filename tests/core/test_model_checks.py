@@ -238,3 +238,17 @@ def test_the_cache_is_pruned_by_age_and_size(tmp_path, monkeypatch):
     assert sorted(p.stem for p in removed) == ["b", "c", "old"]  # "a" kept: just made
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.onnx", "new.json",
                                                           "new.onnx"]
+
+
+def test_weights_not_matching_the_contract_are_reported_once_without_a_fallback(tmp_path):
+    m = tiny_unet(seed=2)
+    state = {k: v.clone() for k, v in m.module.state_dict().items()}
+    state["segmentation_head.0.weight"] = torch.zeros(5, 4, 3, 3)  # 5 classes, not 3
+    path = _crafted(tmp_path / "wrong.safetensors", m.contract.to_dict(), state)  # no digest
+    src = write_raster(tmp_path / "scene.tif", random_rgb(40, 40))
+    p = subprocess.run([str(TESSERA), "segment", str(src), "--model", str(path), "--out",
+                        str(tmp_path / "o")], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, TESSERA_CACHE=str(tmp_path / "cache")))
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.stderr.count("the weights do not match the contract") == 1
+    assert "ONNX Runtime not used" not in p.stderr  # no second try with PyTorch
