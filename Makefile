@@ -6,7 +6,8 @@
 #   make train-default  retrain the shipped default model (DUBAI=folder, TRAIN_ARGS=...)
 #   make package  build the installable plugin zip (dist/tessera-<version>.zip)
 #   make deploy   install that zip into the local QGIS profile, using this checkout's venv
-#   make lint     ruff (docstring and annotation rules on core/), mypy on core/, the house rules
+#   make lint     ruff (docstring and annotation rules on core/), mypy on core/, the house rules,
+#                 the static Qt6 / QGIS 4 check of the adapters (tools/check_qt6.py)
 #   make setup    only the set-up: QGIS from apt, the venv (.venv/) and the `tessera` command
 #   make clean    remove the venv and caches
 
@@ -103,9 +104,10 @@ deploy: setup package
 	@echo "Installed into $(QGIS_PROFILE)/python/plugins/tessera"
 
 lint: setup
-	$(VENV)/bin/ruff check core bridge ui tessera_provider plugin.py __init__.py tests benchmarks tools resources
+	$(VENV)/bin/ruff check core bridge ui tessera_provider plugin.py compat.py __init__.py tests benchmarks tools resources
 	cd $(VENV)/src && ../bin/mypy --config-file "$(CURDIR)/pyproject.toml" -p tessera.core
 	$(PY) tools/check_house.py
+	QT_QPA_PLATFORM=offscreen $(PY) tools/check_qt6.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

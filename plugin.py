@@ -13,7 +13,9 @@ from typing import Any
 from qgis.core import Qgis, QgsApplication, QgsMessageLog, QgsRasterLayer
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
-from qgis.PyQt.QtWidgets import QAction, QProgressBar, QPushButton
+from qgis.PyQt.QtWidgets import QProgressBar, QPushButton
+
+from .compat import QAction
 
 PLUGIN_DIR = Path(__file__).resolve().parent
 ICON = str(PLUGIN_DIR / "resources" / "icon.svg")
@@ -24,7 +26,7 @@ class _QgisLogHandler(logging.Handler):
     """Forwards the engine's Python logging (in-process parts) to the QGIS message log."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        level = Qgis.Warning if record.levelno >= logging.WARNING else Qgis.Info
+        level = Qgis.MessageLevel.Warning if record.levelno >= logging.WARNING else Qgis.MessageLevel.Info
         QgsMessageLog.logMessage(record.getMessage(), "Tessera", level)
 
 
@@ -104,7 +106,7 @@ class TesseraPlugin:
             from .ui.dock import TesseraDock
 
             self.dock = TesseraDock(self.iface, self, self.iface.mainWindow())
-            self.iface.addDockWidget(Qt.RightDockWidgetArea, self.dock)
+            self.iface.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.dock)
         self.dock.show()
         self.dock.raise_()
 
@@ -115,7 +117,7 @@ class TesseraPlugin:
         layer = self.iface.activeLayer()
         if not isinstance(layer, QgsRasterLayer):
             self.iface.messageBar().pushMessage(
-                "Tessera", "Select a raster layer in the Layers panel first.", Qgis.Warning)
+                "Tessera", "Select a raster layer in the Layers panel first.", Qgis.MessageLevel.Warning)
             return None
         s = RunSettings.load()
         if not s.model or not Path(s.model).exists():
@@ -123,7 +125,7 @@ class TesseraPlugin:
         if not s.model:
             self.iface.messageBar().pushMessage(
                 "Tessera", "No model chosen yet: open the Tessera panel and pick a model file.",
-                Qgis.Warning)
+                Qgis.MessageLevel.Warning)
             return None
         return self.start_run(layer, s, message_bar=True)
 
@@ -142,23 +144,24 @@ class TesseraPlugin:
         bar = self.iface.messageBar()
         if layer.providerType() != "gdal":
             bar.pushMessage("Tessera", f"'{layer.name()}' is not a file-based raster "
-                            f"({layer.providerType()}); export it to GeoTIFF first.", Qgis.Warning)
+                            f"({layer.providerType()}); export it to GeoTIFF first.",
+                            Qgis.MessageLevel.Warning)
             return None
         src = layer.source().split("|")[0]
         try:
             python = engine_python()
             classes = model_classes(settings.model)
         except EngineNotFoundError as exc:
-            bar.pushMessage("Tessera", str(exc), Qgis.Critical)
+            bar.pushMessage("Tessera", str(exc), Qgis.MessageLevel.Critical)
             return None
         except Exception as exc:  # noqa: BLE001  (a bad model file: say why)
-            bar.pushMessage("Tessera", str(exc), Qgis.Critical)
+            bar.pushMessage("Tessera", str(exc), Qgis.MessageLevel.Critical)
             return None
         out = out_dir or settings.output_dir or default_output_dir(src, fallback_output_dir())
         try:  # validated here, before an engine process starts
             job = SegmentJob(src, settings.model, out, settings.segment_params(bands, window))
         except TesseraError as exc:
-            bar.pushMessage("Tessera", str(exc), Qgis.Warning)
+            bar.pushMessage("Tessera", str(exc), Qgis.MessageLevel.Warning)
             return None
         name = layer.name()
         widgets: dict[str, Any] = {}
@@ -176,25 +179,25 @@ class TesseraPlugin:
                 r = task.result
                 poly = f", {r['n_polygons']} polygons" if r.get("n_polygons") is not None else ""
                 bar.pushMessage("Tessera", f"{name}: done in {r['seconds']:.1f} s on "
-                                f"{r['device']}{poly}. Outputs in {out}", Qgis.Success)
+                                f"{r['device']}{poly}. Outputs in {out}", Qgis.MessageLevel.Success)
                 # the run's warnings not shown while it ran (those were, and are in the log)
                 later = [w for w in r.get("warnings", []) if w not in task.warnings]
                 for w in later:
                     ENGINE_LOG.warning("%s", w)
                 if later:
-                    bar.pushMessage("Tessera", f"{name}: " + "; ".join(later), Qgis.Warning)
+                    bar.pushMessage("Tessera", f"{name}: " + "; ".join(later), Qgis.MessageLevel.Warning)
             elif task.cancelled_by_user:
                 bar.pushMessage("Tessera", f"{name}: cancelled; no partial output was left.",
-                                Qgis.Info)
+                                Qgis.MessageLevel.Info)
             else:
-                bar.pushMessage("Tessera", f"{name}: {task.error}", Qgis.Critical)
+                bar.pushMessage("Tessera", f"{name}: {task.error}", Qgis.MessageLevel.Critical)
             if on_finished is not None:
                 on_finished(task)
 
         task = EngineTask(f"Tessera: segmenting {name}", job, str(python), done)
         # warnings as they come: the input checks speak before the first tile
         widgets["relay"] = Relay(lambda w: bar.pushMessage("Tessera", f"{name}: {w}",
-                                                           Qgis.Warning))
+                                                           Qgis.MessageLevel.Warning))
         task.warning.connect(widgets["relay"].call)
         if message_bar:
             item = bar.createMessage("Tessera", f"Segmenting {name}…")
@@ -206,7 +209,7 @@ class TesseraPlugin:
             item.layout().addWidget(cancel)
             task.progressChanged.connect(lambda v: progress.setValue(int(v)))
             task.progressText.connect(lambda t: progress.setFormat(t[:60]))
-            widgets["item"] = bar.pushWidget(item, Qgis.Info)
+            widgets["item"] = bar.pushWidget(item, Qgis.MessageLevel.Info)
         self.tasks.append(task)
         QgsApplication.taskManager().addTask(task)
         return task
@@ -214,4 +217,4 @@ class TesseraPlugin:
     def check_dependencies(self) -> None:
         from .ui.deps import DependencyDialog
 
-        DependencyDialog(self.iface.mainWindow()).exec_()
+        DependencyDialog(self.iface.mainWindow()).exec()

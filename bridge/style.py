@@ -35,7 +35,7 @@ def style_confidence_raster(layer: QgsRasterLayer) -> None:
 
     r = QgsSingleBandGrayRenderer(layer.dataProvider(), 1)
     ce = QgsContrastEnhancement(layer.dataProvider().dataType(1))
-    ce.setContrastEnhancementAlgorithm(QgsContrastEnhancement.StretchToMinimumMaximum)
+    ce.setContrastEnhancementAlgorithm(QgsContrastEnhancement.ContrastEnhancementAlgorithm.StretchToMinimumMaximum)
     ce.setMinimumValue(0)
     ce.setMaximumValue(255)
     r.setContrastEnhancement(ce)

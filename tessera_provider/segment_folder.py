@@ -9,17 +9,15 @@ from qgis.core import (
     QgsFeatureSink,
     QgsField,
     QgsFields,
-    QgsProcessing,
     QgsProcessingOutputNumber,
     QgsProcessingParameterBoolean,
     QgsProcessingParameterFeatureSink,
     QgsProcessingParameterFile,
     QgsProcessingParameterFolderDestination,
     QgsProcessingParameterString,
-    QgsWkbTypes,
 )
-from qgis.PyQt.QtCore import QVariant
 
+from .. import compat
 from ..core.jobs.spec import BatchJob
 from ..core.params import SegmentParams, VectorizeParams
 from . import common
@@ -42,7 +40,7 @@ class SegmentFolderAlgorithm(common.TesseraAlgorithm):
 
     def initAlgorithm(self, config=None):  # noqa: N802
         self.addParameter(QgsProcessingParameterFile(
-            self.FOLDER, tr("Input folder"), behavior=QgsProcessingParameterFile.Folder))
+            self.FOLDER, tr("Input folder"), behavior=compat.FILE_FOLDER))
         self.addParameter(QgsProcessingParameterString("PATTERN", tr("File pattern"), "*.tif;*.tiff"))
         self.addParameter(QgsProcessingParameterBoolean("RECURSIVE", tr("Include sub-folders"), False))
         self.addParameter(QgsProcessingParameterBoolean("SKIP_EXISTING",
@@ -53,7 +51,7 @@ class SegmentFolderAlgorithm(common.TesseraAlgorithm):
         self.addParameter(QgsProcessingParameterFolderDestination(self.OUTPUT_FOLDER,
                                                                   tr("Output folder")))
         self.addParameter(QgsProcessingParameterFeatureSink(
-            self.REPORT, tr("Report"), QgsProcessing.TypeVector, optional=True,
+            self.REPORT, tr("Report"), compat.SOURCE_VECTOR, optional=True,
             createByDefault=True))
         self.addOutput(QgsProcessingOutputNumber("DONE", tr("Files done")))
         self.addOutput(QgsProcessingOutputNumber("SKIPPED", tr("Files skipped")))
@@ -75,21 +73,20 @@ class SegmentFolderAlgorithm(common.TesseraAlgorithm):
             skip_existing=self.parameterAsBoolean(parameters, "SKIP_EXISTING", context))
         res = common.run_engine(job, feedback)
         fields = QgsFields()
-        for name, typ in (("file", QVariant.String), ("status", QVariant.String),
-                          ("error", QVariant.String), ("seconds", QVariant.Double),
-                          ("megapixels", QVariant.Double), ("polygons", QVariant.Int),
-                          ("device", QVariant.String)):
-            fields.append(QgsField(name, typ))
+        for name, typ in (("file", "string"), ("status", "string"), ("error", "string"),
+                          ("seconds", "double"), ("megapixels", "double"), ("polygons", "int"),
+                          ("device", "string")):
+            fields.append(QgsField(name, compat.FIELD_TYPES[typ]))
         results = {self.OUTPUT_FOLDER: out, "DONE": res["done"], "SKIPPED": res["skipped"],
                    "FAILED": res["failed"]}
         sink, dest = self.parameterAsSink(parameters, self.REPORT, context, fields,
-                                          QgsWkbTypes.NoGeometry)
+                                          compat.WKB_NO_GEOMETRY)
         if sink is not None:
             for row in res["rows"]:
                 f = QgsFeature(fields)
                 f.setAttributes([row["file"], row["status"], row["error"], row["seconds"],
                                  row["megapixels"], row["polygons"], row["device"]])
-                sink.addFeature(f, QgsFeatureSink.FastInsert)
+                sink.addFeature(f, QgsFeatureSink.Flag.FastInsert)
             results[self.REPORT] = dest
         feedback.pushInfo(f"{res['done']} done, {res['skipped']} skipped, {res['failed']} "
                           f"failed; report: {res['csv']}")

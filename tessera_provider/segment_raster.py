@@ -5,14 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from qgis.core import (
-    QgsProcessing,
     QgsProcessingAlgorithm,
     QgsProcessingException,
     QgsProcessingOutputNumber,
     QgsProcessingOutputString,
     QgsProcessingParameterBand,
     QgsProcessingParameterBoolean,
-    QgsProcessingParameterDefinition,
     QgsProcessingParameterEnum,
     QgsProcessingParameterExtent,
     QgsProcessingParameterFile,
@@ -24,6 +22,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QCoreApplication
 
+from .. import compat
 from ..bridge import engine, layers
 from ..core.jobs.spec import SegmentJob
 from ..core.params import MAX_TILE, OutputPaths, SegmentParams, VectorizeParams
@@ -38,18 +37,18 @@ def add_vector_options(alg: QgsProcessingAlgorithm, advanced: bool = False) -> N
     """SIEVE, MIN_AREA, SIMPLIFY, SKIP_CLASSES — shared with vectorize_classes."""
     params = [
         QgsProcessingParameterNumber("MIN_AREA", tr("Minimum polygon area (m²)"),
-                                     QgsProcessingParameterNumber.Double, 0.0, minValue=0.0),
+                                     compat.NUMBER_DOUBLE, 0.0, minValue=0.0),
         QgsProcessingParameterNumber("SIMPLIFY", tr("Simplification tolerance (pixels)"),
-                                     QgsProcessingParameterNumber.Double, 0.0, minValue=0.0),
+                                     compat.NUMBER_DOUBLE, 0.0, minValue=0.0),
         QgsProcessingParameterNumber("SIEVE", tr("Merge regions smaller than (pixels)"),
-                                     QgsProcessingParameterNumber.Integer, 0, minValue=0),
+                                     compat.NUMBER_INTEGER, 0, minValue=0),
         QgsProcessingParameterString("SKIP_CLASSES", tr("Classes not to polygonize "
                                                         "(names or ids, comma-separated)"),
                                      "", optional=True),
     ]
     for p in params:
         if advanced:
-            p.setFlags(p.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+            p.setFlags(p.flags() | compat.ADVANCED)
         alg.addParameter(p)
 
 
@@ -74,21 +73,21 @@ def add_run_options(alg: QgsProcessingAlgorithm) -> None:
             ("TILE_SIZE", "Tile size (pixels, 0 = model default)", 0, 0, MAX_TILE),
             ("OVERLAP", "Tile overlap (pixels, -1 = model default)", -1, -1, MAX_TILE // 2 - 1),
             ("BATCH_SIZE", "Batch size (tiles per forward pass)", 2, 1, 256)):
-        p = QgsProcessingParameterNumber(name, tr(label), QgsProcessingParameterNumber.Integer,
+        p = QgsProcessingParameterNumber(name, tr(label), compat.NUMBER_INTEGER,
                                          default, minValue=lo, maxValue=hi)
-        p.setFlags(p.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        p.setFlags(p.flags() | compat.ADVANCED)
         alg.addParameter(p)
     p = QgsProcessingParameterBoolean(
         "RESCALE", tr("Rescale to 8 bits (each band stretched from its 2nd to its 98th "
                       "percentile: for 16-bit or float imagery)"), False)
-    p.setFlags(p.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+    p.setFlags(p.flags() | compat.ADVANCED)
     alg.addParameter(p)
     alg.addParameter(QgsProcessingParameterEnum("DEVICE", tr("Device"), options=engine.DEVICES,
                                                 defaultValue=0))
     p = QgsProcessingParameterEnum(
         "BACKEND", tr("Inference backend (auto: PyTorch on a GPU, ONNX Runtime on the CPU)"),
         options=engine.BACKENDS, defaultValue=0)
-    p.setFlags(p.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+    p.setFlags(p.flags() | compat.ADVANCED)
     alg.addParameter(p)
 
 
@@ -140,7 +139,7 @@ class SegmentRasterAlgorithm(common.TesseraAlgorithm):
         self.addParameter(QgsProcessingParameterRasterDestination(
             self.CONFIDENCE, tr("Confidence"), optional=True, createByDefault=False))
         self.addParameter(QgsProcessingParameterVectorDestination(
-            self.OUTPUT_POLYGONS, tr("Polygons"), QgsProcessing.TypeVectorPolygon,
+            self.OUTPUT_POLYGONS, tr("Polygons"), compat.SOURCE_POLYGON,
             optional=True, createByDefault=True))
         self.addOutput(QgsProcessingOutputString("DEVICE", tr("Device used")))
         self.addOutput(QgsProcessingOutputString("BACKEND", tr("Inference backend used")))

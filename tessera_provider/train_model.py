@@ -6,10 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from qgis.core import (
-    QgsProcessing,
     QgsProcessingException,
     QgsProcessingOutputNumber,
-    QgsProcessingParameterDefinition,
     QgsProcessingParameterEnum,
     QgsProcessingParameterField,
     QgsProcessingParameterFile,
@@ -20,6 +18,7 @@ from qgis.core import (
     QgsProcessingParameterVectorLayer,
 )
 
+from .. import compat
 from ..bridge import engine, layers
 from . import common
 from .segment_raster import tr
@@ -64,13 +63,13 @@ class TrainingAlgorithm(common.TesseraAlgorithm):
             defaultValue=0))
         self.addParameter(QgsProcessingParameterFile(
             "FOLDER", tr("Folder of images/ and masks/ (Dubai layout)"),
-            behavior=QgsProcessingParameterFile.Folder, optional=True))
+            behavior=compat.FILE_FOLDER, optional=True))
         self.addParameter(QgsProcessingParameterRasterLayer(
             "IMAGE", tr("Image raster"), optional=True))
         self.addParameter(QgsProcessingParameterRasterLayer(
             "LABELS", tr("Label raster (class id per pixel)"), optional=True))
         self.addParameter(QgsProcessingParameterVectorLayer(
-            "POLYGONS", tr("Polygon layer (labelled areas)"), [QgsProcessing.TypeVectorPolygon],
+            "POLYGONS", tr("Polygon layer (labelled areas)"), [compat.SOURCE_POLYGON],
             optional=True))
         self.addParameter(QgsProcessingParameterField(
             "CLASS_FIELD", tr("Class field of the polygon layer"), None, "POLYGONS",
@@ -181,7 +180,7 @@ class TrainModelAlgorithm(TrainingAlgorithm):
                 ("MAX_MINUTES", "Time budget (minutes, 0 = none)", num.Double, 0.0, 0.0, False)):
             p = num(name, tr(label), typ, default, minValue=lo)
             if advanced:
-                p.setFlags(p.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+                p.setFlags(p.flags() | compat.ADVANCED)
             self.addParameter(p)
         for name, label, options in (("LOSS", "Loss", [t for _, t in LOSSES]),
                                      ("SPLIT", "Validation split", [t for _, t in SPLITS]),
@@ -190,16 +189,16 @@ class TrainModelAlgorithm(TrainingAlgorithm):
             p = QgsProcessingParameterEnum(name, tr(label), options=[tr(o) for o in options],
                                            defaultValue=0)
             if name != "SPLIT":
-                p.setFlags(p.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+                p.setFlags(p.flags() | compat.ADVANCED)
             self.addParameter(p)
         self.addParameter(QgsProcessingParameterEnum("DEVICE", tr("Device"),
                                                      options=engine.DEVICES, defaultValue=0))
         self.addParameter(QgsProcessingParameterString("NAME", tr("Model name"), optional=True))
         p = QgsProcessingParameterFile(
             "CHECKPOINT", tr("Checkpoint folder (resume an interrupted run with the same "
-                             "settings)"), behavior=QgsProcessingParameterFile.Folder,
+                             "settings)"), behavior=compat.FILE_FOLDER,
             optional=True)
-        p.setFlags(p.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        p.setFlags(p.flags() | compat.ADVANCED)
         self.addParameter(p)
         self.addParameter(QgsProcessingParameterFileDestination(
             self.OUTPUT, tr("Output model"), tr("Tessera model (*.safetensors)")))

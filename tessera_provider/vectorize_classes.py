@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 from qgis.core import (
-    QgsProcessing,
     QgsProcessingException,
     QgsProcessingOutputNumber,
     QgsProcessingParameterRasterLayer,
     QgsProcessingParameterVectorDestination,
 )
 
+from .. import compat
 from ..bridge import layers
 from ..core.jobs.spec import VectorizeJob
 from ..core.params import VectorizeParams
@@ -62,7 +62,7 @@ class VectorizeClassesAlgorithm(common.TesseraAlgorithm):
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, tr("Class raster")))
         add_vector_options(self)
         self.addParameter(QgsProcessingParameterVectorDestination(
-            self.OUTPUT, tr("Polygons"), QgsProcessing.TypeVectorPolygon))
+            self.OUTPUT, tr("Polygons"), compat.SOURCE_POLYGON))
         self.addOutput(QgsProcessingOutputNumber("N_POLYGONS", tr("Number of polygons")))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802

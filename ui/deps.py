@@ -41,7 +41,7 @@ class _InstallTask(QgsTask):
     line = pyqtSignal(str)
 
     def __init__(self, venv: Path) -> None:
-        super().__init__("Tessera: installing dependencies", QgsTask.CanCancel)
+        super().__init__("Tessera: installing dependencies", QgsTask.Flag.CanCancel)
         self.venv = venv
         self.error: str | None = None
 
@@ -71,7 +71,7 @@ class DependencyDialog(QDialog):
         self.install_btn = QPushButton("Install / update the engine environment")
         self.install_btn.clicked.connect(self.install)
         lay.addWidget(self.install_btn)
-        buttons = QDialogButtonBox(QDialogButtonBox.Close)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
         buttons.rejected.connect(self.reject)
         lay.addWidget(buttons)
         self.task: _InstallTask | None = None

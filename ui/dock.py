@@ -9,7 +9,6 @@ from typing import Any
 from qgis.core import (
     QgsApplication,
     QgsCoordinateTransform,
-    QgsMapLayerProxyModel,
     QgsProject,
     QgsRasterLayer,
     QgsRectangle,
@@ -40,6 +39,7 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
+from .. import compat
 from .settings import RunSettings
 
 EXTENT_MODES = ["Whole layer", "Current map canvas extent", "Features of a polygon layer"]
@@ -72,7 +72,7 @@ class TesseraDock(QgsDockWidget):
         lay = QVBoxLayout(body)
         form = QFormLayout()
         self.layer_combo = QgsMapLayerComboBox()
-        self.layer_combo.setFilters(QgsMapLayerProxyModel.RasterLayer)
+        self.layer_combo.setFilters(compat.LAYER_FILTER_RASTER)
         self.layer_combo.layerChanged.connect(self._on_layer_changed)
         form.addRow("Raster layer", self.layer_combo)
         self.layer_msg = self._msg_label()
@@ -103,7 +103,7 @@ class TesseraDock(QgsDockWidget):
         self.extent_mode.currentIndexChanged.connect(self._validate)
         ef.addRow("Area", self.extent_mode)
         self.mask_combo = QgsMapLayerComboBox()
-        self.mask_combo.setFilters(QgsMapLayerProxyModel.PolygonLayer)
+        self.mask_combo.setFilters(compat.LAYER_FILTER_POLYGON)
         ef.addRow("Polygon layer", self.mask_combo)
         lay.addWidget(ext)
 
@@ -167,7 +167,7 @@ class TesseraDock(QgsDockWidget):
 
         of = QFormLayout()
         self.out_dir = QgsFileWidget()
-        self.out_dir.setStorageMode(QgsFileWidget.GetDirectory)
+        self.out_dir.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
         self.out_dir.setToolTip("Empty: beside the source raster when that folder is writable")
         self.out_dir.fileChanged.connect(self._validate)
         of.addRow("Output folder", self.out_dir)
@@ -234,8 +234,8 @@ class TesseraDock(QgsDockWidget):
         self._on_model_changed(self.model_file.filePath())
 
     def settings(self) -> RunSettings:
-        skip = [self.skip_list.item(i).data(Qt.UserRole) for i in range(self.skip_list.count())
-                if self.skip_list.item(i).checkState() == Qt.Checked]
+        skip = [self.skip_list.item(i).data(Qt.ItemDataRole.UserRole) for i in range(self.skip_list.count())
+                if self.skip_list.item(i).checkState() == Qt.CheckState.Checked]
         return RunSettings(
             model=self.model_file.filePath(), device=self.device.currentText(),
             backend=self.backend.currentText(),
@@ -270,10 +270,10 @@ class TesseraDock(QgsDockWidget):
             for k in c.classes:
                 self.class_list.addItem(QListWidgetItem(swatch(k.color), f"{k.id}  {k.name}"))
                 it = QListWidgetItem(swatch(k.color), k.name)
-                it.setData(Qt.UserRole, k.name)
-                it.setFlags(it.flags() | Qt.ItemIsUserCheckable)
-                it.setCheckState(Qt.Checked if k.name in getattr(self, "_skip_saved", ())
-                                 else Qt.Unchecked)
+                it.setData(Qt.ItemDataRole.UserRole, k.name)
+                it.setFlags(it.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+                it.setCheckState(Qt.CheckState.Checked if k.name in getattr(self, "_skip_saved", ())
+                                 else Qt.CheckState.Unchecked)
                 self.skip_list.addItem(it)
         elif not path:
             self._say(self.model_msg, "Choose a model file (.safetensors or .onnx).")
@@ -365,7 +365,7 @@ class TesseraDock(QgsDockWidget):
             label = f"cuda:{i}"
             if self.device.findText(label) < 0:
                 self.device.addItem(label)
-                self.device.setItemData(self.device.count() - 1, name, Qt.ToolTipRole)
+                self.device.setItemData(self.device.count() - 1, name, Qt.ItemDataRole.ToolTipRole)
         gpus = ", ".join(rep.get("gpus") or []) or "no GPU seen"
         if self.device_used.text().startswith("Device used: (not run"):
             self.device_used.setText(f"Device used: (not run yet) — engine sees: {gpus}")

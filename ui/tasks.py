@@ -45,7 +45,7 @@ class EngineTask(QgsTask):
                  on_done: Callable[[EngineTask], None] | None = None) -> None:
         """``job`` is validated here, on the main thread: a bad parameter raises
         :class:`~..core.errors.ParameterError` before anything starts."""
-        super().__init__(description, QgsTask.CanCancel)
+        super().__init__(description, QgsTask.Flag.CanCancel)
         self.job, self.python, self.on_done = engine.prepare(job), python, on_done
         self.result: dict[str, Any] | None = None
         self.error: str | None = None
