@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 _SIDECARS = (".aux.xml", "-journal", "-wal", "-shm")
 _LONGEST_SIDECAR = max(len(s) for s in _SIDECARS)
 #: This host's tag in temporary names: a pid means something only on the host that made it.
-HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:4]
+HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:4]
 _TEMP_RE = re.compile(r"^\..*\.(?P<pid>\d+)-(?P<host>[0-9a-f]{4})[0-9a-f]{6}\.(?P<kind>part|old)")
 
 

@@ -170,7 +170,8 @@ def evaluate_model(model_path: str | Path | TesseraModel, source: DataSource | d
     if isinstance(src, FolderSource) and c.in_channels != 3:
         raise BandMismatchError(f"model '{c.name}' expects {c.in_channels} bands; a folder of "
                                 "images gives 3 (RGB)")
-    ds = load_dataset(src, classes, bands=c.bands, max_mpx=MAX_EVAL_MPX)
+    # Tessera's own load_dataset (training.datasets: local files), not Hugging Face's
+    ds = load_dataset(src, classes, bands=c.bands, max_mpx=MAX_EVAL_MPX)  # nosec B615
     if len(ds.bands) != c.in_channels:
         raise BandMismatchError(f"model '{c.name}' expects {c.in_channels} bands, but "
                                 f"{len(ds.bands)} were selected ({list(ds.bands)})")

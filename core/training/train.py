@@ -117,8 +117,10 @@ class _Run:
 
         self.p, self.out_model, self.ckpt = p, out_model, ckpt
         self.progress, self.cancel = progress, cancel
-        self.ds = ds = load_dataset(src, class_table(classes, need_colors=src.kind == "folder")
-                                    if classes is not None else None)
+        # Tessera's own load_dataset (training.datasets: local files), not Hugging Face's
+        self.ds = ds = load_dataset(  # nosec B615
+            src, class_table(classes, need_colors=src.kind == "folder")
+            if classes is not None else None)
         self.k = len(ds.classes)
         self.split = split_cells([s.labels for s in ds.samples], p.split, p.patch_size,
                                  p.val_fraction, p.seed)
