@@ -223,6 +223,11 @@ class ArrayRows:
         """Nothing to close."""
 
 
+#: The GeoPackage version written: one every supported QGIS's GDAL reads without a warning
+#: (GDAL 3.10 would write 1.4, which QGIS 3.22's GDAL 3.6 calls "partially supported").
+GPKG_VERSION = "1.2"
+
+
 class GeoPackageLayer:
     """A Polygon layer of a GeoPackage, created by the first write and appended to after."""
 
@@ -242,7 +247,9 @@ class GeoPackageLayer:
                                crs=self.crs_wkt)
         pyogrio.write_dataframe(gdf, self.path, layer=self.layer, driver="GPKG",
                                 append=not self._first, geometry_type="Polygon",
-                                promote_to_multi=False)
+                                promote_to_multi=False,
+                                **({"dataset_options": {"VERSION": GPKG_VERSION}}
+                                   if self._first else {}))
         self._first = False
 
 
