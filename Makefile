@@ -91,8 +91,8 @@ demo: setup
 
 QGIS_PROFILE ?= $(HOME)/.local/share/QGIS/QGIS3/profiles/default
 
-package:
-	$(SYS_PY) tools/package.py --out dist
+package: setup
+	$(SYS_PY) tools/package.py --out dist --engine $(PY)
 
 deploy: setup package
 	@mkdir -p "$(QGIS_PROFILE)/python/plugins" "$(QGIS_PROFILE)/tessera"

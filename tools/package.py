@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -33,10 +34,36 @@ def files() -> list[Path]:
     return out
 
 
+#: Exports (or takes from its cache) the ONNX graph of a model file, printing its path.
+ONNX_FOR = ("import sys\nfrom tessera.core.inference.onnx_backend import onnx_for\n"
+            "print(onnx_for(sys.argv[1]))")
+
+
+def onnx_graphs(engine: str) -> list[tuple[Path, Path]]:
+    """``(graph, name in the plugin)`` of every shipped .safetensors model: its ONNX graph,
+    exported once by ``engine`` (a Python with the full engine) and cached, so the lean CPU
+    engine of a user runs the default model without PyTorch. Not kept in git: a build output."""
+    out = []
+    for model in sorted((ROOT / "resources" / "models").glob("*.safetensors")):
+        p = subprocess.run([engine, "-c", ONNX_FOR, str(model)], capture_output=True,
+                           text=True, timeout=900)
+        if p.returncode != 0:
+            raise SystemExit(f"{model}: cannot export its ONNX graph:\n{p.stderr[-2000:]}")
+        graph = Path(p.stdout.strip().splitlines()[-1])
+        out.append((graph, model.with_suffix(".onnx").relative_to(ROOT)))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "dist"))
+    ap.add_argument("--engine", default=str(ROOT / ".venv" / "bin" / "python"),
+                    help="the Python of a full engine, to export the default model to ONNX")
+    ap.add_argument("--no-onnx", action="store_true",
+                    help="leave the default model's ONNX graph out (the lean engine then "
+                         "cannot run it)")
     a = ap.parse_args()
+    graphs = [] if a.no_onnx else onnx_graphs(a.engine)
     meta = configparser.ConfigParser()
     meta.read(ROOT / "metadata.txt")
     version = meta["general"]["version"]
@@ -47,6 +74,8 @@ def main() -> None:
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
         for f in files():
             z.write(f, Path("tessera") / f.relative_to(ROOT))
+        for graph, name in graphs:
+            z.write(graph, Path("tessera") / name)
     tmp.replace(zpath)
     print(zpath)
 

@@ -7,14 +7,26 @@ from typing import Any
 
 from qgis.core import QgsApplication, QgsTask
 from qgis.PyQt.QtCore import pyqtSignal
-from qgis.PyQt.QtWidgets import QDialog, QDialogButtonBox, QLabel, QPlainTextEdit, QPushButton, QVBoxLayout
+from qgis.PyQt.QtWidgets import (
+    QComboBox,
+    QDialog,
+    QDialogButtonBox,
+    QHBoxLayout,
+    QLabel,
+    QMessageBox,
+    QPlainTextEdit,
+    QPushButton,
+    QVBoxLayout,
+)
 
 HELP = (
     "Tessera's engine (PyTorch, segmentation-models-pytorch, rasterio, shapely, geopandas) runs "
     "in its own Python environment, in a separate process, so it can never break the packages "
     "QGIS itself uses and a crash in it cannot take QGIS down.\n\n"
     "Linux: 'Install' creates that environment in your QGIS profile folder and installs the "
-    "pinned packages from PyPI (several GB for PyTorch with CUDA).\n"
+    "pinned packages of the profile you choose from PyPI: 'cpu' (the lean engine: ONNX "
+    "Runtime, no PyTorch; the default choice without an NVIDIA driver) or 'full' (PyTorch, "
+    "for NVIDIA GPUs and training; the build that your driver runs).\n"
     "Windows (OSGeo4W / standalone QGIS) and macOS: 'Install' does the same with the Python that "
     "ships with QGIS; if that fails, install Python 3.11 from python.org, create a virtual "
     "environment, 'pip install -r requirements.txt' from the plugin folder, and set the "
@@ -22,9 +34,14 @@ HELP = (
 
 
 def report_text(rep: dict[str, Any]) -> str:
-    lines = [f"Engine Python: {rep.get('python')} ({rep.get('version')})"]
-    for name, ver in rep.get("packages", {}).items():
-        lines.append(f"  {'✔' if ver else '✘'} {name} {ver or 'MISSING'}")
+    lines = [f"Engine Python: {rep.get('python')} ({rep.get('version')}), profile "
+             f"{rep.get('profile', '?')}"]
+    full_only = ("torch", "segmentation_models_pytorch", "safetensors")
+    for name, ver in {**rep.get("packages", {}), **rep.get("optional", {})}.items():
+        if not ver and rep.get("profile") == "cpu" and name in full_only + ("onnx",):
+            lines.append(f"  – {name} not installed (the full profile has it)")
+        else:
+            lines.append(f"  {'✔' if ver else '✘'} {name} {ver or 'MISSING'}")
     cuda = rep.get("torch_cuda_build")
     lines.append(f"PyTorch CUDA build: {cuda or 'none (CPU only)'}; CUDA usable: "
                  f"{rep.get('cuda_available')}")
@@ -40,16 +57,16 @@ def report_text(rep: dict[str, Any]) -> str:
 class _InstallTask(QgsTask):
     line = pyqtSignal(str)
 
-    def __init__(self, venv: Path) -> None:
+    def __init__(self, venv: Path, profile: str) -> None:
         super().__init__("Tessera: installing dependencies", QgsTask.Flag.CanCancel)
-        self.venv = venv
+        self.venv, self.profile = venv, profile
         self.error: str | None = None
 
     def run(self) -> bool:
         from ..core.jobs.installer import InstallError, install
 
         try:
-            install(self.venv, log=self.line.emit)
+            install(self.venv, log=self.line.emit, profile=self.profile)
             return True
         except InstallError as exc:
             self.error = str(exc)
@@ -68,9 +85,24 @@ class DependencyDialog(QDialog):
         self.text = QPlainTextEdit()
         self.text.setReadOnly(True)
         lay.addWidget(self.text)
+        from ..core.jobs.installer import PROFILES, default_profile
+
+        row = QHBoxLayout()
+        self.profile = QComboBox()
+        for name, p in PROFILES.items():  # what each costs, before anything is installed
+            self.profile.addItem(f"{name}: {p['what']} — {p['size']}", name)
+        self.profile.setCurrentIndex(list(PROFILES).index(default_profile()))
+        row.addWidget(QLabel("Profile"))
+        row.addWidget(self.profile, 1)
+        lay.addLayout(row)
         self.install_btn = QPushButton("Install / update the engine environment")
         self.install_btn.clicked.connect(self.install)
         lay.addWidget(self.install_btn)
+        self.remove_btn = QPushButton("Remove the engine environment")
+        self.remove_btn.setToolTip("Delete the engine's Python environment (PyTorch alone can "
+                                   "take several GB); uninstalling the plugin does not")
+        self.remove_btn.clicked.connect(self.remove)
+        lay.addWidget(self.remove_btn)
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
         buttons.rejected.connect(self.reject)
         lay.addWidget(buttons)
@@ -92,10 +124,34 @@ class DependencyDialog(QDialog):
         except TesseraError as exc:
             self.text.setPlainText(f"{exc}\n\nPress Install to create {self.venv_dir()}.")
 
+    def remove(self, confirm: bool = True) -> bool:
+        """Delete the engine environment (after asking); return whether it is gone."""
+        from ..core.jobs.installer import InstallError, folder_size, remove
+
+        venv = self.venv_dir()
+        if not venv.exists():
+            self.text.appendPlainText(f"\nNo engine environment at {venv}.")
+            return True
+        size = folder_size(venv) / 1e9
+        if confirm and QMessageBox.question(
+                self, "Tessera", f"Delete the engine environment {venv} ({size:.1f} GB)?",
+                QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No
+        ) != QMessageBox.StandardButton.Yes:
+            return False
+        try:
+            remove(venv)
+        except InstallError as exc:
+            self.text.appendPlainText(f"\nFAILED: {exc}")
+            return False
+        self.text.appendPlainText(f"\nRemoved {venv} ({size:.1f} GB freed).")
+        return True
+
     def install(self) -> None:
         self.install_btn.setEnabled(False)
-        self.text.appendPlainText(f"\nInstalling into {self.venv_dir()} …")
-        self.task = _InstallTask(self.venv_dir())
+        profile = self.profile.currentData()
+        self.text.appendPlainText(f"\nInstalling the '{profile}' profile into "
+                                  f"{self.venv_dir()} …")
+        self.task = _InstallTask(self.venv_dir(), profile)
         self.task.line.connect(self.text.appendPlainText)
         self.task.taskCompleted.connect(self._done)
         self.task.taskTerminated.connect(self._done)

@@ -16,6 +16,14 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "torch", "onnxruntime")
 
 
+def _torch(model: Any, device: str, half: bool | None, threads: int | None) -> Predictor:
+    """A :class:`TorchPredictor`, or :class:`DeviceError` saying why the lean engine has none."""
+    if not ob.torch_available():
+        where = f"{model.path}: " if getattr(model, "path", None) else ""
+        raise DeviceError(where + ob.NO_TORCH)
+    return TorchPredictor(model.module, device, half, threads)
+
+
 
 def make_predictor(model: Any, device: str = "auto", backend: str = "auto",
                    half: bool | None = None, threads: int | None = None,
@@ -40,7 +48,7 @@ def make_predictor(model: Any, device: str = "auto", backend: str = "auto",
         ob.require_onnxruntime()
         return ob.OrtPredictor(model.path, threads, contract=model.contract)
     if b == "torch":
-        return TorchPredictor(model.module, device, half, threads)
+        return _torch(model, device, half, threads)
 
     if b == "onnxruntime":
         if device.lower() not in ("auto", "cpu"):
@@ -48,23 +56,24 @@ def make_predictor(model: Any, device: str = "auto", backend: str = "auto",
                                  "needs the torch backend")
         ob.require_onnxruntime()
         return ob.OrtPredictor.for_model(model, threads, cache_dir)
-    if device.lower() != "cpu" and not (device.lower() == "auto" and not gpu_possible()):
+    if device.lower() != "cpu" and not (device.lower() == "auto" and not gpu_possible()) \
+            and (device.lower() != "auto" or ob.torch_available()):
         info = pick_device(device)  # imports torch to ask it which GPUs there are
         if info.kind != "cpu":
-            return TorchPredictor(model.module, device, half, threads)
+            return _torch(model, device, half, threads)
     if not ob.onnxruntime_available():
         log.info("onnxruntime is not installed: inference with PyTorch")
-        return TorchPredictor(model.module, device, half, threads)
+        return _torch(model, device, half, threads)
     try:
         return ob.OrtPredictor.for_model(model, threads, cache_dir)
     except ExportError as exc:
         log.warning("ONNX Runtime not used for model '%s' (%s); inference with PyTorch",
                     model.contract.name, exc)
-        return TorchPredictor(model.module, device, half, threads)
+        return _torch(model, device, half, threads)
     except (DeviceError, ModelError):
         raise  # the model itself is at fault: PyTorch would fail the same way (once is enough)
     except Exception as exc:  # noqa: BLE001  (any export problem: PyTorch still works)
         log.warning("ONNX Runtime not used for model '%s' (%s: %s); inference with PyTorch",
                     getattr(getattr(model, "contract", None), "name", "?"),
                     type(exc).__name__, exc)
-        return TorchPredictor(model.module, device, half, threads)
+        return _torch(model, device, half, threads)

@@ -47,9 +47,9 @@ INSTALL_HINT = ("install it into Tessera's Python environment with "
 
 
 def onnxruntime_available() -> bool:
-    """Whether ``onnxruntime`` and ``onnx`` can be imported (both are needed to run a model)."""
+    """Whether ``onnxruntime`` can be imported (what running a graph needs; exporting one
+    needs ``onnx`` and PyTorch too)."""
     try:
-        import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except Exception:  # noqa: BLE001  (a broken install counts as missing)
         return False
@@ -57,15 +57,55 @@ def onnxruntime_available() -> bool:
 
 
 def require_onnxruntime() -> Any:
-    """Import and return ``onnxruntime`` (and check ``onnx``), or raise :class:`DeviceError`
-    saying how to install them."""
+    """Import and return ``onnxruntime``, or raise :class:`DeviceError` saying how to install
+    it."""
     try:
-        import onnx  # noqa: F401
         import onnxruntime as ort
     except Exception as exc:
         raise DeviceError(f"the ONNX Runtime backend was requested but {exc.__class__.__name__}: "
                           f"{exc}; {INSTALL_HINT}") from exc
     return ort
+
+
+def torch_available() -> bool:
+    """Whether PyTorch can be imported (the lean CPU engine has none)."""
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+NO_TORCH = ("this engine has no PyTorch (the lean CPU profile), so the .safetensors model "
+            "cannot be run or exported; pick the model's .onnx file (the default model ships "
+            "with one; 'tessera export-onnx' makes one where PyTorch is installed), or install "
+            "the full profile (Raster → Tessera → Check / install dependencies)")
+
+
+def require_export() -> Any:
+    """Import and return ``onnx`` for an export (with ONNX Runtime, to check it), or raise
+    :class:`DeviceError` saying what is missing."""
+    require_onnxruntime()
+    try:
+        import onnx
+    except Exception as exc:
+        raise DeviceError(f"exporting to ONNX needs the onnx package ({exc}); {INSTALL_HINT}"
+                          ) from exc
+    if not torch_available():
+        raise DeviceError(NO_TORCH)
+    return onnx
+
+
+def shipped_graph(model: TesseraModel) -> Path | None:
+    """The ONNX graph shipped beside a model file (``<stem>.onnx``), when it was exported from
+    exactly that file (its embedded ``tessera.model_sha256``); else ``None``."""
+    if model.path is None or not model.sha256 or model.is_onnx:
+        return None
+    graph = model.path.with_suffix(".onnx")
+    if not graph.is_file():
+        return None
+    try:
+        return graph if read_onnx_metadata(graph).get(SHA_KEY) == model.sha256 else None
+    except ModelError:
+        return None
 
 
 def cache_dir_default() -> Path:
@@ -182,7 +222,7 @@ def export_onnx(model: TesseraModel | str | Path, out: str | Path, opset: int = 
     cannot be exported, :class:`OutputError` if ``out`` cannot be written and
     :class:`DeviceError` if ``onnx``/``onnxruntime`` are missing.
     """
-    require_onnxruntime()
+    require_export()
     t0 = time.perf_counter()
     m = _as_model(model)
     out = Path(out)
@@ -248,6 +288,10 @@ def onnx_for(model: TesseraModel | str | Path, cache_dir: str | Path | None = No
     if not sha:
         raise ModelError(f"model '{m.contract.name}' was not read from a file, so it has no "
                          "hash to cache its ONNX graph under; use export_onnx instead")
+    shipped = shipped_graph(m)
+    if shipped is not None:  # exported from this very file and shipped with it
+        log.debug("ONNX graph shipped with the model: %s", shipped)
+        return shipped
     folder = Path(cache_dir) if cache_dir is not None else cache_dir_default()
     onnx_path, side = folder / f"{sha}.onnx", folder / f"{sha}.json"
     check_cache_folder(folder, onnx_path, side)
@@ -259,6 +303,8 @@ def onnx_for(model: TesseraModel | str | Path, cache_dir: str | Path | None = No
         return onnx_path
     if problem != "not cached yet":
         log.warning("cached ONNX graph %s is not used: %s; rebuilding it", onnx_path, problem)
+    if not torch_available():
+        raise ModelError(f"{m.path}: {NO_TORCH}", m.path)
     try:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:

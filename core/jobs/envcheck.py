@@ -7,6 +7,7 @@ known trap is present (numpy 2 beside Debian's compiled packages, a broken ``aff
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 
@@ -14,13 +15,19 @@ def check() -> list[str]:
     """Return a list of problems (empty when the environment is usable); print versions."""
     problems: list[str] = []
     for name in ("numpy", "torch", "segmentation_models_pytorch", "safetensors", "rasterio",
-                 "shapely", "pyproj", "pyogrio", "geopandas"):
+                 "shapely", "pyproj", "pyogrio", "geopandas", "onnxruntime"):
+        optional = name in ("torch", "segmentation_models_pytorch", "safetensors", "onnxruntime")
+        if optional and importlib.util.find_spec(name) is None:
+            print(f"  {name:30s} not installed (the lean CPU engine runs without it)")
+            continue
         try:
             mod = importlib.import_module(name)
         except Exception as exc:  # noqa: BLE001  (report any import failure as-is)
             problems.append(f"cannot import {name}: {exc}")
             continue
         print(f"  {name:30s} {getattr(mod, '__version__', '?')}")
+    if all(importlib.util.find_spec(n) is None for n in ("torch", "onnxruntime")):
+        problems.append("neither PyTorch nor ONNX Runtime is installed: nothing can run a model")
     try:
         import numpy
 

@@ -100,31 +100,44 @@ class EnvReport(TypedDict, total=False):
     packages: dict[str, str | None]
     problems: list[str]
     optional: dict[str, str | None]
+    profile: str  # "full" (PyTorch) or "cpu" (the lean engine: ONNX Runtime only)
     torch_cuda_build: str | None
     cuda_available: bool
     gpus: list[str]
     mps_available: bool
 
 
+#: The packages of the full engine beyond the lean CPU one (training, GPUs, .safetensors
+#: models without a shipped .onnx), and those every engine needs.
+FULL_PACKAGES = ("torch", "segmentation_models_pytorch", "safetensors")
+LEAN_PACKAGES = ("rasterio", "shapely", "pyproj", "pyogrio", "geopandas", "numpy")
+
+
 def env_report() -> EnvReport:
     """What the engine's environment holds: packages, versions, torch's CUDA build and GPUs."""
     import importlib
+    import importlib.util
 
     rep = EnvReport(python=sys.executable, version=sys.version.split()[0], packages={})
-    for name in ("torch", "segmentation_models_pytorch", "safetensors", "rasterio", "shapely",
-                 "pyproj", "pyogrio", "geopandas", "numpy"):
+    for name in FULL_PACKAGES + LEAN_PACKAGES:
         try:
             mod = importlib.import_module(name)
             rep["packages"][name] = getattr(mod, "__version__", "?")
         except Exception as exc:  # noqa: BLE001  (report whatever breaks the import)
             rep["packages"][name] = None
-            rep.setdefault("problems", []).append(f"{name}: {exc}")
+            if name in LEAN_PACKAGES or importlib.util.find_spec(name) is not None:
+                rep.setdefault("problems", []).append(f"{name}: {exc}")
     rep["optional"] = {}  # the ONNX Runtime backend: inference falls back to PyTorch without it
     for name in ("onnx", "onnxruntime"):
         try:
             rep["optional"][name] = getattr(importlib.import_module(name), "__version__", "?")
         except Exception:  # noqa: BLE001
             rep["optional"][name] = None
+    full = all(rep["packages"].get(n) for n in FULL_PACKAGES)
+    rep["profile"] = "full" if full else "cpu"
+    if not full and not rep["optional"].get("onnxruntime"):
+        rep.setdefault("problems", []).append("neither PyTorch nor ONNX Runtime: nothing can "
+                                              "run a model")
     try:
         import torch
 

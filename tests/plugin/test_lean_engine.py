@@ -1,0 +1,91 @@
+"""The lean CPU engine (issue 17): the dependencies dialog's installer makes an environment
+without PyTorch (ONNX Runtime, rasterio, shapely, pyogrio, numpy) from PyPI, under 600 MB,
+and it segments the bundled sample with the default model through the ONNX graph shipped
+beside it: the same classes as the full engine. The dialog shows each profile's cost before
+installing, and removes the environment on request."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from conftest import wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = ROOT / "resources" / "models" / "dubai_unet_resnet34.safetensors"
+SAMPLE = ROOT / "resources" / "sample" / "dubai_sample.tif"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """The default model with its ONNX graph beside it, as the plugin zip ships them."""
+    from tessera.core.inference.onnx_backend import onnx_for
+
+    d = tmp_path_factory.mktemp("models")
+    shutil.copy(MODEL, d / MODEL.name)
+    shutil.copy(onnx_for(MODEL), d / f"{MODEL.stem}.onnx")
+    bare = tmp_path_factory.mktemp("bare")  # the .safetensors alone
+    shutil.copy(MODEL, bare / MODEL.name)
+    return d / MODEL.name, bare / MODEL.name
+
+
+def test_the_dialog_installs_the_lean_engine_and_it_segments_the_sample(plugin, models,
+                                                                        tmp_path, monkeypatch):
+    from tessera.core.errors import DeviceError, ModelError
+    from tessera.core.jobs import client
+    from tessera.core.jobs.installer import PROFILES, folder_size, venv_python
+    from tessera.core.pipeline.segment import segment_raster
+    from tessera.ui.deps import DependencyDialog
+
+    venv = tmp_path / "venv"
+    monkeypatch.setattr(DependencyDialog, "venv_dir", lambda self: venv)
+    monkeypatch.setattr(DependencyDialog, "check", lambda self: None)
+    dlg = DependencyDialog()
+    labels = [dlg.profile.itemText(i) for i in range(dlg.profile.count())]
+    assert [dlg.profile.itemData(i) for i in range(dlg.profile.count())] == ["cpu", "full"]
+    assert all(str(PROFILES[p]["size"]) in t for p, t in zip(("cpu", "full"), labels))
+    if not Path("/proc/driver/nvidia/version").exists():
+        assert dlg.profile.currentData() == "cpu"  # no NVIDIA driver: the lean engine
+    dlg.profile.setCurrentIndex(0)
+    dlg.install()
+    wait_for(lambda: dlg.install_btn.isEnabled(), timeout=1500)
+    assert dlg.task is not None and dlg.task.error is None, dlg.text.toPlainText()[-3000:]
+    py = venv_python(venv)
+    size = folder_size(venv)
+    print(f"lean engine environment: {size / 1e6:.0f} MB")
+    assert size < 600e6
+    probe = subprocess.run([str(py), "-c", "import torch"], capture_output=True, text=True)
+    assert probe.returncode != 0 and "No module named 'torch'" in probe.stderr
+
+    env = client.run_job({"op": "env"}, py)
+    assert env["profile"] == "cpu" and not env.get("problems"), env
+    with_graph, bare = models
+    res = client.run_job({"op": "segment", "raster": str(SAMPLE), "model": str(with_graph),
+                          "out_dir": str(tmp_path / "lean"),
+                          "params": {"vectorize": {"enabled": True}}}, py)
+    assert res["backend"] == "onnxruntime" and res["n_polygons"] > 0
+    full = segment_raster(SAMPLE, with_graph, tmp_path / "full")
+    with rasterio.open(res["class_raster"]) as a, rasterio.open(full.class_raster) as b:
+        np.testing.assert_array_equal(a.read(1), b.read(1))
+    assert res["n_polygons"] == full.n_polygons
+    # any .onnx model can be picked
+    onnx = client.run_job({"op": "segment", "raster": str(SAMPLE),
+                           "model": str(with_graph.with_suffix(".onnx")),
+                           "out_dir": str(tmp_path / "onnx"),
+                           "params": {"vectorize": {"enabled": False}}}, py)
+    assert onnx["backend"] == "onnxruntime"
+    # a .safetensors model without its graph (and none cached): one clear error, no traceback
+    monkeypatch.setenv("TESSERA_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises((ModelError, DeviceError), match="no PyTorch \\(the lean CPU profile\\)"):
+        client.run_job({"op": "segment", "raster": str(SAMPLE), "model": str(bare),
+                        "out_dir": str(tmp_path / "bare")}, py)
+
+    assert dlg.remove(confirm=False) and not venv.exists()
+    assert "Removed" in dlg.text.toPlainText()
+    dlg.close()
+    assert sys.executable != str(py)
