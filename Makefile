@@ -104,7 +104,7 @@ deploy: setup package
 	@echo "Installed into $(QGIS_PROFILE)/python/plugins/tessera"
 
 lint: setup
-	$(VENV)/bin/ruff check core bridge ui tessera_provider plugin.py compat.py __init__.py tests benchmarks tools resources
+	$(VENV)/bin/ruff check core bridge ui tessera_provider plugin.py __init__.py tests benchmarks tools resources
 	cd $(VENV)/src && ../bin/mypy --config-file "$(CURDIR)/pyproject.toml" -p tessera.core
 	$(PY) tools/check_house.py
 	QT_QPA_PLATFORM=offscreen $(PY) tools/check_qt6.py

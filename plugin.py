@@ -15,7 +15,7 @@ from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import QProgressBar, QPushButton
 
-from .compat import QAction
+from .bridge.compat import QAction
 
 PLUGIN_DIR = Path(__file__).resolve().parent
 ICON = str(PLUGIN_DIR / "resources" / "icon.svg")

@@ -17,7 +17,7 @@ from qgis.core import (
     QgsProcessingParameterString,
 )
 
-from .. import compat
+from ..bridge import compat
 from ..core.jobs.spec import BatchJob
 from ..core.params import SegmentParams, VectorizeParams
 from . import common

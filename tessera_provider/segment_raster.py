@@ -22,8 +22,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QCoreApplication
 
-from .. import compat
-from ..bridge import engine, layers
+from ..bridge import compat, engine, layers
 from ..core.jobs.spec import SegmentJob
 from ..core.params import MAX_TILE, OutputPaths, SegmentParams, VectorizeParams
 from . import common

@@ -18,8 +18,7 @@ from qgis.core import (
     QgsProcessingParameterVectorLayer,
 )
 
-from .. import compat
-from ..bridge import engine, layers
+from ..bridge import compat, engine, layers
 from . import common
 from .segment_raster import tr
 

@@ -12,8 +12,7 @@ from qgis.core import (
     QgsProcessingParameterVectorDestination,
 )
 
-from .. import compat
-from ..bridge import layers
+from ..bridge import compat, layers
 from ..core.jobs.spec import VectorizeJob
 from ..core.params import VectorizeParams
 from . import common

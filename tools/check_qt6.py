@@ -9,7 +9,7 @@ machine): a ``Name`` that is an enum *member* reached without its enum fails, wi
 spelling that works on both. It also fails on the spellings that Qt6 or QGIS 4 removed
 (``exec_``, ``QVariant``, ``QRegExp``, ``QDesktopWidget``, ``QAction`` from QtWidgets, the
 moved QGIS enums), except in
-``compat.py``, the one module that chooses between old and new names at run time.
+``bridge/compat.py``, the one module that chooses between old and new names at run time.
 
     python tools/check_qt6.py [FILE_OR_FOLDER ...]     # default: the plugin's adapters
 
@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT = ["__init__.py", "plugin.py", "compat.py", "ui", "bridge", "tessera_provider"]
+DEFAULT = ["__init__.py", "plugin.py", "ui", "bridge", "tessera_provider"]
 #: Modules whose names are Qt or QGIS classes.
 QT_MODULES = ("qgis.core", "qgis.gui", "qgis.PyQt.QtCore", "qgis.PyQt.QtGui",
               "qgis.PyQt.QtWidgets", "PyQt5.QtCore", "PyQt5.QtGui", "PyQt5.QtWidgets")

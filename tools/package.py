@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-INCLUDE = ["metadata.txt", "__init__.py", "plugin.py", "compat.py", "README.md", "requirements.txt",
+INCLUDE = ["metadata.txt", "__init__.py", "plugin.py", "README.md", "requirements.txt",
            "core", "bridge", "ui", "tessera_provider", "resources"]
 EXCLUDE_PARTS = {"__pycache__", ".pytest_cache", ".ruff_cache"}
 EXCLUDE_SUFFIXES = {".pyc", ".pyo", ".part"}

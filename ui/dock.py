@@ -39,7 +39,7 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from .. import compat
+from ..bridge import compat
 from .settings import RunSettings
 
 EXTENT_MODES = ["Whole layer", "Current map canvas extent", "Features of a polygon layer"]

@@ -37,7 +37,7 @@ def test_the_zip_fits_the_repository_and_has_one_top_folder(package):
     zpath, names, _ = package
     assert zpath.stat().st_size <= 25_000_000
     assert {n.split("/")[0] for n in names} == {"tessera"}
-    assert "tessera/compat.py" in names and "tessera/metadata.txt" in names
+    assert "tessera/bridge/compat.py" in names and "tessera/metadata.txt" in names
 
 
 def test_metadata_has_every_field_the_repository_requires(package):
