@@ -1,7 +1,9 @@
 # Tessera — the single entry point. Every target sets up what it needs first and is idempotent.
 #
 #   make demo     set everything up and run Tessera on the bundled sample
-#   make test     set everything up, run make lint, then every test (core tier, then the real-QGIS tier)
+#   make test     set everything up, run make lint, then every test (core tier, then the real-QGIS
+#                 tier on this machine's QGIS 3.22, then on QGIS 3.40 in a cached chroot)
+#   make test-qgis-matrix  only the real-QGIS tier on the other QGIS versions (tools/qgis_matrix.sh)
 #   make bench    CPU benchmarks: throughput, peak memory, int8 and overlap (BENCHMARKS.md)
 #   make train-default  retrain the shipped default model (DUBAI=folder, TRAIN_ARGS=...)
 #   make package  build the installable plugin zip (dist/tessera-<version>.zip)
@@ -26,10 +28,10 @@ export QT_QPA_PLATFORM := offscreen
 # Never let a library reach for the internet at run time.
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help setup test test-core test-plugin bench demo lint clean package deploy train-default
+.PHONY: help setup test test-core test-plugin test-qgis-matrix bench demo lint clean package deploy train-default
 
 help:
-	@sed -n '2,12p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,14p' Makefile | sed 's/^# \{0,1\}//'
 
 setup: $(STAMP)
 
@@ -63,6 +65,10 @@ $(STAMP): $(QGIS_OK) requirements.txt requirements-dev.txt
 test: lint
 	$(PY) -m pytest -p no:pytest_qgis tests/core
 	$(PY) -m pytest tests/plugin
+	tools/qgis_matrix.sh 3.40
+
+test-qgis-matrix: setup
+	tools/qgis_matrix.sh 3.40
 
 test-core: setup
 	$(PY) -m pytest -p no:pytest_qgis tests/core

@@ -78,6 +78,14 @@ def _field_types() -> dict[str, Any]:
 
 FIELD_TYPES = _field_types()
 
+
+def field_names(alg: Any, parameters: dict[str, Any], name: str, context: Any) -> list[str]:
+    """The field names a Processing field parameter holds: ``parameterAsStrings`` (QGIS 3.32
+    on), else ``parameterAsFields`` (deprecated since, gone in QGIS 4)."""
+    if hasattr(alg, "parameterAsStrings"):
+        return list(alg.parameterAsStrings(parameters, name, context))
+    return list(alg.parameterAsFields(parameters, name, context))
+
 __all__ = ["ADVANCED", "FIELD_TYPES", "FILE_FILE", "FILE_FOLDER", "LAYER_FILTER_POLYGON",
            "LAYER_FILTER_RASTER", "NUMBER_DOUBLE", "NUMBER_INTEGER", "SOURCE_POLYGON",
-           "SOURCE_VECTOR", "WKB_NO_GEOMETRY", "QAction"]
+           "SOURCE_VECTOR", "WKB_NO_GEOMETRY", "QAction", "field_names"]

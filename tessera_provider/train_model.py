@@ -95,7 +95,7 @@ class TrainingAlgorithm(common.TesseraAlgorithm):
         else:
             if self.parameterAsVectorLayer(parameters, "POLYGONS", context) is None:
                 missing.append(tr("a Polygon layer"))
-            if not self.parameterAsFields(parameters, "CLASS_FIELD", context):
+            if not compat.field_names(self, parameters, "CLASS_FIELD", context):
                 missing.append(tr("its Class field"))
         if missing:
             return tr(f"The training data type '{chosen}' needs " + " and ".join(missing) + ".")
@@ -122,7 +122,7 @@ class TrainingAlgorithm(common.TesseraAlgorithm):
                 self.parameterAsRasterLayer(parameters, "LABELS", context))
             return {"kind": "raster", "image": image, "labels": labels}
         path, layer = vector_source_path(self.parameterAsVectorLayer(parameters, "POLYGONS", context))
-        field = self.parameterAsFields(parameters, "CLASS_FIELD", context)[0]
+        field = compat.field_names(self, parameters, "CLASS_FIELD", context)[0]
         return {"kind": "vector", "image": image, "vector": path, "field": field, "layer": layer}
 
 

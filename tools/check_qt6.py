@@ -32,7 +32,9 @@ QT_MODULES = ("qgis.core", "qgis.gui", "qgis.PyQt.QtCore", "qgis.PyQt.QtGui",
 REMOVED = {"QVariant": "QVariant types are gone in Qt6: use compat.FIELD_TYPES (QMetaType)",
            "QRegExp": "QRegExp is gone in Qt6: use QRegularExpression",
            "QDesktopWidget": "QDesktopWidget is gone in Qt6: use QScreen",
-           "exec_": "exec_() is gone in Qt6: use exec()"}
+           "exec_": "exec_() is gone in Qt6: use exec()",
+           "parameterAsFields": "parameterAsFields() is deprecated (gone in QGIS 4): use "
+                                "compat.field_names"}
 #: Classes Qt6 moved out of QtWidgets (into QtGui): import them from compat.py.
 MOVED_OUT_OF_WIDGETS = {"QAction", "QActionGroup", "QShortcut", "QFileSystemModel",
                         "QUndoCommand", "QUndoStack"}
@@ -92,8 +94,8 @@ def check_file(path: Path) -> list[str]:
                               "from compat")
         if not isinstance(node, ast.Attribute):
             continue
-        if node.attr == "exec_":
-            say(node, REMOVED["exec_"])
+        if node.attr in ("exec_", "parameterAsFields") and not is_compat:
+            say(node, REMOVED[node.attr])
             continue
         base = node.value
         if isinstance(base, ast.Attribute) and isinstance(base.value, ast.Name) and \
