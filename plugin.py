@@ -94,6 +94,8 @@ class TesseraPlugin:
         if self._log_handler is not None:
             logging.getLogger(__package__ or "tessera").removeHandler(self._log_handler)
             self._log_handler = None
+        if uninstalling():
+            offer_engine_removal(self.iface.mainWindow())
 
     # -- actions -----------------------------------------------------------------------------
     def default_model(self) -> str:
@@ -218,3 +220,36 @@ class TesseraPlugin:
         from .ui.deps import DependencyDialog
 
         DependencyDialog(self.iface.mainWindow()).exec()
+
+
+def uninstalling() -> bool:
+    """Whether QGIS's plugin manager is uninstalling Tessera right now (it unloads a plugin,
+    then deletes it, and gives it no hook of its own: its ``uninstallPlugin`` is on the stack)."""
+    import inspect
+
+    return any(f.function == "uninstallPlugin" for f in inspect.stack()[2:12])
+
+
+def offer_engine_removal(parent: Any = None) -> bool:
+    """Ask whether to delete the engine environment too (it can take several GB); return
+    whether it was deleted."""
+    from qgis.PyQt.QtWidgets import QMessageBox
+
+    from .core.jobs.installer import InstallError, folder_size, remove
+
+    venv = Path(QgsApplication.qgisSettingsDirPath()) / "tessera" / "venv"
+    if not venv.exists():
+        return False
+    size = folder_size(venv) / 1e9
+    answer = QMessageBox.question(
+        parent, "Tessera", f"Tessera is being uninstalled. Delete its engine environment "
+        f"too ({venv}, {size:.1f} GB)?",
+        QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No)
+    if answer != QMessageBox.StandardButton.Yes:
+        return False
+    try:
+        remove(venv)
+    except InstallError as exc:
+        QgsMessageLog.logMessage(str(exc), "Tessera", Qgis.MessageLevel.Warning)
+        return False
+    return True

@@ -89,3 +89,37 @@ def test_the_dialog_installs_the_lean_engine_and_it_segments_the_sample(plugin, 
     assert "Removed" in dlg.text.toPlainText()
     dlg.close()
     assert sys.executable != str(py)
+
+
+def test_uninstalling_the_plugin_offers_to_remove_the_engine(iface, qgis_processing, tmp_path,
+                                                            monkeypatch):
+    """QGIS's plugin manager unloads a plugin from its uninstallPlugin and then deletes it;
+    the unload asks then (and only then) whether to delete the engine environment."""
+    from qgis.core import QgsApplication
+    from qgis.PyQt.QtWidgets import QMessageBox
+    from tessera.plugin import TesseraPlugin
+
+    venv = tmp_path / "profile" / "tessera" / "venv"
+    venv.mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    monkeypatch.setattr(QgsApplication, "qgisSettingsDirPath",
+                        staticmethod(lambda: str(tmp_path / "profile")))
+    asked: list[str] = []
+
+    def answer(parent, title, text, buttons):
+        asked.append(text)
+        return QMessageBox.StandardButton.Yes
+
+    monkeypatch.setattr(QMessageBox, "question", staticmethod(answer))
+    plugin = TesseraPlugin(iface)
+    plugin.initGui()
+    plugin.unload()  # an ordinary unload (disable, QGIS closing): nothing asked
+    assert asked == [] and venv.exists()
+
+    def uninstallPlugin():  # as QGIS's plugin manager names it
+        plugin.initGui()
+        plugin.unload()
+
+    uninstallPlugin()
+    assert len(asked) == 1 and "being uninstalled" in asked[0] and str(venv) in asked[0]
+    assert not venv.exists()
