@@ -24,7 +24,6 @@ from qgis.core import (
     QgsVectorFileWriter,
     QgsVectorLayer,
 )
-from qgis.PyQt.QtCore import QVariant
 from qgis.PyQt.QtGui import QImage
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,8 +79,10 @@ def train_data(tmp_path_factory) -> Path:
 
 def polygon_gpkg(path: Path, with_layer: bool = True) -> QgsVectorLayer:
     """Two labelled polygons over the image's top half (class names), written with QGIS."""
+    from tessera.bridge.compat import FIELD_TYPES
+
     mem = QgsVectorLayer("Polygon?crs=EPSG:32618", "labels", "memory")
-    mem.dataProvider().addAttributes([QgsField("cls", QVariant.String)])
+    mem.dataProvider().addAttributes([QgsField("cls", FIELD_TYPES["string"])])
     mem.updateFields()
     feats = []
     for name, wkt in (("Building", "POLYGON((300000 4000000, 300256 4000000, 300256 3999936, "
