@@ -16,10 +16,12 @@ from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import QProgressBar, QPushButton
 
 from .bridge.compat import QAction
+from .core.errors import DEPENDENCIES_ACTION, PANEL_ACTION, SEGMENT_ACTION
+from .core.errors import MENU as PLUGIN_MENU
 
 PLUGIN_DIR = Path(__file__).resolve().parent
 ICON = str(PLUGIN_DIR / "resources" / "icon.svg")
-MENU = "&Tessera"
+MENU = "&" + PLUGIN_MENU[1]  # under the Raster menu
 
 
 class _QgisLogHandler(logging.Handler):
@@ -38,6 +40,7 @@ class TesseraPlugin:
         self.actions: list[QAction] = []
         self.toolbar_action: QAction | None = None
         self.tasks: list[Any] = []
+        self.bar_items: list[Any] = []  # message-bar items of runs in progress
         self._log_handler: logging.Handler | None = None
 
     # -- QGIS plugin API ---------------------------------------------------------------------
@@ -52,18 +55,18 @@ class TesseraPlugin:
         self._log_handler = _QgisLogHandler()
         logging.getLogger(__package__ or "tessera").addHandler(self._log_handler)
         icon = QIcon(ICON)
-        self.toolbar_action = QAction(icon, "Segment active raster", self.iface.mainWindow())
+        self.toolbar_action = QAction(icon, SEGMENT_ACTION, self.iface.mainWindow())
         self.toolbar_action.setObjectName("TesseraSegmentActive")
         self.toolbar_action.setToolTip("Tessera: segment the active raster layer with the "
                                        "last-used settings")
         self.toolbar_action.triggered.connect(self.segment_active)
         self.iface.addToolBarIcon(self.toolbar_action)
         self.iface.addPluginToRasterMenu(MENU, self.toolbar_action)
-        panel = QAction(icon, "Tessera panel", self.iface.mainWindow())
+        panel = QAction(icon, PANEL_ACTION, self.iface.mainWindow())
         panel.setObjectName("TesseraPanel")
         panel.triggered.connect(self.show_dock)
         self.iface.addPluginToRasterMenu(MENU, panel)
-        deps = QAction("Check / install dependencies…", self.iface.mainWindow())
+        deps = QAction(DEPENDENCIES_ACTION, self.iface.mainWindow())
         deps.setObjectName("TesseraDependencies")
         deps.triggered.connect(self.check_dependencies)
         self.iface.addPluginToRasterMenu(MENU, deps)
@@ -75,6 +78,12 @@ class TesseraPlugin:
         for task in self.tasks:
             task.detach()
         self.tasks = []
+        for item in self.bar_items:  # "Segmenting … [Cancel]" items of runs still going
+            try:
+                self.iface.messageBar().popWidget(item)
+            except RuntimeError:
+                pass
+        self.bar_items = []
         if self.dock is not None:
             self.dock.shutdown()
         for a in self.actions:
@@ -172,6 +181,8 @@ class TesseraPlugin:
             if task in self.tasks:
                 self.tasks.remove(task)
             if widgets.get("item") is not None:
+                if widgets["item"] in self.bar_items:
+                    self.bar_items.remove(widgets["item"])
                 try:
                     bar.popWidget(widgets["item"])
                 except RuntimeError:
@@ -206,12 +217,13 @@ class TesseraPlugin:
             progress = QProgressBar()
             progress.setRange(0, 100)
             cancel = QPushButton("Cancel")
-            cancel.clicked.connect(task.cancel)
+            cancel.clicked.connect(lambda _checked=False, t=task: _cancel(t))
             item.layout().addWidget(progress)
             item.layout().addWidget(cancel)
             task.progressChanged.connect(lambda v: progress.setValue(int(v)))
             task.progressText.connect(lambda t: progress.setFormat(t[:60]))
             widgets["item"] = bar.pushWidget(item, Qgis.MessageLevel.Info)
+            self.bar_items.append(widgets["item"])
         self.tasks.append(task)
         QgsApplication.taskManager().addTask(task)
         return task
@@ -220,6 +232,14 @@ class TesseraPlugin:
         from .ui.deps import DependencyDialog
 
         DependencyDialog(self.iface.mainWindow()).exec()
+
+
+def _cancel(task: Any) -> None:
+    """Cancel ``task`` (a button's ``clicked(bool)`` must not reach ``QgsTask.cancel()``)."""
+    try:
+        task.cancel()
+    except RuntimeError:  # the C++ task has ended and gone
+        pass
 
 
 def uninstalling() -> bool:

@@ -56,6 +56,12 @@ def fallback_output_dir() -> str:
 
 
 def default_output_dir(source: str, fallback: str) -> str:
-    """Beside the source raster when that folder is writable, else ``fallback``."""
-    folder = Path(source).parent
-    return str(folder) if os.access(folder, os.W_OK) else fallback
+    """Beside the source raster when that folder is writable, else ``fallback``; never inside
+    the plugin's own folder (its bundled sample: the next ``make package`` would ship the
+    results, and an update of the plugin would delete them)."""
+    from .engine import PLUGIN_DIR
+
+    folder = Path(source).resolve().parent
+    if folder == PLUGIN_DIR or PLUGIN_DIR in folder.parents:
+        return fallback
+    return str(Path(source).parent) if os.access(folder, os.W_OK) else fallback

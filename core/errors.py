@@ -9,6 +9,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+#: Where the plugin's commands are in QGIS: the one source of the menu paths messages give
+#: (``plugin.py`` builds its menu from these).
+MENU = ("Raster", "Tessera")
+SEGMENT_ACTION = "Segment active raster"
+PANEL_ACTION = "Tessera panel"
+DEPENDENCIES_ACTION = "Check / install dependencies…"
+
+
+def menu_path(action: str) -> str:
+    """``Raster → Tessera → <action>``, as a message names a command."""
+    return " → ".join((*MENU, action.rstrip("…")))
+
 
 class TesseraError(Exception):
     """Base class of every error Tessera raises on purpose."""

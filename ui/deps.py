@@ -1,4 +1,4 @@
-"""Plugins → Tessera → Check / install dependencies."""
+"""Raster → Tessera → Check / install dependencies: the engine environment."""
 
 from __future__ import annotations
 

@@ -71,9 +71,11 @@ class EngineTask(QgsTask):
             self.result = client.run_job(self.job, self.python, on_event, self.isCanceled)
             return True
         except CancelledError:
+            # a cancel the user asked for is not a failure: ending "complete" keeps QGIS from
+            # announcing "Task failed" on top of Tessera's "cancelled"
             self.cancelled_by_user = True
             self.error = "cancelled"
-            return False
+            return True
         except TesseraError as exc:
             self.error = str(exc)
             return False
@@ -90,6 +92,8 @@ class EngineTask(QgsTask):
             pass
 
     def finished(self, ok: bool) -> None:  # main thread
+        if self.isCanceled() and self.result is None:  # also when cancelled before it ran
+            self.cancelled_by_user, self.error = True, "cancelled"
         if self.on_done is None:
             return
         try:

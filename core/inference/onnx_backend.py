@@ -31,7 +31,14 @@ from typing import Any, TypedDict, cast
 
 import numpy as np
 
-from ..errors import DeviceError, ExportError, ModelError, OutputError
+from ..errors import (
+    DEPENDENCIES_ACTION,
+    DeviceError,
+    ExportError,
+    ModelError,
+    OutputError,
+    menu_path,
+)
 from ..io.atomic import atomic_file
 from ..model.contract import ModelContract
 from ..model.files import TesseraModel, file_sha256
@@ -85,7 +92,7 @@ def torch_available() -> bool:
 NO_TORCH = ("this engine has no PyTorch (the lean CPU profile), so the .safetensors model "
             "cannot be run or exported; pick the model's .onnx file (the default model ships "
             "with one; 'tessera export-onnx' makes one where PyTorch is installed), or install "
-            "the full profile (Raster → Tessera → Check / install dependencies)")
+            f"the full profile ({menu_path(DEPENDENCIES_ACTION)})")
 
 
 def require_export() -> Any:

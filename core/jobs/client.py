@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import errors as _errors
-from ..errors import CancelledError, TesseraError
+from ..errors import DEPENDENCIES_ACTION, CancelledError, TesseraError, menu_path
 
 #: Environment variables of the host (QGIS) that must not leak into the engine's Python: they
 #: point the pip rasterio/pyproj at QGIS's older GDAL/PROJ data (or the reverse).
@@ -68,7 +68,7 @@ def find_engine_python(settings_dir: str | Path | None = None, explicit: str | N
             return c
     raise EngineNotFoundError(
         "Tessera's engine environment (PyTorch, segmentation-models-pytorch, rasterio) is not "
-        "installed. Use Plugins → Tessera → Check / install dependencies. Looked in: "
+        f"installed. Use {menu_path(DEPENDENCIES_ACTION)}. Looked in: "
         + ", ".join(str(c) for c in cands))
 
 

@@ -1,0 +1,102 @@
+"""The analyst's first hour (issue 18), the items done so far: messages name the menu that
+exists (one source of truth), a Cancel ends as cancelled (not "Task failed"), the message
+bar's Cancel works and its items go away on unload, and runs on the bundled sample never
+write into the plugin's own folder."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from conftest import wait_for
+from qgis.core import Qgis, QgsApplication, QgsProject, QgsRasterLayer, QgsTask
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_messages_name_the_menu_that_exists(iface, qgis_processing):
+    from tessera import classFactory
+    from tessera.core.errors import DEPENDENCIES_ACTION, menu_path
+    from tessera.core.jobs.client import EngineNotFoundError, find_engine_python
+
+    p = classFactory(iface)
+    p.initGui()
+    try:
+        assert iface.raster_menu.title() == "Raster"  # the menu the plugin goes into
+        sub = iface._submenu("&Tessera", False)
+        assert sub is not None and DEPENDENCIES_ACTION in [a.text() for a in sub.actions()]
+        assert menu_path(DEPENDENCIES_ACTION) == "Raster → Tessera → Check / install dependencies"
+    finally:
+        p.unload()
+    # no message anywhere sends the user to a "Plugins → Tessera" menu
+    for f in [ROOT / "plugin.py", *ROOT.glob("core/**/*.py"), *ROOT.glob("ui/*.py"),
+              *ROOT.glob("bridge/*.py"), *ROOT.glob("tessera_provider/*.py")]:
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                assert "Plugins → Tessera" not in node.value, f
+    import pytest
+
+    with pytest.raises(EngineNotFoundError) as e:
+        find_engine_python(explicit="/nonexistent/python")
+    assert menu_path(DEPENDENCIES_ACTION) in str(e.value)
+
+
+def test_a_cancel_ends_cancelled_not_failed(plugin, data_dir, tmp_path):
+    import sys
+
+    from tessera.core.jobs.spec import SegmentJob
+    from tessera.core.params import SegmentParams
+    from tessera.ui.tasks import EngineTask
+
+    job = SegmentJob(str(data_dir / "large.tif"), str(data_dir / "water.safetensors"),
+                     str(tmp_path / "out"), SegmentParams(batch_size=1))
+    task = EngineTask("Tessera: cancel me", job, sys.executable)
+    QgsApplication.taskManager().addTask(task)
+    wait_for(lambda: task.progress() > 0 or task.status() == QgsTask.TaskStatus.Complete)
+    task.cancel()
+    wait_for(lambda: task.status() in (QgsTask.TaskStatus.Complete,
+                                       QgsTask.TaskStatus.Terminated), timeout=60)
+    assert task.cancelled_by_user
+    assert task.status() == QgsTask.TaskStatus.Complete  # QGIS says no "Task failed"
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_the_message_bar_cancel_works_and_unload_clears_its_items(plugin, data_dir, qgis_iface,
+                                                                  tmp_path):
+    from tessera.ui.settings import RunSettings
+
+    bar = qgis_iface.messageBar()
+    project = QgsProject.instance()
+    project.removeAllMapLayers()
+    layer = QgsRasterLayer(str(data_dir / "large.tif"), "large")
+    project.addMapLayer(layer)
+    qgis_iface.setActiveLayer(layer)
+    RunSettings(model=str(data_dir / "water.safetensors"), output_dir=str(tmp_path / "tb"),
+                vectorize=False, batch_size=1).save()
+    task = plugin.segment_active()
+    assert task is not None and len(plugin.bar_items) == 1
+    item = plugin.bar_items[0]
+    from qgis.PyQt.QtWidgets import QPushButton
+
+    button = next(w for w in item.findChildren(QPushButton) if w.text() == "Cancel")
+    button.click()  # clicked(bool) used to reach QgsTask.cancel(): TypeError
+    wait_for(lambda: task not in plugin.tasks, timeout=60)
+    assert task.cancelled_by_user and plugin.bar_items == []
+    assert any("cancelled" in m for m in bar.get_messages(Qgis.MessageLevel.Info))
+
+    task = plugin.segment_active()  # a second run, still going when the plugin is unloaded
+    assert len(plugin.bar_items) == 1
+    plugin.unload()
+    assert plugin.bar_items == []
+    wait_for(lambda: task.status() in (QgsTask.TaskStatus.Complete,
+                                       QgsTask.TaskStatus.Terminated), timeout=60)
+    project.removeAllMapLayers()
+
+
+def test_runs_on_the_bundled_sample_never_write_into_the_plugin(qgis_app, tmp_path):
+    from tessera.bridge.engine import PLUGIN_DIR
+    from tessera.bridge.layers import default_output_dir
+
+    sample = PLUGIN_DIR / "resources" / "sample" / "dubai_sample.tif"
+    assert default_output_dir(str(sample), "/tmp/fallback") == "/tmp/fallback"
+    assert default_output_dir(str(tmp_path / "scene.tif"), "/tmp/fallback") == str(tmp_path)
