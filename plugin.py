@@ -175,6 +175,11 @@ class TesseraPlugin:
             bar.pushMessage("Tessera", str(exc), Qgis.MessageLevel.Warning)
             return None
         name = layer.name()
+        busy = next((t for t in self.tasks if getattr(t, "run_key", None) == (src, out)), None)
+        if busy is not None:  # the same raster into the same folder: one run at a time
+            bar.pushMessage("Tessera", f"{name}: already being segmented into {out}; wait for "
+                            "it to finish or cancel it first.", Qgis.MessageLevel.Warning)
+            return None
         widgets: dict[str, Any] = {}
 
         def done(task: Any) -> None:
@@ -208,6 +213,7 @@ class TesseraPlugin:
                 on_finished(task)
 
         task = EngineTask(f"Tessera: segmenting {name}", job, str(python), done)
+        task.run_key = (src, out)
         # warnings as they come: the input checks speak before the first tile
         widgets["relay"] = Relay(lambda w: bar.pushMessage("Tessera", f"{name}: {w}",
                                                            Qgis.MessageLevel.Warning))

@@ -9,12 +9,30 @@ from qgis.core import QgsProject, QgsRasterLayer, QgsVectorLayer
 from ..bridge.style import style_class_raster, style_confidence_raster, style_polygons
 
 
+def _same_file(a: str, b: str) -> bool:
+    from pathlib import Path
+
+    try:
+        return Path(a.split("|")[0]).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
 def add_result_layers(result: dict[str, Any], classes: list[dict[str, Any]], source_name: str,
                       project: QgsProject | None = None) -> list[Any]:
-    """Add class raster, confidence and polygons (those present) to ``project``; return them."""
+    """Add class raster, confidence and polygons (those present) to ``project``; return them.
+
+    A re-run replaces its own layers: those of the group showing one of these very files go
+    (the files were replaced), so the group never stacks copies of one result."""
     project = project or QgsProject.instance()
     root = project.layerTreeRoot()
     group = root.findGroup(f"Tessera: {source_name}") or root.insertGroup(0, f"Tessera: {source_name}")
+    outputs = [p for p in (result.get("polygons"), result.get("confidence_raster"),
+                           result.get("class_raster")) if p]
+    stale = [n.layer() for n in group.findLayers() if n.layer() is not None
+             and any(_same_file(n.layer().source(), p) for p in outputs)]
+    if stale:
+        project.removeMapLayers([lyr.id() for lyr in stale])
     added = []
     if result.get("polygons"):
         vl = QgsVectorLayer(result["polygons"], f"{source_name} polygons", "ogr")

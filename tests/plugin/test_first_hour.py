@@ -100,3 +100,31 @@ def test_runs_on_the_bundled_sample_never_write_into_the_plugin(qgis_app, tmp_pa
     sample = PLUGIN_DIR / "resources" / "sample" / "dubai_sample.tif"
     assert default_output_dir(str(sample), "/tmp/fallback") == "/tmp/fallback"
     assert default_output_dir(str(tmp_path / "scene.tif"), "/tmp/fallback") == str(tmp_path)
+
+
+def test_a_second_identical_run_is_refused_and_a_rerun_replaces_its_layers(plugin, data_dir,
+                                                                           qgis_iface, tmp_path):
+    from tessera.ui.settings import RunSettings
+
+    bar = qgis_iface.messageBar()
+    bar.clear_messages()
+    project = QgsProject.instance()
+    project.removeAllMapLayers()
+    layer = QgsRasterLayer(str(data_dir / "scene.tif"), "scene")
+    project.addMapLayer(layer)
+    qgis_iface.setActiveLayer(layer)
+    RunSettings(model=str(data_dir / "water.safetensors"), output_dir=str(tmp_path / "tb"),
+                vectorize=True).save()
+    first = plugin.segment_active()
+    assert first is not None
+    assert plugin.segment_active() is None  # pressed twice: not a second worker
+    assert any("already being segmented" in m
+               for m in bar.get_messages(Qgis.MessageLevel.Warning))
+    wait_for(lambda: first not in plugin.tasks)
+    again = plugin.segment_active()  # once it is done, a re-run is fine
+    assert again is not None
+    wait_for(lambda: again not in plugin.tasks)
+    group = project.layerTreeRoot().findGroup("Tessera: scene")
+    names = sorted(n.name() for n in group.findLayers())
+    assert names == ["scene classes", "scene polygons"]  # replaced, not stacked
+    project.removeAllMapLayers()
