@@ -237,7 +237,11 @@ class TesseraPlugin:
     def check_dependencies(self) -> None:
         from .ui.deps import DependencyDialog
 
-        DependencyDialog(self.iface.mainWindow()).exec()
+        def installed() -> None:  # the panel looks for the engine again: no restart needed
+            if self.dock is not None:
+                self.dock.detect_devices()
+
+        DependencyDialog(self.iface.mainWindow(), installed).exec()
 
 
 def _cancel(task: Any) -> None:

@@ -15,6 +15,7 @@ from qgis.PyQt.QtWidgets import (
     QLabel,
     QMessageBox,
     QPlainTextEdit,
+    QProgressBar,
     QPushButton,
     QVBoxLayout,
 )
@@ -74,8 +75,14 @@ class _InstallTask(QgsTask):
 
 
 class DependencyDialog(QDialog):
-    def __init__(self, parent: Any = None) -> None:
+    """The engine environment: what it holds (checked in the background: the check starts a
+    Python and imports torch, which takes seconds), install by profile, remove.
+    ``on_installed()`` runs after an install (the panel then looks for the engine again)."""
+
+    def __init__(self, parent: Any = None, on_installed: Any = None) -> None:
         super().__init__(parent)
+        self.on_installed = on_installed
+        self.check_task: Any = None
         self.setWindowTitle("Tessera — dependencies")
         self.resize(640, 480)
         lay = QVBoxLayout(self)
@@ -85,6 +92,10 @@ class DependencyDialog(QDialog):
         self.text = QPlainTextEdit()
         self.text.setReadOnly(True)
         lay.addWidget(self.text)
+        self.busy = QProgressBar()  # a busy bar while the environment is being checked
+        self.busy.setRange(0, 0)
+        self.busy.setVisible(False)
+        lay.addWidget(self.busy)
         from ..core.jobs.installer import PROFILES, default_profile
 
         row = QHBoxLayout()
@@ -113,16 +124,36 @@ class DependencyDialog(QDialog):
         return Path(QgsApplication.qgisSettingsDirPath()) / "tessera" / "venv"
 
     def check(self) -> None:
+        """Check the engine environment in a background task (QGIS stays responsive)."""
         from ..bridge.engine import engine_python
         from ..core.errors import TesseraError
-        from ..core.jobs import client
+        from .tasks import EngineTask
 
         try:
             py = engine_python()
-            rep = client.run_job({"op": "env"}, py)
-            self.text.setPlainText(report_text(rep))
         except TesseraError as exc:
             self.text.setPlainText(f"{exc}\n\nPress Install to create {self.venv_dir()}.")
+            return
+        self.text.setPlainText(f"Checking the engine environment {py} …")
+        self.busy.setVisible(True)
+        self.check_task = EngineTask("Tessera: checking the engine", {"op": "env"}, str(py),
+                                     self._checked)
+        QgsApplication.taskManager().addTask(self.check_task)
+
+    def _checked(self, task: Any) -> None:
+        self.check_task = None
+        self.busy.setVisible(False)
+        if task.result is not None:
+            self.text.setPlainText(report_text(task.result))
+        else:
+            self.text.setPlainText(f"The engine environment does not answer: {task.error}\n\n"
+                                   f"Press Install to (re)create {self.venv_dir()}.")
+
+    def done(self, code: int) -> None:  # Qt: the dialog closes
+        if self.check_task is not None:
+            self.check_task.detach()  # it must not call back into a closed dialog
+            self.check_task = None
+        super().done(code)
 
     def remove(self, confirm: bool = True) -> bool:
         """Delete the engine environment (after asking); return whether it is gone."""
@@ -163,4 +194,6 @@ class DependencyDialog(QDialog):
         else:
             self.text.appendPlainText("\nInstalled. Checking…\n")
             self.check()
+            if self.on_installed is not None:
+                self.on_installed()
         self.install_btn.setEnabled(True)

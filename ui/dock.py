@@ -347,6 +347,8 @@ class TesseraDock(QgsDockWidget):
         except TesseraError as exc:
             self.device_used.setText(str(exc)[:200])
             return
+        if not self.device_used.text().startswith("Device used:"):  # the engine has appeared
+            self.device_used.setText("Device used: (not run yet)")
         self.env_task = EngineTask("Tessera: checking devices", {"op": "env"}, str(python),
                                    self._devices_found)
         QgsApplication.taskManager().addTask(self.env_task)

@@ -128,3 +128,33 @@ def test_a_second_identical_run_is_refused_and_a_rerun_replaces_its_layers(plugi
     names = sorted(n.name() for n in group.findLayers())
     assert names == ["scene classes", "scene polygons"]  # replaced, not stacked
     project.removeAllMapLayers()
+
+
+def test_the_dependencies_dialog_checks_in_the_background(plugin, monkeypatch):
+    import time
+
+    from tessera.ui.deps import DependencyDialog
+
+    t = time.monotonic()
+    installed: list[bool] = []
+    dlg = DependencyDialog(None, lambda: installed.append(True))
+    assert time.monotonic() - t < 2.0  # the check (a Python importing torch) is not waited for
+    assert dlg.check_task is not None and dlg.busy.isVisibleTo(dlg)
+    assert dlg.text.toPlainText().startswith("Checking the engine environment")
+    wait_for(lambda: dlg.check_task is None, timeout=120)
+    assert dlg.text.toPlainText().startswith("Engine Python:") and not dlg.busy.isVisibleTo(dlg)
+    dlg.task = None
+    dlg._done()  # an install that ended well: the panel is told to look again
+    assert installed == [True]
+    wait_for(lambda: dlg.check_task is None, timeout=120)
+    dlg.close()
+
+
+def test_the_panel_sees_an_engine_that_appeared(plugin):
+    plugin.show_dock()
+    dock = plugin.dock
+    wait_for(lambda: dock.env_task is None, timeout=120)
+    dock.device_used.setText("Tessera's engine environment is not installed.")
+    dock.detect_devices()  # what the dialog's install calls
+    wait_for(lambda: dock.env_task is None, timeout=120)
+    assert dock.device_used.text().startswith("Device used: (not run yet) — engine sees")
