@@ -158,3 +158,27 @@ def test_the_panel_sees_an_engine_that_appeared(plugin):
     dock.detect_devices()  # what the dialog's install calls
     wait_for(lambda: dock.env_task is None, timeout=120)
     assert dock.device_used.text().startswith("Device used: (not run yet) — engine sees")
+
+
+def test_a_run_leaves_no_unclosed_file(plugin, data_dir, qgis_iface, tmp_path):
+    import gc
+    import warnings
+
+    from tessera.ui.settings import RunSettings
+
+    project = QgsProject.instance()
+    project.removeAllMapLayers()
+    layer = QgsRasterLayer(str(data_dir / "scene.tif"), "scene")
+    project.addMapLayer(layer)
+    qgis_iface.setActiveLayer(layer)
+    RunSettings(model=str(data_dir / "water.safetensors"), output_dir=str(tmp_path / "rw"),
+                vectorize=True).save()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always", ResourceWarning)
+        task = plugin.segment_active()
+        wait_for(lambda: task not in plugin.tasks)
+        task = None
+        gc.collect()
+    unclosed = [str(w.message) for w in seen if issubclass(w.category, ResourceWarning)]
+    assert unclosed == []
+    project.removeAllMapLayers()
