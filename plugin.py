@@ -199,7 +199,7 @@ class TesseraPlugin:
                 bar.pushMessage("Tessera", f"{name}: done in {r['seconds']:.1f} s on "
                                 f"{r['device']}{poly}. Outputs in {out}", Qgis.MessageLevel.Success)
                 # the run's warnings not shown while it ran (those were, and are in the log)
-                later = [w for w in r.get("warnings", []) if w not in task.warnings]
+                later = task.late_warnings
                 for w in later:
                     ENGINE_LOG.warning("%s", w)
                 if later:

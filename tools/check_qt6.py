@@ -65,10 +65,8 @@ def _imported(tree: ast.AST) -> dict[str, object]:
 
 
 def _is_enum_member(value: object) -> bool:
-    """A Qt5/sip enum member: an int whose type is an enum class, not a plain int."""
-    return isinstance(value, int) and type(value) not in (int, bool) and \
-        type(type(value)).__name__ in ("enumtype", "EnumType", "sip.enumtype", "type") and \
-        type(value).__name__ not in ("int", "bool")
+    """A Qt5/sip enum member: an int whose type is its enum (sip enums subclass int)."""
+    return isinstance(value, int) and type(value) not in (int, bool)
 
 
 def check_file(path: Path) -> list[str]:

@@ -434,7 +434,7 @@ class TesseraDock(QgsDockWidget):
             backend = f", {r['backend']}" if r.get("backend") else ""
             self.device_used.setText(f"Device used: {r['device']}{backend}")
             poly = f", {r['n_polygons']} polygons" if r.get("n_polygons") is not None else ""
-            warnings = list(dict.fromkeys([*task.warnings, *r.get("warnings", [])]))
+            warnings = [*task.warnings, *task.late_warnings]
             note = f" Warning: {'; '.join(warnings)}" if warnings else ""
             self.status.setText(f"Done in {r['seconds']:.1f} s on {r['device']}{poly}.{note}")
         elif task.cancelled_by_user:

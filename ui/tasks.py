@@ -51,8 +51,10 @@ class EngineTask(QgsTask):
         self.error: str | None = None
         self.cancelled_by_user = False
         self.last_event: dict[str, Any] = {}
-        #: the engine's warnings during the run (also in the QGIS message log)
+        #: the engine's warnings during the run (also in the QGIS message log), as they came
         self.warnings: list[str] = []
+        #: the result's warnings that did not come during the run
+        self.late_warnings: list[str] = []
 
     def run(self) -> bool:
         def on_event(ev: dict[str, Any]) -> None:
@@ -69,6 +71,8 @@ class EngineTask(QgsTask):
 
         try:
             self.result = client.run_job(self.job, self.python, on_event, self.isCanceled)
+            self.late_warnings = [w for w in dict.fromkeys(self.result.get("warnings") or [])
+                                  if w not in self.warnings]
             return True
         except CancelledError:
             # a cancel the user asked for is not a failure: ending "complete" keeps QGIS from

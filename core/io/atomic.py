@@ -23,7 +23,7 @@ import re
 import shutil
 import socket
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import OutputError
@@ -204,10 +204,9 @@ def _commit(temps: list[Path], finals: list[Path]) -> None:
 
 
 @contextlib.contextmanager
-def atomic_outputs(*finals: Path, verify: Callable[[list[Path]], None] | None = None,
-                   ) -> Iterator[list[Path]]:
+def atomic_outputs(*finals: Path) -> Iterator[list[Path]]:
     """Yield temporary paths for ``finals``; on success commit them together (see
-    :func:`_commit`), after ``verify(temps)`` if given.
+    :func:`_commit`).
 
     Before anything, the temporaries dead runs left in the output folders are removed
     (:func:`remove_stale`). On any exception (cancel and interrupt included) the temporaries
@@ -222,8 +221,6 @@ def atomic_outputs(*finals: Path, verify: Callable[[list[Path]], None] | None = 
     temps = [temp_path(p) for p in paths]
     try:
         yield temps
-        if verify is not None:
-            verify(temps)
         _commit(temps, paths)
     except BaseException:
         for t in temps:

@@ -57,6 +57,7 @@ class TesseraModel:
         self._module = module.eval() if module is not None else None
         self.path = Path(path) if path is not None else None
         self.sha256 = sha256
+        self._identity: str | None = None
 
     @property
     def is_onnx(self) -> bool:
@@ -85,13 +86,16 @@ class TesseraModel:
         memory the SHA-256 of its contract, network class and weights."""
         if self.sha256:
             return self.sha256
+        if self._identity is not None:
+            return self._identity
         h = hashlib.sha256(self.contract.to_json().encode())
         module = self.module
         h.update(f"{type(module).__module__}.{type(module).__qualname__}".encode())
         for k, v in module.state_dict().items():
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().numpy().tobytes())
-        return "memory:" + h.hexdigest()
+        self._identity = "memory:" + h.hexdigest()  # weights of a model in memory stay put
+        return self._identity
 
     @property
     def module_loaded(self) -> bool:
@@ -156,14 +160,15 @@ class TesseraModel:
         head = json.dumps(header, separators=(",", ":")).encode("utf-8")
         head += b" " * (-len(head) % 8)  # safetensors aligns the data section to 8 bytes
         try:
+            whole = hashlib.sha256()  # the file's hash from what is written, not read back
             with atomic_file(path) as tmp, open(tmp, "wb") as fh:
-                fh.write(len(head).to_bytes(8, "little"))
-                fh.write(head)
-                fh.write(memoryview(blob)[8 + n:])
+                for part in (len(head).to_bytes(8, "little"), head, memoryview(blob)[8 + n:]):
+                    fh.write(part)
+                    whole.update(part)
         except OSError as exc:
             raise OutputError(f"{path}: cannot write the model file: {exc}", path) from exc
         self.contract = contract
-        self.path, self.sha256 = path, file_sha256(path)
+        self.path, self.sha256 = path, whole.hexdigest()
         return path
 
 

@@ -141,10 +141,7 @@ class _Plan:
     def finals(self) -> list[Path]:
         """The output files, class raster first, in the order of the run's temporaries (the
         polygons, then the manifest, last)."""
-        return ([self.outs.class_raster] + ([self.outs.confidence_raster] if self.confidence
-                                            else [])
-                + ([self.outs.polygons] if self.vec is not None else [])
-                + ([self.outs.manifest] if self.outs.manifest is not None else []))
+        return [p for p, _ in _outputs(self.outs, self.confidence, self.vec is not None)]
 
     @property
     def polygons_temp_index(self) -> int:
@@ -260,15 +257,14 @@ def _plan(ds: Any, path: str, contract: ModelContract, params: SegmentParams,
     if palette is not None:
         warns.append(f"{Path(path).name}: a paletted raster; its palette is expanded to RGB")
     vec = params.vectorize if params.vectorize.enabled else None
-    wanted = [outs.class_raster] + ([outs.confidence_raster] if params.confidence else []) \
-        + ([outs.polygons] if vec is not None else [])
-    for folder in sorted({p.parent for p in wanted}):
+    wanted = _outputs(outs, params.confidence, vec is not None)
+    for folder in sorted({p.parent for p, _ in wanted}):
         check_writable_dir(folder)
-    for p in wanted:
+    for p, _ in wanted:
         check_final_name(p)
     grid = TileGrid(win.height, win.width, tile, overlap, contract.size_multiple)
     _check_memory(path, grid, contract, params.batch_size)
-    warns += _check_space(wanted, win, params.confidence)
+    warns += _check_space(wanted, win)
     if vec is not None:
         from ..vectorize.writer import _resolve_skip
 
@@ -340,17 +336,24 @@ def _check_memory(path: str, grid: TileGrid, contract: ModelContract, batch_size
 
 #: Compressed size of the outputs, as a fraction of one byte per pixel: what a run needs at
 #: the least (class rasters deflate to a few per cent; confidence to about half), and at most.
-_SPACE_MIN = {"classes": 0.01, "confidence": 0.2, "polygons": 0.01}
-_SPACE_MAX = {"classes": 1.0, "confidence": 1.0, "polygons": 1.0}
+_SPACE_MIN = {"classes": 0.01, "confidence": 0.2, "polygons": 0.01, "manifest": 0.0}
+_SPACE_MAX = {"classes": 1.0, "confidence": 1.0, "polygons": 1.0, "manifest": 0.0}
 
 
-def _check_space(wanted: list[Path], win: Window, confidence: bool) -> list[str]:
+def _outputs(outs: OutputPaths, confidence: bool, vectorize: bool) -> list[tuple[Path, str]]:
+    """A run's output files and their kinds, in the order of its temporaries."""
+    return ([(outs.class_raster, "classes")]
+            + ([(outs.confidence_raster, "confidence")] if confidence else [])
+            + ([(outs.polygons, "polygons")] if vectorize else [])
+            + ([(outs.manifest, "manifest")] if outs.manifest is not None else []))
+
+
+def _check_space(wanted: list[tuple[Path, str]], win: Window) -> list[str]:
     """Refuse a run whose outputs cannot fit in the free space even at their smallest; warn
     when they may not fit at their largest. The figures are the run's own."""
     pixels = win.width * win.height
-    kinds = ["classes"] + (["confidence"] if confidence else []) + ["polygons"]
     per_folder: dict[Path, tuple[float, float]] = {}
-    for p, kind in zip(wanted, kinds):
+    for p, kind in wanted:
         lo, hi = per_folder.get(p.parent, (0.0, 0.0))
         per_folder[p.parent] = (lo + pixels * _SPACE_MIN[kind], hi + pixels * _SPACE_MAX[kind])
     warns = []

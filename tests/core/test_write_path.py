@@ -264,13 +264,18 @@ def test_a_full_disk_is_an_error_naming_the_output_and_leaves_nothing(tmp_path, 
     assert (out / "scene_classes.tif").read_bytes() == b"previous result"
 
 
-def test_not_enough_disk_space_is_refused_before_the_run_with_the_figure(tmp_path, model_file):
-    vrt = tmp_path / "huge.vrt"  # 1,000 x 1,000,000,000 px, read from nowhere
-    vrt.write_text(
-        '<VRTDataset rasterXSize="1000" rasterYSize="1000000000"><SRS>EPSG:32633</SRS>'
+def _empty_vrt(path: Path, width: int, height: int) -> Path:
+    """A 3-band Byte raster of any size that reads from nowhere (a VRT without sources)."""
+    path.write_text(
+        f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}"><SRS>EPSG:32633</SRS>'
         "<GeoTransform>500000, 1, 0, 4000000, 0, -1</GeoTransform>"
         + "".join(f'<VRTRasterBand dataType="Byte" band="{b}"/>' for b in (1, 2, 3))
         + "</VRTDataset>")
+    return path
+
+
+def test_not_enough_disk_space_is_refused_before_the_run_with_the_figure(tmp_path, model_file):
+    vrt = _empty_vrt(tmp_path / "huge.vrt", 1000, 1_000_000_000)
     with pytest.raises(OutputError, match=r"not enough free space .* need at least about "
                        r"\d+(\.\d)? GB \(1000 x 1000000000 px\), .* is free") as e:
         segment_raster(vrt, model_file, tmp_path / "out", SegmentParams(confidence=True))
@@ -279,12 +284,7 @@ def test_not_enough_disk_space_is_refused_before_the_run_with_the_figure(tmp_pat
 
 
 def test_a_run_that_cannot_fit_in_memory_is_refused_with_the_figure(tmp_path, model_file):
-    vrt = tmp_path / "wide.vrt"
-    vrt.write_text(
-        '<VRTDataset rasterXSize="100000000" rasterYSize="600"><SRS>EPSG:32633</SRS>'
-        "<GeoTransform>500000, 1, 0, 4000000, 0, -1</GeoTransform>"
-        + "".join(f'<VRTRasterBand dataType="Byte" band="{b}"/>' for b in (1, 2, 3))
-        + "</VRTDataset>")
+    vrt = _empty_vrt(tmp_path / "wide.vrt", 100_000_000, 600)
     with pytest.raises(ParameterError, match=r"would need about [\d.]+ GB of memory "
                        r"\(100000000 px wide, tile 512, batch 2, 3 classes\); .* available"):
         segment_raster(vrt, model_file, tmp_path / "out",

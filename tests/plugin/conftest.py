@@ -178,3 +178,18 @@ class Recorder(_feedback_base()):
     def pushWarning(self, warning):
         self.warnings.append(warning)
         super().pushWarning(warning)
+
+
+def active_raster(qgis_iface, path: Path, name: str, model: Path, out_dir: Path, **settings):
+    """The raster ``path`` as the project's only layer, made active, and the run settings the
+    toolbar button uses (``settings``: more :class:`RunSettings` fields); return the layer."""
+    from qgis.core import QgsProject, QgsRasterLayer
+    from tessera.ui.settings import RunSettings
+
+    project = QgsProject.instance()
+    project.removeAllMapLayers()
+    layer = QgsRasterLayer(str(path), name)
+    project.addMapLayer(layer)
+    qgis_iface.setActiveLayer(layer)
+    RunSettings(model=str(model), output_dir=str(out_dir), **settings).save()
+    return layer

@@ -8,8 +8,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from conftest import wait_for
-from qgis.core import Qgis, QgsApplication, QgsProject, QgsRasterLayer, QgsTask
+from conftest import active_raster, wait_for
+from qgis.core import Qgis, QgsApplication, QgsProject, QgsTask
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,16 +63,11 @@ def test_a_cancel_ends_cancelled_not_failed(plugin, data_dir, tmp_path):
 
 def test_the_message_bar_cancel_works_and_unload_clears_its_items(plugin, data_dir, qgis_iface,
                                                                   tmp_path):
-    from tessera.ui.settings import RunSettings
 
     bar = qgis_iface.messageBar()
+    active_raster(qgis_iface, data_dir / "large.tif", "large", data_dir / "water.safetensors",
+                  tmp_path / "tb", vectorize=False, batch_size=1)
     project = QgsProject.instance()
-    project.removeAllMapLayers()
-    layer = QgsRasterLayer(str(data_dir / "large.tif"), "large")
-    project.addMapLayer(layer)
-    qgis_iface.setActiveLayer(layer)
-    RunSettings(model=str(data_dir / "water.safetensors"), output_dir=str(tmp_path / "tb"),
-                vectorize=False, batch_size=1).save()
     task = plugin.segment_active()
     assert task is not None and len(plugin.bar_items) == 1
     item = plugin.bar_items[0]
@@ -104,17 +99,12 @@ def test_runs_on_the_bundled_sample_never_write_into_the_plugin(qgis_app, tmp_pa
 
 def test_a_second_identical_run_is_refused_and_a_rerun_replaces_its_layers(plugin, data_dir,
                                                                            qgis_iface, tmp_path):
-    from tessera.ui.settings import RunSettings
 
     bar = qgis_iface.messageBar()
     bar.clear_messages()
+    active_raster(qgis_iface, data_dir / "scene.tif", "scene", data_dir / "water.safetensors",
+                  tmp_path / "tb", vectorize=True)
     project = QgsProject.instance()
-    project.removeAllMapLayers()
-    layer = QgsRasterLayer(str(data_dir / "scene.tif"), "scene")
-    project.addMapLayer(layer)
-    qgis_iface.setActiveLayer(layer)
-    RunSettings(model=str(data_dir / "water.safetensors"), output_dir=str(tmp_path / "tb"),
-                vectorize=True).save()
     first = plugin.segment_active()
     assert first is not None
     assert plugin.segment_active() is None  # pressed twice: not a second worker
@@ -164,15 +154,10 @@ def test_a_run_leaves_no_unclosed_file(plugin, data_dir, qgis_iface, tmp_path):
     import gc
     import warnings
 
-    from tessera.ui.settings import RunSettings
 
+    active_raster(qgis_iface, data_dir / "scene.tif", "scene", data_dir / "water.safetensors",
+                  tmp_path / "rw", vectorize=True)
     project = QgsProject.instance()
-    project.removeAllMapLayers()
-    layer = QgsRasterLayer(str(data_dir / "scene.tif"), "scene")
-    project.addMapLayer(layer)
-    qgis_iface.setActiveLayer(layer)
-    RunSettings(model=str(data_dir / "water.safetensors"), output_dir=str(tmp_path / "rw"),
-                vectorize=True).save()
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always", ResourceWarning)
         task = plugin.segment_active()
