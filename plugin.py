@@ -71,6 +71,10 @@ class TesseraPlugin:
         deps.triggered.connect(self.check_dependencies)
         self.iface.addPluginToRasterMenu(MENU, deps)
         self.actions = [self.toolbar_action, panel, deps]
+        from .ui.settings import panel_was_open
+
+        if panel_was_open():  # as it was when QGIS closed
+            self.show_dock()
 
     def unload(self) -> None:
         # Running tasks are cancelled and forget their callbacks: nothing may touch the dock
@@ -113,6 +117,8 @@ class TesseraPlugin:
         return default_model_path()
 
     def show_dock(self) -> None:
+        from .ui.settings import remember_panel
+
         if self.dock is None:
             from .ui.dock import TesseraDock
 
@@ -120,6 +126,7 @@ class TesseraPlugin:
             self.iface.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.dock)
         self.dock.show()
         self.dock.raise_()
+        remember_panel(True)
 
     def segment_active(self) -> Any:
         """The toolbar button: the active raster, the last-used settings."""
@@ -138,101 +145,143 @@ class TesseraPlugin:
                 "Tessera", "No model chosen yet: open the Tessera panel and pick a model file.",
                 Qgis.MessageLevel.Warning)
             return None
+        if self._bands_missing(layer, s.model):
+            return None
         return self.start_run(layer, s, message_bar=True)
+
+    def _bands_missing(self, layer: QgsRasterLayer, model: str) -> bool:
+        """When ``layer`` lacks a band the model reads by default, say so and open the panel on
+        its band mapping (the toolbar has no place to choose bands)."""
+        from .core.errors import TesseraError
+        from .core.model.files import read_contract
+        from .ui.messages import notify
+
+        try:
+            contract = read_contract(model)
+        except TesseraError:
+            return False  # the run says what is wrong with the model file
+        if all(b <= layer.bandCount() for b in contract.bands):
+            return False
+        self.show_dock()
+        self.dock.layer_combo.setLayer(layer)
+        self.dock.show_bands()
+        notify(self.iface.messageBar(),
+               f"{layer.name()}: model '{contract.name}' reads bands "
+               f"{', '.join(map(str, contract.bands))} but the layer has {layer.bandCount()}; "
+               "choose which band feeds each model input in the Tessera panel (Bands), then "
+               "press Run.", Qgis.MessageLevel.Warning)
+        return True
 
     def start_run(self, layer: QgsRasterLayer, settings: Any, bands: list[int] | None = None,
                   window: tuple[int, int, int, int] | None = None, out_dir: str | None = None,
                   on_finished: Any = None, message_bar: bool = False) -> Any:
-        """Start a background run; layers are added (styled) when it finishes. Returns the task."""
-        from .bridge.engine import ENGINE_LOG, engine_python, model_classes
+        """Start a background run; layers are added (styled) when it finishes. Returns the task.
+
+        Outputs are named ``<raster>_<model>_classes.tif`` etc.; a re-run of the same settings
+        replaces its own outputs and layers, other settings take ``<raster>_<model>_2`` ...
+        (never a file the run did not make)."""
+        from .bridge.engine import engine_python, model_classes
         from .bridge.layers import default_output_dir, fallback_output_dir
         from .core.errors import TesseraError
-        from .core.jobs.client import EngineNotFoundError
         from .core.jobs.spec import SegmentJob
-        from .ui.results import add_result_layers
+        from .ui.messages import notify
         from .ui.tasks import EngineTask, Relay
 
         bar = self.iface.messageBar()
         if layer.providerType() != "gdal":
-            bar.pushMessage("Tessera", f"'{layer.name()}' is not a file-based raster "
-                            f"({layer.providerType()}); export it to GeoTIFF first.",
-                            Qgis.MessageLevel.Warning)
+            notify(bar, f"'{layer.name()}' is not a file-based raster ({layer.providerType()}); "
+                   "export it to GeoTIFF first.", Qgis.MessageLevel.Warning)
             return None
         src = layer.source().split("|")[0]
         try:
             python = engine_python()
             classes = model_classes(settings.model)
-        except EngineNotFoundError as exc:
-            bar.pushMessage("Tessera", str(exc), Qgis.MessageLevel.Critical)
-            return None
-        except Exception as exc:  # noqa: BLE001  (a bad model file: say why)
-            bar.pushMessage("Tessera", str(exc), Qgis.MessageLevel.Critical)
+        except Exception as exc:  # noqa: BLE001  (no engine, a bad model file: say why)
+            notify(bar, str(exc), Qgis.MessageLevel.Critical)
             return None
         out = out_dir or settings.output_dir or default_output_dir(src, fallback_output_dir())
+        stem = f"{Path(src).stem}_{Path(settings.model).stem}"
         try:  # validated here, before an engine process starts
-            job = SegmentJob(src, settings.model, out, settings.segment_params(bands, window))
+            job = SegmentJob(src, settings.model, out, settings.segment_params(bands, window),
+                             stem=stem, keep_others=True)
         except TesseraError as exc:
-            bar.pushMessage("Tessera", str(exc), Qgis.MessageLevel.Warning)
+            notify(bar, str(exc), Qgis.MessageLevel.Warning)
             return None
         name = layer.name()
         busy = next((t for t in self.tasks if getattr(t, "run_key", None) == (src, out)), None)
         if busy is not None:  # the same raster into the same folder: one run at a time
-            bar.pushMessage("Tessera", f"{name}: already being segmented into {out}; wait for "
-                            "it to finish or cancel it first.", Qgis.MessageLevel.Warning)
+            notify(bar, f"{name}: already being segmented into {out}; wait for it to finish "
+                   "or cancel it first.", Qgis.MessageLevel.Warning)
             return None
         widgets: dict[str, Any] = {}
 
         def done(task: Any) -> None:
-            if task in self.tasks:
-                self.tasks.remove(task)
-            if widgets.get("item") is not None:
-                if widgets["item"] in self.bar_items:
-                    self.bar_items.remove(widgets["item"])
-                try:
-                    bar.popWidget(widgets["item"])
-                except RuntimeError:
-                    pass
-            if task.result is not None:
-                add_result_layers(task.result, classes, name)
-                r = task.result
-                poly = f", {r['n_polygons']} polygons" if r.get("n_polygons") is not None else ""
-                bar.pushMessage("Tessera", f"{name}: done in {r['seconds']:.1f} s on "
-                                f"{r['device']}{poly}. Outputs in {out}", Qgis.MessageLevel.Success)
-                # the run's warnings not shown while it ran (those were, and are in the log)
-                later = task.late_warnings
-                for w in later:
-                    ENGINE_LOG.warning("%s", w)
-                if later:
-                    bar.pushMessage("Tessera", f"{name}: " + "; ".join(later), Qgis.MessageLevel.Warning)
-            elif task.cancelled_by_user:
-                bar.pushMessage("Tessera", f"{name}: cancelled; no partial output was left.",
-                                Qgis.MessageLevel.Info)
-            else:
-                bar.pushMessage("Tessera", f"{name}: {task.error}", Qgis.MessageLevel.Critical)
+            self._run_done(task, widgets, name, (stem, Path(settings.model).stem), classes)
             if on_finished is not None:
                 on_finished(task)
 
         task = EngineTask(f"Tessera: segmenting {name}", job, str(python), done)
-        task.run_key = (src, out)
+        task.run_key, task.source_name = (src, out), name
         # warnings as they come: the input checks speak before the first tile
-        widgets["relay"] = Relay(lambda w: bar.pushMessage("Tessera", f"{name}: {w}",
-                                                           Qgis.MessageLevel.Warning))
+        widgets["relay"] = Relay(lambda w: notify(bar, f"{name}: {w}", Qgis.MessageLevel.Warning))
         task.warning.connect(widgets["relay"].call)
         if message_bar:
-            item = bar.createMessage("Tessera", f"Segmenting {name}…")
-            progress = QProgressBar()
-            progress.setRange(0, 100)
-            cancel = QPushButton("Cancel")
-            cancel.clicked.connect(lambda _checked=False, t=task: _cancel(t))
-            item.layout().addWidget(progress)
-            item.layout().addWidget(cancel)
-            task.progressChanged.connect(lambda v: progress.setValue(int(v)))
-            task.progressText.connect(lambda t: progress.setFormat(t[:60]))
-            widgets["item"] = bar.pushWidget(item, Qgis.MessageLevel.Info)
-            self.bar_items.append(widgets["item"])
+            widgets["item"] = self._progress_item(task, name)
         self.tasks.append(task)
         QgsApplication.taskManager().addTask(task)
         return task
+
+    def _progress_item(self, task: Any, name: str) -> Any:
+        """The message bar's "Segmenting … [progress] [Cancel]" item of a toolbar run."""
+        bar = self.iface.messageBar()
+        item = bar.createMessage("Tessera", f"Segmenting {name}…")
+        progress = QProgressBar()
+        progress.setRange(0, 100)
+        cancel = QPushButton("Cancel")
+        cancel.clicked.connect(lambda _checked=False, t=task: _cancel(t))
+        item.layout().addWidget(progress)
+        item.layout().addWidget(cancel)
+        task.progressChanged.connect(lambda v: progress.setValue(int(v)))
+        task.progressText.connect(lambda t: progress.setFormat(t[:60]))
+        widget = bar.pushWidget(item, Qgis.MessageLevel.Info)
+        self.bar_items.append(widget)
+        return widget
+
+    def _run_done(self, task: Any, widgets: dict[str, Any], name: str, naming: tuple[str, str],
+                  classes: list[dict[str, Any]]) -> None:
+        """A run ended (main thread): its layers, its summary, or why it did not finish."""
+        from .bridge.engine import ENGINE_LOG
+        from .bridge.report import RESULTS_TAB, run_tag, summary
+        from .ui.messages import notify
+        from .ui.results import add_result_layers
+
+        bar = self.iface.messageBar()
+        if task in self.tasks:
+            self.tasks.remove(task)
+        if widgets.get("item") is not None:
+            if widgets["item"] in self.bar_items:
+                self.bar_items.remove(widgets["item"])
+            try:
+                bar.popWidget(widgets["item"])
+            except RuntimeError:
+                pass
+        if task.result is not None:
+            r = task.result
+            add_result_layers(r, classes, name, tag=run_tag(r["class_raster"], *naming))
+            QgsMessageLog.logMessage(summary(r, name), RESULTS_TAB, Qgis.MessageLevel.Info)
+            poly = f", {r['n_polygons']} polygons" if r.get("n_polygons") is not None else ""
+            notify(bar, f"{name}: done in {r['seconds']:.1f} s on {r['device']}{poly}. Outputs "
+                   f"in {Path(r['class_raster']).parent}", Qgis.MessageLevel.Success)
+            # the run's warnings not shown while it ran (those were, and are in the log)
+            later = task.late_warnings
+            for w in later:
+                ENGINE_LOG.warning("%s", w)
+            if later:
+                notify(bar, f"{name}: " + "; ".join(later), Qgis.MessageLevel.Warning)
+        elif task.cancelled_by_user:
+            notify(bar, f"{name}: cancelled; no partial output was left.", Qgis.MessageLevel.Info)
+        else:
+            notify(bar, f"{name}: {task.error}", Qgis.MessageLevel.Critical)
 
     def check_dependencies(self) -> None:
         from .ui.deps import DependencyDialog

@@ -1,16 +1,20 @@
-"""Style Tessera's outputs as a person wants to see them: the model's colours and class names.
+"""Style Tessera's outputs so they read over the imagery: the model's colours and class names,
+translucent fills with crisp outlines, and a legend of the classes actually found.
 
 Only layers Tessera itself created are styled; a user's own layers are never touched.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from qgis.core import (
     QgsCategorizedSymbolRenderer,
     QgsFillSymbol,
+    QgsMapLayer,
     QgsPalettedRasterRenderer,
+    QgsProject,
     QgsRasterLayer,
     QgsRendererCategory,
     QgsVectorLayer,
@@ -19,11 +23,33 @@ from qgis.PyQt.QtGui import QColor
 
 ClassList = list[dict[str, Any]]  # [{"id": 0, "name": "Building", "color": "#3C1098"}, ...]
 
+#: The polygons' fill: the class colour at this opacity (the imagery shows through); the
+#: outline is the class colour, opaque.
+FILL_ALPHA = 0.35
+OUTLINE_MM = 0.4
+#: A class raster shown without polygons is drawn at this opacity.
+RASTER_OPACITY = 0.6
 
-def style_class_raster(layer: QgsRasterLayer, classes: ClassList) -> None:
-    """A paletted renderer with the model's colours and class names as legend labels."""
+
+def present_ids(classes: ClassList, class_pixels: dict[str, int] | None) -> set[int] | None:
+    """The ids of the classes a run found (``class_pixels``: pixels per class name, from the
+    run's result); ``None`` when not known (all classes are listed)."""
+    if not class_pixels:
+        return None
+    return {int(c["id"]) for c in classes if class_pixels.get(str(c["name"]), 0) > 0}
+
+
+def _listed(classes: ClassList, present: Iterable[int] | None) -> ClassList:
+    keep = None if present is None else {int(v) for v in present}
+    return [c for c in classes if keep is None or int(c["id"]) in keep]
+
+
+def style_class_raster(layer: QgsRasterLayer, classes: ClassList,
+                       present: Iterable[int] | None = None) -> None:
+    """A paletted renderer with the model's colours and class names as legend labels; only
+    the classes in ``present`` (all when ``None``)."""
     items = [QgsPalettedRasterRenderer.Class(int(c["id"]), QColor(c["color"]), str(c["name"]))
-             for c in classes]
+             for c in _listed(classes, present)]
     renderer = QgsPalettedRasterRenderer(layer.dataProvider(), 1, items)
     layer.setRenderer(renderer)
     layer.triggerRepaint()
@@ -42,13 +68,34 @@ def style_confidence_raster(layer: QgsRasterLayer) -> None:
     layer.setRenderer(r)
 
 
-def style_polygons(layer: QgsVectorLayer, classes: ClassList, opacity: float = 0.75) -> None:
-    """A categorized renderer on ``class_id`` in the model's colours, legend = class names."""
-    cats = []
-    for c in classes:
-        sym = QgsFillSymbol.createSimple({"color": c["color"], "outline_color": "#202020",
-                                          "outline_width": "0.1", "outline_width_unit": "MM"})
-        sym.setOpacity(opacity)
-        cats.append(QgsRendererCategory(int(c["id"]), sym, str(c["name"])))
+def polygon_symbol(color: str) -> QgsFillSymbol:
+    """The class colour as a translucent fill with an opaque outline of the same colour."""
+    fill = QColor(color)
+    fill.setAlphaF(FILL_ALPHA)
+    return QgsFillSymbol.createSimple({
+        "color": ",".join(str(v) for v in fill.getRgb()), "outline_color": color,
+        "outline_width": str(OUTLINE_MM), "outline_width_unit": "MM"})
+
+
+def style_polygons(layer: QgsVectorLayer, classes: ClassList) -> None:
+    """A categorized renderer on ``class_id`` in the model's colours, legend = the names of
+    the classes the layer holds (skipped or absent classes are not listed)."""
+    idx = layer.fields().indexOf("class_id")
+    found = {int(v) for v in layer.uniqueValues(idx)} if idx >= 0 else None
+    cats = [QgsRendererCategory(int(c["id"]), polygon_symbol(str(c["color"])), str(c["name"]))
+            for c in _listed(classes, found)]
     layer.setRenderer(QgsCategorizedSymbolRenderer("class_id", cats))
+    layer.setOpacity(1.0)
     layer.triggerRepaint()
+
+
+def show_over_imagery(class_layer: QgsMapLayer, with_polygons: bool,
+                      project: QgsProject | None = None) -> None:
+    """A new class raster hidden when its polygons show the same classes, else drawn
+    translucent, so the imagery below stays readable."""
+    if with_polygons:
+        node = (project or QgsProject.instance()).layerTreeRoot().findLayer(class_layer.id())
+        if node is not None:
+            node.setItemVisibilityChecked(False)
+    else:
+        class_layer.setOpacity(RASTER_OPACITY)

@@ -148,35 +148,59 @@ def build(make: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 
 class StyleClasses(QgsProcessingLayerPostProcessorInterface):
-    """Styles a layer loaded on completion (class raster, confidence or polygons)."""
+    """Styles a layer loaded on completion (class raster, confidence or polygons) as the panel
+    does: ``present`` the class ids found (the class raster's legend), ``hidden`` whether the
+    layer is left unchecked (a class raster under its polygons, the confidence raster)."""
 
     _keep: ClassVar[list[StyleClasses]] = []  # Processing keeps a raw pointer: keep them alive
 
-    def __init__(self, kind: str, classes: list[dict[str, Any]]) -> None:
+    def __init__(self, kind: str, classes: list[dict[str, Any]], present: Any = None,
+                 hidden: bool = False) -> None:
         super().__init__()
-        self.kind, self.classes = kind, classes
+        self.kind, self.classes, self.present, self.hidden = kind, classes, present, hidden
 
     @classmethod
-    def create(cls, kind: str, classes: list[dict[str, Any]]) -> StyleClasses:
-        inst = cls(kind, classes)
+    def create(cls, kind: str, classes: list[dict[str, Any]], present: Any = None,
+               hidden: bool = False) -> StyleClasses:
+        inst = cls(kind, classes, present, hidden)
         cls._keep.append(inst)
         return inst
 
     def postProcessLayer(self, layer, context, feedback):  # noqa: N802  (QGIS API)
-        from ..bridge.style import style_class_raster, style_confidence_raster, style_polygons
+        from ..bridge.style import (
+            show_over_imagery,
+            style_class_raster,
+            style_confidence_raster,
+            style_polygons,
+        )
 
         if self.kind == "classes" and isinstance(layer, QgsRasterLayer):
-            style_class_raster(layer, self.classes)
+            style_class_raster(layer, self.classes, self.present)
+            show_over_imagery(layer, self.hidden, context.project())
         elif self.kind == "confidence" and isinstance(layer, QgsRasterLayer):
             style_confidence_raster(layer)
+            node = context.project().layerTreeRoot().findLayer(layer.id()) \
+                if context.project() is not None else None
+            if node is not None:
+                node.setItemVisibilityChecked(False)
         elif self.kind == "polygons" and isinstance(layer, QgsVectorLayer):
             style_polygons(layer, self.classes)
 
 
 def style_on_load(context: Any, path: str, kind: str, classes: list[dict[str, Any]],
-                  name: str | None = None) -> None:
+                  name: str | None = None, present: Any = None, hidden: bool = False) -> None:
     if path and context.willLoadLayerOnCompletion(path):
         details = context.layerToLoadOnCompletionDetails(path)
         if name:
             details.name = name
-        details.setPostProcessor(StyleClasses.create(kind, classes))
+        details.setPostProcessor(StyleClasses.create(kind, classes, present, hidden))
+
+
+def drop_unmade(context: Any, unmade: list[str]) -> None:
+    """Take outputs that were not written out of the layers QGIS loads on completion. Its
+    batch dialog registers an empty optional output ("") too, and a layer that cannot be
+    loaded makes QGIS report "The following layers were not correctly generated"."""
+    layers = context.layersToLoadOnCompletion()
+    keep = {k: v for k, v in layers.items() if k not in unmade}
+    if len(keep) != len(layers):
+        context.setLayersToLoadOnCompletion(keep)

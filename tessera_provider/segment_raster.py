@@ -23,6 +23,8 @@ from qgis.core import (
 from qgis.PyQt.QtCore import QCoreApplication
 
 from ..bridge import compat, engine, layers
+from ..bridge.report import layer_name, summary
+from ..bridge.style import present_ids
 from ..core.jobs.spec import SegmentJob
 from ..core.params import MAX_TILE, OutputPaths, SegmentParams, VectorizeParams
 from . import common
@@ -177,16 +179,33 @@ class SegmentRasterAlgorithm(common.TesseraAlgorithm):
                           f"({res['tiles_skipped']} empty, skipped); {res['seconds']:.1f} s")
         # the run's warnings came as the engine logged them, before the first tile
         classes = engine.model_classes(model)
+        present = present_ids(classes, res.get("class_pixels"))
+        tag = processing_tag(model, out_cls)
         name = layer.name()
-        common.style_on_load(context, out_cls, "classes", classes, f"{name} classes")
+        common.drop_unmade(context, ["", *([] if out_conf else [str(dflt.confidence_raster)]),
+                                     *([] if vectorize else [out_poly])])
+        common.style_on_load(context, out_cls, "classes", classes,
+                             layer_name(name, "classes", tag), present, hidden=vectorize)
         if out_conf:
-            common.style_on_load(context, out_conf, "confidence", classes, f"{name} confidence")
+            common.style_on_load(context, out_conf, "confidence", classes,
+                                 layer_name(name, "confidence", tag))
         results = {self.OUTPUT: out_cls, "DEVICE": res["device"],
                    "BACKEND": res.get("backend", "torch"),
                    "N_POLYGONS": res.get("n_polygons") or 0}
         if out_conf:
             results[self.CONFIDENCE] = out_conf
         if vectorize:
-            common.style_on_load(context, out_poly, "polygons", classes, f"{name} polygons")
+            common.style_on_load(context, out_poly, "polygons", classes,
+                                 layer_name(name, "polygons", tag))
             results[self.OUTPUT_POLYGONS] = out_poly
+        feedback.pushInfo(summary(res, name))
         return results
+
+
+def processing_tag(model: str, out_cls: str) -> str:
+    """What made a Processing result, for its layer names: the model, and the output's own
+    name when the user gave one (a batch's rows differ by it), else "Processing"."""
+    from qgis.core import QgsProcessingUtils
+
+    temporary = Path(QgsProcessingUtils.tempFolder()) in Path(out_cls).resolve().parents
+    return f"{Path(model).stem}, " + ("Processing" if temporary else Path(out_cls).stem)

@@ -101,7 +101,7 @@ def draw_legend(image, classes: list[dict], rows: list[tuple[str, float]]) -> No
 
 
 def render(raster: str, gpkg: str, out_png: str, model: str | None = None, width: int = 1200,
-           opacity: float = 0.45) -> list[tuple[str, float]]:
+           opacity: float | None = None) -> list[tuple[str, float]]:
     from qgis.core import (
         QgsMapRendererParallelJob,
         QgsMapSettings,
@@ -124,7 +124,9 @@ def render(raster: str, gpkg: str, out_png: str, model: str | None = None, width
     if vl.fields().indexOf("class_id") < 0 or vl.fields().indexOf("class_name") < 0:
         raise SystemExit(f"render_map: {gpkg} has no class_id/class_name fields (not Tessera's)")
     classes = classes_from(model, vl)
-    style_polygons(vl, classes, opacity=opacity)
+    style_polygons(vl, classes)  # as the plugin draws them: translucent fill, crisp outline
+    if opacity is not None:
+        vl.setOpacity(opacity)
     QgsProject.instance().addMapLayers([rl, vl], False)
     extent = rl.extent()
     height = max(1, round(width * extent.height() / extent.width()))
@@ -158,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out_png")
     ap.add_argument("--model", help="model file whose class colours to use")
     ap.add_argument("--width", type=int, default=1200, help="image width in pixels (1200)")
-    ap.add_argument("--opacity", type=float, default=0.45, help="polygon opacity (0.45)")
+    ap.add_argument("--opacity", type=float, default=None,
+                    help="the polygon layer's opacity (default: the plugin's style)")
     a = ap.parse_args(argv)
     from qgis.core import QgsApplication
 

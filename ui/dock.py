@@ -20,9 +20,11 @@ from qgis.gui import (
     QgsMapLayerComboBox,
     QgsRasterBandComboBox,
 )
-from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtCore import QEvent, QObject, Qt
 from qgis.PyQt.QtGui import QColor, QIcon, QPixmap
 from qgis.PyQt.QtWidgets import (
+    QAbstractSpinBox,
+    QApplication,
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
@@ -40,7 +42,7 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from ..bridge import compat
-from .settings import RunSettings
+from .settings import RunSettings, remember_panel
 
 EXTENT_MODES = ["Whole layer", "Current map canvas extent", "Features of a polygon layer"]
 
@@ -49,6 +51,21 @@ def swatch(color: str, size: int = 14) -> QIcon:
     pm = QPixmap(size, size)
     pm.fill(QColor(color))
     return QIcon(pm)
+
+
+class WheelGuard(QObject):
+    """The mouse wheel over a combo box or spin box that has no focus scrolls the panel
+    instead of changing the value (a person scrolling the panel changed the Backend)."""
+
+    def __init__(self, scroll: QScrollArea) -> None:
+        super().__init__(scroll)
+        self.scroll = scroll
+
+    def eventFilter(self, obj: QObject, event: QEvent) -> bool:  # noqa: N802  (Qt API)
+        if event.type() == QEvent.Type.Wheel and not obj.hasFocus():
+            QApplication.sendEvent(self.scroll.verticalScrollBar(), event)
+            return True
+        return False
 
 
 class TesseraDock(QgsDockWidget):
@@ -175,6 +192,32 @@ class TesseraDock(QgsDockWidget):
         of.addRow("", self.out_msg)
         lay.addLayout(of)
 
+        lay.addStretch(1)
+        self.scroll = QScrollArea()
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.scroll.setWidget(body)
+        self.wheel_guard = WheelGuard(self.scroll)
+        for w in body.findChildren(QComboBox) + body.findChildren(QAbstractSpinBox):
+            w.setFocusPolicy(Qt.FocusPolicy.StrongFocus)  # no focus by the wheel either
+            w.installEventFilter(self.wheel_guard)
+            if isinstance(w, QComboBox):  # a long layer name must not widen the panel
+                w.setSizeAdjustPolicy(
+                    QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+                w.setMinimumContentsLength(8)
+        for label in body.findChildren(QLabel):  # no label may widen the panel
+            label.setWordWrap(True)
+        # Run, Cancel, progress and the outcome stay in view below the scrolling settings
+        outer = QWidget()
+        col = QVBoxLayout(outer)
+        col.setContentsMargins(0, 0, 0, 0)
+        col.addWidget(self.scroll, 1)
+        col.addWidget(self._footer())
+        self.setWidget(outer)
+
+    def _footer(self) -> QWidget:
+        foot = QWidget()
+        lay = QVBoxLayout(foot)
         row = QHBoxLayout()
         self.run_btn = QPushButton("Run")
         self.run_btn.clicked.connect(self.run)
@@ -189,12 +232,15 @@ class TesseraDock(QgsDockWidget):
         lay.addWidget(self.progress)
         self.status = QLabel("")
         self.status.setWordWrap(True)
+        self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         lay.addWidget(self.status)
-        lay.addStretch(1)
-        scroll = QScrollArea()
-        scroll.setWidgetResizable(True)
-        scroll.setWidget(body)
-        self.setWidget(scroll)
+        self.results = QLabel("")
+        self.results.setObjectName("TesseraResults")
+        self.results.setWordWrap(True)
+        self.results.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.results.hide()
+        lay.addWidget(self.results)
+        return foot
 
     @staticmethod
     def _msg_label() -> QLabel:
@@ -230,6 +276,7 @@ class TesseraDock(QgsDockWidget):
         self.simplify.setValue(s.simplify_px)
         self.sieve.setValue(s.sieve_px)
         self.out_dir.setFilePath(s.output_dir)
+        self.extent_mode.setCurrentIndex(min(max(s.extent_mode, 0), len(EXTENT_MODES) - 1))
         self._skip_saved = set(s.skip_classes)
         self._on_model_changed(self.model_file.filePath())
 
@@ -244,7 +291,7 @@ class TesseraDock(QgsDockWidget):
             rescale=self.rescale.isChecked(), vectorize=self.vectorize.isChecked(),
             min_area_m2=self.min_area.value(),
             simplify_px=self.simplify.value(), sieve_px=self.sieve.value(), skip_classes=skip,
-            output_dir=self.out_dir.filePath())
+            output_dir=self.out_dir.filePath(), extent_mode=self.extent_mode.currentIndex())
 
     # -- reactions ---------------------------------------------------------------------------
     def _on_model_changed(self, path: str) -> None:
@@ -281,6 +328,10 @@ class TesseraDock(QgsDockWidget):
         self._validate()
 
     def _on_layer_changed(self, *_: Any) -> None:
+        if getattr(self, "task", None) is None and hasattr(self, "status"):
+            self.status.setText("")  # an earlier run's outcome is not this layer's
+            self.results.hide()
+            self.progress.setValue(0)
         self._rebuild_bands()
         self._validate()
 
@@ -297,6 +348,9 @@ class TesseraDock(QgsDockWidget):
             cb.setLayer(layer)
             if layer is not None and default <= layer.bandCount():
                 cb.setBand(default)
+            elif layer is not None:  # the layer lacks it: the person chooses (no silent band 1)
+                cb.setShowNotSetOption(True)
+                cb.setBand(-1)
             cb.bandChanged.connect(self._validate)
             self.band_form.addRow(f"{names[i]} ←", cb)
             self.band_combos.append(cb)
@@ -313,9 +367,11 @@ class TesseraDock(QgsDockWidget):
         elif layer.providerType() != "gdal":
             msg, ok = (f"'{layer.name()}' is a {layer.providerType()} layer, not a file: export it "
                        "to GeoTIFF first (Export → Save As…)."), False
-        elif self.contract is not None and layer.bandCount() < self.contract.in_channels:
-            msg, ok = (f"The model expects {self.contract.in_channels} bands, the layer has "
-                       f"{layer.bandCount()}."), False
+        elif self.contract is not None and not all(
+                1 <= b <= layer.bandCount() for b in self.bands()):
+            msg, ok = (f"The model reads {self.contract.in_channels} bands and the layer has "
+                       f"{layer.bandCount()}: choose a layer band for each model input under "
+                       "Bands."), False
         self._say(self.layer_msg, msg)
         if self.contract is None:
             ok = False
@@ -353,8 +409,24 @@ class TesseraDock(QgsDockWidget):
                                    self._devices_found)
         QgsApplication.taskManager().addTask(self.env_task)
 
+    def show_bands(self) -> None:
+        """Open the band mapping and bring it into view (the toolbar's band mismatch)."""
+        self.band_box.setCollapsed(False)
+        self.scroll.ensureWidgetVisible(self.band_box)
+        if self.band_combos:
+            self.band_combos[0].setFocus()
+
+    def closeEvent(self, event: Any) -> None:  # noqa: N802  (Qt API)
+        """Closed by the user: not reopened at the next start of QGIS."""
+        remember_panel(False)
+        super().closeEvent(event)
+
     def shutdown(self) -> None:
-        """The plugin is unloading: background tasks must not call back into this dock."""
+        """The plugin is unloading (QGIS closes, the plugin is disabled or updated): the
+        panel's settings are kept for the next start; background tasks must not call back
+        into this dock."""
+        if self.model_file.filePath():
+            self.settings().save()
         for task in (self.env_task, self.task):
             if task is not None:
                 task.detach()
@@ -419,6 +491,7 @@ class TesseraDock(QgsDockWidget):
         self.cancel_btn.setEnabled(True)
         self.progress.setValue(0)
         self.status.setText("Starting the engine…")
+        self.results.hide()  # an earlier run's outcome is not this one's
 
     def cancel(self) -> None:
         if self.task is not None:
@@ -437,6 +510,10 @@ class TesseraDock(QgsDockWidget):
             warnings = [*task.warnings, *task.late_warnings]
             note = f" Warning: {'; '.join(warnings)}" if warnings else ""
             self.status.setText(f"Done in {r['seconds']:.1f} s on {r['device']}{poly}.{note}")
+            from ..bridge.report import RESULTS_TAB, summary
+
+            self.results.setText(f"{RESULTS_TAB}\n{summary(r, task.source_name)}")
+            self.results.show()
         elif task.cancelled_by_user:
             self.progress.setValue(0)
             self.status.setText("Cancelled. No partial output was left.")

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from qgis.core import QgsProject, QgsRasterLayer, QgsVectorLayer
 
-from ..bridge.style import style_class_raster, style_confidence_raster, style_polygons
+from ..bridge.report import layer_name
+from ..bridge.style import (
+    present_ids,
+    show_over_imagery,
+    style_class_raster,
+    style_confidence_raster,
+    style_polygons,
+)
 
 
 def _same_file(a: str, b: str) -> bool:
-    from pathlib import Path
-
     try:
         return Path(a.split("|")[0]).resolve() == Path(b).resolve()
     except OSError:
@@ -19,11 +25,13 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def add_result_layers(result: dict[str, Any], classes: list[dict[str, Any]], source_name: str,
-                      project: QgsProject | None = None) -> list[Any]:
-    """Add class raster, confidence and polygons (those present) to ``project``; return them.
+                      project: QgsProject | None = None, tag: str | None = None) -> list[Any]:
+    """Add polygons, confidence and class raster (those present) to ``project``; return them.
 
     A re-run replaces its own layers: those of the group showing one of these very files go
-    (the files were replaced), so the group never stacks copies of one result."""
+    (the files were replaced), so the group never stacks copies of one result. The class
+    raster is hidden when polygons show the same classes; the confidence raster (it hides
+    everything below it) is left unchecked."""
     project = project or QgsProject.instance()
     root = project.layerTreeRoot()
     group = root.findGroup(f"Tessera: {source_name}") or root.insertGroup(0, f"Tessera: {source_name}")
@@ -33,28 +41,30 @@ def add_result_layers(result: dict[str, Any], classes: list[dict[str, Any]], sou
              and any(_same_file(n.layer().source(), p) for p in outputs)]
     if stale:
         project.removeMapLayers([lyr.id() for lyr in stale])
-    added = []
+    added: list[tuple[str, Any]] = []
     if result.get("polygons"):
-        vl = QgsVectorLayer(result["polygons"], f"{source_name} polygons", "ogr")
+        vl = QgsVectorLayer(result["polygons"], layer_name(source_name, "polygons", tag), "ogr")
         if vl.isValid():
             style_polygons(vl, classes)
-            added.append(vl)
+            added.append(("polygons", vl))
     if result.get("confidence_raster"):
-        cl = QgsRasterLayer(result["confidence_raster"], f"{source_name} confidence")
+        cl = QgsRasterLayer(result["confidence_raster"],
+                            layer_name(source_name, "confidence", tag))
         if cl.isValid():
             style_confidence_raster(cl)
-            added.append(cl)
-    rl = QgsRasterLayer(result["class_raster"], f"{source_name} classes")
+            added.append(("confidence", cl))
+    rl = QgsRasterLayer(result["class_raster"], layer_name(source_name, "classes", tag))
     if rl.isValid():
-        style_class_raster(rl, classes)
-        added.append(rl)
-    for layer in added:
+        style_class_raster(rl, classes, present_ids(classes, result.get("class_pixels")))
+        added.append(("classes", rl))
+    for _, layer in added:
         project.addMapLayer(layer, False)
         group.addLayer(layer)
-    if added and len(added) > 1 and result.get("confidence_raster"):
-        # the confidence raster hides what is below it: leave it unchecked
-        node = group.findLayer(added[1 if result.get("polygons") else 0].id())
+    kinds = dict(added)
+    if "confidence" in kinds:
+        node = group.findLayer(kinds["confidence"].id())
         if node is not None:
             node.setItemVisibilityChecked(False)
-    return added
-
+    if "classes" in kinds:
+        show_over_imagery(kinds["classes"], "polygons" in kinds, project)
+    return [layer for _, layer in added]

@@ -11,6 +11,19 @@ from ..core.jobs.spec import params_to_dict
 from ..core.params import SegmentParams, VectorizeParams
 
 PREFIX = "tessera/run/"
+#: Whether the panel was open when QGIS last closed (it is reopened at the next start).
+PANEL_OPEN = "tessera/panel_open"
+
+
+def panel_was_open() -> bool:
+    """The panel's state at the last exit of QGIS."""
+    raw = QgsSettings().value(PANEL_OPEN, False)
+    return raw if isinstance(raw, bool) else str(raw).lower() in ("true", "1")
+
+
+def remember_panel(is_open: bool) -> None:
+    """Record whether the panel is open."""
+    QgsSettings().setValue(PANEL_OPEN, bool(is_open))
 
 
 @dataclass
@@ -31,6 +44,7 @@ class RunSettings:
     sieve_px: int = 0
     skip_classes: list[str] = field(default_factory=list)
     output_dir: str = ""        # '' = beside the source raster (when writable)
+    extent_mode: int = 0        # the panel's Area: whole layer, canvas extent, polygon layer
 
     @classmethod
     def load(cls) -> RunSettings:

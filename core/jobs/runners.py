@@ -12,6 +12,7 @@ import dataclasses
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypedDict
 
 from ..progress import CancelFn, ProgressFn
@@ -39,10 +40,16 @@ class Context:
 
 
 def _segment(job: SegmentJob, ctx: Context) -> Any:
+    from ..model.files import TesseraModel
+    from ..pipeline.manifest import claim_outputs
     from ..pipeline.segment import segment_raster
 
-    return segment_raster(job.raster, job.model, job.out_dir, job.params, stem=job.stem,
-                          progress=ctx.progress, cancel=ctx.cancel, outputs=job.outputs)
+    outputs, model = job.outputs, TesseraModel.open(job.model)
+    if job.keep_others and outputs is None:
+        outputs = claim_outputs(job.raster, model, job.params, job.out_dir,
+                                job.stem or Path(job.raster).stem)
+    return segment_raster(job.raster, model, job.out_dir, job.params, stem=job.stem,
+                          progress=ctx.progress, cancel=ctx.cancel, outputs=outputs)
 
 
 def _batch(job: BatchJob, ctx: Context) -> Any:

@@ -82,13 +82,18 @@ class SegmentJob:
     params: SegmentParams = field(default_factory=SegmentParams)
     stem: str | None = None
     outputs: OutputPaths | None = None
+    #: never replace outputs this very run did not make: take the first free numbered stem
+    #: (``<stem>_2``...; see :func:`~..pipeline.manifest.claim_outputs`) and write a manifest.
+    #: Off, the named outputs are replaced (the caller chose them: the CLI, Processing).
+    keep_others: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The job's JSON (the worker protocol)."""
         return {"op": self.op, "raster": self.raster, "model": self.model,
                 "out_dir": self.out_dir, "stem": self.stem,
                 "params": params_to_dict(self.params),
-                "outputs": _plain(self.outputs) if self.outputs else None}
+                "outputs": _plain(self.outputs) if self.outputs else None,
+                "keep_others": self.keep_others}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SegmentJob:
@@ -103,7 +108,8 @@ class SegmentJob:
                                   Path(o.get("confidence_raster") or dflt.confidence_raster),
                                   Path(o.get("polygons") or dflt.polygons))
         return cls(str(d["raster"]), str(d["model"]), str(d["out_dir"]),
-                   params_from_dict(d.get("params")), stem, outputs)
+                   params_from_dict(d.get("params")), stem, outputs,
+                   bool(d.get("keep_others", False)))
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from ..errors import OutputError
 from ..io.sinks import write_failed
 from ..model.files import TesseraModel
-from ..params import SegmentParams
+from ..params import OutputPaths, SegmentParams
 
 
 def run_record(source: str | Path, model: TesseraModel, params: SegmentParams) -> dict[str, Any]:
@@ -50,3 +51,32 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return doc if isinstance(doc, dict) and doc.get("format") == "tessera-run" else None
+
+
+#: Most numbered names tried for one run before giving up (``<stem>_2`` ... ``<stem>_999``).
+MAX_RUN_NUMBER = 999
+
+
+def claim_outputs(source: str | Path, model: TesseraModel, params: SegmentParams,
+                  out_dir: str | Path, stem: str) -> OutputPaths:
+    """Output names for a run that never replaces what it did not make.
+
+    The first of ``<stem>``, ``<stem>_2``, ``<stem>_3`` ... whose files are either all absent,
+    or were made by exactly this run (its manifest holds the same record: a re-run replaces
+    its own outputs). Outputs of other settings, another model or another program are kept.
+    The paths come with the manifest, so a later run can recognise them."""
+    try:
+        record = run_record(source, model, params)
+    except OSError:  # no such input: the run itself will say so, naming it
+        return OutputPaths.for_stem(out_dir, stem, manifest=True)
+    for n in range(1, MAX_RUN_NUMBER + 1):
+        paths = OutputPaths.for_stem(out_dir, stem if n == 1 else f"{stem}_{n}", manifest=True)
+        manifest = cast(Path, paths.manifest)  # asked for above
+        files = [paths.class_raster, paths.confidence_raster, paths.polygons, manifest]
+        if not any(p.exists() for p in files):
+            return paths
+        doc = read_manifest(manifest)
+        if doc is not None and doc.get("run") == record:
+            return paths
+    raise OutputError(f"{Path(out_dir) / stem}: {MAX_RUN_NUMBER} earlier runs' outputs are "
+                      "there already; choose another output folder", Path(out_dir))

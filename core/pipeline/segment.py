@@ -52,6 +52,7 @@ from ..model.files import TesseraModel
 from ..params import OutputPaths, SegmentParams, VectorizeParams, Window, check_tile_overlap
 from ..progress import CancelFn, Meter, Progress, ProgressFn
 from ..vectorize.area import check_area_crs
+from ..vectorize.confidence import add_mean_confidence
 from .band import RowBand
 from .inputs import InputView, band_count, check_values, georeferenced, palette_lut, sample_values
 from .manifest import run_record, write_manifest
@@ -201,6 +202,9 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
             finally:
                 for sink in sinks:
                     sink.close()
+            if plan.vec is not None and plan.confidence:  # both complete now
+                add_mean_confidence(temps[plan.polygons_temp_index], plan.outs.polygons.stem,
+                                    temps[1], plan.outs.polygons, cancel)
             _verify(plan, temps, stats, gdal_errors)
             try:
                 write_category_names(temps[0], [c.name for c in contract.classes])

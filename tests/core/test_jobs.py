@@ -103,3 +103,38 @@ def test_an_export_job_runs_in_the_worker(tmp_path):
         run_job({"op": "export", "model": str(tmp_path / "junk.safetensors"),
                  "out": str(tmp_path / "j.onnx")}, lambda *a, **k: None, lambda: False)
     assert not (tmp_path / "j.onnx").exists()
+
+
+def test_a_job_that_keeps_others_never_replaces_what_it_did_not_make(tmp_path):
+    """The QGIS runs (issue 18): a re-run of the same settings replaces its own outputs; other
+    settings, another model or a file of someone else's get the next numbered name."""
+    m1 = tiny_unet(seed=4).save(tmp_path / "m1.safetensors")
+    m2 = tiny_unet(seed=5).save(tmp_path / "m2.safetensors")
+    src = write_raster(tmp_path / "a.tif", random_rgb(40, 50, seed=3))
+    out = tmp_path / "o"
+
+    def run(model, min_area=0.0):
+        job = spec.job_from_dict(spec.SegmentJob(
+            str(src), str(model), str(out), SegmentParams(vectorize=VectorizeParams(
+                min_area_m2=min_area)), stem="a_run", keep_others=True).to_dict())
+        return runners.run(job)
+
+    first = run(m1)
+    assert first.class_raster == str(out / "a_run_classes.tif")
+    assert (out / "a_run_tessera.json").is_file()
+    stamp = (out / "a_run_classes.tif").stat().st_mtime_ns
+    again = run(m1)  # the same run again: its own outputs replaced, no new name
+    assert again.class_raster == str(out / "a_run_classes.tif")
+    assert (out / "a_run_classes.tif").stat().st_mtime_ns >= stamp
+    assert run(m1, min_area=5.0).polygons == str(out / "a_run_2_polygons.gpkg")  # other settings
+    assert run(m2).class_raster == str(out / "a_run_3_classes.tif")  # another model
+    assert run(m1, min_area=5.0).polygons == str(out / "a_run_2_polygons.gpkg")  # its own again
+    (out / "b_run_classes.tif").write_bytes(b"a user's own file")
+    job = spec.SegmentJob(str(src), str(m1), str(out), SegmentParams(), stem="b_run",
+                          keep_others=True)
+    assert runners.run(job).class_raster == str(out / "b_run_2_classes.tif")
+    assert (out / "b_run_classes.tif").read_bytes() == b"a user's own file"
+    # without keep_others (the CLI, Processing: the caller named the outputs) they are replaced
+    plain = runners.run(spec.SegmentJob(str(src), str(m2), str(out), SegmentParams(),
+                                        stem="a_run"))
+    assert plain.class_raster == str(out / "a_run_classes.tif")

@@ -49,6 +49,8 @@ data = np.maximum(data, 1)
 data[:, 40:60, 50:80] = 0          # a nodata hole: 20 rows x 30 columns
 write_raster(out / "scene.tif", data, crs="EPSG:32618", nodata=0,
              transform=Affine(2.0, 0, 300000.0, 0, -2.0, 4000000.0))
+write_raster(out / "gray.tif", random_rgb(40, 40, seed=8)[:1], crs="EPSG:32618",
+             transform=Affine(2.0, 0, 300000.0, 0, -2.0, 4000000.0))  # one band only
 write_raster(out / "large.tif", random_rgb(1200, 1200, seed=6), crs="EPSG:32618",
              transform=Affine(2.0, 0, 300000.0, 0, -2.0, 4000000.0))
 folder = out / "folder"

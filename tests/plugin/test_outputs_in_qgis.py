@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from qgis.core import Qgis, QgsCoordinateReferenceSystem, QgsRasterLayer, QgsVectorLayer
+from qgis.PyQt.QtCore import QVariant
 
 TESSERA = Path(sys.executable).parent / "tessera"
 
@@ -59,8 +60,12 @@ def test_polygons_open_with_fields_crs_and_exact_geometry(qgis_app, outputs):
     layer = QgsVectorLayer(str(outputs / "scene_polygons.gpkg"), "polygons", "ogr")
     assert layer.isValid()
     assert layer.crs() == QgsCoordinateReferenceSystem("EPSG:32618")
-    assert [f.name() for f in layer.fields()][-4:] == ["class_id", "class_name", "area_m2", "pixels"]
+    assert [f.name() for f in layer.fields()][-5:] == ["class_id", "class_name", "area_m2",
+                                                       "pixels", "confidence"]
+    conf = layer.fields().field("confidence")
+    assert conf.type() == QVariant.Double  # the mean confidence of each polygon, 0..1
     feats = {f["class_name"]: f for f in layer.getFeatures()}
+    assert all(0.5 < f["confidence"] <= 1.0 for f in feats.values())
     assert set(feats) == {"Building", "Land"}
     b = feats["Building"]
     assert b["pixels"] == 30 * 50

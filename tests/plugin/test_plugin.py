@@ -87,14 +87,26 @@ def test_segment_raster_extent_bands_and_styling_on_load(plugin, data_dir, tmp_p
     rl = QgsRasterLayer(res["OUTPUT"], "c")
     assert (rl.width(), rl.height()) == (40, 40)  # the extent's 80 m x 80 m at 2 m
     layers = {lyr.name(): lyr for lyr in project.mapLayers().values()}
-    classes = next(lyr for n, lyr in layers.items() if n.endswith("classes"))
+    # names that say what made them: the model and the output's own name
+    assert set(layers) == {"scene classes (water, cls)", "scene confidence (water, cls)",
+                           "scene polygons (water, cls)"}
+    classes = layers["scene classes (water, cls)"]
     assert classes.renderer().type() == "paletted"
     labels = {c.value: (c.label, c.color.name()) for c in classes.renderer().classes()}
-    assert labels[2] == ("Water", WATER) and labels[0][0] == "Building"
-    poly = next(lyr for n, lyr in layers.items() if n.endswith("polygons"))
+    assert labels == {2: ("Water", WATER)}  # the legend lists only the classes found
+    poly = layers["scene polygons (water, cls)"]
     assert poly.renderer().type() == "categorizedSymbol"
     cats = {c.value(): (c.label(), c.symbol().color().name()) for c in poly.renderer().categories()}
-    assert cats[2] == ("Water", WATER)
+    assert cats == {2: ("Water", WATER)}
+    # readable over the imagery: translucent fill, opaque outline; the rasters unchecked
+    category = poly.renderer().categories()[0]  # (kept: its symbol lives in it)
+    fill = category.symbol().symbolLayer(0)
+    assert abs(fill.fillColor().alphaF() - 0.35) < 0.01
+    assert fill.strokeColor().name() == WATER and poly.opacity() == 1.0
+    root = project.layerTreeRoot()
+    assert root.findLayer(poly.id()).isVisible()
+    assert not root.findLayer(classes.id()).itemVisibilityChecked()
+    assert not root.findLayer(layers["scene confidence (water, cls)"].id()).itemVisibilityChecked()
     project.removeAllMapLayers()
 
 
@@ -186,11 +198,11 @@ def test_dock_run_as_a_person_would(plugin, iface, data_dir, tmp_path):
     group = project.layerTreeRoot().findGroup("Tessera: scene")
     assert group is not None
     names = sorted(n.name() for n in group.findLayers())
-    assert names == ["scene classes", "scene polygons"]
-    cl = next(n.layer() for n in group.findLayers() if n.name() == "scene classes")
+    assert names == ["scene classes (water)", "scene polygons (water)"]
+    cl = next(n.layer() for n in group.findLayers() if n.name() == "scene classes (water)")
     assert cl.renderer().type() == "paletted"
     assert {c.value: c.color.name() for c in cl.renderer().classes()}[2] == WATER
-    assert (tmp_path / "dock" / "scene_classes.tif").exists()
+    assert (tmp_path / "dock" / "scene_water_classes.tif").exists()
     project.removeAllMapLayers()
 
 
@@ -233,9 +245,9 @@ def test_toolbar_button(plugin, iface, data_dir, qgis_iface, tmp_path):
     assert task is not None
     wait_for(lambda: task not in plugin.tasks)
     assert any("done in" in m for m in bar.get_messages(Qgis.Success))
-    assert (tmp_path / "tb" / "scene_classes.tif").exists()
-    assert not (tmp_path / "tb" / "scene_polygons.gpkg").exists()
+    assert (tmp_path / "tb" / "scene_water_classes.tif").exists()
+    assert not (tmp_path / "tb" / "scene_water_polygons.gpkg").exists()
     layers = [lyr.name() for lyr in QgsProject.instance().mapLayers().values()]
-    assert "scene classes" in layers
+    assert "scene classes (water)" in layers
     QgsProject.instance().removeAllMapLayers()
     Path(tmp_path).exists()
