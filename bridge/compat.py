@@ -89,3 +89,14 @@ def field_names(alg: Any, parameters: dict[str, Any], name: str, context: Any) -
 __all__ = ["ADVANCED", "FIELD_TYPES", "FILE_FILE", "FILE_FOLDER", "LAYER_FILTER_POLYGON",
            "LAYER_FILTER_RASTER", "NUMBER_DOUBLE", "NUMBER_INTEGER", "SOURCE_POLYGON",
            "SOURCE_VECTOR", "WKB_NO_GEOMETRY", "QAction", "field_names"]
+
+
+def task_flags(hidden: bool = False) -> Any:
+    """A cancellable task's flags; ``hidden`` keeps a short background check out of the task
+    manager and its "Task complete" notice where the running QGIS can (``Hidden``, 3.26+)."""
+    from qgis.core import QgsTask
+
+    flags = QgsTask.Flag.CanCancel
+    if hidden and hasattr(QgsTask.Flag, "Hidden"):
+        flags = flags | QgsTask.Flag.Hidden
+    return flags

@@ -37,7 +37,9 @@ def summary(result: dict[str, Any], source_name: str) -> str:
     device and where the files are."""
     lines = [f"{source_name}: {result.get('megapixels', 0):.2f} Mpx in "
              f"{result.get('seconds', 0):.1f} s on {result.get('device', '?')}"
-             + (f" ({result['backend']})" if result.get("backend") else "")]
+             + (f" ({result['backend']})" if result.get("backend") and
+                str(result["backend"]) not in str(result.get("device"))
+                else "")]
     areas = result.get("area_m2_by_class") or {}
     pixels = result.get("class_pixels") or {}
     total = sum(pixels.values()) or 1

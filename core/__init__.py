@@ -4,4 +4,4 @@ Nothing in this package imports QGIS or Qt. Heavy libraries (torch, rasterio, sh
 imported by the modules that use them, so ``import tessera.core`` stays cheap.
 """
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"

@@ -25,6 +25,8 @@ def log(msg):
 
 
 def start():
+    iface.mainWindow().resize(1366, 768)  # the smallest laptop screen the panel must fit
+    iface.mainWindow().showMaximized()
     qgis.utils.loadPlugin("tessera")
     qgis.utils.startPlugin("tessera")
     plugin = qgis.utils.plugins["tessera"]

@@ -17,7 +17,7 @@ env -u PYTHONPATH -u GDAL_DATA -u PROJ_DATA -u PROJ_LIB QGIS_CUSTOM_CONFIG_PATH=
   QT_QPA_PLATFORM=offscreen /usr/bin/qgis_process.bin plugins enable tessera >/dev/null
 env -u PYTHONPATH -u GDAL_DATA -u PROJ_DATA -u PROJ_LIB -u QT_QPA_PLATFORM \
   TESSERA_SHOT_RASTER="$RASTER" TESSERA_SHOT_MODEL="$MODEL" TESSERA_SHOT_OUT="$work/out" \
-  timeout 300 xvfb-run -a -s "-screen 0 1600x1000x24" \
+  timeout 300 xvfb-run -a -s "-screen 0 1366x768x24" \
   /usr/bin/qgis --profiles-path "$work" --nologo --noversioncheck --code "$PWD/tools/screenshot.py" \
   >"$work/qgis.log" 2>&1 || true
 cat "$work/out/screenshot.log" 2>/dev/null || { tail -30 "$work/qgis.log"; exit 1; }

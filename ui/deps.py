@@ -137,7 +137,7 @@ class DependencyDialog(QDialog):
         self.text.setPlainText(f"Checking the engine environment {py} …")
         self.busy.setVisible(True)
         self.check_task = EngineTask("Tessera: checking the engine", {"op": "env"}, str(py),
-                                     self._checked)
+                                     self._checked, hidden=True)  # the dialog shows it
         QgsApplication.taskManager().addTask(self.check_task)
 
     def _checked(self, task: Any) -> None:

@@ -108,7 +108,9 @@ class TesseraDock(QgsDockWidget):
         form.addRow("Classes", self.class_list)
         lay.addLayout(form)
 
-        self.band_box = QgsCollapsibleGroupBox("Bands (model input ← raster band)")
+        self.band_box = QgsCollapsibleGroupBox("Bands")
+        self.band_box.setToolTip("Which raster band feeds each model input (model input ← "
+                                 "raster band)")
         self.band_form = QFormLayout(self.band_box)
         self.band_combos: list[QgsRasterBandComboBox] = []
         lay.addWidget(self.band_box)
@@ -152,12 +154,14 @@ class TesseraDock(QgsDockWidget):
         self.batch = QSpinBox()
         self.batch.setRange(1, 256)
         df.addRow("Batch size", self.batch)
-        self.confidence = QCheckBox("Also write the confidence raster")
+        self.confidence = QCheckBox("Confidence raster")
+        self.confidence.setToolTip("Also write the winning class's probability per pixel, and "
+                                   "each polygon's mean confidence (field 'confidence', 0-1)")
         df.addRow("", self.confidence)
-        self.rescale = QCheckBox("Rescale to 8 bits (16-bit or float imagery)")
-        self.rescale.setToolTip("Each band stretched from its 2nd to its 98th percentile onto "
-                                "0..255 before the model sees it; the figures are recorded "
-                                "in the outputs")
+        self.rescale = QCheckBox("Rescale to 8 bits")
+        self.rescale.setToolTip("For 16-bit or float imagery: each band stretched from its "
+                                "2nd to its 98th percentile onto 0..255 before the model "
+                                "sees it; the figures are recorded in the outputs")
         df.addRow("", self.rescale)
         lay.addWidget(dev)
 
@@ -207,6 +211,8 @@ class TesseraDock(QgsDockWidget):
                 w.setMinimumContentsLength(8)
         for label in body.findChildren(QLabel):  # no label may widen the panel
             label.setWordWrap(True)
+        for form in body.findChildren(QFormLayout):  # a field too wide goes below its label
+            form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
         # Run, Cancel, progress and the outcome stay in view below the scrolling settings
         outer = QWidget()
         col = QVBoxLayout(outer)
@@ -406,7 +412,7 @@ class TesseraDock(QgsDockWidget):
         if not self.device_used.text().startswith("Device used:"):  # the engine has appeared
             self.device_used.setText("Device used: (not run yet)")
         self.env_task = EngineTask("Tessera: checking devices", {"op": "env"}, str(python),
-                                   self._devices_found)
+                                   self._devices_found, hidden=True)
         QgsApplication.taskManager().addTask(self.env_task)
 
     def show_bands(self) -> None:

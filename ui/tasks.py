@@ -13,7 +13,7 @@ from typing import Any
 from qgis.core import QgsTask
 from qgis.PyQt.QtCore import QObject, pyqtSignal, pyqtSlot
 
-from ..bridge import engine
+from ..bridge import compat, engine
 from ..core.errors import CancelledError, TesseraError
 from ..core.jobs import client
 from ..core.jobs.spec import Job
@@ -42,10 +42,12 @@ class EngineTask(QgsTask):
     warning = pyqtSignal(str)
 
     def __init__(self, description: str, job: Job | dict[str, Any], python: str,
-                 on_done: Callable[[EngineTask], None] | None = None) -> None:
+                 on_done: Callable[[EngineTask], None] | None = None,
+                 hidden: bool = False) -> None:
         """``job`` is validated here, on the main thread: a bad parameter raises
-        :class:`~..core.errors.ParameterError` before anything starts."""
-        super().__init__(description, QgsTask.Flag.CanCancel)
+        :class:`~..core.errors.ParameterError` before anything starts. ``hidden``: a short
+        background check, kept out of the task manager where QGIS can."""
+        super().__init__(description, compat.task_flags(hidden))
         self.job, self.python, self.on_done = engine.prepare(job), python, on_done
         self.result: dict[str, Any] | None = None
         self.error: str | None = None

@@ -277,11 +277,15 @@ def test_the_panel_fits_a_small_screen_and_ignores_the_wheel(plugin):
     wait_for(lambda: dock.env_task is None, timeout=120)
     dock.device_used.setText("Tessera's engine environment is not installed: open Raster → "
                              "Tessera → Check / install dependencies to install it (about 1 GB)")
-    dock.resize(300, 560)  # a right-hand panel on a 1366 x 768 screen
+    dock.setFloating(True)
     dock.show()
-    for _ in range(20):
+    dock.resize(300, 560)  # a right-hand panel on a 1366 x 768 screen
+    for _ in range(50):
         QApplication.processEvents()
-    assert dock.scroll.horizontalScrollBar().maximum() == 0  # nothing wider than the panel
+    assert dock.width() == 300
+    body, view = dock.scroll.widget(), dock.scroll.viewport()
+    assert body.minimumSizeHint().width() <= view.width()  # nothing wider than the panel:
+    assert body.width() <= view.width()  # no field cut at the right edge, no sideways scroll
     bar = dock.scroll.verticalScrollBar()
     assert bar.maximum() > 0  # the settings scroll...
     for w in (dock.run_btn, dock.cancel_btn, dock.progress, dock.status):  # ...these do not
