@@ -25,6 +25,9 @@ from ..core.jobs.spec import Job
 
 T = TypeVar("T")
 
+#: What a cancelled run says in the Processing log (QGIS itself then adds "Execution failed").
+CANCELLED = "Cancelled by the user; no partial output was left."
+
 
 def tr(text: str) -> str:
     from qgis.PyQt.QtCore import QCoreApplication
@@ -107,7 +110,8 @@ def run_engine(job: Job | dict[str, Any], feedback: QgsProcessingFeedback | None
         fb.pushInfo(f"Engine: {python}")
         return client.run_job(wire, python, on_event, fb.isCanceled)
     except CancelledError as exc:
-        raise QgsProcessingException(f"Cancelled: {exc}. No partial output was left.") from exc
+        fb.pushWarning(CANCELLED)
+        raise QgsProcessingException(CANCELLED) from exc
     except TesseraError as exc:
         raise QgsProcessingException(str(exc)) from exc
 

@@ -390,3 +390,24 @@ def test_the_dock_shows_the_results_summary_and_clears_it_for_another_layer(plug
     dock.layer_combo.setLayer(other)
     assert not dock.results.isVisibleTo(dock) and dock.status.text() == ""
     project.removeAllMapLayers()
+
+
+def test_a_processing_cancel_says_cancelled_and_leaves_nothing(plugin, data_dir, tmp_path):
+    import processing
+    import pytest
+    from conftest import Recorder
+    from qgis.core import QgsProcessingException
+    from tessera.tessera_provider.common import CANCELLED
+
+    fb = Recorder()
+    fb.progressChanged.connect(lambda p: fb.cancel() if p > 0 else None)
+    out = tmp_path / "p"
+    out.mkdir()
+    with pytest.raises(QgsProcessingException) as e:
+        processing.run("tessera:segment_raster", {
+            "INPUT": str(data_dir / "large.tif"), "MODEL": str(data_dir / "water.safetensors"),
+            "BATCH_SIZE": 1, "OUTPUT": str(out / "c.tif"),
+            "OUTPUT_POLYGONS": str(out / "p.gpkg")}, feedback=fb)
+    assert CANCELLED in str(e.value) and CANCELLED in fb.warnings
+    assert not [line for line in fb.errors if "Traceback" in line]
+    assert list(out.iterdir()) == []
