@@ -56,7 +56,8 @@ $(STAMP): $(QGIS_OK) requirements.txt requirements-dev.txt
 	@# Make `import tessera` resolve to this checkout, and install the `tessera` command.
 	@mkdir -p $(VENV)/src && ln -sfn "$(CURDIR)" $(VENV)/src/tessera
 	@echo "$(CURDIR)/$(VENV)/src" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/tessera-dev.pth"
-	@printf '#!%s\nimport sys\nfrom tessera.core.cli import main\nsys.exit(main())\n' "$(CURDIR)/$(PY)" > $(VENV)/bin/tessera
+	@# (the guard: Dask's local workers are spawned processes, which import the main script)
+	@printf '#!%s\nimport sys\nfrom tessera.core.cli import main\nif __name__ == "__main__":\n    sys.exit(main())\n' "$(CURDIR)/$(PY)" > $(VENV)/bin/tessera
 	@chmod +x $(VENV)/bin/tessera
 	$(PY) -m tessera.core.jobs.envcheck
 	@touch $@

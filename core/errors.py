@@ -83,3 +83,8 @@ class CancelledError(TesseraError):
 
     def __init__(self, message: str = "cancelled", path: str | Path | None = None) -> None:
         super().__init__(message, path)
+
+
+class ClusterError(TesseraError, RuntimeError):
+    """A Dask cluster cannot be used: Dask is not installed, the scheduler does not answer,
+    or the workers cannot run the job."""

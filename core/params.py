@@ -316,3 +316,17 @@ def train_params_from_dict(d: dict[str, Any] | None) -> TrainParams:
         return TrainParams(**d)
     except TypeError as exc:
         raise ParameterError(f"bad training parameter: {exc}") from exc
+
+
+def local_workers(address: str) -> int | None:
+    """N for ``local:N``; ``None`` for a scheduler address. Raises :class:`ParameterError`
+    for anything else."""
+    if address.startswith("local:"):
+        n = address.split(":", 1)[1]
+        if not n.isdigit() or int(n) < 1:
+            raise ParameterError(f"--cluster {address}: local:N needs N ≥ 1 worker processes")
+        return int(n)
+    if "://" not in address:
+        raise ParameterError(f"--cluster {address}: give a scheduler address (tcp://HOST:8786, "
+                             "tls://HOST:8786) or local:N")
+    return None

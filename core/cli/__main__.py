@@ -4,4 +4,5 @@ import sys
 
 from .commands import main
 
-sys.exit(main())
+if __name__ == "__main__":  # spawned processes (Dask's local workers) import it
+    sys.exit(main())

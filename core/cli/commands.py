@@ -225,7 +225,8 @@ def _cmd_batch(a: argparse.Namespace, bar: ProgressBar) -> int:
     from ..jobs.spec import BatchJob
 
     rep = _run(BatchJob(a.folder, a.model, a.out, _params(a), pattern=a.pattern,
-                        recursive=a.recursive, skip_existing=not a.overwrite), bar)
+                        recursive=a.recursive, skip_existing=not a.overwrite,
+                        cluster=a.cluster), bar)
     for r in rep.rows:
         extra = (f" — {r.error}" if r.error else
                  f" ({r.polygons} polygons)" if r.polygons is not None else "")

@@ -147,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file pattern(s), ';'-separated (default '*.tif;*.tiff')")
     p.add_argument("--recursive", "-r", action="store_true", help="include sub-folders")
     p.add_argument("--overwrite", action="store_true", help="redo files whose outputs exist")
+    p.add_argument("--cluster", metavar="ADDRESS",
+                   help="run the files on a Dask cluster: a scheduler (tcp://HOST:8786) or "
+                   "local:N (N worker processes here); every worker must see the folders and "
+                   "the model under the same paths")
     _add_run_options(p)
 
     p = sub.add_parser("vectorize", help="polygonize an existing class raster",

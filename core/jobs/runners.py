@@ -56,11 +56,17 @@ def _batch(job: BatchJob, ctx: Context) -> Any:
     from ..pipeline.batch import segment_folder
 
     emit = ctx.emit
+    executor = None
+    if job.cluster:
+        from ..pipeline.cluster import DaskExecutor
+
+        executor = DaskExecutor(job.cluster)
     return segment_folder(job.folder, job.model, job.out_dir, job.params, pattern=job.pattern,
                           recursive=job.recursive, skip_existing=job.skip_existing,
                           progress=ctx.progress, cancel=ctx.cancel,
                           on_file=None if emit is None else
-                          (lambda r: emit("file", **dataclasses.asdict(r))))
+                          (lambda r: emit("file", **dataclasses.asdict(r))),
+                          executor=executor)
 
 
 def _vectorize(job: VectorizeJob, ctx: Context) -> Any:

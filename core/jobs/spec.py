@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..errors import ParameterError
-from ..params import OutputPaths, SegmentParams, TrainParams, VectorizeParams, train_params_from_dict
+from ..params import (
+    OutputPaths,
+    SegmentParams,
+    TrainParams,
+    VectorizeParams,
+    local_workers,
+    train_params_from_dict,
+)
 from ..training.sources import DataSource, source_from_dict
 
 
@@ -124,12 +131,19 @@ class BatchJob:
     pattern: str = "*.tif;*.tiff"
     recursive: bool = False
     skip_existing: bool = True
+    #: a Dask scheduler (``tcp://HOST:8786``) or ``local:N``: the files run on its workers
+    cluster: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.cluster:
+            local_workers(self.cluster)  # a malformed address fails before anything starts
 
     def to_dict(self) -> dict[str, Any]:
         """The job's JSON (the worker protocol)."""
         return {"op": self.op, "folder": self.folder, "model": self.model,
                 "out_dir": self.out_dir, "pattern": self.pattern, "recursive": self.recursive,
-                "skip_existing": self.skip_existing, "params": params_to_dict(self.params)}
+                "skip_existing": self.skip_existing, "params": params_to_dict(self.params),
+                "cluster": self.cluster}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BatchJob:
@@ -137,7 +151,8 @@ class BatchJob:
         _need(d, cls.op, "folder", "model", "out_dir")
         return cls(str(d["folder"]), str(d["model"]), str(d["out_dir"]),
                    params_from_dict(d.get("params")), str(d.get("pattern") or "*.tif;*.tiff"),
-                   bool(d.get("recursive", False)), bool(d.get("skip_existing", True)))
+                   bool(d.get("recursive", False)), bool(d.get("skip_existing", True)),
+                   _text(d, "cluster"))
 
 
 @dataclass(frozen=True)

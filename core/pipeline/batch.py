@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -142,6 +143,8 @@ class FileTask:
     dest: Path
     outputs: OutputPaths
     done: dict[str, Any] | None
+    #: the batch run's id, recorded in the manifests it writes
+    batch: str = ""
 
     @property
     def skip(self) -> bool:
@@ -179,12 +182,12 @@ def plan_folder(folder: str | Path, model: TesseraModel | str | Path, out_dir: s
                              folder)
     if not isinstance(model, TesseraModel):
         model = TesseraModel.open(model)
-    tasks = []
+    tasks, batch = [], uuid.uuid4().hex
     for k, (src, stem) in enumerate(zip(files, _stems(files, folder))):
         rel = src.relative_to(folder)
         paths = OutputPaths.for_stem(out_dir / rel.parent, stem, manifest=True)
         done = done_before(src, paths, model, params) if skip_existing else None
-        tasks.append(FileTask(k, src, rel, out_dir / rel.parent, paths, done))
+        tasks.append(FileTask(k, src, rel, out_dir / rel.parent, paths, done, batch))
     return BatchPlan(folder, out_dir, model, params, tuple(tasks))
 
 
@@ -239,8 +242,9 @@ def run_one(task: FileTask, model: TesseraModel, params: SegmentParams,
             row.status, row.error = "skipped", "being segmented by another batch right now"
             return row
         done = done_before(task.source, task.outputs, model, params)  # done meanwhile?
-        if done is not None:
-            return _fill(row, "skipped", done.get("result") or {})
+        if done is not None:  # by this very batch (a worker lost after its commit), or not
+            ours = bool(task.batch) and done.get("batch") == task.batch
+            return _fill(row, "done" if ours else "skipped", done.get("result") or {})
         return _segment_one(task, model, params, predictor, progress, cancel, row)
 
 
@@ -264,7 +268,8 @@ def _segment_one(task: FileTask, model: TesseraModel, params: SegmentParams,
     t = time.perf_counter()
     try:
         res = segment_raster(task.source, model, task.dest, params, predictor=predictor(),
-                             progress=progress, cancel=cancel, outputs=task.outputs)
+                             progress=progress, cancel=cancel, outputs=task.outputs,
+                             batch=task.batch or None)
         _fill(row, "done", res.to_dict())
     except CancelledError:
         raise
@@ -323,7 +328,9 @@ def segment_folder(folder: str | Path, model: TesseraModel | str | Path, out_dir
     plan → run (``executor``: by default :class:`LocalExecutor`) → report. ``progress``
     receives per-file progress with ``stage="batch"`` (``done``/``total`` count files,
     ``fraction`` includes the current file's own progress). ``on_file`` is called with each
-    finished :class:`FileReport`. The report (CSV and JSON) is rewritten after every file.
+    finished :class:`FileReport`, as it finishes. The report (CSV and JSON) is rewritten
+    after every file; at the end its rows are in the plan's order, whichever executor ran
+    them.
     Cancelling stops the current file (no partial outputs), writes the report and raises
     :class:`CancelledError`.
     """
@@ -342,25 +349,38 @@ def segment_folder(folder: str | Path, model: TesseraModel | str | Path, out_dir
                                   f"{task.rel}: {p.stage} {p.fraction:.0%}"))
         return fn
 
+    order = {str(t.rel): t.index for t in plan.tasks}
+    run = executor or LocalExecutor()
     try:
         try:
-            for row in (executor or LocalExecutor()).run(plan, progress_for, cancel):
+            for row in run.run(plan, progress_for, cancel):
                 report.rows.append(row)
                 write_report(report)
                 if on_file is not None:
                     on_file(row)
                 if progress is not None:
-                    k = len(report.rows)
-                    progress(Progress("batch", k, n, k / max(n, 1), time.perf_counter() - t0,
-                                      None, None, f"{row.file}: {row.status}"))
+                    progress(_files_done(report, n, time.perf_counter() - t0, row,
+                                         getattr(run, "label", "")))
         except BatchStopped as stop:
             report.rows.append(stop.row)
             if on_file is not None:
                 on_file(stop.row)
             raise OutputError(stop.message, stop.path) from stop.__cause__
     finally:
+        report.rows.sort(key=lambda r: order.get(r.file, n))  # the plan's order, wherever run
         write_report(report)
     return report
+
+
+def _files_done(report: BatchReport, n: int, elapsed: float, row: FileReport,
+                label: str) -> Progress:
+    """The batch's progress after ``row``: files and megapixels done, and the throughput."""
+    k = len(report.rows)
+    mpx = sum(r.megapixels for r in report.rows if r.status == "done")
+    rate = mpx / elapsed if elapsed > 0 and mpx else None
+    text = f"{row.file}: {row.status} ({k}/{n} files, {mpx:.1f} Mpx" + \
+        (f", {rate:.2f} Mpx/s" if rate else "") + (f" {label}" if label else "") + ")"
+    return Progress("batch", k, n, k / max(n, 1), elapsed, rate, None, text)
 
 
 def write_report(report: BatchReport) -> None:

@@ -35,9 +35,11 @@ def run_record(source: str | Path, model: TesseraModel, params: SegmentParams) -
 
 
 def write_manifest(tmp: Path, final: Path, record: dict[str, Any],
-                   result: dict[str, Any]) -> None:
-    """The manifest (see :class:`~..params.OutputPaths`) into ``tmp``."""
-    doc = {"format": "tessera-run", "format_version": 1, "run": record, "result": result}
+                   result: dict[str, Any], batch: str | None = None) -> None:
+    """The manifest (see :class:`~..params.OutputPaths`) into ``tmp``; ``batch``: the id of
+    the batch run that made it (a file it redoes after losing a worker is still its own)."""
+    doc = {"format": "tessera-run", "format_version": 1, "run": record, "result": result,
+           **({"batch": batch} if batch else {})}
     try:
         tmp.write_text(json.dumps(doc, indent=1), encoding="utf-8")
     except OSError as exc:

@@ -154,13 +154,14 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
                    params: SegmentParams | None = None, *, stem: str | None = None,
                    predictor: Predictor | Any | None = None, progress: ProgressFn | None = None,
                    cancel: CancelFn | None = None,
-                   outputs: OutputPaths | None = None) -> SegmentResult:
+                   outputs: OutputPaths | None = None, batch: str | None = None) -> SegmentResult:
     """Segment ``raster`` with ``model``; write the class raster (and confidence, polygons).
 
     Outputs (see :class:`OutputPaths`): ``<stem>_classes.tif`` (uint8, colour table, nodata =
     the model's ``nodata_value``), ``<stem>_confidence.tif`` (if ``params.confidence``) and
     ``<stem>_polygons.gpkg`` (if ``params.vectorize.enabled``), and the run's manifest when
-    ``outputs.manifest`` is set (see :mod:`.manifest`). ``stem`` defaults to the raster's
+    ``outputs.manifest`` is set (see :mod:`.manifest`; ``batch`` names the batch run in it).
+    ``stem`` defaults to the raster's
     file stem. ``outputs`` overrides the paths (``out_dir``/``stem`` are then ignored). Pass
     a ``predictor`` (see :func:`..inference.factory.make_predictor`) to reuse a loaded model
     across rasters; otherwise one is made for ``params.device`` and ``params.backend``.
@@ -213,7 +214,7 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
             result = _result(plan, params, predictor, stats, t_start)
             if plan.outs.manifest is not None:
                 write_manifest(temps[-1], plan.outs.manifest, run_record(path, model, params),
-                               result.to_dict())
+                               result.to_dict(), batch)
     if progress is not None:
         progress(Progress("done", 1, 1, 1.0, result.seconds, result.megapixels /
                           max(result.seconds, 1e-9), 0.0, "done"))

@@ -108,8 +108,9 @@ def test_cancel_stops_the_batch_and_keeps_the_report(tmp_path):
 
 def test_an_executor_runs_the_plan_and_the_report_follows_it(tmp_path):
     """The executor seam: a batch is planned first (nothing runs for a file whose outputs
-    exist), any executor runs its tasks through run_one, and the report lists the files in the
-    order they finished."""
+    exist), any executor runs its tasks through run_one, ``on_file`` hears of the files as
+    they finish, and the report lists them in the plan's order (the same report whichever
+    executor ran them: one process, a Dask cluster)."""
     from tessera.core.pipeline.batch import LocalExecutor, plan_folder, run_one
 
     src = make_folder(tmp_path)
@@ -131,13 +132,15 @@ def test_an_executor_runs_the_plan_and_the_report_follows_it(tmp_path):
                 yield run_one(task, plan.model, plan.params, lambda: None, progress_for(task),
                               cancel)
 
-    ex = Backwards()
-    rep = segment_folder(src, m, tmp_path / "o", NOVEC, recursive=True, executor=ex)
+    ex, heard = Backwards(), []
+    rep = segment_folder(src, m, tmp_path / "o", NOVEC, recursive=True, executor=ex,
+                         on_file=lambda r: heard.append(r.file))
     assert ex.ran == [3, 2, 1, 0]
+    assert heard == ["sub/c.tif", "broken.tif", "b.tif", "a.tif"]
     assert [(r.file, r.status) for r in rep.rows] == [
-        ("sub/c.tif", "done"), ("broken.tif", "failed"), ("b.tif", "done"), ("a.tif", "done")]
+        ("a.tif", "done"), ("b.tif", "done"), ("broken.tif", "failed"), ("sub/c.tif", "done")]
     rows = list(csv.DictReader(open(rep.csv_path)))
-    assert [r["file"] for r in rows] == ["sub/c.tif", "broken.tif", "b.tif", "a.tif"]
+    assert [r["file"] for r in rows] == ["a.tif", "b.tif", "broken.tif", "sub/c.tif"]
     with rasterio.open(tmp_path / "o" / "b_classes.tif") as ds:
         assert (ds.read(1) == 2).all()
     # planned again, the finished files are marked to skip; the default executor skips them

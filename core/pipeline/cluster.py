@@ -1,0 +1,191 @@
+"""Batches on a Dask cluster: the same plan, files and report as on one machine, the files run
+by Dask workers (``--cluster tcp://HOST:8786`` for a running scheduler, ``local:N`` for N
+worker processes here).
+
+Every worker must see the input folder, the output folder and the model file under the same
+paths (shared storage). The model is loaded once per worker (a worker plugin, lazily, at its
+first file), never once per file; its SHA-256 must be the one the client planned with, so a
+worker that sees another file under the same path is refused. A file is one task: its outputs
+are committed whole or not at all by the worker (the same write path as on one machine), so a
+worker killed mid-file leaves nothing under the final names and Dask runs the file again on
+another worker; the lock and the manifest keep a file from being done twice by two runs.
+Dask is optional at run time: without it ``--cluster`` says how to install it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import Any
+
+from ..errors import CancelledError, ClusterError, ModelError, ParameterError
+from ..inference.factory import make_predictor
+from ..model.files import TesseraModel
+from ..params import SegmentParams, local_workers
+from ..progress import CancelFn, ProgressFn
+from .batch import BatchPlan, BatchStopped, FileReport, FileTask, run_one
+
+try:  # Dask is optional: without it the plugin is a plain class and connect() says why
+    from distributed import WorkerPlugin as _PluginBase
+except ImportError:  # pragma: no cover
+    _PluginBase = object  # type: ignore[assignment,misc]
+
+log = logging.getLogger(__name__)
+
+#: Seconds to wait for a scheduler to answer before saying it does not.
+CONNECT_TIMEOUT = 10.0
+#: Times a file is retried after an error raised on a worker (a worker that dies is handled
+#: by the scheduler: its files go to other workers, up to Dask's ``allowed-failures``).
+RETRIES = 2
+PLUGIN = "tessera-model"
+
+INSTALL_HINT = ("install it into the engine environment: pip install 'dask[distributed]' "
+                "(the version pinned in requirements.txt)")
+
+
+def _distributed() -> Any:
+    try:
+        import distributed
+    except ImportError as exc:
+        raise ClusterError(f"--cluster needs Dask, which is not installed; {INSTALL_HINT}") from exc
+    return distributed
+
+
+def connect(address: str, timeout: float = CONNECT_TIMEOUT) -> tuple[Any, Any]:
+    """``(client, cluster)``: a client of the scheduler at ``address`` (``cluster`` ``None``),
+    or of a new ``LocalCluster`` of N single-threaded worker processes for ``local:N``.
+    Raises :class:`ClusterError` at once when the scheduler does not answer."""
+    n = local_workers(address)
+    distributed = _distributed()
+    if n is not None:
+        cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                           dashboard_address=None, silence_logs=logging.WARNING)
+        return distributed.Client(cluster), cluster
+    try:
+        return distributed.Client(address, timeout=timeout), None
+    except (OSError, TimeoutError) as exc:
+        raise ClusterError(f"{address}: no Dask scheduler answers there within {timeout:g} s "
+                           f"({exc}); start one with `dask scheduler`, or check the address "
+                           "and the firewall") from exc
+
+
+class ModelOnWorker(_PluginBase):
+    """A worker plugin: the model and its predictor, loaded at the worker's first file and
+    kept for every file after (``loads`` counts the loads: one per worker)."""
+
+    name = PLUGIN
+
+    def __init__(self, model: str, sha256: str, params: SegmentParams) -> None:
+        super().__init__()
+        self.model_path, self.sha256, self.params = model, sha256, params
+        self.loads = 0
+        self._model: TesseraModel | None = None
+        self._predictor: Any = None
+
+    def setup(self, worker: Any = None) -> None:
+        """Nothing yet: the model is read at the first file."""
+
+    def teardown(self, worker: Any = None) -> None:
+        """Let the model go with the worker."""
+        self._model = self._predictor = None
+
+    def model(self) -> TesseraModel:
+        """The model, read once; refused when it is not the file the batch was planned with."""
+        if self._model is None:
+            m = TesseraModel.open(self.model_path)
+            if m.identity() != self.sha256:
+                raise ModelError(f"{self.model_path}: this worker sees another file under "
+                                 "that path than the client (all workers must share storage)",
+                                 self.model_path)
+            self._model = m
+            self.loads += 1
+        return self._model
+
+    def predictor(self) -> Any:
+        """The predictor, made once."""
+        if self._predictor is None:
+            p = self.params
+            self._predictor = make_predictor(self.model(), p.device, p.backend, p.half, p.threads)
+        return self._predictor
+
+
+def run_on_worker(task: FileTask, params: SegmentParams) -> tuple[FileReport, Any]:
+    """One file on a Dask worker: ``(row, None)``, or ``(row, (message, path))`` when the
+    output folder itself is unusable (the client stops the batch)."""
+    from distributed import get_worker
+
+    plugin: ModelOnWorker = get_worker().plugins[PLUGIN]  # type: ignore[assignment]
+    try:
+        return run_one(task, plugin.model(), params, plugin.predictor), None
+    except BatchStopped as stop:
+        return stop.row, (stop.message, stop.path)
+
+
+class DaskExecutor:
+    """Runs a batch's files on a Dask cluster (see the module's notes); yields their rows as
+    they finish. ``local:N`` starts and stops its own cluster."""
+
+    def __init__(self, address: str, timeout: float = CONNECT_TIMEOUT) -> None:
+        self.n_local = local_workers(address)  # a bad address fails before any work
+        self.address, self.timeout = address, timeout
+        self.label = ""
+
+    def _params(self, params: SegmentParams) -> SegmentParams:
+        if self.n_local and params.threads is None:  # N workers share this machine's cores
+            return replace(params, threads=max(1, (os.cpu_count() or 1) // self.n_local))
+        return params
+
+    def run(self, plan: BatchPlan, progress_for: Callable[[FileTask], ProgressFn | None],
+            cancel: CancelFn | None) -> Iterator[FileReport]:
+        """Run the tasks on the cluster (see :class:`~.batch.Executor`)."""
+        if plan.model.path is None:
+            raise ParameterError("a cluster batch needs the model as a file every worker "
+                                 "can read (not a model in memory)")
+        for task in plan.tasks:  # done before: nothing to send anywhere
+            if task.skip:
+                yield run_one(task, plan.model, plan.params, _no_predictor)
+        todo = [t for t in plan.tasks if not t.skip]
+        if not todo:
+            return
+        params = self._params(plan.params)
+        client, cluster = connect(self.address, self.timeout)
+        try:
+            yield from self._submit(client, plan, params, todo, cancel)
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+
+    def _submit(self, client: Any, plan: BatchPlan, params: SegmentParams,
+                todo: list[FileTask], cancel: CancelFn | None) -> Iterator[FileReport]:
+        distributed = _distributed()
+        client.register_plugin(ModelOnWorker(str(plan.model.path), plan.model.identity(),
+                                             params), name=PLUGIN)
+        workers = len(client.scheduler_info().get("workers", {}))
+        self.label = f"on {workers} Dask worker{'s' if workers != 1 else ''}"
+        log.info("batch of %d files %s (%s)", len(todo), self.label, self.address)
+        tag = plan.model.identity()[:12]
+        futures = [client.submit(run_on_worker, t, params, retries=RETRIES, pure=False,
+                                 key=f"tessera-{tag}-{t.index}-{t.rel.as_posix()}")
+                   for t in todo]
+        try:
+            for fut in distributed.as_completed(futures):
+                if cancel is not None and cancel():
+                    raise CancelledError("batch cancelled; files being segmented on the "
+                                         "workers finish or leave nothing")
+                try:
+                    row, stop = fut.result()
+                except distributed.KilledWorker as exc:
+                    raise ClusterError(f"workers died running {exc.task}; see the workers' "
+                                       "logs (out of memory?)") from exc
+                if stop is not None:
+                    raise BatchStopped(stop[0], stop[1], row)
+                yield row
+        finally:
+            client.cancel([f for f in futures if not f.done()])
+
+
+def _no_predictor() -> Any:
+    raise AssertionError("a file done before needs no model")  # pragma: no cover

@@ -1,0 +1,212 @@
+"""Batches on a real Dask cluster (issue 19): a `dask scheduler` and two `dask worker`
+processes started here (TCP on loopback), their outputs compared with the one-machine run,
+a worker killed with SIGKILL mid-batch, the client killed mid-batch, an unreachable scheduler."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyogrio
+import pytest
+from helpers import random_rgb, tiny_unet, write_raster
+from tessera.core.errors import ClusterError, ParameterError
+from tessera.core.jobs.spec import BatchJob
+from tessera.core.params import SegmentParams
+from tessera.core.pipeline.batch import segment_folder
+from tessera.core.pipeline.cluster import PLUGIN, DaskExecutor
+
+distributed = pytest.importorskip("distributed")  # pinned in requirements.txt
+
+BIN = Path(sys.executable).parent
+PARAMS = SegmentParams(threads=1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    """A scheduler and worker processes, each its own OS process."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.address = f"tcp://127.0.0.1:{_free_port()}"
+        self.env = {**os.environ, "TESSERA_CACHE": str(tmp / "cache"), "OMP_NUM_THREADS": "1"}
+        self.log = tmp / "dask.log"
+        self.procs: list[subprocess.Popen] = []
+        self.workers: list[subprocess.Popen] = []
+        self._start(["scheduler", "--host", "127.0.0.1", "--port",
+                     self.address.rsplit(":", 1)[1], "--no-dashboard"])
+        for _ in range(2):
+            self.add_worker()
+        self.wait_for_workers(2)
+
+    def _start(self, args: list[str]) -> subprocess.Popen:
+        with open(self.log, "a") as fh:
+            p = subprocess.Popen([str(BIN / "dask"), *args], env=self.env, stdout=fh,
+                                 stderr=subprocess.STDOUT)
+        self.procs.append(p)
+        return p
+
+    def add_worker(self) -> subprocess.Popen:
+        w = self._start(["worker", self.address, "--nthreads", "1", "--no-nanny",
+                         "--no-dashboard", "--memory-limit", "0"])
+        self.workers.append(w)
+        return w
+
+    def client(self):
+        return distributed.Client(self.address, timeout=30)
+
+    def wait_for_workers(self, n: int) -> None:
+        with self.client() as c:
+            c.wait_for_workers(n, timeout=60)
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("dask"))
+    yield c
+    c.close()
+
+
+def _folder(tmp: Path, n: int, size: int = 72) -> Path:
+    src = tmp / "in"
+    src.mkdir()
+    for k in range(n):
+        write_raster(src / f"tile_{k:02d}.tif", random_rgb(size, size + 8 * k, seed=k))
+    return src
+
+
+def _same_outputs(a: Path, b: Path) -> None:
+    """Class rasters byte for byte; polygons equal (count, classes, areas, geometries)."""
+    names = sorted(p.name for p in a.glob("*_classes.tif"))
+    assert names and names == sorted(p.name for p in b.glob("*_classes.tif"))
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+        ga = pyogrio.read_dataframe(a / name.replace("_classes.tif", "_polygons.gpkg"))
+        gb = pyogrio.read_dataframe(b / name.replace("_classes.tif", "_polygons.gpkg"))
+        assert len(ga) == len(gb) > 0
+        assert ga["class_id"].tolist() == gb["class_id"].tolist()
+        np.testing.assert_allclose(ga["area_m2"], gb["area_m2"], rtol=1e-9)
+        assert all(x.equals(y) for x, y in zip(ga.geometry, gb.geometry))
+
+
+def _loads(cluster: Cluster) -> list[int]:
+    with cluster.client() as c:
+        return list(c.run(lambda dask_worker: dask_worker.plugins[PLUGIN].loads).values())
+
+
+def test_a_folder_on_two_workers_equals_the_local_run(cluster, tmp_path):
+    src = _folder(tmp_path, 6)
+    model = tiny_unet(seed=3).save(tmp_path / "m.safetensors")
+    local = segment_folder(src, model, tmp_path / "local", PARAMS)
+    seen = []
+    rep = segment_folder(src, model, tmp_path / "dask", PARAMS, on_file=seen.append,
+                         executor=DaskExecutor(cluster.address))
+    assert [r.status for r in rep.rows] == ["done"] * 6
+    assert [r.file for r in rep.rows] == [r.file for r in local.rows]  # the plan's order
+    assert sorted(r.file for r in seen) == [r.file for r in local.rows]  # each file once
+    _same_outputs(tmp_path / "local", tmp_path / "dask")
+    assert _loads(cluster) == [1, 1]  # the model read once per worker, not once per file
+    report = json.loads((tmp_path / "dask" / "tessera_report.json").read_text())
+    assert (report["done"], report["skipped"], report["failed"]) == (6, 0, 0)
+    # the same manifests: a rerun, local or on the cluster, skips every file
+    again = segment_folder(src, model, tmp_path / "dask", PARAMS,
+                           executor=DaskExecutor(cluster.address))
+    assert [r.status for r in again.rows] == ["skipped"] * 6
+    assert segment_folder(src, model, tmp_path / "dask", PARAMS).count("skipped") == 6
+
+
+def test_an_unreachable_scheduler_or_a_bad_address_is_said_at_once(tmp_path):
+    src = _folder(tmp_path, 1)
+    model = tiny_unet(seed=3).save(tmp_path / "m.safetensors")
+    dead = f"tcp://127.0.0.1:{_free_port()}"
+    with pytest.raises(ClusterError, match=f"{dead}: no Dask scheduler answers there within 2 s"):
+        segment_folder(src, model, tmp_path / "o", PARAMS, executor=DaskExecutor(dead, timeout=2))
+    with pytest.raises(ParameterError, match="give a scheduler address"):
+        BatchJob(str(src), str(model), str(tmp_path / "o"), cluster="127.0.0.1:8786")
+    with pytest.raises(ParameterError, match="local:N needs N ≥ 1"):
+        BatchJob(str(src), str(model), str(tmp_path / "o"), cluster="local:0")
+
+
+def test_the_cli_runs_a_folder_on_a_local_cluster(tmp_path):
+    src = _folder(tmp_path, 3)
+    model = tiny_unet(seed=4).save(tmp_path / "m.safetensors")
+    segment_folder(src, model, tmp_path / "local", PARAMS)
+    out = subprocess.run([str(BIN / "tessera"), "batch", str(src), "--model", str(model),
+                          "--out", str(tmp_path / "lc"), "--cluster", "local:2", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "3 done, 0 skipped, 0 failed" in out.stdout
+    _same_outputs(tmp_path / "local", tmp_path / "lc")
+
+
+def test_the_client_killed_mid_batch_resumes_from_the_files_done(cluster, tmp_path):
+    src = _folder(tmp_path, 8, size=160)
+    model = tiny_unet(seed=5).save(tmp_path / "m.safetensors")
+    out = tmp_path / "o"
+    client = subprocess.Popen([str(BIN / "tessera"), "batch", str(src), "--model", str(model),
+                               "--out", str(out), "--cluster", cluster.address,
+                               "--threads", "1"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env=cluster.env)
+    report = out / "tessera_report.json"
+    t = time.monotonic()
+    while not (report.exists() and json.loads(report.read_text())["done"] >= 1):
+        assert client.poll() is None and time.monotonic() - t < 240, "no file finished"
+        time.sleep(0.1)
+    client.send_signal(signal.SIGKILL)
+    client.wait()
+    first = json.loads(report.read_text())["done"]
+    assert first < 8
+    rep = segment_folder(src, model, out, PARAMS, executor=DaskExecutor(cluster.address))
+    assert rep.count("skipped") >= first and rep.count("done") + rep.count("skipped") == 8
+    segment_folder(src, model, tmp_path / "local", PARAMS)
+    _same_outputs(tmp_path / "local", out)
+    assert not [p for p in out.iterdir() if ".tmp" in p.name or ".part" in p.name]
+
+
+def test_a_worker_killed_mid_batch_loses_and_duplicates_nothing(cluster, tmp_path):
+    """Last in the module: it kills one of the two workers (a new one takes its place)."""
+    src = _folder(tmp_path, 8, size=160)
+    model = tiny_unet(seed=6).save(tmp_path / "m.safetensors")
+    rows = []
+    killed = threading.Event()
+
+    def on_file(row):
+        rows.append(row)
+        if not killed.is_set():  # after the first file: the other worker is mid-file
+            killed.set()
+            cluster.workers[0].send_signal(signal.SIGKILL)
+
+    rep = segment_folder(src, model, tmp_path / "o", PARAMS, on_file=on_file,
+                         executor=DaskExecutor(cluster.address))
+    assert killed.is_set() and cluster.workers[0].wait(timeout=30) == -signal.SIGKILL
+    assert [r.status for r in rep.rows] == ["done"] * 8
+    assert sorted(r.file for r in rows) == sorted(f"tile_{k:02d}.tif" for k in range(8))
+    segment_folder(src, model, tmp_path / "local", PARAMS)
+    _same_outputs(tmp_path / "local", tmp_path / "o")
+    leftovers = [p.name for p in (tmp_path / "o").iterdir()
+                 if p.name.startswith(".") and not p.name.endswith(".tessera-lock")]
+    assert leftovers == []  # the killed worker's temporaries were cleared by the next run
+    cluster.add_worker()
+    cluster.wait_for_workers(2)
