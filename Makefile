@@ -48,8 +48,24 @@ $(QGIS_OK):
 	fi
 	@mkdir -p $(VENV) && touch $@
 
+# PostgreSQL with PostGIS from Debian: the tests start a server of their own (polygons into
+# PostGIS, issue 19); the cluster the Debian package makes for itself is not used.
+PG_OK := $(VENV)/.postgis-apt-done
+PG_PKGS := postgresql postgresql-15-postgis-3
+$(PG_OK): $(QGIS_OK)
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+	    && ls /usr/share/postgresql/*/extension/postgis.control >/dev/null 2>&1; then \
+	  echo "PostgreSQL and PostGIS from apt: already installed"; \
+	else \
+	  echo "Installing PostgreSQL and PostGIS from apt: $(PG_PKGS)"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $(PG_PKGS) \
+	    || { $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $(PG_PKGS); }; \
+	fi
+	@touch $@
+
 # The venv sees PyQGIS (system site-packages) and holds Tessera's pinned packages.
-$(STAMP): $(QGIS_OK) requirements.txt requirements-dev.txt
+$(STAMP): $(QGIS_OK) $(PG_OK) requirements.txt requirements-dev.txt
 	@if [ ! -x $(PY) ]; then echo "Creating $(VENV) (with system site-packages, for PyQGIS)"; \
 	  $(SYS_PY) -m venv --system-site-packages $(VENV); fi
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt -r requirements-dev.txt

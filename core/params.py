@@ -64,6 +64,9 @@ class OutputPaths:
     #: ``<stem>_tessera.json``: what made the outputs (model, parameters, input, engine) and
     #: how the run went, committed with them; a batch reads it to decide what is done.
     manifest: Path | None = None
+    #: ``postgresql://…?table=NAME``: the polygons go into that PostGIS table instead of the
+    #: GeoPackage (see :mod:`.io.postgis`)
+    polygons_db: str | None = None
 
     @classmethod
     def for_stem(cls, out_dir: str | Path, stem: str, manifest: bool = False) -> OutputPaths:

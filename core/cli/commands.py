@@ -19,6 +19,8 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, TextIO
 
 from .parser import build_parser
@@ -212,8 +214,13 @@ def _cmd_info(a: argparse.Namespace, bar: ProgressBar) -> int:
 
 def _cmd_segment(a: argparse.Namespace, bar: ProgressBar) -> int:
     from ..jobs.spec import SegmentJob
+    from ..params import OutputPaths
 
-    res = _run(SegmentJob(a.raster, a.model, a.out, _params(a)), bar)
+    outputs = None
+    if a.polygons_db:
+        outputs = replace(OutputPaths.for_stem(a.out, Path(a.raster).stem),
+                          polygons_db=a.polygons_db)
+    res = _run(SegmentJob(a.raster, a.model, a.out, _params(a), outputs=outputs), bar)
     if a.json:
         print(json.dumps(res.to_dict(), indent=1))
     else:
@@ -226,7 +233,7 @@ def _cmd_batch(a: argparse.Namespace, bar: ProgressBar) -> int:
 
     rep = _run(BatchJob(a.folder, a.model, a.out, _params(a), pattern=a.pattern,
                         recursive=a.recursive, skip_existing=not a.overwrite,
-                        cluster=a.cluster), bar)
+                        cluster=a.cluster, polygons_db=a.polygons_db), bar)
     for r in rep.rows:
         extra = (f" — {r.error}" if r.error else
                  f" ({r.polygons} polygons)" if r.polygons is not None else "")

@@ -117,6 +117,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 
+def _add_db_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--polygons", metavar="URL", dest="polygons_db",
+                   help="write the polygons into a PostGIS table instead of a GeoPackage: "
+                   "postgresql://USER@HOST:PORT/DB?table=NAME (default table "
+                   "tessera_polygons); a rerun replaces the rows of the same raster")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``tessera`` command line: one subcommand per job."""
     parser = argparse.ArgumentParser(
@@ -136,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     _add_run_options(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_db_option(p)
 
     p = sub.add_parser("batch", help="segment every raster in a folder (resumable)",
                        description="Segment every matching raster in a folder. Files whose "
@@ -151,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the files on a Dask cluster: a scheduler (tcp://HOST:8786) or "
                    "local:N (N worker processes here); every worker must see the folders and "
                    "the model under the same paths")
+    _add_db_option(p)
     _add_run_options(p)
 
     p = sub.add_parser("vectorize", help="polygonize an existing class raster",

@@ -66,7 +66,7 @@ def _batch(job: BatchJob, ctx: Context) -> Any:
                           progress=ctx.progress, cancel=ctx.cancel,
                           on_file=None if emit is None else
                           (lambda r: emit("file", **dataclasses.asdict(r))),
-                          executor=executor)
+                          executor=executor, polygons_db=job.polygons_db)
 
 
 def _vectorize(job: VectorizeJob, ctx: Context) -> Any:

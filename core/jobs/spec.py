@@ -73,6 +73,16 @@ def _need(d: dict[str, Any], op: str, *keys: str) -> None:
         raise ParameterError(f"{op} job: missing {', '.join(missing)}")
 
 
+def _database(url: Any) -> str | None:
+    """A PostGIS target (``postgresql://…``), checked; ``None`` for none."""
+    if not url:
+        return None
+    if not str(url).startswith(("postgresql://", "postgres://")):
+        raise ParameterError(f"{url}: polygons go to a PostGIS database given as "
+                             "postgresql://USER@HOST:PORT/DB?table=NAME")
+    return str(url)
+
+
 def _text(d: dict[str, Any], key: str) -> str | None:
     v = d.get(key)
     return None if v in (None, "") else str(v)
@@ -113,7 +123,8 @@ class SegmentJob:
             dflt = OutputPaths.for_stem(d["out_dir"], stem or Path(d["raster"]).stem)
             outputs = OutputPaths(Path(o.get("class_raster") or dflt.class_raster),
                                   Path(o.get("confidence_raster") or dflt.confidence_raster),
-                                  Path(o.get("polygons") or dflt.polygons))
+                                  Path(o.get("polygons") or dflt.polygons),
+                                  polygons_db=_database(o.get("polygons_db")))
         return cls(str(d["raster"]), str(d["model"]), str(d["out_dir"]),
                    params_from_dict(d.get("params")), stem, outputs,
                    bool(d.get("keep_others", False)))
@@ -133,17 +144,20 @@ class BatchJob:
     skip_existing: bool = True
     #: a Dask scheduler (``tcp://HOST:8786``) or ``local:N``: the files run on its workers
     cluster: str | None = None
+    #: ``postgresql://…``: every file's polygons into that PostGIS table
+    polygons_db: str | None = None
 
     def __post_init__(self) -> None:
         if self.cluster:
             local_workers(self.cluster)  # a malformed address fails before anything starts
+        _database(self.polygons_db)
 
     def to_dict(self) -> dict[str, Any]:
         """The job's JSON (the worker protocol)."""
         return {"op": self.op, "folder": self.folder, "model": self.model,
                 "out_dir": self.out_dir, "pattern": self.pattern, "recursive": self.recursive,
                 "skip_existing": self.skip_existing, "params": params_to_dict(self.params),
-                "cluster": self.cluster}
+                "cluster": self.cluster, "polygons_db": self.polygons_db}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BatchJob:
@@ -152,7 +166,7 @@ class BatchJob:
         return cls(str(d["folder"]), str(d["model"]), str(d["out_dir"]),
                    params_from_dict(d.get("params")), str(d.get("pattern") or "*.tif;*.tiff"),
                    bool(d.get("recursive", False)), bool(d.get("skip_existing", True)),
-                   _text(d, "cluster"))
+                   _text(d, "cluster"), _database(d.get("polygons_db")))
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -118,7 +118,7 @@ def expected_outputs(paths: OutputPaths, params: SegmentParams) -> list[Path]:
     out = [paths.class_raster]
     if params.confidence:
         out.append(paths.confidence_raster)
-    if params.vectorize.enabled:
+    if params.vectorize.enabled and not paths.polygons_db:  # (rows in a database: no file)
         out.append(paths.polygons)
     return out
 
@@ -170,7 +170,7 @@ class BatchPlan:
 
 def plan_folder(folder: str | Path, model: TesseraModel | str | Path, out_dir: str | Path,
                 params: SegmentParams, pattern: str = "*.tif", recursive: bool = False,
-                skip_existing: bool = True) -> BatchPlan:
+                skip_existing: bool = True, polygons_db: str | None = None) -> BatchPlan:
     """The files of ``folder`` to segment into ``out_dir`` (sub-folders mirrored); checks the
     output folder and the model before anything runs."""
     folder, out_dir = Path(folder), Path(out_dir)
@@ -185,7 +185,8 @@ def plan_folder(folder: str | Path, model: TesseraModel | str | Path, out_dir: s
     tasks, batch = [], uuid.uuid4().hex
     for k, (src, stem) in enumerate(zip(files, _stems(files, folder))):
         rel = src.relative_to(folder)
-        paths = OutputPaths.for_stem(out_dir / rel.parent, stem, manifest=True)
+        paths = replace(OutputPaths.for_stem(out_dir / rel.parent, stem, manifest=True),
+                        polygons_db=polygons_db)
         done = done_before(src, paths, model, params) if skip_existing else None
         tasks.append(FileTask(k, src, rel, out_dir / rel.parent, paths, done, batch))
     return BatchPlan(folder, out_dir, model, params, tuple(tasks))
@@ -322,7 +323,8 @@ def segment_folder(folder: str | Path, model: TesseraModel | str | Path, out_dir
                    recursive: bool = False, skip_existing: bool = True,
                    progress: ProgressFn | None = None, cancel: CancelFn | None = None,
                    on_file: Callable[[FileReport], None] | None = None,
-                   executor: Executor | None = None) -> BatchReport:
+                   executor: Executor | None = None,
+                   polygons_db: str | None = None) -> BatchReport:
     """Segment every matching raster of ``folder`` into ``out_dir`` (sub-folders mirrored).
 
     plan → run (``executor``: by default :class:`LocalExecutor`) → report. ``progress``
@@ -335,7 +337,7 @@ def segment_folder(folder: str | Path, model: TesseraModel | str | Path, out_dir
     :class:`CancelledError`.
     """
     plan = plan_folder(folder, model, out_dir, params or SegmentParams(), pattern, recursive,
-                       skip_existing)
+                       skip_existing, polygons_db)
     report = BatchReport(csv_path=plan.out_dir / f"{REPORT_NAME}.csv",
                          json_path=plan.out_dir / f"{REPORT_NAME}.json")
     t0 = time.perf_counter()

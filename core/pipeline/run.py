@@ -56,6 +56,7 @@ class Polygons:
     transform: Any
     crs: Any
     final: Path | None = None  # the name errors give
+    sink: Any = None  # a PolygonSink to write to instead of the GeoPackage ``tmp``
 
 
 
@@ -104,7 +105,7 @@ class Run:
             min(4 * band_rows + 2 * vec.sieve_px + 2048, FEED_PIXELS // max(grid.width, 1))))
         breaks = tuple(grid.final_rows_after(i) for i in range(grid.shape[0]))
         return feed, StreamVectorizer(feed, pg.tmp, pg.layer, vec, self.contract.class_names,
-                                      self.nd, pg.transform, pg.crs, breaks, pg.final)
+                                      self.nd, pg.transform, pg.crs, breaks, pg.final, pg.sink)
 
     def run(self) -> dict[str, Any]:
         """Segment into the temporaries; return the run's counts and times."""

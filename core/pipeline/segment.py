@@ -19,7 +19,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,22 +192,25 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
         def tick(tiles_done: int, final: bool) -> None:
             meter.update(int(tiles_done / len(grid) * meter.total), force=final)
 
-        # all outputs together, complete and read back, or none
-        with GdalErrors() as gdal_errors, atomic_outputs(*plan.finals) as temps:
+        # all outputs together, complete and read back, or none (a database's rows are
+        # committed last, just before the files)
+        with GdalErrors() as gdal_errors, atomic_outputs(*plan.finals) as temps, \
+                _database(plan) as db:
             sinks = _open_sinks(plan, temps)
             try:
                 stats = Run(plan.view.reader(ds, plan.bands, plan.window, plan.nodata), grid, contract,
                              predictor, params.batch_size, sinks,
-                             _polygons(plan, temps[plan.polygons_temp_index])
-                             if plan.vec is not None else None,
+                             _polygons(plan, temps, db) if plan.vec is not None else None,
                              tick, cancel, progress, plan.path).run()
             finally:
                 for sink in sinks:
                     sink.close()
-            if plan.vec is not None and plan.confidence:  # both complete now
+            if plan.vec is not None and plan.confidence and db is None:  # both complete now
                 add_mean_confidence(temps[plan.polygons_temp_index], plan.outs.polygons.stem,
                                     temps[1], plan.outs.polygons, cancel)
             _verify(plan, temps, stats, gdal_errors)
+            if db is not None:
+                _verify_rows(db, stats["polygons"][0])
             try:
                 write_category_names(temps[0], [c.name for c in contract.classes])
             except OSError as exc:
@@ -232,7 +236,7 @@ def _verify(plan: _Plan, temps: list[Path], stats: dict[str, Any], gdal: GdalErr
     verify_geotiff(temps[0], finals[0], stats["hist"])
     if plan.confidence:
         verify_geotiff(temps[1], finals[1])
-    if plan.vec is not None:
+    if plan.vec is not None and plan.outs.polygons_db is None:
         k = plan.polygons_temp_index
         verify_geopackage(temps[k], finals[k], plan.outs.polygons.stem, stats["polygons"][0])
 
@@ -349,7 +353,7 @@ def _outputs(outs: OutputPaths, confidence: bool, vectorize: bool) -> list[tuple
     """A run's output files and their kinds, in the order of its temporaries."""
     return ([(outs.class_raster, "classes")]
             + ([(outs.confidence_raster, "confidence")] if confidence else [])
-            + ([(outs.polygons, "polygons")] if vectorize else [])
+            + ([(outs.polygons, "polygons")] if vectorize and not outs.polygons_db else [])
             + ([(outs.manifest, "manifest")] if outs.manifest is not None else []))
 
 
@@ -415,6 +419,10 @@ def _result(plan: _Plan, params: SegmentParams, predictor: Any, stats: dict[str,
     if plan.vec is not None:
         n_poly, areas = stats["polygons"]
         result.polygons = str(outs.polygons)
+        if outs.polygons_db:
+            from ..io.postgis import redact
+
+            result.polygons = redact(outs.polygons_db)
         result.n_polygons = n_poly
         result.area_m2_by_class = {contract.class_names.get(k, str(k)): round(v, 3)
                                    for k, v in sorted(areas.items())}
@@ -439,10 +447,36 @@ def _open_sinks(plan: _Plan, temps: list[Path]) -> list[RowSink]:
     return sinks
 
 
-def _polygons(plan: _Plan, tmp: Path) -> Polygons:
+def _polygons(plan: _Plan, temps: list[Path], db: Any) -> Polygons:
     assert plan.vec is not None
+    tmp = plan.outs.polygons if db is not None else temps[plan.polygons_temp_index]
     return Polygons(plan.vec, tmp, plan.outs.polygons.stem, plan.profile["transform"],
-                     plan.profile["crs"], plan.outs.polygons)
+                     plan.profile["crs"], plan.outs.polygons, db)
+
+
+@contextmanager
+def _database(plan: _Plan) -> Iterator[Any]:
+    """The run's PostGIS layer when its polygons go to a database (else ``None``): its rows
+    committed when the run's body ends well, rolled back otherwise."""
+    url = plan.outs.polygons_db
+    if plan.vec is None or not url:
+        yield None
+        return
+    from ..io.postgis import PostgisLayer, srid_of
+
+    db = PostgisLayer(url, plan.path, srid_of(plan.profile["crs"], url))
+    try:
+        yield db
+    except BaseException:
+        db.rollback()
+        raise
+    db.commit()
+
+
+def _verify_rows(db: Any, n_polygons: int) -> None:
+    if db.count() != n_polygons:
+        raise OutputError(f"{db.table}: holds {db.count()} rows of {db.source}, "
+                          f"{n_polygons} polygons were traced", None)
 
 
 def segment_array(image: np.ndarray, valid: np.ndarray | None, contract: ModelContract,

@@ -102,9 +102,10 @@ class StreamVectorizer(threading.Thread):
 
     def __init__(self, feed: RowFeed, tmp: Path, layer: str, params: Any,
                  names: dict[int, str], nodata: int, transform: Any, crs: Any,
-                 breaks: tuple[int, ...] = (), final: Path | None = None) -> None:
+                 breaks: tuple[int, ...] = (), final: Path | None = None,
+                 sink: Any = None) -> None:
         super().__init__(name="tessera-vectorizer", daemon=True)
-        self.breaks, self.final = breaks, final
+        self.breaks, self.final, self.sink = breaks, final, sink
         self.feed, self.tmp, self.layer, self.params = feed, tmp, layer, params
         self.names, self.nodata, self.transform, self.crs = names, nodata, transform, crs
         self.result: tuple[int, dict[int, float]] | None = None
@@ -120,7 +121,8 @@ class StreamVectorizer(threading.Thread):
                 self.result = write_polygons(
                     self.feed, self.tmp, self.layer, self.params, self.names, self.nodata,
                     self.transform, self.crs, breaks=self.breaks,
-                    on_rows=lambda r: setattr(self, "rows_done", r), final=self.final)
+                    on_rows=lambda r: setattr(self, "rows_done", r), final=self.final,
+                    sink=self.sink)
         except BaseException as exc:  # noqa: BLE001  (handed to the main thread)
             self.error = exc
             self.feed.abort()

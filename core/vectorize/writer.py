@@ -23,7 +23,13 @@ import numpy as np
 from ..errors import NoCRSError, OutputError, ParameterError, TesseraError
 from ..io.atomic import atomic_outputs, check_writable_dir
 from ..io.raster import CLASSES_TAG, gdal_env, open_raster
-from ..io.sinks import POLYGON_FIELDS, polygon_sink, verify_geopackage, write_failed
+from ..io.sinks import (
+    POLYGON_FIELDS,
+    PolygonSink,
+    polygon_sink,
+    verify_geopackage,
+    write_failed,
+)
 from ..params import VectorizeParams
 from ..progress import CancelFn, Meter, ProgressFn
 from .area import polygon_areas_m2
@@ -131,7 +137,8 @@ def write_polygons(source: Any, tmp: Path, layer: str, params: VectorizeParams,
                    cancel: CancelFn | None = None,
                    on_rows: Callable[[int], None] | None = None,
                    breaks: tuple[int, ...] = (),
-                   final: Path | None = None) -> tuple[int, dict[int, float]]:
+                   final: Path | None = None,
+                   sink: PolygonSink | None = None) -> tuple[int, dict[int, float]]:
     """Polygonize ``source`` into the GeoPackage ``tmp``; return ``(count, m² per class id)``.
 
     ``source``: anything with ``height``, ``width`` and rasterio's ``read(1, window=...)``;
@@ -146,7 +153,7 @@ def write_polygons(source: Any, tmp: Path, layer: str, params: VectorizeParams,
 
     skip = _resolve_skip(params.skip_classes, names)
     a, b, c, d, e, f = transform.a, transform.b, transform.c, transform.d, transform.e, transform.f
-    sink = polygon_sink(tmp, layer, crs.to_wkt())
+    sink = sink or polygon_sink(tmp, layer, crs.to_wkt())  # a database's, or the GeoPackage
 
     def to_crs(xy: np.ndarray) -> np.ndarray:
         return np.column_stack([a * xy[:, 0] + b * xy[:, 1] + c, d * xy[:, 0] + e * xy[:, 1] + f])
