@@ -220,7 +220,8 @@ def _cmd_segment(a: argparse.Namespace, bar: ProgressBar) -> int:
     if a.polygons_db:
         outputs = replace(OutputPaths.for_stem(a.out, Path(a.raster).stem),
                           polygons_db=a.polygons_db)
-    res = _run(SegmentJob(a.raster, a.model, a.out, _params(a), outputs=outputs), bar)
+    res = _run(SegmentJob(a.raster, a.model, a.out, _params(a), outputs=outputs,
+                          cluster=a.cluster), bar)
     if a.json:
         print(json.dumps(res.to_dict(), indent=1))
     else:

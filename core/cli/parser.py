@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_db_option(p)
+    p.add_argument("--cluster", metavar="ADDRESS",
+                   help="split the raster into blocks of tile rows run on a Dask cluster: a "
+                   "scheduler (tcp://HOST:8786) or local:N; the same outputs as one machine's")
 
     p = sub.add_parser("batch", help="segment every raster in a folder (resumable)",
                        description="Segment every matching raster in a folder. Files whose "

@@ -44,6 +44,12 @@ def _segment(job: SegmentJob, ctx: Context) -> Any:
     from ..pipeline.manifest import claim_outputs
     from ..pipeline.segment import segment_raster
 
+    if job.cluster:
+        from ..pipeline.blocks import segment_on_cluster
+
+        return segment_on_cluster(job.raster, job.model, job.out_dir, job.params, job.cluster,
+                                  stem=job.stem, outputs=job.outputs, progress=ctx.progress,
+                                  cancel=ctx.cancel)
     outputs, model = job.outputs, TesseraModel.open(job.model)
     if job.keep_others and outputs is None:
         outputs = claim_outputs(job.raster, model, job.params, job.out_dir,

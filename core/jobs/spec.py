@@ -103,6 +103,12 @@ class SegmentJob:
     #: (``<stem>_2``...; see :func:`~..pipeline.manifest.claim_outputs`) and write a manifest.
     #: Off, the named outputs are replaced (the caller chose them: the CLI, Processing).
     keep_others: bool = False
+    #: a Dask scheduler (``tcp://HOST:8786``) or ``local:N``: the raster's blocks run there
+    cluster: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.cluster:
+            local_workers(self.cluster)  # a malformed address fails before anything starts
 
     def to_dict(self) -> dict[str, Any]:
         """The job's JSON (the worker protocol)."""
@@ -110,7 +116,7 @@ class SegmentJob:
                 "out_dir": self.out_dir, "stem": self.stem,
                 "params": params_to_dict(self.params),
                 "outputs": _plain(self.outputs) if self.outputs else None,
-                "keep_others": self.keep_others}
+                "keep_others": self.keep_others, "cluster": self.cluster}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SegmentJob:
@@ -127,7 +133,7 @@ class SegmentJob:
                                   polygons_db=_database(o.get("polygons_db")))
         return cls(str(d["raster"]), str(d["model"]), str(d["out_dir"]),
                    params_from_dict(d.get("params")), stem, outputs,
-                   bool(d.get("keep_others", False)))
+                   bool(d.get("keep_others", False)), _text(d, "cluster"))
 
 
 @dataclass(frozen=True)

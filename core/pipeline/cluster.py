@@ -18,6 +18,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from ..errors import CancelledError, ClusterError, ModelError, ParameterError
@@ -153,6 +154,7 @@ class DaskExecutor:
         client, cluster = connect(self.address, self.timeout)
         try:
             yield from self._submit(client, plan, params, todo, cancel)
+            clean_up(client, sorted({t.dest for t in todo}))
         finally:
             client.close()
             if cluster is not None:
@@ -185,6 +187,23 @@ class DaskExecutor:
                 yield row
         finally:
             client.cancel([f for f in futures if not f.done()])
+
+
+def _remove_stale(folders: list[Path]) -> int:
+    from ..io.atomic import remove_stale
+
+    return sum(len(remove_stale(f)) for f in folders)
+
+
+def clean_up(client: Any, folders: list[Path]) -> None:
+    """Remove what workers killed mid-file left in ``folders``: each worker, and this client,
+    clears the temporaries of dead processes of its own host (a host whose every worker died
+    is cleared by the next Tessera run there)."""
+    try:
+        client.run(_remove_stale, folders)
+    except Exception:  # noqa: BLE001  (a tidy-up: never the batch's failure)
+        log.debug("cleaning up on the workers failed", exc_info=True)
+    _remove_stale(folders)
 
 
 def _no_predictor() -> Any:

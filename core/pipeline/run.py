@@ -68,27 +68,39 @@ class Run:
     def __init__(self, read: TileRead, grid: TileGrid, contract: ModelContract, predictor: Any,
                  batch_size: int, sinks: list[RowSink], polygons: Polygons | None,
                  tick: Callable[[int, bool], None], cancel: CancelFn | None,
-                 progress: ProgressFn | None, where: str) -> None:
+                 progress: ProgressFn | None, where: str,
+                 block: tuple[int, int] | None = None) -> None:
+        """``block``: only tile rows ``[a, b)`` of ``grid`` (a Dask block, see
+        :mod:`.blocks`): tile row ``a - 1`` is computed as well (its tiles reach into row
+        ``a``'s rows), and the sinks get the rows from the top of tile row ``a`` on."""
         self.grid, self.contract, self.predictor = grid, contract, predictor
+        a, b = block or (0, grid.shape[0])
+        self.first = max(a - 1, 0)  # the first tile row computed
+        self.last = b  # one past the last
+        self.keep_from = grid.row_offsets[a] if a > 0 else 0  # the first output row kept
         self.tick, self.cancel, self.progress, self.where = tick, cancel, progress, where
         self.t0 = time.perf_counter()
         self.direct = grid.overlap == 0
         self.nd = contract.nodata_value
         self.confidence = len(sinks) > 1
         self.stop = threading.Event()
-        self.reader = TileReader(read, grid, contract, batch_size, self.stop)
+        self.reader = TileReader(read, grid, contract, batch_size, self.stop,
+                                 tile_rows=(self.first, self.last))
         self.band = RowBand(contract.n_classes, grid, confidence=self.confidence)
+        self.band.top = grid.row_offsets[self.first]
         log.debug("row band: %.1f MB", self.band.nbytes / 1e6)
         self.feed: RowFeed | None = None
         self.vectorizer: StreamVectorizer | None = None
         if polygons is not None:
             self.feed, self.vectorizer = self._vectorizer(polygons)
-        self.writer = RowWriter(sinks[0], sinks[1] if self.confidence else None, feed=self.feed)
+        self.writer = RowWriter(sinks[0], sinks[1] if self.confidence else None, feed=self.feed,
+                                first_row=self.keep_from)
         # batches handed to the predictor, not yet in the band, oldest first:
         # (tile row, tiles, Pending or None for skipped tiles)
         self.inflight: deque[tuple[int, list[tuple[Tile, np.ndarray]], Pending | None]] = deque()
         self.done_in_row = [0] * grid.shape[0]
-        self.tiles_done = self.skipped = self.current = 0
+        self.tiles_done = self.skipped = 0
+        self.current = self.first
 
     def _vectorizer(self, pg: Polygons) -> tuple[RowFeed, StreamVectorizer]:
         """Polygonize while segmenting: the vectorizer reads the class rows as they are
@@ -159,9 +171,9 @@ class Run:
                 self._settle()
         while inflight:
             self._settle()
-        n_rows = self.grid.shape[0]
-        if self.current != n_rows:
-            raise RuntimeError(f"only {self.current} of {n_rows} tile rows were processed")
+        if self.current != self.last:
+            raise RuntimeError(f"only tile rows {self.first}..{self.current - 1} of "
+                               f"{self.first}..{self.last - 1} were processed")
 
     def _settle(self) -> None:
         """The oldest batch in flight into the band; rows out once their tile row is done."""
@@ -186,7 +198,8 @@ class Run:
             raise self.vectorizer.error  # at once, not at the end of the run
         if self.done_in_row[i] == grid.shape[1]:
             top, cls, conf = band.pop(grid.final_rows_after(i) - band.top, self.nd)
-            self.writer.q.put((top, cls, conf, i == grid.shape[0] - 1))
+            if top >= self.keep_from:  # (a block's halo tile row only adds to the band)
+                self.writer.q.put((top, cls, conf, i == self.last - 1))
             self.current += 1
         self.tick(self.tiles_done, False)
 

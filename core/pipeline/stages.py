@@ -134,16 +134,16 @@ class RowWriter(threading.Thread):
     possible, and hands the class rows to the vectorizer's ``feed``."""
 
     def __init__(self, dst: RowSink, dst_conf: RowSink | None, block: int = 256,
-                 feed: RowFeed | None = None) -> None:
+                 feed: RowFeed | None = None, first_row: int = 0) -> None:
         super().__init__(name="tessera-writer", daemon=True)
-        self.feed = feed
+        self.feed, self.first_row = feed, first_row  # the sinks' row 0 is raster row first_row
         self.q: queue.Queue[Any] = queue.Queue(maxsize=4)
         self.dst, self.dst_conf, self.block = dst, dst_conf, block
         self.error: BaseException | None = None
         self.hist = np.zeros(256, dtype=np.int64)
         self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []
         self._pending_rows = 0
-        self._next_row = 0
+        self._next_row = first_row
 
     def run(self) -> None:
         """The thread's loop; an error is kept in :attr:`error` for the main thread."""
@@ -168,9 +168,10 @@ class RowWriter(threading.Thread):
                         c_all = np.concatenate([p[0] for p in self._pending], axis=0)
                         f_all = (np.concatenate([p[1] for p in self._pending], axis=0)
                                  if self.dst_conf is not None else None)
-                        self.dst.write_rows(self._next_row, c_all[:n])
+                        at = self._next_row - self.first_row
+                        self.dst.write_rows(at, c_all[:n])
                         if f_all is not None and self.dst_conf is not None:
-                            self.dst_conf.write_rows(self._next_row, f_all[:n])
+                            self.dst_conf.write_rows(at, f_all[:n])
                         rest = c_all.shape[0] - n
                         self._pending = [(c_all[n:], f_all[n:] if f_all is not None else None)] \
                             if rest else []
@@ -191,10 +192,12 @@ class TileReader(threading.Thread):
     """
 
     def __init__(self, read: TileRead, grid: TileGrid, contract: ModelContract,
-                 batch_size: int, stop: threading.Event, prefetch: int = 3) -> None:
+                 batch_size: int, stop: threading.Event, prefetch: int = 3,
+                 tile_rows: tuple[int, int] | None = None) -> None:
         super().__init__(name="tessera-reader", daemon=True)
         self.q: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
         self.read, self.grid = read, grid
+        self.tile_rows = tile_rows or (0, grid.shape[0])  # the tile rows read: all, or a block's
         self.contract, self.batch_size = contract, batch_size
         self.stop = stop
 
@@ -216,7 +219,7 @@ class TileReader(threading.Thread):
             self._put(("error", exc))
 
     def _run(self) -> None:
-        for i in range(self.grid.shape[0]):
+        for i in range(*self.tile_rows):
             pending: list[tuple[Tile, np.ndarray]] = []
             arrays: list[np.ndarray] = []
             for t in self.grid.tile_row(i):

@@ -185,6 +185,85 @@ def test_the_client_killed_mid_batch_resumes_from_the_files_done(cluster, tmp_pa
     assert not [p for p in out.iterdir() if ".tmp" in p.name or ".part" in p.name]
 
 
+# -- one raster split across the workers -------------------------------------------------
+
+BLOCKS = SegmentParams(tile_size=64, overlap=16, confidence=True, threads=1)
+
+
+def _same_raster_outputs(a: Path, b: Path, stem: str = "big") -> None:
+    import rasterio
+
+    for kind in ("classes", "confidence"):
+        with rasterio.open(a / f"{stem}_{kind}.tif") as x, rasterio.open(b / f"{stem}_{kind}.tif") as y:
+            assert (x.crs, x.transform, x.shape) == (y.crs, y.transform, y.shape)
+            assert np.array_equal(x.read(1), y.read(1)), kind  # identical, pixel for pixel
+            assert y.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"  # cloud-optimized
+            if kind == "classes":
+                assert x.colormap(1) == y.colormap(1)
+    ga = pyogrio.read_dataframe(a / f"{stem}_polygons.gpkg")
+    gb = pyogrio.read_dataframe(b / f"{stem}_polygons.gpkg")
+    assert len(ga) == len(gb) > 10
+    assert ga["class_id"].tolist() == gb["class_id"].tolist()
+    np.testing.assert_allclose(ga["area_m2"], gb["area_m2"], rtol=1e-9)
+    np.testing.assert_allclose(ga["confidence"], gb["confidence"], atol=1e-9)
+    assert all(x.equals(y) for x, y in zip(ga.geometry, gb.geometry))
+
+
+def test_one_raster_split_across_two_workers_equals_one_machine(cluster, tmp_path):
+    from tessera.core.pipeline.blocks import segment_on_cluster
+    from tessera.core.pipeline.segment import segment_raster
+
+    src = write_raster(tmp_path / "big.tif", random_rgb(300, 260, seed=11))
+    model = tiny_unet(seed=7).save(tmp_path / "m.safetensors")
+    one = segment_raster(src, model, tmp_path / "one", BLOCKS)
+    res = segment_on_cluster(src, model, tmp_path / "dask", BLOCKS, cluster.address,
+                             tile_rows=2)  # 6 tile rows: 3 blocks
+    _same_raster_outputs(tmp_path / "one", tmp_path / "dask")
+    assert res.class_pixels == one.class_pixels and res.n_polygons == one.n_polygons
+    assert res.area_m2_by_class == pytest.approx(one.area_m2_by_class, rel=1e-9)
+    assert [p.name for p in (tmp_path / "dask").iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_restarted_block_run_keeps_the_blocks_finished(cluster, tmp_path):
+    from tessera.core.errors import CancelledError
+    from tessera.core.pipeline.blocks import segment_on_cluster
+
+    src = write_raster(tmp_path / "big.tif", random_rgb(300, 260, seed=12))
+    model = tiny_unet(seed=8).save(tmp_path / "m.safetensors")
+    out = tmp_path / "dask"
+    seen = []
+    with pytest.raises(CancelledError):  # the client stops after the first block
+        segment_on_cluster(src, model, out, BLOCKS, cluster.address, tile_rows=2,
+                           progress=seen.append, cancel=lambda: len(seen) >= 1)
+    done = sorted(out.glob(".big_classes.tessera-blocks-*/done-*.json"))
+    assert done and not (out / "big_classes.tif").exists()  # nothing under the final names
+    record = json.loads(done[0].read_text())
+    record["seconds"] = 12345.0  # a mark: a block run again would not carry it
+    done[0].write_text(json.dumps(record))
+    res = segment_on_cluster(src, model, out, BLOCKS, cluster.address, tile_rows=2)
+    assert res.seconds_segment == 12345.0  # the finished block was not computed again
+    from tessera.core.pipeline.segment import segment_raster
+
+    segment_raster(src, model, tmp_path / "one", BLOCKS)
+    _same_raster_outputs(tmp_path / "one", out)
+
+
+def test_the_cli_splits_a_raster_across_the_cluster(cluster, tmp_path):
+    src = write_raster(tmp_path / "big.tif", random_rgb(200, 180, seed=13))
+    model = tiny_unet(seed=9).save(tmp_path / "m.safetensors")
+    out = subprocess.run([str(BIN / "tessera"), "segment", str(src), "--model", str(model),
+                          "--out", str(tmp_path / "c"), "--cluster", cluster.address,
+                          "--tile-size", "64", "--overlap", "16", "--confidence", "--threads",
+                          "1", "--json"], capture_output=True, text=True, timeout=300,
+                         env=cluster.env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["device"] == f"Dask cluster {cluster.address}"
+    from tessera.core.pipeline.segment import segment_raster
+
+    segment_raster(src, model, tmp_path / "one", BLOCKS)
+    _same_raster_outputs(tmp_path / "one", tmp_path / "c")
+
+
 def test_a_worker_killed_mid_batch_loses_and_duplicates_nothing(cluster, tmp_path):
     """Last in the module: it kills one of the two workers (a new one takes its place)."""
     src = _folder(tmp_path, 8, size=160)

@@ -316,3 +316,21 @@ def test_sigterm_and_sigint_stop_the_run_and_leave_nothing(tmp_path, model_file,
 def test_name_max_falls_back_to_255(monkeypatch, tmp_path):
     monkeypatch.setattr(atomic.os, "pathconf", lambda *a: (_ for _ in ()).throw(OSError()))
     assert atomic._name_max(tmp_path) == 255
+
+
+def test_a_killed_process_not_yet_reaped_counts_as_gone(tmp_path):
+    """A worker killed with SIGKILL stays a zombie until its parent reaps it; its
+    temporaries are stale all the same (a Dask worker's, issue 19)."""
+    import subprocess
+    import sys
+    import time
+
+    from tessera.core.io import atomic
+
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    assert atomic._alive(p.pid)
+    p.kill()
+    time.sleep(0.5)  # dead, not reaped: a zombie
+    assert not atomic._alive(p.pid)
+    p.wait()
+    assert not atomic._alive(p.pid)

@@ -1,0 +1,259 @@
+"""One large raster across Dask workers (``tessera segment BIG.tif --cluster ...``).
+
+The raster's tile grid (the same as on one machine) is cut into blocks of whole tile rows.
+A worker runs block ``[a, b)`` — tile rows ``a`` to ``b - 1`` and, before them, tile row
+``a - 1``, whose tiles reach into row ``a``'s pixels — through the same blend, in the same
+order, so its rows are the single-machine run's bit for bit; it writes the class rows (and the
+confidence rows) from the top of tile row ``a`` down to where tile row ``b`` begins as a part
+file, committed whole. The client then assembles the parts into one Cloud-Optimized GeoTIFF
+(tiled, deflate, overviews), traces the polygons over it with the strip breaks of the
+single-machine run, and commits the outputs together. Parts already there from an interrupted
+run of the same settings are not computed again. Memory per worker is one block's rolling
+band, as on one machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import CancelledError, ClusterError, ParameterError
+from ..io.atomic import atomic_outputs
+from ..io.raster import gdal_env, open_raster
+from ..io.sinks import verify_geotiff, write_failed
+from ..model.files import TesseraModel
+from ..params import OutputPaths, SegmentParams
+from ..progress import CancelFn, Progress, ProgressFn
+from .manifest import run_record
+
+#: Tile rows per block (a block also computes the tile row above it: 1/8 more work).
+BLOCK_TILE_ROWS = 8
+#: Rows copied at a time when the parts are assembled.
+COPY_ROWS = 1024
+
+
+@dataclass(frozen=True)
+class Block:
+    """Tile rows ``[a, b)`` of the grid, giving output rows ``[row0, row1)``."""
+
+    a: int
+    b: int
+    row0: int
+    row1: int
+
+    def part(self, folder: Path, kind: str) -> Path:
+        """The part file of ``kind`` (``classes``, ``confidence``, ``done``: its record)."""
+        return folder / f"{kind}-{self.a:06d}-{self.b:06d}.{'json' if kind == 'done' else 'tif'}"
+
+
+def plan_blocks(grid: Any, tile_rows: int = BLOCK_TILE_ROWS) -> list[Block]:
+    """The blocks of ``grid`` (a :class:`~.tiling.TileGrid`), ``tile_rows`` tile rows each."""
+    n = grid.shape[0]
+    cuts = list(range(0, n, max(1, tile_rows))) + [n]
+    return [Block(a, b, grid.row_offsets[a] if a else 0, grid.final_rows_after(b - 1))
+            for a, b in itertools.pairwise(cuts)]
+
+
+def parts_folder(out_dir: Path, stem: str, record: dict[str, Any]) -> Path:
+    """Where a run's parts go: hidden, beside the outputs, named after the run's record (a
+    run of other settings never takes another's parts)."""
+    key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(out_dir) / f".{stem}.tessera-blocks-{key}"
+
+
+def segment_block(raster: str, model: TesseraModel, params: SegmentParams, outs: OutputPaths,
+                  block: Block, folder: Path, predictor: Any) -> dict[str, Any]:
+    """Run ``block`` of ``raster`` (on a worker) into its part files; return its class
+    histogram and skipped tiles. A block whose parts are there already is not run again."""
+    from affine import Affine
+
+    from .inputs import georeferenced
+    from .run import Run
+    from .segment import _open_sinks, _plan
+
+    done = block.part(folder, "done")
+    if done.exists():
+        return json.loads(done.read_text(encoding="utf-8"))
+    folder.mkdir(parents=True, exist_ok=True)
+    contract = model.contract
+    with gdal_env(), open_raster(raster) as src, georeferenced(src, raster) as (ds, notes):
+        plan = _plan(ds, raster, contract, params, outs, notes, src.count)
+        profile = dict(plan.profile, height=block.row1 - block.row0,
+                       transform=plan.profile["transform"] * Affine.translation(0, block.row0))
+        kinds = ["classes"] + (["confidence"] if plan.confidence else [])
+        with atomic_outputs(*[block.part(folder, k) for k in kinds], done) as temps:
+            sinks = _open_sinks(replace(plan, profile=profile), temps)
+            try:
+                stats = Run(plan.view.reader(ds, plan.bands, plan.window, plan.nodata),
+                            plan.grid, contract, predictor, params.batch_size, sinks, None,
+                            lambda *_: None, None, None, plan.path,
+                            block=(block.a, block.b)).run()
+            finally:
+                for sink in sinks:
+                    sink.close()
+            verify_geotiff(temps[0], block.part(folder, "classes"), stats["hist"])
+            out = {"hist": stats["hist"].tolist(), "skipped": stats["skipped"],
+                   "seconds": round(stats["seconds_segment"], 3)}
+            temps[-1].write_text(json.dumps(out), encoding="utf-8")
+    return out
+
+
+def _copy_parts(blocks: list[Block], folder: Path, kind: str, sink: Any) -> None:
+    import rasterio
+    from rasterio.windows import Window
+
+    for blk in blocks:
+        with rasterio.open(blk.part(folder, kind)) as part:
+            for r in range(0, part.height, COPY_ROWS):
+                h = min(COPY_ROWS, part.height - r)
+                sink.write_rows(blk.row0 + r, part.read(1, window=Window(0, r, part.width, h)))
+
+
+def _to_cog(src: Path, dst: Path, final: Path) -> None:
+    """``src`` (a tiled GeoTIFF) as a Cloud-Optimized GeoTIFF ``dst``: deflate, 512² blocks,
+    nearest-neighbour overviews (class ids are never averaged); colours and tags kept."""
+    import rasterio.shutil
+
+    try:
+        rasterio.shutil.copy(src, dst, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=512,
+                             OVERVIEW_RESAMPLING="NEAREST")
+    except Exception as exc:
+        raise write_failed(final, exc) from exc
+
+
+def assemble(plan: Any, blocks: list[Block], folder: Path, hist: np.ndarray,
+             cancel: CancelFn | None = None) -> dict[str, Any]:
+    """The outputs of a block run from its parts (see the module's notes), committed
+    together; returns the polygons' ``(count, m² per class id)`` when traced."""
+    import rasterio
+
+    from ..vectorize.confidence import add_mean_confidence
+    from ..vectorize.writer import write_polygons
+    from .segment import _open_sinks
+
+    finals = plan.finals
+    out: dict[str, Any] = {}
+    with atomic_outputs(*finals) as temps:
+        flat = [folder / f"assembled-{k}.tif" for k in range(1 + int(plan.confidence))]
+        sinks = _open_sinks(plan, flat)
+        try:
+            _copy_parts(blocks, folder, "classes", sinks[0])
+            if plan.confidence:
+                _copy_parts(blocks, folder, "confidence", sinks[1])
+        finally:
+            for sink in sinks:
+                sink.close()
+        for k, path in enumerate(flat):
+            _to_cog(path, temps[k], finals[k])
+        verify_geotiff(temps[0], finals[0], hist)
+        if plan.vec is not None:
+            k = plan.polygons_temp_index
+            breaks = tuple(plan.grid.final_rows_after(i) for i in range(plan.grid.shape[0]))
+            with rasterio.open(temps[0]) as ds:
+                out["polygons"] = write_polygons(
+                    ds, temps[k], plan.outs.polygons.stem, plan.vec, plan.contract.class_names,
+                    plan.contract.nodata_value, ds.transform, ds.crs, cancel, breaks=breaks,
+                    final=finals[k])
+            if plan.confidence:
+                add_mean_confidence(temps[k], plan.outs.polygons.stem, temps[1], finals[k],
+                                    cancel)
+            from ..io.sinks import verify_geopackage
+
+            verify_geopackage(temps[k], finals[k], plan.outs.polygons.stem, out["polygons"][0])
+    return out
+
+
+def segment_on_cluster(raster: str | Path, model: str | Path, out_dir: str | Path,
+                       params: SegmentParams, address: str, *, stem: str | None = None,
+                       outputs: OutputPaths | None = None, progress: ProgressFn | None = None,
+                       cancel: CancelFn | None = None,
+                       tile_rows: int = BLOCK_TILE_ROWS) -> Any:
+    """Segment one raster with its blocks on the Dask cluster at ``address`` (see the
+    module's notes); the outputs and the result as :func:`~.segment.segment_raster`'s."""
+    from .cluster import PLUGIN, ModelOnWorker, _distributed, clean_up, connect
+    from .inputs import georeferenced
+    from .segment import SegmentResult, _plan
+
+    t0, path = time.perf_counter(), str(raster)
+    m = TesseraModel.open(model)
+    outs = outputs or OutputPaths.for_stem(out_dir, stem or Path(path).stem)
+    if outs.polygons_db:
+        raise ParameterError("polygons into PostGIS from a raster split across a cluster are "
+                             "not supported yet: write the GeoPackage, or run the raster on "
+                             "one machine")
+    with gdal_env(), open_raster(path) as src, georeferenced(src, path) as (ds, notes):
+        plan = _plan(ds, path, m.contract, params, outs, notes, src.count)
+    blocks = plan_blocks(plan.grid, tile_rows)
+    folder = parts_folder(outs.class_raster.parent, outs.class_raster.stem, run_record(path, m, params))
+    distributed = _distributed()
+    client, cluster = connect(address)
+    stats: list[dict[str, Any]] = []
+    try:
+        client.register_plugin(ModelOnWorker(str(m.path), m.identity(), params), name=PLUGIN)
+        futures = [client.submit(_block_on_worker, path, params, outs, blk, folder, pure=False,
+                                 retries=2, key=f"tessera-block-{folder.name}-{blk.a}")
+                   for blk in blocks]
+        try:
+            _collect(distributed, futures, client, blocks, stats, path, t0, progress, cancel)
+        finally:
+            clean_up(client, [folder, outs.class_raster.parent])
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    hist = np.sum([np.asarray(s["hist"], np.int64) for s in stats], axis=0)
+    vec = assemble(plan, blocks, folder, hist, cancel)
+    shutil.rmtree(folder, ignore_errors=True)
+    c = m.contract
+    res = SegmentResult(
+        source=path, class_raster=str(outs.class_raster),
+        confidence_raster=str(outs.confidence_raster) if plan.confidence else None,
+        polygons=str(outs.polygons) if plan.vec is not None else None,
+        n_polygons=vec["polygons"][0] if plan.vec is not None else None,
+        device=f"Dask cluster {address}", seconds=round(time.perf_counter() - t0, 3),
+        seconds_segment=round(max(s["seconds"] for s in stats), 3), seconds_vectorize=0.0,
+        megapixels=plan.grid.width * plan.grid.height / 1e6, tiles=len(plan.grid),
+        tiles_skipped=sum(s["skipped"] for s in stats), tile_size=plan.grid.tile,
+        overlap=plan.grid.overlap, batch_size=params.batch_size,
+        class_pixels={k.name: int(hist[k.id]) for k in c.classes}, warnings=plan.warnings)
+    if plan.vec is not None:
+        res.area_m2_by_class = {c.class_names.get(k, str(k)): round(v, 3)
+                                for k, v in sorted(vec["polygons"][1].items())}
+    return res
+
+
+def _collect(distributed: Any, futures: list[Any], client: Any, blocks: list[Block],
+             stats: list[dict[str, Any]], path: str, t0: float, progress: ProgressFn | None,
+             cancel: CancelFn | None) -> None:
+    """The blocks' results as they finish, with progress; a cancel stops the rest."""
+    for k, fut in enumerate(distributed.as_completed(futures), 1):
+        if cancel is not None and cancel():
+            client.cancel(futures)
+            raise CancelledError("cancelled; the blocks finished are kept for a rerun")
+        try:
+            stats.append(fut.result())
+        except distributed.KilledWorker as exc:
+            raise ClusterError(f"{path}: workers died running {exc.task} (out of "
+                               "memory?)") from exc
+        if progress is not None:
+            progress(Progress("segment", k, len(blocks), 0.9 * k / len(blocks),
+                              time.perf_counter() - t0, None, None,
+                              f"{k}/{len(blocks)} blocks on the cluster"))
+
+
+def _block_on_worker(raster: str, params: SegmentParams, outs: OutputPaths, block: Block,
+                     folder: Path) -> dict[str, Any]:
+    from distributed import get_worker
+
+    from .cluster import PLUGIN, ModelOnWorker
+
+    plugin: ModelOnWorker = get_worker().plugins[PLUGIN]  # type: ignore[assignment]
+    return segment_block(raster, plugin.model(), params, outs, block, folder, plugin.predictor())
