@@ -5,12 +5,13 @@
 #                 tier on this machine's QGIS 3.22, then on QGIS 3.40 in a cached chroot)
 #   make test-qgis-matrix  only the real-QGIS tier on the other QGIS versions (tools/qgis_matrix.sh)
 #   make bench    CPU benchmarks: throughput, peak memory, int8 and overlap (BENCHMARKS.md)
+#   make bench-cluster  the Dask path (local:2) against the plain local run, at equal cores
 #   make train-default  retrain the shipped default model (DUBAI=folder, TRAIN_ARGS=...)
 #   make package  build the installable plugin zip (dist/tessera-<version>.zip)
 #   make deploy   install that zip into the local QGIS profile, using this checkout's venv
 #   make lint     ruff (docstring and annotation rules on core/), mypy on core/, the house rules,
 #                 the static Qt6 / QGIS 4 check of the adapters (tools/check_qt6.py)
-#   make setup    only the set-up: QGIS from apt, the venv (.venv/) and the `tessera` command
+#   make setup    only the set-up: QGIS, PostgreSQL/PostGIS from apt, the venv (.venv/), `tessera`
 #   make clean    remove the venv and caches
 
 SHELL := /bin/bash
@@ -28,10 +29,10 @@ export QT_QPA_PLATFORM := offscreen
 # Never let a library reach for the internet at run time.
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help setup test test-core test-plugin test-qgis-matrix bench demo lint clean package deploy train-default
+.PHONY: help setup test test-core test-plugin test-qgis-matrix bench bench-cluster demo lint clean package deploy train-default
 
 help:
-	@sed -n '2,14p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,15p' Makefile | sed 's/^# \{0,1\}//'
 
 setup: $(STAMP)
 
@@ -96,6 +97,10 @@ test-plugin: setup
 bench: setup
 	$(PY) benchmarks/bench_cpu.py --write BENCHMARKS.md
 	$(PY) benchmarks/bench_onnx.py --write BENCHMARKS.md
+
+# The Dask path against the plain local run at equal cores (issue 19): prints a table
+bench-cluster: setup
+	$(PY) benchmarks/bench_cluster.py
 
 # The shipped default model's recipe (its model card): 100 epochs of 1300 patches, batch 16,
 # peak learning rate 0.002. On one H200 about 6 minutes (two runs sharing it); on a 2-core

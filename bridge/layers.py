@@ -65,3 +65,23 @@ def default_output_dir(source: str, fallback: str) -> str:
     if folder == PLUGIN_DIR or PLUGIN_DIR in folder.parents:
         return fallback
     return str(Path(source).parent) if os.access(folder, os.W_OK) else fallback
+
+
+def postgis_layer(url: str, source: str, name: str) -> Any:
+    """A QGIS layer of the polygons of ``source`` in the PostGIS table that ``url``
+    (``postgresql://USER[:PASSWORD]@HOST:PORT/DB?table=[SCHEMA.]NAME``) names."""
+    from urllib.parse import parse_qsl, unquote, urlsplit
+
+    from qgis.core import QgsDataSourceUri, QgsVectorLayer
+
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    table = query.pop("table", "tessera_polygons")
+    schema, _, table = table.rpartition(".")
+    uri = QgsDataSourceUri()
+    uri.setConnection(parts.hostname or "", str(parts.port or 5432),
+                      parts.path.lstrip("/"), unquote(parts.username or ""),
+                      unquote(parts.password or ""))
+    escaped = source.replace("'", "''")
+    uri.setDataSource(schema or "public", table, "geom", f"source = '{escaped}'", "id")
+    return QgsVectorLayer(uri.uri(False), name, "postgres")

@@ -208,3 +208,21 @@ def drop_unmade(context: Any, unmade: list[str]) -> None:
     keep = {k: v for k, v in layers.items() if k not in unmade}
     if len(keep) != len(layers):
         context.setLayersToLoadOnCompletion(keep)
+
+
+def load_postgis(context: Any, url: str, source: str, classes: list[dict[str, Any]],
+                 name: str) -> None:
+    """The rows of ``source`` in the PostGIS table of ``url`` as a layer loaded on completion,
+    styled like the GeoPackage's polygons."""
+    from qgis.core import QgsProcessingContext
+
+    from ..bridge.layers import postgis_layer
+
+    layer = postgis_layer(url, source, name)
+    if not layer.isValid():
+        raise QgsProcessingException(f"{name}: the polygons were written, but QGIS cannot open "
+                                     "them from the database")
+    context.temporaryLayerStore().addMapLayer(layer)
+    details = QgsProcessingContext.LayerDetails(name, context.project(), name)
+    details.setPostProcessor(StyleClasses.create("polygons", classes))
+    context.addLayerToLoadOnCompletion(layer.id(), details)

@@ -21,7 +21,16 @@ from ..bridge import compat
 from ..core.jobs.spec import BatchJob
 from ..core.params import SegmentParams, VectorizeParams
 from . import common
-from .segment_raster import add_run_options, add_vector_options, model_path, run_options, tr, vector_options
+from .segment_raster import (
+    add_run_options,
+    add_scale_options,
+    add_vector_options,
+    model_path,
+    run_options,
+    scale_options,
+    tr,
+    vector_options,
+)
 
 
 class SegmentFolderAlgorithm(common.TesseraAlgorithm):
@@ -53,6 +62,7 @@ class SegmentFolderAlgorithm(common.TesseraAlgorithm):
         self.addParameter(QgsProcessingParameterFeatureSink(
             self.REPORT, tr("Report"), compat.SOURCE_VECTOR, optional=True,
             createByDefault=True))
+        add_scale_options(self)
         self.addOutput(QgsProcessingOutputNumber("DONE", tr("Files done")))
         self.addOutput(QgsProcessingOutputNumber("SKIPPED", tr("Files skipped")))
         self.addOutput(QgsProcessingOutputNumber("FAILED", tr("Files failed")))
@@ -70,7 +80,8 @@ class SegmentFolderAlgorithm(common.TesseraAlgorithm):
             BatchJob, folder, model_path(self, parameters, context), out, params,
             pattern=self.parameterAsString(parameters, "PATTERN", context),
             recursive=self.parameterAsBoolean(parameters, "RECURSIVE", context),
-            skip_existing=self.parameterAsBoolean(parameters, "SKIP_EXISTING", context))
+            skip_existing=self.parameterAsBoolean(parameters, "SKIP_EXISTING", context),
+            **dict(zip(("cluster", "polygons_db"), scale_options(self, parameters, context))))
         res = common.run_engine(job, feedback)
         fields = QgsFields()
         for name, typ in (("file", "string"), ("status", "string"), ("error", "string"),

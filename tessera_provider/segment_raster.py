@@ -104,6 +104,25 @@ def run_options(alg: QgsProcessingAlgorithm, parameters, context) -> dict:
             else None}
 
 
+def add_scale_options(alg: QgsProcessingAlgorithm) -> None:
+    """CLUSTER and POLYGONS_DB (advanced) — shared with segment_folder."""
+    for name, label in (
+            ("CLUSTER", "Dask scheduler address (tcp://HOST:8786, or local:N worker processes; "
+                        "empty: this machine)"),
+            ("POLYGONS_DB", "PostGIS table for the polygons (postgresql://USER@HOST:PORT/DB"
+                            "?table=NAME; empty: the GeoPackage)")):
+        p = QgsProcessingParameterString(name, tr(label), "", optional=True)
+        p.setFlags(p.flags() | compat.ADVANCED)
+        alg.addParameter(p)
+
+
+def scale_options(alg: QgsProcessingAlgorithm, parameters, context) -> tuple[str | None,
+                                                                            str | None]:
+    """``(cluster, polygons_db)`` chosen in the dialog (``None`` for empty)."""
+    return (alg.parameterAsString(parameters, "CLUSTER", context).strip() or None,
+            alg.parameterAsString(parameters, "POLYGONS_DB", context).strip() or None)
+
+
 def model_path(alg: QgsProcessingAlgorithm, parameters, context) -> str:
     path = alg.parameterAsFile(parameters, "MODEL", context)
     if not path:
@@ -142,6 +161,7 @@ class SegmentRasterAlgorithm(common.TesseraAlgorithm):
         self.addParameter(QgsProcessingParameterVectorDestination(
             self.OUTPUT_POLYGONS, tr("Polygons"), compat.SOURCE_POLYGON,
             optional=True, createByDefault=True))
+        add_scale_options(self)
         self.addOutput(QgsProcessingOutputString("DEVICE", tr("Device used")))
         self.addOutput(QgsProcessingOutputString("BACKEND", tr("Inference backend used")))
         self.addOutput(QgsProcessingOutputNumber("N_POLYGONS", tr("Number of polygons")))
@@ -157,7 +177,9 @@ class SegmentRasterAlgorithm(common.TesseraAlgorithm):
         out_cls = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
         out_conf = self.parameterAsOutputLayer(parameters, self.CONFIDENCE, context) or ""
         out_poly = self.parameterAsOutputLayer(parameters, self.OUTPUT_POLYGONS, context) or ""
-        vectorize = self.parameterAsBoolean(parameters, "VECTORIZE", context) and bool(out_poly)
+        cluster, db = scale_options(self, parameters, context)
+        vectorize = self.parameterAsBoolean(parameters, "VECTORIZE", context) and \
+            bool(out_poly or db)
         for path, ext in ((out_cls, ".tif"), (out_conf, ".tif"), (out_poly, ".gpkg")):
             if path and Path(path).suffix.lower() not in (ext, ".tiff" if ext == ".tif" else ext):
                 kind = "GeoTIFF (.tif)" if ext == ".tif" else "GeoPackage (.gpkg)"
@@ -169,9 +191,12 @@ class SegmentRasterAlgorithm(common.TesseraAlgorithm):
             vectorize=common.build(VectorizeParams, **vector_options(self, parameters, context,
                                                                       vectorize)))
         dflt = OutputPaths.for_stem(Path(out_cls).parent, Path(src).stem)
-        job = SegmentJob(src, model, str(Path(out_cls).parent), params, outputs=OutputPaths(
-            Path(out_cls), Path(out_conf) if out_conf else dflt.confidence_raster,
-            Path(out_poly) if out_poly else dflt.polygons))
+        job = common.build(SegmentJob, src, model, str(Path(out_cls).parent), params,
+                           outputs=OutputPaths(
+                               Path(out_cls), Path(out_conf) if out_conf else dflt.confidence_raster,
+                               Path(out_poly) if out_poly else dflt.polygons,
+                               polygons_db=db if vectorize else None),
+                           cluster=cluster)
         feedback.pushInfo(f"Segmenting {src} with {Path(model).name}")
         res = common.run_engine(job, feedback)
         feedback.pushInfo(f"Device used: {res['device']} ({res.get('backend', 'torch')}); "
@@ -183,7 +208,7 @@ class SegmentRasterAlgorithm(common.TesseraAlgorithm):
         tag = processing_tag(model, out_cls)
         name = layer.name()
         common.drop_unmade(context, ["", *([] if out_conf else [str(dflt.confidence_raster)]),
-                                     *([] if vectorize else [out_poly])])
+                                     *([] if vectorize and not db else [out_poly])])
         common.style_on_load(context, out_cls, "classes", classes,
                              layer_name(name, "classes", tag), present, hidden=vectorize)
         if out_conf:
@@ -194,7 +219,9 @@ class SegmentRasterAlgorithm(common.TesseraAlgorithm):
                    "N_POLYGONS": res.get("n_polygons") or 0}
         if out_conf:
             results[self.CONFIDENCE] = out_conf
-        if vectorize:
+        if vectorize and db:  # the rows of this raster, from the database, styled
+            common.load_postgis(context, db, src, classes, layer_name(name, "polygons", tag))
+        elif vectorize:
             common.style_on_load(context, out_poly, "polygons", classes,
                                  layer_name(name, "polygons", tag))
             results[self.OUTPUT_POLYGONS] = out_poly

@@ -4,12 +4,7 @@ was, and an unusable database is said before the run."""
 
 from __future__ import annotations
 
-import glob
-import os
-import shutil
-import socket
 import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +12,7 @@ import pyogrio
 import pytest
 import shapely
 from helpers import random_rgb, tiny_unet, write_raster
+from pgserver import postgres_server
 from tessera.core.errors import CancelledError, OutputError, ParameterError
 from tessera.core.params import OutputPaths, SegmentParams
 from tessera.core.pipeline.batch import segment_folder
@@ -25,50 +21,11 @@ from tessera.core.pipeline.segment import segment_raster
 psycopg2 = pytest.importorskip("psycopg2")
 
 
-def _bin(name: str) -> str:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    if not found:
-        pytest.fail("PostgreSQL is not installed (make setup installs postgresql and "
-                    "postgresql-15-postgis-3)")
-    return found[-1]
-
-
 @pytest.fixture(scope="module")
 def postgres():
-    """A PostgreSQL server of its own (as the ``postgres`` user when run as root), with a
-    database ``gis`` that has PostGIS and one ``plain`` that has not; its URL."""
-    if not glob.glob("/usr/share/postgresql/*/extension/postgis.control"):
-        pytest.fail("PostGIS is not installed (make setup installs postgresql-15-postgis-3)")
-    # its own folder in /tmp: pytest's are private to this user, the server's user must enter
-    root = Path(tempfile.mkdtemp(prefix="tessera-pg-"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    run_as = ["runuser", "-u", "postgres", "--"] if os.getuid() == 0 else []
-    if run_as:
-        shutil.chown(root, "postgres")
-    data = root / "data"
-    subprocess.run([*run_as, _bin("initdb"), "-D", str(data), "-A", "trust", "-U", "tessera"],
-                   check=True, capture_output=True)
-    subprocess.run([*run_as, _bin("pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w",
-                    "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off",
-                    "start"], check=True, capture_output=True)
-    base = f"postgresql://tessera@127.0.0.1:{port}"
-    con = psycopg2.connect(f"{base}/postgres")
-    con.autocommit = True
-    with con.cursor() as cur:
-        cur.execute("CREATE DATABASE gis")
-        cur.execute("CREATE DATABASE plain")
-    con.close()
-    con = psycopg2.connect(f"{base}/gis")
-    con.autocommit = True
-    with con.cursor() as cur:
-        cur.execute("CREATE EXTENSION postgis")
-    con.close()
-    yield base
-    subprocess.run([*run_as, _bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                   capture_output=True)
-    shutil.rmtree(root, ignore_errors=True)
+    """A PostgreSQL server of its own (see :mod:`pgserver`); its URL."""
+    with postgres_server() as base:
+        yield base
 
 
 def _rows(base: str, table: str = "tessera_polygons", source: str | None = None):
