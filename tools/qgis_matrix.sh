@@ -45,6 +45,16 @@ EOF
   mv "$part" "$root"
 }
 
+ensure_postgis() {  # $1: a chroot; the tier's PostGIS tests start a server of their own there
+  local root=$1
+  ls "$root"/usr/share/postgresql/*/extension/postgis.control >/dev/null 2>&1 && return 0
+  printf '#!/bin/sh\nexit 101\n' > "$root/usr/sbin/policy-rc.d"  # start no service
+  chmod +x "$root/usr/sbin/policy-rc.d"
+  chroot "$root" sh -c 'apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install \
+    -y -q --no-install-recommends postgresql postgresql-15-postgis-3 && apt-get clean'
+  rm -f "$root/usr/sbin/policy-rc.d"
+}
+
 MOUNTS=()
 cleanup() {
   local i
@@ -67,6 +77,7 @@ for v in $VERSIONS; do
   esac
   # the host's network settings: name servers, certificate authorities, pip's configuration
   cp /etc/resolv.conf "$root/etc/resolv.conf"
+  ensure_postgis "$root"
   if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then
     mkdir -p "$root/usr/local/share/ca-certificates"
     cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
