@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import json
 import shutil
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -106,6 +107,85 @@ def segment_block(raster: str, model: TesseraModel, params: SegmentParams, outs:
     return out
 
 
+class PartRows:
+    """The class rows of a block run, read from its parts as they are finished (in any
+    order): what the polygonizer reads while the other blocks are still running. ``read``
+    waits for the parts it needs; :meth:`abort` makes every wait raise."""
+
+    def __init__(self, blocks: list[Block], folder: Path, width: int, height: int,
+                 name: str) -> None:
+        self.blocks, self.folder = blocks, folder
+        self.width, self.height, self.name = width, height, name
+        self._ready = {b.a: threading.Event() for b in blocks}
+        self._open: dict[int, Any] = {}
+        self._aborted = False
+
+    def done(self, block: Block) -> None:
+        """``block``'s part is complete."""
+        self._ready[block.a].set()
+
+    def abort(self) -> None:
+        """Stop: every read raises :class:`CancelledError`."""
+        self._aborted = True
+        for ev in self._ready.values():
+            ev.set()
+
+    def read(self, band: int, window: Any) -> np.ndarray:
+        """Rows ``window.row_off`` … of band 1 (all columns), once their parts exist."""
+        import rasterio
+        from rasterio.windows import Window
+
+        r0, r1 = int(window.row_off), int(window.row_off + window.height)
+        out = []
+        for blk in self.blocks:
+            lo, hi = max(r0, blk.row0), min(r1, blk.row1)
+            if lo >= hi:
+                continue
+            self._ready[blk.a].wait()
+            if self._aborted:
+                raise CancelledError("cancelled")
+            if blk.a not in self._open:
+                self._open[blk.a] = rasterio.open(blk.part(self.folder, "classes"))
+            out.append(self._open[blk.a].read(band, window=Window(0, lo - blk.row0,
+                                                                   self.width, hi - lo)))
+        return np.concatenate(out, axis=0)
+
+    def close(self) -> None:
+        """Close the parts opened."""
+        for ds in self._open.values():
+            ds.close()
+        self._open.clear()
+
+
+class PolygonTracer(threading.Thread):
+    """Traces the polygons from :class:`PartRows` beside the running blocks."""
+
+    def __init__(self, plan: Any, rows: PartRows, tmp: Path, final: Path,
+                 cancel: CancelFn | None) -> None:
+        super().__init__(name="tessera-block-polygons", daemon=True)
+        self.plan, self.rows, self.tmp, self.final, self.cancel = plan, rows, tmp, final, cancel
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        """Trace (an error is kept for the client's thread)."""
+        from ..vectorize.writer import write_polygons
+
+        plan = self.plan
+        breaks = tuple(plan.grid.final_rows_after(i) for i in range(plan.grid.shape[0]))
+        try:
+            with gdal_env():
+                self.result = write_polygons(
+                    self.rows, self.tmp, plan.outs.polygons.stem, plan.vec,
+                    plan.contract.class_names, plan.contract.nodata_value,
+                    plan.profile["transform"], plan.profile["crs"], self.cancel, breaks=breaks,
+                    final=self.final)
+        except BaseException as exc:  # noqa: BLE001  (handed to the client's thread)
+            self.error = exc
+        finally:
+            self.rows.close()
+
+
 def _copy_parts(blocks: list[Block], folder: Path, kind: str, sink: Any) -> None:
     import rasterio
     from rasterio.windows import Window
@@ -129,45 +209,42 @@ def _to_cog(src: Path, dst: Path, final: Path) -> None:
         raise write_failed(final, exc) from exc
 
 
-def assemble(plan: Any, blocks: list[Block], folder: Path, hist: np.ndarray,
+def assemble(plan: Any, blocks: list[Block], folder: Path, temps: list[Path],
+             hist: np.ndarray, tracer: PolygonTracer | None,
              cancel: CancelFn | None = None) -> dict[str, Any]:
-    """The outputs of a block run from its parts (see the module's notes), committed
-    together; returns the polygons' ``(count, m² per class id)`` when traced."""
-    import rasterio
-
+    """The outputs of a block run from its parts (see the module's notes) into the run's
+    temporaries ``temps``; returns the polygons' ``(count, m² per class id)`` when traced
+    (by ``tracer``, which has been reading the parts as they came)."""
+    from ..io.sinks import verify_geopackage
     from ..vectorize.confidence import add_mean_confidence
-    from ..vectorize.writer import write_polygons
     from .segment import _open_sinks
 
     finals = plan.finals
     out: dict[str, Any] = {}
-    with atomic_outputs(*finals) as temps:
-        flat = [folder / f"assembled-{k}.tif" for k in range(1 + int(plan.confidence))]
-        sinks = _open_sinks(plan, flat)
-        try:
-            _copy_parts(blocks, folder, "classes", sinks[0])
-            if plan.confidence:
-                _copy_parts(blocks, folder, "confidence", sinks[1])
-        finally:
-            for sink in sinks:
-                sink.close()
-        for k, path in enumerate(flat):
-            _to_cog(path, temps[k], finals[k])
-        verify_geotiff(temps[0], finals[0], hist)
-        if plan.vec is not None:
-            k = plan.polygons_temp_index
-            breaks = tuple(plan.grid.final_rows_after(i) for i in range(plan.grid.shape[0]))
-            with rasterio.open(temps[0]) as ds:
-                out["polygons"] = write_polygons(
-                    ds, temps[k], plan.outs.polygons.stem, plan.vec, plan.contract.class_names,
-                    plan.contract.nodata_value, ds.transform, ds.crs, cancel, breaks=breaks,
-                    final=finals[k])
-            if plan.confidence:
-                add_mean_confidence(temps[k], plan.outs.polygons.stem, temps[1], finals[k],
-                                    cancel)
-            from ..io.sinks import verify_geopackage
-
-            verify_geopackage(temps[k], finals[k], plan.outs.polygons.stem, out["polygons"][0])
+    flat = [folder / f"assembled-{k}.tif" for k in range(1 + int(plan.confidence))]
+    sinks = _open_sinks(plan, flat)
+    try:
+        _copy_parts(blocks, folder, "classes", sinks[0])
+        if plan.confidence:
+            _copy_parts(blocks, folder, "confidence", sinks[1])
+    finally:
+        for sink in sinks:
+            sink.close()
+    for k, path in enumerate(flat):
+        _to_cog(path, temps[k], finals[k])
+    verify_geotiff(temps[0], finals[0], hist)
+    if tracer is not None:
+        while tracer.is_alive():
+            tracer.join(timeout=0.2)
+            if cancel is not None and cancel():
+                tracer.rows.abort()
+        if tracer.error is not None:
+            raise tracer.error
+        k = plan.polygons_temp_index
+        out["polygons"] = tracer.result
+        if plan.confidence:
+            add_mean_confidence(temps[k], plan.outs.polygons.stem, temps[1], finals[k], cancel)
+        verify_geopackage(temps[k], finals[k], plan.outs.polygons.stem, out["polygons"][0])
     return out
 
 
@@ -196,21 +273,38 @@ def segment_on_cluster(raster: str | Path, model: str | Path, out_dir: str | Pat
     distributed = _distributed()
     client, cluster = connect(address)
     stats: list[dict[str, Any]] = []
+    folder.mkdir(parents=True, exist_ok=True)
     try:
-        client.register_plugin(ModelOnWorker(str(m.path), m.identity(), params), name=PLUGIN)
-        futures = [client.submit(_block_on_worker, path, params, outs, blk, folder, pure=False,
-                                 retries=2, key=f"tessera-block-{folder.name}-{blk.a}")
-                   for blk in blocks]
-        try:
-            _collect(distributed, futures, client, blocks, stats, path, t0, progress, cancel)
-        finally:
-            clean_up(client, [folder, outs.class_raster.parent])
+        with atomic_outputs(*plan.finals) as temps:
+            rows = PartRows(blocks, folder, plan.grid.width, plan.grid.height, path)
+            tracer = None
+            if plan.vec is not None:
+                k = plan.polygons_temp_index
+                tracer = PolygonTracer(plan, rows, temps[k], plan.finals[k], cancel)
+                tracer.start()
+            try:
+                client.register_plugin(ModelOnWorker(str(m.path), m.identity(), params),
+                                       name=PLUGIN)
+                futures = {client.submit(_block_on_worker, path, params, outs, blk, folder,
+                                         pure=False, retries=2,
+                                         key=f"tessera-block-{folder.name}-{blk.a}"): blk
+                           for blk in blocks}
+                try:
+                    _collect(distributed, futures, client, rows, stats, path, t0, progress,
+                             cancel)
+                finally:
+                    clean_up(client, [folder, outs.class_raster.parent])
+                hist = np.sum([np.asarray(s["hist"], np.int64) for s in stats], axis=0)
+                vec = assemble(plan, blocks, folder, temps, hist, tracer, cancel)
+            except BaseException:
+                rows.abort()
+                if tracer is not None:
+                    tracer.join(timeout=60)  # before its temporary goes
+                raise
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
-    hist = np.sum([np.asarray(s["hist"], np.int64) for s in stats], axis=0)
-    vec = assemble(plan, blocks, folder, hist, cancel)
     shutil.rmtree(folder, ignore_errors=True)
     c = m.contract
     res = SegmentResult(
@@ -230,23 +324,25 @@ def segment_on_cluster(raster: str | Path, model: str | Path, out_dir: str | Pat
     return res
 
 
-def _collect(distributed: Any, futures: list[Any], client: Any, blocks: list[Block],
+def _collect(distributed: Any, futures: dict[Any, Block], client: Any, rows: PartRows,
              stats: list[dict[str, Any]], path: str, t0: float, progress: ProgressFn | None,
              cancel: CancelFn | None) -> None:
-    """The blocks' results as they finish, with progress; a cancel stops the rest."""
-    for k, fut in enumerate(distributed.as_completed(futures), 1):
+    """The blocks' results as they finish, with progress; each finished part goes to the
+    polygon tracer at once; a cancel stops the rest."""
+    n = len(futures)
+    for k, fut in enumerate(distributed.as_completed(list(futures)), 1):
         if cancel is not None and cancel():
-            client.cancel(futures)
+            client.cancel(list(futures))
             raise CancelledError("cancelled; the blocks finished are kept for a rerun")
         try:
             stats.append(fut.result())
         except distributed.KilledWorker as exc:
             raise ClusterError(f"{path}: workers died running {exc.task} (out of "
                                "memory?)") from exc
+        rows.done(futures[fut])
         if progress is not None:
-            progress(Progress("segment", k, len(blocks), 0.9 * k / len(blocks),
-                              time.perf_counter() - t0, None, None,
-                              f"{k}/{len(blocks)} blocks on the cluster"))
+            progress(Progress("segment", k, n, 0.9 * k / n, time.perf_counter() - t0, None,
+                              None, f"{k}/{n} blocks on the cluster"))
 
 
 def _block_on_worker(raster: str, params: SegmentParams, outs: OutputPaths, block: Block,
