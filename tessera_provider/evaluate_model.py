@@ -63,6 +63,8 @@ class EvaluateModelAlgorithm(TrainingAlgorithm):
             createByDefault=False))
         self.addOutput(QgsProcessingOutputNumber("ACCURACY", tr("Pixel accuracy")))
         self.addOutput(QgsProcessingOutputNumber("MEAN_IOU", tr("Mean IoU")))
+        self.addOutput(QgsProcessingOutputNumber(
+            "GLOBAL_JACCARD", tr("Global Jaccard (the Dubai study's jacard_coef)")))
 
     def checkParameterValues(self, parameters, context):  # noqa: N802  (QGIS API)
         ok, msg = super().checkParameterValues(parameters, context)
@@ -86,12 +88,17 @@ class EvaluateModelAlgorithm(TrainingAlgorithm):
                "device": engine.DEVICES[self.parameterAsEnum(parameters, "DEVICE", context)]}
         feedback.pushInfo(f"Evaluating {Path(model).name} on {job['data']}")
         res = common.run_engine(job, feedback)
+        acc = float(res["accuracy"])
+        res.setdefault("global_jaccard", acc / (2 - acc))  # (exact for hard predictions)
         feedback.pushInfo(f"Device used: {res.get('device')}")
-        feedback.pushInfo(f"Pixel accuracy {res['accuracy']:.4f}, mean IoU {res['mean_iou']:.4f}")
+        feedback.pushInfo(f"Pixel accuracy {res['accuracy']:.4f}, mean IoU {res['mean_iou']:.4f}, "
+                          f"global Jaccard {res['global_jaccard']:.4f} (the Dubai study's "
+                          "jacard_coef: accuracy / (2 - accuracy))")
         if res.get("per_class"):
             feedback.pushInfo(per_class_table(res["per_class"]))
         results = {self.OUTPUT_JSON: res.get("out_json") or out_json,
-                   "ACCURACY": float(res["accuracy"]), "MEAN_IOU": float(res["mean_iou"])}
+                   "ACCURACY": float(res["accuracy"]), "MEAN_IOU": float(res["mean_iou"]),
+                   "GLOBAL_JACCARD": float(res["global_jaccard"])}
         if out_png:
             results[self.OUTPUT_PNG] = res.get("out_png") or out_png
         return results

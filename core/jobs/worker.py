@@ -31,7 +31,7 @@ A data source (see :mod:`.datasets`) is one of::
 
 Results: ``train`` → ``{"best_val_miou", "history": [{"epoch", "loss", "val_miou",
 "val_accuracy", "minutes"}], "stopped", "model", "best_epoch", "split", "classes"}``;
-``evaluate`` → ``{"accuracy", "mean_iou", "per_class": [{"id", "name", "iou", "precision",
+``evaluate`` → ``{"accuracy", "mean_iou", "global_jaccard", "per_class": [{"id", "name", "iou", "precision",
 "recall"}], "confusion" (rows = truth), "pixels", "out_json", "out_png", "device"}`` (metrics
 that are undefined, e.g. the precision of a class never predicted, are null).
 

@@ -16,7 +16,7 @@ from ..model.files import TesseraModel
 from ..params import TrainParams
 from .classes import table_to_dicts
 from .datasets import Dataset
-from .metrics import IGNORE
+from .metrics import IGNORE, global_jaccard
 from .sampling import IMAGENET_MEAN, IMAGENET_STD
 from .splits import Split
 
@@ -61,6 +61,8 @@ def with_card(contract: ModelContract, p: TrainParams, history: list[dict[str, A
         "hardware": f"{device}; host {platform.node() or '?'} ({platform.processor() or platform.machine()})",
         "validation": {"patches": n_val_patches, "mean_iou": round(miou, 4),
                        "pixel_accuracy": round(acc, 4),
+                       # the published Dubai study's "Jaccard coefficient", to compare with it
+                       "global_jaccard": round(global_jaccard(acc), 4),
                        "iou_per_class": {n: (None if math.isnan(v) else round(float(v), 4))
                                          for (n, _), v in zip(ds.classes, iou)}},
         "history": [{k: (round(v, 4) if isinstance(v, float) and not math.isnan(v) else

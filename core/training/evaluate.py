@@ -13,7 +13,10 @@ Metrics, from the confusion matrix ``C`` (rows = truth, columns = prediction):
   undefined (``None`` in JSON) when its denominator is 0;
 * mean IoU = the mean of IoU over the classes present in the truth **or** the prediction
   (a class absent from both has no IoU and is left out; a class predicted but absent from
-  the truth counts with IoU 0).
+  the truth counts with IoU 0);
+* global Jaccard = accuracy / (2 - accuracy): the published Dubai study's "Jaccard
+  coefficient" (its tutorial's ``jacard_coef``, one Jaccard over all pixels and classes), for
+  comparing with it; not a per-class mean.
 
 Outputs (each written atomically: a temporary name, then a rename): a JSON report and a PNG
 chart (confusion-matrix heatmap, row-normalized, with percentages and counts; IoU bars per
@@ -40,7 +43,13 @@ from ..pipeline.segment import segment_array
 from ..pipeline.tiling import TileGrid
 from ..progress import CancelFn, Meter, Progress, ProgressFn
 from .datasets import load_dataset
-from .metrics import IGNORE, MEAN_IOU_DEFINITION, confusion, metrics_from_confusion
+from .metrics import (
+    GLOBAL_JACCARD_DEFINITION,
+    IGNORE,
+    MEAN_IOU_DEFINITION,
+    confusion,
+    metrics_from_confusion,
+)
 from .sources import DataSource, FolderSource, as_source
 
 log = logging.getLogger(__name__)
@@ -85,6 +94,11 @@ class EvalResult:
         return self.metrics["mean_iou"]
 
     @property
+    def global_jaccard(self) -> float:
+        """The Dubai study's ``jacard_coef`` (see :data:`.metrics.GLOBAL_JACCARD_DEFINITION`)."""
+        return self.metrics["global_jaccard"]
+
+    @property
     def pixels(self) -> int:
         """Annotated pixels scored."""
         return int(self.confusion.sum())
@@ -100,6 +114,7 @@ class EvalResult:
     def summary(self) -> dict[str, Any]:
         """The worker's result: headline numbers, per-class rows, the matrix, the outputs."""
         return {"accuracy": _num(self.accuracy), "mean_iou": _num(self.mean_iou),
+                "global_jaccard": _num(self.global_jaccard),
                 "per_class": [{k: c[k] for k in ("id", "name", "iou", "precision", "recall")}
                               for c in self.per_class()],
                 "confusion": self.confusion.tolist(), "pixels": self.pixels,
@@ -113,6 +128,8 @@ class EvalResult:
             "seconds": round(self.seconds, 3),
             "metrics": {"pixel_accuracy": _num(self.accuracy), "mean_iou": _num(self.mean_iou),
                         "mean_iou_definition": MEAN_IOU_DEFINITION,
+                        "global_jaccard": _num(self.global_jaccard),
+                        "global_jaccard_definition": GLOBAL_JACCARD_DEFINITION,
                         "annotated_pixels": self.pixels, "per_class": self.per_class()},
             "confusion_matrix": {"rows": "truth", "columns": "prediction",
                                  "classes": self.class_names, "counts": self.confusion.tolist()},
@@ -130,8 +147,9 @@ class EvalResult:
         for c in self.per_class():
             lines.append(f"{c['id']:>3}  {c['name']:<{w}}  {f(c['iou'])}  {f(c['precision']):>9}  "
                          f"{f(c['recall'])}  {c['truth_pixels']:>10}  {c['predicted_pixels']:>12}")
-        acc, miou = _num(self.accuracy), _num(self.mean_iou)
-        lines.append(f"pixel accuracy {f(acc).strip()}, mean IoU {f(miou).strip()} over "
+        acc, miou, gj = _num(self.accuracy), _num(self.mean_iou), _num(self.global_jaccard)
+        lines.append(f"pixel accuracy {f(acc).strip()}, mean IoU {f(miou).strip()}, global "
+                     f"Jaccard {f(gj).strip()} (the Dubai study's jacard_coef) over "
                      f"{self.pixels} annotated pixels in {len(self.images)} image(s)")
         return "\n".join(lines)
 
@@ -203,7 +221,8 @@ def evaluate_model(model_path: str | Path | TesseraModel, source: DataSource | d
         cm += cmi
         mi = metrics_from_confusion(cmi)
         rows.append({"image": s.name, "annotated_pixels": int(cmi.sum()),
-                     "pixel_accuracy": _num(mi["accuracy"]), "mean_iou": _num(mi["mean_iou"])})
+                     "pixel_accuracy": _num(mi["accuracy"]), "mean_iou": _num(mi["mean_iou"]),
+                     "global_jaccard": _num(mi["global_jaccard"])})
     if cm.sum() == 0:
         raise ParameterError("no annotated pixel to evaluate (every labelled pixel is unannotated "
                              "or nodata in the image)")

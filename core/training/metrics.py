@@ -16,6 +16,20 @@ MEAN_IOU_DEFINITION = ("mean of per-class IoU over the classes present in the tr
                        "prediction; unannotated pixels are ignored")
 
 
+#: The metric the published Dubai study reports as "Jaccard coefficient" (0.755): its
+#: tutorial's ``jacard_coef``, one Jaccard index over every pixel and class of the one-hot truth
+#: and prediction, not a mean over classes. For hard predictions over N scored pixels with I
+#: correct, I / (2N - I) = accuracy / (2 - accuracy).
+GLOBAL_JACCARD_DEFINITION = ("the Dubai study's jacard_coef: one Jaccard index over all pixels "
+                             "and classes of one-hot truth and prediction, I / (2N - I) = "
+                             "accuracy / (2 - accuracy); not a mean over classes")
+
+
+def global_jaccard(accuracy: float) -> float:
+    """:data:`GLOBAL_JACCARD_DEFINITION` from a pixel accuracy (NaN stays NaN)."""
+    return accuracy / (2.0 - accuracy) if accuracy == accuracy else float("nan")
+
+
 def confusion(pred: np.ndarray, target: np.ndarray, n: int) -> np.ndarray:
     """``(n, n)`` int64 confusion matrix (rows = truth); ignored (255) pixels do not count."""
     ok = target != IGNORE
@@ -24,8 +38,9 @@ def confusion(pred: np.ndarray, target: np.ndarray, n: int) -> np.ndarray:
 
 
 def metrics_from_confusion(cm: np.ndarray) -> dict[str, Any]:
-    """``accuracy``, ``mean_iou`` (floats, NaN with no pixels) and per-class ``iou``,
-    ``precision``, ``recall`` (float arrays, NaN where undefined) of a confusion matrix."""
+    """``accuracy``, ``mean_iou``, ``global_jaccard`` (floats, NaN with no pixels; see
+    :data:`GLOBAL_JACCARD_DEFINITION`) and per-class ``iou``, ``precision``, ``recall`` (float
+    arrays, NaN where undefined) of a confusion matrix."""
     cm = np.asarray(cm, dtype=np.int64)
     tp = np.diag(cm).astype(np.float64)
     truth, pred = cm.sum(1).astype(np.float64), cm.sum(0).astype(np.float64)
@@ -35,8 +50,10 @@ def metrics_from_confusion(cm: np.ndarray) -> dict[str, Any]:
         precision = np.where(pred > 0, tp / pred, np.nan)
         recall = np.where(truth > 0, tp / truth, np.nan)
     total = cm.sum()
-    return {"accuracy": float(tp.sum() / total) if total else float("nan"),
+    acc = float(tp.sum() / total) if total else float("nan")
+    return {"accuracy": acc,
             "mean_iou": float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
+            "global_jaccard": global_jaccard(acc),
             "iou": iou, "precision": precision, "recall": recall}
 
 

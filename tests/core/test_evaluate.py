@@ -61,6 +61,22 @@ def test_metrics_from_a_confusion_matrix_are_exact():
     assert np.isnan(m["iou"][2]) and m["mean_iou"] == pytest.approx((3 / 4 + 4 / 5) / 2)
 
 
+def test_the_global_jaccard_is_the_studys_jacard_coef():
+    """The tutorial's jacard_coef on one-hot truth and prediction, computed literally, equals
+    the global Jaccard from the confusion matrix: accuracy 0.880 gives 0.786, not a mean IoU."""
+    from tessera.core.training.metrics import global_jaccard
+
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 6, 5000)
+    pred = np.where(rng.random(5000) < 0.88, truth, (truth + 1) % 6)
+    t, p = np.eye(6)[truth].ravel(), np.eye(6)[pred].ravel()
+    jacard_coef = (t * p).sum() / (t.sum() + p.sum() - (t * p).sum())  # the tutorial's, no +1
+    m = metrics_from_confusion(np.bincount(truth * 6 + pred, minlength=36).reshape(6, 6))
+    assert m["global_jaccard"] == pytest.approx(jacard_coef, rel=1e-12)
+    assert m["global_jaccard"] == pytest.approx(m["accuracy"] / (2 - m["accuracy"]))
+    assert round(global_jaccard(0.880), 3) == 0.786 and m["global_jaccard"] != m["mean_iou"]
+
+
 @pytest.mark.parametrize("overlap", [None, 0])
 def test_evaluation_is_exact_and_ignores_unannotated_pixels(tmp_path, scene, overlap):
     model = model_with(BrightnessModel())  # tiles of 64 px: the 40 x 50 image is one tile
@@ -74,7 +90,8 @@ def test_evaluation_is_exact_and_ignores_unannotated_pixels(tmp_path, scene, ove
     assert rows[2]["precision"] is None and rows[2]["truth_pixels"] == 10
     assert res.images == [{"image": "img.tif", "annotated_pixels": 280,
                            "pixel_accuracy": pytest.approx(200 / 280),
-                           "mean_iou": pytest.approx(res.mean_iou)}]
+                           "mean_iou": pytest.approx(res.mean_iou),
+                           "global_jaccard": pytest.approx(200 / (2 * 280 - 200))}]
 
 
 def test_tiling_and_blending_do_not_change_a_per_pixel_model(tmp_path):
@@ -113,6 +130,9 @@ def test_outputs_json_and_png(tmp_path, scene):
     assert rep["metrics"]["pixel_accuracy"] == pytest.approx(200 / 280)
     assert rep["metrics"]["per_class"][2]["precision"] is None
     assert "present in the truth or the prediction" in rep["metrics"]["mean_iou_definition"]
+    # the Dubai study's "Jaccard coefficient": one Jaccard over all pixels, I / (2N - I)
+    assert rep["metrics"]["global_jaccard"] == pytest.approx(200 / (2 * 280 - 200))
+    assert "jacard_coef" in rep["metrics"]["global_jaccard_definition"]
     with Image.open(out_png) as im:
         assert im.format == "PNG" and im.width > 600 and im.height > 300
         px = np.asarray(im.convert("RGB"))
@@ -198,7 +218,8 @@ def test_cli_evaluate_end_to_end(tmp_path, scene):
     assert lines[2].split() == ["0", "Building", f"{150 / 280:.4f}", f"{150 / 280:.4f}", "1.0000",
                                 "150", "280"]
     assert lines[3].split() == ["1", "Land", "0.0000", "-", "0.0000", "120", "0"]
-    assert f"pixel accuracy {150 / 280:.4f}, mean IoU {150 / 280 / 3:.4f} over 280 annotated" in p.stdout
+    assert (f"pixel accuracy {150 / 280:.4f}, mean IoU {150 / 280 / 3:.4f}, global Jaccard "
+            f"{150 / 410:.4f} (the Dubai study's jacard_coef) over 280 annotated") in p.stdout
     assert json.loads(out.read_text())["confusion_matrix"]["counts"] == [[150, 0, 0], [120, 0, 0],
                                                                            [10, 0, 0]]
     assert (tmp_path / "c.png").stat().st_size > 1000

@@ -83,6 +83,8 @@ def test_training_end_to_end_writes_a_valid_model_and_resumes(dataset, tmp_path)
     assert c.scaling.method == "divide" and c.mean == (0.485, 0.456, 0.406)
     assert c.card["epochs_completed"] in (1, 2) and "split by image" in c.card["data"]
     assert c.card["validation"]["mean_iou"] == pytest.approx(res["best_val_miou"], abs=1e-4)
+    acc = c.card["validation"]["pixel_accuracy"]  # and the Dubai study's own metric beside it
+    assert c.card["validation"]["global_jaccard"] == pytest.approx(acc / (2 - acc), abs=2e-4)
     state = json.loads((ck / "state.json").read_text())
     assert state["epoch"] == 2 and not list(ck.glob("*.part*"))
     # resuming a finished run does nothing more; a run with other settings is refused

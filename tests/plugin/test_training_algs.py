@@ -128,7 +128,8 @@ def test_the_provider_lists_the_training_algorithms(plugin):
     assert {o.name() for o in alg.outputDefinitions()} >= {"OUTPUT", "MEAN_IOU", "EPOCHS"}
     ev = reg.algorithmById("tessera:evaluate_model")
     assert {o.name() for o in ev.outputDefinitions()} >= {"OUTPUT_JSON", "OUTPUT_PNG",
-                                                          "ACCURACY", "MEAN_IOU"}
+                                                          "ACCURACY", "MEAN_IOU",
+                                                          "GLOBAL_JACCARD"}
 
 
 @pytest.mark.parametrize("params, message", [
@@ -239,6 +240,8 @@ def test_evaluate_model_without_a_chart(plugin, data_dir, train_data, tmp_path):
         "IMAGE": str(train_data / "image.tif"), "LABELS": str(train_data / "labels.tif"),
         "OUTPUT_JSON": str(tmp_path / "e.json")})
     assert res["ACCURACY"] == pytest.approx(N_WATER / N_VALID, abs=1e-6)
+    acc = N_WATER / N_VALID  # and the Dubai study's metric beside it: I / (2N - I)
+    assert res["GLOBAL_JACCARD"] == pytest.approx(acc / (2 - acc), abs=1e-6)
     assert not list(tmp_path.glob("*.png"))
 
 
