@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CancelledError, ClusterError, ParameterError
+from ..errors import CancelledError, ClusterError
 from ..io.atomic import atomic_outputs
 from ..io.raster import gdal_env, open_raster
 from ..io.sinks import verify_geotiff, write_failed
@@ -161,9 +161,10 @@ class PolygonTracer(threading.Thread):
     """Traces the polygons from :class:`PartRows` beside the running blocks."""
 
     def __init__(self, plan: Any, rows: PartRows, tmp: Path, final: Path,
-                 cancel: CancelFn | None) -> None:
+                 cancel: CancelFn | None, sink: Any = None) -> None:
         super().__init__(name="tessera-block-polygons", daemon=True)
         self.plan, self.rows, self.tmp, self.final, self.cancel = plan, rows, tmp, final, cancel
+        self.sink = sink  # a database's layer, or None: the GeoPackage ``tmp``
         self.result: Any = None
         self.error: BaseException | None = None
 
@@ -179,7 +180,7 @@ class PolygonTracer(threading.Thread):
                     self.rows, self.tmp, plan.outs.polygons.stem, plan.vec,
                     plan.contract.class_names, plan.contract.nodata_value,
                     plan.profile["transform"], plan.profile["crs"], self.cancel, breaks=breaks,
-                    final=self.final)
+                    final=self.final, sink=self.sink)
         except BaseException as exc:  # noqa: BLE001  (handed to the client's thread)
             self.error = exc
         finally:
@@ -240,8 +241,13 @@ def assemble(plan: Any, blocks: list[Block], folder: Path, temps: list[Path],
                 tracer.rows.abort()
         if tracer.error is not None:
             raise tracer.error
-        k = plan.polygons_temp_index
         out["polygons"] = tracer.result
+        if tracer.sink is not None:  # rows in a database
+            from .segment import _verify_rows
+
+            _verify_rows(tracer.sink, out["polygons"][0])
+            return out
+        k = plan.polygons_temp_index
         if plan.confidence:
             add_mean_confidence(temps[k], plan.outs.polygons.stem, temps[1], finals[k], cancel)
         verify_geopackage(temps[k], finals[k], plan.outs.polygons.stem, out["polygons"][0])
@@ -255,17 +261,14 @@ def segment_on_cluster(raster: str | Path, model: str | Path, out_dir: str | Pat
                        tile_rows: int = BLOCK_TILE_ROWS) -> Any:
     """Segment one raster with its blocks on the Dask cluster at ``address`` (see the
     module's notes); the outputs and the result as :func:`~.segment.segment_raster`'s."""
+    from ..io.postgis import redact
     from .cluster import PLUGIN, ModelOnWorker, _distributed, clean_up, connect
     from .inputs import georeferenced
-    from .segment import SegmentResult, _plan
+    from .segment import SegmentResult, _database, _plan
 
     t0, path = time.perf_counter(), str(raster)
     m = TesseraModel.open(model)
     outs = outputs or OutputPaths.for_stem(out_dir, stem or Path(path).stem)
-    if outs.polygons_db:
-        raise ParameterError("polygons into PostGIS from a raster split across a cluster are "
-                             "not supported yet: write the GeoPackage, or run the raster on "
-                             "one machine")
     with gdal_env(), open_raster(path) as src, georeferenced(src, path) as (ds, notes):
         plan = _plan(ds, path, m.contract, params, outs, notes, src.count)
     blocks = plan_blocks(plan.grid, tile_rows)
@@ -275,13 +278,9 @@ def segment_on_cluster(raster: str | Path, model: str | Path, out_dir: str | Pat
     stats: list[dict[str, Any]] = []
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        with atomic_outputs(*plan.finals) as temps:
+        with atomic_outputs(*plan.finals) as temps, _database(plan) as db:
             rows = PartRows(blocks, folder, plan.grid.width, plan.grid.height, path)
-            tracer = None
-            if plan.vec is not None:
-                k = plan.polygons_temp_index
-                tracer = PolygonTracer(plan, rows, temps[k], plan.finals[k], cancel)
-                tracer.start()
+            tracer = _tracer(plan, rows, temps, db, cancel)
             try:
                 client.register_plugin(ModelOnWorker(str(m.path), m.identity(), params),
                                        name=PLUGIN)
@@ -310,7 +309,8 @@ def segment_on_cluster(raster: str | Path, model: str | Path, out_dir: str | Pat
     res = SegmentResult(
         source=path, class_raster=str(outs.class_raster),
         confidence_raster=str(outs.confidence_raster) if plan.confidence else None,
-        polygons=str(outs.polygons) if plan.vec is not None else None,
+        polygons=(redact(outs.polygons_db) if outs.polygons_db else str(outs.polygons))
+        if plan.vec is not None else None,
         n_polygons=vec["polygons"][0] if plan.vec is not None else None,
         device=f"Dask cluster {address}", seconds=round(time.perf_counter() - t0, 3),
         seconds_segment=round(max(s["seconds"] for s in stats), 3), seconds_vectorize=0.0,
@@ -322,6 +322,21 @@ def segment_on_cluster(raster: str | Path, model: str | Path, out_dir: str | Pat
         res.area_m2_by_class = {c.class_names.get(k, str(k)): round(v, 3)
                                 for k, v in sorted(vec["polygons"][1].items())}
     return res
+
+
+def _tracer(plan: Any, rows: PartRows, temps: list[Path], db: Any,
+            cancel: CancelFn | None) -> PolygonTracer | None:
+    """The polygon tracer of a block run, started (into the database's layer, or the
+    GeoPackage's temporary); ``None`` without polygons."""
+    if plan.vec is None:
+        return None
+    if db is not None:
+        tracer = PolygonTracer(plan, rows, plan.outs.polygons, plan.outs.polygons, cancel, db)
+    else:
+        k = plan.polygons_temp_index
+        tracer = PolygonTracer(plan, rows, temps[k], plan.finals[k], cancel)
+    tracer.start()
+    return tracer
 
 
 def _collect(distributed: Any, futures: dict[Any, Block], client: Any, rows: PartRows,

@@ -264,6 +264,40 @@ def test_the_cli_splits_a_raster_across_the_cluster(cluster, tmp_path):
     _same_raster_outputs(tmp_path / "one", tmp_path / "c")
 
 
+def test_a_split_raster_writes_its_polygons_into_postgis(cluster, tmp_path):
+    import psycopg2
+    import shapely
+    from pgserver import postgres_server
+    from tessera.core.params import OutputPaths
+    from tessera.core.pipeline.blocks import segment_on_cluster
+    from tessera.core.pipeline.segment import segment_raster
+
+    src = write_raster(tmp_path / "big.tif", random_rgb(300, 260, seed=14))
+    model = tiny_unet(seed=10).save(tmp_path / "m.safetensors")
+    one = segment_raster(src, model, tmp_path / "one", BLOCKS)
+    ref = pyogrio.read_dataframe(one.polygons)
+    with postgres_server() as base:
+        url = f"{base}/gis?table=split_polygons"
+        out = tmp_path / "d"
+        outs = OutputPaths.for_stem(out, "big")
+        for _ in range(2):  # a rerun replaces the rows: no duplicates
+            res = segment_on_cluster(src, model, out, BLOCKS, cluster.address, tile_rows=2,
+                                     outputs=OutputPaths(outs.class_raster,
+                                                         outs.confidence_raster, outs.polygons,
+                                                         polygons_db=url))
+        con = psycopg2.connect(f"{base}/gis")
+        with con.cursor() as cur:
+            cur.execute("SELECT class_id, area_m2, ST_AsBinary(geom) FROM split_polygons "
+                        "ORDER BY id")
+            rows = cur.fetchall()
+        con.close()
+    assert res.polygons == url and not outs.polygons.exists()
+    assert len(rows) == len(ref) == res.n_polygons
+    assert [r[0] for r in rows] == ref["class_id"].tolist()
+    np.testing.assert_allclose([r[1] for r in rows], ref["area_m2"], rtol=1e-9)
+    assert all(shapely.from_wkb(bytes(r[2])).equals(g) for r, g in zip(rows, ref.geometry))
+
+
 def test_a_worker_killed_mid_batch_loses_and_duplicates_nothing(cluster, tmp_path):
     """Last in the module: it kills one of the two workers (a new one takes its place)."""
     src = _folder(tmp_path, 8, size=160)
