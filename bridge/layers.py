@@ -70,14 +70,14 @@ def default_output_dir(source: str, fallback: str) -> str:
 def postgis_layer(url: str, source: str, name: str) -> Any:
     """A QGIS layer of the polygons of ``source`` in the PostGIS table that ``url``
     (``postgresql://USER[:PASSWORD]@HOST:PORT/DB?table=[SCHEMA.]NAME``) names."""
-    from urllib.parse import parse_qsl, unquote, urlsplit
+    from urllib.parse import unquote, urlsplit
 
     from qgis.core import QgsDataSourceUri, QgsVectorLayer
 
+    from ..core.io.postgis import split_target
+
     parts = urlsplit(url)
-    query = dict(parse_qsl(parts.query))
-    table = query.pop("table", "tessera_polygons")
-    schema, _, table = table.rpartition(".")
+    schema, _, table = split_target(url)[1].rpartition(".")
     uri = QgsDataSourceUri()
     uri.setConnection(parts.hostname or "", str(parts.port or 5432),
                       parts.path.lstrip("/"), unquote(parts.username or ""),

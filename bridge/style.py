@@ -89,13 +89,18 @@ def style_polygons(layer: QgsVectorLayer, classes: ClassList) -> None:
     layer.triggerRepaint()
 
 
+def uncheck(layer: QgsMapLayer, project: QgsProject | None = None) -> None:
+    """Leave a new layer of Tessera's unchecked in the layer tree (it stays in its group)."""
+    node = (project or QgsProject.instance()).layerTreeRoot().findLayer(layer.id())
+    if node is not None:
+        node.setItemVisibilityChecked(False)
+
+
 def show_over_imagery(class_layer: QgsMapLayer, with_polygons: bool,
                       project: QgsProject | None = None) -> None:
     """A new class raster hidden when its polygons show the same classes, else drawn
     translucent, so the imagery below stays readable."""
     if with_polygons:
-        node = (project or QgsProject.instance()).layerTreeRoot().findLayer(class_layer.id())
-        if node is not None:
-            node.setItemVisibilityChecked(False)
+        uncheck(class_layer, project)
     else:
         class_layer.setOpacity(RASTER_OPACITY)

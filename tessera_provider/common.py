@@ -176,6 +176,7 @@ class StyleClasses(QgsProcessingLayerPostProcessorInterface):
             style_class_raster,
             style_confidence_raster,
             style_polygons,
+            uncheck,
         )
 
         if self.kind == "classes" and isinstance(layer, QgsRasterLayer):
@@ -183,10 +184,7 @@ class StyleClasses(QgsProcessingLayerPostProcessorInterface):
             show_over_imagery(layer, self.hidden, context.project())
         elif self.kind == "confidence" and isinstance(layer, QgsRasterLayer):
             style_confidence_raster(layer)
-            node = context.project().layerTreeRoot().findLayer(layer.id()) \
-                if context.project() is not None else None
-            if node is not None:
-                node.setItemVisibilityChecked(False)
+            uncheck(layer, context.project())
         elif self.kind == "polygons" and isinstance(layer, QgsVectorLayer):
             style_polygons(layer, self.classes)
 

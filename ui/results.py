@@ -14,6 +14,7 @@ from ..bridge.style import (
     style_class_raster,
     style_confidence_raster,
     style_polygons,
+    uncheck,
 )
 
 
@@ -62,9 +63,7 @@ def add_result_layers(result: dict[str, Any], classes: list[dict[str, Any]], sou
         group.addLayer(layer)
     kinds = dict(added)
     if "confidence" in kinds:
-        node = group.findLayer(kinds["confidence"].id())
-        if node is not None:
-            node.setItemVisibilityChecked(False)
+        uncheck(kinds["confidence"], project)
     if "classes" in kinds:
         show_over_imagery(kinds["classes"], "polygons" in kinds, project)
     return [layer for _, layer in added]

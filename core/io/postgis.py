@@ -11,12 +11,13 @@ The transaction is committed just before the run's files are, after the rows wer
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import numpy as np
-
 from ..errors import OutputError, ParameterError
+
+if TYPE_CHECKING:  # (QGIS imports split_target: nothing heavy at import time)
+    import numpy as np
 
 DEFAULT_TABLE = "tessera_polygons"
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$")

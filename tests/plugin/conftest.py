@@ -195,3 +195,17 @@ def active_raster(qgis_iface, path: Path, name: str, model: Path, out_dir: Path,
     qgis_iface.setActiveLayer(layer)
     RunSettings(model=str(model), output_dir=str(out_dir), **settings).save()
     return layer
+
+
+def run_in_dock(plugin, layer, model: Path, out_dir: Path):
+    """Open the panel, choose ``layer``, ``model`` and ``out_dir`` as a person would, press
+    Run and wait for the end; return the dock."""
+    plugin.show_dock()
+    dock = plugin.dock
+    dock.layer_combo.setLayer(layer)
+    dock.model_file.setFilePath(str(model))
+    dock.out_dir.setFilePath(str(out_dir))
+    dock.run_btn.click()
+    assert dock.task is not None
+    wait_for(lambda: dock.task is None)
+    return dock

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from conftest import active_raster, wait_for
+from conftest import active_raster, run_in_dock, wait_for
 from qgis.core import Qgis, QgsApplication, QgsProject, QgsTask
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -377,13 +377,7 @@ def test_the_dock_shows_the_results_summary_and_clears_it_for_another_layer(plug
     scene = QgsRasterLayer(str(data_dir / "scene.tif"), "scene")
     other = QgsRasterLayer(str(data_dir / "gray.tif"), "gray")
     project.addMapLayers([scene, other])
-    plugin.show_dock()
-    dock = plugin.dock
-    dock.layer_combo.setLayer(scene)
-    dock.model_file.setFilePath(str(data_dir / "water.safetensors"))
-    dock.out_dir.setFilePath(str(tmp_path / "d"))
-    dock.run_btn.click()
-    wait_for(lambda: dock.task is None)
+    dock = run_in_dock(plugin, scene, data_dir / "water.safetensors", tmp_path / "d")
     text = dock.results.text()
     assert dock.results.isVisibleTo(dock) and text.startswith("Tessera results\nscene:")
     assert "Water 4.56 ha" in text and "Polygons: 1" in text and "scene_water_classes.tif" in text

@@ -97,7 +97,7 @@ def test_a_pixel_size_warning_comes_once_before_the_run(plugin, data_dir, tmp_pa
 def test_the_toolbar_and_the_panel_show_a_pixel_size_warning_once(plugin, data_dir, qgis_iface,
                                                                    tmp_path):
     from affine import Affine
-    from conftest import active_raster, wait_for
+    from conftest import active_raster, run_in_dock, wait_for
     from qgis.core import Qgis, QgsProject
 
     src = write_raster(tmp_path / "coarse.tif", random_rgb(60, 60), crs="EPSG:32618",
@@ -117,12 +117,6 @@ def test_the_toolbar_and_the_panel_show_a_pixel_size_warning_once(plugin, data_d
     assert len(task.warnings) == 1 and "pixel size is about 30 m" in task.warnings[0]
     assert task.late_warnings == []  # all shown while it ran
 
-    plugin.show_dock()
-    dock = plugin.dock
-    dock.layer_combo.setLayer(layer)
-    dock.model_file.setFilePath(str(data_dir / "water.safetensors"))
-    dock.out_dir.setFilePath(str(tmp_path / "dock"))
-    dock.run_btn.click()
-    wait_for(lambda: dock.task is None)
+    dock = run_in_dock(plugin, layer, data_dir / "water.safetensors", tmp_path / "dock")
     assert dock.status.text().count("pixel size is about 30 m") == 1
     project.removeAllMapLayers()
