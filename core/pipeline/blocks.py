@@ -5,11 +5,14 @@ A worker runs block ``[a, b)`` — tile rows ``a`` to ``b - 1`` and, before them
 ``a - 1``, whose tiles reach into row ``a``'s pixels — through the same blend, in the same
 order, so its rows are the single-machine run's bit for bit; it writes the class rows (and the
 confidence rows) from the top of tile row ``a`` down to where tile row ``b`` begins as a part
-file, committed whole. The client then assembles the parts into one Cloud-Optimized GeoTIFF
-(tiled, deflate, overviews), traces the polygons over it with the strip breaks of the
-single-machine run, and commits the outputs together. Parts already there from an interrupted
-run of the same settings are not computed again. Memory per worker is one block's rolling
-band, as on one machine.
+file, and traces that part's polygons with the single-machine run's strips
+(:mod:`..vectorize.seams`: complete ones into the block's GeoPackage, the pieces at its seams
+aside), all committed whole. The client assembles the parts into one Cloud-Optimized GeoTIFF
+(tiled, deflate, overviews), copies the blocks' polygons into the run's sink as they come,
+joining the regions that cross block seams, and commits the outputs together. (With a sieve,
+whose halo would need the next block's rows, the client traces the polygons from the parts
+instead.) Parts already there from an interrupted run of the same settings are not computed
+again. Memory per worker is one block's rolling band, as on one machine.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import shutil
 import threading
 import time
@@ -35,8 +39,14 @@ from ..params import OutputPaths, SegmentParams
 from ..progress import CancelFn, Progress, ProgressFn
 from .manifest import run_record
 
-#: Tile rows per block (a block also computes the tile row above it: 1/8 more work).
+log = logging.getLogger(__name__)
+
+#: Tile rows per block when the cluster's size is not known (a block also computes the
+#: tile row above it: 1/8 more work).
 BLOCK_TILE_ROWS = 8
+#: Most tile rows in one block when they are sized to the cluster (a block killed with its
+#: worker is computed again whole: smaller blocks lose less).
+MAX_BLOCK_TILE_ROWS = 32
 #: Rows copied at a time when the parts are assembled.
 COPY_ROWS = 1024
 
@@ -51,8 +61,19 @@ class Block:
     row1: int
 
     def part(self, folder: Path, kind: str) -> Path:
-        """The part file of ``kind`` (``classes``, ``confidence``, ``done``: its record)."""
-        return folder / f"{kind}-{self.a:06d}-{self.b:06d}.{'json' if kind == 'done' else 'tif'}"
+        """The part file of ``kind``: ``classes``, ``confidence``, ``polygons`` (complete
+        ones), ``seams`` (the pieces at its seams), ``done`` (its record)."""
+        return folder / f"{kind}-{self.a:06d}-{self.b:06d}.{PART_EXT.get(kind, 'tif')}"
+
+
+#: The file type of each part that is not a GeoTIFF.
+PART_EXT = {"done": "json", "polygons": "gpkg", "seams": "npz"}
+
+
+def traced_on_workers(plan: Any) -> bool:
+    """Whether a block run's polygons are traced on the workers (not with a sieve: its
+    halo would need the next block's rows)."""
+    return plan.vec is not None and plan.vec.sieve_px <= 0
 
 
 def plan_blocks(grid: Any, tile_rows: int = BLOCK_TILE_ROWS) -> list[Block]:
@@ -61,6 +82,30 @@ def plan_blocks(grid: Any, tile_rows: int = BLOCK_TILE_ROWS) -> list[Block]:
     cuts = list(range(0, n, max(1, tile_rows))) + [n]
     return [Block(a, b, grid.row_offsets[a] if a else 0, grid.final_rows_after(b - 1))
             for a, b in itertools.pairwise(cuts)]
+
+
+def block_tile_rows(n_rows: int, slots: int) -> int:
+    """Tile rows per block for a grid of ``n_rows`` tile rows on ``slots`` worker threads.
+
+    Each block but the first also computes the tile row above it, so the fewer blocks the
+    less work: one per slot, of equal size (the first, without the extra row, may take one
+    more) — all slots busy to the end, the extra work ``(slots - 1) / n_rows``. A multiple of
+    the slots only when a block would exceed :data:`MAX_BLOCK_TILE_ROWS`.
+    Unknown (``slots`` 0): :data:`BLOCK_TILE_ROWS`."""
+    if slots <= 0:
+        return BLOCK_TILE_ROWS
+    per = -(-n_rows // slots)
+    if per > MAX_BLOCK_TILE_ROWS:
+        per = -(-n_rows // (slots * -(-per // MAX_BLOCK_TILE_ROWS)))
+    return max(1, per)
+
+
+def _slots(client: Any) -> int:
+    """Worker threads the cluster has now (0 when none has joined yet)."""
+    try:
+        return sum(int(w.get("nthreads", 1)) for w in client.scheduler_info()["workers"].values())
+    except Exception:  # noqa: BLE001  (an old scheduler: sized by the default)
+        return 0
 
 
 def parts_folder(out_dir: Path, stem: str, record: dict[str, Any]) -> Path:
@@ -76,20 +121,22 @@ def segment_block(raster: str, model: TesseraModel, params: SegmentParams, outs:
     histogram and skipped tiles. A block whose parts are there already is not run again."""
     from affine import Affine
 
+    from ..vectorize.seams import trace_block
     from .inputs import georeferenced
     from .run import Run
     from .segment import _open_sinks, _plan
 
-    done = block.part(folder, "done")
-    if done.exists():
-        return json.loads(done.read_text(encoding="utf-8"))
-    folder.mkdir(parents=True, exist_ok=True)
     contract = model.contract
     with gdal_env(), open_raster(raster) as src, georeferenced(src, raster) as (ds, notes):
         plan = _plan(ds, raster, contract, params, outs, notes, src.count)
+        kinds = (["classes"] + (["confidence"] if plan.confidence else [])
+                 + (["polygons", "seams"] if traced_on_workers(plan) else []))
+        done = block.part(folder, "done")
+        if done.exists() and all(block.part(folder, k).exists() for k in kinds):
+            return json.loads(done.read_text(encoding="utf-8"))
+        folder.mkdir(parents=True, exist_ok=True)
         profile = dict(plan.profile, height=block.row1 - block.row0,
                        transform=plan.profile["transform"] * Affine.translation(0, block.row0))
-        kinds = ["classes"] + (["confidence"] if plan.confidence else [])
         with atomic_outputs(*[block.part(folder, k) for k in kinds], done) as temps:
             sinks = _open_sinks(replace(plan, profile=profile), temps)
             try:
@@ -103,6 +150,15 @@ def segment_block(raster: str, model: TesseraModel, params: SegmentParams, outs:
             verify_geotiff(temps[0], block.part(folder, "classes"), stats["hist"])
             out = {"hist": stats["hist"].tolist(), "skipped": stats["skipped"],
                    "seconds": round(stats["seconds_segment"], 3)}
+            if plan.vec is not None and traced_on_workers(plan):
+                t0 = time.perf_counter()
+                k = kinds.index("polygons")
+                out["polygons"], out["seam_pieces"], out["guard_cuts"] = trace_block(
+                    temps[0], (block.row0, block.row1), plan.grid.height, temps[k],
+                    temps[k + 1], plan.vec, contract.class_names, contract.nodata_value,
+                    plan.profile["transform"], plan.profile["crs"], _breaks(plan.grid),
+                    final=block.part(folder, "polygons"))
+                out["seconds_vectorize"] = round(time.perf_counter() - t0, 3)
             temps[-1].write_text(json.dumps(out), encoding="utf-8")
     return out
 
@@ -124,6 +180,12 @@ class PartRows:
         """``block``'s part is complete."""
         self._ready[block.a].set()
 
+    def wait(self, block: Block) -> None:
+        """Until ``block``'s part is complete (:class:`CancelledError` after :meth:`abort`)."""
+        self._ready[block.a].wait()
+        if self._aborted:
+            raise CancelledError("cancelled")
+
     def abort(self) -> None:
         """Stop: every read raises :class:`CancelledError`."""
         self._aborted = True
@@ -141,9 +203,7 @@ class PartRows:
             lo, hi = max(r0, blk.row0), min(r1, blk.row1)
             if lo >= hi:
                 continue
-            self._ready[blk.a].wait()
-            if self._aborted:
-                raise CancelledError("cancelled")
+            self.wait(blk)
             if blk.a not in self._open:
                 self._open[blk.a] = rasterio.open(blk.part(self.folder, "classes"))
             out.append(self._open[blk.a].read(band, window=Window(0, lo - blk.row0,
@@ -166,6 +226,7 @@ class PolygonTracer(threading.Thread):
         self.plan, self.rows, self.tmp, self.final, self.cancel = plan, rows, tmp, final, cancel
         self.sink = sink  # a database's layer, or None: the GeoPackage ``tmp``
         self.result: Any = None
+        self.cuts: list[int] = []  # rows where the client's memory guard cut a region
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -173,18 +234,61 @@ class PolygonTracer(threading.Thread):
         from ..vectorize.writer import write_polygons
 
         plan = self.plan
-        breaks = tuple(plan.grid.final_rows_after(i) for i in range(plan.grid.shape[0]))
         try:
             with gdal_env():
                 self.result = write_polygons(
                     self.rows, self.tmp, plan.outs.polygons.stem, plan.vec,
                     plan.contract.class_names, plan.contract.nodata_value,
-                    plan.profile["transform"], plan.profile["crs"], self.cancel, breaks=breaks,
-                    final=self.final, sink=self.sink)
+                    plan.profile["transform"], plan.profile["crs"], self.cancel,
+                    breaks=_breaks(plan.grid), final=self.final, sink=self.sink)
         except BaseException as exc:  # noqa: BLE001  (handed to the client's thread)
             self.error = exc
         finally:
             self.rows.close()
+
+
+class SeamJoiner(PolygonTracer):
+    """Copies the polygons the workers traced into the run's sink, block by block as their
+    parts are finished, joining the regions that cross block seams
+    (:class:`~..vectorize.seams.SeamMerge`)."""
+
+    def run(self) -> None:
+        """Join (an error is kept for the client's thread)."""
+        from pyogrio.errors import DataLayerError, DataSourceError
+
+        from ..errors import TesseraError
+        from ..io.sinks import polygon_sink
+        from ..progress import check_cancel
+        from ..vectorize.seams import SeamMerge
+        from ..vectorize.writer import PolygonWriter
+
+        plan, rows = self.plan, self.rows
+        try:
+            with gdal_env():
+                sink = self.sink or polygon_sink(self.tmp, plan.outs.polygons.stem,
+                                                 plan.profile["crs"].to_wkt())
+                merge = SeamMerge(rows.width, rows.height, PolygonWriter(
+                    sink, plan.vec, plan.contract.class_names, plan.profile["transform"],
+                    plan.profile["crs"]))
+                self.cuts = merge.regions.cuts
+                try:
+                    for blk in rows.blocks:
+                        rows.wait(blk)
+                        check_cancel(self.cancel)
+                        merge.add_block((blk.row0, blk.row1), blk.part(rows.folder, "polygons"),
+                                        blk.part(rows.folder, "seams"), self.final)
+                    self.result = merge.finish()
+                except TesseraError:
+                    raise
+                except (OSError, DataSourceError, DataLayerError) as exc:
+                    raise write_failed(self.final, exc) from exc
+        except BaseException as exc:  # noqa: BLE001  (handed to the client's thread)
+            self.error = exc
+
+
+def _breaks(grid: Any) -> tuple[int, ...]:
+    """The rows where the single-machine run's polygon strips end (its tile rows' ends)."""
+    return tuple(grid.final_rows_after(i) for i in range(grid.shape[0]))
 
 
 def _copy_parts(blocks: list[Block], folder: Path, kind: str, sink: Any) -> None:
@@ -258,9 +362,10 @@ def segment_on_cluster(raster: str | Path, model: str | Path, out_dir: str | Pat
                        params: SegmentParams, address: str, *, stem: str | None = None,
                        outputs: OutputPaths | None = None, progress: ProgressFn | None = None,
                        cancel: CancelFn | None = None,
-                       tile_rows: int = BLOCK_TILE_ROWS) -> Any:
+                       tile_rows: int | None = None) -> Any:
     """Segment one raster with its blocks on the Dask cluster at ``address`` (see the
-    module's notes); the outputs and the result as :func:`~.segment.segment_raster`'s."""
+    module's notes); the outputs and the result as :func:`~.segment.segment_raster`'s.
+    ``tile_rows``: tile rows per block (default: sized to the cluster, :func:`block_tile_rows`)."""
     from ..io.postgis import redact
     from .cluster import PLUGIN, ModelOnWorker, _distributed, clean_up, connect
     from .inputs import georeferenced
@@ -271,10 +376,11 @@ def segment_on_cluster(raster: str | Path, model: str | Path, out_dir: str | Pat
     outs = outputs or OutputPaths.for_stem(out_dir, stem or Path(path).stem)
     with gdal_env(), open_raster(path) as src, georeferenced(src, path) as (ds, notes):
         plan = _plan(ds, path, m.contract, params, outs, notes, src.count)
-    blocks = plan_blocks(plan.grid, tile_rows)
     folder = parts_folder(outs.class_raster.parent, outs.class_raster.stem, run_record(path, m, params))
     distributed = _distributed()
     client, cluster = connect(address)
+    blocks = plan_blocks(plan.grid, tile_rows or block_tile_rows(plan.grid.shape[0],
+                                                                 _slots(client)))
     stats: list[dict[str, Any]] = []
     folder.mkdir(parents=True, exist_ok=True)
     try:
@@ -305,6 +411,11 @@ def segment_on_cluster(raster: str | Path, model: str | Path, out_dir: str | Pat
         if cluster is not None:
             cluster.close()
     shutil.rmtree(folder, ignore_errors=True)
+    cuts = sum(s.get("guard_cuts", 0) for s in stats) + len(getattr(tracer, "cuts", ()))
+    if cuts:
+        log.warning("%s: the memory guard cut %d large regions open at strip seams (at most "
+                    "%d vertices open at once; see max_region_vertices): each is more than "
+                    "one polygon", path, cuts, plan.vec.max_region_vertices)
     c = m.contract
     res = SegmentResult(
         source=path, class_raster=str(outs.class_raster),
@@ -313,7 +424,8 @@ def segment_on_cluster(raster: str | Path, model: str | Path, out_dir: str | Pat
         if plan.vec is not None else None,
         n_polygons=vec["polygons"][0] if plan.vec is not None else None,
         device=f"Dask cluster {address}", seconds=round(time.perf_counter() - t0, 3),
-        seconds_segment=round(max(s["seconds"] for s in stats), 3), seconds_vectorize=0.0,
+        seconds_segment=round(max(s["seconds"] for s in stats), 3),
+        seconds_vectorize=round(max(s.get("seconds_vectorize", 0.0) for s in stats), 3),
         megapixels=plan.grid.width * plan.grid.height / 1e6, tiles=len(plan.grid),
         tiles_skipped=sum(s["skipped"] for s in stats), tile_size=plan.grid.tile,
         overlap=plan.grid.overlap, batch_size=params.batch_size,
@@ -330,11 +442,12 @@ def _tracer(plan: Any, rows: PartRows, temps: list[Path], db: Any,
     GeoPackage's temporary); ``None`` without polygons."""
     if plan.vec is None:
         return None
+    kind = SeamJoiner if traced_on_workers(plan) else PolygonTracer
     if db is not None:
-        tracer = PolygonTracer(plan, rows, plan.outs.polygons, plan.outs.polygons, cancel, db)
+        tracer = kind(plan, rows, plan.outs.polygons, plan.outs.polygons, cancel, db)
     else:
         k = plan.polygons_temp_index
-        tracer = PolygonTracer(plan, rows, temps[k], plan.finals[k], cancel)
+        tracer = kind(plan, rows, temps[k], plan.finals[k], cancel)
     tracer.start()
     return tracer
 

@@ -181,7 +181,9 @@ def iter_class_polygons(ds: Any, strip_rows: int, sieve_px: int = 0,
                         cancel: CancelFn | None = None,
                         on_rows: Callable[[int], None] | None = None,
                         max_open_vertices: int = 0,
-                        breaks: tuple[int, ...] = ()) -> Iterator[tuple[int, Any]]:
+                        breaks: tuple[int, ...] = (),
+                        rows: tuple[int, int] | None = None,
+                        cuts: list[int] | None = None) -> Iterator[tuple[int, Any]]:
     """Yield ``(class value, polygon)`` for every 4-connected region of band 1, once each.
 
     ``ds``: anything with ``height``, ``width`` and rasterio's ``read(1, window=...)`` (a rasterio
@@ -198,14 +200,25 @@ def iter_class_polygons(ds: Any, strip_rows: int, sieve_px: int = 0,
     seam (logged as a warning). ``breaks``: rows where a strip must end, for rows that arrive
     in blocks (the engine's tile rows): each block is then cut into equal strips of at most
     the usual height, so no strip waits for the next block and the last one is short.
+    ``rows=(start, stop)``: only the strips between those rows (both among the ``breaks``, or
+    0 and the height): the regions of one block of a raster cut into blocks, traced with the
+    strips of the whole raster's run. Regions reaching row ``start`` or ``stop`` are then
+    pieces of the regions that cross the block's seams (see :mod:`.seams`). ``cuts``, when
+    given, receives the row of every cut the memory guard makes.
     """
     import shapely
     from affine import Affine
     from rasterio.features import shapes
 
     height, width = int(ds.height), int(ds.width)
-    regions = _OpenRegions(width)
-    for r0, r1 in _strip_bounds(height, strip_height(strip_rows, width), breaks):
+    regions = OpenRegions(width, cuts)
+    bounds_all = _strip_bounds(height, strip_height(strip_rows, width), breaks)
+    if rows is not None:
+        start, stop = rows
+        if {start, stop} - {0, height} - set(breaks):
+            raise ValueError(f"rows {start} to {stop} do not start and end at breaks")
+        bounds_all = [(r0, r1) for r0, r1 in bounds_all if start <= r0 and r1 <= stop]
+    for r0, r1 in bounds_all:
         check_cancel(cancel)
         arr, keep = _strip(ds, r0, r1, sieve_px, nodata)
         for v in skip_values:
@@ -232,14 +245,15 @@ def iter_class_polygons(ds: Any, strip_rows: int, sieve_px: int = 0,
     yield from regions.finalize_rest()
 
 
-class _OpenRegions:
+class OpenRegions:
     """The regions still open at the current strip seam: strip pieces joined by union-find
     (pieces of one class sharing an edge on a seam) and unioned once a region is complete.
 
     ``seam_gid[x]`` is the region of pixel (seam row - 1, x); -1: none.
     """
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, cuts: list[int] | None = None) -> None:
+        self.cuts = cuts if cuts is not None else []  # rows where the memory guard cut
         self.groups: dict[int, _Group] = {}      # open regions, by union-find root
         self.parent: dict[int, int] = {}         # union-find over group ids (compacted per strip)
         self.next_id = 0
@@ -316,6 +330,7 @@ class _OpenRegions:
                             "cut there to keep memory bounded", max_open_vertices, r1,
                             groups[gid].cls)
                 yield from self.finalize(gid)
+                self.cuts.append(r1)
                 still_open.discard(gid)
                 new_seam[new_seam == gid] = -1
         self.parent.clear()  # only the open roots can be reached from the new seam

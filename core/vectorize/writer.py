@@ -132,96 +132,143 @@ def _pieces(nverts: np.ndarray, limit: int) -> list[tuple[int, int]]:
 
 
 
+class PolygonWriter:
+    """Polygons into a :class:`~..io.sinks.PolygonSink`: those found in *pixel* space
+    (:meth:`add`) are measured (``pixels``, ``area_m2``), filtered by ``params.min_area_m2``,
+    simplified by ``params.simplify_px`` and moved into the CRS; those measured already
+    (:meth:`add_measured`, in the CRS) go in as they are. Written in bounded pieces;
+    :meth:`finish` writes the rest and returns ``(count, m² per class id)``."""
+
+    def __init__(self, sink: PolygonSink, params: VectorizeParams, names: dict[int, str],
+                 transform: Any, crs: Any) -> None:
+        self.sink, self.params, self.names = sink, params, names
+        self.transform, self.crs = transform, crs
+        self.n_total = 0
+        self.areas: dict[int, float] = {}
+        self.first = True
+        self.batch: list[tuple[int, Any]] = []
+        # measured and in the CRS, not yet written: (class ids, m², pixels, geoms)
+        self.ready: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add(self, cls: int, poly: Any) -> None:
+        """One pixel-space polygon of class ``cls``."""
+        self.batch.append((cls, poly))
+        if len(self.batch) >= WRITE_BATCH:
+            self.flush()
+
+    def add_measured(self, cls: np.ndarray, area: np.ndarray, pixels: np.ndarray,
+                     geoms: np.ndarray) -> None:
+        """Polygons measured and in the CRS already (simplified and filtered as
+        :meth:`add` would)."""
+        self.ready.append((np.asarray(cls, np.int32), np.asarray(area, np.float64),
+                           np.asarray(pixels, np.int64), geoms))
+        if sum(len(r[0]) for r in self.ready) >= WRITE_BATCH:
+            self.flush()
+
+    def prepare(self) -> None:
+        """Measure the polygons found so far and move them into the CRS (done at each strip's
+        end, so that when polygonizing beside the model little is left after its last tile)."""
+        import shapely
+
+        if not self.batch:
+            return
+        a, b, c, d, e, f = (self.transform.a, self.transform.b, self.transform.c,
+                            self.transform.d, self.transform.e, self.transform.f)
+
+        def to_crs(xy: np.ndarray) -> np.ndarray:
+            return np.column_stack([a * xy[:, 0] + b * xy[:, 1] + c,
+                                    d * xy[:, 0] + e * xy[:, 1] + f])
+
+        params = self.params
+        cls = np.array([k for k, _ in self.batch], dtype=np.int32)
+        pix = np.empty(len(self.batch), dtype=object)
+        pix[:] = [g for _, g in self.batch]
+        self.batch.clear()
+        pixels = np.rint(shapely.area(pix)).astype(np.int64)
+        area = polygon_areas_m2(pix, self.transform, self.crs)
+        keep = area >= params.min_area_m2 if params.min_area_m2 > 0 else np.ones(len(pix), bool)
+        geoms = pix[keep]
+        if params.simplify_px > 0 and len(geoms):
+            geoms = shapely.simplify(geoms, params.simplify_px, preserve_topology=True)
+        geoms = shapely.transform(geoms, to_crs) if len(geoms) else geoms
+        self.ready.append((cls[keep], area[keep].astype(np.float64), pixels[keep], geoms))
+
+    def pending(self) -> int:
+        """Polygons measured and not yet written."""
+        return sum(len(r[0]) for r in self.ready)
+
+    def flush(self) -> None:
+        """Write everything held."""
+        import shapely
+
+        self.prepare()
+        empty = (np.zeros(0, np.int32), np.zeros(0), np.zeros(0, np.int64), np.empty(0, object))
+        cls, area, pixels, geoms = (np.concatenate(col) for col in zip(*(self.ready or [empty])))
+        self.ready.clear()
+        names = self.names
+        for i0, i1 in _pieces(shapely.get_num_coordinates(geoms), WRITE_VERTICES):
+            k = cls[i0:i1]
+            self.sink.write(k, np.array([names.get(int(v), f"class {int(v)}") for v in k],
+                                        dtype=object), area[i0:i1], pixels[i0:i1], geoms[i0:i1])
+            self.first = False
+        for k, ar in zip(cls, area):
+            self.areas[int(k)] = self.areas.get(int(k), 0.0) + float(ar)
+        self.n_total += len(cls)
+
+    def finish(self) -> tuple[int, dict[int, float]]:
+        """Write the rest (and create the layer when nothing was found)."""
+        if self.batch or self.ready or self.first:
+            self.flush()
+        return self.n_total, self.areas
+
+
 def write_polygons(source: Any, tmp: Path, layer: str, params: VectorizeParams,
                    names: dict[int, str], nodata: int | None, transform: Any, crs: Any,
                    cancel: CancelFn | None = None,
                    on_rows: Callable[[int], None] | None = None,
                    breaks: tuple[int, ...] = (),
                    final: Path | None = None,
-                   sink: PolygonSink | None = None) -> tuple[int, dict[int, float]]:
+                   sink: PolygonSink | None = None,
+                   rows: tuple[int, int] | None = None,
+                   divert: Callable[[int, Any], bool] | None = None,
+                   cuts: list[int] | None = None) -> tuple[int, dict[int, float]]:
     """Polygonize ``source`` into the GeoPackage ``tmp``; return ``(count, m² per class id)``.
 
     ``source``: anything with ``height``, ``width`` and rasterio's ``read(1, window=...)``;
     ``transform``/``crs``: its georeferencing. ``tmp`` is written as is (callers wrap it in
     :func:`~..io.atomic.atomic_outputs`). Polygons below ``params.min_area_m2`` are dropped;
     ``params.simplify_px`` simplifies in pixels after ``pixels`` and ``area_m2`` are measured.
-    ``breaks``: see :func:`iter_class_polygons`. Raises :class:`OutputError` naming ``final``
-    (the output ``tmp`` becomes) when the GeoPackage cannot be written.
+    ``breaks``, ``rows``, ``cuts``: see :func:`iter_class_polygons`. ``divert(class, polygon)``, when
+    given, takes the (pixel-space) polygons it returns true for: they are not written.
+    Raises :class:`OutputError` naming ``final`` (the output ``tmp`` becomes) when the
+    GeoPackage cannot be written.
     """
-    import shapely
     from pyogrio.errors import DataLayerError, DataSourceError
 
     skip = _resolve_skip(params.skip_classes, names)
-    a, b, c, d, e, f = transform.a, transform.b, transform.c, transform.d, transform.e, transform.f
-    sink = sink or polygon_sink(tmp, layer, crs.to_wkt())  # a database's, or the GeoPackage
-
-    def to_crs(xy: np.ndarray) -> np.ndarray:
-        return np.column_stack([a * xy[:, 0] + b * xy[:, 1] + c, d * xy[:, 0] + e * xy[:, 1] + f])
-
-    n_total = 0
-    areas: dict[int, float] = {}
-    first = True
-    batch: list[tuple[int, Any]] = []
-    # polygons measured and moved into the CRS, not yet written: (class ids, m², pixels, geoms)
-    ready: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-
-    def prepare() -> None:
-        """Measure the polygons found so far and move them into the CRS (done at each strip's
-        end, so that when polygonizing beside the model little is left after its last tile)."""
-        if not batch:
-            return
-        cls = np.array([k for k, _ in batch], dtype=np.int32)
-        pix = np.empty(len(batch), dtype=object)
-        pix[:] = [g for _, g in batch]
-        batch.clear()
-        pixels = np.rint(shapely.area(pix)).astype(np.int64)
-        area = polygon_areas_m2(pix, transform, crs)
-        keep = area >= params.min_area_m2 if params.min_area_m2 > 0 else np.ones(len(pix), bool)
-        geoms = pix[keep]
-        if params.simplify_px > 0 and len(geoms):
-            geoms = shapely.simplify(geoms, params.simplify_px, preserve_topology=True)
-        geoms = shapely.transform(geoms, to_crs) if len(geoms) else geoms
-        ready.append((cls[keep], area[keep].astype(np.float64), pixels[keep], geoms))
-
-    def flush() -> None:
-        nonlocal first, n_total
-        prepare()
-        empty = (np.zeros(0, np.int32), np.zeros(0), np.zeros(0, np.int64), np.empty(0, object))
-        cls, area, pixels, geoms = (np.concatenate(col) for col in zip(*(ready or [empty])))
-        ready.clear()
-        for i0, i1 in _pieces(shapely.get_num_coordinates(geoms), WRITE_VERTICES):
-            k = cls[i0:i1]
-            sink.write(k, np.array([names.get(int(v), f"class {int(v)}") for v in k],
-                                   dtype=object), area[i0:i1], pixels[i0:i1], geoms[i0:i1])
-            first = False
-        for k, ar in zip(cls, area):
-            areas[int(k)] = areas.get(int(k), 0.0) + float(ar)
-        n_total += len(cls)
-
+    writer = PolygonWriter(sink or polygon_sink(tmp, layer, crs.to_wkt()), params, names,
+                           transform, crs)  # a database's sink, or the GeoPackage
     break_rows = frozenset(breaks)
 
-    def strip_done(rows: int) -> None:
-        prepare()
-        if sum(len(r[0]) for r in ready) >= (BREAK_FLUSH if rows in break_rows else STRIP_FLUSH):
-            flush()
+    def strip_done(r: int) -> None:
+        writer.prepare()
+        if writer.pending() >= (BREAK_FLUSH if r in break_rows else STRIP_FLUSH):
+            writer.flush()
         if on_rows is not None:
-            on_rows(rows)
+            on_rows(r)
 
     try:
         for cls_v, poly in iter_class_polygons(
                 source, params.strip_rows, params.sieve_px, skip, nodata, cancel,
                 on_rows=strip_done, max_open_vertices=params.max_region_vertices,
-                breaks=breaks):
-            batch.append((cls_v, poly))
-            if len(batch) >= WRITE_BATCH:
-                flush()
-        if batch or ready or first:  # also creates the (empty) layer when there is nothing
-            flush()
+                breaks=breaks, rows=rows, cuts=cuts):
+            if divert is None or not divert(cls_v, poly):
+                writer.add(cls_v, poly)
+        return writer.finish()
     except TesseraError:
         raise
     except (OSError, DataSourceError, DataLayerError) as exc:
         raise write_failed(final or tmp, exc) from exc
-    return n_total, areas
 
 
 

@@ -4,6 +4,7 @@ a worker killed with SIGKILL mid-batch, the client killed mid-batch, an unreacha
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -200,13 +202,41 @@ def _same_raster_outputs(a: Path, b: Path, stem: str = "big") -> None:
             assert y.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"  # cloud-optimized
             if kind == "classes":
                 assert x.colormap(1) == y.colormap(1)
-    ga = pyogrio.read_dataframe(a / f"{stem}_polygons.gpkg")
-    gb = pyogrio.read_dataframe(b / f"{stem}_polygons.gpkg")
+    ga = _in_order(pyogrio.read_dataframe(a / f"{stem}_polygons.gpkg"))
+    gb = _in_order(pyogrio.read_dataframe(b / f"{stem}_polygons.gpkg"))
     assert len(ga) == len(gb) > 10
     assert ga["class_id"].tolist() == gb["class_id"].tolist()
+    assert ga["pixels"].tolist() == gb["pixels"].tolist()
     np.testing.assert_allclose(ga["area_m2"], gb["area_m2"], rtol=1e-9)
     np.testing.assert_allclose(ga["confidence"], gb["confidence"], atol=1e-9)
     assert all(x.equals(y) for x, y in zip(ga.geometry, gb.geometry))
+
+
+def _in_order(df):
+    """Polygons in one order whatever order they were written in (a split raster's come
+    block by block, the regions crossing block seams last): by class, bounds and size."""
+    b = df.geometry.bounds
+    return df.assign(_x=b.minx, _y=b.maxy).sort_values(
+        ["class_id", "_y", "_x", "pixels"], ascending=[True, False, True, True],
+        kind="stable").reset_index(drop=True)
+
+
+@pytest.mark.parametrize("n_rows, slots, per, n_blocks", [
+    (19, 2, 10, 2),     # the 8192² benchmark on 2 workers: loads 10 and 9 + 1
+    (19, 1, 19, 1),     # one worker: one block, no extra row at all
+    (223, 4, 28, 8),    # a 100,000-px mosaic on 4: two rounds, no block over 32 tile rows
+    (223, 100, 3, 75),  # more slots than pays: a few idle, blocks of 3 + 1
+    (5, 0, 8, 1),       # no worker has joined yet: the default
+])
+def test_blocks_are_sized_to_keep_every_worker_busy(n_rows, slots, per, n_blocks):
+    from tessera.core.pipeline.blocks import MAX_BLOCK_TILE_ROWS, block_tile_rows
+
+    assert block_tile_rows(n_rows, slots) == per
+    cuts = list(range(0, n_rows, per)) + [n_rows]
+    loads = [b - a + (a > 0) for a, b in itertools.pairwise(cuts)]  # + the halo tile row
+    assert len(loads) == n_blocks and max(loads) <= min(per, MAX_BLOCK_TILE_ROWS) + 1
+    if n_blocks == slots:
+        assert max(loads) - min(loads) <= 1  # one block each, balanced
 
 
 def test_one_raster_split_across_two_workers_equals_one_machine(cluster, tmp_path):
@@ -238,6 +268,7 @@ def test_a_restarted_block_run_keeps_the_blocks_finished(cluster, tmp_path):
     done = sorted(out.glob(".big_classes.tessera-blocks-*/done-*.json"))
     assert done and not (out / "big_classes.tif").exists()  # nothing under the final names
     record = json.loads(done[0].read_text())
+    assert record["polygons"] > 0 and record["seam_pieces"] > 0  # traced on the worker
     record["seconds"] = 12345.0  # a mark: a block run again would not carry it
     done[0].write_text(json.dumps(record))
     res = segment_on_cluster(src, model, out, BLOCKS, cluster.address, tile_rows=2)
@@ -264,7 +295,38 @@ def test_the_cli_splits_a_raster_across_the_cluster(cluster, tmp_path):
     _same_raster_outputs(tmp_path / "one", tmp_path / "c")
 
 
+def test_the_client_killed_mid_split_raster_resumes_from_the_blocks_done(cluster, tmp_path):
+    src = write_raster(tmp_path / "big.tif", random_rgb(640, 300, seed=17))
+    model = tiny_unet(seed=13).save(tmp_path / "m.safetensors")
+    out = tmp_path / "c"
+    cmd = [str(BIN / "tessera"), "segment", str(src), "--model", str(model), "--out", str(out),
+           "--cluster", cluster.address, "--tile-size", "64", "--overlap", "16",
+           "--confidence", "--threads", "1", "--json"]
+    client = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=cluster.env)
+    t = time.monotonic()
+    while not list(out.glob(".big_classes.tessera-blocks-*/done-*.json")):
+        assert client.poll() is None and time.monotonic() - t < 240, "no block finished"
+        time.sleep(0.05)
+    client.send_signal(signal.SIGKILL)
+    client.wait()
+    assert not (out / "big_classes.tif").exists()  # nothing under the final names
+    done = sorted(out.glob(".big_classes.tessera-blocks-*/done-*.json"))
+    record = json.loads(done[0].read_text())
+    record["seconds"] = 12345.0  # a mark: the block is not computed again
+    done[0].write_text(json.dumps(record))
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=cluster.env)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["seconds_segment"] == 12345.0
+    from tessera.core.pipeline.segment import segment_raster
+
+    segment_raster(src, model, tmp_path / "one", BLOCKS)
+    _same_raster_outputs(tmp_path / "one", out)
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
 def test_a_split_raster_writes_its_polygons_into_postgis(cluster, tmp_path):
+    import geopandas as gpd
     import psycopg2
     import shapely
     from pgserver import postgres_server
@@ -275,7 +337,7 @@ def test_a_split_raster_writes_its_polygons_into_postgis(cluster, tmp_path):
     src = write_raster(tmp_path / "big.tif", random_rgb(300, 260, seed=14))
     model = tiny_unet(seed=10).save(tmp_path / "m.safetensors")
     one = segment_raster(src, model, tmp_path / "one", BLOCKS)
-    ref = pyogrio.read_dataframe(one.polygons)
+    ref = _in_order(pyogrio.read_dataframe(one.polygons))
     with postgres_server() as base:
         url = f"{base}/gis?table=split_polygons"
         out = tmp_path / "d"
@@ -287,15 +349,74 @@ def test_a_split_raster_writes_its_polygons_into_postgis(cluster, tmp_path):
                                                          polygons_db=url))
         con = psycopg2.connect(f"{base}/gis")
         with con.cursor() as cur:
-            cur.execute("SELECT class_id, area_m2, ST_AsBinary(geom) FROM split_polygons "
-                        "ORDER BY id")
+            cur.execute("SELECT class_id, area_m2, pixels, ST_AsBinary(geom) FROM "
+                        "split_polygons ORDER BY id")
             rows = cur.fetchall()
         con.close()
     assert res.polygons == url and not outs.polygons.exists()
-    assert len(rows) == len(ref) == res.n_polygons
-    assert [r[0] for r in rows] == ref["class_id"].tolist()
-    np.testing.assert_allclose([r[1] for r in rows], ref["area_m2"], rtol=1e-9)
-    assert all(shapely.from_wkb(bytes(r[2])).equals(g) for r, g in zip(rows, ref.geometry))
+    got = _in_order(gpd.GeoDataFrame(
+        {"class_id": [r[0] for r in rows], "area_m2": [r[1] for r in rows],
+         "pixels": [r[2] for r in rows]},
+        geometry=[shapely.from_wkb(bytes(r[3])) for r in rows]))
+    assert len(got) == len(ref) == res.n_polygons
+    assert got["class_id"].tolist() == ref["class_id"].tolist()
+    assert got["pixels"].tolist() == ref["pixels"].tolist()
+    np.testing.assert_allclose(got["area_m2"], ref["area_m2"], rtol=1e-9)
+    assert all(x.equals(g) for x, g in zip(got.geometry, ref.geometry))
+
+
+def test_a_sieved_split_raster_traces_on_the_client_and_equals_one_machine(cluster, tmp_path):
+    """A sieve's halo needs the next block's rows: the client traces these from the parts."""
+    from tessera.core.params import VectorizeParams
+    from tessera.core.pipeline.blocks import segment_on_cluster
+    from tessera.core.pipeline.segment import segment_raster
+
+    params = replace(BLOCKS, vectorize=VectorizeParams(sieve_px=6))
+    src = write_raster(tmp_path / "big.tif", random_rgb(300, 260, seed=15))
+    model = tiny_unet(seed=11).save(tmp_path / "m.safetensors")
+    one = segment_raster(src, model, tmp_path / "one", params)
+    res = segment_on_cluster(src, model, tmp_path / "dask", params, cluster.address, tile_rows=2)
+    _same_raster_outputs(tmp_path / "one", tmp_path / "dask")
+    assert res.n_polygons == one.n_polygons
+    plain = segment_raster(src, model, tmp_path / "plain", BLOCKS)
+    assert one.n_polygons < plain.n_polygons  # the sieve did merge specks
+
+
+def _a_live_worker(cluster: Cluster) -> subprocess.Popen:
+    return next(w for w in cluster.workers if w.poll() is None)
+
+
+def test_a_worker_killed_mid_split_raster_changes_nothing(cluster, tmp_path):
+    """A worker SIGKILLed while the blocks run: its blocks run on the other one; the outputs
+    are the undisturbed run's, nothing is duplicated, no temporary is left."""
+    from tessera.core.pipeline.blocks import segment_on_cluster
+    from tessera.core.pipeline.segment import segment_raster
+
+    src = write_raster(tmp_path / "big.tif", random_rgb(640, 300, seed=16))
+    model = tiny_unet(seed=12).save(tmp_path / "m.safetensors")
+    seen, killed = [], []
+
+    def progress(p):
+        seen.append(p)
+        if len(seen) == 1:  # one block done: kill a worker that is running one now
+            with cluster.client() as c:
+                busy = [a for a, keys in c.processing().items() if keys]
+                pids = c.run(os.getpid)
+            victim = next(w for w in cluster.workers if w.pid == pids[busy[0]])
+            victim.send_signal(signal.SIGKILL)
+            killed.append(victim)
+
+    res = segment_on_cluster(src, model, tmp_path / "dask", BLOCKS, cluster.address,
+                             tile_rows=2, progress=progress)
+    assert killed and killed[0].wait(timeout=30) == -signal.SIGKILL
+    blocks = [p.message for p in seen if "blocks on the cluster" in p.message]
+    assert blocks[-1] == f"{len(blocks)}/{len(blocks)} blocks on the cluster"  # each once
+    one = segment_raster(src, model, tmp_path / "one", BLOCKS)
+    _same_raster_outputs(tmp_path / "one", tmp_path / "dask")
+    assert res.n_polygons == one.n_polygons and res.class_pixels == one.class_pixels
+    assert [p.name for p in (tmp_path / "dask").iterdir() if p.name.startswith(".")] == []
+    cluster.add_worker()
+    cluster.wait_for_workers(2)
 
 
 def test_a_worker_killed_mid_batch_loses_and_duplicates_nothing(cluster, tmp_path):
@@ -304,16 +425,17 @@ def test_a_worker_killed_mid_batch_loses_and_duplicates_nothing(cluster, tmp_pat
     model = tiny_unet(seed=6).save(tmp_path / "m.safetensors")
     rows = []
     killed = threading.Event()
+    victim = _a_live_worker(cluster)
 
     def on_file(row):
         rows.append(row)
         if not killed.is_set():  # after the first file: the other worker is mid-file
             killed.set()
-            cluster.workers[0].send_signal(signal.SIGKILL)
+            victim.send_signal(signal.SIGKILL)
 
     rep = segment_folder(src, model, tmp_path / "o", PARAMS, on_file=on_file,
                          executor=DaskExecutor(cluster.address))
-    assert killed.is_set() and cluster.workers[0].wait(timeout=30) == -signal.SIGKILL
+    assert killed.is_set() and victim.wait(timeout=30) == -signal.SIGKILL
     assert [r.status for r in rep.rows] == ["done"] * 8
     assert sorted(r.file for r in rows) == sorted(f"tile_{k:02d}.tif" for k in range(8))
     segment_folder(src, model, tmp_path / "local", PARAMS)
