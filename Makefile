@@ -6,6 +6,7 @@
 #   make test-qgis-matrix  only the real-QGIS tier on the other QGIS versions (tools/qgis_matrix.sh)
 #   make bench    CPU benchmarks: throughput, peak memory, int8 and overlap (BENCHMARKS.md)
 #   make bench-cluster  the Dask path (local:2) against the plain local run, at equal cores
+#   make bench-gpu  the CUDA path on a GPU machine (benchmarks/bench_gpu.py; OUT=folder)
 #   make train-default  retrain the shipped default model (DUBAI=folder, TRAIN_ARGS=...)
 #   make package  build the installable plugin zip (dist/tessera-<version>.zip)
 #   make deploy   install that zip into the local QGIS profile, using this checkout's venv
@@ -29,10 +30,10 @@ export QT_QPA_PLATFORM := offscreen
 # Never let a library reach for the internet at run time.
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help setup test test-core test-plugin test-qgis-matrix bench bench-cluster demo lint clean package deploy train-default
+.PHONY: help setup test test-core test-plugin test-qgis-matrix bench bench-cluster bench-gpu demo lint clean package deploy train-default
 
 help:
-	@sed -n '2,15p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,16p' Makefile | sed 's/^# \{0,1\}//'
 
 setup: $(STAMP)
 
@@ -101,6 +102,19 @@ bench: setup
 # The Dask path against the plain local run at equal cores (issue 19): prints a table
 bench-cluster: setup
 	$(PY) benchmarks/bench_cluster.py
+
+# On the GPU machine, which has PyTorch but not this venv: its own python3, the wheels carried
+# in .whl/ (tools/gpu_wheels.sh), this checkout importable as `tessera`. Here (no GPU):
+# BENCH_GPU_ARGS=--quick rehearses it on the CPU in the venv.
+BENCH_GPU_ARGS ?=
+bench-gpu:
+	@set -e; if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile \
+	  --no-cache-dir --upgrade --target /tmp/tessera-site .whl/*.whl; fi; \
+	mkdir -p /tmp/tessera-pkg; ln -sfn "$(CURDIR)" /tmp/tessera-pkg/tessera; \
+	py=python3; [ -x $(PY) ] && $(PY) -c 'import torch.cuda as c; assert c.is_available()' \
+	  2>/dev/null && py=$(PY); case "$(BENCH_GPU_ARGS)" in *--quick*) py=$(PY);; esac; \
+	PYTHONPATH=/tmp/tessera-site:/tmp/tessera-pkg PYTHONUNBUFFERED=1 $$py benchmarks/bench_gpu.py \
+	  --out "$${OUT:-bench-gpu-out}" $(BENCH_GPU_ARGS)
 
 # The shipped default model's recipe (its model card): 100 epochs of 1300 patches, batch 16,
 # peak learning rate 0.002. On one H200 about 6 minutes (two runs sharing it); on a 2-core

@@ -366,10 +366,9 @@ def segment_on_cluster(raster: str | Path, model: str | Path, out_dir: str | Pat
     """Segment one raster with its blocks on the Dask cluster at ``address`` (see the
     module's notes); the outputs and the result as :func:`~.segment.segment_raster`'s.
     ``tile_rows``: tile rows per block (default: sized to the cluster, :func:`block_tile_rows`)."""
-    from ..io.postgis import redact
     from .cluster import PLUGIN, ModelOnWorker, _distributed, clean_up, connect
     from .inputs import georeferenced
-    from .segment import SegmentResult, _database, _plan
+    from .segment import _database, _plan
 
     t0, path = time.perf_counter(), str(raster)
     m = TesseraModel.open(model)
@@ -411,11 +410,26 @@ def segment_on_cluster(raster: str | Path, model: str | Path, out_dir: str | Pat
         if cluster is not None:
             cluster.close()
     shutil.rmtree(folder, ignore_errors=True)
-    cuts = sum(s.get("guard_cuts", 0) for s in stats) + len(getattr(tracer, "cuts", ()))
-    if cuts:
+    _say_cuts(plan, path, sum(s.get("guard_cuts", 0) for s in stats)
+              + len(getattr(tracer, "cuts", ())))
+    return _result(plan, m, params, outs, address, stats, hist, vec, path, t0)
+
+
+def _say_cuts(plan: Any, path: str, cuts: int) -> None:
+    """One warning for the memory guard's cuts on the workers and the client."""
+    if cuts and plan.vec is not None:
         log.warning("%s: the memory guard cut %d large regions open at strip seams (at most "
                     "%d vertices open at once; see max_region_vertices): each is more than "
                     "one polygon", path, cuts, plan.vec.max_region_vertices)
+
+
+def _result(plan: Any, m: TesseraModel, params: SegmentParams, outs: OutputPaths,
+            address: str, stats: list[dict[str, Any]], hist: np.ndarray,
+            vec: dict[str, Any], path: str, t0: float) -> Any:
+    """The :class:`~.segment.SegmentResult` of a block run."""
+    from ..io.postgis import redact
+    from .segment import SegmentResult
+
     c = m.contract
     res = SegmentResult(
         source=path, class_raster=str(outs.class_raster),
