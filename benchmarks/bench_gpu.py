@@ -1,6 +1,6 @@
 """`make bench-gpu`: the CUDA path measured in one prepared run (issue 20).
 
-On a GPU machine that starts bare, in one go (about 5 minutes on an H200):
+On a GPU machine that starts bare, in one go (sized to finish well inside 10 minutes):
 1. the machine: GPU, driver, CUDA, PyTorch, segmentation-models-pytorch, rasterio, CPU cores;
 2. model-only throughput of the U-Net/ResNet34 on 512² tiles: fp32, fp16 and bf16 autocast,
    channels-last (and ``torch.compile`` with ``--compile``), CUDA-synchronized timings;
