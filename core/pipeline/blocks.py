@@ -121,7 +121,8 @@ def segment_block(raster: str, model: TesseraModel, params: SegmentParams, outs:
     histogram and skipped tiles. A block whose parts are there already is not run again."""
     from affine import Affine
 
-    from ..vectorize.seams import trace_block
+    from ..io.sinks import verify_geopackage
+    from ..vectorize.seams import BLOCK_LAYER, trace_block
     from .inputs import georeferenced
     from .run import Run
     from .segment import _open_sinks, _plan
@@ -158,6 +159,8 @@ def segment_block(raster: str, model: TesseraModel, params: SegmentParams, outs:
                     temps[k + 1], plan.vec, contract.class_names, contract.nodata_value,
                     plan.profile["transform"], plan.profile["crs"], _breaks(plan.grid),
                     final=block.part(folder, "polygons"))
+                verify_geopackage(temps[k], block.part(folder, "polygons"), BLOCK_LAYER,
+                                  out["polygons"])
                 out["seconds_vectorize"] = round(time.perf_counter() - t0, 3)
             temps[-1].write_text(json.dumps(out), encoding="utf-8")
     return out
