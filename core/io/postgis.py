@@ -114,6 +114,8 @@ class PostgisLayer:
                             "area_m2 double precision NOT NULL, pixels bigint NOT NULL, "
                             "source text NOT NULL, "
                             f"geom geometry(Polygon, {self.srid}) NOT NULL)")
+                # the polygon's mean confidence (0..1) when the run makes the confidence raster
+                cur.execute(f"ALTER TABLE {t} ADD COLUMN IF NOT EXISTS confidence real")  # nosec B608
                 cur.execute(f'CREATE INDEX IF NOT EXISTS "{index}_geom_idx" ON {t} '  # nosec B608
                             "USING gist (geom)")
                 cur.execute(f'CREATE INDEX IF NOT EXISTS "{index}_source_idx" ON {t} (source)')
@@ -150,6 +152,27 @@ class PostgisLayer:
         except psycopg2.Error as exc:
             raise self._sql_error(exc) from exc
         self.rows += len(rows)
+
+    def chunk(self, after: int, n: int) -> list[tuple[int, bytes]]:
+        """``(id, WKB)`` of up to ``n`` of this source's rows with ids above ``after``, by id."""
+        with self.con.cursor() as cur:
+            cur.execute(f"SELECT id, ST_AsBinary(geom) FROM {_quoted(self.table)} "  # nosec B608
+                        "WHERE source = %s AND id > %s ORDER BY id LIMIT %s",
+                        (self.source, int(after), int(n)))
+            return [(int(i), bytes(g)) for i, g in cur.fetchall()]
+
+    def set_confidence(self, rows: list[tuple[int, float]]) -> None:
+        """Set ``confidence`` of the rows ``(id, value)``."""
+        import psycopg2
+        from psycopg2.extras import execute_values
+
+        try:
+            with self.con.cursor() as cur:
+                execute_values(cur, f"UPDATE {_quoted(self.table)} AS t SET confidence = "  # nosec B608
+                               "v.c FROM (VALUES %s) AS v(id, c) WHERE t.id = v.id", rows,
+                               template="(%s::bigint, %s::real)", page_size=PAGE)
+        except psycopg2.Error as exc:
+            raise self._sql_error(exc) from exc
 
     def count(self) -> int:
         """The rows of this source in the table, as this transaction sees them."""

@@ -350,8 +350,11 @@ def assemble(plan: Any, blocks: list[Block], folder: Path, temps: list[Path],
             raise tracer.error
         out["polygons"] = tracer.result
         if tracer.sink is not None:  # rows in a database
+            from ..vectorize.confidence import add_mean_confidence_db
             from .segment import _verify_rows
 
+            if plan.confidence:
+                add_mean_confidence_db(tracer.sink, temps[1], plan.outs.polygons_db, cancel)
             _verify_rows(tracer.sink, out["polygons"][0])
             return out
         k = plan.polygons_temp_index

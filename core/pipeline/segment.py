@@ -53,7 +53,7 @@ from ..model.files import TesseraModel
 from ..params import OutputPaths, SegmentParams, VectorizeParams, Window, check_tile_overlap
 from ..progress import CancelFn, Meter, Progress, ProgressFn
 from ..vectorize.area import check_area_crs
-from ..vectorize.confidence import add_mean_confidence
+from ..vectorize.confidence import add_mean_confidence, add_mean_confidence_db
 from .band import RowBand
 from .inputs import InputView, band_count, check_values, georeferenced, palette_lut, sample_values
 from .manifest import run_record, write_manifest
@@ -205,9 +205,12 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
             finally:
                 for sink in sinks:
                     sink.close()
-            if plan.vec is not None and plan.confidence and db is None:  # both complete now
-                add_mean_confidence(temps[plan.polygons_temp_index], plan.outs.polygons.stem,
-                                    temps[1], plan.outs.polygons, cancel)
+            if plan.vec is not None and plan.confidence:  # both complete now
+                if db is None:
+                    add_mean_confidence(temps[plan.polygons_temp_index], plan.outs.polygons.stem,
+                                        temps[1], plan.outs.polygons, cancel)
+                else:
+                    add_mean_confidence_db(db, temps[1], plan.outs.polygons_db, cancel)
             _verify(plan, temps, stats, gdal_errors)
             if db is not None:
                 _verify_rows(db, stats["polygons"][0])

@@ -83,13 +83,7 @@ def add_mean_confidence(gpkg: Path, layer: str, confidence: Path, final: Path,
     done = 0
     try:
         with rasterio.open(confidence) as ds:
-            inv = ~ds.transform
-            a, b, c, d, e, f = inv.a, inv.b, inv.c, inv.d, inv.e, inv.f
-
-            def to_pixels(xy: np.ndarray) -> np.ndarray:
-                return np.column_stack([a * xy[:, 0] + b * xy[:, 1] + c,
-                                        d * xy[:, 0] + e * xy[:, 1] + f])
-
+            to_pixels = _to_pixels(ds)
             con = sqlite3.connect(gpkg, isolation_level=None)
             try:
                 con.execute("BEGIN")
@@ -120,5 +114,40 @@ def add_mean_confidence(gpkg: Path, layer: str, confidence: Path, final: Path,
             finally:
                 con.close()
     except (OSError, sqlite3.Error) as exc:
+        raise write_failed(final, exc) from exc
+    return done
+
+
+def _to_pixels(ds: Any) -> Any:
+    """A shapely coordinate transform from ``ds``'s CRS into its pixel space."""
+    inv = ~ds.transform
+    a, b, c, d, e, f = inv.a, inv.b, inv.c, inv.d, inv.e, inv.f
+
+    def to_pixels(xy: np.ndarray) -> np.ndarray:
+        return np.column_stack([a * xy[:, 0] + b * xy[:, 1] + c, d * xy[:, 0] + e * xy[:, 1] + f])
+
+    return to_pixels
+
+
+def add_mean_confidence_db(db: Any, confidence: Path, final: Any,
+                           cancel: CancelFn | None = None) -> int:
+    """The :data:`FIELD` of every row of ``db`` (a :class:`~..io.postgis.PostgisLayer`, its
+    transaction still open) from the confidence raster ``confidence``; the rows done."""
+    import rasterio
+    import shapely
+
+    done, after = 0, 0
+    try:
+        with rasterio.open(confidence) as ds:
+            to_pixels = _to_pixels(ds)
+            while rows := db.chunk(after, CHUNK):
+                if cancel is not None and cancel():
+                    raise CancelledError("cancelled while measuring the polygons' confidence")
+                geoms = shapely.transform(shapely.from_wkb([g for _, g in rows]), to_pixels)
+                db.set_confidence([(i, round(_mean(ds, g), 4))
+                                   for (i, _), g in zip(rows, geoms)])
+                done += len(rows)
+                after = rows[-1][0]
+    except OSError as exc:
         raise write_failed(final, exc) from exc
     return done

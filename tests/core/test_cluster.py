@@ -349,15 +349,16 @@ def test_a_split_raster_writes_its_polygons_into_postgis(cluster, tmp_path):
                                                          polygons_db=url))
         con = psycopg2.connect(f"{base}/gis")
         with con.cursor() as cur:
-            cur.execute("SELECT class_id, area_m2, pixels, ST_AsBinary(geom) FROM "
-                        "split_polygons ORDER BY id")
+            cur.execute("SELECT class_id, area_m2, pixels, confidence, ST_AsBinary(geom) "
+                        "FROM split_polygons ORDER BY id")
             rows = cur.fetchall()
         con.close()
     assert res.polygons == url and not outs.polygons.exists()
     got = _in_order(gpd.GeoDataFrame(
         {"class_id": [r[0] for r in rows], "area_m2": [r[1] for r in rows],
-         "pixels": [r[2] for r in rows]},
-        geometry=[shapely.from_wkb(bytes(r[3])) for r in rows]))
+         "pixels": [r[2] for r in rows], "confidence": [r[3] for r in rows]},
+        geometry=[shapely.from_wkb(bytes(r[4])) for r in rows]))
+    np.testing.assert_allclose(got["confidence"], ref["confidence"], atol=1e-4)
     assert len(got) == len(ref) == res.n_polygons
     assert got["class_id"].tolist() == ref["class_id"].tolist()
     assert got["pixels"].tolist() == ref["pixels"].tolist()

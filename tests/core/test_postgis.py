@@ -79,6 +79,35 @@ def test_polygons_into_postgis_equal_the_geopackage_and_a_rerun_replaces_them(po
     assert len(_rows(postgres)) == len(ref) + n_other > len(ref)
 
 
+def test_the_rows_get_the_polygons_mean_confidence_with_the_confidence_raster(postgres,
+                                                                             tmp_path):
+    src = write_raster(tmp_path / "a.tif", random_rgb(60, 70, seed=4))
+    model = tiny_unet(seed=4)
+    params = SegmentParams(confidence=True)
+    ref = pyogrio.read_dataframe(segment_raster(src, model, tmp_path / "g", params).polygons)
+    out = tmp_path / "d"
+    outs = OutputPaths.for_stem(out, "a")
+    url = _db(postgres, "conf_polygons")
+
+    def confidences():
+        con = psycopg2.connect(f"{postgres}/gis")
+        with con.cursor() as cur:
+            cur.execute("SELECT confidence FROM conf_polygons ORDER BY id")
+            got = [r[0] for r in cur.fetchall()]
+        con.close()
+        return got
+
+    segment_raster(src, model, out, SegmentParams(), outputs=OutputPaths(
+        outs.class_raster, outs.confidence_raster, outs.polygons, polygons_db=url))
+    assert set(confidences()) == {None}  # no confidence raster: no value, not a made-up one
+    segment_raster(src, model, out, params, outputs=OutputPaths(
+        outs.class_raster, outs.confidence_raster, outs.polygons, polygons_db=url))
+    got = confidences()
+    assert len(got) == len(ref) > 3 and ref["confidence"].between(0, 1).all()
+    np.testing.assert_allclose(got, ref["confidence"], atol=1e-4)  # real: 4 decimals kept
+    assert len(set(got)) > 1
+
+
 def test_a_failed_run_leaves_the_table_as_it_was(postgres, tmp_path):
     src = write_raster(tmp_path / "a.tif", random_rgb(200, 200, seed=4))
     model = tiny_unet(seed=4)
