@@ -301,7 +301,7 @@ def main() -> int:
         if a.device != "cpu":
             res["oom"] = oom_halving(model, 512, a.oom_batch)
         small = make_raster(work / "agree.tif", a.agree_size)
-        res["agreement"] = agreement(model, small, work, a.device if a.device != "cpu" else "cpu")
+        res["agreement"] = agreement(model, small, work, a.device)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         (out / "bench_gpu.json").write_text(json.dumps(res, indent=2, default=str))

@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -35,7 +35,7 @@ from ..io.atomic import atomic_outputs
 from ..io.raster import gdal_env, open_raster
 from ..io.sinks import verify_geotiff, write_failed
 from ..model.files import TesseraModel
-from ..params import OutputPaths, SegmentParams
+from ..params import OutputPaths, SegmentParams, VectorizeParams
 from ..progress import CancelFn, Progress, ProgressFn
 from .manifest import run_record
 
@@ -70,10 +70,17 @@ class Block:
 PART_EXT = {"done": "json", "polygons": "gpkg", "seams": "npz"}
 
 
-def traced_on_workers(plan: Any) -> bool:
-    """Whether a block run's polygons are traced on the workers (not with a sieve: its
-    halo would need the next block's rows)."""
-    return plan.vec is not None and plan.vec.sieve_px <= 0
+def traced_on_workers(vec: VectorizeParams | None) -> TypeGuard[VectorizeParams]:
+    """Whether a block run's polygons (``vec``: ``None`` for none) are traced on the workers
+    (not with a sieve: its halo would need the next block's rows)."""
+    return vec is not None and vec.sieve_px <= 0
+
+
+def _part_kinds(params: SegmentParams) -> list[str]:
+    """The parts a block writes, its record (``done``) aside."""
+    vec = params.vectorize if params.vectorize.enabled else None
+    return (["classes"] + (["confidence"] if params.confidence else [])
+            + (["polygons", "seams"] if traced_on_workers(vec) else []))
 
 
 def plan_blocks(grid: Any, tile_rows: int = BLOCK_TILE_ROWS) -> list[Block]:
@@ -127,15 +134,13 @@ def segment_block(raster: str, model: TesseraModel, params: SegmentParams, outs:
     from .run import Run
     from .segment import _open_sinks, _plan
 
+    kinds, done = _part_kinds(params), block.part(folder, "done")
+    if done.exists() and all(block.part(folder, k).exists() for k in kinds):
+        return json.loads(done.read_text(encoding="utf-8"))
+    folder.mkdir(parents=True, exist_ok=True)
     contract = model.contract
     with gdal_env(), open_raster(raster) as src, georeferenced(src, raster) as (ds, notes):
         plan = _plan(ds, raster, contract, params, outs, notes, src.count)
-        kinds = (["classes"] + (["confidence"] if plan.confidence else [])
-                 + (["polygons", "seams"] if traced_on_workers(plan) else []))
-        done = block.part(folder, "done")
-        if done.exists() and all(block.part(folder, k).exists() for k in kinds):
-            return json.loads(done.read_text(encoding="utf-8"))
-        folder.mkdir(parents=True, exist_ok=True)
         profile = dict(plan.profile, height=block.row1 - block.row0,
                        transform=plan.profile["transform"] * Affine.translation(0, block.row0))
         with atomic_outputs(*[block.part(folder, k) for k in kinds], done) as temps:
@@ -151,7 +156,7 @@ def segment_block(raster: str, model: TesseraModel, params: SegmentParams, outs:
             verify_geotiff(temps[0], block.part(folder, "classes"), stats["hist"])
             out = {"hist": stats["hist"].tolist(), "skipped": stats["skipped"],
                    "seconds": round(stats["seconds_segment"], 3)}
-            if plan.vec is not None and traced_on_workers(plan):
+            if traced_on_workers(plan.vec):
                 t0 = time.perf_counter()
                 k = kinds.index("polygons")
                 out["polygons"], out["seam_pieces"], out["guard_cuts"] = trace_block(
@@ -257,34 +262,26 @@ class SeamJoiner(PolygonTracer):
 
     def run(self) -> None:
         """Join (an error is kept for the client's thread)."""
-        from pyogrio.errors import DataLayerError, DataSourceError
-
-        from ..errors import TesseraError
         from ..io.sinks import polygon_sink
         from ..progress import check_cancel
         from ..vectorize.seams import SeamMerge
-        from ..vectorize.writer import PolygonWriter
+        from ..vectorize.writer import PolygonWriter, write_errors
 
         plan, rows = self.plan, self.rows
         try:
-            with gdal_env():
+            with gdal_env(), write_errors(self.final):
                 sink = self.sink or polygon_sink(self.tmp, plan.outs.polygons.stem,
                                                  plan.profile["crs"].to_wkt())
                 merge = SeamMerge(rows.width, rows.height, PolygonWriter(
                     sink, plan.vec, plan.contract.class_names, plan.profile["transform"],
                     plan.profile["crs"]))
                 self.cuts = merge.regions.cuts
-                try:
-                    for blk in rows.blocks:
-                        rows.wait(blk)
-                        check_cancel(self.cancel)
-                        merge.add_block((blk.row0, blk.row1), blk.part(rows.folder, "polygons"),
-                                        blk.part(rows.folder, "seams"), self.final)
-                    self.result = merge.finish()
-                except TesseraError:
-                    raise
-                except (OSError, DataSourceError, DataLayerError) as exc:
-                    raise write_failed(self.final, exc) from exc
+                for blk in rows.blocks:
+                    rows.wait(blk)
+                    check_cancel(self.cancel)
+                    merge.add_block((blk.row0, blk.row1), blk.part(rows.folder, "polygons"),
+                                    blk.part(rows.folder, "seams"))
+                self.result = merge.finish()
         except BaseException as exc:  # noqa: BLE001  (handed to the client's thread)
             self.error = exc
 
@@ -324,8 +321,7 @@ def assemble(plan: Any, blocks: list[Block], folder: Path, temps: list[Path],
     temporaries ``temps``; returns the polygons' ``(count, m² per class id)`` when traced
     (by ``tracer``, which has been reading the parts as they came)."""
     from ..io.sinks import verify_geopackage
-    from ..vectorize.confidence import add_mean_confidence
-    from .segment import _open_sinks
+    from .segment import _add_confidence, _open_sinks, _verify_rows
 
     finals = plan.finals
     out: dict[str, Any] = {}
@@ -349,17 +345,11 @@ def assemble(plan: Any, blocks: list[Block], folder: Path, temps: list[Path],
         if tracer.error is not None:
             raise tracer.error
         out["polygons"] = tracer.result
+        _add_confidence(plan, temps, tracer.sink, cancel)
         if tracer.sink is not None:  # rows in a database
-            from ..vectorize.confidence import add_mean_confidence_db
-            from .segment import _verify_rows
-
-            if plan.confidence:
-                add_mean_confidence_db(tracer.sink, temps[1], plan.outs.polygons_db, cancel)
             _verify_rows(tracer.sink, out["polygons"][0])
             return out
         k = plan.polygons_temp_index
-        if plan.confidence:
-            add_mean_confidence(temps[k], plan.outs.polygons.stem, temps[1], finals[k], cancel)
         verify_geopackage(temps[k], finals[k], plan.outs.polygons.stem, out["polygons"][0])
     return out
 
@@ -462,7 +452,7 @@ def _tracer(plan: Any, rows: PartRows, temps: list[Path], db: Any,
     GeoPackage's temporary); ``None`` without polygons."""
     if plan.vec is None:
         return None
-    kind = SeamJoiner if traced_on_workers(plan) else PolygonTracer
+    kind = SeamJoiner if traced_on_workers(plan.vec) else PolygonTracer
     if db is not None:
         tracer = kind(plan, rows, plan.outs.polygons, plan.outs.polygons, cancel, db)
     else:

@@ -205,12 +205,7 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
             finally:
                 for sink in sinks:
                     sink.close()
-            if plan.vec is not None and plan.confidence:  # both complete now
-                if db is None:
-                    add_mean_confidence(temps[plan.polygons_temp_index], plan.outs.polygons.stem,
-                                        temps[1], plan.outs.polygons, cancel)
-                else:
-                    add_mean_confidence_db(db, temps[1], plan.outs.polygons_db, cancel)
+            _add_confidence(plan, temps, db, cancel)  # polygons and confidence complete now
             _verify(plan, temps, stats, gdal_errors)
             if db is not None:
                 _verify_rows(db, stats["polygons"][0])
@@ -474,6 +469,18 @@ def _database(plan: _Plan) -> Iterator[Any]:
         db.rollback()
         raise
     db.commit()
+
+
+def _add_confidence(plan: _Plan, temps: list[Path], db: Any, cancel: CancelFn | None) -> None:
+    """The polygons' ``confidence`` (GeoPackage field or database column) when the run makes
+    both the polygons and the confidence raster (``temps[1]``)."""
+    if plan.vec is None or not plan.confidence:
+        return
+    if db is None:
+        add_mean_confidence(temps[plan.polygons_temp_index], plan.outs.polygons.stem,
+                            temps[1], plan.outs.polygons, cancel)
+    else:
+        add_mean_confidence_db(db, temps[1], plan.outs.polygons_db, cancel)
 
 
 def _verify_rows(db: Any, n_polygons: int) -> None:

@@ -30,10 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from ..io.sinks import write_failed
 from ..params import VectorizeParams
 from .polygonize import OpenRegions
-from .writer import BREAK_FLUSH, PolygonWriter, write_polygons
+from .writer import PolygonWriter, write_polygons
 
 #: The layer of a block's GeoPackage.
 BLOCK_LAYER = "polygons"
@@ -130,17 +129,13 @@ class SeamMerge:
         self.regions = OpenRegions(width)  # its ``cuts``: rows where the memory guard cut
         self.width = width
 
-    def add_block(self, rows: tuple[int, int], gpkg: Path, seams: Path,
-                  final: Path | None = None) -> None:
+    def add_block(self, rows: tuple[int, int], gpkg: Path, seams: Path) -> None:
         """The block of rows ``rows`` (the next one down), from its two files."""
         import shapely
 
         row0, row1 = rows
-        try:
-            for cls, area, pixels, geoms in _complete(gpkg):
-                self.writer.add_measured(cls, area, pixels, geoms)
-        except OSError as exc:
-            raise write_failed(final or gpkg, exc) from exc
+        for cls, area, pixels, geoms in _complete(gpkg):
+            self.writer.add_measured(cls, area, pixels, geoms)
         cls, pieces = load_pieces(seams)
         new_seam = np.full(self.width, -1, dtype=np.int64)
         if len(pieces):
@@ -153,9 +148,7 @@ class SeamMerge:
         for c, poly in self.regions.end_strip(new_seam, row1, row1 == self.height,
                                               self.writer.params.max_region_vertices):
             self.writer.add(c, poly)
-        self.writer.prepare()
-        if self.writer.pending() >= BREAK_FLUSH:
-            self.writer.flush()
+        self.writer.strip_done(at_break=True)
 
     def finish(self) -> tuple[int, dict[int, float]]:
         """Whatever is still open, then the rest written: ``(count, m² per class id)``."""

@@ -13,7 +13,8 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,7 +163,7 @@ class PolygonWriter:
         :meth:`add` would)."""
         self.ready.append((np.asarray(cls, np.int32), np.asarray(area, np.float64),
                            np.asarray(pixels, np.int64), geoms))
-        if sum(len(r[0]) for r in self.ready) >= WRITE_BATCH:
+        if self.pending() >= WRITE_BATCH:
             self.flush()
 
     def prepare(self) -> None:
@@ -196,6 +197,13 @@ class PolygonWriter:
     def pending(self) -> int:
         """Polygons measured and not yet written."""
         return sum(len(r[0]) for r in self.ready)
+
+    def strip_done(self, at_break: bool) -> None:
+        """A strip (or a block) is done: measure what it found; write once enough is held
+        (:data:`BREAK_FLUSH` at a break, :data:`STRIP_FLUSH` otherwise)."""
+        self.prepare()
+        if self.pending() >= (BREAK_FLUSH if at_break else STRIP_FLUSH):
+            self.flush()
 
     def flush(self) -> None:
         """Write everything held."""
@@ -243,21 +251,17 @@ def write_polygons(source: Any, tmp: Path, layer: str, params: VectorizeParams,
     Raises :class:`OutputError` naming ``final`` (the output ``tmp`` becomes) when the
     GeoPackage cannot be written.
     """
-    from pyogrio.errors import DataLayerError, DataSourceError
-
     skip = _resolve_skip(params.skip_classes, names)
     writer = PolygonWriter(sink or polygon_sink(tmp, layer, crs.to_wkt()), params, names,
                            transform, crs)  # a database's sink, or the GeoPackage
     break_rows = frozenset(breaks)
 
     def strip_done(r: int) -> None:
-        writer.prepare()
-        if writer.pending() >= (BREAK_FLUSH if r in break_rows else STRIP_FLUSH):
-            writer.flush()
+        writer.strip_done(r in break_rows)
         if on_rows is not None:
             on_rows(r)
 
-    try:
+    with write_errors(final or tmp):
         for cls_v, poly in iter_class_polygons(
                 source, params.strip_rows, params.sieve_px, skip, nodata, cancel,
                 on_rows=strip_done, max_open_vertices=params.max_region_vertices,
@@ -265,10 +269,20 @@ def write_polygons(source: Any, tmp: Path, layer: str, params: VectorizeParams,
             if divert is None or not divert(cls_v, poly):
                 writer.add(cls_v, poly)
         return writer.finish()
+
+
+@contextmanager
+def write_errors(final: Path) -> Iterator[None]:
+    """A failed write of the polygons (file system, GDAL) as the :class:`OutputError` of
+    :func:`~..io.sinks.write_failed` for ``final``; Tessera's own errors as they are."""
+    from pyogrio.errors import DataLayerError, DataSourceError
+
+    try:
+        yield
     except TesseraError:
         raise
     except (OSError, DataSourceError, DataLayerError) as exc:
-        raise write_failed(final or tmp, exc) from exc
+        raise write_failed(final, exc) from exc
 
 
 
