@@ -177,10 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(a, bar)
     except KeyboardInterrupt as exc:
-        return _interrupted(exc, bar)
+        return _interrupted(exc, bar, argv is None)
     except TesseraError as exc:
         if isinstance(exc, CancelledError) and isinstance(exc.__cause__, KeyboardInterrupt):
-            return _interrupted(exc.__cause__, bar)
+            return _interrupted(exc.__cause__, bar, argv is None)
         bar.close()
         print(f"tessera: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -188,11 +188,19 @@ def main(argv: list[str] | None = None) -> int:
         bar.close()
 
 
-def _interrupted(exc: KeyboardInterrupt, bar: ProgressBar) -> int:
+def _interrupted(exc: KeyboardInterrupt, bar: ProgressBar, now: bool = False) -> int:
+    """Say that the run stopped (its outputs are gone by now); ``now``, as the command
+    itself: exit at once, not after the threads of the stopped run (an interpreter's exit
+    waits for a thread pool's task in flight, an ONNX export say)."""
     bar.close()
     what = "terminated" if isinstance(exc, Terminated) else "interrupted"
     print(f"tessera: {what}; no partial outputs were left", file=sys.stderr)
-    return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+    code = EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+    if now:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _run(job: Any, bar: ProgressBar) -> Any:
