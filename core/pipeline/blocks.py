@@ -31,7 +31,7 @@ from typing import Any, TypeGuard
 import numpy as np
 
 from ..errors import CancelledError, ClusterError
-from ..io.atomic import atomic_outputs
+from ..io.atomic import atomic_outputs, private_dir
 from ..io.raster import gdal_env, open_raster
 from ..io.sinks import verify_geotiff, write_failed
 from ..model.files import TesseraModel
@@ -137,7 +137,7 @@ def segment_block(raster: str, model: TesseraModel, params: SegmentParams, outs:
     kinds, done = _part_kinds(params), block.part(folder, "done")
     if done.exists() and all(block.part(folder, k).exists() for k in kinds):
         return json.loads(done.read_text(encoding="utf-8"))
-    folder.mkdir(parents=True, exist_ok=True)
+    private_dir(folder, mine=False)
     contract = model.contract
     with gdal_env(), open_raster(raster) as src, georeferenced(src, raster) as (ds, notes):
         plan = _plan(ds, raster, contract, params, outs, notes, src.count)
@@ -362,13 +362,21 @@ def segment_on_cluster(raster: str | Path, model: str | Path, out_dir: str | Pat
     """Segment one raster with its blocks on the Dask cluster at ``address`` (see the
     module's notes); the outputs and the result as :func:`~.segment.segment_raster`'s.
     ``tile_rows``: tile rows per block (default: sized to the cluster, :func:`block_tile_rows`)."""
-    from .cluster import PLUGIN, ModelOnWorker, _distributed, clean_up, connect
+    from .cluster import (
+        PLUGIN,
+        ModelOnWorker,
+        _distributed,
+        absolute,
+        absolute_outputs,
+        clean_up,
+        connect,
+    )
     from .inputs import georeferenced
     from .segment import _database, _plan
 
-    t0, path = time.perf_counter(), str(raster)
-    m = TesseraModel.open(model)
-    outs = outputs or OutputPaths.for_stem(out_dir, stem or Path(path).stem)
+    t0, path = time.perf_counter(), absolute(raster)  # the workers' folder is not ours
+    m = TesseraModel.open(absolute(model))
+    outs = absolute_outputs(outputs or OutputPaths.for_stem(out_dir, stem or Path(path).stem))
     with gdal_env(), open_raster(path) as src, georeferenced(src, path) as (ds, notes):
         plan = _plan(ds, path, m.contract, params, outs, notes, src.count)
     folder = parts_folder(outs.class_raster.parent, outs.class_raster.stem, run_record(path, m, params))
@@ -377,7 +385,7 @@ def segment_on_cluster(raster: str | Path, model: str | Path, out_dir: str | Pat
     blocks = plan_blocks(plan.grid, tile_rows or block_tile_rows(plan.grid.shape[0],
                                                                  _slots(client)))
     stats: list[dict[str, Any]] = []
-    folder.mkdir(parents=True, exist_ok=True)
+    private_dir(folder)
     try:
         with atomic_outputs(*plan.finals) as temps, _database(plan) as db:
             rows = PartRows(blocks, folder, plan.grid.width, plan.grid.height, path)
@@ -391,7 +399,7 @@ def segment_on_cluster(raster: str | Path, model: str | Path, out_dir: str | Pat
                            for blk in blocks}
                 try:
                     _collect(distributed, futures, client, rows, stats, path, t0, progress,
-                             cancel)
+                             cancel, address)
                 finally:
                     clean_up(client, [folder, outs.class_raster.parent])
                 hist = np.sum([np.asarray(s["hist"], np.int64) for s in stats], axis=0)
@@ -464,9 +472,11 @@ def _tracer(plan: Any, rows: PartRows, temps: list[Path], db: Any,
 
 def _collect(distributed: Any, futures: dict[Any, Block], client: Any, rows: PartRows,
              stats: list[dict[str, Any]], path: str, t0: float, progress: ProgressFn | None,
-             cancel: CancelFn | None) -> None:
+             cancel: CancelFn | None, address: str) -> None:
     """The blocks' results as they finish, with progress; each finished part goes to the
     polygon tracer at once; a cancel stops the rest."""
+    from .cluster import lost
+
     n = len(futures)
     for k, fut in enumerate(distributed.as_completed(list(futures)), 1):
         if cancel is not None and cancel():
@@ -477,6 +487,11 @@ def _collect(distributed: Any, futures: dict[Any, Block], client: Any, rows: Par
         except distributed.KilledWorker as exc:
             raise ClusterError(f"{path}: workers died running {exc.task} (out of "
                                "memory?)") from exc
+        except Exception as exc:
+            err = lost(exc, address, f"{path} ran")
+            if err is None:
+                raise
+            raise err from exc
         rows.done(futures[fut])
         if progress is not None:
             progress(Progress("segment", k, n, 0.9 * k / n, time.perf_counter() - t0, None,

@@ -14,6 +14,7 @@ Dask is optional at run time: without it ``--cluster`` says how to install it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -24,7 +25,7 @@ from typing import Any
 from ..errors import CancelledError, ClusterError, ModelError, ParameterError
 from ..inference.factory import make_predictor
 from ..model.files import TesseraModel
-from ..params import SegmentParams, local_workers
+from ..params import OutputPaths, SegmentParams, local_workers
 from ..progress import CancelFn, ProgressFn
 from .batch import BatchPlan, BatchStopped, FileReport, FileTask, run_one
 
@@ -57,19 +58,80 @@ def _distributed() -> Any:
 def connect(address: str, timeout: float = CONNECT_TIMEOUT) -> tuple[Any, Any]:
     """``(client, cluster)``: a client of the scheduler at ``address`` (``cluster`` ``None``),
     or of a new ``LocalCluster`` of N single-threaded worker processes for ``local:N``.
-    Raises :class:`ClusterError` at once when the scheduler does not answer."""
+    Raises :class:`ClusterError` at once when the scheduler does not answer.
+
+    A local cluster is secured: its scheduler, workers and client speak TLS with temporary
+    credentials made for it alone (Dask's ``Security.temporary()``), on 127.0.0.1 only and
+    without a dashboard (its HTTP server serves only a health check), so no other local user
+    can connect to it and run code with the batch's rights. A scheduler of ``address`` is
+    reached with the TLS settings of Dask's own configuration (``distributed.comm.tls.*``:
+    see README, *Scaling out*)."""
     n = local_workers(address)
     distributed = _distributed()
+    _quiet_dask()
     if n is not None:
-        cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                           dashboard_address=None, silence_logs=logging.WARNING)
-        return distributed.Client(cluster), cluster
+        try:
+            security = distributed.security.Security.temporary()
+        except ImportError as exc:
+            raise ClusterError("--cluster local:N secures its cluster with TLS, which needs the "
+                               "cryptography package; install it into the engine environment: "
+                               "pip install cryptography") from exc
+        import dask
+
+        # its HTTP server answers only "healthy?", on a free port of the loopback
+        with dask.config.set({"distributed.scheduler.http.routes": ["distributed.http.health"]}):
+            cluster = distributed.LocalCluster(
+                n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
+                dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+                security=security, silence_logs=logging.WARNING)
+        return distributed.Client(cluster, security=security), cluster
     try:
         return distributed.Client(address, timeout=timeout), None
     except (OSError, TimeoutError) as exc:
         raise ClusterError(f"{address}: no Dask scheduler answers there within {timeout:g} s "
                            f"({exc}); start one with `dask scheduler`, or check the address "
                            "and the firewall") from exc
+
+
+def _quiet_dask() -> None:
+    """Dask's own log lines (a local scheduler's start, each worker and client, a lost
+    connection's tracebacks) only with ``--verbose`` (this program's level INFO or lower):
+    otherwise Tessera's own messages say what happened, in one line."""
+    verbose = logging.getLogger().getEffectiveLevel() <= logging.INFO
+    names = [n for n in list(logging.root.manager.loggerDict)  # (Dask sets some levels itself)
+             if n.split(".")[0] in ("distributed", "dask", "tornado")]
+    for name in {"distributed", "dask", *names}:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.CRITICAL)
+
+
+def lost(exc: BaseException, address: str, what: str) -> ClusterError | None:
+    """The one-line :class:`ClusterError` for ``exc`` when it means the scheduler (or the
+    connection to it) was lost while ``what`` ran; ``None`` for any other error."""
+    import concurrent.futures
+
+    if isinstance(exc, (concurrent.futures.CancelledError, OSError, TimeoutError)):
+        detail = (str(exc).strip().splitlines() or ["no detail"])[0][:200]
+        return ClusterError(f"{address}: the connection to the Dask scheduler was lost while "
+                            f"{what} ({type(exc).__name__}: {detail}); what was finished is "
+                            "kept: run the same command again to go on")
+    return None
+
+
+def absolute(path: str | Path) -> str:
+    """``path`` as the workers must see it: absolute (a worker's working folder is not the
+    client's). A name that is no local path (a GDAL ``/vsi…`` path, a URL) is kept."""
+    text = os.fspath(path)
+    if os.path.isabs(text) or text.startswith("/vsi") or "://" in text:
+        return text
+    return os.path.abspath(text)
+
+
+def absolute_outputs(outs: OutputPaths) -> OutputPaths:
+    """``outs`` with absolute paths (see :func:`absolute`)."""
+    return replace(outs, class_raster=Path(absolute(outs.class_raster)),
+                   confidence_raster=Path(absolute(outs.confidence_raster)),
+                   polygons=Path(absolute(outs.polygons)),
+                   manifest=Path(absolute(outs.manifest)) if outs.manifest else None)
 
 
 class ModelOnWorker(_PluginBase):
@@ -154,7 +216,7 @@ class DaskExecutor:
         client, cluster = connect(self.address, self.timeout)
         try:
             yield from self._submit(client, plan, params, todo, cancel)
-            clean_up(client, sorted({t.dest for t in todo}))
+            clean_up(client, sorted({Path(absolute(t.dest)) for t in todo}))
         finally:
             client.close()
             if cluster is not None:
@@ -163,14 +225,14 @@ class DaskExecutor:
     def _submit(self, client: Any, plan: BatchPlan, params: SegmentParams,
                 todo: list[FileTask], cancel: CancelFn | None) -> Iterator[FileReport]:
         distributed = _distributed()
-        client.register_plugin(ModelOnWorker(str(plan.model.path), plan.model.identity(),
+        client.register_plugin(ModelOnWorker(absolute(plan.model.path), plan.model.identity(),
                                              params), name=PLUGIN)
         workers = len(client.scheduler_info().get("workers", {}))
         self.label = f"on {workers} Dask worker{'s' if workers != 1 else ''}"
         log.info("batch of %d files %s (%s)", len(todo), self.label, self.address)
         tag = plan.model.identity()[:12]
-        futures = [client.submit(run_on_worker, t, params, retries=RETRIES, pure=False,
-                                 key=f"tessera-{tag}-{t.index}-{t.rel.as_posix()}")
+        futures = [client.submit(run_on_worker, _on_workers(t), params, retries=RETRIES,
+                                 pure=False, key=f"tessera-{tag}-{t.index}-{t.rel.as_posix()}")
                    for t in todo]
         try:
             for fut in distributed.as_completed(futures):
@@ -182,11 +244,23 @@ class DaskExecutor:
                 except distributed.KilledWorker as exc:
                     raise ClusterError(f"workers died running {exc.task}; see the workers' "
                                        "logs (out of memory?)") from exc
+                except Exception as exc:
+                    err = lost(exc, self.address, "the batch ran")
+                    if err is None:
+                        raise
+                    raise err from exc
                 if stop is not None:
                     raise BatchStopped(stop[0], stop[1], row)
                 yield row
         finally:
-            client.cancel([f for f in futures if not f.done()])
+            with contextlib.suppress(Exception):  # (a lost scheduler: nothing to cancel)
+                client.cancel([f for f in futures if not f.done()])
+
+
+def _on_workers(task: FileTask) -> FileTask:
+    """``task`` with the absolute paths the workers need (see :func:`absolute`)."""
+    return replace(task, source=Path(absolute(task.source)), dest=Path(absolute(task.dest)),
+                   outputs=absolute_outputs(task.outputs))
 
 
 def _remove_stale(folders: list[Path]) -> int:
