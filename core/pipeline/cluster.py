@@ -87,6 +87,11 @@ def connect(address: str, timeout: float = CONNECT_TIMEOUT) -> tuple[Any, Any]:
         return distributed.Client(cluster, security=security), cluster
     try:
         return distributed.Client(address, timeout=timeout), None
+    except (TypeError, ValueError) as exc:  # Dask's words for "TLS without credentials"
+        raise ClusterError(f"{address}: a TLS scheduler needs this client's certificate: set "
+                           "DASK_DISTRIBUTED__COMM__TLS__CA_FILE, ..._TLS__CLIENT__CERT and "
+                           "..._TLS__CLIENT__KEY (or distributed.comm.tls in Dask's "
+                           f"configuration; see README, Scaling out) ({exc})") from exc
     except (OSError, TimeoutError) as exc:
         raise ClusterError(f"{address}: no Dask scheduler answers there within {timeout:g} s "
                            f"({exc}); start one with `dask scheduler`, or check the address "

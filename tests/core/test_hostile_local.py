@@ -196,19 +196,24 @@ class Scheduler:
     """A ``dask scheduler`` and one ``dask worker``, their own processes; the worker in its
     own working folder ``cwd``."""
 
-    def __init__(self, tmp: Path, cwd: Path, port: int | None = None) -> None:
-        self.address = f"tcp://127.0.0.1:{port or _free_port()}"
+    def __init__(self, tmp: Path, cwd: Path, tls: list[str] | None = None) -> None:
+        """``tls``: the ``--tls-*`` options of the scheduler and the worker (TLS only)."""
+        self.address = f"{'tls' if tls else 'tcp'}://127.0.0.1:{_free_port()}"
         self.env = {**os.environ, "TESSERA_CACHE": str(tmp / "cache"), "OMP_NUM_THREADS": "1"}
         self.procs: list[subprocess.Popen] = []
         cwd.mkdir(exist_ok=True)
         log = open(tmp / "dask.log", "a")  # (closed in close())
         self.log = log
+        seen = (tmp / "dask.log").read_text().count("Register worker")
         self.scheduler = self._start(["scheduler", "--host", "127.0.0.1", "--port",
-                                      self.address.rsplit(":", 1)[1], "--no-dashboard"], cwd)
+                                      self.address.rsplit(":", 1)[1], "--no-dashboard",
+                                      *(["--protocol", "tls", *tls] if tls else [])], cwd)
         self._start(["worker", self.address, "--nthreads", "1", "--no-nanny", "--no-dashboard",
-                     "--memory-limit", "0"], cwd)
-        with distributed.Client(self.address, timeout=30) as c:
-            c.wait_for_workers(1, timeout=60)
+                     "--memory-limit", "0", *(tls or [])], cwd)
+        t = time.monotonic()
+        while (tmp / "dask.log").read_text().count("Register worker") <= seen:
+            assert time.monotonic() - t < 60, (tmp / "dask.log").read_text()
+            time.sleep(0.2)
 
     def _start(self, args: list[str], cwd: Path) -> subprocess.Popen:
         p = subprocess.Popen([str(BIN / "dask"), *args], env=self.env, cwd=cwd,
@@ -283,3 +288,34 @@ def test_a_lost_scheduler_is_one_line_and_a_rerun_resumes(tmp_path):
     assert len(list(out.glob("*_classes.tif"))) == 8
     # what the killed worker left (temporaries, a lock) is gone after the rerun
     assert not [p.name for p in out.iterdir() if ".part" in p.name or "lock" in p.name]
+
+
+def test_an_existing_tls_cluster_takes_the_client_certificate_from_dask_config(tmp_path):
+    sec = distributed.security.Security.temporary()  # one CA, one certificate for all
+    pem = {"ca.pem": sec.tls_ca_file, "cert.pem": sec.tls_client_cert,
+           "key.pem": sec.tls_client_key}
+    for name, text in pem.items():
+        (tmp_path / name).write_text(text)
+    tls = ["--tls-ca-file", str(tmp_path / "ca.pem"), "--tls-cert", str(tmp_path / "cert.pem"),
+           "--tls-key", str(tmp_path / "key.pem")]
+    src = _folder(tmp_path, 1)
+    model = tiny_unet(seed=8).save(tmp_path / "m.safetensors")
+    sched = Scheduler(tmp_path, tmp_path / "cwd", tls=tls)
+    args = [str(BIN / "tessera"), "batch", str(src), "--model", str(model), "--out",
+            str(tmp_path / "o"), "--threads", "1", "-q", "--cluster", sched.address]
+    try:
+        refused = subprocess.run(args, capture_output=True, text=True, timeout=120,
+                                 env=sched.env)
+        config = {"DASK_DISTRIBUTED__COMM__TLS__CA_FILE": str(tmp_path / "ca.pem"),
+                  "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT": str(tmp_path / "cert.pem"),
+                  "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY": str(tmp_path / "key.pem")}
+        ran = subprocess.run(args, capture_output=True, text=True, timeout=300,
+                             env={**sched.env, **config})
+    finally:
+        sched.close()
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert refused.stderr.startswith(f"tessera: error: {sched.address}: a TLS scheduler needs "
+                                     "this client's certificate"), refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert ran.returncode == 0, ran.stderr
+    assert "1 done, 0 skipped, 0 failed" in ran.stdout
