@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -64,6 +66,44 @@ def test_a_link_planted_at_the_lock_name_is_never_written_through(tmp_path):
         assert mine
     assert victim.read_text() == "the user's own file\n"
     assert victim.stat().st_nlink == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="plays another user: needs root")
+def test_links_planted_by_another_user_in_a_shared_folder_are_not_followed_by_root(tmp_path):
+    """The privilege case: ``nobody`` plants links in a world-writable output folder, root
+    runs the batch; root's files (one of them missing yet) stay as they were."""
+    src = _folder(tmp_path, 1)
+    model = tiny_unet(seed=9).save(tmp_path / "m.safetensors")
+    base = Path(tempfile.mkdtemp(prefix="tessera-shared-"))  # (pytest's folders are 0700)
+    try:
+        base.chmod(0o755)
+        out = base / "shared"
+        out.mkdir()
+        out.chmod(0o777)
+        root_file = base / "root-only.conf"
+        root_file.write_text("root's")
+        root_file.chmod(0o600)
+        for name, target in ((".tile_00.tessera-lock", root_file),
+                             (".tile_00.tessera-blocks-x", base / "root-new")):
+            _as_nobody("ln", "-s", str(target), str(out / name))
+            assert (out / name).lstat().st_uid == 65534
+        rep = segment_folder(src, model, out, PARAMS)
+        assert [r.status for r in rep.rows] == ["done"]
+        assert root_file.read_text() == "root's" and not (base / "root-new").exists()
+        with pytest.raises(OutputError, match="working folder name is taken"):
+            private_dir(out / ".tile_00.tessera-blocks-x")
+        theirs = out / ".theirs"
+        _as_nobody("mkdir", str(theirs))
+        with pytest.raises(OutputError, match="another user's folder"):
+            private_dir(theirs)
+        assert private_dir(theirs, mine=False) == theirs  # (a Dask worker of another account)
+    finally:
+        shutil.rmtree(base)
+
+
+def _as_nobody(*cmd: str) -> None:
+    subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd],
+                   check=True)
 
 
 def test_a_lock_left_by_a_killed_holder_is_removed_and_a_held_one_kept(tmp_path):
