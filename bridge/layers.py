@@ -68,20 +68,22 @@ def default_output_dir(source: str, fallback: str) -> str:
 
 
 def postgis_layer(url: str, source: str, name: str) -> Any:
-    """A QGIS layer of the polygons of ``source`` in the PostGIS table that ``url``
+    """A QGIS layer of the polygons of the raster ``source`` (its rows carry its resolved
+    absolute path, :func:`~..core.io.postgis.source_key`) in the PostGIS table that ``url``
     (``postgresql://USER[:PASSWORD]@HOST:PORT/DB?table=[SCHEMA.]NAME``) names."""
-    from urllib.parse import unquote, urlsplit
+    from urllib.parse import parse_qsl, unquote, urlsplit
 
     from qgis.core import QgsDataSourceUri, QgsVectorLayer
 
-    from ..core.io.postgis import split_target
+    from ..core.io.postgis import source_key, split_target
 
     parts = urlsplit(url)
     schema, _, table = split_target(url)[1].rpartition(".")
+    given = dict(parse_qsl(parts.query))  # libpq's ?password= too
     uri = QgsDataSourceUri()
     uri.setConnection(parts.hostname or "", str(parts.port or 5432),
                       parts.path.lstrip("/"), unquote(parts.username or ""),
-                      unquote(parts.password or ""))
-    escaped = source.replace("'", "''")
+                      unquote(parts.password or "") or given.get("password", ""))
+    escaped = source_key(source).replace("'", "''")  # as the engine stored it
     uri.setDataSource(schema or "public", table, "geom", f"source = '{escaped}'", "id")
     return QgsVectorLayer(uri.uri(False), name, "postgres")

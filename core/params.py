@@ -8,11 +8,16 @@ library: QGIS builds these in its own process.
 
 from __future__ import annotations
 
+import logging
+import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from .errors import ParameterError
+
+log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 BACKENDS = ("auto", "torch", "onnxruntime")
@@ -103,10 +108,12 @@ class VectorizeParams:
     def __post_init__(self) -> None:
         if self.sieve_px < 0:
             raise ParameterError(f"sieve must be 0 or more pixels (got {self.sieve_px})")
-        if self.min_area_m2 < 0:
-            raise ParameterError(f"minimum area must be 0 or more m² (got {self.min_area_m2})")
-        if self.simplify_px < 0:
-            raise ParameterError(f"simplification must be 0 or more pixels (got {self.simplify_px})")
+        if not (math.isfinite(self.min_area_m2) and self.min_area_m2 >= 0):
+            raise ParameterError(f"minimum area must be a number of m², 0 or more (got "
+                                 f"{self.min_area_m2})")
+        if not (math.isfinite(self.simplify_px) and self.simplify_px >= 0):
+            raise ParameterError(f"simplification must be a number of pixels, 0 or more (got "
+                                 f"{self.simplify_px})")
         if self.max_region_vertices < 0:
             raise ParameterError("max_region_vertices must be 0 or more")
         if self.strip_rows < 1:
@@ -126,8 +133,9 @@ class SegmentParams:
     window: ``(col_off, row_off, width, height)`` in pixels; ``None`` = the whole raster.
     confidence: also write the confidence raster (max class probability, 0..255).
     half: fp16 autocast; ``None`` = on for CUDA, off elsewhere.
-    threads: CPU threads for the model (``None``: all this process may use; ONNX Runtime spends
-        them on two tiles at once, half the threads each).
+    threads: CPU threads for the model, 1..:data:`MAX_THREADS` (``None``: all this process may
+        use; more than the CPUs it may use are cut to their number, with a warning, when the
+        model is loaded; ONNX Runtime spends them on two tiles at once, half the threads each).
     backend: ``auto`` (PyTorch on a GPU; ONNX Runtime on the CPU when installed, else
         PyTorch), ``torch`` or ``onnxruntime`` (CPU only).
     rescale: ``None`` (values as they are), or ``percentile`` / ``percentile:LO,HI``: each
@@ -161,8 +169,9 @@ class SegmentParams:
             object.__setattr__(self, "bands", _bands(self.bands))
         if self.window is not None:
             object.__setattr__(self, "window", _window(self.window))
-        if self.threads is not None and self.threads < 1:
-            raise ParameterError(f"threads must be at least 1 (got {self.threads})")
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
+            raise ParameterError(f"threads must be 1..{MAX_THREADS} (got {self.threads}); more "
+                                 f"than the CPUs ({cpu_count()} here) are never used")
         object.__setattr__(self, "backend", _backend(self.backend, self.device))
 
     def _check_tiles(self) -> None:
@@ -179,6 +188,29 @@ class SegmentParams:
 
 #: The largest tile side accepted (a tile of 8192² px already takes gigabytes per batch).
 MAX_TILE = 8192
+#: The most model threads accepted: a sane bound on any machine (each thread costs memory,
+#: and a run with tens of thousands no longer answers a signal); at run time the count is
+#: further capped to the CPUs the process may use (:func:`usable_threads`).
+MAX_THREADS = 1024
+
+
+def cpu_count() -> int:
+    """The CPUs this process may use (its affinity where the system has one)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def usable_threads(threads: int | None) -> int | None:
+    """``threads`` capped to the CPUs this process may use (a warning when cut);
+    ``None`` stays ``None`` (the backend's default: all of them)."""
+    cpus = cpu_count()
+    if threads is None or threads <= cpus:
+        return threads
+    log.warning("%d threads asked for, but this process may use %d CPUs: using %d",
+                threads, cpus, cpus)
+    return cpus
 
 
 def rescale_spec(spec: str) -> str:
@@ -288,11 +320,12 @@ class TrainParams:
         for name in ("batch_size", "epochs", "patches_per_epoch", "val_patches"):
             if getattr(self, name) < 1:
                 raise ParameterError(f"{name} must be at least 1 (got {getattr(self, name)})")
-        if self.lr <= 0:
-            raise ParameterError(f"the learning rate must be positive (got {self.lr})")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ParameterError(f"the learning rate must be a positive number (got {self.lr})")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise ParameterError("early stopping patience must be at least 1 epoch (or none)")
-        if self.max_minutes is not None and self.max_minutes <= 0:
+        if self.max_minutes is not None and not (math.isfinite(self.max_minutes)
+                                                 and self.max_minutes > 0):
             raise ParameterError("max_minutes must be positive (or none)")
         t = self.inference_tile
         if t is not None and (t % 32 or t < 64):

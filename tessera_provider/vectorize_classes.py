@@ -27,10 +27,15 @@ def classes_of_raster(path: str) -> list[dict]:
     if ds is None:
         return []
     tag = ds.GetMetadataItem("TESSERA_CLASSES")
-    if tag:
-        try:
-            return json.loads(tag)
-        except ValueError:
+    if tag and len(tag) < 1_000_000:
+        try:  # a crafted tag (deep, huge, of other shapes) falls back to the colour table
+            classes = json.loads(tag)
+            if isinstance(classes, list) and all(
+                    isinstance(c, dict) and isinstance(c.get("id"), int)
+                    and isinstance(c.get("name"), str) and isinstance(c.get("color"), str)
+                    for c in classes):
+                return classes
+        except (ValueError, RecursionError):
             pass
     band = ds.GetRasterBand(1)
     ct = band.GetColorTable()

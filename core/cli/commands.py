@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -148,13 +149,16 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 
 #: Exit statuses: 0 done, 1 error (a message on stderr), 2 bad command line, 130 interrupted
-#: (SIGINT, Ctrl+C), 143 terminated (SIGTERM). An interrupted run leaves nothing.
+#: (SIGINT, Ctrl+C), 143 terminated (SIGTERM), 141 output pipe closed (``tessera info M |
+#: head -1``: the reader left; as a program killed by SIGPIPE, silently, and the outputs a
+#: run committed before stay). An interrupted run leaves nothing.
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+EXIT_PIPE = 141
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``tessera`` command; return its exit status (0 done, 1 error, 130 interrupted,
-    143 terminated)."""
+    141 output pipe closed, 143 terminated)."""
     import signal
     import threading
 
@@ -164,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..io.raster import limit_malloc_arenas
 
     limit_malloc_arenas()
+    with contextlib.suppress(AttributeError, ValueError):  # file names in any bytes print
+        sys.stdout.reconfigure(errors="surrogateescape")  # type: ignore[union-attr]
     parser = build_parser()
     a = parser.parse_args(argv)
     if a.command is None:
@@ -176,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     bar = ProgressBar(enabled=not a.quiet)
     try:
         return _dispatch(a, bar)
+    except BrokenPipeError:
+        return _pipe_closed()
     except KeyboardInterrupt as exc:
         return _interrupted(exc, bar, argv is None)
     except TesseraError as exc:
@@ -186,6 +194,17 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     finally:
         bar.close()
+
+
+def _pipe_closed() -> int:
+    """The reader of our output went away: stop quietly (:data:`EXIT_PIPE`). Standard output
+    is pointed at the null device, so that the interpreter's last flush of what is still
+    buffered cannot fail in turn."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return EXIT_PIPE
 
 
 def _interrupted(exc: KeyboardInterrupt, bar: ProgressBar, now: bool = False) -> int:

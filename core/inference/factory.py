@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from ..errors import DeviceError, ExportError, ModelError, ParameterError
+from ..params import usable_threads
 from . import onnx_backend as ob
 from .base import Predictor, gpu_possible, pick_device
 from .torch_backend import TorchPredictor
@@ -35,8 +36,10 @@ def make_predictor(model: Any, device: str = "auto", backend: str = "auto",
     ``backend``: ``torch``; ``onnxruntime`` (CPU only: raises :class:`DeviceError` if it is not
     installed, :class:`~.errors.ParameterError` with a GPU device); ``auto``: PyTorch on a GPU
     (CUDA/MPS), ONNX Runtime on the CPU when it is installed and the network exports to ONNX
-    faithfully, PyTorch otherwise (the reason is logged).
+    faithfully, PyTorch otherwise (the reason is logged). ``threads`` above the CPUs this
+    process may use are cut to them (with a warning).
     """
+    threads = usable_threads(threads)  # never more threads than CPUs
     b = (backend or "auto").lower()
     if b not in BACKENDS:
         raise ParameterError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")

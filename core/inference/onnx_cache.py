@@ -4,17 +4,20 @@ and how it is kept small. :func:`.onnx_backend.onnx_for` uses them."""
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
 from pathlib import Path
 
 from ..errors import ModelError, OutputError
+from ..io.jsonsafe import read_limited
 from ..model.files import file_sha256
 from ..model.onnx_meta import SHA_KEY, read_onnx_metadata
 
 log = logging.getLogger(__name__)
+
+#: The largest cache record read (``<model sha256>.json``: a few hundred bytes).
+MAX_RECORD_BYTES = 1_000_000
 
 
 def _cache_problem(onnx_path: Path, side: Path, sha: str) -> str | None:
@@ -22,8 +25,10 @@ def _cache_problem(onnx_path: Path, side: Path, sha: str) -> str | None:
     if not onnx_path.is_file():
         return "not cached yet"
     try:
-        info = json.loads(side.read_text(encoding="utf-8"))
+        info = read_limited(side, "the record", MAX_RECORD_BYTES)
         recorded = info["onnx_sha256"]
+        if not isinstance(recorded, str):
+            raise TypeError("onnx_sha256 is not a string")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"its record {side.name} is missing or unreadable ({type(exc).__name__})"
     try:

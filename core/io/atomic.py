@@ -176,7 +176,14 @@ def _final_of(old: Path) -> Path | None:
 
 
 def check_writable_dir(folder: Path) -> None:
-    """Create ``folder`` if needed; raise :class:`OutputError` if it cannot be written."""
+    """Create ``folder`` if needed; raise :class:`OutputError` if it cannot be written (or
+    its path is no UTF-8: GDAL writes none, so nothing is created for it)."""
+    try:
+        os.fsencode(folder).decode("utf-8")
+    except UnicodeDecodeError:
+        raise OutputError(f"{shown_path(folder)}: the path holds bytes that are not UTF-8; GDAL "
+                          "writes UTF-8 paths only: choose another output folder",
+                          shown_path(folder)) from None
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -240,7 +247,8 @@ def _commit(temps: list[Path], finals: list[Path], reserved: list[int] | None = 
     inodes of the empty files reserved for ``temps`` (one left empty was not written)."""
     aside: list[tuple[Path, Path]] = []  # (final or its .aux.xml, where it was moved)
     placed: list[Path] = []
-    written = [_written(t, r) for t, r in zip(temps, reserved or [None] * len(temps))]
+    marks: list[int | None] = list(reserved) if reserved else [None] * len(temps)
+    written = [_written(t, r) for t, r in zip(temps, marks)]
     try:
         for f in finals:
             aux = f.with_name(f.name + ".aux.xml")

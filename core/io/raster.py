@@ -5,16 +5,20 @@ Everything else in the engine works on arrays, windows, transforms and CRSs.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import RasterNotFoundError, RasterReadError
+from ..errors import RasterNotFoundError, RasterReadError, TesseraError
 from ..params import Window
+from .atomic import shown_path
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +118,18 @@ def open_raster(path: str | Path) -> Any:
     from rasterio.errors import RasterioIOError
 
     p = Path(path)
+    check_regular_file(path, "raster", RasterReadError)  # before anything that could block
     if not str(path).startswith("/vsi") and not p.exists():
-        raise RasterNotFoundError(f"{path}: raster not found", path)
+        raise RasterNotFoundError(f"{shown_path(path)}: raster not found", shown_path(path))
     if p.is_dir() and not str(path).lower().endswith((".gdb", ".zarr", ".safe")):
-        raise RasterReadError(f"{path}: is a folder, not a raster", path)
+        raise RasterReadError(f"{shown_path(path)}: is a folder, not a raster",
+                              shown_path(path))
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise RasterReadError(f"{shown_path(path)}: the file name holds bytes that are not "
+                              "UTF-8 (made on another system?); GDAL opens UTF-8 names only: "
+                              "rename the file (convmv can)", shown_path(path)) from None
     try:
         ds = rasterio.open(path)
     except RasterioIOError as exc:
@@ -127,6 +139,36 @@ def open_raster(path: str | Path) -> Any:
         ds.close()
         raise RasterReadError(f"{path}: has no raster bands or pixels", path)
     return ds
+
+
+#: What a file of each non-regular kind is called in messages.
+_FILE_KINDS = {stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFCHR: "a character device",
+               stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+
+
+def check_regular_file(path: str | Path, what: str,
+                       error: type[TesseraError] = RasterReadError) -> None:
+    """Raise ``error`` when ``path`` exists on the local file system but is not a regular file
+    (a link to one is) nor a folder: a named pipe would block the open for ever, a device be
+    read without end; or when its name is too long for the file system (no such file can
+    exist; looking for it raises). Anything else (a missing file, a folder, a GDAL ``/vsi…``
+    path, a connection string) is left to the caller and the open. ``what`` names the file in
+    the message (``raster``, ``model``)."""
+    if str(path).startswith("/vsi"):
+        return
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise error(f"{shown_path(path)}: file name too long for the file system; no "
+                        f"{what} can have this name", shown_path(path)) from None
+        return  # missing or unreachable: the caller says so
+    except ValueError:  # not a path at all (a NUL in it)
+        return
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        kind = _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise error(f"{shown_path(path)}: is {kind}, not a {what} file; give the {what} "
+                    "itself", shown_path(path))
 
 
 def short_error(exc: BaseException) -> str:
@@ -155,7 +197,10 @@ def read_window(ds: Any, bands: tuple[int, ...], window: Window,
     try:
         data = ds.read(list(bands), window=win)
         if nodata is not None:
-            valid = ~np.all(data == np.asarray(nodata, dtype=data.dtype), axis=0) \
+            # an integer raster is compared with the value itself: one it cannot hold (-1 on
+            # bytes, 1.5) is no pixel's, where a cast would wrap it onto a real value
+            nd = np.asarray(nodata, dtype=data.dtype) if data.dtype.kind == "f" else nodata
+            valid = ~np.all(data == nd, axis=0) \
                 if not np.isnan(nodata) else ~np.all(np.isnan(data), axis=0)
         else:
             masks = ds.read_masks(list(bands), window=win)
@@ -186,7 +231,11 @@ def write_category_names(tif: Path, names: list[str]) -> None:
     cats = "".join(f"<Category>{escape(n)}</Category>" for n in names)
     xml = (f'<PAMDataset>\n  <PAMRasterBand band="1">\n    <CategoryNames>{cats}</CategoryNames>\n'
            f"  </PAMRasterBand>\n</PAMDataset>\n")
-    tif.with_name(tif.name + ".aux.xml").write_text(xml, encoding="utf-8")
+    side = tif.with_name(tif.name + ".aux.xml")  # GDAL's own, or new; never through a link
+    fd = os.open(side, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0),
+                 0o666)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(xml)
 
 
 def pixel_size_m(ds: Any) -> float | None:

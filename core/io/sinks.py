@@ -11,6 +11,7 @@ run's outputs together is :func:`.atomic.atomic_outputs`'s job.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -160,17 +161,36 @@ def verify_geotiff(path: Path, final: Path, hist: np.ndarray | None = None) -> N
                            "disk full or failing?")
 
 
+#: Names SQLite or GeoPackage keep for themselves: a layer's name cannot begin so.
+_RESERVED_LAYER_PREFIXES = ("gpkg", "sqlite_")
+
+
+def layer_name(stem: str) -> str:
+    """A GeoPackage layer name made from any file stem (``<stem>_polygons``): GDAL refuses a
+    name that begins with a sign (``-x``, ``#x``) or with ``gpkg``, SQLite one that begins
+    with ``sqlite_``; such a name gets a leading ``_``. Characters that cannot be printed
+    (a newline, bytes that are not UTF-8) become ``_``. A name that is fine is kept, and
+    ``layer_name(layer_name(s)) == layer_name(s)``: every writer and reader of a layer may
+    apply it."""
+    name = "".join(ch if ch.isprintable() else "_" for ch in stem)
+    if not name or not (name[0].isalnum() or name[0] == "_") or \
+            name.lower().startswith(_RESERVED_LAYER_PREFIXES):
+        name = "_" + name
+    return name
+
+
 def verify_geopackage(path: Path, final: Path, layer: str, n_features: int) -> None:
     """The GeoPackage ``path`` must pass SQLite's integrity check and hold ``n_features`` in
     ``layer``; :class:`OutputError` for ``final`` otherwise."""
     import sqlite3
+    from urllib.parse import quote
 
-    try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:  # the path quoted: '#', '?' or '%' in a name would end it in a URI
+        con = sqlite3.connect(f"file:{quote(os.fsencode(path))}?mode=ro", uri=True)
         try:
             ok = con.execute("PRAGMA quick_check").fetchone()[0]
             # an identifier cannot be a bound parameter; it is quoted (our own layer name)
-            table = layer.replace(chr(34), chr(34) * 2)
+            table = layer_name(layer).replace(chr(34), chr(34) * 2)
             n = con.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0]  # nosec B608
         finally:
             con.close()
@@ -232,7 +252,7 @@ class GeoPackageLayer:
     """A Polygon layer of a GeoPackage, created by the first write and appended to after."""
 
     def __init__(self, path: Path, layer: str, crs_wkt: str) -> None:
-        self.path, self.layer, self.crs_wkt = path, layer, crs_wkt
+        self.path, self.layer, self.crs_wkt = path, layer_name(layer), crs_wkt
         self._first = True
 
     def write(self, class_id: np.ndarray, class_name: np.ndarray, area_m2: np.ndarray,

@@ -78,7 +78,9 @@ def _database(url: Any) -> str | None:
     if not url:
         return None
     if not str(url).startswith(("postgresql://", "postgres://")):
-        raise ParameterError(f"{url}: polygons go to a PostGIS database given as "
+        from ..io.postgis import redact  # (standard library only)
+
+        raise ParameterError(f"{redact(str(url))}: polygons go to a PostGIS database given as "
                              "postgresql://USER@HOST:PORT/DB?table=NAME")
     return str(url)
 

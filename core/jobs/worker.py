@@ -59,8 +59,12 @@ import threading
 from typing import Any, TextIO
 
 from ..errors import CancelledError, TesseraError
+from ..io.jsonsafe import loads_limited
 from .runners import Context, result_to_dict, run
 from .spec import job_from_dict
+
+#: The longest job line read (a job is a few hundred bytes).
+MAX_JOB_BYTES = 1_000_000
 
 
 class _Emitter:
@@ -114,7 +118,7 @@ def main(stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
         pass
     line = stdin.readline()
     try:
-        job = json.loads(line)
+        job = loads_limited(line, "the job line", MAX_JOB_BYTES)
         if not isinstance(job, dict):
             raise ValueError("the job must be a JSON object")
     except ValueError as exc:

@@ -34,11 +34,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import ModelError
+from ..io.jsonsafe import JSONLimitError, loads_limited
 from ..params import ARCHITECTURES
 
 FORMAT = "tessera-model"
 FORMAT_VERSION = 1
 SCALING_METHODS = ("none", "divide", "minmax")
+#: The largest contract read (its classes, statistics and card).
+MAX_CONTRACT_BYTES = 16_000_000
 _COLOR = re.compile(r"^#[0-9A-Fa-f]{6}$")
 
 
@@ -144,8 +147,10 @@ class ModelContract:
     def from_json(cls, text: str, source: str = "model") -> ModelContract:
         """Parse and validate a contract from JSON text (``source`` names it in errors)."""
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
+            data = loads_limited(text, "the model contract", MAX_CONTRACT_BYTES)
+        except JSONLimitError as exc:
+            raise ModelError(f"{source}: {exc}; this is not a model Tessera wrote") from exc
+        except ValueError as exc:
             raise ModelError(f"{source}: the model contract is not valid JSON ({exc})") from exc
         return cls.from_dict(data, source)
 

@@ -17,11 +17,15 @@ from typing import Any
 
 from ..errors import ModelError, ModelNotFoundError, OutputError
 from ..io.atomic import atomic_file
+from ..io.jsonsafe import loads_limited
 from .contract import ModelContract
 
 log = logging.getLogger(__name__)
 
 META_KEY = "tessera.contract"
+
+#: The largest safetensors header read (the tensors' names, shapes and the contract).
+MAX_HEADER_BYTES = 100_000_000
 
 
 def build_network(contract: ModelContract) -> Any:
@@ -82,8 +86,9 @@ class TesseraModel:
         self._module = value
 
     def identity(self) -> str:
-        """What tells this model from any other: the file's SHA-256, or for a model built in
-        memory the SHA-256 of its contract, network class and weights."""
+        """What tells this model from any other: the file's SHA-256 (for an ONNX model with
+        external data, that of the file and its data files: :func:`onnx_identity`), or for a
+        model built in memory the SHA-256 of its contract, network class and weights."""
         if self.sha256:
             return self.sha256
         if self._identity is not None:
@@ -131,6 +136,8 @@ class TesseraModel:
         path = Path(path)
         contract = read_contract(path)
         sha, data_sha = file_digests(path)
+        if path.suffix.lower() == ".onnx":
+            sha = onnx_identity(path, sha)
         if None not in (contract.weights_sha256, data_sha) and data_sha != contract.weights_sha256:
             raise ModelError(f"{path}: the weights are not the ones this model was saved with "
                              "(their SHA-256 differs from the contract's 'weights_sha256'): "
@@ -236,6 +243,9 @@ def _read_module(path: Path, contract: ModelContract) -> Any:
 def read_contract(path: str | Path) -> ModelContract:
     """Read and validate only the contract of a model file (cheap: the header, not the weights)."""
     path = Path(path)
+    from ..io.raster import check_regular_file
+
+    check_regular_file(path, "model", ModelError)  # a FIFO would wait for ever
     if not path.exists():
         raise ModelNotFoundError(f"{path}: model file not found", path)
     if path.is_dir():
@@ -271,9 +281,9 @@ def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
     try:
         with open(path, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
-            if not 2 <= n <= min(size - 8, 100_000_000):
+            if not 2 <= n <= min(size - 8, MAX_HEADER_BYTES):
                 raise ValueError(f"header length {n} does not fit a file of {size} bytes")
-            header = json.loads(fh.read(n).decode("utf-8"))
+            header = loads_limited(fh.read(n), "the header", MAX_HEADER_BYTES)
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
         meta = header.get("__metadata__") or {}
@@ -301,6 +311,32 @@ def file_digests(path: str | Path) -> tuple[str, str | None]:
             whole.update(chunk)
             data.update(chunk)
     return whole.hexdigest(), (data.hexdigest() if is_st else None)
+
+
+def onnx_identity(path: Path, sha: str) -> str:
+    """The identity of the ONNX model ``path`` whose own SHA-256 is ``sha``: ``sha`` itself
+    when it holds all its weights; else the SHA-256 of ``sha`` and of each external data file
+    (name and SHA-256), so that new weights beside an unchanged graph make another model.
+    :class:`ModelError` for a data file outside the model's folder (ONNX Runtime refuses
+    those too) or missing."""
+    from .onnx_meta import external_data_files
+
+    names = external_data_files(path)
+    if not names:
+        return sha
+    h = hashlib.sha256(f"onnx {sha}\n".encode())
+    folder = path.parent.resolve()
+    for name in names:
+        data = (folder / name).resolve()
+        if Path(name).is_absolute() or folder not in data.parents:
+            raise ModelError(f"{path}: its weights are in {name!r}, outside the model's folder; "
+                             "ONNX Runtime refuses such a model: keep the data file beside "
+                             "the .onnx file", path)
+        if not data.is_file():
+            raise ModelError(f"{path}: its weights are in {name!r}, which is missing or not a "
+                             f"file; copy it beside the .onnx file ({folder})", path)
+        h.update(f"{name}\n{file_sha256(data)}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
 
 
 def file_sha256(path: str | Path) -> str:

@@ -83,17 +83,66 @@ def _metadata_props(buf: Any) -> dict[str, str]:
         if num == 7 and wt == 2:
             seen_graph = True
         if num == 14 and wt == 2:
-            off, n = v
-            key = value = ""
-            for f, fwt, fv in _fields(buf, off, off + n):
-                if fwt == 2 and f in (1, 2):
-                    text = bytes(buf[fv[0]:fv[0] + fv[1]]).decode("utf-8")
-                    key, value = (text, value) if f == 1 else (key, text)
+            key, value = _entry(buf, *v)
             out[key] = value
     if not seen_graph:
         raise ValueError("no graph in it")
     return out
 
+
+
+#: Where tensors are in an ONNX model's messages, by message kind: ``{field: kind}`` of the
+#: fields leading to one (ModelProto's graph and functions, a graph's nodes and initializers,
+#: a node's attributes, an attribute's tensors and graphs, a sparse tensor's two tensors).
+_TENSOR_PATHS: dict[str, dict[int, str]] = {
+    "model": {7: "graph", 25: "function"},
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},
+    "function": {7: "node"},
+    "node": {5: "attribute"},
+    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse",
+                  23: "sparse"},
+    "sparse": {1: "tensor", 2: "tensor"},
+}
+_EXTERNAL_DATA = 13  # TensorProto.external_data: repeated {key = 1, value = 2}
+
+
+def external_data_files(path: str | Path) -> list[str]:
+    """The files an ONNX model keeps tensors in (``location`` of its external data, as written
+    in the model: relative to its folder), each once, sorted; ``[]`` for a model holding all
+    its weights. Read from the wire format like :func:`read_onnx_metadata` (every graph,
+    subgraph and function; no recursion, so no nesting exhausts the stack)."""
+    import mmap
+
+    path = Path(path)
+    found: set[str] = set()
+    try:
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            todo = [("model", 0, len(buf))]
+            while todo:
+                kind, start, end = todo.pop()
+                for num, wt, v in _fields(buf, start, end):
+                    if wt != 2:
+                        continue
+                    if kind == "tensor" and num == _EXTERNAL_DATA:
+                        key, value = _entry(buf, *v)
+                        if key == "location":
+                            found.add(value)
+                    elif num in _TENSOR_PATHS.get(kind, {}):
+                        todo.append((_TENSOR_PATHS[kind][num], v[0], v[0] + v[1]))
+    except (OSError, ValueError, IndexError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: not a readable ONNX file ({type(exc).__name__}: {exc})",
+                         path) from exc
+    return sorted(found)
+
+
+def _entry(buf: Any, off: int, n: int) -> tuple[str, str]:
+    """A StringStringEntryProto's ``(key, value)``."""
+    key = value = ""
+    for f, fwt, fv in _fields(buf, off, off + n):
+        if fwt == 2 and f in (1, 2):
+            text = bytes(buf[fv[0]:fv[0] + fv[1]]).decode("utf-8")
+            key, value = (text, value) if f == 1 else (key, text)
+    return key, value
 
 
 def read_onnx_contract(path: str | Path) -> ModelContract:

@@ -19,6 +19,7 @@ file after another), and the report.
 from __future__ import annotations
 
 import csv
+import errno
 import fnmatch
 import io
 import json
@@ -32,11 +33,11 @@ from typing import Any, Protocol
 
 from ..errors import CancelledError, OutputError, ParameterError, TesseraError
 from ..inference.factory import make_predictor
-from ..io.atomic import atomic_outputs, check_writable_dir, file_lock
+from ..io.atomic import atomic_outputs, check_writable_dir, file_lock, free_bytes, shown_path
 from ..model.files import TesseraModel
 from ..params import OutputPaths, SegmentParams
 from ..progress import CancelFn, Progress, ProgressFn, check_cancel
-from .manifest import read_manifest, run_record
+from .manifest import outputs_unchanged, read_manifest, run_record
 from .segment import segment_raster
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,8 @@ class FileTask:
     done: dict[str, Any] | None
     #: the batch run's id, recorded in the manifests it writes
     batch: str = ""
+    #: redo the file even when its outputs of this very run exist (``--overwrite``)
+    redo: bool = False
 
     @property
     def skip(self) -> bool:
@@ -188,19 +191,25 @@ def plan_folder(folder: str | Path, model: TesseraModel | str | Path, out_dir: s
         paths = replace(OutputPaths.for_stem(out_dir / rel.parent, stem, manifest=True),
                         polygons_db=polygons_db)
         done = done_before(src, paths, model, params) if skip_existing else None
-        tasks.append(FileTask(k, src, rel, out_dir / rel.parent, paths, done, batch))
+        tasks.append(FileTask(k, src, rel, out_dir / rel.parent, paths, done, batch,
+                              redo=not skip_existing))
     return BatchPlan(folder, out_dir, model, params, tuple(tasks))
 
 
 def done_before(source: Path, paths: OutputPaths, model: TesseraModel,
                 params: SegmentParams) -> dict[str, Any] | None:
-    """The manifest of an earlier run of exactly this one, when its outputs are all there;
-    ``None`` when the file must be segmented (never run, other settings, changed input)."""
+    """The manifest of an earlier run of exactly this one (same record: model, parameters,
+    input, polygon target), when its outputs are all there and are the very files it was
+    committed with (same sizes and times); ``None`` when the file must be segmented (never
+    run, other settings, changed input, an output replaced or edited since, a manifest
+    damaged or edited by hand)."""
     if paths.manifest is None or not all(p.exists() for p in expected_outputs(paths, params)):
         return None
     doc = read_manifest(paths.manifest)
     try:
-        if doc is not None and doc.get("run") == run_record(source, model, params):
+        if doc is not None and doc.get("run") == run_record(source, model, params,
+                                                            paths.polygons_db) \
+                and outputs_unchanged(doc, expected_outputs(paths, params)):
             return doc
     except OSError:
         pass
@@ -243,10 +252,39 @@ def run_one(task: FileTask, model: TesseraModel, params: SegmentParams,
             row.status, row.error = "skipped", "being segmented by another batch right now"
             return row
         done = done_before(task.source, task.outputs, model, params)  # done meanwhile?
-        if done is not None:  # by this very batch (a worker lost after its commit), or not
-            ours = bool(task.batch) and done.get("batch") == task.batch
-            return _fill(row, "done" if ours else "skipped", done.get("result") or {})
+        if done is not None:  # by this very batch (a worker lost after its commit), or
+            ours = bool(task.batch) and done.get("batch") == task.batch  # by another run:
+            if ours or not task.redo:  # redone only when asked to (--overwrite)
+                return _fill(row, "done" if ours else "skipped", done.get("result") or {})
         return _segment_one(task, model, params, predictor, progress, cancel, row)
+
+
+#: What an output error's cause says about the whole folder: full, over quota, read-only.
+_FOLDER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+#: Bytes free below which an output folder counts as full (GDAL's write errors carry no errno).
+_FULL_BELOW = 1 << 20
+
+
+def folder_unusable(folder: Path, exc: BaseException) -> bool:
+    """Whether the output error ``exc`` of one file means no file can be written to
+    ``folder``: it is gone and cannot be made again, or is not writable, or ``exc`` comes from
+    a full (less than 1 MB free), over-quota or read-only file system. Any other output error (a name GDAL
+    refuses, an output path too long...) is that file's failure alone."""
+    try:
+        check_writable_dir(folder)
+    except OutputError:
+        return True
+    free = free_bytes(folder)
+    if free is not None and free < _FULL_BELOW:
+        return True
+    cause: BaseException | None = exc
+    for _ in range(16):  # the chain of causes (bounded: a chain could loop)
+        if cause is None:
+            break
+        if isinstance(cause, OSError) and cause.errno in _FOLDER_ERRNOS:
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _fill(row: FileReport, status: str, res: dict[str, Any]) -> FileReport:
@@ -274,10 +312,13 @@ def _segment_one(task: FileTask, model: TesseraModel, params: SegmentParams,
         _fill(row, "done", res.to_dict())
     except CancelledError:
         raise
-    except OutputError as exc:  # the output folder itself is unusable: stop, do not fail
-        row.status, row.error = "failed", str(exc)  # every file; but report this one
+    except OutputError as exc:
+        row.status, row.error = "failed", str(exc)
         row.seconds = round(time.perf_counter() - t, 3)
-        raise BatchStopped(str(exc), exc.path, row) from exc
+        if folder_unusable(task.dest, exc):  # every file would fail the same way: stop,
+            raise BatchStopped(str(exc), exc.path, row) from exc  # with this file's row
+        log.error("%s: %s", task.rel, exc)  # this file's outputs only (its name...)
+        return row
     except TesseraError as exc:
         row.status, row.error = "failed", str(exc)
         log.error("%s: %s", task.rel, exc)
@@ -392,5 +433,6 @@ def write_report(report: BatchReport) -> None:
     summary = {"done": report.count("done"), "skipped": report.count("skipped"),
                "failed": report.count("failed"), "files": [asdict(r) for r in report.rows]}
     with atomic_outputs(report.csv_path, report.json_path) as (csv_tmp, json_tmp):
-        csv_tmp.write_text(report.to_csv(), encoding="utf-8")
+        # (a file name that is no UTF-8 shows its bytes as \xNN)
+        csv_tmp.write_text(shown_path(report.to_csv()), encoding="utf-8")
         json_tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8")

@@ -32,6 +32,7 @@ import numpy as np
 
 from ..errors import CancelledError, ClusterError
 from ..io.atomic import atomic_outputs, private_dir
+from ..io.jsonsafe import read_limited
 from ..io.raster import gdal_env, open_raster
 from ..io.sinks import verify_geotiff, write_failed
 from ..model.files import TesseraModel
@@ -136,7 +137,12 @@ def segment_block(raster: str, model: TesseraModel, params: SegmentParams, outs:
 
     kinds, done = _part_kinds(params), block.part(folder, "done")
     if done.exists() and all(block.part(folder, k).exists() for k in kinds):
-        return json.loads(done.read_text(encoding="utf-8"))
+        try:  # a record that is not one of ours (damaged, crafted): the block is run again
+            rec = read_limited(done, "a block's record", 1 << 24)
+            if isinstance(rec, dict) and isinstance(rec.get("hist"), list):
+                return rec
+        except (OSError, ValueError):
+            pass
     private_dir(folder, mine=False)
     contract = model.contract
     with gdal_env(), open_raster(raster) as src, georeferenced(src, raster) as (ds, notes):

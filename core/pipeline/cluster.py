@@ -230,6 +230,7 @@ class DaskExecutor:
     def _submit(self, client: Any, plan: BatchPlan, params: SegmentParams,
                 todo: list[FileTask], cancel: CancelFn | None) -> Iterator[FileReport]:
         distributed = _distributed()
+        assert plan.model.path is not None  # (checked in run())
         client.register_plugin(ModelOnWorker(absolute(plan.model.path), plan.model.identity(),
                                              params), name=PLUGIN)
         workers = len(client.scheduler_info().get("workers", {}))

@@ -215,8 +215,9 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
                 raise write_failed(plan.outs.class_raster, exc) from exc
             result = _result(plan, params, predictor, stats, t_start)
             if plan.outs.manifest is not None:
-                write_manifest(temps[-1], plan.outs.manifest, run_record(path, model, params),
-                               result.to_dict(), batch)
+                write_manifest(temps[-1], plan.outs.manifest,
+                               run_record(path, model, params, plan.outs.polygons_db),
+                               result.to_dict(), batch, zip(temps[:-1], plan.finals[:-1]))
     if progress is not None:
         progress(Progress("done", 1, 1, 1.0, result.seconds, result.megapixels /
                           max(result.seconds, 1e-9), 0.0, "done"))
@@ -484,8 +485,8 @@ def _add_confidence(plan: _Plan, temps: list[Path], db: Any, cancel: CancelFn | 
 
 
 def _verify_rows(db: Any, n_polygons: int) -> None:
-    if db.count() != n_polygons:
-        raise OutputError(f"{db.table}: holds {db.count()} rows of {db.source}, "
+    if (n := db.count()) != n_polygons:
+        raise OutputError(f"{db.table}: holds {n} rows of {db.source}, "
                           f"{n_polygons} polygons were traced", None)
 
 

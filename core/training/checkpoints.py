@@ -12,9 +12,13 @@ from typing import Any
 
 from ..errors import ParameterError
 from ..io.atomic import atomic_outputs
+from ..io.jsonsafe import read_limited
 from ..params import TrainParams
 
 log = logging.getLogger(__name__)
+
+#: The largest checkpoint state read (the history grows by an epoch's metrics per epoch).
+MAX_STATE_BYTES = 64_000_000
 
 #: Settings a resumed run must share with the checkpoint's run.
 RESUME_KEYS = ("patch_size", "batch_size", "patches_per_epoch", "lr", "weight_decay", "loss",
@@ -46,7 +50,13 @@ def resume(ckpt: Path | None, p: TrainParams, k_classes: int, net: Any, opt: Any
         return None
     from safetensors.torch import load_file
 
-    st = json.loads((ckpt / "state.json").read_text())
+    try:
+        st = read_limited(ckpt / "state.json", "state.json", MAX_STATE_BYTES)
+        if not isinstance(st, dict):
+            raise ValueError("state.json is not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise ParameterError(f"{ckpt}: cannot read the checkpoint ({exc}); remove the "
+                             "folder to start the training afresh", ckpt) from exc
     _check_resume(ckpt, st, p, run_key(p), k_classes)
     net.load_state_dict(load_file(str(ckpt / "model.safetensors")))
     _load_optimizer(opt, load_file(str(ckpt / "optimizer.safetensors")))

@@ -4,11 +4,14 @@ pairs in id order, read, checked and derived (with distinct colours) here."""
 from __future__ import annotations
 
 import colorsys
-import json
 from pathlib import Path
 from typing import Any
 
 from ..errors import ParameterError
+from ..io.jsonsafe import read_limited
+
+#: The largest class table read.
+MAX_CLASS_FILE_BYTES = 4_000_000
 
 #: The Dubai dataset's true mask colours (see ../shared/data/README.md), in class-id order.
 DUBAI_CLASSES = [("Building", "#3C1098"), ("Land", "#8429F6"), ("Road", "#6EC1E4"),
@@ -90,7 +93,7 @@ def _row_problem(r: dict[str, Any], need_colors: bool) -> str | None:
 def read_class_file(path: str | Path) -> ClassTable:
     """A class table from a JSON file (a list of ``{"id", "name", "color"}``, or ``{"classes": [...]}``)."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = read_limited(path, "the file", MAX_CLASS_FILE_BYTES)
     except (OSError, ValueError) as exc:
         raise ParameterError(f"{path}: cannot read the class table ({exc})", path) from exc
     return class_table(data)

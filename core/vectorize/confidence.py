@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CancelledError
-from ..io.sinks import write_failed
+from ..errors import CancelledError, TesseraError
+from ..io.postgis import is_database, redact
+from ..io.sinks import layer_name, write_failed
 from ..progress import CancelFn
 
 #: Polygons read from the GeoPackage at a time.
@@ -79,7 +80,8 @@ def add_mean_confidence(gpkg: Path, layer: str, confidence: Path, final: Path,
     import rasterio
     import shapely
 
-    table = layer.replace(chr(34), chr(34) * 2)  # a quoted identifier (our own layer name)
+    layer = layer_name(layer)  # as the polygons' sink named it
+    table = _quoted(layer)  # a quoted identifier (our own layer name)
     done = 0
     try:
         with rasterio.open(confidence) as ds:
@@ -92,7 +94,7 @@ def add_mean_confidence(gpkg: Path, layer: str, confidence: Path, final: Path,
                 triggers = con.execute("SELECT name, sql FROM sqlite_master WHERE "
                                        "type = 'trigger' AND tbl_name = ?", (layer,)).fetchall()
                 for name, _ in triggers:
-                    con.execute(f'DROP TRIGGER "{name}"')  # nosec B608
+                    con.execute(f'DROP TRIGGER "{_quoted(name)}"')  # nosec B608
                 con.execute(f'ALTER TABLE "{table}" ADD COLUMN "{FIELD}" REAL')  # nosec B608
                 n = pyogrio.read_info(gpkg, layer=layer)["features"]
                 for start in range(0, n, CHUNK):
@@ -118,6 +120,11 @@ def add_mean_confidence(gpkg: Path, layer: str, confidence: Path, final: Path,
     return done
 
 
+def _quoted(name: str) -> str:
+    """``name`` for inside double quotes in SQL (a layer named from any file name)."""
+    return name.replace(chr(34), chr(34) * 2)
+
+
 def _to_pixels(ds: Any) -> Any:
     """A shapely coordinate transform from ``ds``'s CRS into its pixel space."""
     inv = ~ds.transform
@@ -132,7 +139,8 @@ def _to_pixels(ds: Any) -> Any:
 def add_mean_confidence_db(db: Any, confidence: Path, final: Any,
                            cancel: CancelFn | None = None) -> int:
     """The :data:`FIELD` of every row of ``db`` (a :class:`~..io.postgis.PostgisLayer`, its
-    transaction still open) from the confidence raster ``confidence``; the rows done."""
+    transaction still open) from the confidence raster ``confidence``; the rows done. The
+    database's errors come as its :class:`~..errors.OutputError` (one line, no password)."""
     import rasterio
     import shapely
 
@@ -148,6 +156,9 @@ def add_mean_confidence_db(db: Any, confidence: Path, final: Any,
                                    for (i, _), g in zip(rows, geoms)])
                 done += len(rows)
                 after = rows[-1][0]
-    except OSError as exc:
-        raise write_failed(final, exc) from exc
+    except TesseraError:
+        raise  # the database's own errors (io.postgis), the password already out
+    except OSError as exc:  # the confidence raster
+        shown: Any = redact(str(final)) if is_database(str(final)) else final
+        raise write_failed(shown, exc) from exc
     return done

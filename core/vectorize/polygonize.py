@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import RasterReadError
+from ..errors import ParameterError, RasterReadError
 from ..progress import CancelFn, check_cancel
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,14 @@ def _read_rows(ds: Any, r0: int, r1: int) -> np.ndarray:
 _GDAL_DTYPES = (np.uint8, np.int16, np.uint16, np.int32, np.float32)
 
 
-def _strip(ds: Any, r0: int, r1: int, sieve_px: int, nodata: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _strip(ds: Any, r0: int, r1: int, sieve_px: int,
+           nodata: float | None) -> tuple[np.ndarray, np.ndarray]:
     """Classes and validity of rows ``[r0, r1)``, sieved when ``sieve_px`` > 0.
+
+    A float raster's values (whole numbers: see :func:`check_class_values`) become int32
+    class ids; its NaN pixels are never valid (nodata NaN). A sieve of at least the raster's
+    pixel count is cut to the largest GDAL takes, one pixel less, the same in every strip
+    (the halo then makes each strip the whole raster).
 
     The sieve runs on the strip plus a halo of ``sieve_px`` rows above and below (clipped to the
     raster): a region of the strip smaller than ``sieve_px`` pixels spans fewer rows than that,
@@ -123,15 +129,28 @@ def _strip(ds: Any, r0: int, r1: int, sieve_px: int, nodata: int | None) -> tupl
     halo = sieve_px if sieve_px > 0 else 0
     a0, a1 = max(0, r0 - halo), min(height, r1 + halo)
     arr = _read_rows(ds, a0, a1)
-    if arr.dtype not in _GDAL_DTYPES:
+    valid = _valid(arr, nodata)
+    if arr.dtype.kind == "f":
+        arr = np.where(valid, arr, 0).astype(np.int32)
+    elif arr.dtype not in _GDAL_DTYPES:
         arr = arr.astype(np.int32)
-    valid = arr != nodata if nodata is not None else np.ones(arr.shape, bool)
-    if sieve_px > 0:
+    if sieve_px > 0 and arr.size > 1:
         from rasterio.features import sieve
 
-        sieved = sieve(arr, size=sieve_px, connectivity=4, mask=valid)
+        sieved = sieve(arr, size=min(sieve_px, arr.size - 1), connectivity=4, mask=valid)
         arr = np.where(valid, sieved, arr).astype(arr.dtype)  # nodata stays nodata
     return arr[r0 - a0:r1 - a0], valid[r0 - a0:r1 - a0]
+
+
+def _valid(arr: np.ndarray, nodata: float | None) -> np.ndarray:
+    """Pixels of ``arr`` that are not ``nodata`` (a float raster's compared in its own type;
+    NaN is never a class)."""
+    if arr.dtype.kind == "f":
+        valid = ~np.isnan(arr)
+        if nodata is not None and not np.isnan(nodata):
+            valid &= arr != np.asarray(nodata, arr.dtype)
+        return valid
+    return arr != nodata if nodata is not None else np.ones(arr.shape, bool)
 
 
 def _merge_pieces(pieces: list[Any]) -> Any:
@@ -177,7 +196,7 @@ def _strip_bounds(height: int, rows_per_strip: int,
 
 
 def iter_class_polygons(ds: Any, strip_rows: int, sieve_px: int = 0,
-                        skip_values: frozenset[int] = frozenset(), nodata: int | None = None,
+                        skip_values: frozenset[int] = frozenset(), nodata: float | None = None,
                         cancel: CancelFn | None = None,
                         on_rows: Callable[[int], None] | None = None,
                         max_open_vertices: int = 0,
@@ -366,3 +385,28 @@ class OpenRegions:
         """Whatever is still open (there is nothing below)."""
         for gid in sorted(self.groups):
             yield from self.finalize(gid)
+
+
+#: The class ids a float raster may hold (whole numbers, as an int32 holds them).
+FLOAT_CLASS_RANGE = (-(2**31), 2**31 - 1)
+
+
+def check_class_values(ds: Any, nodata: float | None, strip_rows: int = 1024) -> None:
+    """A float raster must hold class ids: whole numbers (NaN only as its nodata), read strip
+    by strip; :class:`ParameterError` naming the first other value. Integer rasters pass."""
+    if np.dtype(ds.dtypes[0]).kind != "f":
+        return
+    lo, hi = FLOAT_CLASS_RANGE
+    rows = strip_height(strip_rows, ds.width)
+    for r0 in range(0, ds.height, rows):
+        arr = _read_rows(ds, r0, min(r0 + rows, ds.height))
+        if nodata is not None:  # NaN pixels are refused unless NaN is the nodata value
+            arr = arr[~np.isnan(arr) if np.isnan(nodata)
+                      else arr != np.asarray(nodata, arr.dtype)]
+        bad = arr[~(np.isfinite(arr) & (arr == np.round(arr)) & (arr >= lo) & (arr <= hi))]
+        if bad.size:
+            name = getattr(ds, "name", "the raster")
+            raise ParameterError(f"{name}: is not a class raster: it holds {float(bad[0]):g} "
+                                 f"({ds.dtypes[0]}); vectorize takes whole class ids (0..255 "
+                                 "in Tessera's class rasters; NaN only as the nodata value)",
+                                 name)

@@ -56,7 +56,7 @@ class _Shifted:
 
 
 def trace_block(classes: Path, rows: tuple[int, int], height: int, gpkg: Path, seams: Path,
-                params: VectorizeParams, names: dict[int, str], nodata: int | None,
+                params: VectorizeParams, names: dict[int, str], nodata: float | None,
                 transform: Any, crs: Any, breaks: tuple[int, ...],
                 final: Path | None = None) -> tuple[int, int, int]:
     """Trace the block of rows ``rows`` (its class rows in ``classes``, a GeoTIFF of just

@@ -10,7 +10,6 @@ the raster's CRS.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -21,12 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import NoCRSError, OutputError, ParameterError, TesseraError
-from ..io.atomic import atomic_outputs, check_writable_dir
+from ..errors import NoCRSError, ParameterError, TesseraError
+from ..io.atomic import atomic_outputs, check_final_name, check_writable_dir
+from ..io.jsonsafe import loads_limited
 from ..io.raster import CLASSES_TAG, gdal_env, open_raster
 from ..io.sinks import (
     POLYGON_FIELDS,
     PolygonSink,
+    layer_name,
     polygon_sink,
     verify_geopackage,
     write_failed,
@@ -34,7 +35,7 @@ from ..io.sinks import (
 from ..params import VectorizeParams
 from ..progress import CancelFn, Meter, ProgressFn
 from .area import polygon_areas_m2
-from .polygonize import iter_class_polygons
+from .polygonize import check_class_values, iter_class_polygons
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,9 @@ FIELDS = POLYGON_FIELDS
 
 #: Polygons written to the GeoPackage at a time.
 WRITE_BATCH = 5000
+
+#: The largest class list read from a class raster's tag.
+MAX_CLASSES_TAG_BYTES = 4_000_000
 
 
 
@@ -92,7 +96,8 @@ def read_class_names(ds: Any) -> dict[int, str]:
     if not raw:
         return {}
     try:
-        return {int(c["id"]): str(c["name"]) for c in json.loads(raw)}
+        return {int(c["id"]): str(c["name"])
+                for c in loads_limited(raw, "the tag", MAX_CLASSES_TAG_BYTES)}
     except (ValueError, KeyError, TypeError):
         log.warning("%s: the %s tag is not a list of classes; ignored", ds.name, CLASSES_TAG)
         return {}
@@ -231,7 +236,7 @@ class PolygonWriter:
 
 
 def write_polygons(source: Any, tmp: Path, layer: str, params: VectorizeParams,
-                   names: dict[int, str], nodata: int | None, transform: Any, crs: Any,
+                   names: dict[int, str], nodata: float | None, transform: Any, crs: Any,
                    cancel: CancelFn | None = None,
                    on_rows: Callable[[int], None] | None = None,
                    breaks: tuple[int, ...] = (),
@@ -286,6 +291,17 @@ def write_errors(final: Path) -> Iterator[None]:
 
 
 
+def _class_nodata(ds: Any) -> float | None:
+    """The class raster's nodata value: a float raster's as it is (NaN included), an integer
+    raster's a whole number (one it cannot hold is none)."""
+    nd = ds.nodata
+    if nd is None:
+        return None
+    if np.dtype(ds.dtypes[0]).kind == "f":
+        return float(nd)
+    return int(nd) if float(nd).is_integer() else None
+
+
 def vectorize_raster(class_raster: str | Path, out_gpkg: str | Path,
                      params: VectorizeParams | None = None, *,
                      class_names: dict[int, str] | None = None, layer: str | None = None,
@@ -309,7 +325,7 @@ def vectorize_raster(class_raster: str | Path, out_gpkg: str | Path,
     params = params if params is not None else VectorizeParams()
     t0 = time.perf_counter()
     out = Path(out_gpkg)
-    layer = layer or out.stem
+    layer = layer_name(layer or out.stem)
     with gdal_env(), open_raster(class_raster) as ds:
         if ds.crs is None:
             raise NoCRSError(f"{class_raster}: has no coordinate reference system; polygons and "
@@ -317,10 +333,10 @@ def vectorize_raster(class_raster: str | Path, out_gpkg: str | Path,
         names = read_class_names(ds)
         names.update(class_names or {})
         _resolve_skip(params.skip_classes, names)  # a bad name fails before anything is written
-        nodata = None if ds.nodata is None else int(ds.nodata)
+        nodata = _class_nodata(ds)
+        check_class_values(ds, nodata, params.strip_rows)  # a float raster of classes only
         check_writable_dir(out.parent)
-        if out.is_dir():
-            raise OutputError(f"{out}: is a folder; give a .gpkg file name", out)
+        check_final_name(out)  # not a folder, a name the file system, GDAL and SQLite take
         meter = Meter("vectorize", ds.height, progress, *progress_span, pixels_per_unit=ds.width)
         meter.update(0, "polygonizing", force=True)
         with atomic_outputs(out) as (tmp,):

@@ -1,6 +1,7 @@
 """Folder batch: one model load, skip/resume, error isolation, the report."""
 
 import csv
+import errno
 import json
 
 import pytest
@@ -207,9 +208,9 @@ def test_an_output_failure_ends_the_batch_with_a_row_for_that_file(tmp_path, mon
 
     def full_disk(source, *a, **k):
         calls.append(source.name)
-        if source.name == "b.tif":
+        if source.name == "b.tif":  # (a full file system: every file would fail)
             raise OutputError(f"{out / 'b_classes.tif'}: cannot write it (No space left on device)",
-                              out / "b_classes.tif")
+                              out / "b_classes.tif") from OSError(errno.ENOSPC, "No space left")
         return real(source, *a, **k)
 
     monkeypatch.setattr(batchmod, "segment_raster", full_disk)

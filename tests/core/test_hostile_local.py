@@ -359,3 +359,23 @@ def test_an_existing_tls_cluster_takes_the_client_certificate_from_dask_config(t
     assert len(refused.stderr.strip().splitlines()) == 1
     assert ran.returncode == 0, ran.stderr
     assert "1 done, 0 skipped, 0 failed" in ran.stdout
+
+
+def test_a_file_name_that_is_not_utf8_fails_alone_and_the_report_shows_its_bytes(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    write_raster(src / "ok.tif", random_rgb(64, 64, seed=1))
+    write_raster(src / "x.tif", random_rgb(64, 64, seed=2))  # (GDAL writes no such name)
+    os.rename(bytes(src / "x.tif"), bytes(src) + b"/sc\xe9ne.tif")
+    model = tiny_unet(seed=1).save(tmp_path / "m.safetensors")
+    out = tmp_path / "out"
+    rep = segment_folder(src, model, out, PARAMS)
+    assert sorted(r.status for r in rep.rows) == ["done", "failed"]
+    text = (out / "tessera_report.csv").read_text(encoding="utf-8")
+    assert "sc\\xe9ne.tif,failed" in text and "ok.tif,done" in text
+    doc = json.loads((out / "tessera_report.json").read_text(encoding="utf-8"))
+    assert (doc["done"], doc["failed"]) == (1, 1)
+    bad = os.fsencode(out) + b"/caf\xe9"
+    with pytest.raises(OutputError, match="not UTF-8"):
+        segment_folder(src, model, os.fsdecode(bad), PARAMS)
+    assert not os.path.exists(bad)  # nothing made for it

@@ -474,7 +474,7 @@ def test_output_errors(tmp_path):
     with pytest.raises(OutputError):
         vectorize_raster(src, tmp_path / "file" / "x.gpkg")
     (tmp_path / "dir.gpkg").mkdir()
-    with pytest.raises(OutputError, match="is a folder"):
+    with pytest.raises(OutputError, match="a folder has this output.s name"):
         vectorize_raster(src, tmp_path / "dir.gpkg")
 
 
