@@ -142,6 +142,14 @@ class SegmentParams:
         band stretched linearly from its LO-th to its HI-th percentile (default 2, 98) onto
         0..255 before the model's own scaling, for 16-bit or float imagery fed to an 8-bit
         model; the figures used are recorded in the outputs' tags.
+    resolution: the processing resolution, the pixel size the model sees: ``auto`` (the
+        model's declared pixel size when the raster's differs from it by more than
+        :data:`AUTO_RESOLUTION_RATIO` times and at most :data:`AUTO_RESOLUTION_MAX` times,
+        else the raster's own: :func:`auto_resamples`), ``native`` (the
+        raster's own), ``model`` (the model's ``pixel_size_m``, in the raster CRS's units),
+        or a pixel size in the units of the raster's CRS (metres for projected CRSs). Other
+        than the raster's own, the raster is resampled on the fly while it is read (a warped
+        view, never a copy) and the outputs lie on that grid; ``window`` is then in its pixels.
     """
 
     tile_size: int | None = None
@@ -157,9 +165,11 @@ class SegmentParams:
     vectorize: VectorizeParams = field(default_factory=VectorizeParams)
     backend: str = "auto"
     rescale: str | None = None
+    resolution: float | str = "auto"
 
     def __post_init__(self) -> None:
         self._check_tiles()
+        object.__setattr__(self, "resolution", resolution_spec(self.resolution))
         if self.rescale is not None:
             object.__setattr__(self, "rescale", rescale_spec(self.rescale))
         if self.batch_size < 1:
@@ -184,6 +194,45 @@ class SegmentParams:
                 raise ParameterError(f"overlap must be 0 or more pixels (got {self.overlap})")
             if self.tile_size is not None:
                 check_tile_overlap(self.tile_size, self.overlap)
+
+
+#: ``auto`` resolution: the model's pixel size is used when the raster's differs from it by
+#: more than this factor (either way)...
+AUTO_RESOLUTION_RATIO = 1.5
+#: ...and by less than this one: imagery 8 times finer or coarser than the model's is not
+#: what it was made for (a 30 m scene through a 0.5 m model would be blown up 3,600 times);
+#: it runs at its own pixel size with a warning, unless a resolution is given.
+AUTO_RESOLUTION_MAX = 8.0
+
+
+def auto_resamples(own_m: float | None, model_m: float | None) -> bool:
+    """Whether ``auto`` runs a raster of ``own_m`` metre pixels at the model's ``model_m``."""
+    if not own_m or not model_m:
+        return False
+    ratio = max(own_m / model_m, model_m / own_m)
+    return AUTO_RESOLUTION_RATIO < ratio <= AUTO_RESOLUTION_MAX
+#: The named processing resolutions (see :class:`SegmentParams`).
+RESOLUTIONS = ("auto", "native", "model")
+
+
+def resolution_spec(value: float | str | None) -> float | str:
+    """``auto``, ``native``, ``model`` or a positive, finite pixel size (float)."""
+    if value is None:
+        return "auto"
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in RESOLUTIONS:
+            return text
+        try:
+            value = float(text)
+        except ValueError:
+            raise ParameterError(f"resolution {value!r}: give auto, native, model or a pixel "
+                                 "size in the raster CRS's units (e.g. 0.5)") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value) or value <= 0:
+        raise ParameterError(f"resolution {value!r}: a pixel size must be a positive number "
+                             "(in the raster CRS's units)")
+    return float(value)
 
 
 #: The largest tile side accepted (a tile of 8192² px already takes gigabytes per batch).

@@ -112,7 +112,7 @@ def _params(a: argparse.Namespace) -> Any:
         bands=tuple(a.bands) if a.bands else None, nodata=a.nodata,
         window=tuple(a.window) if a.window else None, confidence=a.confidence,
         half=False if a.no_half else None, threads=a.threads, backend=a.backend,
-        rescale=a.rescale,
+        rescale=a.rescale, resolution=a.resolution,
         vectorize=VectorizeParams(enabled=not a.no_vectorize, sieve_px=a.sieve,
                                   min_area_m2=a.min_area, simplify_px=a.simplify,
                                   skip_classes=skip))
@@ -306,7 +306,7 @@ def _cmd_evaluate(a: argparse.Namespace, bar: ProgressBar) -> int:
 
     ev = _run(EvaluateJob(a.model, source_from_dict(_data_source(a)), out_json=a.out_json,
                           out_png=a.out_png, device=a.device, backend=a.backend,
-                          batch_size=a.batch_size), bar)
+                          batch_size=a.batch_size, resolution=a.resolution), bar)
     if a.json:
         print(json.dumps(ev.summary(), indent=1))
         return 0

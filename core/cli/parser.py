@@ -35,8 +35,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rescale", metavar="percentile[:LO,HI]",
                    help="stretch each band from its LO-th to HI-th percentile (default 2,98) "
                         "onto 0..255 first: for 16-bit or float imagery and an 8-bit model")
+    _add_resolution_option(g)
     g.add_argument("--window", type=int, nargs=4, metavar=("COL", "ROW", "WIDTH", "HEIGHT"),
-                   help="only this pixel window of the raster")
+                   help="only this pixel window of the raster (of its processing grid)")
     g = p.add_argument_group("tiling and device")
     g.add_argument("--tile-size", type=int, help="tile side in pixels, multiple of 32 (default: the model's)")
     g.add_argument("--overlap", type=int, help="tile overlap in pixels (default: the model's)")
@@ -51,6 +52,15 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-vectorize", action="store_true", help="class raster only, no polygons")
     _add_vector_options(g)
 
+
+
+def _add_resolution_option(g: Any) -> None:
+    g.add_argument("--resolution", default="auto", metavar="auto|native|model|SIZE",
+                   help="the pixel size the model runs at: auto (the model's when the raster's "
+                        "differs from it more than 1.5 times, else the raster's own; the "
+                        "default), native (the raster's own), model (the model's), or a pixel "
+                        "size in the units of the raster's CRS (metres for projected CRSs); "
+                        "the raster is resampled on the fly, the outputs lie on that grid")
 
 
 def _add_backend_option(g: Any) -> None:
@@ -237,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
     _add_backend_option(p)
+    _add_resolution_option(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_common(p)
 

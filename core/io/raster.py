@@ -187,14 +187,18 @@ def read_window(ds: Any, bands: tuple[int, ...], window: Window,
 
     A pixel is valid unless every selected band is nodata (or masked by an alpha band or an
     internal mask), or any band is NaN/inf. ``nodata`` overrides the file's nodata value.
-    Raises :class:`RasterReadError` naming the file when GDAL cannot decode the window.
+    Raises :class:`RasterReadError` naming the file when GDAL cannot decode the window (for
+    a web source of :func:`.web.open_web`: naming the URL and the HTTP status, after retries).
     """
     from rasterio.errors import RasterioIOError
     from rasterio.windows import Window as RioWindow
 
+    from .web import read_retrying
+
     win = RioWindow(*window)
     row, col = window.row_off, window.col_off
-    try:
+
+    def read() -> tuple[np.ndarray, np.ndarray]:
         data = ds.read(list(bands), window=win)
         if nodata is not None:
             # an integer raster is compared with the value itself: one it cannot hold (-1 on
@@ -205,6 +209,10 @@ def read_window(ds: Any, bands: tuple[int, ...], window: Window,
         else:
             masks = ds.read_masks(list(bands), window=win)
             valid = np.any(masks > 0, axis=0)
+        return data, valid
+
+    try:
+        data, valid = read_retrying(ds, read)  # a web source's: retried, its own error
     except RasterioIOError as exc:
         raise RasterReadError(f"{ds.name}: cannot read pixels at row {row}, column {col} "
                               f"({_short(exc)}); the file may be truncated or corrupt",

@@ -244,15 +244,21 @@ class EvaluateJob:
     device: str = "auto"
     backend: str = "auto"
     batch_size: int = 4
+    #: the processing resolution (see :class:`~..params.SegmentParams`): the images are
+    #: segmented at it and the classes compared with the labels on the labels' own grid
+    resolution: float | str = "auto"
 
     def __post_init__(self) -> None:
-        SegmentParams(device=self.device, backend=self.backend, batch_size=self.batch_size)
+        p = SegmentParams(device=self.device, backend=self.backend, batch_size=self.batch_size,
+                          resolution=self.resolution)
+        object.__setattr__(self, "resolution", p.resolution)
 
     def to_dict(self) -> dict[str, Any]:
         """The job's JSON (the worker protocol)."""
         return {"op": self.op, "model": self.model, "data": self.data.to_dict(),
                 "out_json": self.out_json, "out_png": self.out_png, "device": self.device,
-                "backend": self.backend, "batch_size": self.batch_size}
+                "backend": self.backend, "batch_size": self.batch_size,
+                "resolution": self.resolution}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EvaluateJob:
@@ -260,7 +266,8 @@ class EvaluateJob:
         _need(d, cls.op, "model", "data")
         return cls(str(d["model"]), source_from_dict(d["data"]), _text(d, "out_json"),
                    _text(d, "out_png"), str(d.get("device") or "auto"),
-                   str(d.get("backend") or "auto"), int(d.get("batch_size") or 4))
+                   str(d.get("backend") or "auto"), int(d.get("batch_size") or 4),
+                   d.get("resolution") or "auto")
 
 
 @dataclass(frozen=True)

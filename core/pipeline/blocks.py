@@ -33,7 +33,7 @@ import numpy as np
 from ..errors import CancelledError, ClusterError
 from ..io.atomic import atomic_outputs, private_dir
 from ..io.jsonsafe import read_limited
-from ..io.raster import gdal_env, open_raster
+from ..io.raster import gdal_env
 from ..io.sinks import verify_geotiff, write_failed
 from ..model.files import TesseraModel
 from ..params import OutputPaths, SegmentParams, VectorizeParams
@@ -131,7 +131,7 @@ def segment_block(raster: str, model: TesseraModel, params: SegmentParams, outs:
 
     from ..io.sinks import verify_geopackage
     from ..vectorize.seams import BLOCK_LAYER, trace_block
-    from .inputs import georeferenced
+    from .inputs import opened
     from .run import Run
     from .segment import _open_sinks, _plan
 
@@ -145,8 +145,8 @@ def segment_block(raster: str, model: TesseraModel, params: SegmentParams, outs:
             pass
     private_dir(folder, mine=False)
     contract = model.contract
-    with gdal_env(), open_raster(raster) as src, georeferenced(src, raster) as (ds, notes):
-        plan = _plan(ds, raster, contract, params, outs, notes, src.count)
+    with gdal_env(), opened(raster, contract, params) as (ds, notes, count):
+        plan = _plan(ds, raster, contract, params, outs, notes, count)
         profile = dict(plan.profile, height=block.row1 - block.row0,
                        transform=plan.profile["transform"] * Affine.translation(0, block.row0))
         with atomic_outputs(*[block.part(folder, k) for k in kinds], done) as temps:
@@ -377,14 +377,14 @@ def segment_on_cluster(raster: str | Path, model: str | Path, out_dir: str | Pat
         clean_up,
         connect,
     )
-    from .inputs import georeferenced
+    from .inputs import opened
     from .segment import _database, _plan
 
     t0, path = time.perf_counter(), absolute(raster)  # the workers' folder is not ours
     m = TesseraModel.open(absolute(model))
     outs = absolute_outputs(outputs or OutputPaths.for_stem(out_dir, stem or Path(path).stem))
-    with gdal_env(), open_raster(path) as src, georeferenced(src, path) as (ds, notes):
-        plan = _plan(ds, path, m.contract, params, outs, notes, src.count)
+    with gdal_env(), opened(path, m.contract, params) as (ds, notes, count):
+        plan = _plan(ds, path, m.contract, params, outs, notes, count)
     folder = parts_folder(outs.class_raster.parent, outs.class_raster.stem, run_record(path, m, params))
     distributed = _distributed()
     client, cluster = connect(address)

@@ -3,6 +3,9 @@ the reader that feeds its tiles to the model.
 
 * A raster georeferenced only by ground control points is segmented through a warped view
   in the GCPs' CRS (:func:`georeferenced`), so its outputs are georeferenced too.
+* A raster is seen at the processing resolution (:func:`at_resolution`): its own pixel size,
+  or the model's or a given one through a view resampled on the fly; ``auto`` takes the
+  model's when the raster's pixels differ from it by more than 1.5 times, and says so.
 * A paletted raster (one band of colour indices) is seen as the RGB(A) of its palette.
 * The values are sampled (up to 64 windows spread over the raster) and compared with the
   model's scaling: 16-bit, negative or 0..1 float data fed to a model that divides by 255
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,9 +27,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import ParameterError
-from ..io.raster import read_window
+from ..io.raster import open_raster, pixel_size_m, read_window
 from ..model.contract import ModelContract
-from ..params import Window
+from ..params import SegmentParams, Window, auto_resamples
 from .stages import TileRead
 from .tiling import Tile
 
@@ -33,6 +37,8 @@ from .tiling import Tile
 #: SAMPLE_SIDE² px, spread evenly over the part of the raster segmented.
 SAMPLE_WINDOWS = 64
 SAMPLE_SIDE = 256
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -52,6 +58,90 @@ def georeferenced(ds: Any, path: str) -> Iterator[tuple[Any, list[str]]]:
         yield vrt, [f"{Path(path).name}: georeferenced by {len(gcps)} ground control points "
                     f"only; segmented warped to {gcp_crs.to_string()} on the fly "
                     f"({vrt.width} x {vrt.height} px, nearest neighbour)"]
+
+
+@contextlib.contextmanager
+def opened(path: str, contract: ModelContract,
+           params: SegmentParams) -> Iterator[tuple[Any, list[str], int]]:
+    """``(the raster as the run reads it, notes, its own band count)``: the file opened,
+    warped to its GCPs' CRS when it has only those (:func:`georeferenced`), and seen at the
+    processing resolution (:func:`at_resolution`). The one way a run opens its raster."""
+    with open_raster(path) as src, georeferenced(src, path) as (geo, notes), \
+            at_resolution(geo, path, contract, params.resolution, params.nodata) as (ds, more):
+        yield ds, notes + more, src.count
+
+
+def processing_resolution(ds: Any, path: str, contract: ModelContract,
+                          resolution: float | str) -> tuple[float | None, list[str]]:
+    """``(the pixel size to run at, in the units of the raster's CRS, or None for the
+    raster's own; notes)`` for a run's ``resolution`` (see :class:`~..params.SegmentParams`).
+    Raises :class:`ParameterError` when it cannot be known (no CRS, no model pixel size)."""
+    own = float(abs(ds.transform.a))
+    if resolution == "native":
+        return None, []
+    model_m, own_m = contract.pixel_size_m, pixel_size_m(ds)
+    notes = []
+    if resolution == "auto":
+        if not auto_resamples(own_m, model_m):
+            return None, []
+        resolution = "model"
+        notes.append(f"{Path(path).name}: pixels of {own_m:.3g} m, model '{contract.name}' was "
+                     f"trained at {model_m:g} m: segmented at {model_m:g} m, resampled on the fly "
+                     "(--resolution native keeps the raster's own)")
+    if ds.crs is None or own_m is None:
+        raise ParameterError(f"{path}: has no coordinate reference system with a known unit; "
+                             "it can be segmented only at its own pixel size (--resolution "
+                             "native)", path)
+    if resolution == "model":
+        if not model_m:
+            raise ParameterError(f"model '{contract.name}' declares no pixel size; give the "
+                                 "resolution as a pixel size (e.g. 0.5)", path)
+        target = model_m * own / own_m  # (metres into the CRS's units)
+    else:
+        target = float(resolution)
+    if abs(target - own) <= 1e-9 * own:
+        return None, notes
+    return target, notes
+
+
+#: The largest side of a processing grid (GDAL's limit on a dataset's side).
+MAX_GRID_SIDE = 2**31 - 1
+
+
+@contextlib.contextmanager
+def at_resolution(ds: Any, path: str, contract: ModelContract, resolution: float | str,
+                  nodata: float | None = None) -> Iterator[tuple[Any, list[str]]]:
+    """``(the raster seen at the processing resolution, notes)``: ``ds`` itself at its own
+    pixel size, else a view warped on the fly onto a grid of that pixel size over the same
+    bounds and CRS (never a copy: windows are resampled as they are read). Averaged when
+    coarser than the raster, bilinear when finer, nearest for a palette's indices; nodata
+    and masks carried over (an alpha band marks what is no data)."""
+    target, notes = processing_resolution(ds, path, contract, resolution)
+    if target is None:
+        yield ds, notes
+        return
+    from affine import Affine
+    from rasterio.enums import ColorInterp, Resampling
+    from rasterio.vrt import WarpedVRT
+
+    left, bottom, right, top = ds.bounds
+    width, height = math.ceil((right - left) / target - 1e-6), \
+        math.ceil((top - bottom) / target - 1e-6)
+    if not 1 <= max(width, height) <= MAX_GRID_SIDE:
+        raise ParameterError(f"{path}: at a pixel size of {target:g} the raster would be "
+                             f"{width} x {height} px; choose a coarser resolution", path)
+    own = float(abs(ds.transform.a))
+    kind = Resampling.nearest if palette_lut(ds) is not None else \
+        Resampling.average if target > own else Resampling.bilinear
+    src_nodata = nodata if nodata is not None else ds.nodata
+    has_alpha = ColorInterp.alpha in ds.colorinterp  # (a GCP view's, an RGBA file's: carried)
+    with WarpedVRT(ds, crs=ds.crs, transform=Affine(target, 0, left, 0, -target, top),
+                   width=max(width, 1), height=max(height, 1), resampling=kind,
+                   src_nodata=src_nodata, nodata=src_nodata,
+                   add_alpha=src_nodata is None and not has_alpha) as vrt:
+        log.info("%s: segmented at a pixel size of %g (its own: %g), resampled on the fly "
+                 "(%d x %d px)", Path(path).name, target, own, vrt.width, vrt.height)
+        yield vrt, notes
 
 
 def palette_lut(ds: Any) -> np.ndarray | None:

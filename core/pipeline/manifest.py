@@ -55,6 +55,7 @@ def run_record(source: str | Path, model: TesseraModel, params: SegmentParams,
                       "bands": list(params.bands or c.bands), "nodata": params.nodata,
                       "window": list(params.window) if params.window else None,
                       "confidence": params.confidence, "rescale": params.rescale,
+                      "resolution": params.resolution,
                       "vectorize": asdict(params.vectorize)},
            "polygons_to": polygons_target(polygons_db)}
     return json.loads(json.dumps(rec))  # JSON values, as read back from a manifest

@@ -34,7 +34,6 @@ from ..io.atomic import atomic_outputs, check_final_name, check_writable_dir, fr
 from ..io.raster import (
     GdalErrors,
     gdal_env,
-    open_raster,
     pixel_size_m,
     window_transform,
     write_category_names,
@@ -55,7 +54,7 @@ from ..progress import CancelFn, Meter, Progress, ProgressFn
 from ..vectorize.area import check_area_crs
 from ..vectorize.confidence import add_mean_confidence, add_mean_confidence_db
 from .band import RowBand
-from .inputs import InputView, band_count, check_values, georeferenced, palette_lut, sample_values
+from .inputs import InputView, band_count, check_values, opened, palette_lut, sample_values
 from .manifest import run_record, write_manifest
 from .run import Polygons, Run
 from .stages import array_reader
@@ -114,7 +113,7 @@ def _warnings(ds: Any, path: str, contract: ModelContract, bands: tuple[int, ...
     if contract.pixel_size_m and px and not (0.5 <= px / contract.pixel_size_m <= 2.0):
         out.append(f"{Path(path).name}: pixel size is about {px:.3g} m but model "
                    f"'{contract.name}' was trained at {contract.pixel_size_m:g} m; results may "
-                   "be poor (resample the raster first)")
+                   "be poor (--resolution model segments it at the model's)")
     if px is None and ds.crs is not None and contract.pixel_size_m:
         out.append(f"{Path(path).name}: its pixel size is not known in metres; model "
                    f"'{contract.name}' was trained at {contract.pixel_size_m:g} m")
@@ -177,8 +176,8 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
     contract = model.contract
     path = str(raster)
     outs = outputs or OutputPaths.for_stem(out_dir, stem or Path(path).stem)
-    with gdal_env(), open_raster(path) as src, georeferenced(src, path) as (ds, notes):
-        plan = _plan(ds, path, contract, params, outs, notes, src.count)
+    with gdal_env(), opened(path, contract, params) as (ds, notes, count):
+        plan = _plan(ds, path, contract, params, outs, notes, count)
         for msg in plan.warnings:  # before the run; in the result too, for the caller to show
             log.warning("%s", msg)
         if predictor is None:

@@ -169,15 +169,109 @@ def predict_image(predictor: Any, contract: ModelContract, image: np.ndarray,
                          batch_size, cancel, on_tiles)
 
 
+def resolution_factor(contract: ModelContract, data_pixel_m: float | None,
+                      resolution: float | str) -> float | None:
+    """How many of the labelled images' pixels one processing pixel spans (``None``: their
+    own grid) for ``resolution`` (``auto``/``native``/``model``/metres: see
+    :class:`~..params.SegmentParams`; here a number is in metres, the images' pixel size
+    being known only in metres)."""
+    from ..params import auto_resamples
+
+    if resolution == "native":
+        return None
+    model_m = contract.pixel_size_m
+    if resolution == "auto":
+        if not auto_resamples(data_pixel_m, model_m):
+            return None
+        resolution = "model"
+    if not data_pixel_m:
+        raise ParameterError("the labelled images' pixel size is not known (no CRS): they can "
+                             "be evaluated only at their own (--resolution native)")
+    if resolution == "model" and not model_m:
+        raise ParameterError(f"model '{contract.name}' declares no pixel size; give the "
+                             "resolution in metres")
+    target = float(model_m if resolution == "model" else resolution)  # type: ignore[arg-type]
+    factor = target / data_pixel_m
+    return None if abs(factor - 1) < 1e-9 else factor
+
+
+def _resampled(image: np.ndarray, valid: np.ndarray | None,
+               factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """``image`` ``(H, W, C)`` and its ``valid`` mask on a grid ``factor`` times coarser
+    (averaged, nodata left out) or finer (bilinear): ``(H', W', C)`` float32, ``(H', W')``."""
+    from affine import Affine
+    from rasterio.warp import Resampling, reproject
+
+    h, w, ch = image.shape
+    src = np.moveaxis(image, -1, 0).astype(np.float32)
+    if valid is not None:
+        src[:, ~valid] = np.nan
+    out = np.full((ch, max(1, math.ceil(h / factor - 1e-6)), max(1, math.ceil(w / factor - 1e-6))),
+                  np.nan, np.float32)
+    reproject(src, out, src_transform=Affine.identity(), dst_transform=Affine.scale(factor),
+              src_crs=_CRS, dst_crs=_CRS, src_nodata=np.nan, dst_nodata=np.nan,
+              resampling=Resampling.average if factor > 1 else Resampling.bilinear)
+    ok = np.all(np.isfinite(out), axis=0)
+    if image.dtype.kind in "ui":  # rounded back to whole values, as the engine's view is
+        info = np.iinfo(image.dtype)
+        out = np.clip(np.floor(out + 0.5), info.min, info.max)
+    return np.moveaxis(np.nan_to_num(out), 0, -1), ok
+
+
+def _back(pred: np.ndarray, shape: tuple[int, int], factor: float, nodata: int) -> np.ndarray:
+    """Classes ``pred`` of the processing grid onto the labels' ``shape`` (nearest)."""
+    from affine import Affine
+    from rasterio.warp import Resampling, reproject
+
+    out = np.full(shape, nodata, np.uint8)
+    reproject(pred, out, src_transform=Affine.scale(factor), dst_transform=Affine.identity(),
+              src_crs=_CRS, dst_crs=_CRS, src_nodata=nodata, dst_nodata=nodata,
+              resampling=Resampling.nearest)
+    return out
+
+
+def _tiles_at(factor: float | None, ds: Any, tile: int, overlap: int, multiple: int) -> int:
+    """The tiles of every sample of ``ds`` at ``factor`` times its pixel size (said in the
+    log when it is not its own)."""
+    f = factor or 1.0
+    if factor is not None:
+        log.warning("evaluated at a pixel size of %g m (the images' own: %g m), each image "
+                    "resampled and its classes brought back onto the labels' grid",
+                    factor * (ds.pixel_size_m or 0), ds.pixel_size_m or 0)
+    return sum(len(TileGrid(max(1, math.ceil(s.labels.shape[0] / f - 1e-6)),
+                            max(1, math.ceil(s.labels.shape[1] / f - 1e-6)), tile, overlap,
+                            multiple)) for s in ds.samples)
+
+
+def _predict_at(factor: float | None, predictor: Any, c: ModelContract, s: Any, tile: int,
+                overlap: int, batch_size: int, cancel: CancelFn | None,
+                on_tiles: Any) -> np.ndarray:
+    """The classes of sample ``s`` on its labels' grid, segmented at ``factor`` times its
+    pixel size (``None``: its own)."""
+    if factor is None:
+        return predict_image(predictor, c, s.image, s.valid, tile, overlap, batch_size, cancel,
+                             on_tiles)
+    image, ok = _resampled(s.image, s.valid, factor)
+    pred = predict_image(predictor, c, image, ok, tile, overlap, batch_size, cancel, on_tiles)
+    return _back(pred, (s.labels.shape[0], s.labels.shape[1]), factor, c.nodata_value)
+
+
+#: A CRS to name the images' own grid by (one unit a pixel), for the resampling.
+_CRS = "EPSG:3857"
+
+
 def evaluate_model(model_path: str | Path | TesseraModel, source: DataSource | dict[str, Any] | str | Path,
                    out_json: str | Path | None = None, out_png: str | Path | None = None,
                    device: str = "auto", batch_size: int = 4, progress: ProgressFn | None = None,
                    cancel: CancelFn | None = None, tile_size: int | None = None,
-                   overlap: int | None = None, backend: str = "auto") -> EvalResult:
+                   overlap: int | None = None, backend: str = "auto",
+                   resolution: float | str = "auto") -> EvalResult:
     """Segment every labelled image of ``source`` with the model and score it (see the module
     docstring). The labels are read with the model's classes (folder masks by the classes'
     colours, polygon names by the classes' names) and the model's bands unless the source
-    lists bands. Writes ``out_json``/``out_png`` if given."""
+    lists bands. Writes ``out_json``/``out_png`` if given. At a ``resolution`` other than the
+    images' own, each image is resampled to it, segmented, and its classes brought back onto
+    the labels' grid (nearest), so the scores are always on the labels' own pixels."""
     from ..inference.factory import make_predictor
 
     t0 = time.perf_counter()
@@ -198,11 +292,11 @@ def evaluate_model(model_path: str | Path | TesseraModel, source: DataSource | d
             from ..io.atomic import check_writable_dir
 
             check_writable_dir(Path(path).parent)
+    factor = resolution_factor(c, ds.pixel_size_m, resolution)
     predictor = make_predictor(model, device, backend)
     tile = tile_size or c.tile_size
     ov = c.overlap if overlap is None else overlap
-    n_tiles = sum(len(TileGrid(s.labels.shape[0], s.labels.shape[1], tile, ov, c.size_multiple))
-                  for s in ds.samples)
+    n_tiles = _tiles_at(factor, ds, tile, ov, c.size_multiple)
     meter = Meter("evaluate", n_tiles, progress)
     done = [0]
 
@@ -214,7 +308,7 @@ def evaluate_model(model_path: str | Path | TesseraModel, source: DataSource | d
     cm = np.zeros((k, k), np.int64)
     rows = []
     for s in ds.samples:
-        pred = predict_image(predictor, c, s.image, s.valid, tile, ov, batch_size, cancel, on_tiles)
+        pred = _predict_at(factor, predictor, c, s, tile, ov, batch_size, cancel, on_tiles)
         truth = s.labels.copy()
         truth[pred >= k] = IGNORE  # not predicted (image nodata): not scored
         cmi = confusion(pred, truth, k)

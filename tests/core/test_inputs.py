@@ -193,7 +193,7 @@ def test_a_gcp_only_raster_is_warped_and_its_outputs_are_georeferenced(tmp_path,
            for r, c in ((0, 0), (0, 100), (80, 0), (80, 100))]
     with rasterio.open(path, "r+") as ds:
         ds.gcps = (gcp, CRS.from_epsg(32633))
-    res = segment_raster(path, model_file, tmp_path / "out")
+    res = segment_raster(path, model_file, tmp_path / "out", SegmentParams(resolution="native"))
     assert any("ground control points only" in w and "EPSG:32633" in w for w in res.warnings)
     with rasterio.open(res.class_raster) as ds:
         assert ds.crs == CRS.from_epsg(32633)
@@ -201,7 +201,7 @@ def test_a_gcp_only_raster_is_warped_and_its_outputs_are_georeferenced(tmp_path,
         assert ds.shape == (80, 100)
     ref = segment_raster(write_raster(tmp_path / "ref.tif", rgb,
                                       transform=Affine(2, 0, 500000, 0, -2, 4000000)),
-                         model_file, tmp_path / "ref")
+                         model_file, tmp_path / "ref", SegmentParams(resolution="native"))
     np.testing.assert_array_equal(_classes(res), _classes(ref))
     assert res.n_polygons == ref.n_polygons
 

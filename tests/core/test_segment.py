@@ -91,8 +91,9 @@ def test_crs_transform_colours_names_and_window_are_preserved(tmp_path):
     data = random_rgb(120, 100)
     t = Affine(0.5, 0, 300000.0, 0, -0.5, 5000000.0)
     src = write_raster(tmp_path / "in.tif", data, crs="EPSG:32618", transform=t)
-    m = model_with(ConstantModel(2))
-    res = segment_raster(src, m, tmp_path / "o", SegmentParams(vectorize=NOVEC))
+    m = model_with(ConstantModel(2))  # (0.5 m pixels, a 1 m model: at the raster's own)
+    res = segment_raster(src, m, tmp_path / "o", SegmentParams(vectorize=NOVEC,
+                                                                 resolution="native"))
     with rasterio.open(res.class_raster) as ds:
         assert ds.crs.to_epsg() == 32618
         assert ds.transform == t
@@ -110,7 +111,8 @@ def test_crs_transform_colours_names_and_window_are_preserved(tmp_path):
     assert res.class_pixels == {"Building": 0, "Land": 0, "Water": 12000}
     # a window: same CRS, transform of the window's corner, the window's size
     res = segment_raster(src, m, tmp_path / "w", SegmentParams(vectorize=NOVEC,
-                                                               window=(10, 20, 50, 70)))
+                                                               window=(10, 20, 50, 70),
+                                                               resolution="native"))
     with rasterio.open(res.class_raster) as ds:
         assert (ds.width, ds.height) == (50, 70)
         assert ds.transform == t * Affine.translation(10, 20)
