@@ -4,7 +4,7 @@
 #   make test     set everything up, run make lint, then every test (core tier, then the real-QGIS
 #                 tier on this machine's QGIS 3.22, then on QGIS 3.40 in a cached chroot)
 #   make test-qgis-matrix  only the real-QGIS tier on the other QGIS versions (tools/qgis_matrix.sh)
-#   make bench    CPU benchmarks: throughput, peak memory, int8 and overlap (BENCHMARKS.md)
+#   make bench    CPU benchmarks: throughput, peak memory, int8, overlap, web sources (BENCHMARKS.md)
 #   make bench-cluster  the Dask path (local:2) against the plain local run, at equal cores
 #   make bench-gpu  the CUDA path on a GPU machine (benchmarks/bench_gpu.py; OUT=folder)
 #   make train-default  retrain the shipped default model (DUBAI=folder, TRAIN_ARGS=...)
@@ -98,6 +98,7 @@ test-plugin: setup
 bench: setup
 	$(PY) benchmarks/bench_cpu.py --write BENCHMARKS.md
 	$(PY) benchmarks/bench_onnx.py --write BENCHMARKS.md
+	$(PY) benchmarks/bench_web.py --write BENCHMARKS.md
 
 # The Dask path against the plain local run at equal cores (issue 19): prints a table
 bench-cluster: setup

@@ -150,6 +150,9 @@ class SegmentParams:
         or a pixel size in the units of the raster's CRS (metres for projected CRSs). Other
         than the raster's own, the raster is resampled on the fly while it is read (a warped
         view, never a copy) and the outputs lie on that grid; ``window`` is then in its pixels.
+    extent: ``(xmin, ymin, xmax, ymax)`` of a web source to segment (in ``extent_crs``,
+        default the source's: EPSG:3857 for XYZ tiles); a web source needs one.
+    force: fetch a web extent beyond the limit on its tiles (see :mod:`.io.web`).
     """
 
     tile_size: int | None = None
@@ -166,10 +169,15 @@ class SegmentParams:
     backend: str = "auto"
     rescale: str | None = None
     resolution: float | str = "auto"
+    extent: tuple[float, float, float, float] | None = None
+    extent_crs: str | None = None
+    force: bool = False
 
     def __post_init__(self) -> None:
         self._check_tiles()
         object.__setattr__(self, "resolution", resolution_spec(self.resolution))
+        if self.extent is not None:
+            object.__setattr__(self, "extent", _extent(self.extent))
         if self.rescale is not None:
             object.__setattr__(self, "rescale", rescale_spec(self.rescale))
         if self.batch_size < 1:
@@ -292,6 +300,17 @@ def _bands(bands: tuple[int, ...]) -> tuple[int, ...]:
     if not out or any((not isinstance(b, int)) or b < 1 for b in out):
         raise ParameterError(f"bands are raster band numbers counted from 1 (got {out})")
     return out
+
+
+def _extent(extent: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    try:
+        e = tuple(float(v) for v in extent)
+    except (TypeError, ValueError):
+        e = ()
+    if len(e) != 4 or not all(math.isfinite(v) for v in e) or e[0] >= e[2] or e[1] >= e[3]:
+        raise ParameterError(f"extent must be XMIN YMIN XMAX YMAX, finite, with XMIN < XMAX "
+                             f"and YMIN < YMAX (got {extent})")
+    return e
 
 
 def _window(window: tuple[int, int, int, int]) -> Window:

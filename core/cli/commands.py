@@ -21,7 +21,6 @@ import os
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, TextIO
 
 from .parser import build_parser
@@ -113,6 +112,8 @@ def _params(a: argparse.Namespace) -> Any:
         window=tuple(a.window) if a.window else None, confidence=a.confidence,
         half=False if a.no_half else None, threads=a.threads, backend=a.backend,
         rescale=a.rescale, resolution=a.resolution,
+        extent=tuple(a.extent) if getattr(a, "extent", None) else None,
+        extent_crs=getattr(a, "extent_crs", None), force=getattr(a, "force", False),
         vectorize=VectorizeParams(enabled=not a.no_vectorize, sieve_px=a.sieve,
                                   min_area_m2=a.min_area, simplify_px=a.simplify,
                                   skip_classes=skip))
@@ -242,10 +243,11 @@ def _cmd_info(a: argparse.Namespace, bar: ProgressBar) -> int:
 def _cmd_segment(a: argparse.Namespace, bar: ProgressBar) -> int:
     from ..jobs.spec import SegmentJob
     from ..params import OutputPaths
+    from ..pipeline.inputs import default_stem
 
     outputs = None
     if a.polygons_db:
-        outputs = replace(OutputPaths.for_stem(a.out, Path(a.raster).stem),
+        outputs = replace(OutputPaths.for_stem(a.out, default_stem(a.raster)),
                           polygons_db=a.polygons_db)
     res = _run(SegmentJob(a.raster, a.model, a.out, _params(a), outputs=outputs,
                           cluster=a.cluster), bar)

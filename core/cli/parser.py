@@ -149,9 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("segment", help="segment one raster",
                        description="Segment one raster into a class raster and polygons.",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
-    p.add_argument("raster", help="input raster (any format GDAL reads)")
+    p.add_argument("raster", help="input raster (any format GDAL reads), or web imagery: an "
+                   "XYZ tile URL with {x} {y} {z} (or xyz:URL), WMS:URL, WMTS:URL or a "
+                   "<GDAL_WMS> description (with --extent)")
     _add_common(p)
     _add_run_options(p)
+    g = p.add_argument_group("web imagery")
+    g.add_argument("--extent", type=float, nargs=4, metavar=("XMIN", "YMIN", "XMAX", "YMAX"),
+                   help="the area of a web source to segment (in --extent-crs)")
+    g.add_argument("--extent-crs", metavar="CRS",
+                   help="the CRS of --extent, e.g. EPSG:4326 (default: the source's; "
+                        "EPSG:3857 for XYZ tiles)")
+    g.add_argument("--force", action="store_true",
+                   help="fetch an extent beyond the limit of 100,000 tiles")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_db_option(p)
     p.add_argument("--cluster", metavar="ADDRESS",

@@ -12,7 +12,6 @@ import dataclasses
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypedDict
 
 from ..progress import CancelFn, ProgressFn
@@ -41,6 +40,7 @@ class Context:
 
 def _segment(job: SegmentJob, ctx: Context) -> Any:
     from ..model.files import TesseraModel
+    from ..pipeline.inputs import default_stem
     from ..pipeline.manifest import claim_outputs
     from ..pipeline.segment import segment_raster
 
@@ -53,7 +53,7 @@ def _segment(job: SegmentJob, ctx: Context) -> Any:
     outputs, model = job.outputs, TesseraModel.open(job.model)
     if job.keep_others and outputs is None:
         outputs = claim_outputs(job.raster, model, job.params, job.out_dir,
-                                job.stem or Path(job.raster).stem)
+                                job.stem or default_stem(job.raster))
     return segment_raster(job.raster, model, job.out_dir, job.params, stem=job.stem,
                           progress=ctx.progress, cancel=ctx.cancel, outputs=outputs)
 

@@ -377,12 +377,12 @@ def segment_on_cluster(raster: str | Path, model: str | Path, out_dir: str | Pat
         clean_up,
         connect,
     )
-    from .inputs import opened
+    from .inputs import default_stem, opened
     from .segment import _database, _plan
 
     t0, path = time.perf_counter(), absolute(raster)  # the workers' folder is not ours
     m = TesseraModel.open(absolute(model))
-    outs = absolute_outputs(outputs or OutputPaths.for_stem(out_dir, stem or Path(path).stem))
+    outs = absolute_outputs(outputs or OutputPaths.for_stem(out_dir, stem or default_stem(path)))
     with gdal_env(), opened(path, m.contract, params) as (ds, notes, count):
         plan = _plan(ds, path, m.contract, params, outs, notes, count)
     folder = parts_folder(outs.class_raster.parent, outs.class_raster.stem, run_record(path, m, params))

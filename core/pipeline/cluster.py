@@ -126,7 +126,8 @@ def absolute(path: str | Path) -> str:
     """``path`` as the workers must see it: absolute (a worker's working folder is not the
     client's). A name that is no local path (a GDAL ``/vsi…`` path, a URL) is kept."""
     text = os.fspath(path)
-    if os.path.isabs(text) or text.startswith("/vsi") or "://" in text:
+    if os.path.isabs(text) or text.startswith(("/vsi", "<", "WMS:", "WMTS:", "xyz:")) or \
+            "://" in text:
         return text
     return os.path.abspath(text)
 

@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ import numpy as np
 
 from ..errors import ParameterError
 from ..io.raster import open_raster, pixel_size_m, read_window
+from ..io.websource import is_web_source
 from ..model.contract import ModelContract
 from ..params import SegmentParams, Window, auto_resamples
 from .stages import TileRead
@@ -65,10 +67,83 @@ def opened(path: str, contract: ModelContract,
            params: SegmentParams) -> Iterator[tuple[Any, list[str], int]]:
     """``(the raster as the run reads it, notes, its own band count)``: the file opened,
     warped to its GCPs' CRS when it has only those (:func:`georeferenced`), and seen at the
-    processing resolution (:func:`at_resolution`). The one way a run opens its raster."""
+    processing resolution (:func:`at_resolution`). The one way a run opens its raster; a
+    web source (:mod:`..io.web`) is opened over the run's extent at its resolution."""
+    if is_web_source(path):
+        with opened_web(path, contract, params) as (ds, notes):
+            yield ds, notes, 3  # (RGB, and an alpha band marking the missing tiles)
+        return
     with open_raster(path) as src, georeferenced(src, path) as (geo, notes), \
             at_resolution(geo, path, contract, params.resolution, params.nodata) as (ds, more):
         yield ds, notes + more, src.count
+
+
+@contextlib.contextmanager
+def opened_web(path: str, contract: ModelContract,
+               params: SegmentParams) -> Iterator[tuple[Any, list[str]]]:
+    """The web source ``path`` over ``params.extent`` at the processing resolution: the
+    model's pixel size unless another is given (``native``: the source's finest)."""
+    from ..io.web import open_web, parse_web_source
+
+    source = parse_web_source(path)
+    if params.extent is None:
+        raise ParameterError(f"{source.shown_url}: a web source has no extent of its own; give "
+                             "the area to segment (--extent XMIN YMIN XMAX YMAX, with "
+                             "--extent-crs EPSG:N when it is not in the source's CRS)")
+    res = params.resolution
+    if res in ("auto", "model"):
+        if not contract.pixel_size_m:
+            raise ParameterError(f"model '{contract.name}' declares no pixel size; give the "
+                                 "resolution for the web source (--resolution SIZE, in the "
+                                 "source CRS's units)")
+        size: float | None = ground_to_crs(contract.pixel_size_m, source.crs, params.extent,
+                                           params.extent_crs)
+    else:
+        size = None if res == "native" else float(res)
+    with open_web(source, params.extent, params.extent_crs, size, force=params.force) as (ds, n):
+        log.info("%s", n[0])  # what is fetched: said with --verbose; a finer run is warned
+        yield ds, n[1:]
+
+
+def source_label(path: str) -> str:
+    """How a run's input is named in messages and results: its path, or a web source's URL
+    without credentials."""
+    if is_web_source(path):
+        from ..io.web import parse_web_source
+
+        return parse_web_source(path).shown_url
+    return path
+
+
+def default_stem(path: str) -> str:
+    """The outputs' default stem: the file's stem, or a web source's host name."""
+    if is_web_source(path):
+        from urllib.parse import urlsplit
+
+        from ..io.web import parse_web_source
+
+        host = urlsplit(parse_web_source(path).url).hostname or "web"
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", host)
+    return Path(path).stem
+
+
+def ground_to_crs(metres: float, crs: str | None, extent: tuple[float, float, float, float],
+                  extent_crs: str | None) -> float:
+    """``metres`` on the ground as a pixel size in the units of ``crs`` at the middle of
+    ``extent``: Web Mercator's metres grow as 1 / cos(latitude), degrees shrink with it."""
+    from pyproj import CRS, Transformer
+
+    target = CRS.from_user_input(crs or "EPSG:3857")
+    mid = ((extent[0] + extent[2]) / 2, (extent[1] + extent[3]) / 2)
+    to_geo = Transformer.from_crs(CRS.from_user_input(extent_crs) if extent_crs else target,
+                                  "EPSG:4326", always_xy=True)
+    lat = to_geo.transform(*mid)[1]
+    cos = max(math.cos(math.radians(lat)), 1e-6)
+    if target.is_geographic:
+        return metres / (111_320.0 * cos)
+    if "mercator" in target.name.lower() or target.to_epsg() == 3857:
+        return metres / cos
+    return metres / float(target.axis_info[0].unit_conversion_factor or 1.0)
 
 
 def processing_resolution(ds: Any, path: str, contract: ModelContract,
@@ -87,7 +162,7 @@ def processing_resolution(ds: Any, path: str, contract: ModelContract,
         resolution = "model"
         notes.append(f"{Path(path).name}: pixels of {own_m:.3g} m, model '{contract.name}' was "
                      f"trained at {model_m:g} m: segmented at {model_m:g} m, resampled on the fly "
-                     "(--resolution native keeps the raster's own)")
+                     "(resolution 'native' keeps the raster's own)")
     if ds.crs is None or own_m is None:
         raise ParameterError(f"{path}: has no coordinate reference system with a known unit; "
                              "it can be segmented only at its own pixel size (--resolution "
@@ -142,6 +217,22 @@ def at_resolution(ds: Any, path: str, contract: ModelContract, resolution: float
         log.info("%s: segmented at a pixel size of %g (its own: %g), resampled on the fly "
                  "(%d x %d px)", Path(path).name, target, own, vrt.width, vrt.height)
         yield vrt, notes
+
+
+def check_nodata(nodata: float, dtypes: set[str], path: str) -> None:
+    """A nodata value must be one the bands can hold: out of range it would wrap (300 on
+    8-bit data would mask every pixel of value 44, -1 every white one)."""
+    for dt in sorted(dtypes):
+        kind = np.dtype(dt).kind
+        if kind in "iu":
+            info = np.iinfo(dt)
+            if not math.isfinite(nodata) or nodata != int(nodata) or not info.min <= nodata <= info.max:
+                raise ParameterError(f"{path}: nodata {nodata:g} cannot occur in the raster's "
+                                     f"{dt} bands (whole numbers {info.min}..{info.max}); give "
+                                     "a value they can hold", path)
+        elif kind == "f" and math.isfinite(nodata) and abs(nodata) > np.finfo(dt).max:
+            raise ParameterError(f"{path}: nodata {nodata:g} is beyond the range of the raster's "
+                                 f"{dt} bands", path)
 
 
 def palette_lut(ds: Any) -> np.ndarray | None:

@@ -45,17 +45,24 @@ def run_record(source: str | Path, model: TesseraModel, params: SegmentParams,
     device, threads or batch size) and where the polygons go (``polygons_db``: the
     database's URL, else the GeoPackage). Two runs with equal records make equal outputs."""
     from .. import __version__
+    from .inputs import is_web_source, source_label
 
-    c, st = model.contract, Path(source).stat()
+    c = model.contract
+    if is_web_source(str(source)):  # (its extent is among the parameters)
+        seen: dict[str, Any] = {"web": source_label(str(source))}
+    else:
+        st = Path(source).stat()
+        seen = {"name": Path(source).name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
     rec = {"engine": __version__, "model_sha256": model.identity(), "model": c.name,
-           "source": {"name": Path(source).name, "bytes": st.st_size,
-                      "mtime_ns": st.st_mtime_ns},
+           "source": seen,
            "params": {"tile_size": params.tile_size or c.tile_size,
                       "overlap": c.overlap if params.overlap is None else params.overlap,
                       "bands": list(params.bands or c.bands), "nodata": params.nodata,
                       "window": list(params.window) if params.window else None,
                       "confidence": params.confidence, "rescale": params.rescale,
                       "resolution": params.resolution,
+                      "extent": list(params.extent) if params.extent else None,
+                      "extent_crs": params.extent_crs,
                       "vectorize": asdict(params.vectorize)},
            "polygons_to": polygons_target(polygons_db)}
     return json.loads(json.dumps(rec))  # JSON values, as read back from a manifest

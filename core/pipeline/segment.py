@@ -17,7 +17,6 @@ Outputs are written under temporary names and renamed only when complete, all to
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -54,7 +53,17 @@ from ..progress import CancelFn, Meter, Progress, ProgressFn
 from ..vectorize.area import check_area_crs
 from ..vectorize.confidence import add_mean_confidence, add_mean_confidence_db
 from .band import RowBand
-from .inputs import InputView, band_count, check_values, opened, palette_lut, sample_values
+from .inputs import (
+    InputView,
+    band_count,
+    check_nodata,
+    check_values,
+    default_stem,
+    opened,
+    palette_lut,
+    sample_values,
+    source_label,
+)
 from .manifest import run_record, write_manifest
 from .run import Polygons, Run
 from .stages import array_reader
@@ -113,7 +122,7 @@ def _warnings(ds: Any, path: str, contract: ModelContract, bands: tuple[int, ...
     if contract.pixel_size_m and px and not (0.5 <= px / contract.pixel_size_m <= 2.0):
         out.append(f"{Path(path).name}: pixel size is about {px:.3g} m but model "
                    f"'{contract.name}' was trained at {contract.pixel_size_m:g} m; results may "
-                   "be poor (--resolution model segments it at the model's)")
+                   "be poor (resolution 'model' segments it at the model's)")
     if px is None and ds.crs is not None and contract.pixel_size_m:
         out.append(f"{Path(path).name}: its pixel size is not known in metres; model "
                    f"'{contract.name}' was trained at {contract.pixel_size_m:g} m")
@@ -175,9 +184,9 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
         model = TesseraModel.open(model)
     contract = model.contract
     path = str(raster)
-    outs = outputs or OutputPaths.for_stem(out_dir, stem or Path(path).stem)
+    outs = outputs or OutputPaths.for_stem(out_dir, stem or default_stem(path))
     with gdal_env(), opened(path, contract, params) as (ds, notes, count):
-        plan = _plan(ds, path, contract, params, outs, notes, count)
+        plan = _plan(ds, source_label(path), contract, params, outs, notes, count)
         for msg in plan.warnings:  # before the run; in the result too, for the caller to show
             log.warning("%s", msg)
         if predictor is None:
@@ -305,7 +314,7 @@ def _plan_input(ds: Any, path: str, contract: ModelContract, params: SegmentPara
                              f"({ds.width} x {ds.height} px)", path)
     dtypes = {ds.dtypes[0]} if palette is not None else {ds.dtypes[b - 1] for b in bands}
     if params.nodata is not None:
-        _check_nodata(params.nodata, dtypes, path)
+        check_nodata(params.nodata, dtypes, path)
     return bands, win, ({"uint8"} if palette is not None else dtypes), palette
 
 
@@ -382,22 +391,6 @@ def _check_space(wanted: list[tuple[Path, str]], win: Window) -> list[str]:
 
 def _mb(n: float) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
-
-
-def _check_nodata(nodata: float, dtypes: set[str], path: str) -> None:
-    """A nodata value must be one the bands can hold: out of range it would wrap (300 on
-    8-bit data would mask every pixel of value 44, -1 every white one)."""
-    for dt in sorted(dtypes):
-        kind = np.dtype(dt).kind
-        if kind in "iu":
-            info = np.iinfo(dt)
-            if not math.isfinite(nodata) or nodata != int(nodata) or not info.min <= nodata <= info.max:
-                raise ParameterError(f"{path}: nodata {nodata:g} cannot occur in the raster's "
-                                     f"{dt} bands (whole numbers {info.min}..{info.max}); give "
-                                     "a value they can hold", path)
-        elif kind == "f" and math.isfinite(nodata) and abs(nodata) > np.finfo(dt).max:
-            raise ParameterError(f"{path}: nodata {nodata:g} is beyond the range of the raster's "
-                                 f"{dt} bands", path)
 
 
 def _result(plan: _Plan, params: SegmentParams, predictor: Any, stats: dict[str, Any],

@@ -21,7 +21,7 @@ from tessera.core.model.contract import ModelContract
 from tessera.core.model.files import read_safetensors_metadata
 from tessera.core.model.onnx_meta import read_onnx_metadata
 from tessera.core.params import Window
-from tessera.core.pipeline.segment import _check_nodata
+from tessera.core.pipeline.inputs import check_nodata as _check_nodata
 
 FUZZ = settings(max_examples=150, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])

@@ -36,7 +36,8 @@ from tessera.core.model.files import TesseraModel
 out = Path(sys.argv[1])
 # A tiny real U-Net whose output is known: every weight of the segmentation head is zero and
 # its bias favours class 2 ("Water"), so every valid pixel is class 2.
-c = ModelContract.from_dict(contract_dict(name="constant Water", tile_size=64, overlap=16))
+c = ModelContract.from_dict(contract_dict(name="constant Water", tile_size=64, overlap=16,
+                                          pixel_size_m=2.0))  # (the rasters' own)
 m = TesseraModel.create(c)
 head = m.module.segmentation_head[0]
 with torch.no_grad():

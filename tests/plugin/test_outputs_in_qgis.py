@@ -32,7 +32,8 @@ def outputs(tmp_path_factory):
         "data[:, 50:, :] = 0\n"
         "src = write_raster(out / 'scene.tif', data, crs='EPSG:32618', nodata=0,\n"
         "                   transform=Affine(2.0, 0, 300000.0, 0, -2.0, 4000000.0))\n"
-        "segment_raster(src, model_with(BrightnessModel(), tile_size=32, overlap=8), out,\n"
+        "segment_raster(src, model_with(BrightnessModel(), tile_size=32, overlap=8,\n"
+        "                                pixel_size_m=2.0), out,\n"
         "               SegmentParams(confidence=True))\n")
     subprocess.run([sys.executable, "-c", code, str(d), str(helpers)], check=True)
     return d

@@ -91,7 +91,7 @@ def test_a_pixel_size_warning_comes_once_before_the_run(plugin, data_dir, tmp_pa
     run({"INPUT": str(src), "MODEL": str(data_dir / "water.safetensors"),
          "OUTPUT": str(tmp_path / "c.tif"), "VECTORIZE": False}, fb)
     said = [w for w in fb.warnings if "pixel size is about 30 m" in w]
-    assert len(said) == 1 and "trained at 1 m" in said[0]
+    assert len(said) == 1 and "trained at 2 m" in said[0]
 
 
 def test_the_toolbar_and_the_panel_show_a_pixel_size_warning_once(plugin, data_dir, qgis_iface,

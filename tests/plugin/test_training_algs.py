@@ -317,7 +317,8 @@ def test_the_jobs_sent_to_the_engine_follow_the_worker_protocol(plugin, train_da
         "op": "evaluate", "model": str(tmp_path / "any.safetensors"),
         "data": {"kind": "raster", "image": str(train_data / "image.tif"),
                  "labels": str(train_data / "labels.tif")},
-        "out_json": str(tmp_path / "e.json"), "out_png": None, "device": "auto"}
+        "out_json": str(tmp_path / "e.json"), "out_png": None, "device": "auto",
+        "resolution": "auto"}
     assert (res["ACCURACY"], res["MEAN_IOU"]) == (0.75, 0.5) and "OUTPUT_PNG" not in res
     row = next(line for line in "\n".join(fb.lines).splitlines() if "Building" in line)
     assert row.split() == ["0", "Building", "0.5000", "-", "-"]
