@@ -145,8 +145,12 @@ class TesseraPlugin:
                 "Tessera", "No model chosen yet: open the Tessera panel and pick a model file.",
                 Qgis.MessageLevel.Warning)
             return None
-        if self._bands_missing(layer, s.model):
-            return None
+        from .bridge.web import is_web_layer
+
+        if not is_web_layer(layer) and self._bands_missing(layer, s.model):
+            return None  # (web imagery is RGB: bands 1, 2, 3, nothing to ask)
+        if s.resolution == "custom":  # a size in another layer's CRS units: the model's rule
+            s.resolution = "auto"
         return self.start_run(layer, s, message_bar=True)
 
     def _bands_missing(self, layer: QgsRasterLayer, model: str) -> bool:
@@ -174,36 +178,51 @@ class TesseraPlugin:
 
     def start_run(self, layer: QgsRasterLayer, settings: Any, bands: list[int] | None = None,
                   window: tuple[int, int, int, int] | None = None, out_dir: str | None = None,
-                  on_finished: Any = None, message_bar: bool = False) -> Any:
+                  on_finished: Any = None, message_bar: bool = False,
+                  extent: Any = None) -> Any:
         """Start a background run; layers are added (styled) when it finishes. Returns the task.
 
-        Outputs are named ``<raster>_<model>_classes.tif`` etc.; a re-run of the same settings
-        replaces its own outputs and layers, other settings take ``<raster>_<model>_2`` ...
-        (never a file the run did not make)."""
+        A web layer (XYZ, WMS, WMTS) is read over ``extent`` (a ``QgsRectangle`` in its CRS;
+        ``None``: the map view) at the processing resolution. Outputs are named
+        ``<raster>_<model>_classes.tif`` etc.; a re-run of the same settings replaces its own
+        outputs and layers, other settings take ``<raster>_<model>_2`` ... (never a file the
+        run did not make)."""
+        from qgis.core import QgsProcessingException
+
         from .bridge.engine import engine_python, model_classes
-        from .bridge.layers import default_output_dir, fallback_output_dir
+        from .bridge.layers import crs_unit, default_output_dir, fallback_output_dir
+        from .bridge.web import is_web_layer, output_stem, web_input
         from .core.errors import TesseraError
         from .core.jobs.spec import SegmentJob
         from .ui.messages import notify
         from .ui.tasks import EngineTask, Relay
 
         bar = self.iface.messageBar()
-        if layer.providerType() != "gdal":
+        web = is_web_layer(layer)
+        if layer.providerType() != "gdal" and not web:
             notify(bar, f"'{layer.name()}' is not a file-based raster ({layer.providerType()}); "
                    "export it to GeoTIFF first.", Qgis.MessageLevel.Warning)
             return None
-        src = layer.source().split("|")[0]
+        src, plan = layer.source().split("|")[0], None
         try:
             python = engine_python()
             classes = model_classes(settings.model)
+            if web:
+                src, plan = web_input(layer, extent if extent is not None else
+                                      self.map_view(layer), settings.resolution_value(),
+                                      settings.model)
         except Exception as exc:  # noqa: BLE001  (no engine, a bad model file: say why)
-            notify(bar, str(exc), Qgis.MessageLevel.Critical)
+            level = Qgis.MessageLevel.Warning if isinstance(exc, QgsProcessingException) \
+                else Qgis.MessageLevel.Critical
+            notify(bar, str(exc), level)
             return None
-        out = out_dir or settings.output_dir or default_output_dir(src, fallback_output_dir())
-        stem = f"{Path(src).stem}_{Path(settings.model).stem}"
+        out = out_dir or settings.output_dir or (
+            fallback_output_dir() if web else default_output_dir(src, fallback_output_dir()))
+        stem = f"{output_stem(layer) if web else Path(src).stem}_{Path(settings.model).stem}"
         try:  # validated here, before an engine process starts
-            job = SegmentJob(src, settings.model, out, settings.segment_params(bands, window),
-                             stem=stem, keep_others=True)
+            params = settings.segment_params(bands, window) if plan is None else \
+                settings.segment_params(None, None, plan.extent, plan.engine_resolution)
+            job = SegmentJob(src, settings.model, out, params, stem=stem, keep_others=True)
         except TesseraError as exc:
             notify(bar, str(exc), Qgis.MessageLevel.Warning)
             return None
@@ -215,8 +234,12 @@ class TesseraPlugin:
             return None
         widgets: dict[str, Any] = {}
 
+        # (a web layer's grid is the plan's: no note on another pixel size than its own)
+        grid = (layer.rasterUnitsPerPixelX(), crs_unit(layer)) if plan is None else None
+
         def done(task: Any) -> None:
-            self._run_done(task, widgets, name, (stem, Path(settings.model).stem), classes)
+            self._run_done(task, widgets, name, (stem, Path(settings.model).stem), classes,
+                           grid)
             if on_finished is not None:
                 on_finished(task)
 
@@ -230,6 +253,14 @@ class TesseraPlugin:
         self.tasks.append(task)
         QgsApplication.taskManager().addTask(task)
         return task
+
+    def map_view(self, layer: QgsRasterLayer) -> Any:
+        """The map canvas's extent, in ``layer``'s CRS (where a web layer is segmented when
+        no other area is chosen)."""
+        from .bridge.web import layer_extent
+
+        canvas = self.iface.mapCanvas()
+        return layer_extent(layer, canvas.extent(), canvas.mapSettings().destinationCrs())
 
     def _progress_item(self, task: Any, name: str) -> Any:
         """The message bar's "Segmenting … [progress] [Cancel]" item of a toolbar run."""
@@ -248,10 +279,12 @@ class TesseraPlugin:
         return widget
 
     def _run_done(self, task: Any, widgets: dict[str, Any], name: str, naming: tuple[str, str],
-                  classes: list[dict[str, Any]]) -> None:
-        """A run ended (main thread): its layers, its summary, or why it did not finish."""
+                  classes: list[dict[str, Any]], grid: tuple[float, str] | None) -> None:
+        """A run ended (main thread): its layers, its summary (with the processing resolution
+        when it was not the raster's own: ``grid`` is the raster's pixel size and CRS unit),
+        or why it did not finish."""
         from .bridge.engine import ENGINE_LOG
-        from .bridge.report import RESULTS_TAB, run_tag, summary
+        from .bridge.report import RESULTS_TAB, resolution_note, run_tag, summary
         from .ui.messages import notify
         from .ui.results import add_result_layers
 
@@ -267,11 +300,15 @@ class TesseraPlugin:
                 pass
         if task.result is not None:
             r = task.result
-            add_result_layers(r, classes, name, tag=run_tag(r["class_raster"], *naming))
+            added = add_result_layers(r, classes, name, tag=run_tag(r["class_raster"], *naming))
             QgsMessageLog.logMessage(summary(r, name), RESULTS_TAB, Qgis.MessageLevel.Info)
             poly = f", {r['n_polygons']} polygons" if r.get("n_polygons") is not None else ""
-            notify(bar, f"{name}: done in {r['seconds']:.1f} s on {r['device']}{poly}. Outputs "
-                   f"in {Path(r['class_raster']).parent}", Qgis.MessageLevel.Success)
+            pixel = next((lyr.rasterUnitsPerPixelX() for lyr in added
+                          if isinstance(lyr, QgsRasterLayer)), None)
+            task.resolution_note = resolution_note(pixel, *grid) if grid else ""  # (the panel too)
+            notify(bar, f"{name}: done in {r['seconds']:.1f} s on {r['device']}{poly}"
+                   f"{task.resolution_note}. Outputs in {Path(r['class_raster']).parent}",
+                   Qgis.MessageLevel.Success)
             # the run's warnings not shown while it ran (those were, and are in the log)
             later = task.late_warnings
             for w in later:

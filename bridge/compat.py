@@ -23,6 +23,7 @@ from qgis.core import (
     QgsProcessingParameterDefinition,
     QgsProcessingParameterFile,
     QgsProcessingParameterNumber,
+    QgsUnitTypes,
     QgsWkbTypes,
 )
 
@@ -86,9 +87,10 @@ def field_names(alg: Any, parameters: dict[str, Any], name: str, context: Any) -
         return list(alg.parameterAsStrings(parameters, name, context))
     return list(alg.parameterAsFields(parameters, name, context))
 
-__all__ = ["ADVANCED", "FIELD_TYPES", "FILE_FILE", "FILE_FOLDER", "LAYER_FILTER_POLYGON",
-           "LAYER_FILTER_RASTER", "NUMBER_DOUBLE", "NUMBER_INTEGER", "SOURCE_POLYGON",
-           "SOURCE_VECTOR", "WKB_NO_GEOMETRY", "QAction", "field_names"]
+__all__ = ["ADVANCED", "DISTANCE_METERS", "DISTANCE_UNKNOWN", "FIELD_TYPES", "FILE_FILE",
+           "FILE_FOLDER", "LAYER_FILTER_POLYGON", "LAYER_FILTER_RASTER", "NUMBER_DOUBLE",
+           "NUMBER_INTEGER", "SOURCE_POLYGON", "SOURCE_VECTOR", "WKB_NO_GEOMETRY", "QAction",
+           "field_names"]
 
 
 def task_flags(hidden: bool = False) -> Any:
@@ -100,3 +102,10 @@ def task_flags(hidden: bool = False) -> Any:
     if hidden and hasattr(QgsTask.Flag, "Hidden"):
         flags = flags | QgsTask.Flag.Hidden
     return flags
+
+
+#: Distance units (the CRS's map units, converted to metres for the processing resolution).
+DISTANCE_METERS = _pick(Qgis, "DistanceUnit", "Meters", QgsUnitTypes, "DistanceUnit",
+                        "DistanceMeters")
+DISTANCE_UNKNOWN = _pick(Qgis, "DistanceUnit", "Unknown", QgsUnitTypes, "DistanceUnit",
+                         "DistanceUnknownUnit")

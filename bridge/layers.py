@@ -27,8 +27,97 @@ def raster_source_path(layer: QgsRasterLayer) -> str:
     return src
 
 
-def extent_to_window(layer: QgsRasterLayer, extent: Any) -> tuple[int, int, int, int] | None:
-    """A pixel window ``(col, row, width, height)`` covering ``extent`` (in the layer's CRS).
+def metres_per_unit(layer: QgsRasterLayer) -> float | None:
+    """About how many metres one unit of the layer's CRS is, as the engine reckons it (a
+    degree at the layer's centre latitude); ``None`` without a CRS or in unknown units."""
+    from qgis.core import QgsUnitTypes
+
+    from .compat import DISTANCE_METERS, DISTANCE_UNKNOWN
+
+    crs = layer.crs()
+    if not crs.isValid():
+        return None
+    if crs.isGeographic():
+        lat = layer.extent().center().y()
+        return 111_320.0 * math.cos(math.radians(lat))
+    if crs.mapUnits() == DISTANCE_UNKNOWN:
+        return None
+    return QgsUnitTypes.fromUnitToUnitFactor(crs.mapUnits(), DISTANCE_METERS) or None
+
+
+def crs_unit(layer: QgsRasterLayer) -> str:
+    """The abbreviated unit of the layer's CRS (``m``, ``ft``, ``deg``), ``units`` if none."""
+    from qgis.core import QgsUnitTypes
+
+    crs = layer.crs()
+    return QgsUnitTypes.toAbbreviatedString(crs.mapUnits()) if crs.isValid() else "units"
+
+
+def processing_pixel(layer: QgsRasterLayer, resolution: float | str,
+                     model_px_m: float | None) -> float:
+    """The processing pixel size (in the layer CRS's units) for ``resolution`` (``auto``,
+    ``native``, ``model`` or a size, as :func:`~..core.params.resolution_spec` gives it): the
+    engine's rule, so the panel can say it before a run. ``auto`` is the model's pixel size
+    when the raster's differs from it by more than
+    :data:`~..core.params.AUTO_RESOLUTION_RATIO` times either way, else the raster's own.
+    Raises :class:`QgsProcessingException` for ``model`` when it cannot be known."""
+    from ..core.params import AUTO_RESOLUTION_RATIO
+
+    native = layer.rasterUnitsPerPixelX()
+    if not isinstance(resolution, str):
+        return float(resolution)
+    if resolution == "native":
+        return native
+    per_unit = metres_per_unit(layer)
+    if resolution == "model" and not (model_px_m and per_unit):
+        why = "the model does not state its pixel size" if not model_px_m else \
+            f"the units of layer '{layer.name()}' are not known in metres"
+        raise QgsProcessingException(f"Processing resolution 'model': {why}; choose the "
+                                     "raster's own or a pixel size")
+    if not (model_px_m and per_unit):
+        return native  # auto without a known pixel size: the raster's own
+    model = model_px_m / per_unit
+    ratio = native / model
+    if resolution == "model" or not (1 / AUTO_RESOLUTION_RATIO <= ratio <= AUTO_RESOLUTION_RATIO):
+        return model
+    return native
+
+
+def grid_pixel(layer: QgsRasterLayer, resolution: float | str,
+               model_px_m: float | None) -> float | None:
+    """:func:`processing_pixel` for :func:`extent_to_window`: ``None`` when it is the layer's
+    own pixel size (the window is then on the layer's own grid)."""
+    pixel = processing_pixel(layer, resolution, model_px_m)
+    return None if math.isclose(pixel, layer.rasterUnitsPerPixelX(), rel_tol=1e-9) else pixel
+
+
+def processing_size(layer: QgsRasterLayer, pixel: float) -> tuple[int, int]:
+    """``(width, height)`` of the layer's grid at ``pixel`` (CRS units): its own size at its
+    own pixel size, else the engine's grid over the same bounds (a partial last pixel kept)."""
+    if math.isclose(pixel, layer.rasterUnitsPerPixelX(), rel_tol=1e-9):
+        return layer.width(), layer.height()
+    full = layer.extent()
+    return (max(1, math.ceil(full.width() / pixel - 1e-6)),
+            max(1, math.ceil(full.height() / pixel - 1e-6)))
+
+
+def resolution_text(layer: QgsRasterLayer, resolution: float | str,
+                    model_px_m: float | None) -> str:
+    """One line for the panel: ``at 0.5 m: 40 x 40 px (raster's own 0.1 m)``."""
+    pixel = processing_pixel(layer, resolution, model_px_m)
+    w, h = processing_size(layer, pixel)
+    unit = crs_unit(layer)
+    native = layer.rasterUnitsPerPixelX()
+    own = "the raster's own" if math.isclose(pixel, native, rel_tol=1e-9) else \
+        f"raster's own {native:.4g} {unit}"
+    return f"At {pixel:.4g} {unit}: {w:,} x {h:,} px ({own})"
+
+
+def extent_to_window(layer: QgsRasterLayer, extent: Any,
+                     pixel: float | None = None) -> tuple[int, int, int, int] | None:
+    """A pixel window ``(col, row, width, height)`` covering ``extent`` (in the layer's CRS),
+    on the layer's grid, or on its processing grid of pixel size ``pixel`` (CRS units; the
+    layer's top-left corner, :func:`processing_size`).
 
     Returns ``None`` for an empty extent (the whole raster). Raises when the extent misses
     the raster.
@@ -36,8 +125,12 @@ def extent_to_window(layer: QgsRasterLayer, extent: Any) -> tuple[int, int, int,
     if extent is None or extent.isNull() or extent.isEmpty():
         return None
     full = layer.extent()
-    w, h = layer.width(), layer.height()
-    px, py = full.width() / w, full.height() / h
+    if pixel is None:
+        w, h = layer.width(), layer.height()
+        px, py = full.width() / w, full.height() / h
+    else:
+        w, h = processing_size(layer, pixel)
+        px = py = pixel
     c0 = max(0, math.floor((extent.xMinimum() - full.xMinimum()) / px + 1e-9))
     c1 = min(w, math.ceil((extent.xMaximum() - full.xMinimum()) / px - 1e-9))
     r0 = max(0, math.floor((full.yMaximum() - extent.yMaximum()) / py + 1e-9))

@@ -3,6 +3,7 @@ same rule for the panel, the toolbar and Processing) and the "Tessera results" s
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -56,3 +57,12 @@ def summary(result: dict[str, Any], source_name: str) -> str:
     if files:
         lines.append(f"Files in {Path(files[0]).parent}: " + ", ".join(Path(p).name for p in files))
     return "\n".join(lines)
+
+
+def resolution_note(pixel: float | None, native: float, unit: str) -> str:
+    """``, at 0.5 m (the raster's own 0.1 m)`` when a run's outputs lie on another grid than its
+    raster's (``pixel``: their pixel size, ``native`` the raster's, in CRS ``unit``), else
+    ``""``."""
+    if pixel is None or math.isclose(pixel, native, rel_tol=1e-6):
+        return ""
+    return f", at {pixel:.4g} {unit} (the raster's own {native:.4g} {unit})"

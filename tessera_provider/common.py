@@ -22,6 +22,7 @@ from ..bridge.engine import engine_python, forward_log, prepare, progress_text
 from ..core.errors import CancelledError, TesseraError
 from ..core.jobs import client
 from ..core.jobs.spec import Job
+from ..core.params import resolution_spec
 
 T = TypeVar("T")
 
@@ -73,6 +74,12 @@ class TesseraAlgorithm(QgsProcessingAlgorithm):
                     raster_input(self, parameters, d.name(), context)
                 except QgsProcessingException as exc:
                     return False, str(exc)
+        if self.parameterDefinition("RESOLUTION") is not None:  # before anything runs
+            try:
+                resolution_spec(self.parameterAsString(parameters, "RESOLUTION", context)
+                                .strip() or "auto")
+            except TesseraError as exc:
+                return False, str(exc)
         return super().checkParameterValues(parameters, context)
 
 

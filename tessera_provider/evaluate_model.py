@@ -12,11 +12,12 @@ from qgis.core import (
     QgsProcessingParameterEnum,
     QgsProcessingParameterFile,
     QgsProcessingParameterFileDestination,
+    QgsProcessingParameterString,
 )
 
 from ..bridge import engine
 from . import common
-from .segment_raster import tr
+from .segment_raster import resolution_text, tr
 from .train_model import DATA_HELP, TrainingAlgorithm
 
 
@@ -44,7 +45,9 @@ class EvaluateModelAlgorithm(TrainingAlgorithm):
         "Segments labelled imagery with a Tessera model and compares the result with the "
         "labels: pixel accuracy, mean IoU, per-class IoU / precision / recall and the "
         "confusion matrix, written as JSON (and optionally a PNG chart). Unannotated pixels "
-        "do not count.\n\n" + DATA_HELP)
+        "do not count. The images are segmented at the processing resolution (auto: the "
+        "model's pixel size when theirs differs from it by more than 1.5x) and the classes "
+        "compared with the labels on the labels' own grid.\n\n" + DATA_HELP)
     OUTPUT_JSON = "OUTPUT_JSON"
     OUTPUT_PNG = "OUTPUT_PNG"
 
@@ -54,6 +57,10 @@ class EvaluateModelAlgorithm(TrainingAlgorithm):
             fileFilter=engine.MODEL_FILTER,
             defaultValue=engine.default_model_path() or None))
         self.add_data_params()
+        self.addParameter(QgsProcessingParameterString(
+            "RESOLUTION", tr("Processing resolution: auto (the model's pixel size when the "
+                             "images' differs from it by more than 1.5x), native (the images' "
+                             "own), model, or a pixel size in metres"), "auto"))
         self.addParameter(QgsProcessingParameterEnum("DEVICE", tr("Device"),
                                                      options=engine.DEVICES, defaultValue=0))
         self.addParameter(QgsProcessingParameterFileDestination(
@@ -85,7 +92,8 @@ class EvaluateModelAlgorithm(TrainingAlgorithm):
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
         job = {"op": "evaluate", "model": model, "data": self.data_source(parameters, context),
                "out_json": out_json, "out_png": out_png,
-               "device": engine.DEVICES[self.parameterAsEnum(parameters, "DEVICE", context)]}
+               "device": engine.DEVICES[self.parameterAsEnum(parameters, "DEVICE", context)],
+               "resolution": resolution_text(self, parameters, context)}
         feedback.pushInfo(f"Evaluating {Path(model).name} on {job['data']}")
         res = common.run_engine(job, feedback)
         acc = float(res["accuracy"])

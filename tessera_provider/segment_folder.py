@@ -42,7 +42,8 @@ class SegmentFolderAlgorithm(common.TesseraAlgorithm):
         "in the output folder are skipped, so running it again resumes an interrupted "
         "run. A file that fails is recorded in the report with its error and the others "
         "are processed. Outputs per file: <name>_classes.tif and <name>_polygons.gpkg; "
-        "also tessera_report.csv/.json in the output folder.")
+        "also tessera_report.csv/.json in the output folder. A processing resolution given "
+        "as a pixel size is in each raster's CRS units; auto and model follow each raster.")
     FOLDER = "FOLDER"
     OUTPUT_FOLDER = "OUTPUT_FOLDER"
     REPORT = "REPORT"

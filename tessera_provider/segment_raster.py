@@ -22,11 +22,18 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QCoreApplication
 
-from ..bridge import compat, engine, layers
+from ..bridge import compat, engine, layers, web
 from ..bridge.report import layer_name, summary
 from ..bridge.style import present_ids
+from ..core.io.websource import is_web_source, parse_web_source
 from ..core.jobs.spec import SegmentJob
-from ..core.params import MAX_TILE, OutputPaths, SegmentParams, VectorizeParams
+from ..core.params import (
+    MAX_TILE,
+    OutputPaths,
+    SegmentParams,
+    VectorizeParams,
+    resolution_spec,
+)
 from . import common
 
 
@@ -78,6 +85,10 @@ def add_run_options(alg: QgsProcessingAlgorithm) -> None:
                                          default, minValue=lo, maxValue=hi)
         p.setFlags(p.flags() | compat.ADVANCED)
         alg.addParameter(p)
+    alg.addParameter(QgsProcessingParameterString(
+        "RESOLUTION", tr("Processing resolution: auto (the model's pixel size when the "
+                         "raster's differs from it by more than 1.5x), native (the raster's "
+                         "own), model, or a pixel size in the raster CRS's units"), "auto"))
     p = QgsProcessingParameterBoolean(
         "RESCALE", tr("Rescale to 8 bits (each band stretched from its 2nd to its 98th "
                       "percentile: for 16-bit or float imagery)"), False)
@@ -101,7 +112,13 @@ def run_options(alg: QgsProcessingAlgorithm, parameters, context) -> dict:
             "device": engine.DEVICES[alg.parameterAsEnum(parameters, "DEVICE", context)],
             "backend": engine.BACKENDS[alg.parameterAsEnum(parameters, "BACKEND", context)],
             "rescale": "percentile" if alg.parameterAsBoolean(parameters, "RESCALE", context)
-            else None}
+            else None,
+            "resolution": common.build(resolution_spec, resolution_text(alg, parameters, context))}
+
+
+def resolution_text(alg: QgsProcessingAlgorithm, parameters, context) -> str:
+    """The RESOLUTION chosen (``auto`` when left empty)."""
+    return alg.parameterAsString(parameters, "RESOLUTION", context).strip() or "auto"
 
 
 def add_scale_options(alg: QgsProcessingAlgorithm) -> None:
@@ -137,7 +154,14 @@ class SegmentRasterAlgorithm(common.TesseraAlgorithm):
         "Runs a Tessera model (U-Net) over the raster in overlapping tiles, blends them into "
         "a seamless class raster and turns the classes into polygons.\n\n"
         "Bands: the raster bands feeding the model, in order (empty = the model's own).\n"
-        "Extent: only this part of the raster (empty = all of it).\n"
+        "Extent: only this part of the raster (empty = all of it); required for a web layer "
+        "(XYZ tiles, WMS, WMTS), which is read over it at the processing resolution (the "
+        "model's pixel size by default), fetching only the tiles it needs.\n"
+        "Processing resolution: the pixel size the model sees; the raster is resampled on the "
+        "fly while it is read, and the outputs lie on that grid. auto (the default) runs at "
+        "the model's pixel size when the raster's differs from it by more than 1.5x (said in "
+        "the log), native at the raster's own, model at the model's, or give a pixel size in "
+        "the raster CRS's units (metres for projected CRSs).\n"
         "Polygons carry class_id, class_name, area_m2 (true square metres) and pixels.\n"
         "Nodata in the input stays nodata. The engine runs in its own process; the device "
         "actually used is reported in the log and in the DEVICE output.")
@@ -168,12 +192,20 @@ class SegmentRasterAlgorithm(common.TesseraAlgorithm):
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         layer = common.raster_input(self, parameters, self.INPUT, context)
-        src = layers.raster_source_path(layer)
         model = model_path(self, parameters, context)
         bands = self.parameterAsInts(parameters, "BANDS", context) if hasattr(
             self, "parameterAsInts") else []
         extent = self.parameterAsExtent(parameters, "EXTENT", context, layer.crs())
-        window = layers.extent_to_window(layer, extent)
+        options = run_options(self, parameters, context)
+        if web.is_web_layer(layer):  # read over EXTENT at the processing resolution
+            src = web_run(layer, extent, model, options)
+            window, stem = None, web.output_stem(layer)
+        else:
+            src = layers.raster_source_path(layer)
+            window = layers.extent_to_window(
+                layer, extent, None if extent.isNull() or extent.isEmpty() else
+                processing_grid(layer, model, options["resolution"]))
+            stem = Path(src).stem
         out_cls = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
         out_conf = self.parameterAsOutputLayer(parameters, self.CONFIDENCE, context) or ""
         out_poly = self.parameterAsOutputLayer(parameters, self.OUTPUT_POLYGONS, context) or ""
@@ -186,18 +218,18 @@ class SegmentRasterAlgorithm(common.TesseraAlgorithm):
                 raise QgsProcessingException(
                     tr(f"{path}: Tessera writes {kind} files; choose that extension."))
         params = common.build(
-            SegmentParams, **run_options(self, parameters, context),
-            bands=tuple(bands) or None, window=window, confidence=bool(out_conf),
+            SegmentParams, **options, bands=tuple(bands) or None, window=window,
+            confidence=bool(out_conf),
             vectorize=common.build(VectorizeParams, **vector_options(self, parameters, context,
                                                                       vectorize)))
-        dflt = OutputPaths.for_stem(Path(out_cls).parent, Path(src).stem)
+        dflt = OutputPaths.for_stem(Path(out_cls).parent, stem)
         job = common.build(SegmentJob, src, model, str(Path(out_cls).parent), params,
                            outputs=OutputPaths(
                                Path(out_cls), Path(out_conf) if out_conf else dflt.confidence_raster,
                                Path(out_poly) if out_poly else dflt.polygons,
                                polygons_db=db if vectorize else None),
                            cluster=cluster)
-        feedback.pushInfo(f"Segmenting {src} with {Path(model).name}")
+        feedback.pushInfo(f"Segmenting {source_label(src)} with {Path(model).name}")
         res = common.run_engine(job, feedback)
         feedback.pushInfo(f"Device used: {res['device']} ({res.get('backend', 'torch')}); "
                           f"{res['tiles']} tiles "
@@ -227,6 +259,33 @@ class SegmentRasterAlgorithm(common.TesseraAlgorithm):
             results[self.OUTPUT_POLYGONS] = out_poly
         feedback.pushInfo(summary(res, name))
         return results
+
+
+def web_run(layer, extent, model: str, options: dict) -> str:
+    """The engine's source of the web ``layer`` read over ``extent`` (in its
+    CRS; required: Processing has no map view); ``options`` get the extent and the pixel
+    size of the plan (the model's by default). Raises :class:`QgsProcessingException`."""
+    if extent.isNull() or extent.isEmpty():
+        raise QgsProcessingException(tr(
+            f"Layer '{layer.name()}' is web imagery (XYZ, WMS or WMTS), with no extent of its "
+            "own: give the area to segment (EXTENT, e.g. xmin,xmax,ymin,ymax [EPSG:3857])."))
+    src, plan = web.web_input(layer, extent, options["resolution"], model)
+    options.update(extent=plan.extent, resolution=plan.engine_resolution)
+    return src
+
+
+def source_label(src: str) -> str:
+    """``src`` as the log names it: a web source's URL (no credentials), else the path."""
+    return parse_web_source(src).shown_url if is_web_source(src) else src
+
+
+def processing_grid(layer, model: str, resolution: float | str) -> float | None:
+    """The pixel size (CRS units) of the grid an extent is cut from at ``resolution``
+    (the engine's rule); ``None`` for the layer's own."""
+    from ..core.model.files import read_contract
+
+    px = common.build(read_contract, model).pixel_size_m
+    return layers.grid_pixel(layer, resolution, px)
 
 
 def processing_tag(model: str, out_cls: str) -> str:

@@ -8,8 +8,7 @@ from typing import Any
 
 from qgis.core import (
     QgsApplication,
-    QgsCoordinateTransform,
-    QgsProject,
+    QgsProcessingException,
     QgsRasterLayer,
     QgsRectangle,
 )
@@ -42,9 +41,15 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from ..bridge import compat
+from ..bridge.web import is_web_layer
+from ..core.params import AUTO_RESOLUTION_RATIO
 from .settings import RunSettings, remember_panel
 
 EXTENT_MODES = ["Whole layer", "Current map canvas extent", "Features of a polygon layer"]
+#: The processing resolution's choices: (text, RunSettings.resolution); the model's pixel size
+#: is added to "Model's" when a model is chosen.
+RESOLUTIONS = [("Auto (model's when the raster differs)", "auto"), ("Raster's own", "native"),
+               ("Model's", "model"), ("Custom", "custom")]
 
 
 def swatch(color: str, size: int = 14) -> QIcon:
@@ -82,6 +87,8 @@ class TesseraDock(QgsDockWidget):
         self._on_layer_changed()
         self.env_task: Any = None
         self.detect_devices()
+        if self.iface is not None:  # a web layer's area and what it fetches follow the view
+            self.iface.mapCanvas().extentsChanged.connect(self._on_view_changed)
 
     # -- layout ------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -106,6 +113,7 @@ class TesseraDock(QgsDockWidget):
         self.class_list = QListWidget()
         self.class_list.setMaximumHeight(110)
         form.addRow("Classes", self.class_list)
+        self._build_resolution(form)
         lay.addLayout(form)
 
         self.band_box = QgsCollapsibleGroupBox("Bands")
@@ -221,6 +229,35 @@ class TesseraDock(QgsDockWidget):
         col.addWidget(self._footer())
         self.setWidget(outer)
 
+    def _build_resolution(self, form: QFormLayout) -> None:
+        """The processing resolution: a choice, a custom size, and what it gives (one line)."""
+        self.resolution = QComboBox()
+        # (set before its items: a size hint taken from a long item would stay cached)
+        self.resolution.setSizeAdjustPolicy(
+            QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.resolution.setMinimumContentsLength(8)
+        for text, key in RESOLUTIONS:
+            self.resolution.addItem(text, key)
+        self.resolution.setToolTip(
+            "The pixel size the model sees; the raster is resampled on the fly while it is "
+            "read and the outputs lie on that grid. Auto: the model's pixel size when the "
+            f"raster's differs from it by more than {AUTO_RESOLUTION_RATIO:g}x, else the "
+            "raster's own")
+        self.resolution.currentIndexChanged.connect(self._on_resolution_changed)
+        form.addRow("Resolution", self.resolution)
+        self.resolution_size = QDoubleSpinBox()
+        self.resolution_size.setDecimals(9)  # (a 10 cm pixel is about 0.000001 degree)
+        self.resolution_size.setRange(0, 1e5)
+        self.resolution_size.setToolTip("The pixel size, in the units of the layer's CRS")
+        self.resolution_size.valueChanged.connect(self._validate)
+        form.addRow("Pixel size", self.resolution_size)
+        self.resolution_size_label = form.labelForField(self.resolution_size)
+        self.resolution_info = QLabel("")
+        self.resolution_info.setObjectName("TesseraResolution")
+        form.addRow("", self.resolution_info)
+        self.resolution_msg = self._msg_label()
+        form.addRow("", self.resolution_msg)
+
     def _footer(self) -> QWidget:
         foot = QWidget()
         lay = QVBoxLayout(foot)
@@ -283,6 +320,8 @@ class TesseraDock(QgsDockWidget):
         self.sieve.setValue(s.sieve_px)
         self.out_dir.setFilePath(s.output_dir)
         self.extent_mode.setCurrentIndex(min(max(s.extent_mode, 0), len(EXTENT_MODES) - 1))
+        self.resolution_size.setValue(s.resolution_size)
+        self.resolution.setCurrentIndex(max(self.resolution.findData(s.resolution), 0))
         self._skip_saved = set(s.skip_classes)
         self._on_model_changed(self.model_file.filePath())
 
@@ -297,7 +336,9 @@ class TesseraDock(QgsDockWidget):
             rescale=self.rescale.isChecked(), vectorize=self.vectorize.isChecked(),
             min_area_m2=self.min_area.value(),
             simplify_px=self.simplify.value(), sieve_px=self.sieve.value(), skip_classes=skip,
-            output_dir=self.out_dir.filePath(), extent_mode=self.extent_mode.currentIndex())
+            output_dir=self.out_dir.filePath(), extent_mode=self.extent_mode.currentIndex(),
+            resolution=self.resolution.currentData(),
+            resolution_size=self.resolution_size.value())
 
     # -- reactions ---------------------------------------------------------------------------
     def _on_model_changed(self, path: str) -> None:
@@ -305,6 +346,7 @@ class TesseraDock(QgsDockWidget):
         from ..core.model.files import read_contract
 
         self.contract = None
+        self.resolution.setItemText(2, "Model's")
         self.class_list.clear()
         self.skip_list.clear()
         self.model_info.setText("")
@@ -317,6 +359,7 @@ class TesseraDock(QgsDockWidget):
             c = self.contract
             self._say(self.model_msg, "")
             px = f"{c.pixel_size_m:g} m" if c.pixel_size_m else "not stated"
+            self.resolution.setItemText(2, f"Model's ({px})")
             self.model_info.setText(
                 f"{c.name}\n{c.architecture}/{c.encoder}, {c.in_channels} bands, tile "
                 f"{c.tile_size} px (overlap {c.overlap}), pixel size {px}")
@@ -341,12 +384,18 @@ class TesseraDock(QgsDockWidget):
         self._rebuild_bands()
         self._validate()
 
+    def _on_view_changed(self) -> None:
+        if is_web_layer(self.layer_combo.currentLayer()):
+            self._validate()
+
     def _rebuild_bands(self) -> None:
         while self.band_form.rowCount():
             self.band_form.removeRow(0)
         self.band_combos = []
         layer = self.layer_combo.currentLayer()
-        if self.contract is None:
+        web = is_web_layer(layer)
+        self.band_box.setVisible(not web)  # web imagery is RGB: bands 1, 2, 3, as it is
+        if self.contract is None or web:
             return
         names = self.contract.band_names or [f"input {i + 1}" for i in range(self.contract.in_channels)]
         for i, default in enumerate(self.contract.bands):
@@ -370,6 +419,13 @@ class TesseraDock(QgsDockWidget):
         msg = ""
         if layer is None:
             msg, ok = "Choose a raster layer.", False
+        elif is_web_layer(layer):
+            msg = self._web_refusal(layer)
+            if not msg and self.contract is not None and max(self.contract.bands) > 3:
+                msg = (f"Web imagery has three bands (red, green, blue); model "
+                       f"'{self.contract.name}' reads bands "
+                       f"{', '.join(map(str, self.contract.bands))}.")
+            ok = not msg
         elif layer.providerType() != "gdal":
             msg, ok = (f"'{layer.name()}' is a {layer.providerType()} layer, not a file: export it "
                        "to GeoTIFF first (Export → Save As…)."), False
@@ -395,8 +451,85 @@ class TesseraDock(QgsDockWidget):
         if out and Path(out).exists() and not os.access(out, os.W_OK):
             omsg, ok = "This folder is not writable.", False
         self._say(self.out_msg, omsg)
+        ok = self._check_resolution(layer if not self.layer_msg.text() else None) and ok
         self.run_btn.setEnabled(ok and self.task is None)
         return ok
+
+    @staticmethod
+    def _web_refusal(layer: QgsRasterLayer) -> str:
+        """Why the web ``layer`` cannot be segmented, or ``""``."""
+        from ..bridge.web import web_source
+
+        try:
+            web_source(layer)
+        except QgsProcessingException as exc:
+            return str(exc)
+        return ""
+
+    def _on_resolution_changed(self, *_: Any) -> None:
+        """Custom starts from what Auto gives the selected layer (not from 0)."""
+        from ..bridge.layers import processing_pixel
+        from ..bridge.web import web_plan
+
+        layer = self.layer_combo.currentLayer()
+        model_px = self.contract.pixel_size_m if self.contract else None
+        if self.resolution.currentData() == "custom" and not self.resolution_size.value() \
+                and layer is not None:
+            try:
+                if is_web_layer(layer):
+                    size = web_plan(layer, self.area(layer), "auto", model_px).resolution
+                else:
+                    size = processing_pixel(layer, "auto", model_px) \
+                        if layer.providerType() == "gdal" else None
+            except (QgsProcessingException, ValueError):
+                size = None
+            if size:
+                self.resolution_size.setValue(size)
+        self._validate()
+
+    def _check_resolution(self, layer: QgsRasterLayer | None) -> bool:
+        """Show the processing resolution and the size in pixels it gives ``layer`` (the
+        engine's rule, computed here from the layer's extent and pixel size); say why not."""
+        from ..bridge.layers import crs_unit, resolution_text
+        from ..core.errors import ParameterError
+
+        custom = self.resolution.currentData() == "custom"
+        self.resolution_size.setVisible(custom)
+        self.resolution_size_label.setVisible(custom)
+        if layer is not None:
+            self.resolution_size.setSuffix(f" {crs_unit(layer)}")
+        text, msg = "", ""
+        try:
+            value = self.settings_resolution()
+            model_px = self.contract.pixel_size_m if self.contract else None
+            if is_web_layer(layer):
+                text = self._web_text(layer, value, model_px)
+            elif layer is not None:
+                text = resolution_text(layer, value, model_px)
+        except (ParameterError, QgsProcessingException, ValueError) as exc:
+            msg = str(exc)
+        self.resolution_info.setText(text)
+        self._say(self.resolution_msg, msg)
+        return not msg
+
+    def _web_text(self, layer: QgsRasterLayer, value: float | str,
+                  model_px: float | None) -> str:
+        """What a run of the web ``layer`` reads: the area, the pixel size, the size in
+        pixels and, for XYZ tiles, about how many tiles are fetched (no network)."""
+        from ..bridge.layers import crs_unit
+        from ..bridge.web import web_plan
+
+        where = "Features' extent" if self.extent_mode.currentIndex() == 2 else "Map view"
+        return f"{where}: " + web_plan(layer, self.area(layer), value, model_px) \
+            .text(crs_unit(layer))
+
+    def settings_resolution(self) -> float | str:
+        """The chosen resolution as the engine takes it (raises :class:`ParameterError`)."""
+        from ..core.params import resolution_spec
+
+        if self.resolution.currentData() == "custom":
+            return resolution_spec(self.resolution_size.value())
+        return resolution_spec(self.resolution.currentData())
 
     def detect_devices(self) -> None:
         """Ask the engine (in the background) which GPUs it sees; list each CUDA GPU."""
@@ -436,6 +569,11 @@ class TesseraDock(QgsDockWidget):
         for task in (self.env_task, self.task):
             if task is not None:
                 task.detach()
+        if self.iface is not None:
+            try:
+                self.iface.mapCanvas().extentsChanged.disconnect(self._on_view_changed)
+            except (TypeError, RuntimeError):
+                pass
         self.env_task = self.task = None
 
     def _devices_found(self, task: Any) -> None:
@@ -451,29 +589,41 @@ class TesseraDock(QgsDockWidget):
             self.device_used.setText(f"Device used: (not run yet) — engine sees: {gpus}")
 
     # -- running -----------------------------------------------------------------------------
-    def window(self, layer: QgsRasterLayer) -> tuple[int, int, int, int] | None:
-        from ..bridge.layers import extent_to_window
+    def area(self, layer: QgsRasterLayer) -> QgsRectangle:
+        """The chosen area in ``layer``'s CRS: the map view, or the extent of the polygon
+        layer's features (a web layer has no extent of its own: the map view for "Whole
+        layer" too). Raises :class:`ValueError` without a polygon layer."""
+        from ..bridge.web import layer_extent
 
-        mode = self.extent_mode.currentIndex()
-        if mode == 0:
-            return None
-        if mode == 1:
+        if self.extent_mode.currentIndex() != 2:
+            if self.iface is None:
+                raise ValueError("No map view to take the extent from.")
             canvas = self.iface.mapCanvas()
-            ext = canvas.extent()
-            src_crs = canvas.mapSettings().destinationCrs()
-        else:
-            mask = self.mask_combo.currentLayer()
-            if mask is None:
-                raise ValueError("Choose the polygon layer whose features give the extent.")
-            ext = QgsRectangle()
-            ext.setMinimal()
-            for f in mask.getFeatures():
-                ext.combineExtentWith(f.geometry().boundingBox())
-            src_crs = mask.crs()
-        if src_crs != layer.crs():
-            ext = QgsCoordinateTransform(src_crs, layer.crs(), QgsProject.instance()) \
-                .transformBoundingBox(ext)
-        return extent_to_window(layer, ext)
+            return layer_extent(layer, canvas.extent(), canvas.mapSettings().destinationCrs())
+        return self.window_area(layer)
+
+    def window_area(self, layer: QgsRasterLayer) -> QgsRectangle:
+        """The extent of the polygon layer's features, in ``layer``'s CRS."""
+        from ..bridge.web import layer_extent
+
+        mask = self.mask_combo.currentLayer()
+        if mask is None:
+            raise ValueError("Choose the polygon layer whose features give the extent.")
+        ext = QgsRectangle()
+        ext.setMinimal()
+        for f in mask.getFeatures():
+            ext.combineExtentWith(f.geometry().boundingBox())
+        return layer_extent(layer, ext, mask.crs())
+
+    def window(self, layer: QgsRasterLayer) -> tuple[int, int, int, int] | None:
+        from ..bridge.layers import extent_to_window, grid_pixel
+
+        if self.extent_mode.currentIndex() == 0 or is_web_layer(layer):
+            return None
+        ext = self.area(layer)
+        pixel = grid_pixel(layer, self.settings_resolution(),
+                           self.contract.pixel_size_m if self.contract else None)
+        return extent_to_window(layer, ext, pixel)
 
     def run(self) -> None:
         if not self._validate():
@@ -487,8 +637,14 @@ class TesseraDock(QgsDockWidget):
             self.status.setText(f"Extent: {exc}")
             return
         out = s.output_dir or None
+        try:
+            extent = self.area(layer) if is_web_layer(layer) else None
+        except ValueError as exc:
+            self.status.setText(f"Extent: {exc}")
+            return
         self.task = self.controller.start_run(layer, s, bands=self.bands(), window=window,
-                                              out_dir=out, on_finished=self._finished)
+                                              out_dir=out, on_finished=self._finished,
+                                              extent=extent)
         if self.task is None:
             return
         self.task.progressChanged.connect(lambda v: self.progress.setValue(int(v)))
@@ -515,7 +671,9 @@ class TesseraDock(QgsDockWidget):
             poly = f", {r['n_polygons']} polygons" if r.get("n_polygons") is not None else ""
             warnings = [*task.warnings, *task.late_warnings]
             note = f" Warning: {'; '.join(warnings)}" if warnings else ""
-            self.status.setText(f"Done in {r['seconds']:.1f} s on {r['device']}{poly}.{note}")
+            at = getattr(task, "resolution_note", "")
+            self.status.setText(f"Done in {r['seconds']:.1f} s on {r['device']}{poly}{at}."
+                                f"{note}")
             from ..bridge.report import RESULTS_TAB, summary
 
             self.results.setText(f"{RESULTS_TAB}\n{summary(r, task.source_name)}")

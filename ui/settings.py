@@ -45,6 +45,8 @@ class RunSettings:
     skip_classes: list[str] = field(default_factory=list)
     output_dir: str = ""        # '' = beside the source raster (when writable)
     extent_mode: int = 0        # the panel's Area: whole layer, canvas extent, polygon layer
+    resolution: str = "auto"    # auto | native | model | custom (the processing resolution)
+    resolution_size: float = 0.0  # custom: the pixel size, in the layer CRS's units
 
     @classmethod
     def load(cls) -> RunSettings:
@@ -76,16 +78,26 @@ class RunSettings:
         for k, v in asdict(self).items():
             s.setValue(PREFIX + k, v)
 
+    def resolution_value(self) -> float | str:
+        """The engine's ``resolution``: ``auto``, ``native``, ``model`` or the custom size."""
+        return self.resolution_size if self.resolution == "custom" else self.resolution
+
     def segment_params(self, bands: list[int] | None = None,
-                       window: tuple[int, int, int, int] | None = None) -> SegmentParams:
+                       window: tuple[int, int, int, int] | None = None,
+                       extent: tuple[float, float, float, float] | None = None,
+                       resolution: float | str | None = None) -> SegmentParams:
         """The engine's :class:`SegmentParams` of these settings (0 and -1 mean the model's
-        own tile size and overlap); raises :class:`ParameterError` for a bad value."""
+        own tile size and overlap); ``extent`` (the source CRS's) and ``resolution`` (instead
+        of the settings' own) for a web layer. Raises :class:`ParameterError` for a bad
+        value."""
         return SegmentParams(
             tile_size=self.tile_size or None,
             overlap=self.overlap if self.overlap >= 0 else None,
             batch_size=self.batch_size, device=self.device, backend=self.backend,
             bands=tuple(bands) if bands else None, window=window,
             confidence=self.confidence, rescale="percentile" if self.rescale else None,
+            resolution=self.resolution_value() if resolution is None else resolution,
+            extent=extent,
             vectorize=VectorizeParams(enabled=self.vectorize, min_area_m2=self.min_area_m2,
                                       simplify_px=self.simplify_px, sieve_px=self.sieve_px,
                                       skip_classes=tuple(self.skip_classes)))

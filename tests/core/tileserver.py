@@ -68,6 +68,7 @@ class TileServer:
             raise ValueError(f"{tif}: not on zoom {self.z0}'s pixel grid")
         self.origin = (round(col), round(row))  # in zoom z0's world pixels
         self.rgb = rgb.astype(np.float64)
+        self._levels: dict[int, np.ndarray] = {}
         self.tif = tif
         self.status: int | None = None
         self.status_times: int | None = None
@@ -101,7 +102,11 @@ class TileServer:
         _, h, w = self.rgb.shape
         if h % f or w % f or self.origin[0] % f or self.origin[1] % f:
             return None
-        level = self.rgb.reshape(3, h // f, f, w // f, f).mean(axis=(2, 4))
+        with self._lock:  # each zoom's pyramid level made once (not per tile)
+            level = self._levels.get(k)
+            if level is None:
+                level = self._levels[k] = self.rgb.reshape(3, h // f, f, w // f, f).mean(
+                    axis=(2, 4))
         ox, oy = self.origin[0] // f, self.origin[1] // f
         x0, y0 = x * TILE - ox, y * TILE - oy  # the tile's corner in the level's pixels
         lh, lw = level.shape[1:]
