@@ -255,7 +255,10 @@ def _commit(temps: list[Path], finals: list[Path], reserved: list[int] | None = 
             old = temp_path(f, "old")
             for p, to in ((f, old), (aux, old.with_name(old.name + ".aux.xml"))):
                 if p.exists() or p.is_symlink():
-                    p.replace(to)
+                    try:
+                        p.replace(to)
+                    except FileNotFoundError:  # moved meanwhile by another run's commit of
+                        continue  # the same name (two batches' reports): nothing to keep
                     aside.append((p, to))
         for t, f, w in zip(temps, finals, written):
             if not w:
