@@ -22,6 +22,7 @@ import pytest
 from conftest import CORE_TESTS, make_engine_data, wait_for
 from qgis.core import (
     Qgis,
+    QgsApplication,
     QgsCoordinateReferenceSystem,
     QgsProcessingException,
     QgsProject,
@@ -113,6 +114,11 @@ class Server:
 def server(web_data):
     srv = Server(web_data / "image.tif")
     yield srv
+    # the web layers go before their server: none left fetching when QGIS closes
+    project = QgsProject.instance()
+    project.removeMapLayers([lid for lid, lyr in project.mapLayers().items()
+                             if lyr.providerType() == "wms"])
+    QgsApplication.processEvents()
     srv.stop()
 
 
