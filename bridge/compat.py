@@ -23,6 +23,7 @@ from qgis.core import (
     QgsProcessingParameterDefinition,
     QgsProcessingParameterFile,
     QgsProcessingParameterNumber,
+    QgsRasterFileWriter,
     QgsUnitTypes,
     QgsWkbTypes,
 )
@@ -62,6 +63,9 @@ LAYER_FILTER_POLYGON = _pick(Qgis, "LayerFilter", "PolygonLayer",
                              QgsMapLayerProxyModel, "Filter", "PolygonLayer")
 #: A table without geometry (a feature sink of the batch report).
 WKB_NO_GEOMETRY = _pick(Qgis, "WkbType", "NoGeometry", QgsWkbTypes, "Type", "NoGeometry")
+#: What the raster file writer returns when it wrote the file.
+RASTER_WRITER_OK = _pick(Qgis, "RasterFileWriterResult", "Success",
+                         QgsRasterFileWriter, "WriterError", "NoError")
 
 
 def _field_types() -> dict[str, Any]:
@@ -89,8 +93,8 @@ def field_names(alg: Any, parameters: dict[str, Any], name: str, context: Any) -
 
 __all__ = ["ADVANCED", "DISTANCE_METERS", "DISTANCE_UNKNOWN", "FIELD_TYPES", "FILE_FILE",
            "FILE_FOLDER", "LAYER_FILTER_POLYGON", "LAYER_FILTER_RASTER", "NUMBER_DOUBLE",
-           "NUMBER_INTEGER", "SOURCE_POLYGON", "SOURCE_VECTOR", "WKB_NO_GEOMETRY", "QAction",
-           "field_names"]
+           "NUMBER_INTEGER", "RASTER_WRITER_OK", "SOURCE_POLYGON", "SOURCE_VECTOR",
+           "WKB_NO_GEOMETRY", "QAction", "field_names"]
 
 
 def task_flags(hidden: bool = False) -> Any:

@@ -22,7 +22,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QCoreApplication
 
-from ..bridge import compat, engine, layers, web
+from ..bridge import compat, engine, export, layers, web
 from ..bridge.report import layer_name, summary
 from ..bridge.style import present_ids
 from ..core.io.websource import is_web_source, parse_web_source
@@ -157,6 +157,9 @@ class SegmentRasterAlgorithm(common.TesseraAlgorithm):
         "Extent: only this part of the raster (empty = all of it); required for a web layer "
         "(XYZ tiles, WMS, WMTS), which is read over it at the processing resolution (the "
         "model's pixel size by default), fetching only the tiles it needs.\n"
+        "Any other layer that is not a file (a virtual raster, an in-memory raster, WCS, a "
+        "PostGIS raster) is first written over the extent, at its own pixel size, to a "
+        "temporary GeoTIFF, removed after the run; the layer itself is not changed.\n"
         "Processing resolution: the pixel size the model sees; the raster is resampled on the "
         "fly while it is read, and the outputs lie on that grid. auto (the default) runs at "
         "the model's pixel size when the raster's differs from it by more than 1.5x (said in "
@@ -193,30 +196,37 @@ class SegmentRasterAlgorithm(common.TesseraAlgorithm):
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         layer = common.raster_input(self, parameters, self.INPUT, context)
         model = model_path(self, parameters, context)
-        bands = self.parameterAsInts(parameters, "BANDS", context) if hasattr(
-            self, "parameterAsInts") else []
         extent = self.parameterAsExtent(parameters, "EXTENT", context, layer.crs())
         options = run_options(self, parameters, context)
+        outs = output_paths(self, parameters, context)
         if web.is_web_layer(layer):  # read over EXTENT at the processing resolution
             src = web_run(layer, extent, model, options)
-            window, stem = None, web.output_stem(layer)
-        else:
-            src = layers.raster_source_path(layer)
-            window = layers.extent_to_window(
-                layer, extent, None if extent.isNull() or extent.isEmpty() else
-                processing_grid(layer, model, options["resolution"]))
-            stem = Path(src).stem
-        out_cls = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
-        out_conf = self.parameterAsOutputLayer(parameters, self.CONFIDENCE, context) or ""
-        out_poly = self.parameterAsOutputLayer(parameters, self.OUTPUT_POLYGONS, context) or ""
+            return self.segment(parameters, context, feedback, layer, model, options, outs,
+                                src, None, web.output_stem(layer))
+        if export.needs_export(layer):  # a temporary GeoTIFF of EXTENT, removed after the run
+            from ..core.model.files import read_contract
+
+            common.build(read_contract, model)  # a bad model fails before the export
+            with export.exported(layer, extent, feedback, context.transformContext()) as src:
+                return self.segment(parameters, context, feedback, layer, model, options,
+                                    outs, src, None, export.output_stem(layer))
+        src = layers.raster_source_path(layer)
+        window = layers.extent_to_window(
+            layer, extent, None if extent.isNull() or extent.isEmpty() else
+            processing_grid(layer, model, options["resolution"]))
+        return self.segment(parameters, context, feedback, layer, model, options, outs, src,
+                            window, Path(src).stem)
+
+    def segment(self, parameters, context, feedback, layer, model: str, options: dict,
+                outs: tuple[str, str, str], src: str, window, stem: str) -> dict:
+        """Run the engine on ``src`` (a file, a web source or an export of ``layer``) and
+        load its outputs; return the algorithm's results."""
+        out_cls, out_conf, out_poly = outs
+        bands = self.parameterAsInts(parameters, "BANDS", context) if hasattr(
+            self, "parameterAsInts") else []
         cluster, db = scale_options(self, parameters, context)
         vectorize = self.parameterAsBoolean(parameters, "VECTORIZE", context) and \
             bool(out_poly or db)
-        for path, ext in ((out_cls, ".tif"), (out_conf, ".tif"), (out_poly, ".gpkg")):
-            if path and Path(path).suffix.lower() not in (ext, ".tiff" if ext == ".tif" else ext):
-                kind = "GeoTIFF (.tif)" if ext == ".tif" else "GeoPackage (.gpkg)"
-                raise QgsProcessingException(
-                    tr(f"{path}: Tessera writes {kind} files; choose that extension."))
         params = common.build(
             SegmentParams, **options, bands=tuple(bands) or None, window=window,
             confidence=bool(out_conf),
@@ -259,6 +269,20 @@ class SegmentRasterAlgorithm(common.TesseraAlgorithm):
             results[self.OUTPUT_POLYGONS] = out_poly
         feedback.pushInfo(summary(res, name))
         return results
+
+
+def output_paths(alg: QgsProcessingAlgorithm, parameters, context) -> tuple[str, str, str]:
+    """``(classes, confidence, polygons)`` chosen (empty: not asked for), each with the
+    extension Tessera writes. Raises :class:`QgsProcessingException`."""
+    out_cls = alg.parameterAsOutputLayer(parameters, "OUTPUT", context)
+    out_conf = alg.parameterAsOutputLayer(parameters, "CONFIDENCE", context) or ""
+    out_poly = alg.parameterAsOutputLayer(parameters, "OUTPUT_POLYGONS", context) or ""
+    for path, ext in ((out_cls, ".tif"), (out_conf, ".tif"), (out_poly, ".gpkg")):
+        if path and Path(path).suffix.lower() not in (ext, ".tiff" if ext == ".tif" else ext):
+            kind = "GeoTIFF (.tif)" if ext == ".tif" else "GeoPackage (.gpkg)"
+            raise QgsProcessingException(
+                tr(f"{path}: Tessera writes {kind} files; choose that extension."))
+    return out_cls, out_conf, out_poly
 
 
 def web_run(layer, extent, model: str, options: dict) -> str:
