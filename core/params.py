@@ -213,6 +213,22 @@ AUTO_RESOLUTION_RATIO = 1.5
 AUTO_RESOLUTION_MAX = 8.0
 
 
+def resolve_resolution(resolution: float | str, own_m: float | None, model_m: float | None,
+                       model: str) -> tuple[str, float | None]:
+    """What a run's ``resolution`` comes to, for a raster of ``own_m`` metre pixels and a
+    model (named ``model``) of ``model_m``: ``("native", None)``, ``("model", model_m)`` (in
+    metres) or ``("given", size)`` (in the caller's units). :class:`ParameterError` when the
+    model's pixel size is needed and it declares none."""
+    if resolution == "native" or (resolution == "auto" and not auto_resamples(own_m, model_m)):
+        return "native", None
+    if resolution not in ("auto", "model"):
+        return "given", float(resolution)
+    if not model_m:
+        raise ParameterError(f"model '{model}' declares no pixel size; give the resolution as "
+                             "a pixel size (e.g. 0.5)")
+    return "model", float(model_m)
+
+
 def auto_resamples(own_m: float | None, model_m: float | None) -> bool:
     """Whether ``auto`` runs a raster of ``own_m`` metre pixels at the model's ``model_m``."""
     if not own_m or not model_m:

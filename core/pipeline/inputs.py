@@ -31,7 +31,7 @@ from ..errors import ParameterError
 from ..io.raster import open_raster, pixel_size_m, read_window
 from ..io.websource import is_web_source
 from ..model.contract import ModelContract
-from ..params import SegmentParams, Window, auto_resamples
+from ..params import SegmentParams, Window, resolve_resolution
 from .stages import TileRead
 from .tiling import Tile
 
@@ -90,16 +90,11 @@ def opened_web(path: str, contract: ModelContract,
         raise ParameterError(f"{source.shown_url}: a web source has no extent of its own; give "
                              "the area to segment (--extent XMIN YMIN XMAX YMAX, with "
                              "--extent-crs EPSG:N when it is not in the source's CRS)")
-    res = params.resolution
-    if res in ("auto", "model"):
-        if not contract.pixel_size_m:
-            raise ParameterError(f"model '{contract.name}' declares no pixel size; give the "
-                                 "resolution for the web source (--resolution SIZE, in the "
-                                 "source CRS's units)")
-        size: float | None = ground_to_crs(contract.pixel_size_m, source.crs, params.extent,
-                                           params.extent_crs)
-    else:
-        size = None if res == "native" else float(res)
+    # (a web source has no pixel size of its own: auto is the model's)
+    res = "model" if params.resolution == "auto" else params.resolution
+    kind, size = resolve_resolution(res, None, contract.pixel_size_m, contract.name)
+    if kind == "model":
+        size = ground_to_crs(float(size or 0), source.crs, params.extent, params.extent_crs)
     with open_web(source, params.extent, params.extent_crs, size, force=params.force) as (ds, n):
         log.info("%s", n[0])  # what is fetched: said with --verbose; a finer run is warned
         yield ds, n[1:]
@@ -151,29 +146,20 @@ def processing_resolution(ds: Any, path: str, contract: ModelContract,
     """``(the pixel size to run at, in the units of the raster's CRS, or None for the
     raster's own; notes)`` for a run's ``resolution`` (see :class:`~..params.SegmentParams`).
     Raises :class:`ParameterError` when it cannot be known (no CRS, no model pixel size)."""
-    own = float(abs(ds.transform.a))
-    if resolution == "native":
+    own, own_m = float(abs(ds.transform.a)), pixel_size_m(ds)
+    kind, size = resolve_resolution(resolution, own_m, contract.pixel_size_m, contract.name)
+    if size is None:
         return None, []
-    model_m, own_m = contract.pixel_size_m, pixel_size_m(ds)
     notes = []
     if resolution == "auto":
-        if not auto_resamples(own_m, model_m):
-            return None, []
-        resolution = "model"
         notes.append(f"{Path(path).name}: pixels of {own_m:.3g} m, model '{contract.name}' was "
-                     f"trained at {model_m:g} m: segmented at {model_m:g} m, resampled on the fly "
+                     f"trained at {size:g} m: segmented at {size:g} m, resampled on the fly "
                      "(resolution 'native' keeps the raster's own)")
     if ds.crs is None or own_m is None:
         raise ParameterError(f"{path}: has no coordinate reference system with a known unit; "
                              "it can be segmented only at its own pixel size (--resolution "
                              "native)", path)
-    if resolution == "model":
-        if not model_m:
-            raise ParameterError(f"model '{contract.name}' declares no pixel size; give the "
-                                 "resolution as a pixel size (e.g. 0.5)", path)
-        target = model_m * own / own_m  # (metres into the CRS's units)
-    else:
-        target = float(resolution)
+    target = size * own / own_m if kind == "model" else size  # (metres into the CRS's units)
     if abs(target - own) <= 1e-9 * own:
         return None, notes
     return target, notes

@@ -175,23 +175,15 @@ def resolution_factor(contract: ModelContract, data_pixel_m: float | None,
     own grid) for ``resolution`` (``auto``/``native``/``model``/metres: see
     :class:`~..params.SegmentParams`; here a number is in metres, the images' pixel size
     being known only in metres)."""
-    from ..params import auto_resamples
+    from ..params import resolve_resolution
 
-    if resolution == "native":
+    _, size = resolve_resolution(resolution, data_pixel_m, contract.pixel_size_m, contract.name)
+    if size is None:
         return None
-    model_m = contract.pixel_size_m
-    if resolution == "auto":
-        if not auto_resamples(data_pixel_m, model_m):
-            return None
-        resolution = "model"
     if not data_pixel_m:
         raise ParameterError("the labelled images' pixel size is not known (no CRS): they can "
                              "be evaluated only at their own (--resolution native)")
-    if resolution == "model" and not model_m:
-        raise ParameterError(f"model '{contract.name}' declares no pixel size; give the "
-                             "resolution in metres")
-    target = float(model_m if resolution == "model" else resolution)  # type: ignore[arg-type]
-    factor = target / data_pixel_m
+    factor = size / data_pixel_m
     return None if abs(factor - 1) < 1e-9 else factor
 
 

@@ -369,11 +369,9 @@ def test_gdal_wms_description_gets_the_runs_settings(image, server, cache_root):
     assert list(cache_root.iterdir()) == []
 
 
-def test_wmts_source_read_at_the_matrix_for_the_resolution(image, server, cache_root):
-    """A WMTS connection string (the server's capabilities): pixel for pixel at zoom 16's
-    resolution, from the zoom-15 matrix at twice it, through the run's cache."""
-    _, rgb = image
-    src = parse_web_source(f"WMTS:http://127.0.0.1:{server.port}/wmts/caps.xml,layer=image")
+def _reads_the_image(src, rgb: np.ndarray, cache_root: Path) -> None:
+    """``src`` over BOUNDS at zoom 16's resolution: EPSG:3857 on the image's grid, its pixels
+    exactly, fetched through the run's own cache."""
     with open_web(src, BOUNDS, None, R) as (ds, _):
         assert ds.crs.to_epsg() == 3857
         assert ds.transform.almost_equals(Affine(R, 0, X0, 0, -R, Y0), precision=1e-6)
@@ -381,6 +379,14 @@ def test_wmts_source_read_at_the_matrix_for_the_resolution(image, server, cache_
         (run,) = list(cache_root.iterdir())
         assert any(p.is_file() for p in run.rglob("*"))
     assert np.array_equal(data, rgb) and valid.all()
+
+
+def test_wmts_source_read_at_the_matrix_for_the_resolution(image, server, cache_root):
+    """A WMTS connection string (the server's capabilities): pixel for pixel at zoom 16's
+    resolution, from the zoom-15 matrix at twice it, through the run's cache."""
+    _, rgb = image
+    src = parse_web_source(f"WMTS:http://127.0.0.1:{server.port}/wmts/caps.xml,layer=image")
+    _reads_the_image(src, rgb, cache_root)
     assert set(server.zooms()) == {16}
     server.requests.clear()
     with open_web(src, BOUNDS, None, 2 * R) as (ds, _):
@@ -401,13 +407,7 @@ def test_wms_connection_string_read_over_the_extent(image, server, cache_root):
                            f"&REQUEST=GetMap&LAYERS=image&SRS=EPSG:3857&BBOX={bbox}"
                            "&FORMAT=image/png&TRANSPARENT=TRUE")
     assert src.crs == "EPSG:3857"
-    with open_web(src, BOUNDS, None, R) as (ds, notes):
-        assert ds.crs.to_epsg() == 3857
-        assert ds.transform.almost_equals(Affine(R, 0, X0, 0, -R, Y0), precision=1e-6)
-        data, valid = read_window(ds, (1, 2, 3), Window(0, 0, 512, 512), None)
-        (run,) = list(cache_root.iterdir())
-        assert any(p.is_file() for p in run.rglob("*"))
-    assert np.array_equal(data, rgb) and valid.all()
+    _reads_the_image(src, rgb, cache_root)
     assert server.requests and set(server.requests) == {(-1, 0, 0)}
     assert list(cache_root.iterdir()) == []
 
