@@ -25,7 +25,7 @@ from qgis.core import (
 from qgis.PyQt.QtCore import Qt
 
 from .compat import RASTER_WRITER_OK
-from .layers import extent_to_window
+from .layers import extent_to_window, file_stem
 
 #: The prefix of the private temporary folders the exports are written in.
 EXPORT_PREFIX = "tessera-export-"
@@ -129,4 +129,4 @@ def exported(layer: QgsRasterLayer, extent: QgsRectangle | None, feedback: Any =
 
 def output_stem(layer: QgsRasterLayer) -> str:
     """The outputs' name for an exported layer: its name, fit for a file name."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", layer.name()).strip("_.") or "layer"
+    return file_stem(layer, "layer")

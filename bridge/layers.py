@@ -57,11 +57,11 @@ def processing_pixel(layer: QgsRasterLayer, resolution: float | str,
                      model_px_m: float | None) -> float:
     """The processing pixel size (in the layer CRS's units) for ``resolution`` (``auto``,
     ``native``, ``model`` or a size, as :func:`~..core.params.resolution_spec` gives it): the
-    engine's rule, so the panel can say it before a run. ``auto`` is the model's pixel size
-    when the raster's differs from it by more than
-    :data:`~..core.params.AUTO_RESOLUTION_RATIO` times either way, else the raster's own.
+    engine's rule, so the panel can say it before a run: ``auto`` as
+    :func:`~..core.params.auto_resamples` decides (the model's pixel size when the raster's
+    differs from it 1.5 to 8 times either way, else the raster's own).
     Raises :class:`QgsProcessingException` for ``model`` when it cannot be known."""
-    from ..core.params import AUTO_RESOLUTION_RATIO
+    from ..core.params import auto_resamples
 
     native = layer.rasterUnitsPerPixelX()
     if not isinstance(resolution, str):
@@ -76,10 +76,8 @@ def processing_pixel(layer: QgsRasterLayer, resolution: float | str,
                                      "raster's own or a pixel size")
     if not (model_px_m and per_unit):
         return native  # auto without a known pixel size: the raster's own
-    model = model_px_m / per_unit
-    ratio = native / model
-    if resolution == "model" or not (1 / AUTO_RESOLUTION_RATIO <= ratio <= AUTO_RESOLUTION_RATIO):
-        return model
+    if resolution == "model" or auto_resamples(native * per_unit, model_px_m):
+        return model_px_m / per_unit
     return native
 
 
@@ -180,3 +178,11 @@ def postgis_layer(url: str, source: str, name: str) -> Any:
     escaped = source_key(source).replace("'", "''")  # as the engine stored it
     uri.setDataSource(schema or "public", table, "geom", f"source = '{escaped}'", "id")
     return QgsVectorLayer(uri.uri(False), name, "postgres")
+
+
+def file_stem(layer: QgsRasterLayer, fallback: str) -> str:
+    """The outputs' name for a layer that is no file (a web or an exported layer): its name,
+    fit for a file name (``fallback`` when nothing of it is)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", layer.name()).strip("_.") or fallback

@@ -318,6 +318,6 @@ def web_input(layer: QgsRasterLayer, extent: QgsRectangle, resolution: float | s
 
 def output_stem(layer: QgsRasterLayer) -> str:
     """The outputs' name for a web layer: its name, fit for a file name."""
-    import re
+    from .layers import file_stem
 
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", layer.name()).strip("_.") or "web"
+    return file_stem(layer, "web")

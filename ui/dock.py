@@ -385,7 +385,8 @@ class TesseraDock(QgsDockWidget):
         self._validate()
 
     def _on_view_changed(self) -> None:
-        if is_web_layer(self.layer_combo.currentLayer()):
+        # only a web layer's area follows the view (not the features of a polygon layer's)
+        if self.extent_mode.currentIndex() != 2 and is_web_layer(self.layer_combo.currentLayer()):
             self._validate()
 
     def _rebuild_bands(self) -> None:

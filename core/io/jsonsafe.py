@@ -17,7 +17,7 @@ import numpy as np
 MAX_DEPTH = 64
 
 #: Bytes scanned at a time by :func:`json_depth`.
-_CHUNK = 1 << 22
+_CHUNK = 1 << 16  # (about 8 int64 arrays of it at once: a few MB)
 
 
 class JSONLimitError(ValueError):

@@ -186,8 +186,6 @@ class _Live:
     source: WebSource
     retries: int
     retry_delay: float
-    timeout: float
-    zoom: int | None
 
 
 #: The datasets :func:`open_web` has open, by ``id``: how :func:`read_retrying` knows one.
@@ -277,7 +275,7 @@ def open_web(source: WebSource, extent: tuple[float, float, float, float],
             notes.append(f"{source.shown_url}: {grid.resolution:g} units/px is finer than its "
                          f"finest zoom ({grid.zoom}, {native_resolution(grid.zoom):g} units/px): "
                          "the tiles are upsampled (bilinear)")
-        _OPEN[id(vrt)] = _Live(source, retries, retry_delay, timeout, grid.zoom)
+        _OPEN[id(vrt)] = _Live(source, retries, retry_delay)
         yield vrt, notes
     finally:
         if vrt is not None:
@@ -417,13 +415,6 @@ def web_error(exc: BaseException, source: WebSource) -> RasterReadError | None:
                            "later", shown)
 
 
-def web_source_of(ds: Any) -> WebSource | None:
-    """The :class:`WebSource` of a dataset :func:`open_web` yielded (while open), else
-    ``None``."""
-    live = _OPEN.get(id(ds))
-    return live.source if live is not None else None
-
-
 def read_retrying(ds: Any, read: Callable[[], T]) -> T:
     """``read()``; for a dataset of :func:`open_web`, a failed read is tried again (the
     open's ``retries`` times, when the server timed out, refused, or answered 408, 429 or
@@ -460,4 +451,4 @@ def replace_message(err: RasterReadError, suffix: str) -> RasterReadError:
 
 __all__ = ["HALF_WORLD", "KINDS", "XYZ_CRS", "WebGrid", "WebSource", "check_extent",
            "is_web_source", "native_resolution", "open_web", "parse_web_source", "plan_xyz",
-           "read_retrying", "redact_url", "web_error", "web_source_of"]
+           "read_retrying", "redact_url", "web_error"]

@@ -116,7 +116,7 @@ def main(stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
         signal.signal(signal.SIGTERM, lambda *_: cancelled.set())
     except ValueError:  # not the main thread (tests)
         pass
-    line = stdin.readline()
+    line = stdin.readline(MAX_JOB_BYTES + 1)  # (no more read than the limit allows)
     try:
         job = loads_limited(line, "the job line", MAX_JOB_BYTES)
         if not isinstance(job, dict):

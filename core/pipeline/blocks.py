@@ -145,8 +145,8 @@ def segment_block(raster: str, model: TesseraModel, params: SegmentParams, outs:
             pass
     private_dir(folder, mine=False)
     contract = model.contract
-    with gdal_env(), opened(raster, contract, params) as (ds, notes, count):
-        plan = _plan(ds, raster, contract, params, outs, notes, count)
+    with gdal_env(), opened(raster, contract, params) as (ds, notes, count, label):
+        plan = _plan(ds, label, contract, params, outs, notes, count)
         profile = dict(plan.profile, height=block.row1 - block.row0,
                        transform=plan.profile["transform"] * Affine.translation(0, block.row0))
         with atomic_outputs(*[block.part(folder, k) for k in kinds], done) as temps:
@@ -383,8 +383,8 @@ def segment_on_cluster(raster: str | Path, model: str | Path, out_dir: str | Pat
     t0, path = time.perf_counter(), absolute(raster)  # the workers' folder is not ours
     m = TesseraModel.open(absolute(model))
     outs = absolute_outputs(outputs or OutputPaths.for_stem(out_dir, stem or default_stem(path)))
-    with gdal_env(), opened(path, m.contract, params) as (ds, notes, count):
-        plan = _plan(ds, path, m.contract, params, outs, notes, count)
+    with gdal_env(), opened(path, m.contract, params) as (ds, notes, count, label):
+        plan = _plan(ds, label, m.contract, params, outs, notes, count)
     folder = parts_folder(outs.class_raster.parent, outs.class_raster.stem, run_record(path, m, params))
     distributed = _distributed()
     client, cluster = connect(address)
@@ -394,7 +394,7 @@ def segment_on_cluster(raster: str | Path, model: str | Path, out_dir: str | Pat
     private_dir(folder)
     try:
         with atomic_outputs(*plan.finals) as temps, _database(plan) as db:
-            rows = PartRows(blocks, folder, plan.grid.width, plan.grid.height, path)
+            rows = PartRows(blocks, folder, plan.grid.width, plan.grid.height, plan.path)
             tracer = _tracer(plan, rows, temps, db, cancel)
             try:
                 client.register_plugin(ModelOnWorker(str(m.path), m.identity(), params),
@@ -404,7 +404,7 @@ def segment_on_cluster(raster: str | Path, model: str | Path, out_dir: str | Pat
                                          key=f"tessera-block-{folder.name}-{blk.a}"): blk
                            for blk in blocks}
                 try:
-                    _collect(distributed, futures, client, rows, stats, path, t0, progress,
+                    _collect(distributed, futures, client, rows, stats, plan.path, t0, progress,
                              cancel, address)
                 finally:
                     clean_up(client, [folder, outs.class_raster.parent])
@@ -420,9 +420,9 @@ def segment_on_cluster(raster: str | Path, model: str | Path, out_dir: str | Pat
         if cluster is not None:
             cluster.close()
     shutil.rmtree(folder, ignore_errors=True)
-    _say_cuts(plan, path, sum(s.get("guard_cuts", 0) for s in stats)
+    _say_cuts(plan, plan.path, sum(s.get("guard_cuts", 0) for s in stats)
               + len(getattr(tracer, "cuts", ())))
-    return _result(plan, m, params, outs, address, stats, hist, vec, path, t0)
+    return _result(plan, m, params, outs, address, stats, hist, vec, plan.path, t0)
 
 
 def _say_cuts(plan: Any, path: str, cuts: int) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..errors import CancelledError, ClusterError, ModelError, ParameterError
 from ..inference.factory import make_predictor
+from ..io.websource import is_web_source
 from ..model.files import TesseraModel
 from ..params import OutputPaths, SegmentParams, local_workers
 from ..progress import CancelFn, ProgressFn
@@ -126,8 +127,7 @@ def absolute(path: str | Path) -> str:
     """``path`` as the workers must see it: absolute (a worker's working folder is not the
     client's). A name that is no local path (a GDAL ``/vsi…`` path, a URL) is kept."""
     text = os.fspath(path)
-    if os.path.isabs(text) or text.startswith(("/vsi", "<", "WMS:", "WMTS:", "xyz:")) or \
-            "://" in text:
+    if os.path.isabs(text) or text.startswith("/vsi") or "://" in text or is_web_source(text):
         return text
     return os.path.abspath(text)
 

@@ -64,18 +64,19 @@ def georeferenced(ds: Any, path: str) -> Iterator[tuple[Any, list[str]]]:
 
 @contextlib.contextmanager
 def opened(path: str, contract: ModelContract,
-           params: SegmentParams) -> Iterator[tuple[Any, list[str], int]]:
-    """``(the raster as the run reads it, notes, its own band count)``: the file opened,
+           params: SegmentParams) -> Iterator[tuple[Any, list[str], int, str]]:
+    """``(the raster as the run reads it, notes, its own band count, its name for messages
+    and results: :func:`source_label`)``: the file opened,
     warped to its GCPs' CRS when it has only those (:func:`georeferenced`), and seen at the
     processing resolution (:func:`at_resolution`). The one way a run opens its raster; a
     web source (:mod:`..io.web`) is opened over the run's extent at its resolution."""
     if is_web_source(path):
         with opened_web(path, contract, params) as (ds, notes):
-            yield ds, notes, 3  # (RGB, and an alpha band marking the missing tiles)
+            yield ds, notes, 3, source_label(path)  # (RGB, and an alpha band: missing tiles)
         return
     with open_raster(path) as src, georeferenced(src, path) as (geo, notes), \
             at_resolution(geo, path, contract, params.resolution, params.nodata) as (ds, more):
-        yield ds, notes + more, src.count
+        yield ds, notes + more, src.count, path
 
 
 @contextlib.contextmanager

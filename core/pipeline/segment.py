@@ -62,7 +62,6 @@ from .inputs import (
     opened,
     palette_lut,
     sample_values,
-    source_label,
 )
 from .manifest import run_record, write_manifest
 from .run import Polygons, Run
@@ -185,8 +184,8 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
     contract = model.contract
     path = str(raster)
     outs = outputs or OutputPaths.for_stem(out_dir, stem or default_stem(path))
-    with gdal_env(), opened(path, contract, params) as (ds, notes, count):
-        plan = _plan(ds, source_label(path), contract, params, outs, notes, count)
+    with gdal_env(), opened(path, contract, params) as (ds, notes, count, label):
+        plan = _plan(ds, label, contract, params, outs, notes, count)
         for msg in plan.warnings:  # before the run; in the result too, for the caller to show
             log.warning("%s", msg)
         if predictor is None:
@@ -473,7 +472,7 @@ def _add_confidence(plan: _Plan, temps: list[Path], db: Any, cancel: CancelFn | 
         add_mean_confidence(temps[plan.polygons_temp_index], plan.outs.polygons.stem,
                             temps[1], plan.outs.polygons, cancel)
     else:
-        add_mean_confidence_db(db, temps[1], plan.outs.polygons_db, cancel)
+        add_mean_confidence_db(db, temps[1], plan.outs.confidence_raster, cancel)
 
 
 def _verify_rows(db: Any, n_polygons: int) -> None:

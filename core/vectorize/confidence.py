@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 
 from ..errors import CancelledError, TesseraError
-from ..io.postgis import is_database, redact
 from ..io.sinks import layer_name, write_failed
 from ..progress import CancelFn
 
@@ -136,11 +135,12 @@ def _to_pixels(ds: Any) -> Any:
     return to_pixels
 
 
-def add_mean_confidence_db(db: Any, confidence: Path, final: Any,
+def add_mean_confidence_db(db: Any, confidence: Path, final: Path,
                            cancel: CancelFn | None = None) -> int:
     """The :data:`FIELD` of every row of ``db`` (a :class:`~..io.postgis.PostgisLayer`, its
-    transaction still open) from the confidence raster ``confidence``; the rows done. The
-    database's errors come as its :class:`~..errors.OutputError` (one line, no password)."""
+    transaction still open) from the confidence raster ``confidence`` (``final``: its final
+    name, for a read error); the rows done. The database's errors come as its
+    :class:`~..errors.OutputError` (one line, no password)."""
     import rasterio
     import shapely
 
@@ -159,6 +159,5 @@ def add_mean_confidence_db(db: Any, confidence: Path, final: Any,
     except TesseraError:
         raise  # the database's own errors (io.postgis), the password already out
     except OSError as exc:  # the confidence raster
-        shown: Any = redact(str(final)) if is_database(str(final)) else final
-        raise write_failed(shown, exc) from exc
+        raise write_failed(final, exc, "read") from exc
     return done

@@ -129,7 +129,8 @@ def test_segment_folder_takes_the_resolution(plugin, res_data, tmp_path):
     assert grid(next((tmp_path / "out").glob("*classes.tif"))) == (0.25, 0.25, 80, 80, FULL)
 
 
-def test_the_panel_says_the_resolution_before_the_run_and_keeps_it(plugin, res_data, tmp_path):
+def test_the_panel_says_the_resolution_before_the_run_and_keeps_it(plugin, res_data, data_dir,
+                                                                     tmp_path):
     project = QgsProject.instance()
     project.removeAllMapLayers()
     layer = QgsRasterLayer(str(res_data / "drone.tif"), "drone")
@@ -142,6 +143,11 @@ def test_the_panel_says_the_resolution_before_the_run_and_keeps_it(plugin, res_d
     assert dock.resolution.itemText(2) == "Model's (0.5 m)"
     assert dock.resolution_info.text() == "At 0.5 m: 40 x 40 px (raster's own 0.1 m)"
     assert not dock.resolution_size.isVisibleTo(dock)
+    # a 2 m model on 0.1 m pixels (20 times): beyond what auto resamples, as the engine says
+    dock.model_file.setFilePath(str(data_dir / "water.safetensors"))
+    assert dock.resolution_info.text() == "At 0.1 m: 200 x 200 px (the raster's own)"
+    dock.model_file.setFilePath(str(res_data / "half.safetensors"))
+    assert dock.resolution_info.text() == "At 0.5 m: 40 x 40 px (raster's own 0.1 m)"
     dock.resolution.setCurrentIndex(dock.resolution.findData("native"))
     assert dock.resolution_info.text() == "At 0.1 m: 200 x 200 px (the raster's own)"
     dock.resolution.setCurrentIndex(dock.resolution.findData("custom"))
