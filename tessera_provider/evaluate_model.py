@@ -46,7 +46,7 @@ class EvaluateModelAlgorithm(TrainingAlgorithm):
         "labels: pixel accuracy, mean IoU, per-class IoU / precision / recall and the "
         "confusion matrix, written as JSON (and optionally a PNG chart). Unannotated pixels "
         "do not count. The images are segmented at the processing resolution (auto: the "
-        "model's pixel size when theirs differs from it by more than 1.5x) and the classes "
+        "model's pixel size when theirs differs from it 1.5x to 8x) and the classes "
         "compared with the labels on the labels' own grid.\n\n" + DATA_HELP)
     OUTPUT_JSON = "OUTPUT_JSON"
     OUTPUT_PNG = "OUTPUT_PNG"
@@ -59,7 +59,7 @@ class EvaluateModelAlgorithm(TrainingAlgorithm):
         self.add_data_params()
         self.addParameter(QgsProcessingParameterString(
             "RESOLUTION", tr("Processing resolution: auto (the model's pixel size when the "
-                             "images' differs from it by more than 1.5x), native (the images' "
+                             "images' differs from it 1.5x to 8x), native (the images' "
                              "own), model, or a pixel size in metres"), "auto"))
         self.addParameter(QgsProcessingParameterEnum("DEVICE", tr("Device"),
                                                      options=engine.DEVICES, defaultValue=0))

@@ -87,7 +87,7 @@ def add_run_options(alg: QgsProcessingAlgorithm) -> None:
         alg.addParameter(p)
     alg.addParameter(QgsProcessingParameterString(
         "RESOLUTION", tr("Processing resolution: auto (the model's pixel size when the "
-                         "raster's differs from it by more than 1.5x), native (the raster's "
+                         "raster's differs from it 1.5x to 8x), native (the raster's "
                          "own), model, or a pixel size in the raster CRS's units"), "auto"))
     p = QgsProcessingParameterBoolean(
         "RESCALE", tr("Rescale to 8 bits (each band stretched from its 2nd to its 98th "
@@ -162,7 +162,7 @@ class SegmentRasterAlgorithm(common.TesseraAlgorithm):
         "temporary GeoTIFF, removed after the run; the layer itself is not changed.\n"
         "Processing resolution: the pixel size the model sees; the raster is resampled on the "
         "fly while it is read, and the outputs lie on that grid. auto (the default) runs at "
-        "the model's pixel size when the raster's differs from it by more than 1.5x (said in "
+        "the model's pixel size when the raster's differs from it 1.5x to 8x (said in "
         "the log), native at the raster's own, model at the model's, or give a pixel size in "
         "the raster CRS's units (metres for projected CRSs).\n"
         "Polygons carry class_id, class_name, area_m2 (true square metres) and pixels.\n"
