@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from qgis.core import Qgis, QgsApplication, QgsMessageLog, QgsRasterLayer
+from qgis.core import Qgis, QgsApplication, QgsMessageLog, QgsProject, QgsRasterLayer
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import QProgressBar, QPushButton
@@ -183,42 +183,66 @@ class TesseraPlugin:
         """Start a background run; layers are added (styled) when it finishes. Returns the task.
 
         A web layer (XYZ, WMS, WMTS) is read over ``extent`` (a ``QgsRectangle`` in its CRS;
-        ``None``: the map view) at the processing resolution. Outputs are named
-        ``<raster>_<model>_classes.tif`` etc.; a re-run of the same settings replaces its own
-        outputs and layers, other settings take ``<raster>_<model>_2`` ... (never a file the
-        run did not make)."""
+        ``None``: the map view) at the processing resolution; any other layer the engine
+        cannot open (a virtual, in-memory, WCS or PostGIS raster) is exported over ``extent``
+        (``None``: all of it) to a temporary GeoTIFF by the task, removed after the run.
+        Outputs are named ``<raster>_<model>_classes.tif`` etc.; a re-run of the same settings
+        replaces its own outputs and layers, other settings take ``<raster>_<model>_2`` ...
+        (never a file the run did not make)."""
         from qgis.core import QgsProcessingException
 
+        from .bridge import export as exports
         from .bridge.engine import engine_python, model_classes
+        from .bridge.web import is_web_layer, web_input
+        from .ui.messages import notify
+
+        bar = self.iface.messageBar()
+        src, plan, export = layer.source().split("|")[0], None, None
+        try:
+            engine = (str(engine_python()), model_classes(settings.model))
+            if is_web_layer(layer):
+                src, plan = web_input(layer, extent if extent is not None else
+                                      self.map_view(layer), settings.resolution_value(),
+                                      settings.model)
+            elif exports.needs_export(layer):  # (its folder is removed by the task)
+                export = exports.LayerExport.prepare(layer, extent,
+                                                     QgsProject.instance().transformContext())
+                src = export.path
+        except Exception as exc:  # noqa: BLE001  (no engine, a bad model file: say why)
+            level = Qgis.MessageLevel.Warning if isinstance(exc, QgsProcessingException) \
+                else Qgis.MessageLevel.Critical
+            notify(bar, str(exc), level)
+            return None
+        task = self._start_task(layer, settings, engine, (src, plan, export), bands, window,
+                                out_dir, on_finished, message_bar)
+        if task is None and export is not None:
+            export.remove()
+        return task
+
+    def _start_task(self, layer: QgsRasterLayer, settings: Any, engine: tuple[str, Any],
+                    source: tuple[str, Any, Any], bands: list[int] | None,
+                    window: tuple[int, int, int, int] | None, out_dir: str | None,
+                    on_finished: Any, message_bar: bool) -> Any:
+        """:meth:`start_run` once its input is known: ``engine`` is ``(its Python, the
+        model's classes)``, ``source`` ``(the engine's input, the web plan or None, the
+        export or None)``. Returns the task, ``None`` when it was refused (said on the
+        message bar)."""
+        from .bridge.export import output_stem as export_stem
         from .bridge.layers import crs_unit, default_output_dir, fallback_output_dir
-        from .bridge.web import is_web_layer, output_stem, web_input
+        from .bridge.web import output_stem
         from .core.errors import TesseraError
         from .core.jobs.spec import SegmentJob
         from .ui.messages import notify
         from .ui.tasks import EngineTask, Relay
 
         bar = self.iface.messageBar()
-        web = is_web_layer(layer)
-        if layer.providerType() != "gdal" and not web:
-            notify(bar, f"'{layer.name()}' is not a file-based raster ({layer.providerType()}); "
-                   "export it to GeoTIFF first.", Qgis.MessageLevel.Warning)
-            return None
-        src, plan = layer.source().split("|")[0], None
-        try:
-            python = engine_python()
-            classes = model_classes(settings.model)
-            if web:
-                src, plan = web_input(layer, extent if extent is not None else
-                                      self.map_view(layer), settings.resolution_value(),
-                                      settings.model)
-        except Exception as exc:  # noqa: BLE001  (no engine, a bad model file: say why)
-            level = Qgis.MessageLevel.Warning if isinstance(exc, QgsProcessingException) \
-                else Qgis.MessageLevel.Critical
-            notify(bar, str(exc), level)
-            return None
+        (python, classes), (src, plan, export) = engine, source
         out = out_dir or settings.output_dir or (
-            fallback_output_dir() if web else default_output_dir(src, fallback_output_dir()))
-        stem = f"{output_stem(layer) if web else Path(src).stem}_{Path(settings.model).stem}"
+            fallback_output_dir() if plan is not None or export is not None else
+            default_output_dir(src, fallback_output_dir()))
+        own = output_stem(layer) if plan is not None else export_stem(layer) \
+            if export is not None else Path(src).stem
+        stem = f"{own}_{Path(settings.model).stem}"
         try:  # validated here, before an engine process starts
             params = settings.segment_params(bands, window) if plan is None else \
                 settings.segment_params(None, None, plan.extent, plan.engine_resolution)
@@ -227,7 +251,8 @@ class TesseraPlugin:
             notify(bar, str(exc), Qgis.MessageLevel.Warning)
             return None
         name = layer.name()
-        busy = next((t for t in self.tasks if getattr(t, "run_key", None) == (src, out)), None)
+        key = (layer.id() if export is not None else src, out)  # (an export's path is new)
+        busy = next((t for t in self.tasks if getattr(t, "run_key", None) == key), None)
         if busy is not None:  # the same raster into the same folder: one run at a time
             notify(bar, f"{name}: already being segmented into {out}; wait for it to finish "
                    "or cancel it first.", Qgis.MessageLevel.Warning)
@@ -243,8 +268,8 @@ class TesseraPlugin:
             if on_finished is not None:
                 on_finished(task)
 
-        task = EngineTask(f"Tessera: segmenting {name}", job, str(python), done)
-        task.run_key, task.source_name = (src, out), name
+        task = EngineTask(f"Tessera: segmenting {name}", job, python, done, export=export)
+        task.run_key, task.source_name = key, name
         # warnings as they come: the input checks speak before the first tile
         widgets["relay"] = Relay(lambda w: notify(bar, f"{name}: {w}", Qgis.MessageLevel.Warning))
         task.warning.connect(widgets["relay"].call)

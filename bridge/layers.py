@@ -27,22 +27,42 @@ def raster_source_path(layer: QgsRasterLayer) -> str:
     return src
 
 
-def metres_per_unit(layer: QgsRasterLayer) -> float | None:
-    """About how many metres one unit of the layer's CRS is, as the engine reckons it (a
-    degree at the layer's centre latitude); ``None`` without a CRS or in unknown units."""
-    from qgis.core import QgsUnitTypes
+def crs_metres(crs: Any, point: Any) -> float | None:
+    """About how many metres on the ground one unit of ``crs`` (a
+    ``QgsCoordinateReferenceSystem``) is at ``point`` (a ``QgsPointXY`` in ``crs``), as the
+    engine reckons it (``core.io.geo.metres_per_unit``): a degree of longitude there, a
+    Mercator's unit times cos(latitude), any other projection's unit; ``None`` without a
+    CRS or in unknown units."""
+    import re
+
+    from qgis.core import (
+        QgsCoordinateReferenceSystem,
+        QgsCoordinateTransform,
+        QgsPointXY,
+        QgsProject,
+        QgsUnitTypes,
+    )
 
     from .compat import DISTANCE_METERS, DISTANCE_UNKNOWN
 
-    crs = layer.crs()
     if not crs.isValid():
         return None
+    lat = point.y() if crs.isGeographic() else QgsCoordinateTransform(
+        crs, QgsCoordinateReferenceSystem("EPSG:4326"), QgsProject.instance()
+    ).transform(QgsPointXY(point)).y()
+    cos = max(math.cos(math.radians(lat)), 1e-6)
     if crs.isGeographic():
-        lat = layer.extent().center().y()
-        return 111_320.0 * math.cos(math.radians(lat))
+        return 111_320.0 * cos
     if crs.mapUnits() == DISTANCE_UNKNOWN:
         return None
-    return QgsUnitTypes.fromUnitToUnitFactor(crs.mapUnits(), DISTANCE_METERS) or None
+    unit = QgsUnitTypes.fromUnitToUnitFactor(crs.mapUnits(), DISTANCE_METERS) or None
+    mercator = re.search(r"\+proj=merc\b", crs.toProj() or "") is not None
+    return unit * cos if unit and mercator else unit
+
+
+def metres_per_unit(layer: QgsRasterLayer) -> float | None:
+    """:func:`crs_metres` of the layer's CRS at its centre."""
+    return crs_metres(layer.crs(), layer.extent().center())
 
 
 def crs_unit(layer: QgsRasterLayer) -> str:

@@ -16,7 +16,6 @@ from urllib.parse import parse_qsl, quote
 from qgis.core import (
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
-    QgsPointXY,
     QgsProcessingException,
     QgsProject,
     QgsRasterLayer,
@@ -168,21 +167,16 @@ def is_xyz(layer: QgsRasterLayer) -> bool:
 
 def crs_pixel(metres: float, crs: QgsCoordinateReferenceSystem, extent: QgsRectangle) -> float:
     """``metres`` on the ground as a pixel size in the units of ``crs`` at the middle of
-    ``extent`` (in ``crs``): the engine's rule (``core.pipeline.inputs.ground_to_crs``):
-    Web Mercator's metres grow as 1 / cos(latitude), degrees shrink with it."""
-    from qgis.core import QgsUnitTypes
+    ``extent`` (in ``crs``): the engine's rule (``core.io.geo.ground_to_crs``): Web
+    Mercator's metres grow as 1 / cos(latitude), degrees shrink with it."""
+    from .layers import crs_metres
 
-    from .compat import DISTANCE_METERS
-
-    to_geo = QgsCoordinateTransform(crs, QgsCoordinateReferenceSystem("EPSG:4326"),
-                                    QgsProject.instance())
-    lat = to_geo.transform(QgsPointXY(extent.center())).y()
-    cos = max(math.cos(math.radians(lat)), 1e-6)
-    if crs.isGeographic():
-        return metres / (111_320.0 * cos)
-    if crs.authid() == XYZ_CRS or "mercator" in crs.description().lower():
-        return metres / cos
-    return metres / (QgsUnitTypes.fromUnitToUnitFactor(crs.mapUnits(), DISTANCE_METERS) or 1.0)
+    per_unit = crs_metres(crs, extent.center())
+    if not per_unit:
+        raise QgsProcessingException(f"The units of {crs.authid() or crs.description()} are "
+                                     "not known in metres: choose a pixel size (Resolution: "
+                                     "Custom).")
+    return metres / per_unit
 
 
 @dataclass(frozen=True)

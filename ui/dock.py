@@ -41,6 +41,7 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from ..bridge import compat
+from ..bridge.export import needs_export
 from ..bridge.web import is_web_layer
 from ..core.params import AUTO_RESOLUTION_RATIO
 from .settings import RunSettings, remember_panel
@@ -427,9 +428,9 @@ class TesseraDock(QgsDockWidget):
                        f"'{self.contract.name}' reads bands "
                        f"{', '.join(map(str, self.contract.bands))}.")
             ok = not msg
-        elif layer.providerType() != "gdal":
-            msg, ok = (f"'{layer.name()}' is a {layer.providerType()} layer, not a file: export it "
-                       "to GeoTIFF first (Export → Save As…)."), False
+        elif needs_export(layer) and (layer.width() <= 0 or layer.extent().isEmpty()):
+            msg, ok = (f"'{layer.name()}' ({layer.providerType()}) has no pixel grid of its "
+                       "own to export: export it to GeoTIFF first (Export → Save As…)."), False
         elif self.contract is not None and not all(
                 1 <= b <= layer.bandCount() for b in self.bands()):
             msg, ok = (f"The model reads {self.contract.in_channels} bands and the layer has "
@@ -480,8 +481,7 @@ class TesseraDock(QgsDockWidget):
                 if is_web_layer(layer):
                     size = web_plan(layer, self.area(layer), "auto", model_px).resolution
                 else:
-                    size = processing_pixel(layer, "auto", model_px) \
-                        if layer.providerType() == "gdal" else None
+                    size = processing_pixel(layer, "auto", model_px)
             except (QgsProcessingException, ValueError):
                 size = None
             if size:
@@ -619,8 +619,8 @@ class TesseraDock(QgsDockWidget):
     def window(self, layer: QgsRasterLayer) -> tuple[int, int, int, int] | None:
         from ..bridge.layers import extent_to_window, grid_pixel
 
-        if self.extent_mode.currentIndex() == 0 or is_web_layer(layer):
-            return None
+        if self.extent_mode.currentIndex() == 0 or is_web_layer(layer) or needs_export(layer):
+            return None  # (read over the area: web and exported layers)
         ext = self.area(layer)
         pixel = grid_pixel(layer, self.settings_resolution(),
                            self.contract.pixel_size_m if self.contract else None)
@@ -639,7 +639,8 @@ class TesseraDock(QgsDockWidget):
             return
         out = s.output_dir or None
         try:
-            extent = self.area(layer) if is_web_layer(layer) else None
+            extent = self.area(layer) if is_web_layer(layer) or (
+                needs_export(layer) and self.extent_mode.currentIndex() != 0) else None
         except ValueError as exc:
             self.status.setText(f"Extent: {exc}")
             return

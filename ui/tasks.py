@@ -2,6 +2,9 @@
 
 The task itself touches no layer and no project: it runs the worker process with plain values
 and keeps the result; ``on_done`` (called from ``finished()``, on the main thread) adds layers.
+A layer the engine cannot read itself comes as an export prepared on the main thread
+(:class:`~..bridge.export.LayerExport`, a clone of its provider): the task writes it first and
+removes it when the run ends, however it ends.
 """
 
 from __future__ import annotations
@@ -10,8 +13,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from qgis.core import QgsTask
-from qgis.PyQt.QtCore import QObject, pyqtSignal, pyqtSlot
+from qgis.core import QgsFeedback, QgsTask
+from qgis.PyQt.QtCore import QObject, Qt, pyqtSignal, pyqtSlot
 
 from ..bridge import compat, engine
 from ..core.errors import CancelledError, TesseraError
@@ -43,12 +46,16 @@ class EngineTask(QgsTask):
 
     def __init__(self, description: str, job: Job | dict[str, Any], python: str,
                  on_done: Callable[[EngineTask], None] | None = None,
-                 hidden: bool = False) -> None:
+                 hidden: bool = False, export: Any = None) -> None:
         """``job`` is validated here, on the main thread: a bad parameter raises
         :class:`~..core.errors.ParameterError` before anything starts. ``hidden``: a short
-        background check, kept out of the task manager where QGIS can."""
+        background check, kept out of the task manager where QGIS can. ``export``: a
+        :class:`~..bridge.export.LayerExport` written before the job runs (the job reads
+        its path) and removed after."""
         super().__init__(description, compat.task_flags(hidden))
         self.job, self.python, self.on_done = engine.prepare(job), python, on_done
+        self.export = export
+        self._feedback: QgsFeedback | None = None  # the export's, while it is written
         self.result: dict[str, Any] | None = None
         self.error: str | None = None
         self.cancelled_by_user = False
@@ -72,6 +79,8 @@ class EngineTask(QgsTask):
                     self.warning.emit(msg)
 
         try:
+            if self.export is not None:
+                self._write_export()
             self.result = client.run_job(self.job, self.python, on_event, self.isCanceled)
             self.late_warnings = [w for w in dict.fromkeys(self.result.get("warnings") or [])
                                   if w not in self.warnings]
@@ -88,6 +97,38 @@ class EngineTask(QgsTask):
         except Exception as exc:  # noqa: BLE001  (a task must never raise into QGIS)
             self.error = f"{type(exc).__name__}: {exc}"
             return False
+        finally:
+            if self.export is not None:
+                self.export.remove()
+
+    def _write_export(self) -> None:
+        """Write the layer's export (this task's thread), its progress as the task's;
+        raises :class:`CancelledError` when cancelled, :class:`TesseraError` when it fails."""
+        from qgis.core import QgsProcessingException
+
+        from ..bridge.export import CANCELLED
+
+        self.progressText.emit(self.export.describe())
+        self._feedback = QgsFeedback()
+        self._feedback.progressChanged.connect(self.setProgress, Qt.ConnectionType.DirectConnection)
+        if self.isCanceled():
+            raise CancelledError(CANCELLED)
+        try:
+            self.export.write(self._feedback)
+        except QgsProcessingException as exc:
+            if self._feedback.isCanceled():
+                raise CancelledError(CANCELLED) from exc
+            raise TesseraError(str(exc)) from exc
+        finally:
+            self._feedback = None
+        self.setProgress(0.0)
+
+    def cancel(self) -> None:
+        """Cancel the run, the export it is writing too."""
+        super().cancel()
+        feedback = self._feedback
+        if feedback is not None:
+            feedback.cancel()
 
     def detach(self) -> None:
         """Forget ``on_done`` and cancel: for when its receiver (a dock, the plugin) goes away."""
@@ -98,6 +139,8 @@ class EngineTask(QgsTask):
             pass
 
     def finished(self, ok: bool) -> None:  # main thread
+        if self.export is not None:  # (a task cancelled before it ran never wrote it)
+            self.export.remove()
         if self.isCanceled() and self.result is None:  # also when cancelled before it ran
             self.cancelled_by_user, self.error = True, "cancelled"
         if self.on_done is None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
 import re
 import stat
@@ -19,6 +18,7 @@ import numpy as np
 from ..errors import RasterNotFoundError, RasterReadError, TesseraError
 from ..params import Window
 from .atomic import shown_path
+from .geo import metres_per_unit
 
 log = logging.getLogger(__name__)
 
@@ -247,15 +247,10 @@ def write_category_names(tif: Path, names: list[str]) -> None:
 
 
 def pixel_size_m(ds: Any) -> float | None:
-    """Approximate pixel width in metres (degrees converted at the raster's centre)."""
-    crs = ds.crs
-    if crs is None:
+    """Approximate pixel width in metres on the ground, at the raster's centre
+    (:func:`metres_per_unit`)."""
+    if ds.crs is None:
         return None
-    px = abs(ds.transform.a)
-    try:
-        if crs.is_geographic:
-            lat = (ds.bounds.top + ds.bounds.bottom) / 2
-            return px * 111_320.0 * math.cos(math.radians(lat))
-        return px * float(crs.linear_units_factor[1])
-    except (ValueError, TypeError, AttributeError):
-        return None
+    b = ds.bounds
+    per_unit = metres_per_unit(ds.crs, (b.left + b.right) / 2, (b.top + b.bottom) / 2)
+    return abs(ds.transform.a) * per_unit if per_unit else None

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 from xml.sax.saxutils import escape
 
 from ..errors import ParameterError, RasterReadError
+from .geo import ground_to_crs
 from .websource import (
     HALF_WORLD,
     KINDS,
@@ -220,12 +221,16 @@ def open_web(source: WebSource, extent: tuple[float, float, float, float],
              max_tiles: int = DEFAULT_MAX_TILES, force: bool = False,
              timeout: float = DEFAULT_TIMEOUT_S, retries: int = DEFAULT_RETRIES,
              retry_delay: float = DEFAULT_RETRY_DELAY_S,
-             connections: int = 4) -> Iterator[tuple[Any, list[str]]]:
+             connections: int = 4,
+             resolution_m: float | None = None) -> Iterator[tuple[Any, list[str]]]:
     """``(dataset, notes)``: ``source`` over ``extent`` as a ``rasterio`` dataset.
 
     ``extent`` is ``(xmin, ymin, xmax, ymax)`` in ``extent_crs`` (``None``: the source's
     CRS), transformed to the source's CRS and snapped outwards to whole pixels of
-    ``resolution`` (source CRS units per pixel; ``None``: the source's finest). The dataset
+    ``resolution`` (source CRS units per pixel; ``None``: the source's finest), or of
+    ``resolution_m`` metres on the ground, in the units of the CRS the service gives, at the
+    extent's middle (:func:`~.geo.ground_to_crs`: degrees for EPSG:4326, Web Mercator's
+    metres stretched by 1 / cos(latitude)). The dataset
     is a warped view (nearest neighbour at the tiles' own resolution, average when coarser,
     bilinear when finer) in the source's CRS: bands 1-3 RGB, band 4 alpha (0 where a tile is
     missing). Tiles are fetched when a window is read, ``connections`` at a time, each within
@@ -244,6 +249,8 @@ def open_web(source: WebSource, extent: tuple[float, float, float, float],
         raise ParameterError(f"web source settings: timeout {timeout} s, retries {retries}, "
                              f"retry delay {retry_delay} s, connections {connections}: "
                              "timeout must be positive, the others not negative")
+    if resolution_m is not None and source.kind == "xyz":  # (XYZ tiles are in EPSG:3857)
+        resolution = ground_to_crs(resolution_m, XYZ_CRS, check_extent(extent), extent_crs)
     grid = plan_xyz(source, extent, extent_crs, resolution) if source.kind == "xyz" else None
     if grid is not None:
         check_size(grid, source, max_tiles, force)
@@ -262,8 +269,8 @@ def open_web(source: WebSource, extent: tuple[float, float, float, float],
                 ds = _open(desc, source, {})
                 stack.append(ds)
             else:
-                ds, grid = _open_service(source, settings, tmp, extent, extent_crs, resolution,
-                                         stack)
+                ds, grid = _open_service(source, settings, tmp, (extent, extent_crs),
+                                         (resolution, resolution_m), stack)
                 check_size(grid, source, max_tiles, force)
             vrt = _warped(ds, grid)
             stack.append(vrt)
@@ -297,10 +304,13 @@ def _open(desc: str, source: WebSource, kwargs: dict[str, Any]) -> Any:
 
 
 def _open_service(source: WebSource, settings: dict[str, str], tmp: Path,
-                  extent: tuple[float, float, float, float], extent_crs: str | None,
-                  resolution: float | None, stack: list[Any]) -> tuple[Any, WebGrid]:
-    """Open a WMS/WMTS source with the run's settings, at the overview level fit for
-    ``resolution``; ``(dataset, grid)``."""
+                  area: tuple[tuple[float, float, float, float], str | None],
+                  resolutions: tuple[float | None, float | None],
+                  stack: list[Any]) -> tuple[Any, WebGrid]:
+    """Open a WMS/WMTS source with the run's settings, at the overview level fit for the
+    resolution (``resolutions``: in its CRS's units, or in ground metres, converted once its
+    CRS is known); ``(dataset, grid)``. ``area``: the extent and its CRS."""
+    (extent, extent_crs), (resolution, resolution_m) = area, resolutions
     desc = source.description
     if not desc.lstrip().startswith("<"):  # WMS:URL → its GDAL description
         from rasterio.shutil import copy as gdal_copy
@@ -322,6 +332,8 @@ def _open_service(source: WebSource, settings: dict[str, str], tmp: Path,
         raise RasterReadError(f"{source.shown_url}: the service gives no CRS", source.shown_url)
     crs = ds.crs.to_string()
     ext = _to_source_crs(check_extent(extent), extent_crs, crs)
+    if resolution_m is not None:
+        resolution = ground_to_crs(resolution_m, crs, ext)
     res = abs(ds.transform.a) if resolution is None else _check_res(resolution)
     factors = [1, *ds.overviews(1)]
     level = max((i for i, f in enumerate(factors) if abs(ds.transform.a) * f <= res * (1 + 1e-9)),

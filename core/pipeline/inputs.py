@@ -91,12 +91,13 @@ def opened_web(path: str, contract: ModelContract,
         raise ParameterError(f"{source.shown_url}: a web source has no extent of its own; give "
                              "the area to segment (--extent XMIN YMIN XMAX YMAX, with "
                              "--extent-crs EPSG:N when it is not in the source's CRS)")
-    # (a web source has no pixel size of its own: auto is the model's)
+    # (a web source has no pixel size of its own: auto is the model's, in ground metres,
+    # converted into the source CRS's units once the service has said which CRS it is)
     res = "model" if params.resolution == "auto" else params.resolution
     kind, size = resolve_resolution(res, None, contract.pixel_size_m, contract.name)
-    if kind == "model":
-        size = ground_to_crs(float(size or 0), source.crs, params.extent, params.extent_crs)
-    with open_web(source, params.extent, params.extent_crs, size, force=params.force) as (ds, n):
+    ground = kind == "model"
+    with open_web(source, params.extent, params.extent_crs, None if ground else size,
+                  force=params.force, resolution_m=size if ground else None) as (ds, n):
         log.info("%s", n[0])  # what is fetched: said with --verbose; a finer run is warned
         yield ds, n[1:]
 
@@ -121,25 +122,6 @@ def default_stem(path: str) -> str:
         host = urlsplit(parse_web_source(path).url).hostname or "web"
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", host)
     return Path(path).stem
-
-
-def ground_to_crs(metres: float, crs: str | None, extent: tuple[float, float, float, float],
-                  extent_crs: str | None) -> float:
-    """``metres`` on the ground as a pixel size in the units of ``crs`` at the middle of
-    ``extent``: Web Mercator's metres grow as 1 / cos(latitude), degrees shrink with it."""
-    from pyproj import CRS, Transformer
-
-    target = CRS.from_user_input(crs or "EPSG:3857")
-    mid = ((extent[0] + extent[2]) / 2, (extent[1] + extent[3]) / 2)
-    to_geo = Transformer.from_crs(CRS.from_user_input(extent_crs) if extent_crs else target,
-                                  "EPSG:4326", always_xy=True)
-    lat = to_geo.transform(*mid)[1]
-    cos = max(math.cos(math.radians(lat)), 1e-6)
-    if target.is_geographic:
-        return metres / (111_320.0 * cos)
-    if "mercator" in target.name.lower() or target.to_epsg() == 3857:
-        return metres / cos
-    return metres / float(target.axis_info[0].unit_conversion_factor or 1.0)
 
 
 def processing_resolution(ds: Any, path: str, contract: ModelContract,

@@ -443,3 +443,62 @@ def test_read_in_a_thread_under_the_pipelines_gdal_settings(image, server, cache
         t.join(60)
     assert isinstance(out[0], tuple), out[0]
     assert np.array_equal(out[0][0], rgb[:, :256, :256]) and out[0][1].all()
+
+
+def test_model_resolution_converted_in_the_crs_the_service_gives(cache_root):
+    """A ``WMS:`` URL naming no SRS is in EPSG:4326 (GDAL's default), known only once it is
+    opened: the model's 2 m become degrees at the extent's latitude, not Web Mercator metres.
+    (Nothing is fetched: opening a GetMap URL asks the server nothing.)"""
+    import math
+
+    from helpers import contract_dict
+    from tessera.core.model.contract import ModelContract
+    from tessera.core.params import SegmentParams
+    from tessera.core.pipeline.inputs import opened_web
+
+    src = ("WMS:http://127.0.0.1:9/wms?SERVICE=WMS&VERSION=1.1.1&REQUEST=GetMap&LAYERS=image"
+           "&BBOX=-180,-90,180,90&FORMAT=image/png")
+    assert parse_web_source(src).crs is None  # not known before it is opened
+    contract = ModelContract.from_dict(contract_dict(pixel_size_m=2.0))
+    extent = (55.0, 60.0, 55.01, 60.01)  # degrees, at 60° N
+    with opened_web(src, contract, SegmentParams(extent=extent, extent_crs="EPSG:4326")) \
+            as (ds, _):
+        assert ds.crs.to_epsg() == 4326
+        deg = 2.0 / (111_320.0 * math.cos(math.radians(60.005)))
+        assert abs(ds.transform.a) == pytest.approx(deg, rel=1e-6)
+        assert 0.01 <= ds.width * deg <= 0.01 + 2 * deg  # (snapped outwards)
+    with opened_web(src, contract, SegmentParams(extent=(6122571.0, 8399737.0, 6123684.0,
+                                                         8401737.0), extent_crs="EPSG:3857")) \
+            as (ds, _):  # an extent in Web Mercator: the latitude of its middle
+        lat = math.degrees(math.atan(math.sinh(8400737.0 / 6378137.0)))
+        assert abs(ds.transform.a) == pytest.approx(
+            2.0 / (111_320.0 * math.cos(math.radians(lat))), rel=1e-6)
+    assert list(cache_root.iterdir()) == []
+
+
+@pytest.mark.parametrize("crs, xy, per_unit", [
+    ("EPSG:32640", (500000.0, 2800000.0), 1.0),  # UTM (transverse Mercator): its metres
+    ("EPSG:3857", (0.0, 0.0), 1.0),  # Web Mercator at the equator
+    ("EPSG:3857", (0.0, 8399737.889818355), 0.5),  # at 60° N a unit is half a metre
+    ("EPSG:3395", (0.0, 8362698.548500749), 0.5),  # World Mercator at 60° N too
+    ("EPSG:4326", (55.0, 60.0), 55_660.0),  # a degree of longitude at 60° N
+    ("EPSG:2263", (1000000.0, 200000.0), 0.3048006096),  # US survey feet
+])
+def test_metres_per_unit_of_a_crs(crs, xy, per_unit):
+    from tessera.core.io.geo import metres_per_unit
+
+    assert metres_per_unit(crs, *xy) == pytest.approx(per_unit, rel=1e-6)
+
+
+def test_a_web_mercator_rasters_pixel_is_measured_on_the_ground(tmp_path):
+    """A GeoTIFF in EPSG:3857 at 60° N with 1-unit pixels has 0.5 m pixels on the ground
+    (what the pixel-size checks and ``auto`` compare with the model's)."""
+    from tessera.core.io.raster import pixel_size_m
+
+    y = 8399737.889818355
+    path = tmp_path / "north.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=10, height=10, count=1, dtype="uint8",
+                       crs="EPSG:3857", transform=Affine(1, 0, 0, 0, -1, y + 5)) as ds:
+        ds.write(np.zeros((1, 10, 10), np.uint8))
+    with rasterio.open(path) as ds:
+        assert pixel_size_m(ds) == pytest.approx(0.5, rel=1e-5)

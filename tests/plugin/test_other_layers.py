@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import Recorder, make_engine_data
+from conftest import Recorder, make_engine_data, wait_for
 from qgis.core import QgsProcessingException, QgsProject, QgsRasterLayer
 
 MAKE = r"""
@@ -171,4 +171,109 @@ def test_a_cancelled_export_leaves_nothing(plugin, random_model, mem_layer, tmp_
              "OUTPUT": str(tmp_path / "classes.tif")}, fb)
     assert [x for x in fb.lines if x.startswith("Exporting layer 'scene in memory'")]
     assert not [x for x in fb.lines if x.startswith("Segmenting")]  # stopped in the export
+    assert exports() == before and list(tmp_path.iterdir()) == []
+
+
+# -- the panel and the toolbar (the export written by the run's background task) -------------
+
+def test_the_panel_segments_an_in_memory_raster_over_the_map_view(plugin, qgis_iface, data_dir,
+                                                                  random_model, mem_layer,
+                                                                  tmp_path):
+    from qgis.core import QgsCoordinateReferenceSystem, QgsRectangle
+
+    before, seen = exports(), fingerprint(mem_layer)
+    canvas = qgis_iface.mapCanvas()
+    canvas.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:32618"))
+    canvas.setExtent(QgsRectangle(300041, 3999841, 300119, 3999919))
+    plugin.show_dock()
+    dock = plugin.dock
+    dock.layer_combo.setLayer(mem_layer)
+    dock.extent_mode.setCurrentIndex(1)  # the map view
+    dock.model_file.setFilePath(str(random_model))
+    dock.out_dir.setFilePath(str(tmp_path / "out"))
+    assert dock.layer_msg.text() == "" and dock.run_btn.isEnabled()
+    assert dock.resolution_info.text() == "At 2 m: 120 x 100 px (the raster's own)"
+    view = canvas.extent()
+    dock.run_btn.click()
+    assert dock.task is not None and dock.task.export is not None
+    folder = Path(dock.task.export.folder)
+    wait_for(lambda: dock.task is None)
+    assert dock.status.text().startswith("Done in"), dock.status.text()
+    got = cells(tmp_path / "out" / "scene_in_memory_random_classes.tif")
+    want = run({"MODEL": str(random_model), "VECTORIZE": False,
+                "INPUT": str(data_dir / "scene.tif"),
+                "EXTENT": f"{view.xMinimum()},{view.xMaximum()},{view.yMinimum()},"
+                          f"{view.yMaximum()} [EPSG:32618]",
+                "OUTPUT": str(tmp_path / "file.tif")})
+    assert got == cells(Path(want["OUTPUT"]))  # the view's pixels, as from the file
+    assert got[1] * got[2] < 120 * 100 and got[3].count(255) > 0  # a part, with the hole
+    assert not folder.exists() and exports() == before
+    assert fingerprint(mem_layer) == seen
+    gpkg = tmp_path / "out" / "scene_in_memory_random_polygons.gpkg"
+    loaded = [lyr.source().split("|")[0] for lyr in QgsProject.instance().mapLayers().values()]
+    assert str(gpkg) in loaded
+
+
+def test_the_toolbar_segments_a_virtual_raster(plugin, qgis_iface, data_dir, random_model,
+                                               tmp_path):
+    from tessera.ui.settings import RunSettings
+
+    layer = virtual_layer(data_dir / "gray.tif", "gray")
+    QgsProject.instance().addMapLayer(layer)
+    qgis_iface.setActiveLayer(layer)
+    gray = random_model.parent / "gray.safetensors"
+    RunSettings(model=str(gray), output_dir=str(tmp_path / "tb"), vectorize=False).save()
+    before, seen = exports(), fingerprint(layer)
+    task = plugin.segment_active()
+    assert task is not None and plugin.dock is None  # no band mapping opened
+    wait_for(lambda: task not in plugin.tasks)
+    assert task.result is not None, task.error
+    assert Path(task.result["class_raster"]) == tmp_path / "tb" / "gray_virtual_gray_classes.tif"
+    run({"MODEL": str(gray), "VECTORIZE": False, "INPUT": str(data_dir / "gray.tif"),
+         "OUTPUT": str(tmp_path / "file.tif")})
+    got = cells(Path(task.result["class_raster"]))
+    assert got == cells(tmp_path / "file.tif") and len(set(got[3])) >= 2
+    assert exports() == before and fingerprint(layer) == seen
+    QgsProject.instance().removeAllMapLayers()
+
+
+def test_a_cancelled_panel_run_of_an_exported_layer_leaves_nothing(plugin, random_model, mem_layer,
+                                                          tmp_path):
+    from tessera.ui.settings import RunSettings
+
+    before = exports()
+    task = plugin.start_run(mem_layer, RunSettings(model=str(random_model),
+                                                   output_dir=str(tmp_path / "out")))
+    assert task is not None and Path(task.export.folder).is_dir()
+    task.cancel()
+    wait_for(lambda: task not in plugin.tasks)
+    assert task.cancelled_by_user and task.result is None
+    assert exports() == before
+    assert not any((tmp_path / "out").rglob("*"))  # (the engine may have made the folder)
+
+
+def test_an_export_that_cannot_fit_on_the_disk_is_refused_before_it_starts(plugin, data_dir,
+                                                                           random_model,
+                                                                           tmp_path):
+    from qgis.core import QgsRasterDataProvider
+
+    src = QgsRasterLayer(str(data_dir / "gray.tif"), "gray")
+    p = QgsRasterDataProvider.VirtualRasterParameters()
+    p.crs, p.extent = src.crs(), src.extent()
+    p.width = p.height = 3_000_000  # 9e12 px of Float64: 72 TB
+    p.formula = '"gray@1" * 2'
+    ref = QgsRasterDataProvider.VirtualRasterInputLayers()
+    ref.name, ref.uri, ref.provider = "gray", str(data_dir / "gray.tif"), "gdal"
+    p.rInputLayers = [ref]
+    layer = QgsRasterLayer(QgsRasterDataProvider.encodeVirtualRasterProviderUri(p), "huge",
+                           "virtualraster")
+    assert layer.isValid()
+    before = exports()
+    with pytest.raises(QgsProcessingException) as e:
+        run({"MODEL": str(random_model.parent / "gray.safetensors"), "VECTORIZE": False,
+             "INPUT": layer, "OUTPUT": str(tmp_path / "classes.tif")})
+    msg = str(e.value)
+    assert msg.startswith("Layer 'huge': its export over this extent (3,000,000 x 3,000,000 "
+                          "px, up to 72,000.0 GB) may not fit in the ")
+    assert f"GB free in {tempfile.gettempdir()}; choose a smaller extent" in msg
     assert exports() == before and list(tmp_path.iterdir()) == []

@@ -234,3 +234,19 @@ def test_the_panel_and_the_engine_agree_in_degrees(plugin, res_data, tmp_path):
     assert (made.width(), made.height()) == (41, 41)
     assert made.rasterUnitsPerPixelX() == pytest.approx(deg, rel=1e-9)
     QgsProject.instance().removeAllMapLayers()
+
+
+@pytest.mark.parametrize("crs, x, y", [
+    ("EPSG:32640", 500000.0, 2800000.0), ("EPSG:3857", 0.0, 8399737.889818355),
+    ("EPSG:3857", 1e6, -3e6), ("EPSG:3395", 0.0, 8362698.548500749),
+    ("EPSG:4326", 55.0, 60.0), ("EPSG:2263", 1000000.0, 200000.0)])
+def test_the_panel_measures_a_crs_unit_as_the_engine_does(qgis_app, crs, x, y):
+    """The panel's metres per CRS unit (its auto rule, the web plan's pixel size) are the
+    engine's: a Mercator's unit shrinks on the ground with the latitude, UTM's does not."""
+    from qgis.core import QgsCoordinateReferenceSystem, QgsPointXY
+    from tessera.bridge.layers import crs_metres
+    from tessera.core.io.geo import metres_per_unit
+
+    got = crs_metres(QgsCoordinateReferenceSystem(crs), QgsPointXY(x, y))
+    # (QGIS takes a US survey foot for a foot: 2 parts in a million)
+    assert got == pytest.approx(metres_per_unit(crs, x, y), rel=1e-5)
