@@ -22,7 +22,7 @@ ENGINE_LOG = logging.getLogger(__name__.rsplit(".", 2)[0] + ".engine")
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 BACKENDS = ["auto", "torch", "onnxruntime"]
 #: The model pickers: Tessera model files, and ONNX ones (exported or int8).
-MODEL_FILTER = "Tessera models (*.safetensors *.onnx)"
+MODEL_FILTER = "Tessera and Deepness models (*.safetensors *.onnx)"
 
 
 def default_model_path() -> str:

@@ -152,7 +152,9 @@ class SegmentRasterAlgorithm(common.TesseraAlgorithm):
     DISPLAY = "Segment raster"
     HELP = (
         "Runs a Tessera model (U-Net) over the raster in overlapping tiles, blends them into "
-        "a seamless class raster and turns the classes into polygons.\n\n"
+        "a seamless class raster and turns the classes into polygons.\n"
+        "Model: a Tessera model (.safetensors, or its .onnx export), or a Deepness-format ONNX "
+        "segmentation model (e.g. from Deepness's model zoo), run as it is.\n\n"
         "Bands: the raster bands feeding the model, in order (empty = the model's own).\n"
         "Extent: only this part of the raster (empty = all of it); required for a web layer "
         "(XYZ tiles, WMS, WMTS), which is read over it at the processing resolution (the "

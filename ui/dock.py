@@ -41,6 +41,7 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from ..bridge import compat
+from ..bridge.engine import MODEL_FILTER
 from ..bridge.export import needs_export
 from ..bridge.web import is_web_layer
 from ..core.params import AUTO_RESOLUTION_RATIO
@@ -103,7 +104,7 @@ class TesseraDock(QgsDockWidget):
         self.layer_msg = self._msg_label()
         form.addRow("", self.layer_msg)
         self.model_file = QgsFileWidget()
-        self.model_file.setFilter("Tessera models (*.safetensors *.onnx)")
+        self.model_file.setFilter(MODEL_FILTER)
         self.model_file.fileChanged.connect(self._on_model_changed)
         form.addRow("Model", self.model_file)
         self.model_msg = self._msg_label()

@@ -416,7 +416,13 @@ class OrtPredictor:
         except Exception as exc:
             where = "" if isinstance(source, bytes) else f"{source}: "
             raise ModelError(f"{where}ONNX Runtime cannot load the graph: {exc}") from exc
-        if contract is not None:
+        #: how a foreign graph (a Deepness model...) is run; None for Tessera's own
+        self.foreign = None
+        if contract is not None and contract.runtime:
+            from .foreign import ForeignRunner
+
+            self.foreign = ForeignRunner(contract.runtime)
+        elif contract is not None:
             check_graph(self.session, contract,
                         "the graph" if isinstance(source, bytes) else str(source))
         self.source = None if isinstance(source, bytes) else Path(source)
@@ -450,6 +456,11 @@ class OrtPredictor:
 
     def _run(self, x: np.ndarray, reduce: bool, confidence: bool) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.foreign is not None:  # probabilities already: their logs are logits for them
+            probs = self.foreign.run(self.session, x)
+            if not reduce:
+                return probs
+            return reduce_logits(np.log(np.maximum(probs, np.float32(1e-30))), confidence)
         logits = self.session.run(["logits"], {"input": x})[0]
         if logits.dtype != np.float32:
             logits = logits.astype(np.float32)

@@ -6,6 +6,7 @@ contract needs neither ``onnx`` nor memory for the weights (the QGIS panel uses 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -145,10 +146,104 @@ def _entry(buf: Any, off: int, n: int) -> tuple[str, str]:
     return key, value
 
 
+@dataclass(frozen=True)
+class TensorInfo:
+    """A graph input or output: its name, element type (ONNX's number: 1 is float32) and
+    dimensions (an int when fixed, the dimension's name or ``None`` when not)."""
+
+    name: str
+    elem_type: int
+    dims: tuple[int | str | None, ...] | None
+
+    @property
+    def shape_text(self) -> str:
+        """``[1, 3, 512, 512]``, a free dimension by its name (``batch``) or ``?``."""
+        if self.dims is None:
+            return "[unknown shape]"
+        return "[" + ", ".join(str(d) if d is not None else "?" for d in self.dims) + "]"
+
+
+def read_onnx_io(path: str | Path) -> tuple[list[TensorInfo], list[TensorInfo]]:
+    """``(inputs, outputs)`` of an ONNX file's main graph, read from the wire format like
+    :func:`read_onnx_metadata` (no ``onnx``, no weights in memory). Inputs that are
+    initializers (older files list the weights as inputs too) are left out."""
+    import mmap
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            graph = None
+            for num, wt, v in _fields(buf, 0, len(buf)):
+                if num == 7 and wt == 2:
+                    graph = v
+            if graph is None:
+                raise ValueError("no graph in it")
+            ins: list[TensorInfo] = []
+            outs: list[TensorInfo] = []
+            weights: set[str] = set()
+            for num, wt, v in _fields(buf, graph[0], graph[0] + graph[1]):
+                if wt != 2:
+                    continue
+                if num == 5:  # an initializer: its name (field 8)
+                    weights.update(_text(buf, fv) for f, fwt, fv in _fields(buf, v[0], v[0] + v[1])
+                                   if f == 8 and fwt == 2)
+                elif num in (11, 12):
+                    (ins if num == 11 else outs).append(_value_info(buf, *v))
+    except (OSError, ValueError, IndexError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: not a readable ONNX file ({type(exc).__name__}: {exc})",
+                         path) from exc
+    return [i for i in ins if i.name not in weights], outs
+
+
+def _text(buf: Any, v: tuple[int, int]) -> str:
+    return bytes(buf[v[0]:v[0] + v[1]]).decode("utf-8")
+
+
+def _sub(buf: Any, off: int, n: int, field: int) -> tuple[int, int] | None:
+    """The (last) length-delimited ``field`` of a message, as ``(offset, length)``."""
+    found = None
+    for f, fwt, fv in _fields(buf, off, off + n):
+        if f == field and fwt == 2:
+            found = fv
+    return found
+
+
+def _value_info(buf: Any, off: int, n: int) -> TensorInfo:
+    """A ValueInfoProto {name = 1, type = 2: TypeProto {tensor_type = 1: {elem_type = 1,
+    shape = 2: {dim = 1: {dim_value = 1, dim_param = 2}}}}}."""
+    name, elem, dims = "", 0, None
+    for f, fwt, fv in _fields(buf, off, off + n):
+        if f == 1 and fwt == 2:
+            name = _text(buf, fv)
+        elif f == 2 and fwt == 2:
+            tensor = _sub(buf, fv[0], fv[1], 1)
+            if tensor is None:
+                continue
+            for tf, twt, tv in _fields(buf, tensor[0], tensor[0] + tensor[1]):
+                if tf == 1 and twt == 0:
+                    elem = int(tv)
+                elif tf == 2 and twt == 2:
+                    dims = tuple(_dim(buf, *dv) for df, dwt, dv in
+                                 _fields(buf, tv[0], tv[0] + tv[1]) if df == 1 and dwt == 2)
+    return TensorInfo(name, elem, dims)
+
+
+def _dim(buf: Any, off: int, n: int) -> int | str | None:
+    for f, fwt, fv in _fields(buf, off, off + n):
+        if f == 1 and fwt == 0:
+            return int(fv)
+        if f == 2 and fwt == 2:
+            return _text(buf, fv) or None
+    return None
+
+
 def read_onnx_contract(path: str | Path) -> ModelContract:
-    """The Tessera contract stored in an ONNX file's metadata."""
+    """The contract of an ONNX file: the Tessera contract in its metadata, else one made
+    from Deepness's metadata keys and the graph's inputs and outputs
+    (:func:`~.deepness.deepness_contract`), for any other ONNX segmentation model."""
     meta = read_onnx_metadata(path)
     if CONTRACT_KEY not in meta:
-        raise ModelError(f"{path}: an ONNX file without a Tessera contract (metadata key "
-                         f"'{CONTRACT_KEY}' is missing)", path)
+        from .deepness import deepness_contract
+
+        return deepness_contract(path, meta, *read_onnx_io(path))
     return ModelContract.from_json(meta[CONTRACT_KEY], source=str(path))

@@ -25,9 +25,14 @@ class RowBand:
     confidence is computed (:meth:`pop` returns none).
     """
 
-    def __init__(self, n_classes: int, grid: TileGrid, confidence: bool = True) -> None:
+    def __init__(self, n_classes: int, grid: TileGrid, confidence: bool = True,
+                 gaps: bool = False) -> None:
+        """``gaps``: a tile may give no probability to any class at a pixel (a foreign
+        model's output smaller than its input: its margins): such a pixel has no answer
+        from it, and is nodata when no tile has one."""
         self.grid = grid
         self.confidence = confidence
+        self.gaps = gaps
         self.direct = grid.overlap == 0
         rows, width = min(grid.tile, grid.height), grid.width
         self.cls = np.zeros((rows, width), dtype=np.uint8)
@@ -80,7 +85,7 @@ class RowBand:
             first_argmax(list(p), mx, self.cls[bs])
             if self.confidence:
                 self.conf[bs] = _confidence(mx)
-            self.wsum[bs] = 1.0
+            self.wsum[bs] = mx > 0 if self.gaps else 1.0
         wy, wx = self.grid.axis_weights(t)
         for r0, r1, c0, c1 in self.grid.blend_parts(t):
             ty, tx = slice(r0 - t.row, r1 - t.row), slice(c0 - t.col, c1 - t.col)
@@ -106,6 +111,8 @@ class RowBand:
                 acc, wsum = self.acc[:, a:b, c0:c1], self.wsum[a:b, c0:c1]
                 mx = channel_max(acc)
                 first_argmax(list(acc), mx, cls[a:b, c0:c1])
+                if self.gaps:  # no tile answered there
+                    self.wsum[a:b, c0:c1][mx <= 0] = 0
                 if conf is not None:
                     np.divide(mx, wsum, out=mx, where=wsum > 0)
                     conf[a:b, c0:c1] = _confidence(mx)

@@ -86,7 +86,8 @@ class Run:
         self.stop = threading.Event()
         self.reader = TileReader(read, grid, contract, batch_size, self.stop,
                                  tile_rows=(self.first, self.last))
-        self.band = RowBand(contract.n_classes, grid, confidence=self.confidence)
+        self.band = RowBand(contract.n_classes, grid, confidence=self.confidence,
+                            gaps=bool(contract.runtime))
         self.band.top = grid.row_offsets[self.first]
         log.debug("row band: %.1f MB", self.band.nbytes / 1e6)
         self.feed: RowFeed | None = None

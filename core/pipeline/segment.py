@@ -47,6 +47,7 @@ from ..io.sinks import (
     write_failed,
 )
 from ..model.contract import ModelContract
+from ..model.deepness import check_foreign_tiling, model_defaults
 from ..model.files import TesseraModel
 from ..params import OutputPaths, SegmentParams, VectorizeParams, Window, check_tile_overlap
 from ..progress import CancelFn, Meter, Progress, ProgressFn
@@ -125,6 +126,9 @@ def _warnings(ds: Any, path: str, contract: ModelContract, bands: tuple[int, ...
     if px is None and ds.crs is not None and contract.pixel_size_m:
         out.append(f"{Path(path).name}: its pixel size is not known in metres; model "
                    f"'{contract.name}' was trained at {contract.pixel_size_m:g} m")
+    if contract.runtime.get("assumed"):  # a foreign ONNX model without all of its metadata
+        out.append(f"model '{contract.name}' lacks Deepness's metadata; assumed: "
+                   + "; ".join(contract.runtime["assumed"]))
     return out
 
 
@@ -182,6 +186,7 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
     if not isinstance(model, TesseraModel):
         model = TesseraModel.open(model)
     contract = model.contract
+    params = model_defaults(params, contract)
     path = str(raster)
     outs = outputs or OutputPaths.for_stem(out_dir, stem or default_stem(path))
     with gdal_env(), opened(path, contract, params) as (ds, notes, count, label):
@@ -257,6 +262,7 @@ def _tiling(params: SegmentParams, contract: ModelContract) -> tuple[int, int]:
 
 def _check_tiling(tile: int, overlap: int, contract: ModelContract) -> None:
     check_tile_overlap(tile, overlap)
+    check_foreign_tiling(tile, overlap, contract)
     if tile % contract.size_multiple:
         raise ParameterError(f"tile size {tile} must be a multiple of {contract.size_multiple} "
                              f"for model '{contract.name}'")
