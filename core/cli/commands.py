@@ -233,10 +233,12 @@ def _run(job: Any, bar: ProgressBar) -> Any:
 
 
 def _cmd_info(a: argparse.Namespace, bar: ProgressBar) -> int:
+    from ..model.deepness import describe_runtime
     from ..model.files import read_contract
 
     c = read_contract(a.model)
-    print(c.to_json() if a.json else c.describe())
+    lines = [c.to_json()] if a.json else [c.describe(), *describe_runtime(c.runtime)]
+    print("\n".join(lines))  # (a foreign ONNX model: how it is run too)
     return 0
 
 

@@ -217,9 +217,8 @@ class ModelContract:
             f"Classes ({self.n_classes}):",
         ]
         lines += [f"  {c.id:3d}  {c.color}  {c.name}" for c in self.classes]
-        if self.runtime:  # a foreign ONNX graph: no smp network, its own inputs and heads
+        if self.runtime:  # a foreign ONNX graph (:func:`.deepness.describe_runtime`)
             lines[1] = f"Architecture:  an ONNX graph ({self.encoder}), run as it is"
-            lines += _describe_runtime(self.runtime)
         if self.description:
             lines.insert(1, f"Description:   {self.description}")
         if self.card:
@@ -227,27 +226,6 @@ class ModelContract:
             lines += [f"  {k}: {json.dumps(v) if not isinstance(v, str) else v}"
                       for k, v in self.card.items()]
         return "\n".join(lines)
-
-
-def _describe_runtime(runtime: dict[str, Any]) -> list[str]:
-    """Lines for ``tessera info`` about how a foreign ONNX model is run."""
-    batch = runtime.get("batch")
-    lines = [f"Runs as:       ONNX Runtime, input '{runtime['input']}' "
-             f"(batch {batch if batch else 'free'}, {runtime['tile']} px tiles)"]
-    for n, h in enumerate(runtime["heads"]):
-        size = f", {h['size'][0]} x {h['size'][1]} px (the input's centre)" \
-            if h["size"] and h["size"][0] != runtime["tile"] else ""
-        what = "one sigmoid channel (binary)" if h["kind"] == "sigmoid" else \
-            f"{h['channels']} softmax probabilities"
-        lines.append(f"Output {n + 1}:      '{h['output']}': {what}{size}; classes "
-                     + ", ".join(h["classes"]))
-    if runtime.get("threshold") is not None:
-        lines.append(f"Threshold:     {runtime['threshold']:g} (seg_thresh)")
-    if runtime.get("small_segment"):
-        lines.append(f"Small segment: {runtime['small_segment']} px (seg_small_segment)")
-    for a in runtime.get("assumed") or ():
-        lines.append(f"Assumed:       {a}")
-    return lines
 
 
 def _is_number(v: Any) -> bool:

@@ -143,10 +143,44 @@ def _input(inputs: list[Any], meta: dict[str, str], where: str) -> tuple[Any, in
     return inp, dims[1], tile
 
 
+def _head_shape(out: Any, tile: int, where: str) -> tuple[int, list[int]]:
+    """``(channels, [h, w] when fixed)`` of an output head; refused when it is no
+    segmentation head or not the input's centre."""
+    dims: tuple[Any, ...] = tuple(out.dims or ())
+    if len(dims) not in (3, 4) or (len(dims) == 4 and not isinstance(dims[1], int)):
+        raise ModelError(f"{where}: output '{out.name}' is {out.shape_text}; a "
+                         "segmentation head gives (batch, classes, height, width) "
+                         "probabilities, or (batch, height, width) for one class", where)
+    channels = 1 if len(dims) == 3 else int(dims[1])
+    if not 1 <= channels <= MAX_CLASSES:
+        raise ModelError(f"{where}: output '{out.name}' has {channels} classes; at most "
+                         f"{MAX_CLASSES}", where)
+    size = [int(d) for d in dims[-2:] if isinstance(d, int)]
+    if len(size) == 2 and (max(size) > tile or (tile - size[0]) % 2 or (tile - size[1]) % 2):
+        raise ModelError(f"{where}: output '{out.name}' is {out.shape_text} for {tile} px "
+                         "tiles; an output smaller than the input must be its centre (an "
+                         "even margin)", where)
+    return channels, size
+
+
+def _head_names(names: list[str] | None, channels: int, out: Any, where: str) -> list[str]:
+    """A head's class names: its table's, ``class_0``... without one; a sigmoid head's are
+    background and its class."""
+    k = max(channels, 2)
+    if names is None:
+        names = ["background", "class_1"] if channels == 1 else [f"class_{i}" for i in range(k)]
+    elif channels == 1 and len(names) == 1:
+        names = ["background", names[0]]
+    if len(names) < k:
+        raise ModelError(f"{where}: output '{out.name}' has {k} classes but metadata "
+                         f"'class_names' names {len(names)}", where)
+    return names[:k]
+
+
 def _heads(outputs: list[Any], tables: list[list[str]] | None, tile: int,
            where: str) -> list[dict[str, Any]]:
-    """Each output head: ``{"output", "kind" (softmax|sigmoid), "channels", "size",
-    "classes"}`` (its names; a sigmoid head's are background and the class)."""
+    """Each output head: ``{"output", "kind" (softmax|sigmoid), "rank", "channels",
+    "size", "classes"}``."""
     if not outputs:
         raise ModelError(f"{where}: the graph has no output", where)
     if tables is not None and len(tables) < len(outputs):
@@ -154,34 +188,11 @@ def _heads(outputs: list[Any], tables: list[list[str]] | None, tile: int,
                          f"'class_names' names the classes of {len(tables)}", where)
     heads = []
     for n, out in enumerate(outputs):
-        dims: tuple[Any, ...] = tuple(out.dims or ())
-        if len(dims) not in (3, 4) or (len(dims) == 4 and not isinstance(dims[1], int)):
-            raise ModelError(f"{where}: output '{out.name}' is {out.shape_text}; a "
-                             "segmentation head gives (batch, classes, height, width) "
-                             "probabilities, or (batch, height, width) for one class", where)
-        channels = 1 if len(dims) == 3 else int(dims[1])
-        sigmoid = channels == 1
-        k = 2 if sigmoid else channels
-        if not 2 <= k <= MAX_CLASSES:
-            raise ModelError(f"{where}: output '{out.name}' has {channels} classes; at most "
-                             f"{MAX_CLASSES}", where)
-        size = [int(d) for d in dims[-2:] if isinstance(d, int)]
-        if len(size) == 2 and (size[0] > tile or size[1] > tile or (tile - size[0]) % 2
-                               or (tile - size[1]) % 2):
-            raise ModelError(f"{where}: output '{out.name}' is {out.shape_text} for "
-                             f"{tile} px tiles; an output smaller than the input must be its "
-                             "centre (an even margin)", where)
-        names = tables[n] if tables is not None else None
-        if names is None:
-            names = ["background", "class_1"] if sigmoid else [f"class_{i}" for i in range(k)]
-        elif sigmoid and len(names) == 1:
-            names = ["background", names[0]]
-        if len(names) < k:
-            raise ModelError(f"{where}: output '{out.name}' has {k} classes but metadata "
-                             f"'class_names' names {len(names)}", where)
-        heads.append({"output": out.name, "kind": "sigmoid" if sigmoid else "softmax",
-                      "rank": len(dims), "channels": channels,
-                      "size": size if len(size) == 2 else None, "classes": names[:k]})
+        channels, size = _head_shape(out, tile, where)
+        names = _head_names(tables[n] if tables is not None else None, channels, out, where)
+        heads.append({"output": out.name, "kind": "sigmoid" if channels == 1 else "softmax",
+                      "rank": len(out.dims or ()), "channels": channels,
+                      "size": size if len(size) == 2 else None, "classes": names})
     return heads
 
 
@@ -291,3 +302,27 @@ def model_defaults(params: Any, contract: ModelContract) -> Any:
     from dataclasses import replace
 
     return replace(params, vectorize=replace(params.vectorize, sieve_px=int(small)))
+
+
+def describe_runtime(runtime: dict[str, Any]) -> list[str]:
+    """Lines for ``tessera info`` about how a foreign ONNX model is run (none for Tessera's
+    own models: ``runtime`` empty)."""
+    if not runtime:
+        return []
+    batch = runtime.get("batch")
+    lines = [f"Runs as:       ONNX Runtime, input '{runtime['input']}' "
+             f"(batch {batch if batch else 'free'}, {runtime['tile']} px tiles)"]
+    for n, h in enumerate(runtime["heads"]):
+        size = f", {h['size'][0]} x {h['size'][1]} px (the input's centre)" \
+            if h["size"] and h["size"][0] != runtime["tile"] else ""
+        what = "one sigmoid channel (binary)" if h["kind"] == "sigmoid" else \
+            f"{h['channels']} softmax probabilities"
+        lines.append(f"Output {n + 1}:      '{h['output']}': {what}{size}; classes "
+                     + ", ".join(h["classes"]))
+    if runtime.get("threshold") is not None:
+        lines.append(f"Threshold:     {runtime['threshold']:g} (seg_thresh)")
+    if runtime.get("small_segment"):
+        lines.append(f"Small segment: {runtime['small_segment']} px (seg_small_segment)")
+    for a in runtime.get("assumed") or ():
+        lines.append(f"Assumed:       {a}")
+    return lines
