@@ -21,6 +21,12 @@ PLUGIN_DIR = Path(__file__).resolve().parents[1]
 ENGINE_LOG = logging.getLogger(__name__.rsplit(".", 2)[0] + ".engine")
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 BACKENDS = ["auto", "torch", "onnxruntime"]
+#: Test-time augmentation: the choices shown, and the engine's ``tta`` for each.
+TTA_OPTIONS = ["Off", "2: mirrored", "4: mirrored both ways, half turn",
+               "8: every turn and mirror"]
+TTA_VALUES = (1, 2, 4, 8)
+TTA_HELP = ("Test-time augmentation: each tile also run mirrored and turned, the probabilities "
+            "turned back and averaged (2, 4 or 8 times the model's time)")
 #: The model pickers: Tessera model files, and ONNX ones (exported or int8).
 MODEL_FILTER = "Tessera and Deepness models (*.safetensors *.onnx)"
 

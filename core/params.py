@@ -153,6 +153,8 @@ class SegmentParams:
     extent: ``(xmin, ymin, xmax, ymax)`` of a web source to segment (in ``extent_crs``,
         default the source's: EPSG:3857 for XYZ tiles); a web source needs one.
     force: fetch a web extent beyond the limit on its tiles (see :mod:`.io.web`).
+    tta: test-time augmentation: each tile run under this many of its turns and mirrors
+        (1, 2, 4 or 8; :mod:`.inference.tta`), the probabilities turned back and averaged.
     """
 
     tile_size: int | None = None
@@ -172,9 +174,11 @@ class SegmentParams:
     extent: tuple[float, float, float, float] | None = None
     extent_crs: str | None = None
     force: bool = False
+    tta: int = 1
 
     def __post_init__(self) -> None:
         self._check_tiles()
+        object.__setattr__(self, "tta", check_tta(self.tta))
         object.__setattr__(self, "resolution", resolution_spec(self.resolution))
         if self.extent is not None:
             object.__setattr__(self, "extent", _extent(self.extent))
@@ -202,6 +206,20 @@ class SegmentParams:
                 raise ParameterError(f"overlap must be 0 or more pixels (got {self.overlap})")
             if self.tile_size is not None:
                 check_tile_overlap(self.tile_size, self.overlap)
+
+
+#: The test-time augmentations a run may ask for: how many transforms of each tile are run
+#: and averaged (:mod:`.inference.tta`).
+TTA_CHOICES = (1, 2, 4, 8)
+
+
+def check_tta(tta: Any) -> int:
+    """``tta`` as an int of :data:`TTA_CHOICES`; :class:`ParameterError` else."""
+    if isinstance(tta, bool) or tta not in TTA_CHOICES:
+        raise ParameterError(f"test-time augmentation {tta!r}: choose 1 (none), 2 (and "
+                             "mirrored), 4 (mirrored both ways and turned) or 8 (every "
+                             "turn and mirror)")
+    return int(tta)
 
 
 #: ``auto`` resolution: the model's pixel size is used when the raster's differs from it by

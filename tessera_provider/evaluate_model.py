@@ -63,6 +63,8 @@ class EvaluateModelAlgorithm(TrainingAlgorithm):
                              "own), model, or a pixel size in metres"), "auto"))
         self.addParameter(QgsProcessingParameterEnum("DEVICE", tr("Device"),
                                                      options=engine.DEVICES, defaultValue=0))
+        self.addParameter(QgsProcessingParameterEnum("TTA", tr(engine.TTA_HELP),
+                                                     options=engine.TTA_OPTIONS, defaultValue=0))
         self.addParameter(QgsProcessingParameterFileDestination(
             self.OUTPUT_JSON, tr("Evaluation report (JSON)"), tr("JSON files (*.json)")))
         self.addParameter(QgsProcessingParameterFileDestination(
@@ -93,7 +95,8 @@ class EvaluateModelAlgorithm(TrainingAlgorithm):
         job = {"op": "evaluate", "model": model, "data": self.data_source(parameters, context),
                "out_json": out_json, "out_png": out_png,
                "device": engine.DEVICES[self.parameterAsEnum(parameters, "DEVICE", context)],
-               "resolution": resolution_text(self, parameters, context)}
+               "resolution": resolution_text(self, parameters, context),
+               "tta": engine.TTA_VALUES[self.parameterAsEnum(parameters, "TTA", context)]}
         feedback.pushInfo(f"Evaluating {Path(model).name} on {job['data']}")
         res = common.run_engine(job, feedback)
         acc = float(res["accuracy"])

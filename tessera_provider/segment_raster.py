@@ -101,6 +101,8 @@ def add_run_options(alg: QgsProcessingAlgorithm) -> None:
         options=engine.BACKENDS, defaultValue=0)
     p.setFlags(p.flags() | compat.ADVANCED)
     alg.addParameter(p)
+    alg.addParameter(QgsProcessingParameterEnum("TTA", tr(engine.TTA_HELP),
+                                                options=engine.TTA_OPTIONS, defaultValue=0))
 
 
 def run_options(alg: QgsProcessingAlgorithm, parameters, context) -> dict:
@@ -113,7 +115,8 @@ def run_options(alg: QgsProcessingAlgorithm, parameters, context) -> dict:
             "backend": engine.BACKENDS[alg.parameterAsEnum(parameters, "BACKEND", context)],
             "rescale": "percentile" if alg.parameterAsBoolean(parameters, "RESCALE", context)
             else None,
-            "resolution": common.build(resolution_spec, resolution_text(alg, parameters, context))}
+            "resolution": common.build(resolution_spec, resolution_text(alg, parameters, context)),
+            "tta": engine.TTA_VALUES[alg.parameterAsEnum(parameters, "TTA", context)]}
 
 
 def resolution_text(alg: QgsProcessingAlgorithm, parameters, context) -> str:

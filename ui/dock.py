@@ -41,7 +41,7 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from ..bridge import compat
-from ..bridge.engine import MODEL_FILTER
+from ..bridge.engine import MODEL_FILTER, TTA_HELP, TTA_OPTIONS, TTA_VALUES
 from ..bridge.export import needs_export
 from ..bridge.web import is_web_layer
 from ..core.params import AUTO_RESOLUTION_RATIO
@@ -146,6 +146,11 @@ class TesseraDock(QgsDockWidget):
         self.backend.setToolTip("auto: PyTorch on a GPU; on the CPU ONNX Runtime when it is "
                                 "installed (faster, less memory), else PyTorch")
         df.addRow("Backend", self.backend)
+        self.tta = QComboBox()
+        for text, value in zip(TTA_OPTIONS, TTA_VALUES):
+            self.tta.addItem(text, value)
+        self.tta.setToolTip(TTA_HELP)
+        df.addRow("Test-time aug.", self.tta)
         self.device_used = QLabel("Device used: (not run yet)")
         df.addRow("", self.device_used)
         self.tile = QSpinBox()
@@ -311,6 +316,7 @@ class TesseraDock(QgsDockWidget):
         idx = self.device.findText(s.device)
         self.device.setCurrentIndex(max(idx, 0))
         self.backend.setCurrentIndex(max(self.backend.findText(s.backend), 0))
+        self.tta.setCurrentIndex(max(self.tta.findData(s.tta), 0))
         self.tile.setValue(s.tile_size)
         self.overlap.setValue(s.overlap)
         self.batch.setValue(s.batch_size)
@@ -332,7 +338,7 @@ class TesseraDock(QgsDockWidget):
                 if self.skip_list.item(i).checkState() == Qt.CheckState.Checked]
         return RunSettings(
             model=self.model_file.filePath(), device=self.device.currentText(),
-            backend=self.backend.currentText(),
+            backend=self.backend.currentText(), tta=int(self.tta.currentData() or 1),
             tile_size=self.tile.value(), overlap=self.overlap.value(),
             batch_size=self.batch.value(), confidence=self.confidence.isChecked(),
             rescale=self.rescale.isChecked(), vectorize=self.vectorize.isChecked(),

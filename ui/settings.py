@@ -47,6 +47,7 @@ class RunSettings:
     extent_mode: int = 0        # the panel's Area: whole layer, canvas extent, polygon layer
     resolution: str = "auto"    # auto | native | model | custom (the processing resolution)
     resolution_size: float = 0.0  # custom: the pixel size, in the layer CRS's units
+    tta: int = 1                # test-time augmentation: 1, 2, 4 or 8
 
     @classmethod
     def load(cls) -> RunSettings:
@@ -97,6 +98,7 @@ class RunSettings:
             bands=tuple(bands) if bands else None, window=window,
             confidence=self.confidence, rescale="percentile" if self.rescale else None,
             resolution=self.resolution_value() if resolution is None else resolution,
+            tta=self.tta if self.tta in (1, 2, 4, 8) else 1,
             extent=extent,
             vectorize=VectorizeParams(enabled=self.vectorize, min_area_m2=self.min_area_m2,
                                       simplify_px=self.simplify_px, sieve_px=self.sieve_px,

@@ -111,7 +111,7 @@ def _params(a: argparse.Namespace) -> Any:
         bands=tuple(a.bands) if a.bands else None, nodata=a.nodata,
         window=tuple(a.window) if a.window else None, confidence=a.confidence,
         half=False if a.no_half else None, threads=a.threads, backend=a.backend,
-        rescale=a.rescale, resolution=a.resolution,
+        rescale=a.rescale, resolution=a.resolution, tta=a.tta,
         extent=tuple(a.extent) if getattr(a, "extent", None) else None,
         extent_crs=getattr(a, "extent_crs", None), force=getattr(a, "force", False),
         vectorize=VectorizeParams(enabled=not a.no_vectorize, sieve_px=a.sieve,
@@ -310,7 +310,7 @@ def _cmd_evaluate(a: argparse.Namespace, bar: ProgressBar) -> int:
 
     ev = _run(EvaluateJob(a.model, source_from_dict(_data_source(a)), out_json=a.out_json,
                           out_png=a.out_png, device=a.device, backend=a.backend,
-                          batch_size=a.batch_size, resolution=a.resolution), bar)
+                          batch_size=a.batch_size, resolution=a.resolution, tta=a.tta), bar)
     if a.json:
         print(json.dumps(ev.summary(), indent=1))
         return 0

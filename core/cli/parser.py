@@ -46,6 +46,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps")
     g.add_argument("--threads", type=int, help="CPU threads for the model")
     _add_backend_option(g)
+    _add_tta_option(g)
     g.add_argument("--no-half", action="store_true", help="no fp16 on the GPU")
     g = p.add_argument_group("outputs")
     g.add_argument("--confidence", action="store_true", help="also write the confidence raster")
@@ -61,6 +62,14 @@ def _add_resolution_option(g: Any) -> None:
                         "default), native (the raster's own), model (the model's), or a pixel "
                         "size in the units of the raster's CRS (metres for projected CRSs); "
                         "the raster is resampled on the fly, the outputs lie on that grid")
+
+
+def _add_tta_option(g: Any) -> None:
+    g.add_argument("--tta", type=int, choices=[1, 2, 4, 8], default=1, metavar="1|2|4|8",
+                   help="test-time augmentation: run each tile also mirrored (2), mirrored "
+                        "both ways and turned half a turn (4), or under every turn and mirror "
+                        "(8), and average the probabilities (N times the model's time; "
+                        "default 1: none)")
 
 
 def _add_backend_option(g: Any) -> None:
@@ -257,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
     _add_backend_option(p)
+    _add_tta_option(p)
     _add_resolution_option(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_common(p)

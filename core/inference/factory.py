@@ -28,7 +28,20 @@ def _torch(model: Any, device: str, half: bool | None, threads: int | None) -> P
 
 def make_predictor(model: Any, device: str = "auto", backend: str = "auto",
                    half: bool | None = None, threads: int | None = None,
-                   cache_dir: Any = None) -> Predictor:
+                   cache_dir: Any = None, tta: int = 1) -> Predictor:
+    """:func:`backend_predictor`, wrapped for test-time augmentation when ``tta`` > 1
+    (:class:`.tta.TTAPredictor`)."""
+    predictor = backend_predictor(model, device, backend, half, threads, cache_dir)
+    if tta == 1:
+        return predictor
+    from .tta import TTAPredictor
+
+    return TTAPredictor(predictor, tta)
+
+
+def backend_predictor(model: Any, device: str = "auto", backend: str = "auto",
+                      half: bool | None = None, threads: int | None = None,
+                      cache_dir: Any = None) -> Predictor:
     """The :class:`.base.Predictor` for a :class:`~..model.files.TesseraModel`: a
     :class:`.torch_backend.TorchPredictor` (PyTorch) or an :class:`.onnx_backend.OrtPredictor`
     (ONNX Runtime, CPU).

@@ -95,7 +95,8 @@ def _evaluate(job: EvaluateJob, ctx: Context) -> Any:
 
     return evaluate_model(job.model, job.data, out_json=job.out_json, out_png=job.out_png,
                           device=job.device, backend=job.backend, batch_size=job.batch_size,
-                          progress=ctx.progress, cancel=ctx.cancel, resolution=job.resolution)
+                          progress=ctx.progress, cancel=ctx.cancel, resolution=job.resolution,
+                          tta=job.tta)
 
 
 def _export(job: ExportJob, ctx: Context) -> Any:

@@ -247,10 +247,12 @@ class EvaluateJob:
     #: the processing resolution (see :class:`~..params.SegmentParams`): the images are
     #: segmented at it and the classes compared with the labels on the labels' own grid
     resolution: float | str = "auto"
+    #: test-time augmentation (see :class:`~..params.SegmentParams`)
+    tta: int = 1
 
     def __post_init__(self) -> None:
         p = SegmentParams(device=self.device, backend=self.backend, batch_size=self.batch_size,
-                          resolution=self.resolution)
+                          resolution=self.resolution, tta=self.tta)
         object.__setattr__(self, "resolution", p.resolution)
 
     def to_dict(self) -> dict[str, Any]:
@@ -258,7 +260,7 @@ class EvaluateJob:
         return {"op": self.op, "model": self.model, "data": self.data.to_dict(),
                 "out_json": self.out_json, "out_png": self.out_png, "device": self.device,
                 "backend": self.backend, "batch_size": self.batch_size,
-                "resolution": self.resolution}
+                "resolution": self.resolution, "tta": self.tta}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EvaluateJob:
@@ -267,7 +269,7 @@ class EvaluateJob:
         return cls(str(d["model"]), source_from_dict(d["data"]), _text(d, "out_json"),
                    _text(d, "out_png"), str(d.get("device") or "auto"),
                    str(d.get("backend") or "auto"), int(d.get("batch_size") or 4),
-                   d.get("resolution") or "auto")
+                   d.get("resolution") or "auto", d.get("tta") or 1)
 
 
 @dataclass(frozen=True)

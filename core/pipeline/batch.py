@@ -351,7 +351,7 @@ class LocalExecutor:
         def predictor() -> Any:
             if not shared:
                 shared.append(make_predictor(plan.model, params.device, params.backend,
-                                             params.half, params.threads))
+                                             params.half, params.threads, tta=params.tta))
             return shared[0]
 
         for task in plan.tasks:

@@ -176,7 +176,8 @@ class ModelOnWorker(_PluginBase):
         """The predictor, made once."""
         if self._predictor is None:
             p = self.params
-            self._predictor = make_predictor(self.model(), p.device, p.backend, p.half, p.threads)
+            self._predictor = make_predictor(self.model(), p.device, p.backend, p.half, p.threads,
+                                             tta=p.tta)
         return self._predictor
 
 

@@ -63,7 +63,9 @@ def run_record(source: str | Path, model: TesseraModel, params: SegmentParams,
                       "resolution": params.resolution,
                       "extent": list(params.extent) if params.extent else None,
                       "extent_crs": params.extent_crs,
-                      "vectorize": asdict(params.vectorize)},
+                      "vectorize": asdict(params.vectorize),
+                      # (only when used: the records of earlier runs stay equal)
+                      **({"tta": params.tta} if params.tta > 1 else {})},
            "polygons_to": polygons_target(polygons_db)}
     return json.loads(json.dumps(rec))  # JSON values, as read back from a manifest
 

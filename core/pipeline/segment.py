@@ -149,6 +149,7 @@ class _Plan:
     vec: VectorizeParams | None
     warnings: list[str]
     view: InputView  # palette expansion and value stretch
+    tta: int = 1  # test-time augmentation (recorded in the rasters' tags)
 
     @property
     def finals(self) -> list[Path]:
@@ -195,7 +196,7 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
             log.warning("%s", msg)
         if predictor is None:
             predictor = make_predictor(model, params.device, params.backend, params.half,
-                                       params.threads)
+                                       params.threads, tta=params.tta)
         meter = Meter("segment", plan.window.width * plan.window.height, progress,
                       *((0.0, 0.95) if plan.vec is not None else (0.0, 1.0)))
         meter.update(0, f"{len(plan.grid)} tiles on {predictor.info.label}", force=True)
@@ -297,7 +298,7 @@ def _plan(ds: Any, path: str, contract: ModelContract, params: SegmentParams,
     profile = {"width": win.width, "height": win.height, "crs": ds.crs,
                "transform": window_transform(ds, win)}
     return _Plan(path, contract, bands, params.nodata, win, grid, profile, outs,
-                 params.confidence, vec, warns, InputView(palette, rescale))
+                 params.confidence, vec, warns, InputView(palette, rescale), params.tta)
 
 
 def _plan_input(ds: Any, path: str, contract: ModelContract, params: SegmentParams,
@@ -430,7 +431,8 @@ def _result(plan: _Plan, params: SegmentParams, predictor: Any, stats: dict[str,
 def _open_sinks(plan: _Plan, temps: list[Path]) -> list[RowSink]:
     """The class raster's sink (and the confidence raster's) on the run's temporaries."""
     contract, source = plan.contract, Path(plan.path).name
-    tags = {"TESSERA_RESCALE": plan.view.rescale.tag()} if plan.view.rescale else None
+    tags = {**({"TESSERA_RESCALE": plan.view.rescale.tag()} if plan.view.rescale else {}),
+            **({"TESSERA_TTA": str(plan.tta)} if plan.tta > 1 else {})} or None
     sinks = [class_raster_sink(temps[0], plan.profile, contract.nodata_value, contract.classes,
                                contract.name, source, plan.outs.class_raster, tags)]
     if plan.confidence:

@@ -257,7 +257,7 @@ def evaluate_model(model_path: str | Path | TesseraModel, source: DataSource | d
                    device: str = "auto", batch_size: int = 4, progress: ProgressFn | None = None,
                    cancel: CancelFn | None = None, tile_size: int | None = None,
                    overlap: int | None = None, backend: str = "auto",
-                   resolution: float | str = "auto") -> EvalResult:
+                   resolution: float | str = "auto", tta: int = 1) -> EvalResult:
     """Segment every labelled image of ``source`` with the model and score it (see the module
     docstring). The labels are read with the model's classes (folder masks by the classes'
     colours, polygon names by the classes' names) and the model's bands unless the source
@@ -285,7 +285,7 @@ def evaluate_model(model_path: str | Path | TesseraModel, source: DataSource | d
 
             check_writable_dir(Path(path).parent)
     factor = resolution_factor(c, ds.pixel_size_m, resolution)
-    predictor = make_predictor(model, device, backend)
+    predictor = make_predictor(model, device, backend, tta=tta)
     tile = tile_size or c.tile_size
     ov = c.overlap if overlap is None else overlap
     n_tiles = _tiles_at(factor, ds, tile, ov, c.size_multiple)

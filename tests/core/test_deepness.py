@@ -323,3 +323,11 @@ def test_seg_small_segment_sieves_the_polygons(scene, tmp_path):
                                                          rel=2e-3)
     # salt and pepper (a random per-pixel model) merged into a few regions, or kept
     assert counts[0] < counts[1] / 100 and counts[1] > 4000, counts
+
+
+def test_tta_on_onnx_runtime_keeps_a_per_pixel_models_classes(scene, tmp_path):
+    path, data = scene
+    model = build(tmp_path / "trees.onnx", size=None, batch="n", meta=DEEPNESS)
+    res, got = run(path, model, tmp_path / "out", tta=8, batch_size=3)
+    assert np.array_equal(got, expected(data, "softmax"))
+    assert res.device.endswith(", test-time augmentation x8")

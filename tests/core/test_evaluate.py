@@ -108,6 +108,10 @@ def test_tiling_and_blending_do_not_change_a_per_pixel_model(tmp_path):
     for overlap in (16, 0):
         res = evaluate_model(model_with(BrightnessModel()), src, device="cpu", overlap=overlap)
         assert res.confusion.tolist() == expect.tolist()
+    # a per-pixel model is equivariant: test-time augmentation keeps its scores, and says so
+    res = evaluate_model(model_with(BrightnessModel()), src, device="cpu", tta=8)
+    assert res.confusion.tolist() == expect.tolist()
+    assert res.device.endswith(", test-time augmentation x8")
 
 
 def test_image_nodata_pixels_do_not_count(tmp_path):

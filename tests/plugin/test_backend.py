@@ -75,3 +75,33 @@ def test_an_int8_onnx_model_runs_from_the_algorithm_and_the_panel_reads_it(plugi
     assert plugin.dock.contract is not None
     assert plugin.dock.contract.name == "constant Water (int8)"
     assert "quantization" in plugin.dock.contract.card
+
+
+def test_test_time_augmentation_from_the_algorithm_and_the_panel(plugin, data_dir, tmp_path):
+    """TTA 8 in segment_raster and in the panel reaches the engine: its device line says so,
+    and the classes of a model painting one class everywhere stay that class."""
+    import processing
+
+    res = processing.run("tessera:segment_raster", {
+        "INPUT": str(data_dir / "scene.tif"), "MODEL": str(data_dir / "water.safetensors"),
+        "OUTPUT": str(tmp_path / "tta.tif"), "VECTORIZE": False, "TTA": 3})
+    assert res["DEVICE"].endswith(", test-time augmentation x8"), res["DEVICE"]
+    layer = QgsRasterLayer(str(tmp_path / "tta.tif"), "c")
+    assert layer.dataProvider().bandStatistics(1).maximumValue == 2
+    assert layer.dataProvider().bandStatistics(1).minimumValue == 2
+    scene = QgsRasterLayer(str(data_dir / "scene.tif"), "scene")
+    QgsProject.instance().addMapLayer(scene)
+    try:
+        plugin.show_dock()
+        dock = plugin.dock
+        dock.layer_combo.setLayer(scene)
+        dock.model_file.setFilePath(str(data_dir / "water.safetensors"))
+        dock.out_dir.setFilePath(str(tmp_path / "panel"))
+        dock.vectorize.setChecked(False)
+        dock.tta.setCurrentIndex(dock.tta.findData(4))
+        assert dock.settings().params()["tta"] == 4
+        dock.run()
+        wait_for(lambda: dock.task is None)
+        assert "test-time augmentation x4" in dock.device_used.text(), dock.device_used.text()
+    finally:
+        QgsProject.instance().removeAllMapLayers()
