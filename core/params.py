@@ -379,6 +379,9 @@ class TrainParams:
         ``patches`` split validates on every validation cell instead).
     arch: the segmentation-models-pytorch architecture (:data:`ARCHITECTURES`); ``encoder``
         any smp encoder (built with random weights: nothing is downloaded).
+    init: a Tessera model (.safetensors) to start from (fine-tuning: its network, bands and
+        normalization; a new last layer when the classes differ; :mod:`.training.parent`).
+    freeze_encoder_epochs: the first epochs train the decoder and head only.
     sampling: ``random`` (windows anywhere in the training ground) or ``balanced`` (half the
         patches are placed around a pixel of a class drawn with equal chances, so rare
         classes appear in far more patches than random windows give them; see
@@ -403,6 +406,8 @@ class TrainParams:
     early_stopping_patience: int | None = None
     inference_tile: int | None = None
     sampling: str = "random"
+    init: str | None = None
+    freeze_encoder_epochs: int = 0
 
     def __post_init__(self) -> None:
         if self.patch_size % 32 or self.patch_size < 64:
@@ -417,6 +422,7 @@ class TrainParams:
         if self.sampling not in SAMPLINGS:
             raise ParameterError(f"sampling must be one of {', '.join(SAMPLINGS)} "
                                  f"(got {self.sampling!r})")
+        self._check_start()
         if self.split not in ("image", "patches"):
             raise ParameterError(f"split must be 'image' or 'patches' (got {self.split!r})")
         for name in ("batch_size", "epochs", "patches_per_epoch", "val_patches"):
@@ -432,6 +438,14 @@ class TrainParams:
         t = self.inference_tile
         if t is not None and (t % 32 or t < 64):
             raise ParameterError(f"inference tile must be a multiple of 32, >= 64 (got {t})")
+
+    def _check_start(self) -> None:
+        """The fine-tuning options (the start model itself is checked against the data)."""
+        if self.freeze_encoder_epochs < 0:
+            raise ParameterError("the encoder can be frozen for 0 or more epochs (got "
+                                 f"{self.freeze_encoder_epochs})")
+        if self.init is not None and not str(self.init).strip():
+            raise ParameterError("the start model (init) is an empty path")
 
     @property
     def tile_and_overlap(self) -> tuple[int, int]:

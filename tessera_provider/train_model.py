@@ -151,8 +151,9 @@ class TrainModelAlgorithm(TrainingAlgorithm):
     NAME = "train_model"
     DISPLAY = "Train model"
     HELP = (
-        "Trains a Tessera model (U-Net) from scratch on labelled imagery and writes the best "
-        "model (by validation mean IoU) as a .safetensors file that Segment raster can use.\n\n"
+        "Trains a Tessera model (U-Net) from scratch on labelled imagery, or fine-tunes one "
+        "(Start from model), and writes the best model (by validation mean IoU) as a "
+        ".safetensors file that Segment raster can use.\n\n"
         + DATA_HELP + "\n\n"
         "Recipe: random patches (Patch size) with flips, rotations and colour jitter "
         "(class-balanced on request: half of them around a pixel of a class drawn with equal "
@@ -193,6 +194,14 @@ class TrainModelAlgorithm(TrainingAlgorithm):
         self.addParameter(QgsProcessingParameterEnum("DEVICE", tr("Device"),
                                                      options=engine.DEVICES, defaultValue=0))
         self.addParameter(QgsProcessingParameterString("NAME", tr("Model name"), optional=True))
+        self.addParameter(QgsProcessingParameterFile(
+            "INIT", tr("Start from model (fine-tune a Tessera .safetensors model: its network, "
+                       "bands and normalization; a new last layer for other classes)"),
+            fileFilter="Tessera model (*.safetensors)", optional=True))
+        p = num("FREEZE_ENCODER", tr("Freeze the encoder for the first epochs (with a start "
+                                     "model)"), num.Integer, 0, minValue=0)
+        p.setFlags(p.flags() | compat.ADVANCED)
+        self.addParameter(p)
         p = QgsProcessingParameterFile(
             "CHECKPOINT", tr("Checkpoint folder (resume an interrupted run with the same "
                              "settings)"), behavior=compat.FILE_FOLDER,
@@ -226,6 +235,8 @@ class TrainModelAlgorithm(TrainingAlgorithm):
             "device": engine.DEVICES[self.parameterAsEnum(parameters, "DEVICE", context)],
             "encoder": ENCODERS[self.parameterAsEnum(parameters, "ENCODER", context)],
             "sampling": SAMPLINGS[self.parameterAsEnum(parameters, "SAMPLING", context)][0],
+            "init": self.parameterAsFile(parameters, "INIT", context) or None,
+            "freeze_encoder_epochs": self.parameterAsInt(parameters, "FREEZE_ENCODER", context),
         }
         return {"op": "train", "data": self.data_source(parameters, context), "out": out,
                 "params": params,

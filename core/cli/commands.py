@@ -287,7 +287,7 @@ def _cmd_train(a: argparse.Namespace, bar: ProgressBar) -> int:
                      patches_per_epoch=a.patches_per_epoch, lr=a.lr, loss=a.loss, arch=a.arch,
                      encoder=a.encoder, device=a.device, max_minutes=a.max_minutes,
                      seed=a.seed, split=a.split, val_fraction=a.val_fraction,
-                     sampling=a.sampling,
+                     sampling=a.sampling, init=a.init, freeze_encoder_epochs=a.freeze_encoder,
                      early_stopping_patience=a.patience, inference_tile=a.inference_tile)
     src = _data_source(a)
     classes = read_class_file(a.classes) if a.classes else None

@@ -243,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "when they do not all fit, still annealed to the end) and training "
                         "ends within it")
     p.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder (resumes if present)")
+    p.add_argument("--init", metavar="MODEL",
+                   help="fine-tune: start from this Tessera model (.safetensors): its network, "
+                        "bands and normalization; a new last layer when the classes differ "
+                        "(--arch and --encoder are then the model's)")
+    p.add_argument("--freeze-encoder", type=int, default=0, metavar="EPOCHS",
+                   help="train only the decoder and the last layer for the first EPOCHS "
+                        "epochs (with --init; default 0)")
     p.add_argument("--pixel-size", type=float,
                    help="the imagery's pixel size in metres (default: the raster's)")
     p.add_argument("--name", help="the model's name (default: 'Dubai land cover' for a folder, "

@@ -45,15 +45,18 @@ def make_contract(ds: Dataset, p: TrainParams, name: str, pixel_size_m: float | 
 
 def with_card(contract: ModelContract, p: TrainParams, history: list[dict[str, Any]],
                iou: np.ndarray, miou: float, acc: float, device: str, ds: Dataset, split: Split,
-               n_val_patches: int, counts: np.ndarray, plan: int | None = None) -> ModelContract:
-    """``contract`` with the card of the run so far (the best epoch is the last one)."""
+               n_val_patches: int, counts: np.ndarray, plan: int | None = None,
+               parent: Any = None) -> ModelContract:
+    """``contract`` with the card of the run so far (the best epoch is the last one);
+    ``parent`` (:class:`.parent.Parent`): the model it was fine-tuned from."""
     d = contract.to_dict()
     d["card"] = {
         "data": f"{ds.description}; {split.describe()}",
         "source": ds.source.to_dict(),
         "split": {**split.to_dict(), "val_fraction": p.val_fraction, "seed": p.seed},
         "annotated_pixels": {n: int(c) for (n, _), c in zip(ds.classes, counts)},
-        "recipe": {k: v for k, v in asdict(p).items() if k not in ("device",)},
+        "recipe": {k: (Path(v).name if k == "init" and v else v)
+                   for k, v in asdict(p).items() if k not in ("device",)},
         "epochs_completed": history[-1]["epoch"],
         "epochs_planned": plan or p.epochs,
         "best_epoch": history[-1]["epoch"],
@@ -68,8 +71,11 @@ def with_card(contract: ModelContract, p: TrainParams, history: list[dict[str, A
         "history": [{k: (round(v, 4) if isinstance(v, float) and not math.isnan(v) else
                          None if isinstance(v, float) else v) for k, v in h.items()}
                     for h in history],
-        "initialisation": "random (no pretrained weights: none can be downloaded)",
+        "initialisation": "random (no pretrained weights: none can be downloaded)"
+        if parent is None else parent.initialisation(),
     }
+    if parent is not None:
+        d["card"]["parent"] = parent.card(p.freeze_encoder_epochs)
     return ModelContract.from_dict(d)
 
 

@@ -51,6 +51,7 @@ from .classes import class_table, table_to_dicts
 from .datasets import load_dataset
 from .losses import make_loss
 from .metrics import IGNORE, confusion, iou_from_confusion
+from .parent import freeze_encoder, load_parent_weights, open_parent, parent_contract
 from .sampling import PatchSampler
 from .schedule import OneCycle, fit_epochs
 from .sources import DataSource, as_source
@@ -122,14 +123,21 @@ class _Run:
             src, class_table(classes, need_colors=src.kind == "folder")
             if classes is not None else None)
         self.k = len(ds.classes)
+        # fine-tuning: the parent checked against the data first, before anything else
+        self.parent = open_parent(p.init, len(ds.bands), ds.scaling(),
+                                  [n for n, _ in ds.classes]) if p.init else None
         self.split = split_cells([s.labels for s in ds.samples], p.split, p.patch_size,
                                  p.val_fraction, p.seed)
         self.counts = ds.label_counts()
         self.contract = make_contract(ds, p, name, pixel_size_m)
+        if self.parent is not None:
+            self.contract = parent_contract(self.parent, self.contract, name)
         torch.manual_seed(p.seed)
         self.dev = pick_device(p.device)
         self.device = torch.device(self.dev.name)
         self.model = TesseraModel.create(self.contract)
+        if self.parent is not None:
+            load_parent_weights(self.model.module, self.parent)
         self.cuda = cuda = self.dev.kind == "cuda"
         self.net = self.model.module.to(self.device).train()
         if cuda:  # tensor cores want NHWC; bf16 where the card has it (no loss scaling needed)
@@ -204,6 +212,7 @@ class _Run:
         import torch
 
         self.net.train()
+        freeze_encoder(self.net, epoch < self.p.freeze_encoder_epochs)
         loss_sum = torch.zeros((), device=self.device)
         n_losses = n_patches = 0
         for step, (xb, yb) in enumerate(feed.epoch(epoch)):
@@ -256,7 +265,8 @@ class _Run:
             self.best, self.best_epoch = miou, epoch
             self.model.contract = with_card(self.contract, self.p, self.history, iou, miou, acc,
                                             self.hardware, self.ds, self.split,
-                                            len(self.val_inputs), self.counts, self.plan)
+                                            len(self.val_inputs), self.counts, self.plan,
+                                            self.parent)
             self.model.module = self.net
             self.model.save(self.out_model, half=True)
             self.net.to(self.device)

@@ -188,6 +188,26 @@ def test_train_model_on_a_dubai_folder_writes_a_loadable_model(plugin, train_dat
     assert any("best validation mean IoU" in line for line in fb.lines)
 
 
+def test_train_model_fine_tunes_from_a_start_model(plugin, train_data, tmp_path):
+    from tessera.core.model.files import read_contract
+
+    parent = tmp_path / "parent.safetensors"
+    run_alg("tessera:train_model", dict(TINY, DATA_TYPE=0, FOLDER=str(train_data / "dubai"),
+                                        OUTPUT=str(parent)))
+    child = tmp_path / "child.safetensors"
+    res = run_alg("tessera:train_model", dict(
+        TINY, DATA_TYPE=0, FOLDER=str(train_data / "dubai"), INIT=str(parent),
+        FREEZE_ENCODER=1, OUTPUT=str(child)))
+    assert res["EPOCHS"] == 1
+    from tessera.core.model.files import TesseraModel
+
+    card = read_contract(child).card
+    assert card["parent"]["file"] == "parent.safetensors"
+    assert card["parent"]["sha256"] == TesseraModel.open(parent).sha256
+    assert card["parent"]["kept"] == "every weight"
+    assert card["parent"]["encoder_frozen_epochs"] == 1
+
+
 def test_train_model_on_a_raster_and_its_label_raster(plugin, train_data, tmp_path):
     from tessera.core.model.files import read_contract
 
@@ -300,7 +320,8 @@ def test_the_jobs_sent_to_the_engine_follow_the_worker_protocol(plugin, train_da
         "out": str(out),
         "params": {"epochs": 3, "patch_size": 256, "patches_per_epoch": 1300, "batch_size": 4,
                    "loss": "ce", "lr": 0.01, "split": "patches", "max_minutes": 2.5,
-                   "device": "cpu", "encoder": "resnet34", "sampling": "balanced"},
+                   "device": "cpu", "encoder": "resnet34", "sampling": "balanced",
+                   "init": None, "freeze_encoder_epochs": 0},
         "checkpoint": None, "name": None, "classes": None, "pixel_size_m": None}
     run_alg("tessera:train_model", {"FOLDER": str(train_data / "dubai"), "OUTPUT": str(out),
                                     "NAME": " mine "})
@@ -318,7 +339,7 @@ def test_the_jobs_sent_to_the_engine_follow_the_worker_protocol(plugin, train_da
         "data": {"kind": "raster", "image": str(train_data / "image.tif"),
                  "labels": str(train_data / "labels.tif")},
         "out_json": str(tmp_path / "e.json"), "out_png": None, "device": "auto",
-        "resolution": "auto"}
+        "resolution": "auto", "tta": 1}
     assert (res["ACCURACY"], res["MEAN_IOU"]) == (0.75, 0.5) and "OUTPUT_PNG" not in res
     row = next(line for line in "\n".join(fb.lines).splitlines() if "Building" in line)
     assert row.split() == ["0", "Building", "0.5000", "-", "-"]
