@@ -323,7 +323,8 @@ def _cmd_evaluate(a: argparse.Namespace, bar: ProgressBar) -> int:
 def _cmd_export(a: argparse.Namespace, bar: ProgressBar) -> int:
     from ..jobs.spec import ExportJob
 
-    res = _run(ExportJob(a.model, a.out, opset=a.opset, check=not a.no_check), bar)
+    res = _run(ExportJob(a.model, a.out, opset=a.opset, check=not a.no_check,
+                         deepness=a.deepness), bar)
     if a.json:
         print(json.dumps(res, indent=1))
         return 0
@@ -333,6 +334,8 @@ def _cmd_export(a: argparse.Namespace, bar: ProgressBar) -> int:
             f"agree on {res['class_agreement']:.4%} of pixels"
         print(f"  check: max abs difference of probabilities, ONNX Runtime vs PyTorch: "
               f"{res['max_abs_diff']:.3g}; classes {agree}")
+    for note in res.get("notes") or ():
+        print(f"  note: {note}")
     return 0
 
 

@@ -289,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--no-check", action="store_true",
                    help="do not compare ONNX Runtime with PyTorch after exporting")
+    p.add_argument("--deepness", action="store_true",
+                   help="for the Deepness QGIS plugin: its metadata (classes, resolution, "
+                        "tile size, overlap, standardization), a softmax output and the fixed "
+                        "input size it expects; Tessera runs the file too")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_common(p)
 

@@ -151,8 +151,11 @@ def _sample_shape(contract: ModelContract, batch: int = 2) -> tuple[int, int, in
 
 
 def _export_graph(module: Any, contract: ModelContract, dest: Path, opset: int,
-                  metadata: dict[str, str]) -> None:
-    """torch.onnx.export (classic TorchScript exporter) to ``dest``, then add ``metadata``."""
+                  metadata: dict[str, str], output: str = "logits",
+                  side: int | None = None) -> None:
+    """torch.onnx.export (classic TorchScript exporter) to ``dest``, then add ``metadata``:
+    input ``input``, output ``output``, a free batch and a free height and width, or a fixed
+    ``side`` x ``side``."""
     import onnx
     import torch
 
@@ -163,14 +166,15 @@ def _export_graph(module: Any, contract: ModelContract, dest: Path, opset: int,
         dev = torch.device("cpu")
     was_training = getattr(module, "training", False)
     module.eval()
-    x = torch.randn(*_sample_shape(contract, 1), device=dev)
-    axes = {0: "batch", 2: "height", 3: "width"}
+    shape = _sample_shape(contract, 1)
+    x = torch.randn(*shape[:2], side or shape[2], side or shape[3], device=dev)
+    axes = {0: "batch"} if side else {0: "batch", 2: "height", 3: "width"}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation notices
             torch.onnx.export(module, (x,), str(dest), input_names=["input"],
-                              output_names=["logits"],
-                              dynamic_axes={"input": axes, "logits": axes},
+                              output_names=[output],
+                              dynamic_axes={"input": axes, output: axes},
                               opset_version=opset, do_constant_folding=True, dynamo=False)
     finally:
         if was_training:

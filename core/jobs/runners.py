@@ -100,6 +100,10 @@ def _evaluate(job: EvaluateJob, ctx: Context) -> Any:
 
 
 def _export(job: ExportJob, ctx: Context) -> Any:
+    if job.deepness:
+        from ..inference.deepness_export import export_deepness
+
+        return export_deepness(job.model, job.out, opset=job.opset, check=job.check)
     from ..inference.onnx_backend import export_onnx
 
     return export_onnx(job.model, job.out, opset=job.opset, check=job.check)

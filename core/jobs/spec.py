@@ -281,18 +281,20 @@ class ExportJob:
     out: str
     opset: int = 17
     check: bool = True
+    #: for the Deepness plugin (:mod:`~..inference.deepness_export`)
+    deepness: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The job's JSON (the worker protocol)."""
         return {"op": self.op, "model": self.model, "out": self.out, "opset": self.opset,
-                "check": self.check}
+                "check": self.check, "deepness": self.deepness}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ExportJob:
         """Decode and validate the job's JSON."""
         _need(d, cls.op, "model", "out")
         return cls(str(d["model"]), str(d["out"]), int(d.get("opset") or 17),
-                   bool(d.get("check", True)))
+                   bool(d.get("check", True)), bool(d.get("deepness", False)))
 
 
 @dataclass(frozen=True)

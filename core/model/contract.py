@@ -113,7 +113,10 @@ class ModelContract:
 
     @property
     def size_multiple(self) -> int:
-        """Tile sides must be a multiple of this (the encoder's total downsampling)."""
+        """Tile sides must be a multiple of this (the encoder's total downsampling; a foreign
+        graph's fixed input size: its edge tiles are then whole tiles, not zero-padded)."""
+        if self.runtime.get("fixed"):
+            return int(self.runtime["tile"])
         return 2 ** int(self.arch_params.get("encoder_depth", 5))
 
     def class_by_name_or_id(self, key: str | int) -> ClassInfo:

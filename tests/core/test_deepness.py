@@ -18,7 +18,7 @@ import pytest
 import rasterio
 from affine import Affine
 from tessera.core.errors import ModelError, ParameterError
-from tessera.core.model.files import read_contract
+from tessera.core.model.files import TesseraModel, read_contract
 from tessera.core.params import SegmentParams, VectorizeParams
 from tessera.core.pipeline.segment import segment_raster
 
@@ -331,3 +331,72 @@ def test_tta_on_onnx_runtime_keeps_a_per_pixel_models_classes(scene, tmp_path):
     res, got = run(path, model, tmp_path / "out", tta=8, batch_size=3)
     assert np.array_equal(got, expected(data, "softmax"))
     assert res.device.endswith(", test-time augmentation x8")
+
+
+# -- Tessera models out, for Deepness (item 2) ----------------------------------------------
+
+def test_a_tessera_model_exported_for_deepness_follows_its_rules(tmp_path):
+    """Every key Deepness reads, as JSON of the type it casts to; a fixed square input and a
+    free batch; probabilities that sum to 1; Tessera's scaling as Deepness's /255 and
+    standardization; and Tessera runs the file as a Deepness model, with the classes of the
+    .safetensors model."""
+    import onnxruntime as ort
+    from helpers import random_rgb, tiny_unet, write_raster
+    from tessera.core.cli.commands import main
+    from tessera.core.model.onnx_meta import read_onnx_io, read_onnx_metadata
+
+    src = tmp_path / "m.safetensors"
+    tiny_unet(seed=3, name="land", tile_size=64, overlap=16, pixel_size_m=0.5).save(src)
+    out = tmp_path / "land_deepness.onnx"
+    assert main(["export-onnx", str(src), str(out), "--deepness"]) == 0
+    meta = read_onnx_metadata(out)
+    assert "tessera.contract" not in meta
+    parsed = {k: json.loads(v) for k, v in meta.items()}
+    assert parsed["model_type"] == "Segmentor"
+    names = parsed["class_names"]
+    assert list(names) == ["0", "1", "2"] and all(isinstance(v, str) for v in names.values())
+    assert float(parsed["resolution"]) == 50.0  # cm per pixel
+    assert int(parsed["tile_size"]) == int(parsed["tiles_size"]) == 64
+    assert int(parsed["tiles_overlap"]) == 25  # percent
+    assert float(parsed["seg_thresh"]) == 0.0 and int(parsed["seg_small_segment"]) == 0
+    c = TesseraModel.open(src).contract
+    m, s = [float(v) for v in parsed["standardization_mean"]], \
+        [float(v) for v in parsed["standardization_std"]]
+    x = np.array([0, 17, 255], np.float32)
+    for b in range(3):  # Deepness's (x / 255 - m) / s equals Tessera's (x / 255 - mean) / std
+        assert np.allclose((x / 255 - m[b]) / s[b], (x / 255 - c.mean[b]) / c.std[b], atol=1e-5)
+    (inp,), (outp,) = read_onnx_io(out)
+    assert inp.dims[1:] == (3, 64, 64) and not isinstance(inp.dims[0], int)
+    assert outp.dims[1:] == (3, 64, 64)
+    probs = ort.InferenceSession(str(out)).run(
+        None, {inp.name: np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(
+            np.float32)})[0]
+    assert np.allclose(probs.sum(axis=1), 1, atol=1e-5) and (probs >= 0).all()
+    img = write_raster(tmp_path / "a.tif", random_rgb(112, 160, seed=5),
+                       transform=Affine(0.5, 0, 300000, 0, -0.5, 4000000))
+    a = segment_raster(str(img), TesseraModel.open(src), str(tmp_path / "a"),
+                       SegmentParams(backend="onnxruntime",
+                                     vectorize=VectorizeParams(enabled=False)))
+    b = segment_raster(str(img), TesseraModel.open(out), str(tmp_path / "b"),
+                       SegmentParams(vectorize=VectorizeParams(enabled=False)))
+    with rasterio.open(a.class_raster) as da, rasterio.open(b.class_raster) as db:
+        same = (da.read(1) == db.read(1)).mean()
+    assert same >= 0.999, same  # (float rounding may flip a near tie)
+
+
+def test_a_min_max_model_exports_with_a_note(tmp_path):
+    from helpers import contract_dict
+    from tessera.core.inference.deepness_export import deepness_metadata
+    from tessera.core.model.contract import ModelContract
+
+    c = ModelContract.from_dict(contract_dict(
+        scaling={"method": "minmax", "min": [100, 200, 300], "max": [1100, 2200, 3300]},
+        mean=None, std=None, pixel_size_m=None))
+    meta, notes = deepness_metadata(c)
+    m, s = json.loads(meta["standardization_mean"]), json.loads(meta["standardization_std"])
+    x = np.array([100.0, 600.0, 1100.0])
+    assert np.allclose((x / 255 - m[0]) / s[0], (x - 100) / 1000)
+    assert "resolution" not in meta
+    assert notes == ["the model stretches each band by its min/max and clips to 0..1; "
+                     "Deepness keeps the stretch but cannot clip",
+                     "the model states no pixel size: no 'resolution' (Deepness asks for one)"]
