@@ -41,10 +41,12 @@ class ForeignRunner:
         size = (max(h, side), max(w, side)) if side else (h, w)
         if size != (h, w):  # zero-padded, as Tessera pads its edge tiles
             x = np.pad(x, ((0, 0), (0, 0), (0, size[0] - h), (0, size[1] - w)))
-        step = 1 if self.batch == 1 else b
+        step = self.batch or b  # a fixed batch: runs of that many tiles, the last filled up
+        if b % step:
+            x = np.concatenate([x, np.zeros((step - b % step, *x.shape[1:]), x.dtype)])
         parts = [session.run([self.head["output"]], {self.input: x[i:i + step]})[0]
-                 for i in range(0, b, step)]
-        out = np.concatenate(parts) if len(parts) > 1 else parts[0]
+                 for i in range(0, len(x), step)]
+        out = (np.concatenate(parts) if len(parts) > 1 else parts[0])[:b]
         probs = self.probabilities(np.asarray(out, dtype=np.float32), size)
         return probs[:, :, :h, :w]
 

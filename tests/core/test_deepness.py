@@ -183,6 +183,13 @@ def test_an_output_smaller_than_the_input_is_its_centre(scene, tmp_path):
         run(path, model, tmp_path / "o2", overlap=8)
 
 
+def test_a_fixed_batch_of_three_is_filled_up(scene, tmp_path):
+    path, data = scene
+    model = build(tmp_path / "three.onnx", batch=3, meta=DEEPNESS)
+    _, got = run(path, model, tmp_path / "out", batch_size=2)
+    assert np.array_equal(got, expected(data, "softmax"))
+
+
 def test_a_free_batch_and_size_and_any_names(scene, tmp_path):
     path, data = scene
     model = build(tmp_path / "free.onnx", size=None, batch="n", input_name="x.1",
