@@ -325,7 +325,13 @@ class TesseraPlugin:
                 pass
         if task.result is not None:
             r = task.result
-            added = add_result_layers(r, classes, name, tag=run_tag(r["class_raster"], *naming))
+            stem, label = naming
+            added = []
+            for h in r.get("heads") or [r]:  # a multi-head model: each head's, named after it
+                head = h.get("head")
+                tag = run_tag(h["class_raster"], f"{stem}_{head}" if head else stem, label)
+                added += add_result_layers(h, h.get("classes") or classes, name,
+                                           tag=f"{tag}, {head}" if head else tag)
             QgsMessageLog.logMessage(summary(r, name), RESULTS_TAB, Qgis.MessageLevel.Info)
             poly = f", {r['n_polygons']} polygons" if r.get("n_polygons") is not None else ""
             pixel = next((lyr.rasterUnitsPerPixelX() for lyr in added

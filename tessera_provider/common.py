@@ -196,6 +196,18 @@ class StyleClasses(QgsProcessingLayerPostProcessorInterface):
             style_polygons(layer, self.classes)
 
 
+def load_on_completion(context: Any, path: str, name: str, kind: str,
+                       classes: list[dict[str, Any]], present: Any = None,
+                       hidden: bool = False) -> None:
+    """Load a file the run wrote beside its declared outputs (a multi-head model's other
+    heads) when the algorithm completes, named and styled like them."""
+    from qgis.core import QgsProcessingContext
+
+    context.addLayerToLoadOnCompletion(
+        path, QgsProcessingContext.LayerDetails(name, context.project(), name))
+    style_on_load(context, path, kind, classes, name, present, hidden)
+
+
 def style_on_load(context: Any, path: str, kind: str, classes: list[dict[str, Any]],
                   name: str | None = None, present: Any = None, hidden: bool = False) -> None:
     if path and context.willLoadLayerOnCompletion(path):

@@ -273,6 +273,17 @@ class SegmentRasterAlgorithm(common.TesseraAlgorithm):
             common.style_on_load(context, out_poly, "polygons", classes,
                                  layer_name(name, "polygons", tag))
             results[self.OUTPUT_POLYGONS] = out_poly
+        for h in (res.get("heads") or [])[1:]:  # a multi-head model's other heads, loaded too
+            head_tag = f"{tag}, {h['head']}"
+            common.load_on_completion(context, h["class_raster"],
+                                      layer_name(name, "classes", head_tag), "classes",
+                                      h["classes"],
+                                      present_ids(h["classes"], h.get("class_pixels")),
+                                      hidden=bool(h.get("polygons")))
+            if h.get("polygons"):
+                common.load_on_completion(context, h["polygons"],
+                                          layer_name(name, "polygons", head_tag), "polygons",
+                                          h["classes"])
         feedback.pushInfo(summary(res, name))
         return results
 

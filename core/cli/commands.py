@@ -138,6 +138,10 @@ def _print_result(res: Any, out: TextIO) -> None:
                    else "") + "\n")
     for w in res.warnings:
         out.write(f"  warning: {w}\n")
+    for h in getattr(res, "heads", None) or ():  # a model's output heads, each its own
+        out.write(f"  head '{h['head']}': {h['class_raster']}"
+                  + (f", {h['polygons']} ({h['n_polygons']} polygons)" if h.get("polygons")
+                     else "") + "\n")
 
 
 class Terminated(KeyboardInterrupt):

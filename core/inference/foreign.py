@@ -20,15 +20,18 @@ class ForeignRunner:
     fixed size, one at a time for a fixed batch of one, and its output made class
     probabilities ``(B, K, H, W)`` the size of the input batch."""
 
-    def __init__(self, runtime: dict[str, Any], head: int = 0) -> None:
+    def __init__(self, runtime: dict[str, Any], head: int | None = None) -> None:
+        head = int(runtime.get("head", 0)) if head is None else head
         self.input = runtime["input"]
         self.batch = runtime.get("batch")
         self.tile = int(runtime["tile"])
         self.fixed = bool(runtime.get("fixed"))
-        if len(runtime["heads"]) > 1:
+        if len(runtime["heads"]) > 1 and "head" not in runtime:
             log.warning(
-                "the model has %d output heads; this version of Tessera segments with the "
-                "first ('%s') only", len(runtime["heads"]), runtime["heads"][head]["output"])
+                "the model has %d output heads; this run segments with the first ('%s') "
+                "only (a single raster's run, from the command line or QGIS, writes every "
+                "head; batches and clusters do not yet)", len(runtime["heads"]),
+                runtime["heads"][head]["output"])
         self.head = runtime["heads"][head]
         self.threshold = runtime.get("threshold")
         #: set once a softmax head gave values outside 0..1: its output is taken as logits

@@ -16,6 +16,7 @@ nothing under a final name.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import hashlib
 import logging
@@ -27,6 +28,7 @@ import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from ..errors import OutputError
 
@@ -285,6 +287,12 @@ def _commit(temps: list[Path], finals: list[Path], reserved: list[int] | None = 
             old.unlink()
 
 
+#: Set by :func:`.together.commit_together`: finished :func:`atomic_outputs` leave their
+#: temporaries here instead of committing them, for one commit of several runs' outputs.
+DEFERRED: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
+    "tessera_deferred_commit", default=None)
+
+
 @contextlib.contextmanager
 def atomic_outputs(*finals: Path) -> Iterator[list[Path]]:
     """Yield temporary paths for ``finals``; on success commit them together (see
@@ -304,6 +312,10 @@ def atomic_outputs(*finals: Path) -> Iterator[list[Path]]:
     try:
         reserved = [_reserve(p, temps) for p in paths]
         yield temps
+        pending = DEFERRED.get()
+        if pending is not None:  # committed later, with other runs' (:mod:`.together`)
+            pending.append((temps, paths, reserved))
+            return
         _commit(temps, paths, reserved)
     except BaseException:
         for t in temps:

@@ -40,6 +40,7 @@ class Context:
 
 def _segment(job: SegmentJob, ctx: Context) -> Any:
     from ..model.files import TesseraModel
+    from ..pipeline.heads import heads_of, segment_heads
     from ..pipeline.inputs import default_stem
     from ..pipeline.manifest import claim_outputs
     from ..pipeline.segment import segment_raster
@@ -51,9 +52,13 @@ def _segment(job: SegmentJob, ctx: Context) -> Any:
                                   stem=job.stem, outputs=job.outputs, progress=ctx.progress,
                                   cancel=ctx.cancel)
     outputs, model = job.outputs, TesseraModel.open(job.model)
+    stem = job.stem or default_stem(job.raster)
+    if len(heads_of(model)) > 1:  # one set of outputs per head, committed together
+        return segment_heads(job.raster, model, job.out_dir, job.params, stem=stem,
+                             outputs=outputs, claim=job.keep_others and outputs is None,
+                             progress=ctx.progress, cancel=ctx.cancel)
     if job.keep_others and outputs is None:
-        outputs = claim_outputs(job.raster, model, job.params, job.out_dir,
-                                job.stem or default_stem(job.raster))
+        outputs = claim_outputs(job.raster, model, job.params, job.out_dir, stem)
     return segment_raster(job.raster, model, job.out_dir, job.params, stem=job.stem,
                           progress=ctx.progress, cancel=ctx.cancel, outputs=outputs)
 

@@ -46,7 +46,7 @@ MAX_VALUE_BYTES = 1_000_000
 FLOAT32 = 1  # ONNX TensorProto.FLOAT
 
 # colours for classes without their own (tab20, then repeated)
-_PALETTE = ("#1F77B4", "#FF7F0E", "#2CA02C", "#D62728", "#9467BD", "#8C564B", "#E377C2",
+PALETTE = ("#1F77B4", "#FF7F0E", "#2CA02C", "#D62728", "#9467BD", "#8C564B", "#E377C2",
             "#7F7F7F", "#BCBD22", "#17BECF", "#AEC7E8", "#FFBB78", "#98DF8A", "#FF9896",
             "#C5B0D5", "#C49C94", "#F7B6D2", "#C7C7C7", "#DBDB8D", "#9EDAE5")
 
@@ -253,7 +253,7 @@ def deepness_contract(path: str | Path, meta: dict[str, str], inputs: list[Any],
     thresh = _number(meta, "seg_thresh", where, float, 0, 1)
     small = _number(meta, "seg_small_segment", where, int, 0, 10_000)
     batch = inp.dims[0] if isinstance(inp.dims[0], int) else None
-    classes = tuple(ClassInfo(i, name, _PALETTE[i % len(_PALETTE)])
+    classes = tuple(ClassInfo(i, name, PALETTE[i % len(PALETTE)])
                     for i, name in enumerate(heads[0]["classes"]))
     fixed = isinstance(inp.dims[2], int)
     runtime = {"format": FORMAT, "input": inp.name, "batch": batch, "tile": tile, "fixed": fixed,

@@ -95,6 +95,7 @@ class SegmentResult:
     area_m2_by_class: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     backend: str = "torch"
+    heads: list[dict[str, Any]] = field(default_factory=list)  # every head's (.heads)
 
     def to_dict(self) -> dict[str, Any]:
         """The result as JSON values."""

@@ -305,8 +305,9 @@ def test_a_model_with_two_heads_says_which_one_it_segments(scene, tmp_path, capl
     assert [h["output"] for h in c.runtime["heads"]] == ["probs", "second"]
     _, got = run(path, model, tmp_path / "out")
     assert np.array_equal(got, expected(data, "softmax"))
-    assert "the model has 2 output heads; this version of Tessera segments with the first " \
-           "('probs') only" in caplog.text
+    assert "the model has 2 output heads; this run segments with the first ('probs') only " \
+           "(a single raster's run, from the command line or QGIS, writes every head" \
+        in caplog.text
 
 
 def test_seg_small_segment_sieves_the_polygons(scene, tmp_path):
@@ -407,3 +408,39 @@ def test_a_min_max_model_exports_with_a_note(tmp_path):
     assert notes == ["the model stretches each band by its min/max and clips to 0..1; "
                      "Deepness keeps the stretch but cannot clip",
                      "the model states no pixel size: no 'resolution' (Deepness asks for one)"]
+
+
+# -- several output heads --------------------------------------------------------------------
+
+def test_each_head_gets_its_own_outputs_committed_together(scene, tmp_path, capsys):
+    """Two heads: a class raster and polygons per head, named after it, each with its own
+    classes and the classes numpy gives; a run that fails on the second head leaves nothing
+    of the first."""
+    from tessera.core.cli.commands import main
+
+    path, data = scene
+    model = build(tmp_path / "two.onnx", extra_output=True, meta={
+        **DEEPNESS, "class_names": [DEEPNESS["class_names"], {"0": "x", "1": "y", "2": "z"}]})
+    out = tmp_path / "out"
+    assert main(["segment", str(path), "--model", str(model), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "only" not in text  # (no first-head-only warning)
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".aux.xml")) == [
+        "scene_probs_classes.tif", "scene_probs_polygons.gpkg",
+        "scene_second_classes.tif", "scene_second_polygons.gpkg"]
+    assert f"head 'second': {out / 'scene_second_classes.tif'}" in text
+    want = expected(data, "softmax")
+    for name, classes in (("probs", ["background", "trees", "roofs"]), ("second", ["x", "y", "z"])):
+        with rasterio.open(out / f"scene_{name}_classes.tif") as ds:
+            assert np.array_equal(ds.read(1), want)
+        import pyogrio
+
+        df = pyogrio.read_dataframe(out / f"scene_{name}_polygons.gpkg")
+        assert set(df["class_name"]) == set(classes)
+    # the second head cannot be written (a folder in its name's place): nothing committed
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "scene_second_classes.tif").mkdir()
+    assert main(["segment", str(path), "--model", str(model), "--out", str(bad),
+                 "--no-vectorize"]) != 0
+    assert sorted(p.name for p in bad.iterdir()) == ["scene_second_classes.tif"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import make_engine_data
+from conftest import make_engine_data, wait_for
 from qgis.core import QgsProject, QgsRasterLayer, QgsVectorLayer
 
 MAKE = r"""
@@ -22,6 +22,18 @@ from test_deepness import DEEPNESS, build
 
 out = Path(sys.argv[1])
 build(out / "trees.onnx", meta=DEEPNESS)
+print("ok")
+"""
+
+
+MAKE_TWO = r"""
+import sys
+sys.path.insert(0, sys.argv[2])
+from pathlib import Path
+from test_deepness import DEEPNESS, build
+
+build(Path(sys.argv[1]) / "two.onnx", extra_output=True, meta={
+    **DEEPNESS, "class_names": [DEEPNESS["class_names"], {"0": "x", "1": "y", "2": "z"}]})
 print("ok")
 """
 
@@ -69,3 +81,39 @@ def test_the_panel_describes_a_deepness_model(plugin, data_dir, deepness_model):
         assert dock.run_btn.isEnabled()
     finally:
         QgsProject.instance().removeAllMapLayers()
+
+
+def test_a_two_headed_model_gives_layers_per_head(plugin, data_dir, tmp_path):
+    """Processing and the panel: each head's class raster and polygons, named after it, styled
+    with its own classes."""
+    import processing
+
+    (tmp_path / "m").mkdir()
+    model = make_engine_data(MAKE_TWO, tmp_path / "m") / "two.onnx"
+    project = QgsProject.instance()
+    res = processing.run("tessera:segment_raster", {
+        "INPUT": str(data_dir / "scene.tif"), "MODEL": str(model),
+        "OUTPUT": str(tmp_path / "cls.tif"), "OUTPUT_POLYGONS": str(tmp_path / "p.gpkg")})
+    assert res["OUTPUT"] == str(tmp_path / "cls.tif") and (tmp_path / "cls.tif").exists()
+    second = QgsVectorLayer(str(tmp_path / "p_second.gpkg"), "p", "ogr")
+    assert second.isValid() and {f["class_name"] for f in second.getFeatures()} == \
+        {"x", "y", "z"}
+    assert (tmp_path / "cls_second.tif").exists()
+    layer = QgsRasterLayer(str(data_dir / "scene.tif"), "scene")
+    project.addMapLayer(layer)
+    try:
+        plugin.show_dock()
+        dock = plugin.dock
+        dock.layer_combo.setLayer(layer)
+        dock.model_file.setFilePath(str(model))
+        dock.out_dir.setFilePath(str(tmp_path / "panel"))
+        dock.run_btn.click()
+        wait_for(lambda: dock.task is None)
+        assert dock.status.text().startswith("Done in"), dock.status.text()
+        names = {lyr.name() for lyr in project.mapLayers().values()}
+        assert {"scene polygons (two, probs)", "scene polygons (two, second)",
+                "scene classes (two, probs)", "scene classes (two, second)"} <= names, names
+        assert sorted(p.name for p in (tmp_path / "panel").glob("*.tif")) == \
+            ["scene_two_probs_classes.tif", "scene_two_second_classes.tif"]
+    finally:
+        project.removeAllMapLayers()
