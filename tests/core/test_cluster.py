@@ -446,3 +446,27 @@ def test_a_worker_killed_mid_batch_loses_and_duplicates_nothing(cluster, tmp_pat
     assert leftovers == []  # the killed worker's temporaries were cleared by the next run
     cluster.add_worker()
     cluster.wait_for_workers(2)
+
+
+def test_a_deepness_model_on_the_cluster_equals_the_local_run(cluster, tmp_path):
+    """A Deepness-format ONNX model (the core tests' per-pixel one) on two workers: a folder
+    and one raster split in blocks give what this machine gives."""
+    from tessera.core.pipeline.blocks import segment_on_cluster
+    from tessera.core.pipeline.segment import segment_raster
+    from test_deepness import DEEPNESS, build
+
+    model = build(tmp_path / "trees.onnx", size=None, batch="n",
+                  meta={**DEEPNESS, "tile_size": 64})
+    src = _folder(tmp_path, 3)
+    params = SegmentParams(backend="onnxruntime", threads=1, confidence=True)
+    local = segment_folder(src, model, tmp_path / "local", params)
+    rep = segment_folder(src, model, tmp_path / "dask", params,
+                         executor=DaskExecutor(cluster.address))
+    assert [r.status for r in rep.rows] == ["done"] * 3 == [r.status for r in local.rows]
+    _same_outputs(tmp_path / "local", tmp_path / "dask")
+    big = write_raster(tmp_path / "big.tif", random_rgb(300, 260, seed=11))
+    one = segment_raster(big, model, tmp_path / "one", params)
+    res = segment_on_cluster(big, model, tmp_path / "blocks", params, cluster.address,
+                             tile_rows=2)
+    _same_raster_outputs(tmp_path / "one", tmp_path / "blocks")
+    assert res.class_pixels == one.class_pixels and res.n_polygons == one.n_polygons
