@@ -37,6 +37,7 @@ from ..io.atomic import atomic_outputs, check_writable_dir, file_lock, free_byte
 from ..model.files import TesseraModel
 from ..params import OutputPaths, SegmentParams
 from ..progress import CancelFn, Progress, ProgressFn, check_cancel
+from .heads import first_head_paths, heads_of, segment_heads
 from .manifest import outputs_unchanged, read_manifest, run_record
 from .segment import segment_raster
 
@@ -190,7 +191,8 @@ def plan_folder(folder: str | Path, model: TesseraModel | str | Path, out_dir: s
         rel = src.relative_to(folder)
         paths = replace(OutputPaths.for_stem(out_dir / rel.parent, stem, manifest=True),
                         polygons_db=polygons_db)
-        done = done_before(src, paths, model, params) if skip_existing else None
+        done = done_before(src, first_head_paths(model, paths), model, params) \
+            if skip_existing else None
         tasks.append(FileTask(k, src, rel, out_dir / rel.parent, paths, done, batch,
                               redo=not skip_existing))
     return BatchPlan(folder, out_dir, model, params, tuple(tasks))
@@ -251,7 +253,8 @@ def run_one(task: FileTask, model: TesseraModel, params: SegmentParams,
             log.info("%s: being segmented by another batch, skipped", task.rel)
             row.status, row.error = "skipped", "being segmented by another batch right now"
             return row
-        done = done_before(task.source, task.outputs, model, params)  # done meanwhile?
+        done = done_before(task.source, first_head_paths(model, task.outputs), model,
+                           params)  # done meanwhile?
         if done is not None:  # by this very batch (a worker lost after its commit), or
             ours = bool(task.batch) and done.get("batch") == task.batch  # by another run:
             if ours or not task.redo:  # redone only when asked to (--overwrite)
@@ -306,9 +309,14 @@ def _segment_one(task: FileTask, model: TesseraModel, params: SegmentParams,
                  cancel: CancelFn | None, row: FileReport) -> FileReport:
     t = time.perf_counter()
     try:
-        res = segment_raster(task.source, model, task.dest, params, predictor=predictor(),
-                             progress=progress, cancel=cancel, outputs=task.outputs,
-                             batch=task.batch or None)
+        if len(heads_of(model)) > 1:  # a run per head (their own predictors), together
+            res = segment_heads(task.source, model, task.dest, params, stem=task.rel.stem,
+                                outputs=task.outputs, derive=True, progress=progress,
+                                cancel=cancel, batch=task.batch or None)
+        else:
+            res = segment_raster(task.source, model, task.dest, params,
+                                 predictor=predictor(), progress=progress, cancel=cancel,
+                                 outputs=task.outputs, batch=task.batch or None)
         _fill(row, "done", res.to_dict())
     except CancelledError:
         raise

@@ -63,14 +63,25 @@ def head_paths(outs: OutputPaths, name: str) -> OutputPaths:
                                           outs.polygons, outs.manifest)))  # type: ignore[arg-type]
 
 
+def first_head_paths(model: TesseraModel, paths: OutputPaths) -> OutputPaths:
+    """Where the first head of ``model`` goes from the default names ``paths`` (``paths``
+    itself for a one-head model): a batch knows a multi-head file done by its manifest."""
+    heads = heads_of(model)
+    return paths if len(heads) < 2 else replace(head_paths(paths, head_names(heads)[0]),
+                                                polygons_db=paths.polygons_db)
+
+
 def segment_heads(raster: str | Path, model: TesseraModel, out_dir: str | Path,
                   params: SegmentParams, *, stem: str, outputs: OutputPaths | None = None,
-                  claim: bool = False, progress: ProgressFn | None = None,
-                  cancel: CancelFn | None = None, batch: str | None = None) -> Any:
+                  claim: bool = False, derive: bool = False,
+                  progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+                  batch: str | None = None) -> Any:
     """:func:`~.segment.segment_raster` for every head of ``model``, committed together; the
     first head's result, with every head's (its name, its classes) in its ``heads``. ``claim``: the
     names of each head are claimed as a run of the panel's claims them
-    (:func:`~.manifest.claim_outputs`: never another run's files)."""
+    (:func:`~.manifest.claim_outputs`: never another run's files). ``derive``: ``outputs``
+    are default names, each head's made from them (a batch's); else the first head takes
+    them as they are (Processing's, named by the user)."""
     from .manifest import claim_outputs
     from .segment import segment_raster
 
@@ -89,7 +100,7 @@ def segment_heads(raster: str | Path, model: TesseraModel, out_dir: str | Path,
             if claim:
                 outs = claim_outputs(raster, view, params, out_dir, f"{stem}_{name}")
             elif outputs is not None:  # names of the caller's: the first head's, as given
-                outs = outputs if i == 0 else head_paths(outputs, name)
+                outs = outputs if i == 0 and not derive else head_paths(outputs, name)
             else:
                 outs = head_paths(OutputPaths.for_stem(out_dir, stem), name)
             results.append(segment_raster(raster, view, out_dir, params, outputs=outs,

@@ -306,7 +306,7 @@ def test_a_model_with_two_heads_says_which_one_it_segments(scene, tmp_path, capl
     _, got = run(path, model, tmp_path / "out")
     assert np.array_equal(got, expected(data, "softmax"))
     assert "the model has 2 output heads; this run segments with the first ('probs') only " \
-           "(a single raster's run, from the command line or QGIS, writes every head" \
+           "(segment and batch runs, from the command line or QGIS, write every head" \
         in caplog.text
 
 
@@ -444,3 +444,25 @@ def test_each_head_gets_its_own_outputs_committed_together(scene, tmp_path, caps
     assert main(["segment", str(path), "--model", str(model), "--out", str(bad),
                  "--no-vectorize"]) != 0
     assert sorted(p.name for p in bad.iterdir()) == ["scene_second_classes.tif"]
+
+
+def test_a_batch_writes_every_head_of_every_file_and_skips_them_after(scene, tmp_path):
+    from tessera.core.pipeline.batch import segment_folder
+
+    path, data = scene
+    model = build(tmp_path / "two.onnx", extra_output=True, meta={
+        **DEEPNESS, "class_names": [DEEPNESS["class_names"], {"0": "x", "1": "y", "2": "z"}]})
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a", "b"):
+        (folder / f"{name}.tif").write_bytes(path.read_bytes())
+    params = SegmentParams(backend="onnxruntime", vectorize=VectorizeParams(enabled=False))
+    rep = segment_folder(folder, model, tmp_path / "out", params)
+    assert [r.status for r in rep.rows] == ["done", "done"]
+    for name in ("a", "b"):
+        for head in ("probs", "second"):
+            with rasterio.open(tmp_path / "out" / f"{name}_{head}_classes.tif") as ds:
+                assert np.array_equal(ds.read(1), expected(data, "softmax"))
+            assert (tmp_path / "out" / f"{name}_{head}_tessera.json").is_file()
+    again = segment_folder(folder, model, tmp_path / "out", params)
+    assert [r.status for r in again.rows] == ["skipped", "skipped"]
