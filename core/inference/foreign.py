@@ -29,9 +29,9 @@ class ForeignRunner:
         if len(runtime["heads"]) > 1 and "head" not in runtime:
             log.warning(
                 "the model has %d output heads; this run segments with the first ('%s') "
-                "only (segment and batch runs, from the command line or QGIS, write every "
-                "head; a raster split across a Dask cluster does not yet)",
-                len(runtime["heads"]), runtime["heads"][head]["output"])
+                "only (segment and batch runs, from the command line, QGIS or a Dask "
+                "cluster, write every head)", len(runtime["heads"]),
+                runtime["heads"][head]["output"])
         self.head = runtime["heads"][head]
         self.threshold = runtime.get("threshold")
         #: set once a softmax head gave values outside 0..1: its output is taken as logits

@@ -45,18 +45,18 @@ def _segment(job: SegmentJob, ctx: Context) -> Any:
     from ..pipeline.manifest import claim_outputs
     from ..pipeline.segment import segment_raster
 
+    outputs, model = job.outputs, TesseraModel.open(job.model)
+    stem = job.stem or default_stem(job.raster)
+    if len(heads_of(model)) > 1:  # one set of outputs per head, committed together
+        return segment_heads(job.raster, model, job.out_dir, job.params, stem=stem,
+                             outputs=outputs, claim=job.keep_others and outputs is None,
+                             progress=ctx.progress, cancel=ctx.cancel, cluster=job.cluster)
     if job.cluster:
         from ..pipeline.blocks import segment_on_cluster
 
         return segment_on_cluster(job.raster, job.model, job.out_dir, job.params, job.cluster,
                                   stem=job.stem, outputs=job.outputs, progress=ctx.progress,
                                   cancel=ctx.cancel)
-    outputs, model = job.outputs, TesseraModel.open(job.model)
-    stem = job.stem or default_stem(job.raster)
-    if len(heads_of(model)) > 1:  # one set of outputs per head, committed together
-        return segment_heads(job.raster, model, job.out_dir, job.params, stem=stem,
-                             outputs=outputs, claim=job.keep_others and outputs is None,
-                             progress=ctx.progress, cancel=ctx.cancel)
     if job.keep_others and outputs is None:
         outputs = claim_outputs(job.raster, model, job.params, job.out_dir, stem)
     return segment_raster(job.raster, model, job.out_dir, job.params, stem=job.stem,

@@ -364,10 +364,11 @@ def segment_on_cluster(raster: str | Path, model: str | Path, out_dir: str | Pat
                        params: SegmentParams, address: str, *, stem: str | None = None,
                        outputs: OutputPaths | None = None, progress: ProgressFn | None = None,
                        cancel: CancelFn | None = None,
-                       tile_rows: int | None = None) -> Any:
+                       tile_rows: int | None = None, head: int | None = None) -> Any:
     """Segment one raster with its blocks on the Dask cluster at ``address`` (see the
     module's notes); the outputs and the result as :func:`~.segment.segment_raster`'s.
-    ``tile_rows``: tile rows per block (default: sized to the cluster, :func:`block_tile_rows`)."""
+    ``tile_rows``: tile rows per block (default: sized to the cluster, :func:`block_tile_rows`);
+    ``head``: that head of a multi-head model (:func:`.heads.segment_heads`)."""
     from .cluster import (
         PLUGIN,
         ModelOnWorker,
@@ -377,11 +378,13 @@ def segment_on_cluster(raster: str | Path, model: str | Path, out_dir: str | Pat
         clean_up,
         connect,
     )
+    from .heads import head_view
     from .inputs import default_stem, opened
     from .segment import _database, _plan
 
     t0, path = time.perf_counter(), absolute(raster)  # the workers' folder is not ours
     m = TesseraModel.open(absolute(model))
+    m = m if head is None else head_view(m, head)
     outs = absolute_outputs(outputs or OutputPaths.for_stem(out_dir, stem or default_stem(path)))
     with gdal_env(), opened(path, m.contract, params) as (ds, notes, count, label):
         plan = _plan(ds, label, m.contract, params, outs, notes, count)
@@ -397,7 +400,7 @@ def segment_on_cluster(raster: str | Path, model: str | Path, out_dir: str | Pat
             rows = PartRows(blocks, folder, plan.grid.width, plan.grid.height, plan.path)
             tracer = _tracer(plan, rows, temps, db, cancel)
             try:
-                client.register_plugin(ModelOnWorker(str(m.path), m.identity(), params),
+                client.register_plugin(ModelOnWorker(str(m.path), m.identity(), params, head),
                                        name=PLUGIN)
                 futures = {client.submit(_block_on_worker, path, params, outs, blk, folder,
                                          pure=False, retries=2,

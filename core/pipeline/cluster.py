@@ -146,9 +146,11 @@ class ModelOnWorker(_PluginBase):
 
     name = PLUGIN
 
-    def __init__(self, model: str, sha256: str, params: SegmentParams) -> None:
+    def __init__(self, model: str, sha256: str, params: SegmentParams,
+                 head: int | None = None) -> None:
         super().__init__()
         self.model_path, self.sha256, self.params = model, sha256, params
+        self.head = head  # a multi-head model's head (:mod:`.heads`)
         self.loads = 0
         self._model: TesseraModel | None = None
         self._predictor: Any = None
@@ -168,6 +170,10 @@ class ModelOnWorker(_PluginBase):
                 raise ModelError(f"{self.model_path}: this worker sees another file under "
                                  "that path than the client (all workers must share storage)",
                                  self.model_path)
+            if self.head is not None:
+                from .heads import head_view
+
+                m = head_view(m, self.head)
             self._model = m
             self.loads += 1
         return self._model

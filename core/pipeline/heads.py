@@ -75,13 +75,14 @@ def segment_heads(raster: str | Path, model: TesseraModel, out_dir: str | Path,
                   params: SegmentParams, *, stem: str, outputs: OutputPaths | None = None,
                   claim: bool = False, derive: bool = False,
                   progress: ProgressFn | None = None, cancel: CancelFn | None = None,
-                  batch: str | None = None) -> Any:
+                  batch: str | None = None, cluster: str | None = None) -> Any:
     """:func:`~.segment.segment_raster` for every head of ``model``, committed together; the
     first head's result, with every head's (its name, its classes) in its ``heads``. ``claim``: the
     names of each head are claimed as a run of the panel's claims them
     (:func:`~.manifest.claim_outputs`: never another run's files). ``derive``: ``outputs``
     are default names, each head's made from them (a batch's); else the first head takes
-    them as they are (Processing's, named by the user)."""
+    them as they are (Processing's, named by the user). ``cluster``: each head's run split
+    across that Dask cluster (:func:`.blocks.segment_on_cluster`)."""
     from .manifest import claim_outputs
     from .segment import segment_raster
 
@@ -103,9 +104,16 @@ def segment_heads(raster: str | Path, model: TesseraModel, out_dir: str | Path,
                 outs = outputs if i == 0 and not derive else head_paths(outputs, name)
             else:
                 outs = head_paths(OutputPaths.for_stem(out_dir, stem), name)
-            results.append(segment_raster(raster, view, out_dir, params, outputs=outs,
-                                          progress=_part(progress, i, len(heads)),
-                                          cancel=cancel, batch=batch))
+            part = _part(progress, i, len(heads))
+            if cluster:  # the raster split across a Dask cluster, head by head
+                from .blocks import segment_on_cluster
+
+                results.append(segment_on_cluster(raster, str(model.path), out_dir, params,
+                                                  cluster, outputs=outs, progress=part,
+                                                  cancel=cancel, head=i))
+            else:
+                results.append(segment_raster(raster, view, out_dir, params, outputs=outs,
+                                              progress=part, cancel=cancel, batch=batch))
     first = results[0]
     first.heads = [{**r.to_dict(), "head": h["output"],
                     "classes": [{"id": k.id, "name": k.name, "color": k.color}

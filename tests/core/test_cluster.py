@@ -470,3 +470,21 @@ def test_a_deepness_model_on_the_cluster_equals_the_local_run(cluster, tmp_path)
                              tile_rows=2)
     _same_raster_outputs(tmp_path / "one", tmp_path / "blocks")
     assert res.class_pixels == one.class_pixels and res.n_polygons == one.n_polygons
+
+
+def test_a_two_headed_model_split_across_the_cluster_writes_every_head(cluster, tmp_path):
+    from tessera.core.jobs.runners import Context, run
+    from tessera.core.jobs.spec import SegmentJob
+    from test_deepness import DEEPNESS, build
+
+    model = build(tmp_path / "two.onnx", size=None, batch="n", extra_output=True, meta={
+        **DEEPNESS, "tile_size": 64,
+        "class_names": [DEEPNESS["class_names"], {"0": "x", "1": "y", "2": "z"}]})
+    big = write_raster(tmp_path / "big.tif", random_rgb(300, 260, seed=11))
+    params = SegmentParams(backend="onnxruntime", threads=1, confidence=True)
+    one = run(SegmentJob(str(big), str(model), str(tmp_path / "one"), params), Context())
+    res = run(SegmentJob(str(big), str(model), str(tmp_path / "blocks"), params,
+                         cluster=cluster.address), Context())
+    assert [h["head"] for h in res.heads] == ["probs", "second"] == [h["head"] for h in one.heads]
+    for head in ("probs", "second"):
+        _same_raster_outputs(tmp_path / "one", tmp_path / "blocks", stem=f"big_{head}")

@@ -306,7 +306,8 @@ def test_a_model_with_two_heads_says_which_one_it_segments(scene, tmp_path, capl
     _, got = run(path, model, tmp_path / "out")
     assert np.array_equal(got, expected(data, "softmax"))
     assert "the model has 2 output heads; this run segments with the first ('probs') only " \
-           "(segment and batch runs, from the command line or QGIS, write every head" \
+           "(segment and batch runs, from the command line, QGIS or a Dask cluster, write " \
+           "every head" \
         in caplog.text
 
 
