@@ -467,3 +467,26 @@ def test_a_batch_writes_every_head_of_every_file_and_skips_them_after(scene, tmp
             assert (tmp_path / "out" / f"{name}_{head}_tessera.json").is_file()
     again = segment_folder(folder, model, tmp_path / "out", params)
     assert [r.status for r in again.rows] == ["skipped", "skipped"]
+
+
+def test_evaluate_scores_a_deepness_model_exactly(scene, tmp_path):
+    """``tessera evaluate`` of a Deepness model: its confusion matrix is numpy's."""
+    from helpers import write_raster
+    from tessera.core.training.evaluate import evaluate_model
+
+    path, data = scene
+    model = build(tmp_path / "trees.onnx", meta=DEEPNESS)
+    pred = expected(data, "softmax")
+    rng = np.random.default_rng(4)
+    lab = rng.integers(0, 3, pred.shape).astype(np.uint8)
+    lab[pred == 255] = 255
+    lab[rng.random(pred.shape) < 0.2] = 255  # unannotated
+    labels = write_raster(tmp_path / "lab.tif", lab, crs="EPSG:32640", nodata=255,
+                          transform=Affine(0.5, 0, 500000.0, 0, -0.5, 2700000.0))
+    res = evaluate_model(model, {"kind": "raster", "image": str(path), "labels": str(labels)},
+                         device="cpu")
+    ok = lab != 255
+    want = np.zeros((3, 3), np.int64)
+    np.add.at(want, (lab[ok].astype(np.int64), pred[ok].astype(np.int64)), 1)
+    assert res.confusion.tolist() == want.tolist()
+    assert [r["name"] for r in res.per_class()] == ["background", "trees", "roofs"]
