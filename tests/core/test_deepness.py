@@ -490,3 +490,22 @@ def test_evaluate_scores_a_deepness_model_exactly(scene, tmp_path):
     np.add.at(want, (lab[ok].astype(np.int64), pred[ok].astype(np.int64)), 1)
     assert res.confusion.tolist() == want.tolist()
     assert [r["name"] for r in res.per_class()] == ["background", "trees", "roofs"]
+
+
+def test_the_models_resolution_is_the_processing_grid(scene, tmp_path):
+    """``resolution`` 100 (cm) on a 0.5 m raster: auto runs it at 1 m (twice coarser), the
+    outputs on that grid; the classes are numpy's on the raster averaged to 1 m (≥ 99 %:
+    GDAL's warp and its overview averaging may round a few pixels apart)."""
+    from rasterio.enums import Resampling
+
+    path, _ = scene
+    model = build(tmp_path / "m.onnx", meta={**DEEPNESS, "resolution": 100})
+    res, got = run(path, model, tmp_path / "out")
+    with rasterio.open(res.class_raster) as ds:
+        assert (ds.width, ds.height) == (75, 65)
+        assert ds.transform.almost_equals(Affine(1.0, 0, 500000.0, 0, -1.0, 2700000.0))
+    with rasterio.open(path) as src:
+        coarse = src.read(out_shape=(3, 65, 75), resampling=Resampling.average)
+    want = expected(coarse, "softmax")
+    ok = (want != 255) & (got != 255)
+    assert ok.mean() > 0.9 and (got[ok] == want[ok]).mean() >= 0.99
