@@ -48,9 +48,19 @@ def _segment(job: SegmentJob, ctx: Context) -> Any:
     outputs, model = job.outputs, TesseraModel.open(job.model)
     stem = job.stem or default_stem(job.raster)
     if len(heads_of(model)) > 1:  # one set of outputs per head, committed together
+        one_head = None
+        if job.cluster:  # each head's run split across the cluster
+            from ..pipeline.blocks import segment_on_cluster
+
+            address: str = job.cluster
+
+            def one_head(i: int, view: Any, outs: Any, part: Any) -> Any:
+                return segment_on_cluster(job.raster, str(view.path), job.out_dir, job.params,
+                                          address, outputs=outs, progress=part,
+                                          cancel=ctx.cancel, head=i)
         return segment_heads(job.raster, model, job.out_dir, job.params, stem=stem,
                              outputs=outputs, claim=job.keep_others and outputs is None,
-                             progress=ctx.progress, cancel=ctx.cancel, cluster=job.cluster)
+                             progress=ctx.progress, cancel=ctx.cancel, one_head=one_head)
     if job.cluster:
         from ..pipeline.blocks import segment_on_cluster
 

@@ -369,6 +369,7 @@ def segment_on_cluster(raster: str | Path, model: str | Path, out_dir: str | Pat
     module's notes); the outputs and the result as :func:`~.segment.segment_raster`'s.
     ``tile_rows``: tile rows per block (default: sized to the cluster, :func:`block_tile_rows`);
     ``head``: that head of a multi-head model (:func:`.heads.segment_heads`)."""
+    from ..model.heads import head_view
     from .cluster import (
         PLUGIN,
         ModelOnWorker,
@@ -378,7 +379,6 @@ def segment_on_cluster(raster: str | Path, model: str | Path, out_dir: str | Pat
         clean_up,
         connect,
     )
-    from .heads import head_view
     from .inputs import default_stem, opened
     from .segment import _database, _plan
 

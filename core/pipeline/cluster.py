@@ -171,7 +171,7 @@ class ModelOnWorker(_PluginBase):
                                  "that path than the client (all workers must share storage)",
                                  self.model_path)
             if self.head is not None:
-                from .heads import head_view
+                from ..model.heads import head_view
 
                 m = head_view(m, self.head)
             self._model = m

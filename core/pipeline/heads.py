@@ -10,15 +10,15 @@ time of one run per head.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..errors import ParameterError
 from ..io.together import commit_together
-from ..model.contract import ClassInfo
-from ..model.deepness import PALETTE
 from ..model.files import TesseraModel
+from ..model.heads import head_view
 from ..params import OutputPaths, SegmentParams
 from ..progress import CancelFn, Progress, ProgressFn
 
@@ -36,16 +36,6 @@ def head_names(heads: list[dict[str, Any]]) -> list[str]:
         name = base or f"head{n + 1}"
         names.append(name if name not in names else f"{name}_{n + 1}")
     return names
-
-
-def head_view(model: TesseraModel, index: int) -> TesseraModel:
-    """``model`` seen through its head ``index``: that head's classes, run by that output."""
-    c = model.contract
-    head = c.runtime["heads"][index]
-    classes = tuple(ClassInfo(i, name, PALETTE[i % len(PALETTE)])
-                    for i, name in enumerate(head["classes"]))
-    view = replace(c, classes=classes, runtime={**c.runtime, "head": index})
-    return TesseraModel(view, None, model.path, sha256=model.sha256)
 
 
 def head_paths(outs: OutputPaths, name: str) -> OutputPaths:
@@ -75,14 +65,16 @@ def segment_heads(raster: str | Path, model: TesseraModel, out_dir: str | Path,
                   params: SegmentParams, *, stem: str, outputs: OutputPaths | None = None,
                   claim: bool = False, derive: bool = False,
                   progress: ProgressFn | None = None, cancel: CancelFn | None = None,
-                  batch: str | None = None, cluster: str | None = None) -> Any:
+                  batch: str | None = None,
+                  one_head: Callable[..., Any] | None = None) -> Any:
     """:func:`~.segment.segment_raster` for every head of ``model``, committed together; the
     first head's result, with every head's (its name, its classes) in its ``heads``. ``claim``: the
     names of each head are claimed as a run of the panel's claims them
     (:func:`~.manifest.claim_outputs`: never another run's files). ``derive``: ``outputs``
     are default names, each head's made from them (a batch's); else the first head takes
-    them as they are (Processing's, named by the user). ``cluster``: each head's run split
-    across that Dask cluster (:func:`.blocks.segment_on_cluster`)."""
+    them as they are (Processing's, named by the user). ``one_head(index, view, outputs,
+    progress)``: how a head is run instead of :func:`~.segment.segment_raster` (a raster
+    split across a Dask cluster: :func:`.blocks.segment_on_cluster` with ``head=index``)."""
     from .manifest import claim_outputs
     from .segment import segment_raster
 
@@ -105,12 +97,8 @@ def segment_heads(raster: str | Path, model: TesseraModel, out_dir: str | Path,
             else:
                 outs = head_paths(OutputPaths.for_stem(out_dir, stem), name)
             part = _part(progress, i, len(heads))
-            if cluster:  # the raster split across a Dask cluster, head by head
-                from .blocks import segment_on_cluster
-
-                results.append(segment_on_cluster(raster, str(model.path), out_dir, params,
-                                                  cluster, outputs=outs, progress=part,
-                                                  cancel=cancel, head=i))
+            if one_head is not None:
+                results.append(one_head(i, view, outs, part))
             else:
                 results.append(segment_raster(raster, view, out_dir, params, outputs=outs,
                                               progress=part, cancel=cancel, batch=batch))
