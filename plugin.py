@@ -33,7 +33,7 @@ class _QgisLogHandler(logging.Handler):
 
 
 class TesseraPlugin:
-    def __init__(self, iface: Any) -> None:
+    def __init__(self, iface: Any) -> None:  # noqa: QGS105  (classFactory(iface): QGIS's API)
         self.iface = iface
         self.provider: Any = None
         self.dock: Any = None

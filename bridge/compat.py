@@ -77,8 +77,9 @@ def _field_types() -> dict[str, Any]:
         return {"string": t.QString, "double": t.Double, "int": t.Int}
     from qgis.PyQt.QtCore import QVariant
 
-    return {"string": QVariant.Type.String, "double": QVariant.Type.Double,
-            "int": QVariant.Type.Int}
+    # QGIS < 3.38 takes only QVariant types: the fallback Qt6's rule flags, on purpose
+    return {"string": QVariant.Type.String, "double": QVariant.Type.Double,  # noqa: QGS402
+            "int": QVariant.Type.Int}  # noqa: QGS402
 
 
 FIELD_TYPES = _field_types()

@@ -78,7 +78,9 @@ class WheelGuard(QObject):
 class TesseraDock(QgsDockWidget):
     """The panel. ``controller`` (the plugin) runs jobs and adds the layers."""
 
-    def __init__(self, iface: Any, controller: Any, parent: QWidget | None = None) -> None:
+    # QGS105 below: the plugin's iface, handed in (the tests give the panel a recording one)
+    def __init__(self, iface: Any, controller: Any,  # noqa: QGS105
+                 parent: QWidget | None = None) -> None:
         super().__init__("Tessera", parent)
         self.setObjectName("TesseraDock")
         self.iface, self.controller = iface, controller

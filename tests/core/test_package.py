@@ -17,7 +17,7 @@ BANDIT = Path(sys.executable).parent / "bandit"
 REQUIRED = ("name", "qgisMinimumVersion", "description", "about", "version", "author",
             "email", "repository")
 RECOMMENDED = ("qgisMaximumVersion", "tracker", "homepage", "icon", "changelog", "tags",
-               "category", "experimental", "deprecated", "supportsQt6")
+               "category", "experimental", "deprecated")
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_metadata_has_every_field_the_repository_requires(package):
         assert general.get(key, "").strip(), f"metadata.txt: {key} is missing or empty"
     assert general["version"] == __version__
     assert general["qgisMinimumVersion"] == "3.22" and general["qgisMaximumVersion"] == "4.99"
-    assert general["supportsQt6"] == "True"
+    assert "supportsQt6" not in general  # (a key QGIS 4 no longer reads)
     assert f"tessera/{general['icon']}" in names
     assert general["repository"].startswith("https://")
     assert len(general["description"]) < 300
@@ -63,3 +63,20 @@ def test_bandit_finds_nothing_medium_or_high_in_the_zip(package):
                         "txt"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:]
     assert ">> Issue:" not in p.stdout
+
+
+def test_flake8_qgis_flags_a_qt6_break_and_passes_the_adapters(tmp_path):
+    """``make lint``'s flake8-qgis run: a QVariant type (gone in Qt6) and an iface argument are
+    found; the plugin's adapters are clean (their deliberate exceptions marked)."""
+    flake8 = Path(sys.executable).parent / "flake8"
+    bad = tmp_path / "bad.py"
+    bad.write_text("from qgis.PyQt.QtCore import QVariant\n\nT = QVariant.Type.String\n\n\n"
+                   "def start(iface):\n    return iface\n")
+    run = subprocess.run([str(flake8), "--select=QGS1,QGS4", str(bad)], capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert run.returncode == 1
+    assert f"{bad}:3:5: QGS402" in run.stdout and ": QGS105 " in run.stdout
+    clean = subprocess.run([str(flake8), "--select=QGS1,QGS4", "__init__.py", "plugin.py", "ui",
+                            "bridge", "tessera_provider"], capture_output=True, text=True,
+                           timeout=300, check=False, cwd=ROOT)
+    assert (clean.returncode, clean.stdout) == (0, "")
