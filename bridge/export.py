@@ -80,7 +80,7 @@ def export_bytes(layer: QgsRasterLayer, width: int, height: int) -> int:
     """The most an export of ``width`` x ``height`` px of ``layer`` takes (uncompressed)."""
     provider = layer.dataProvider()
     per_pixel = sum(max(1, provider.dataTypeSize(b)) for b in range(1, layer.bandCount() + 1))
-    return width * height * max(per_pixel, 1)
+    return width * height * per_pixel
 
 
 def check_space(layer: QgsRasterLayer, width: int, height: int, folder: str) -> None:

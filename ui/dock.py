@@ -437,9 +437,8 @@ class TesseraDock(QgsDockWidget):
                        f"'{self.contract.name}' reads bands "
                        f"{', '.join(map(str, self.contract.bands))}.")
             ok = not msg
-        elif needs_export(layer) and (layer.width() <= 0 or layer.extent().isEmpty()):
-            msg, ok = (f"'{layer.name()}' ({layer.providerType()}) has no pixel grid of its "
-                       "own to export: export it to GeoTIFF first (Export → Save As…)."), False
+        elif needs_export(layer) and self._export_refusal(layer):
+            msg, ok = self._export_refusal(layer), False
         elif self.contract is not None and not all(
                 1 <= b <= layer.bandCount() for b in self.bands()):
             msg, ok = (f"The model reads {self.contract.in_channels} bands and the layer has "
@@ -465,6 +464,18 @@ class TesseraDock(QgsDockWidget):
         ok = self._check_resolution(layer if not self.layer_msg.text() else None) and ok
         self.run_btn.setEnabled(ok and self.task is None)
         return ok
+
+    @staticmethod
+    def _export_refusal(layer: QgsRasterLayer) -> str:
+        """Why a layer the engine cannot read cannot be exported either (no pixel grid), or
+        ``""`` (the export's own check)."""
+        from ..bridge.export import export_grid
+
+        try:
+            export_grid(layer, None)
+        except QgsProcessingException as exc:
+            return str(exc)
+        return ""
 
     @staticmethod
     def _web_refusal(layer: QgsRasterLayer) -> str:

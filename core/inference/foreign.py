@@ -34,8 +34,9 @@ class ForeignRunner:
                 runtime["heads"][head]["output"])
         self.head = runtime["heads"][head]
         self.threshold = runtime.get("threshold")
-        #: set once a softmax head gave values outside 0..1: its output is taken as logits
-        self.logits = False
+        #: whether a softmax head's output is logits (values outside 0..1), decided on the
+        #: first batch: no extra pass over every later one
+        self.logits: bool | None = None
 
     def run(self, session: Any, x: np.ndarray) -> np.ndarray:
         """Class probabilities of the batch ``x`` ``(B, C, h, w)`` float32."""
@@ -83,11 +84,11 @@ class ForeignRunner:
         """A multi-class head's probabilities; with the threshold ``t``, a pixel whose most
         likely class is below it is background (class 0), as in Deepness: its probabilities
         become ``1 - max`` for class 0 and 0 for the others."""
-        if not self.logits and (float(out.min()) < -1e-3 or float(out.max()) > 1 + 1e-3):
-            log.warning(
-                "output '%s' gives values outside 0..1: taken as logits (a softmax applied)",
-                self.head["output"])
-            self.logits = True
+        if self.logits is None:
+            self.logits = float(out.min()) < -1e-3 or float(out.max()) > 1 + 1e-3
+            if self.logits:
+                log.warning("output '%s' gives values outside 0..1: taken as logits (a "
+                            "softmax applied)", self.head["output"])
         if self.logits:
             out = softmax(out, inplace=True)
         if self.threshold:

@@ -36,6 +36,17 @@ def tiny_unet(seed: int = 0, **over) -> TesseraModel:
     return TesseraModel.create(ModelContract.from_dict(contract_dict(**over)))
 
 
+def one_class_unet(k: int = 2, **over) -> TesseraModel:
+    """A tiny real U-Net whose output is known: its segmentation head's weights are zero and
+    its bias favours class ``k``, so every valid pixel is class ``k`` (2: "Water")."""
+    m = TesseraModel.create(ModelContract.from_dict(contract_dict(**over)))
+    head = m.module.segmentation_head[0]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.nn.functional.one_hot(torch.tensor(k), head.bias.numel()) * 5.0)
+    return m
+
+
 class LocalModel(torch.nn.Module):
     """A model whose output at a pixel depends only on a (2*depth+1)² neighbourhood.
 

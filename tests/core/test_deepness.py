@@ -37,12 +37,12 @@ MEAN, STD = [0.4, 0.45, 0.5], [0.2, 0.25, 0.3]
 def build(path: Path, *, head: str = "softmax", size: int | None = 64, batch: int | str = 1,
           crop: int = 0, meta: dict | None = None, input_name: str = "image",
           output_name: str = "probs", rank: int = 4, extra_output: bool = False) -> Path:
-    """A per-pixel ONNX segmentation model: ``head`` softmax (3 classes) or sigmoid (one
-    channel; ``rank`` 3 drops the channel axis); a fixed ``size`` (``None``: free) and
-    ``batch``; an output ``crop`` px smaller on each side; ``meta`` as Deepness's
-    metadata_props (values written as JSON text, as Deepness's own tool does; bytes as they
-    are)."""
-    w, b = (W3, B3) if head == "softmax" else (W1, B1)
+    """A per-pixel ONNX segmentation model: ``head`` softmax (3 classes), logits (the same
+    without its softmax) or sigmoid (one channel; ``rank`` 3 drops the channel axis); a
+    fixed ``size`` (``None``: free) and ``batch``; an output ``crop`` px smaller on each
+    side; ``meta`` as Deepness's metadata_props (values written as JSON text, as Deepness's
+    own tool does; bytes as they are)."""
+    w, b = (W1, B1) if head == "sigmoid" else (W3, B3)
     hw: list = [size, size] if size else ["h", "w"]
     inp = helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [batch, 3, *hw])
     k = w.shape[0]
@@ -50,7 +50,8 @@ def build(path: Path, *, head: str = "softmax", size: int | None = 64, batch: in
     out_dims = [batch, k, *out_hw] if rank == 4 else [batch, *out_hw]
     outs = [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, out_dims)]
     nodes = [helper.make_node("Conv", [input_name, "W", "B"], ["z"]),
-             helper.make_node("Softmax" if head == "softmax" else "Sigmoid", ["z"], ["p"],
+             helper.make_node({"softmax": "Softmax", "sigmoid": "Sigmoid",
+                               "logits": "Identity"}[head], ["z"], ["p"],
                               **({"axis": 1} if head == "softmax" else {}))]
     inits = [numpy_helper.from_array(w[:, :, None, None], "W"), numpy_helper.from_array(b, "B")]
     last = "p"
@@ -181,6 +182,14 @@ def test_an_output_smaller_than_the_input_is_its_centre(scene, tmp_path):
                                              r"of its tiles only \(6 px short of each side\); "
                                              "the overlap must be at least 12 px"):
         run(path, model, tmp_path / "o2", overlap=8)
+
+
+def test_logits_instead_of_probabilities_are_said_and_softmaxed(scene, tmp_path, caplog):
+    path, data = scene
+    model = build(tmp_path / "raw.onnx", head="logits", meta=DEEPNESS)
+    _, got = run(path, model, tmp_path / "out")
+    assert np.array_equal(got, expected(data, "softmax"))
+    assert caplog.text.count("output 'probs' gives values outside 0..1: taken as logits") == 1
 
 
 def test_a_fixed_batch_of_three_is_filled_up(scene, tmp_path):

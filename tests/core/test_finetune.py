@@ -28,17 +28,24 @@ def _weights(path):
     return {k: v.float() for k, v in TesseraModel.load(path).module.state_dict().items()}
 
 
-def test_same_classes_start_from_every_weight(dataset, parent, tmp_path, monkeypatch):  # noqa: F811
+@pytest.fixture()
+def start(monkeypatch) -> dict:
+    """The network's weights as training starts (after the real load of the parent's)."""
     from tessera.core.training import train as train_mod
 
-    seen = {}
+    seen: dict = {}
     real = train_mod.load_parent_weights
 
-    def spy(net, par):  # the network as training starts: the parent's weights exactly
+    def spy(net, par):
         real(net, par)
         seen.update({k: v.detach().clone().float() for k, v in net.state_dict().items()})
 
     monkeypatch.setattr(train_mod, "load_parent_weights", spy)
+    return seen
+
+
+def test_same_classes_start_from_every_weight(dataset, parent, tmp_path, start):  # noqa: F811
+    seen = start
     child = tmp_path / "child.safetensors"
     train_folder(dataset, child, TrainParams(**TINY, init=str(parent)), name="child")
     want = _weights(parent)
@@ -56,17 +63,8 @@ def test_same_classes_start_from_every_weight(dataset, parent, tmp_path, monkeyp
         (p.contract.architecture, p.contract.encoder, p.contract.mean, p.contract.std)
 
 
-def test_other_classes_get_a_new_last_layer_only(dataset, parent, tmp_path, monkeypatch):  # noqa: F811
-    from tessera.core.training import train as train_mod
-
-    seen = {}
-    real = train_mod.load_parent_weights
-
-    def spy(net, par):
-        real(net, par)
-        seen.update({k: v.detach().clone().float() for k, v in net.state_dict().items()})
-
-    monkeypatch.setattr(train_mod, "load_parent_weights", spy)
+def test_other_classes_get_a_new_last_layer_only(dataset, parent, tmp_path, start):  # noqa: F811
+    seen = start
     rng = np.random.default_rng(1)
     lab = np.kron(rng.integers(0, 2, (6, 10)), np.ones((16, 16), np.uint8)).astype(np.uint8)
     img = (lab[None] * 90 + rng.integers(0, 60, (3, 96, 160))).astype(np.uint8)

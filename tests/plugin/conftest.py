@@ -27,23 +27,14 @@ import sys
 sys.path.insert(0, sys.argv[2])
 from pathlib import Path
 import numpy as np
-import torch
 from affine import Affine
-from helpers import contract_dict, random_rgb, write_raster
-from tessera.core.model.contract import ModelContract
+from helpers import one_class_unet, random_rgb, write_raster
 from tessera.core.model.files import TesseraModel
 
 out = Path(sys.argv[1])
-# A tiny real U-Net whose output is known: every weight of the segmentation head is zero and
-# its bias favours class 2 ("Water"), so every valid pixel is class 2.
-c = ModelContract.from_dict(contract_dict(name="constant Water", tile_size=64, overlap=16,
-                                          pixel_size_m=2.0))  # (the rasters' own)
-m = TesseraModel.create(c)
-head = m.module.segmentation_head[0]
-with torch.no_grad():
-    head.weight.zero_()
-    head.bias.copy_(torch.tensor([0.0, 0.0, 5.0]))
-m.save(out / "water.safetensors")
+# every valid pixel class 2 ("Water"), at the rasters' own pixel size
+one_class_unet(2, name="constant Water", tile_size=64, overlap=16,
+               pixel_size_m=2.0).save(out / "water.safetensors")
 
 data = random_rgb(100, 120, seed=5)
 data = np.maximum(data, 1)

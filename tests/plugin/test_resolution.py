@@ -19,21 +19,12 @@ import sys
 sys.path.insert(0, sys.argv[2])
 from pathlib import Path
 import numpy as np
-import torch
 from affine import Affine
-from helpers import contract_dict, random_rgb, write_raster
-from tessera.core.model.contract import ModelContract
-from tessera.core.model.files import TesseraModel
+from helpers import one_class_unet, random_rgb, write_raster
 
 out = Path(sys.argv[1])
-c = ModelContract.from_dict(contract_dict(name="water at half a metre", tile_size=64,
-                                          overlap=16, pixel_size_m=0.5))
-m = TesseraModel.create(c)
-head = m.module.segmentation_head[0]
-with torch.no_grad():  # every pixel class 2 ("Water")
-    head.weight.zero_()
-    head.bias.copy_(torch.tensor([0.0, 0.0, 5.0]))
-m.save(out / "half.safetensors")
+one_class_unet(2, name="water at half a metre", tile_size=64, overlap=16,
+               pixel_size_m=0.5).save(out / "half.safetensors")  # every pixel "Water"
 write_raster(out / "drone.tif", np.maximum(random_rgb(200, 200, seed=3), 1), crs="EPSG:32640",
              transform=Affine(0.1, 0, 500000.0, 0, -0.1, 2700000.0))
 write_raster(out / "geo.tif", np.maximum(random_rgb(200, 200, seed=4), 1), crs="EPSG:4326",
