@@ -5,6 +5,7 @@ batch, and each output head made class probabilities for the blend."""
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,7 @@ class ForeignRunner:
         #: whether a softmax head's output is logits (values outside 0..1), decided on the
         #: first batch: no extra pass over every later one
         self.logits: bool | None = None
+        self._deciding = threading.Lock()  # (ONNX Runtime runs two first tiles at once)
 
     def run(self, session: Any, x: np.ndarray) -> np.ndarray:
         """Class probabilities of the batch ``x`` ``(B, C, h, w)`` float32."""
@@ -85,10 +87,13 @@ class ForeignRunner:
         likely class is below it is background (class 0), as in Deepness: its probabilities
         become ``1 - max`` for class 0 and 0 for the others."""
         if self.logits is None:
-            self.logits = float(out.min()) < -1e-3 or float(out.max()) > 1 + 1e-3
-            if self.logits:
-                log.warning("output '%s' gives values outside 0..1: taken as logits (a "
-                            "softmax applied)", self.head["output"])
+            with self._deciding:
+                if self.logits is None:
+                    logits = float(out.min()) < -1e-3 or float(out.max()) > 1 + 1e-3
+                    if logits:
+                        log.warning("output '%s' gives values outside 0..1: taken as logits "
+                                    "(a softmax applied)", self.head["output"])
+                    self.logits = logits
         if self.logits:
             out = softmax(out, inplace=True)
         if self.threshold:
