@@ -2,7 +2,8 @@
 #
 #   make demo     set everything up and run Tessera on the bundled sample
 #   make test     set everything up, run make lint, then every test (core tier, then the real-QGIS
-#                 tier on this machine's QGIS 3.22, then on QGIS 3.40 in a cached chroot)
+#                 tier on this machine's QGIS 3.22, then on QGIS 3.40 and 3.44 in cached chroots,
+#                 and the core tier again on 3.44's Python 3.14 with the numpy 2 lock)
 #   make test-qgis-matrix  only the real-QGIS tier on the other QGIS versions (tools/qgis_matrix.sh)
 #   make bench    CPU benchmarks: throughput, peak memory, int8, overlap, web sources (BENCHMARKS.md)
 #   make bench-cluster  the Dask path (local:2) against the plain local run, at equal cores
@@ -11,7 +12,8 @@
 #   make package  build the installable plugin zip (dist/tessera-<version>.zip)
 #   make deploy   install that zip into the local QGIS profile, using this checkout's venv
 #   make lint     ruff (docstring and annotation rules on core/), mypy on core/, the house rules,
-#                 the static Qt6 / QGIS 4 check of the adapters (tools/check_qt6.py)
+#                 the static Qt6 / QGIS 4 check of the adapters against PyQt6 (tools/check_qt6.py),
+#                 flake8-qgis
 #   make setup    only the set-up: QGIS, PostgreSQL/PostGIS from apt, the venv (.venv/), `tessera`
 #   make clean    remove the venv and caches
 
@@ -33,7 +35,7 @@ export HF_HUB_OFFLINE := 1
 .PHONY: help setup test test-core test-plugin test-qgis-matrix bench bench-cluster bench-gpu demo lint clean package deploy train-default
 
 help:
-	@sed -n '2,16p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,18p' Makefile | sed 's/^# \{0,1\}//'
 
 setup: $(STAMP)
 
@@ -72,22 +74,25 @@ $(STAMP): $(QGIS_OK) $(PG_OK) requirements.txt requirements-dev.txt
 	  $(SYS_PY) -m venv --system-site-packages $(VENV); fi
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt -r requirements-dev.txt
 	@# Make `import tessera` resolve to this checkout, and install the `tessera` command.
-	@mkdir -p $(VENV)/src && ln -sfn "$(CURDIR)" $(VENV)/src/tessera
-	@echo "$(CURDIR)/$(VENV)/src" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/tessera-dev.pth"
-	@# (the guard: Dask's local workers are spawned processes, which import the main script)
-	@printf '#!%s\nimport sys\nfrom tessera.core.cli import main\nif __name__ == "__main__":\n    sys.exit(main())\n' "$(CURDIR)/$(PY)" > $(VENV)/bin/tessera
-	@chmod +x $(VENV)/bin/tessera
+	$(PY) tools/link_checkout.py "$(CURDIR)"
 	$(PY) -m tessera.core.jobs.envcheck
 	@touch $@
 
-# the lint (ruff, mypy, the house rules) first: a house that breaks its rules fails fast
+# the lint (ruff, mypy, the house rules) first: a house that breaks its rules fails fast. The
+# chroots of the other QGIS versions (and the 3.44 one's engine venv) are built meanwhile, in
+# the background (mostly downloads and unpacking, while the tiers here use the CPUs); the
+# matrix run then waits for that build (a lock) and redoes whatever it could not do, saying why.
+MATRIX := 3.40 3.44
 test: lint
+	@if [ "$$(id -u)" = 0 ]; then echo "Building the QGIS $(MATRIX) chroots in the background" \
+	  "(log: $(VENV)/matrix-prepare.log)"; \
+	  (tools/qgis_matrix.sh --prepare $(MATRIX) > $(VENV)/matrix-prepare.log 2>&1 &); fi
 	$(PY) -m pytest -p no:pytest_qgis tests/core
 	$(PY) -m pytest tests/plugin
-	tools/qgis_matrix.sh 3.40
+	tools/qgis_matrix.sh $(MATRIX)
 
 test-qgis-matrix: setup
-	tools/qgis_matrix.sh 3.40
+	tools/qgis_matrix.sh $(MATRIX)
 
 test-core: setup
 	$(PY) -m pytest -p no:pytest_qgis tests/core

@@ -14,6 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 INCLUDE = ["metadata.txt", "__init__.py", "plugin.py", "README.md", "requirements.txt",
+           "requirements-cpu.txt", "requirements-py312.txt", "requirements-cpu-py312.txt",
            "core", "bridge", "ui", "tessera_provider", "resources"]
 EXCLUDE_PARTS = {"__pycache__", ".pytest_cache", ".ruff_cache"}
 EXCLUDE_SUFFIXES = {".pyc", ".pyo", ".part"}

@@ -27,11 +27,15 @@ HELP = (
     "Linux: 'Install' creates that environment in your QGIS profile folder and installs the "
     "pinned packages of the profile you choose from PyPI: 'cpu' (the lean engine: ONNX "
     "Runtime, no PyTorch; the default choice without an NVIDIA driver) or 'full' (PyTorch, "
-    "for NVIDIA GPUs and training; the build that your driver runs).\n"
+    "for NVIDIA GPUs and training; the build that your driver runs). The pins follow the "
+    "Python the environment is made from, and the log says which it used: Python 3.11 "
+    "(QGIS 3.22 … 3.40 on Debian 12) takes requirements.txt / requirements-cpu.txt, Python "
+    "3.12 … 3.14 (QGIS 3.44 on Debian sid) requirements-py312.txt / "
+    "requirements-cpu-py312.txt.\n"
     "Windows (OSGeo4W / standalone QGIS) and macOS: 'Install' does the same with the Python that "
-    "ships with QGIS; if that fails, install Python 3.11 from python.org, create a virtual "
-    "environment, 'pip install -r requirements.txt' from the plugin folder, and set the "
-    "environment variable TESSERA_PYTHON to that environment's python executable.")
+    "ships with QGIS; if that fails, install Python 3.11 … 3.14 from python.org, create a "
+    "virtual environment, 'pip install -r' the matching file from the plugin folder, and set "
+    "the environment variable TESSERA_PYTHON to that environment's python executable.")
 
 
 def report_text(rep: dict[str, Any]) -> str:

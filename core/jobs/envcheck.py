@@ -1,7 +1,8 @@
 """Check that the Python environment can run Tessera; print what it found.
 
 Run as ``python -m tessera.core.jobs.envcheck``. Exits non-zero with a one-line reason when a
-known trap is present (numpy 2 beside Debian's compiled packages, a broken ``affine``).
+known trap is present (a numpy of another major version than the lock for this Python pins,
+beside Debian's compiled packages; a broken ``affine``).
 """
 
 from __future__ import annotations
@@ -9,6 +10,27 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+
+
+def numpy_problems() -> list[str]:
+    """A numpy of another major version than the lock for this Python pins: Debian's compiled
+    packages that a venv with system site-packages sees (GDAL's Python, scipy) are built
+    against that major (numpy 1 on Debian 12's Python 3.11, numpy 2 on sid's 3.14)."""
+    from .installer import InstallError, lock_for
+
+    try:
+        import numpy
+
+        lock = lock_for("full", (sys.version_info[0], sys.version_info[1]))
+    except (ImportError, InstallError):
+        return []
+    pins = [ln.split("==", 1)[1].strip() for ln in lock.read_text(encoding="utf-8").splitlines()
+            if ln.startswith("numpy==")]
+    if pins and numpy.__version__.split(".")[0] != pins[0].split(".")[0]:
+        return [f"numpy {numpy.__version__} in the venv, but {lock.name} (the lock for Python "
+                f"{sys.version_info[0]}.{sys.version_info[1]}) pins numpy {pins[0]}: the "
+                "compiled packages beside it are built for that major version; install the lock"]
+    return []
 
 
 def check() -> list[str]:
@@ -28,14 +50,7 @@ def check() -> list[str]:
         print(f"  {name:30s} {getattr(mod, '__version__', '?')}")
     if all(importlib.util.find_spec(n) is None for n in ("torch", "onnxruntime")):
         problems.append("neither PyTorch nor ONNX Runtime is installed: nothing can run a model")
-    try:
-        import numpy
-
-        if int(numpy.__version__.split(".")[0]) >= 2:
-            problems.append(f"numpy {numpy.__version__} in the venv: Debian's compiled packages "
-                            "(GDAL, scipy) need numpy < 2; pin numpy 1.26")
-    except ImportError:
-        pass
+    problems += numpy_problems()
     try:
         from affine import Affine
 

@@ -17,17 +17,50 @@ from pathlib import Path
 from ..errors import TesseraError
 
 ROOT = Path(__file__).resolve().parents[2]
-REQUIREMENTS = ROOT / "requirements.txt"
-REQUIREMENTS_CPU = ROOT / "requirements-cpu.txt"
 
 #: The install profiles: what each installs and what it costs (measured; see README).
 PROFILES: dict[str, dict[str, object]] = {
-    "cpu": {"requirements": REQUIREMENTS_CPU, "size": "about 520 MB",
+    "cpu": {"size": "about 520 MB",
             "what": "segmentation on the CPU with ONNX Runtime (no PyTorch): the default "
                     "model and any .onnx model"},
-    "full": {"requirements": REQUIREMENTS, "size": "about 6 GB (PyTorch with CUDA)",
+    "full": {"size": "about 6 GB (PyTorch with CUDA)",
              "what": "everything: NVIDIA GPUs, training, any .safetensors model"},
 }
+#: The lock files of each profile by the Python they are for: (oldest, newest) minor version
+#: of Python 3 → file. Python 3.11 keeps numpy 1.26 (QGIS 3.22 … 3.40 on Debian 12); 3.12 …
+#: 3.14 (QGIS 3.44 on Debian sid is 3.14) take numpy 2 and the versions that go with it.
+LOCKS: dict[str, dict[tuple[int, int], str]] = {
+    "full": {(11, 11): "requirements.txt", (12, 14): "requirements-py312.txt"},
+    "cpu": {(11, 11): "requirements-cpu.txt", (12, 14): "requirements-cpu-py312.txt"},
+}
+
+
+def lock_for(profile: str, version: tuple[int, int]) -> Path:
+    """The lock file of ``profile`` for Python ``version`` (major, minor). Raises
+    :class:`InstallError` for a Python no lock is made for."""
+    if profile not in LOCKS:
+        raise InstallError(f"unknown install profile {profile!r} ({', '.join(PROFILES)})")
+    major, minor = version
+    for (oldest, newest), name in LOCKS[profile].items():
+        if major == 3 and oldest <= minor <= newest:
+            return ROOT / name
+    lines = sorted(LOCKS[profile])
+    raise InstallError(f"Python {major}.{minor}: Tessera's engine has pinned packages for "
+                       f"Python 3.{lines[0][0]} … 3.{lines[-1][1]} only; install one of "
+                       "those and set TESSERA_BASE_PYTHON to it")
+
+
+def python_version(python: str | Path) -> tuple[int, int]:
+    """(major, minor) of the interpreter ``python``, asked by running it. Raises
+    :class:`InstallError`."""
+    try:
+        out = subprocess.run([str(python), "-c", "import sys; print(*sys.version_info[:2])"],
+                             capture_output=True, text=True, timeout=60, check=True,
+                             env=_clean_env())
+        major, minor = (int(x) for x in out.stdout.split())
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        raise InstallError(f"{python}: cannot run it to learn its version ({exc})") from exc
+    return major, minor
 #: The oldest NVIDIA driver each CUDA build of PyTorch runs on, newest first: (driver,
 #: ``--index-url`` for pip; ``None``: PyPI's own wheel, built for CUDA 13).
 TORCH_BUILDS = ((580.0, None), (560.0, "https://download.pytorch.org/whl/cu126"),
@@ -61,6 +94,23 @@ def torch_index(driver: float | None) -> str | None:
         if driver >= oldest:
             return index
     return TORCH_CPU_INDEX
+
+
+def index_reachable(url: str, timeout: float = 5.0) -> str | None:
+    """``None`` when the pip index ``url`` answers; else why not (one line)."""
+    import urllib.error
+    import urllib.request
+
+    if not url.startswith(("https://", "http://")):
+        return "not an http(s) address"
+    try:
+        # bandit's B310 (a file: address) cannot happen: http(s) only, checked above
+        with urllib.request.urlopen(url, timeout=timeout):  # nosec B310
+            return None
+    except urllib.error.HTTPError as exc:
+        return None if exc.code < 500 else f"HTTP {exc.code}"
+    except (OSError, ValueError) as exc:
+        return str(getattr(exc, "reason", exc))
 
 
 def remove(venv: str | Path) -> None:
@@ -124,26 +174,33 @@ def venv_python(venv: Path) -> Path:
 def install(venv: str | Path, requirements: str | Path | None = None,
             log: Callable[[str], None] = print, extra_args: Iterable[str] = (),
             profile: str | None = None) -> Path:
-    """Create ``venv`` if needed and install into it ``requirements``, or those of ``profile``
-    (:data:`PROFILES`; default :func:`default_profile`); return its Python. The full profile
-    takes the PyTorch build that the NVIDIA driver runs (:func:`torch_index`).
+    """Create ``venv`` if needed and install into it ``requirements``, or the lock of
+    ``profile`` (:data:`PROFILES`; default :func:`default_profile`) for the Python the venv is
+    made from (:func:`lock_for`, said in the log); return its Python. The full profile takes
+    the PyTorch build that the NVIDIA driver runs (:func:`torch_index`).
 
     Streams pip's output line by line to ``log``. Raises :class:`InstallError`.
     """
     venv = Path(venv)
     extra_args = list(extra_args)
+    py = venv_python(venv)
+    base = py if py.exists() else base_python()
     if requirements is None:
         profile = profile or default_profile()
         if profile not in PROFILES:
             raise InstallError(f"unknown install profile {profile!r} ({', '.join(PROFILES)})")
-        requirements = Path(str(PROFILES[profile]["requirements"]))
-        index = torch_index(nvidia_driver()) if profile == "full" else None
-        if index:
-            extra_args += ["--extra-index-url", index]
+        version = python_version(base)
+        requirements = lock_for(profile, version)  # before anything is made
         log(f"Profile '{profile}': {PROFILES[profile]['what']} ({PROFILES[profile]['size']})")
-    py = venv_python(venv)
+        log(f"Python {version[0]}.{version[1]} ({base}): the lock {Path(requirements).name}")
+        index = torch_index(nvidia_driver()) if profile == "full" else None
+        why = index_reachable(index) if index else None
+        if index and why:  # pip would retry it for every package, minutes each
+            log(f"The PyTorch index {index} cannot be reached ({why}): PyTorch comes from "
+                "PyPI (its CUDA build, larger)")
+        elif index:
+            extra_args += ["--extra-index-url", index]
     if not py.exists():
-        base = base_python()
         log(f"Creating the environment {venv} with {base}")
         _run([str(base), "-m", "venv", str(venv)], log)
     log(f"Installing {Path(requirements).name} into {venv}")
@@ -152,9 +209,14 @@ def install(venv: str | Path, requirements: str | Path | None = None,
     return py
 
 
+def _clean_env() -> dict[str, str]:
+    """The environment without QGIS's Python, GDAL and PROJ settings."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("PYTHONPATH", "PYTHONHOME", "GDAL_DATA", "PROJ_LIB", "PROJ_DATA")}
+
+
 def _run(cmd: list[str], log: Callable[[str], None]) -> None:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "PYTHONHOME", "GDAL_DATA", "PROJ_LIB", "PROJ_DATA")}
+    env = _clean_env()
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=env)

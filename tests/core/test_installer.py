@@ -1,6 +1,8 @@
 """The dependency installer: its own venv (never QGIS's packages), streamed log, clear failure."""
 
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from tessera.core.jobs.installer import InstallError, install, venv_python
@@ -77,3 +79,119 @@ def test_remove_deletes_an_environment_and_nothing_else(tmp_path):
         from tessera.core.jobs.installer import install
 
         install(tmp_path / "v2", profile="gpu")
+
+
+def test_each_python_gets_the_lock_made_for_it():
+    from tessera.core.jobs.installer import LOCKS, ROOT, lock_for
+
+    for profile, name11, name12 in (("full", "requirements.txt", "requirements-py312.txt"),
+                                    ("cpu", "requirements-cpu.txt",
+                                     "requirements-cpu-py312.txt")):
+        assert lock_for(profile, (3, 11)) == ROOT / name11
+        for minor in (12, 13, 14):
+            assert lock_for(profile, (3, minor)) == ROOT / name12
+        for version in ((3, 10), (3, 15), (2, 7)):
+            with pytest.raises(InstallError, match=f"Python {version[0]}.{version[1]}: "
+                               "Tessera's engine has pinned packages for Python 3.11 … 3.14"):
+                lock_for(profile, version)
+    with pytest.raises(InstallError, match="unknown install profile 'gpu'"):
+        lock_for("gpu", (3, 11))
+    assert {n for by_py in LOCKS.values() for n in by_py.values()} == {
+        "requirements.txt", "requirements-py312.txt", "requirements-cpu.txt",
+        "requirements-cpu-py312.txt"}
+
+
+def _pins(path):
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"{path.name}: {line!r} is not pinned with =="
+            out[name.lower().replace("_", "-")] = version
+    return out
+
+
+def test_the_locks_pin_everything_and_the_lean_profile_follows_the_full_one():
+    from tessera.core.jobs.installer import lock_for
+
+    for version in ((3, 11), (3, 14)):
+        full, cpu = _pins(lock_for("full", version)), _pins(lock_for("cpu", version))
+        assert "torch" in full and "torch" not in cpu and "onnxruntime" in cpu
+        assert {k: full[k] for k in cpu} == cpu  # the same versions as the full profile
+    assert _pins(lock_for("full", (3, 11)))["numpy"].startswith("1.26.")
+    assert _pins(lock_for("full", (3, 14)))["numpy"].startswith("2.")
+    assert set(_pins(lock_for("full", (3, 11)))) == set(_pins(lock_for("full", (3, 14))))
+
+
+def test_the_python_is_asked_its_version_and_an_unpinned_one_is_refused_before_anything(
+        tmp_path, monkeypatch):
+    from tessera.core.jobs.installer import python_version
+
+    assert python_version(sys.executable) == sys.version_info[:2]
+    old = tmp_path / "python3.10"  # an interpreter that says it is 3.10
+    old.write_text("#!/bin/sh\necho 3 10\n")
+    old.chmod(0o755)
+    monkeypatch.setenv("TESSERA_BASE_PYTHON", str(old))
+    lines: list[str] = []
+    with pytest.raises(InstallError, match="Python 3.10: .* set TESSERA_BASE_PYTHON"):
+        install(tmp_path / "venv", profile="cpu", log=lines.append)
+    assert not (tmp_path / "venv").exists() and lines == []
+    with pytest.raises(InstallError, match="nowhere/python: cannot run it"):
+        python_version(tmp_path / "nowhere" / "python")
+
+
+def test_the_engine_python_is_looked_for_explicit_first_then_installed_then_the_checkout(
+        tmp_path, monkeypatch):
+    from tessera.core.jobs.client import EngineNotFoundError, candidate_pythons, find_engine_python
+
+    checkout = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "python"
+    installed = tmp_path / "settings" / "tessera" / "venv" / "bin" / "python"
+    monkeypatch.delenv("TESSERA_PYTHON", raising=False)
+    assert candidate_pythons(tmp_path / "settings") == [installed, checkout]
+    monkeypatch.setenv("TESSERA_PYTHON", "/opt/engine/bin/python")
+    assert candidate_pythons(tmp_path / "settings") == [
+        Path("/opt/engine/bin/python"), installed, checkout]
+    installed.parent.mkdir(parents=True)
+    installed.symlink_to(sys.executable)
+    assert find_engine_python(tmp_path / "settings") == installed  # the explicit one is absent
+    with pytest.raises(EngineNotFoundError, match="Looked in: /nowhere/python"):
+        find_engine_python(tmp_path / "settings", explicit="/nowhere/python")
+
+
+def test_the_environment_check_wants_the_numpy_major_of_this_pythons_lock(monkeypatch):
+    import numpy
+    from tessera.core.jobs.envcheck import numpy_problems
+    from tessera.core.jobs.installer import lock_for
+
+    assert numpy_problems() == []  # this tier's venv holds its lock's numpy
+    lock = lock_for("full", sys.version_info[:2])
+    pinned = _pins(lock)["numpy"]
+    other = "2.4.6" if pinned.startswith("1.") else "1.26.4"
+    monkeypatch.setattr(numpy, "__version__", other)
+    assert numpy_problems() == [
+        f"numpy {other} in the venv, but {lock.name} (the lock for Python "
+        f"{sys.version_info[0]}.{sys.version_info[1]}) pins numpy {pinned}: the compiled "
+        "packages beside it are built for that major version; install the lock"]
+
+
+def test_an_unreachable_pytorch_index_is_said_and_left_out(tmp_path):
+    """A network that reaches PyPI but not download.pytorch.org (a company proxy): pip would
+    retry the extra index for every package; it is left out, and the log says so."""
+    import http.server
+    import socket
+    import threading
+
+    from tessera.core.jobs.installer import index_reachable
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert index_reachable(f"http://127.0.0.1:{server.server_port}/") is None
+    finally:
+        server.shutdown()
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert "refused" in index_reachable(f"http://127.0.0.1:{port}/whl/cpu").lower()
+    assert index_reachable("https://no-such-host.invalid/whl/cpu")

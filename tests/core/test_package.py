@@ -24,7 +24,8 @@ RECOMMENDED = ("qgisMaximumVersion", "tracker", "homepage", "icon", "changelog",
 def package(tmp_path_factory):
     dist = tmp_path_factory.mktemp("dist")
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "package.py"), "--out",
-                          str(dist)], capture_output=True, text=True, timeout=300, check=True)
+                          str(dist), "--engine", sys.executable], capture_output=True, text=True,
+                         timeout=300, check=True)
     zpath = Path(out.stdout.strip().splitlines()[-1])
     unpacked = tmp_path_factory.mktemp("unpacked")
     with zipfile.ZipFile(zpath) as z:
@@ -38,6 +39,10 @@ def test_the_zip_fits_the_repository_and_has_one_top_folder(package):
     assert zpath.stat().st_size <= 25_000_000
     assert {n.split("/")[0] for n in names} == {"tessera"}
     assert "tessera/bridge/compat.py" in names and "tessera/metadata.txt" in names
+    # every lock the dependencies dialog may pick (the lean profile's too)
+    from tessera.core.jobs.installer import LOCKS
+
+    assert {f"tessera/{n}" for by_py in LOCKS.values() for n in by_py.values()} <= set(names)
 
 
 def test_metadata_has_every_field_the_repository_requires(package):

@@ -8,6 +8,7 @@ as in the plugin.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -17,6 +18,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+# The engine is the Python that runs these tests (it holds the engine's packages and sees
+# PyQGIS): on QGIS 3.44 that is the chroot's own venv, not the checkout's .venv (Python 3.11).
+os.environ.setdefault("TESSERA_PYTHON", sys.executable)
 # The engine's ONNX cache (inherited by the worker processes) stays out of the user's ~/.cache.
 os.environ["TESSERA_CACHE"] = tempfile.mkdtemp(prefix="tessera-test-cache-")
 HERE = Path(__file__).resolve().parent
@@ -127,6 +131,22 @@ class RecordingIface:
         self.docks.remove(dock)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _real_layer_tree_view(qgis_iface):
+    """pytest-qgis's iface answers ``layerTreeView()`` with a MagicMock, which QGIS 3.44's
+    Processing hands to C++ when it loads results (``QgsProcessingGuiUtils.addResultLayers``):
+    the iface gets a real view of the project's layer tree instead."""
+    from qgis.core import QgsLayerTreeModel, QgsProject
+    from qgis.gui import QgsLayerTreeView
+
+    model = QgsLayerTreeModel(QgsProject.instance().layerTreeRoot())
+    view = QgsLayerTreeView()
+    view.setModel(model)
+    qgis_iface.layerTreeView = lambda: view
+    yield view
+    del qgis_iface.layerTreeView
+
+
 @pytest.fixture()
 def iface(qgis_iface):
     return RecordingIface(qgis_iface)
@@ -218,7 +238,9 @@ def pytest_unconfigure(config):
     (exitQgis, then the interpreter's, with web layers' network threads and the task
     manager's still around) can crash the process — seen: a segmentation fault after
     "76 passed" — which would turn a passing run into a failed one. A test process has
-    nothing to save, so it leaves at once."""
+    nothing to save, so it leaves at once (the engine's ONNX cache of the run removed first:
+    no exit handler runs after os._exit)."""
+    shutil.rmtree(os.environ["TESSERA_CACHE"], ignore_errors=True)
     if "status" in _EXIT:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,12 @@ def test_the_dialog_installs_the_lean_engine_and_it_segments_the_sample(plugin, 
     dlg.install()
     wait_for(lambda: dlg.install_btn.isEnabled(), timeout=1500)
     assert dlg.task is not None and dlg.task.error is None, dlg.text.toPlainText()[-3000:]
+    # the lock made for the Python the environment was made from (this tier's: 3.11 on QGIS
+    # 3.22 and 3.40, 3.14 on QGIS 3.44), said in the log
+    major, minor = sys.version_info[:2]
+    lock = "requirements-cpu.txt" if minor == 11 else "requirements-cpu-py312.txt"
+    assert f"Python {major}.{minor} ({sys.executable}): the lock {lock}" in \
+        dlg.text.toPlainText()
     py = venv_python(venv)
     size = folder_size(venv)
     print(f"lean engine environment: {size / 1e6:.0f} MB")
@@ -63,6 +70,7 @@ def test_the_dialog_installs_the_lean_engine_and_it_segments_the_sample(plugin, 
 
     env = client.run_job({"op": "env"}, py)
     assert env["profile"] == "cpu" and not env.get("problems"), env
+    assert env["version"].startswith(f"{major}.{minor}.")
     with_graph, bare = models
     res = client.run_job({"op": "segment", "raster": str(SAMPLE), "model": str(with_graph),
                           "out_dir": str(tmp_path / "lean"),
@@ -121,3 +129,37 @@ def test_uninstalling_the_plugin_offers_to_remove_the_engine(iface, qgis_process
     uninstallPlugin()
     assert len(asked) == 1 and "being uninstalled" in asked[0] and str(venv) in asked[0]
     assert not venv.exists()
+
+
+def test_the_dialog_takes_the_full_profiles_lock_for_this_python(plugin, tmp_path, monkeypatch):
+    """The full profile's lock is the one made for this tier's Python (3.11 on QGIS 3.22 and
+    3.40, 3.14 on QGIS 3.44): pip, run by the dialog in the environment it made, resolves it
+    to wheels (a dry run, PIP_DRY_RUN, pip's own setting: the 6 GB are not installed)."""
+    from tessera.core.jobs.installer import lock_for, venv_python
+    from tessera.ui.deps import DependencyDialog
+
+    venv = tmp_path / "venv"
+    monkeypatch.setattr(DependencyDialog, "venv_dir", lambda self: venv)
+    monkeypatch.setattr(DependencyDialog, "check", lambda self: None)
+    monkeypatch.setenv("PIP_DRY_RUN", "1")
+    dlg = DependencyDialog()
+    dlg.profile.setCurrentIndex(dlg.profile.findData("full"))
+    dlg.install()
+    wait_for(lambda: dlg.install_btn.isEnabled(), timeout=900)
+    log = dlg.text.toPlainText()
+    assert dlg.task is not None and dlg.task.error is None, log[-3000:]
+    lock = lock_for("full", sys.version_info[:2])
+    assert lock.name == ("requirements.txt" if sys.version_info[:2] == (3, 11)
+                         else "requirements-py312.txt")
+    assert f"Python {sys.version_info[0]}.{sys.version_info[1]} ({sys.executable}): the lock " \
+           f"{lock.name}" in log
+    would = next(line for line in log.splitlines() if line.startswith("Would install"))
+    pins = dict(line.split("==") for line in lock.read_text().splitlines()
+                if line and not line.startswith("#"))
+    for name in ("torch", "numpy", "rasterio", "geopandas", "onnxruntime"):
+        assert f" {name}-{pins[name]}" in f" {would}", (name, would[:500])
+    assert venv_python(venv).exists()  # the environment, made from this Python
+    probe = subprocess.run([str(venv_python(venv)), "-c", "import sys; print(*sys.version_info"
+                            "[:2])"], capture_output=True, text=True, check=True)
+    assert probe.stdout.split() == [str(sys.version_info[0]), str(sys.version_info[1])]
+    dlg.close()

@@ -20,7 +20,8 @@ QGIS_PROCESS = "/usr/bin/qgis_process.bin"
 def profile(tmp_path_factory):
     base = tmp_path_factory.mktemp("qgisconfig")
     dist = tmp_path_factory.mktemp("dist")
-    zpath = subprocess.run([sys.executable, str(ROOT / "tools" / "package.py"), "--out", str(dist)],
+    zpath = subprocess.run([sys.executable, str(ROOT / "tools" / "package.py"), "--out", str(dist),
+                            "--engine", sys.executable],
                            capture_output=True, text=True, check=True).stdout.strip()
     with zipfile.ZipFile(zpath) as z:
         names = z.namelist()
