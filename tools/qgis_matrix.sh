@@ -173,7 +173,7 @@ for v in $VERSIONS; do
   bind "$CHECKOUT" "$root$CHECKOUT"
   py="$CHECKOUT/.venv/bin/python"
   if [ "$v" = 3.44 ]; then ensure_engine_venv "$root"; py="$ENGINE_VENV/bin/python"; fi
-  if [ "$PREPARE" = 1 ]; then cleanup; continue; fi
+  if [ "$PREPARE" = 1 ]; then echo "== QGIS $v: $root is ready"; cleanup; continue; fi
   have=$(chroot "$root" /usr/bin/python3 -c \
     "from qgis.core import Qgis; print(Qgis.QGIS_VERSION)" 2>/dev/null || true)
   pyv=$(chroot "$root" "$py" -c "import sys, numpy; print(sys.version.split()[0], \

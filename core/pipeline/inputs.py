@@ -199,7 +199,7 @@ def check_nodata(nodata: float, dtypes: set[str], path: str) -> None:
                 raise ParameterError(f"{path}: nodata {nodata:g} cannot occur in the raster's "
                                      f"{dt} bands (whole numbers {info.min}..{info.max}); give "
                                      "a value they can hold", path)
-        elif kind == "f" and math.isfinite(nodata) and abs(nodata) > np.finfo(dt).max:
+        elif kind == "f" and math.isfinite(nodata) and abs(nodata) > float(np.finfo(dt).max):
             raise ParameterError(f"{path}: nodata {nodata:g} is beyond the range of the raster's "
                                  f"{dt} bands", path)
 
