@@ -26,7 +26,8 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.tessera-setup-done
 QGIS_OK := $(VENV)/.qgis-apt-done
-APT_PKGS := python3-qgis qgis-providers qgis python3-venv xvfb
+# qemu-user: the int8 check on an emulated CPU without VNNI (tests/core/test_quantize.py)
+APT_PKGS := python3-qgis qgis-providers qgis python3-venv xvfb qemu-user
 # Headless Qt for every QGIS process started from here.
 export QT_QPA_PLATFORM := offscreen
 # Never let a library reach for the internet at run time.
@@ -42,7 +43,8 @@ setup: $(STAMP)
 # QGIS 3.22 LTR from Debian (with PyQGIS for /usr/bin/python3 and qgis_process).
 $(QGIS_OK):
 	@if $(SYS_PY) -c 'import qgis.core' 2>/dev/null && [ -x /usr/bin/qgis_process.bin ] \
-	    && $(SYS_PY) -c 'import venv, ensurepip' 2>/dev/null && command -v Xvfb >/dev/null; then \
+	    && $(SYS_PY) -c 'import venv, ensurepip' 2>/dev/null && command -v Xvfb >/dev/null \
+	    && command -v qemu-x86_64 >/dev/null; then \
 	  echo "QGIS from apt: already installed"; \
 	else \
 	  echo "Installing QGIS and friends from apt: $(APT_PKGS)"; \
