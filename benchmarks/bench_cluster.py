@@ -65,7 +65,8 @@ def local_raster_run(big: Path, out: Path, threads: int) -> tuple[float, float]:
         "from tessera.core.params import SegmentParams\n"
         "from tessera.core.pipeline.segment import segment_raster\n"
         "t = time.perf_counter()\n"
-        f"segment_raster(sys.argv[1], sys.argv[2], sys.argv[3], SegmentParams(threads={threads}))\n"
+        "segment_raster(sys.argv[1], sys.argv[2], sys.argv[3],\n"
+        f"               SegmentParams(threads={threads}, resolution='native'))\n"
         "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n")
     r = subprocess.run([sys.executable, "-c", code, str(big), str(MODEL), str(out)],
                        capture_output=True, text=True, check=True)
@@ -103,8 +104,8 @@ def main() -> int:
                                            processes=True, dashboard_address=None,
                                            silence_logs=40)
         per_worker = max(1, a.threads // a.workers)
-        local_p = SegmentParams(threads=a.threads)
-        dask_p = SegmentParams(threads=per_worker)
+        local_p = SegmentParams(threads=a.threads, resolution="native")
+        dask_p = SegmentParams(threads=per_worker, resolution="native")
         times: dict[str, list[float]] = {k: [] for k in ("folder_local", "folder_dask",
                                                           "big_local", "big_dask")}
         local_rss: list[float] = []

@@ -220,7 +220,8 @@ def end_to_end(model, raster: Path, tile: int, batch: int, out: Path, backend: s
     from tessera.core.params import SegmentParams
     from tessera.core.pipeline.segment import segment_raster
 
-    params = SegmentParams(tile_size=tile, overlap=0, batch_size=batch, backend=backend)
+    params = SegmentParams(tile_size=tile, overlap=0, batch_size=batch, backend=backend,
+                           resolution="native")
     t = time.perf_counter()
     res = segment_raster(raster, model, out, params)
     dt = time.perf_counter() - t
@@ -275,7 +276,7 @@ def child_throughput(args) -> None:
             return args.reps * px / (time.perf_counter() - t)
 
     params = SegmentParams(tile_size=args.tile, overlap=0, batch_size=args.batch,
-                           backend=args.backend)
+                           backend=args.backend, resolution="native")
 
     raster_only = dataclasses.replace(params, vectorize=VectorizeParams(enabled=False))
 
@@ -317,7 +318,8 @@ def child_memory(args) -> None:
     t = time.perf_counter()
     res = segment_raster(args.child_memory, model, args.out,
                          SegmentParams(tile_size=args.tile, overlap=args.overlap,
-                                       batch_size=args.batch, backend=args.backend))
+                                       batch_size=args.batch, backend=args.backend,
+                                       resolution="native"))
     dt = time.perf_counter() - t
     print(json.dumps({"peak_rss": _vm("VmHWM"), "floor_rss": floor, "seconds": dt,
                       "mpx": res.megapixels, "polygons": res.n_polygons}))

@@ -80,6 +80,7 @@ def child(args) -> None:
 
     def e2e(model, pred, overlap, raster=args.raster) -> tuple[float, Any]:
         params = SegmentParams(tile_size=args.tile, overlap=overlap, batch_size=args.batch,
+                               resolution="native",  # the raster's own pixels, as model-only
                                backend="onnxruntime" if pred is p32 else "auto")
         t = time.perf_counter()
         res = segment_raster(raster, model, args.out, params, predictor=pred)
