@@ -129,12 +129,13 @@ def _scoped(qt5: dict[str, object], root: str, parts: list[str]) -> list[str]:
     return parts
 
 
-def qt6_names(tree: ast.AST, lines: list[str]) -> list[tuple[int, str, str]]:
+def qt6_names(tree: ast.AST, lines: list[str], qt5: dict[str, object]
+              ) -> list[tuple[int, str, str]]:
     """``(line, PyQt6 module, dotted name)`` of every Qt name the module uses: its imports from
     Qt modules and the attribute chains rooted in them (fallbacks and marked lines left out).
     An unscoped enum member (``Qt.UserRole``) is checked as Qt6 must spell it
-    (``Qt.ItemDataRole.UserRole``): the Qt5 rule has already said the rest."""
-    qt5 = _imported(tree)
+    (``Qt.ItemDataRole.UserRole``): the Qt5 rule has already said the rest. ``qt5``: the
+    module's Qt names resolved in the Qt5 bindings (:func:`_imported`)."""
     roots: dict[str, tuple[str, str]] = {}   # local name → (PyQt6 module, its name there)
     out: list[tuple[int, str, str]] = []
     skip = _fallback_imports(tree)
@@ -218,8 +219,10 @@ def check_files(paths: list[Path]) -> list[str]:
     where: list[Path] = []
     for path in paths:
         text = path.read_text(encoding="utf-8")
-        found += qt5_findings(path, text)
-        for item in qt6_names(ast.parse(text, str(path)), text.splitlines()):
+        tree = ast.parse(text, str(path))
+        qt5 = _imported(tree)
+        found += qt5_findings(path, tree, qt5)
+        for item in qt6_names(tree, text.splitlines(), qt5):
             items.append(item)
             where.append(path)
     for n, first in sorted(resolve_in_pyqt6(items).items()):
@@ -233,10 +236,9 @@ def check_file(path: Path) -> list[str]:
     return check_files([path])
 
 
-def qt5_findings(path: Path, text: str) -> list[str]:
-    """The Qt5-only spellings of one module, resolved against this machine's Qt5 bindings."""
-    tree = ast.parse(text, str(path))
-    names = _imported(tree)
+def qt5_findings(path: Path, tree: ast.AST, names: dict[str, object]) -> list[str]:
+    """The Qt5-only spellings of one module (``tree``), its Qt names ``names`` resolved
+    against this machine's Qt5 bindings."""
     is_compat = path.name == "compat.py"
     rel = _rel(path)
     found: list[str] = []

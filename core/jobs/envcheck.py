@@ -16,19 +16,18 @@ def numpy_problems() -> list[str]:
     """A numpy of another major version than the lock for this Python pins: Debian's compiled
     packages that a venv with system site-packages sees (GDAL's Python, scipy) are built
     against that major (numpy 1 on Debian 12's Python 3.11, numpy 2 on sid's 3.14)."""
-    from .installer import InstallError, lock_for
+    from .installer import InstallError, lock_for, lock_pins
 
     try:
         import numpy
 
         lock = lock_for("full", (sys.version_info[0], sys.version_info[1]))
+        pinned = lock_pins(lock).get("numpy")
     except (ImportError, InstallError):
         return []
-    pins = [ln.split("==", 1)[1].strip() for ln in lock.read_text(encoding="utf-8").splitlines()
-            if ln.startswith("numpy==")]
-    if pins and numpy.__version__.split(".")[0] != pins[0].split(".")[0]:
+    if pinned and numpy.__version__.split(".")[0] != pinned.split(".")[0]:
         return [f"numpy {numpy.__version__} in the venv, but {lock.name} (the lock for Python "
-                f"{sys.version_info[0]}.{sys.version_info[1]}) pins numpy {pins[0]}: the "
+                f"{sys.version_info[0]}.{sys.version_info[1]}) pins numpy {pinned}: the "
                 "compiled packages beside it are built for that major version; install the lock"]
     return []
 

@@ -50,6 +50,21 @@ def lock_for(profile: str, version: tuple[int, int]) -> Path:
                        "those and set TESSERA_BASE_PYTHON to it")
 
 
+def lock_pins(lock: str | Path) -> dict[str, str]:
+    """``{package: version}`` of a lock file (``name==version`` lines; names normalized as pip
+    does: lower case, ``-`` for ``_``). Raises :class:`InstallError` on an unpinned line."""
+    pins: dict[str, str] = {}
+    for line in Path(lock).read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, _, version = line.partition("==")
+        if not version:
+            raise InstallError(f"{Path(lock).name}: {line!r} is not pinned with ==")
+        pins[name.strip().lower().replace("_", "-")] = version.strip()
+    return pins
+
+
 def python_version(python: str | Path) -> tuple[int, int]:
     """(major, minor) of the interpreter ``python``, asked by running it. Raises
     :class:`InstallError`."""

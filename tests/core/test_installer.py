@@ -101,27 +101,21 @@ def test_each_python_gets_the_lock_made_for_it():
         "requirements-cpu-py312.txt"}
 
 
-def _pins(path):
-    out = {}
-    for line in path.read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if line:
-            name, _, version = line.partition("==")
-            assert version, f"{path.name}: {line!r} is not pinned with =="
-            out[name.lower().replace("_", "-")] = version
-    return out
+def test_the_locks_pin_everything_and_the_lean_profile_follows_the_full_one(tmp_path):
+    from tessera.core.jobs.installer import lock_for, lock_pins
 
-
-def test_the_locks_pin_everything_and_the_lean_profile_follows_the_full_one():
-    from tessera.core.jobs.installer import lock_for
+    loose = tmp_path / "loose.txt"
+    loose.write_text("numpy==2.4.6\nrasterio>=1.4  # a range\n")
+    with pytest.raises(InstallError, match="loose.txt: 'rasterio>=1.4' is not pinned with =="):
+        lock_pins(loose)
 
     for version in ((3, 11), (3, 14)):
-        full, cpu = _pins(lock_for("full", version)), _pins(lock_for("cpu", version))
+        full, cpu = lock_pins(lock_for("full", version)), lock_pins(lock_for("cpu", version))
         assert "torch" in full and "torch" not in cpu and "onnxruntime" in cpu
         assert {k: full[k] for k in cpu} == cpu  # the same versions as the full profile
-    assert _pins(lock_for("full", (3, 11)))["numpy"].startswith("1.26.")
-    assert _pins(lock_for("full", (3, 14)))["numpy"].startswith("2.")
-    assert set(_pins(lock_for("full", (3, 11)))) == set(_pins(lock_for("full", (3, 14))))
+    assert lock_pins(lock_for("full", (3, 11)))["numpy"].startswith("1.26.")
+    assert lock_pins(lock_for("full", (3, 14)))["numpy"].startswith("2.")
+    assert set(lock_pins(lock_for("full", (3, 11)))) == set(lock_pins(lock_for("full", (3, 14))))
 
 
 def test_the_python_is_asked_its_version_and_an_unpinned_one_is_refused_before_anything(
@@ -162,11 +156,11 @@ def test_the_engine_python_is_looked_for_explicit_first_then_installed_then_the_
 def test_the_environment_check_wants_the_numpy_major_of_this_pythons_lock(monkeypatch):
     import numpy
     from tessera.core.jobs.envcheck import numpy_problems
-    from tessera.core.jobs.installer import lock_for
+    from tessera.core.jobs.installer import lock_for, lock_pins
 
     assert numpy_problems() == []  # this tier's venv holds its lock's numpy
     lock = lock_for("full", sys.version_info[:2])
-    pinned = _pins(lock)["numpy"]
+    pinned = lock_pins(lock)["numpy"]
     other = "2.4.6" if pinned.startswith("1.") else "1.26.4"
     monkeypatch.setattr(numpy, "__version__", other)
     assert numpy_problems() == [

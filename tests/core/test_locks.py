@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tessera.core.jobs.installer import lock_for, python_version
+from tessera.core.jobs.installer import lock_for, lock_pins, python_version
 
 OTHERS = [Path.home() / ".pyenv" / "versions" / v / "bin" / "python"
           for v in ("3.12.1", "3.13.0")]
@@ -33,8 +33,5 @@ def test_the_lock_resolves_to_wheels_for_the_python(python, profile, tmp_path):
 
     chosen = {i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"]
               for i in json.loads((tmp_path / "report.json").read_text())["install"]}
-    for line in lock.read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if line:
-            name, _, pinned = line.partition("==")
-            assert chosen[name.lower().replace("_", "-")] == pinned, (lock.name, name)
+    for name, pinned in lock_pins(lock).items():
+        assert chosen[name] == pinned, (lock.name, name)

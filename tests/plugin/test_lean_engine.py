@@ -135,7 +135,7 @@ def test_the_dialog_takes_the_full_profiles_lock_for_this_python(plugin, tmp_pat
     """The full profile's lock is the one made for this tier's Python (3.11 on QGIS 3.22 and
     3.40, 3.14 on QGIS 3.44): pip, run by the dialog in the environment it made, resolves it
     to wheels (a dry run, PIP_DRY_RUN, pip's own setting: the 6 GB are not installed)."""
-    from tessera.core.jobs.installer import lock_for, venv_python
+    from tessera.core.jobs.installer import lock_for, lock_pins, venv_python
     from tessera.ui.deps import DependencyDialog
 
     venv = tmp_path / "venv"
@@ -154,8 +154,7 @@ def test_the_dialog_takes_the_full_profiles_lock_for_this_python(plugin, tmp_pat
     assert f"Python {sys.version_info[0]}.{sys.version_info[1]} ({sys.executable}): the lock " \
            f"{lock.name}" in log
     would = next(line for line in log.splitlines() if line.startswith("Would install"))
-    pins = dict(line.split("==") for line in lock.read_text().splitlines()
-                if line and not line.startswith("#"))
+    pins = lock_pins(lock)
     for name in ("torch", "numpy", "rasterio", "geopandas", "onnxruntime"):
         assert f" {name}-{pins[name]}" in f" {would}", (name, would[:500])
     assert venv_python(venv).exists()  # the environment, made from this Python
