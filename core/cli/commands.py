@@ -8,7 +8,7 @@
         --out-json REPORT.json [--out-png CHART.png]
     tessera info MODEL
     tessera export-onnx MODEL OUT.onnx [--opset 17] [--no-check]
-    tessera quantize MODEL OUT.onnx --calibrate RASTER|FOLDER [...] [--tiles 16] [--force]
+    tessera quantize MODEL OUT.onnx --calibrate RASTER|FOLDER [...] [--tiles 16] [--heldout FOLDER] [--force]
 """
 
 from __future__ import annotations
@@ -346,8 +346,8 @@ def _cmd_export(a: argparse.Namespace, bar: ProgressBar) -> int:
 def _cmd_quantize(a: argparse.Namespace, bar: ProgressBar) -> int:
     from ..jobs.spec import QuantizeJob
 
-    res = _run(QuantizeJob(a.model, a.out, tuple(a.calibrate), n_tiles=a.tiles, force=a.force),
-               ProgressBar(enabled=False))
+    res = _run(QuantizeJob(a.model, a.out, tuple(a.calibrate), n_tiles=a.tiles, force=a.force,
+                           heldout=a.heldout), ProgressBar(enabled=False))
     if a.json:
         print(json.dumps(res, indent=1))
         return 0
@@ -355,6 +355,11 @@ def _cmd_quantize(a: argparse.Namespace, bar: ProgressBar) -> int:
           f"{res['calibration']['tiles']} tiles; int8 and fp32 pick the same class on "
           f"{res['class_agreement_with_fp32']:.2%} of their pixels "
           f"(CPU instructions: {res['cpu_instructions']})")
+    ev = res.get("evaluation")
+    if ev:
+        print(f"  held out: {ev['data']}: pixel accuracy int8 {ev['pixel_accuracy']:.4f}, "
+              f"fp32 {ev['fp32']['pixel_accuracy']:.4f}; mean IoU int8 {ev['mean_iou']:.4f}, "
+              f"fp32 {ev['fp32']['mean_iou']:.4f}")
     return 0
 
 

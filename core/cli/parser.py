@@ -305,12 +305,18 @@ def build_parser() -> argparse.ArgumentParser:
         "against fp32 on the calibration tiles and refused below 99 % agreement (after a try "
         "with the first and last convolutions in fp32). Refused on CPUs with neither AVX2 nor "
         "8-bit dot-product instructions, unless --force. The model card records the "
-        "calibration and how often int8 and fp32 agree on the calibration tiles.")
+        "calibration, how often int8 and fp32 agree on the calibration tiles and, with "
+        "--heldout, int8's own evaluation beside fp32's.")
     p.add_argument("model", help="Tessera model file (.safetensors)")
     p.add_argument("out", metavar="OUT.onnx", help="the int8 model to write")
     p.add_argument("--calibrate", nargs="+", required=True, metavar="RASTER|FOLDER",
                    help="imagery like the model will see: rasters, or a training folder")
     p.add_argument("--tiles", type=int, default=16, help="calibration tiles (default 16)")
+    p.add_argument("--heldout", metavar="FOLDER",
+                   help="labelled images the model was not trained on (the Dubai layout): "
+                   "fp32 and int8 are evaluated on them first, int8 is refused if its pixel "
+                   "accuracy is more than 0.5 point below fp32's, and its card shows its own "
+                   "evaluation")
     p.add_argument("--force", action="store_true",
                    help="quantize even where the CPU lacks int8 dot-product instructions")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

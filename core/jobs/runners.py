@@ -128,7 +128,8 @@ def _quantize(job: QuantizeJob, ctx: Context) -> Any:
     from ..training.quantize import quantize_model
 
     return quantize_model(job.model, job.out, list(job.calibration), n_tiles=job.n_tiles,
-                          force=job.force, progress=ctx.progress, cancel=ctx.cancel)
+                          force=job.force, progress=ctx.progress, cancel=ctx.cancel,
+                          heldout=job.heldout)
 
 
 class EnvReport(TypedDict, total=False):

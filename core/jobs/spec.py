@@ -307,6 +307,7 @@ class QuantizeJob:
     calibration: tuple[str, ...]
     n_tiles: int = 16
     force: bool = False
+    heldout: str | None = None  # a labelled folder the model was not trained on
 
     def __post_init__(self) -> None:
         if not self.calibration:
@@ -318,7 +319,7 @@ class QuantizeJob:
         """The job's JSON (the worker protocol)."""
         return {"op": self.op, "model": self.model, "out": self.out,
                 "calibration": list(self.calibration), "n_tiles": self.n_tiles,
-                "force": self.force}
+                "force": self.force, "heldout": self.heldout}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantizeJob:
@@ -327,7 +328,8 @@ class QuantizeJob:
         cal = d["calibration"]
         return cls(str(d["model"]), str(d["out"]),
                    tuple(str(c) for c in (cal if isinstance(cal, list) else [cal])),
-                   int(d.get("n_tiles") or 16), bool(d.get("force", False)))
+                   int(d.get("n_tiles") or 16), bool(d.get("force", False)),
+                   None if d.get("heldout") is None else str(d["heldout"]))
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,9 @@ on one machine runs right on another. The result is checked at quantize time: be
 :data:`MIN_AGREEMENT` with fp32 on the calibration tiles, the first and last convolutions are
 kept in fp32 and it is checked again, then refused with the figure. CPUs with neither AVX2
 nor dot-product instructions are refused (int8 would not beat fp32 there), unless forced.
+Given held-out labelled data, fp32 and int8 are both evaluated on it before the file is
+written: int8's pixel accuracy must be within :data:`MAX_ACCURACY_DROP` of fp32's, and the
+card's ``evaluation`` is then int8's own (fp32's beside it).
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ from ..pipeline.normalize import tile_input
 from ..pipeline.tiling import padded_size
 from ..progress import CancelFn, ProgressFn, check_cancel
 
-__all__ = ["INT8_FLAGS", "MIN_AGREEMENT", "calibration_tiles", "check_int8_cpu", "cpu_flags",
-           "quantize_model"]
+__all__ = ["INT8_FLAGS", "MAX_ACCURACY_DROP", "MIN_AGREEMENT", "calibration_tiles",
+           "check_int8_cpu", "cpu_flags", "quantize_model"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,8 @@ log = logging.getLogger(__name__)
 INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
 #: The least share of calibration pixels where int8 must pick fp32's class.
 MIN_AGREEMENT = 0.99
+#: The most int8's pixel accuracy on held-out data may fall below fp32's (0.5 point).
+MAX_ACCURACY_DROP = 0.005
 
 
 def cpu_flags() -> set[str] | None:
@@ -236,17 +241,22 @@ class QuantizeResult(TypedDict):
 def quantize_model(model: TesseraModel | str | Path, out: str | Path,
                    calibration: Sequence[str | Path], n_tiles: int = 16, tile: int | None = None,
                    force: bool = False, progress: ProgressFn | None = None,
-                   cancel: CancelFn | None = None) -> QuantizeResult:
+                   cancel: CancelFn | None = None, heldout: Any = None,
+                   max_accuracy_drop: float = MAX_ACCURACY_DROP) -> QuantizeResult:
     """Write an int8 ONNX Tessera model of ``model`` to ``out`` (atomically).
 
     calibration: rasters or Dubai-layout folders (see :func:`calibration_tiles`).
-    Returns the ``quantization`` record written into the model card, plus ``path`` and
-    ``seconds``. Raises :class:`ParameterError` where int8 would not pay off (see
-    :func:`check_int8_cpu`), :class:`RasterReadError` for unusable calibration data,
-    :class:`OutputError` if ``out`` cannot be written.
+    ``heldout``: labelled data the model was not trained on (a Dubai-layout folder or any
+    source :func:`~.evaluate.evaluate_model` takes): fp32 and int8 are both evaluated on it
+    before anything is written, int8's pixel accuracy must be within ``max_accuracy_drop``
+    of fp32's, and int8's own figures become the card's ``evaluation``.
+    Returns the ``quantization`` record written into the model card, plus ``path``,
+    ``seconds`` and, with ``heldout``, ``evaluation``. Raises :class:`ParameterError` where
+    int8 would not pay off (see :func:`check_int8_cpu`), :class:`RasterReadError` for
+    unusable calibration data, :class:`ModelError` when int8 is not right (agreement or
+    held-out accuracy, with the figures), :class:`OutputError` if ``out`` cannot be written.
     """
     from ..inference.onnx_backend import export_onnx, require_onnxruntime
-    from ..model.onnx_meta import CONTRACT_KEY, SHA_KEY
 
     t0 = time.perf_counter()
     instructions = check_int8_cpu(force=force)
@@ -264,12 +274,13 @@ def quantize_model(model: TesseraModel | str | Path, out: str | Path,
     contract = m.contract
     tiles = calibration_tiles(calibration, contract, n_tiles, tile)
     _say(progress, 0.1, f"{len(tiles)} calibration tiles of {tiles[0].shape[-1]} px")
+    evaluation = None
     with tempfile.TemporaryDirectory(prefix="tessera-int8-") as d, atomic_file(out) as tmp:
-        fp32 = Path(d) / "fp32.onnx"
+        fp32, cand = Path(d) / "fp32.onnx", Path(d) / "int8.onnx"
         export_onnx(m, fp32, check=False)
         _fold_constants(fp32)
         check_cancel(cancel)
-        agreement, kept = _quantize_checked(fp32, tmp, tiles, contract.name, progress, cancel)
+        agreement, kept = _quantize_checked(fp32, cand, tiles, contract.name, progress, cancel)
         try:
             record = {
                 "method": "static int8 (ONNX Runtime QDQ; per-channel int8 weights of 7 bits, "
@@ -291,20 +302,70 @@ def quantize_model(model: TesseraModel | str | Path, out: str | Path,
             card.pop("evaluation", None)
             card["quantization"] = record
             d_contract["card"] = card
-            q = ModelContract.from_dict(d_contract)
-            proto = onnx.load(str(tmp))
-            del proto.metadata_props[:]
-            for k, v in ((CONTRACT_KEY, q.to_json()), (SHA_KEY, m.sha256 or ""),
-                         ("tessera.precision", "int8")):
-                e = proto.metadata_props.add()
-                e.key, e.value = k, v
+            proto = onnx.load(str(cand))
+            _set_contract(proto, ModelContract.from_dict(d_contract), m.sha256)
+            if heldout is not None:  # evaluated as the file it will be, then recorded
+                onnx.save(proto, str(cand))
+                evaluation = _evaluate_heldout(m, cand, heldout, max_accuracy_drop, progress,
+                                               cancel)
+                card["evaluation"] = evaluation
+                _set_contract(proto, ModelContract.from_dict(d_contract), m.sha256)
             onnx.save(proto, str(tmp))
         except OSError as exc:
             raise OutputError(f"{out}: cannot write the int8 model: {exc}", out) from exc
     log.info("int8 model written to %s (class agreement with fp32 %.4f)", out, agreement)
     _say(progress, 1.0, "done")
-    return {**record, "path": str(out), "sha256": file_sha256(out),  # type: ignore[typeddict-item]
-            "seconds": round(time.perf_counter() - t0, 2)}
+    res = {**record, "path": str(out), "sha256": file_sha256(out),
+           "seconds": round(time.perf_counter() - t0, 2)}
+    if evaluation is not None:
+        res["evaluation"] = evaluation
+    return res  # type: ignore[return-value]
+
+
+def _set_contract(proto: Any, contract: ModelContract, source_sha: str | None) -> None:
+    """The int8 graph's metadata: its contract, the fp32 file's hash, its precision."""
+    from ..model.onnx_meta import CONTRACT_KEY, SHA_KEY
+
+    del proto.metadata_props[:]
+    for k, v in ((CONTRACT_KEY, contract.to_json()), (SHA_KEY, source_sha or ""),
+                 ("tessera.precision", "int8")):
+        e = proto.metadata_props.add()
+        e.key, e.value = k, v
+
+
+def _evaluate_heldout(m: TesseraModel, int8: Path, data: Any, max_drop: float,
+                      progress: ProgressFn | None, cancel: CancelFn | None) -> dict[str, Any]:
+    """fp32 (ONNX Runtime) and the int8 file ``int8`` on the held-out ``data``, as
+    ``tessera evaluate`` scores them; int8's figures for its card, fp32's beside them.
+    :class:`ModelError` with both figures when int8's pixel accuracy is more than
+    ``max_drop`` below fp32's."""
+    from .evaluate import evaluate_model
+
+    scores = []
+    for k, (label, model) in enumerate((("fp32", m), ("int8", TesseraModel.open(int8)))):
+        _say(progress, 0.75 + 0.1 * k, f"evaluating {label} on the held-out data")
+        scores.append(evaluate_model(model, data, device="cpu", backend="onnxruntime",
+                                     cancel=cancel))
+    ev32, ev8 = scores
+    drop = ev32.accuracy - ev8.accuracy
+    where = f"{len(ev8.images)} held-out image(s) ({_describe(ev8.data)})"
+    if not drop <= max_drop:  # (NaN: no annotated pixels, refused too)
+        raise ModelError(
+            f"model '{m.contract.name}': on {where} int8's pixel accuracy is "
+            f"{ev8.accuracy:.4f} against fp32's {ev32.accuracy:.4f}, {100 * drop:.2f} points "
+            f"lower (Tessera allows {100 * max_drop:.1f}); keep the fp32 model (or calibrate "
+            "on more tiles of your imagery, --tiles)")
+    return {"data": where + ", through the engine's tiling (ONNX Runtime on the CPU)",
+            "pixel_accuracy": round(ev8.accuracy, 4), "mean_iou": round(ev8.mean_iou, 4),
+            "iou_per_class": {c["name"]: c["iou"] if c["iou"] is None else round(c["iou"], 4)
+                              for c in ev8.per_class()},
+            "fp32": {"pixel_accuracy": round(ev32.accuracy, 4),
+                     "mean_iou": round(ev32.mean_iou, 4)}}
+
+
+def _describe(data: dict[str, Any]) -> str:
+    """A source's dict in a few words (its folder or image)."""
+    return str(data.get("root") or data.get("image") or data.get("kind") or data)
 
 
 def _quantize_checked(fp32: Path, out: Path, tiles: list[np.ndarray], name: str,

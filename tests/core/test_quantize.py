@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from helpers import model_with, tiny_unet, write_raster
+from helpers import model_with, one_class_unet, tiny_unet, write_raster
 from tessera.core.cli import main
 from tessera.core.errors import ModelError, ParameterError, RasterReadError
 from tessera.core.inference.factory import make_predictor
@@ -184,6 +184,82 @@ def test_calibration_data_errors_name_the_file(tmp_path):
     with pytest.raises(ParameterError, match="needs imagery"):
         qz.quantize_model(fp32, tmp_path / "x.onnx", [], force=True)
     assert not (tmp_path / "x.onnx").exists()
+
+
+def _heldout(tmp_path):
+    """A held-out scene (another seed) with labels: its three zones, where the top 10 rows of
+    the dark zone are labelled Water (wrong for any model that follows brightness)."""
+    img = _scene(seed=5)
+    lab = np.broadcast_to(np.where(np.arange(128) < 42, 0, np.where(np.arange(128) < 85, 1, 2)),
+                          (96, 128)).astype(np.uint8).copy()
+    lab[:10, :42] = 2
+    return img, lab, {"kind": "raster", "image": str(write_raster(tmp_path / "h.tif", img)),
+                      "labels": str(write_raster(tmp_path / "hl.tif", lab))}
+
+
+def test_heldout_accuracy_is_checked_and_int8s_own_evaluation_is_in_its_card(tmp_path, scene):
+    """With held-out data, fp32 and int8 are both scored before the file is written; the
+    card's evaluation is int8's own (what `tessera evaluate` gives for the file written),
+    fp32's beside it."""
+    from tessera.core.training.evaluate import evaluate_model
+
+    _, _, data = _heldout(tmp_path)
+    fp32 = model_with(ConvBrightness(), tile_size=64, overlap=16,
+                      card={"evaluation": {"pixel_accuracy": 0.9}})
+    res = qz.quantize_model(fp32, tmp_path / "q.onnx", [scene], n_tiles=4, force=True,
+                            heldout=data)
+    ev = TesseraModel.open(tmp_path / "q.onnx").contract.card["evaluation"]
+    assert ev == res["evaluation"]
+    mine = evaluate_model(tmp_path / "q.onnx", data, device="cpu")
+    theirs = evaluate_model(fp32, data, device="cpu", backend="onnxruntime")
+    assert ev["pixel_accuracy"] == round(mine.accuracy, 4)
+    assert ev["mean_iou"] == round(mine.mean_iou, 4)
+    assert ev["fp32"] == {"pixel_accuracy": round(theirs.accuracy, 4),
+                          "mean_iou": round(theirs.mean_iou, 4)}
+    assert set(ev["iou_per_class"]) == {"Building", "Land", "Water"}
+    # 420 of the 12,288 pixels are labelled wrong on purpose; the zones' edges cost a little
+    assert 0.93 <= ev["pixel_accuracy"] <= 1 - 420 / 12288
+    assert abs(ev["pixel_accuracy"] - ev["fp32"]["pixel_accuracy"]) <= qz.MAX_ACCURACY_DROP
+    assert ev["data"].startswith("1 held-out image(s) (") and "h.tif" in ev["data"]
+
+
+def test_int8_below_fp32_on_heldout_data_is_refused_with_both_figures(tmp_path, scene):
+    """More than the allowed drop (here: any result short of 1 point better than fp32, to
+    reach the refusal): refused with both accuracies, nothing written."""
+    _, _, data = _heldout(tmp_path)
+    out = tmp_path / "q.onnx"
+    with pytest.raises(ModelError, match=r"on 1 held-out image\(s\) \(.*h\.tif\) int8's pixel "
+                       r"accuracy is 0\.9\d{3} against fp32's 0\.9\d{3}, -?\d\.\d\d points "
+                       r"lower \(Tessera allows -1\.0\); keep the fp32 model"):
+        qz.quantize_model(model_with(ConvBrightness(), tile_size=64, overlap=16), out, [scene],
+                          n_tiles=4, force=True, heldout=data, max_accuracy_drop=-0.01)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_quantize_heldout_folder_from_the_cli(tmp_path, scene, capsys):
+    """``--heldout FOLDER`` (the Dubai layout: images and colour masks) from the command
+    line, with a real U-Net that paints Water everywhere: the figures are exact, and those
+    printed are the card's."""
+    from PIL import Image
+
+    img, lab, _ = _heldout(tmp_path)
+    for sub in ("images", "masks"):
+        (tmp_path / "held" / sub).mkdir(parents=True)
+    Image.fromarray(np.moveaxis(img, 0, -1)).save(tmp_path / "held" / "images" / "a.png")
+    colours = np.array([(0x3C, 0x10, 0x98), (0x84, 0x29, 0xF6), (0xE2, 0xA9, 0x29)], np.uint8)
+    Image.fromarray(colours[lab]).save(tmp_path / "held" / "masks" / "a.png")
+    one_class_unet(2).save(tmp_path / "m.safetensors")  # Water everywhere: known figures
+    rc = main(["quantize", str(tmp_path / "m.safetensors"), str(tmp_path / "m8.onnx"),
+               "--calibrate", str(scene), "--tiles", "4", "--force", "-q",
+               "--heldout", str(tmp_path / "held")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    ev = TesseraModel.open(tmp_path / "m8.onnx").contract.card["evaluation"]
+    assert ev["data"].startswith(f"1 held-out image(s) ({tmp_path / 'held'})")
+    assert (f"held out: {ev['data']}: pixel accuracy int8 {ev['pixel_accuracy']:.4f}, fp32 "
+            f"{ev['fp32']['pixel_accuracy']:.4f}") in out
+    water = round((96 * 43 + 420) / 12288, 4)  # the pixels labelled Water
+    assert ev["pixel_accuracy"] == ev["fp32"]["pixel_accuracy"] == water
 
 
 QEMU = shutil.which("qemu-x86_64")
