@@ -368,23 +368,28 @@ class PostgisLayer:
                               f"is in EPSG:{self.srid}; choose another table", None)
 
     def write(self, class_id: np.ndarray, class_name: np.ndarray, area_m2: np.ndarray,
-              pixels: np.ndarray, geometry: np.ndarray) -> None:
-        """Append one batch (see :class:`~.sinks.PolygonSink`)."""
+              pixels: np.ndarray, geometry: np.ndarray, *,
+              confidence: np.ndarray | None = None) -> None:
+        """Append one batch (see :class:`~.sinks.PolygonSink`; without ``confidence`` the
+        rows' ``confidence`` is NULL)."""
         import psycopg2
         import shapely
         from psycopg2.extras import execute_values
 
         wkb = shapely.to_wkb(geometry, hex=False) if len(geometry) else []
-        rows = [(int(k), str(n), float(a), int(p), self.source, psycopg2.Binary(g))
-                for k, n, a, p, g in zip(class_id, class_name, area_m2, pixels, wkb)]
+        conf = [None] * len(wkb) if confidence is None else \
+            [None if c != c else float(c) for c in confidence]  # NaN: none
+        rows = [(int(k), str(n), float(a), int(p), self.source, psycopg2.Binary(g), c)
+                for k, n, a, p, g, c in zip(class_id, class_name, area_m2, pixels, wkb, conf)]
         if not rows:
             return
         try:
             with self.con.cursor() as cur:
                 execute_values(
                     cur, f"INSERT INTO {_quoted(self.table)} (class_id, class_name, area_m2, "  # nosec B608
-                    "pixels, source, geom) VALUES %s", rows,
-                    template=f"(%s, %s, %s, %s, %s, ST_GeomFromWKB(%s, {self.srid}))", page_size=PAGE)
+                    "pixels, source, geom, confidence) VALUES %s", rows,
+                    template=f"(%s, %s, %s, %s, %s, ST_GeomFromWKB(%s, {self.srid}), %s::real)",
+                    page_size=PAGE)
         except psycopg2.Error as exc:
             raise self._error(exc) from exc
         self.rows += len(rows)

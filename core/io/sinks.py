@@ -66,9 +66,11 @@ class PolygonSink(Protocol):
     """A polygon layer written in batches of records (the fields of :data:`POLYGON_FIELDS`)."""
 
     def write(self, class_id: np.ndarray, class_name: np.ndarray, area_m2: np.ndarray,
-              pixels: np.ndarray, geometry: np.ndarray) -> None:
+              pixels: np.ndarray, geometry: np.ndarray, *,
+              confidence: np.ndarray | None = None) -> None:
         """Append one batch (equal-length columns; ``geometry``: shapely Polygons in the
-        layer's CRS). A batch of none still creates the (empty) layer."""
+        layer's CRS; ``confidence``, when given, the polygons' mean confidence 0..1, given
+        with every batch or none). A batch of none still creates the (empty) layer."""
         ...
 
 
@@ -256,13 +258,17 @@ class GeoPackageLayer:
         self._first = True
 
     def write(self, class_id: np.ndarray, class_name: np.ndarray, area_m2: np.ndarray,
-              pixels: np.ndarray, geometry: np.ndarray) -> None:
+              pixels: np.ndarray, geometry: np.ndarray, *,
+              confidence: np.ndarray | None = None) -> None:
         """Append one batch of polygons (see :class:`PolygonSink`)."""
         import geopandas as gpd
         import pyogrio
 
-        gdf = gpd.GeoDataFrame({"class_id": class_id, "class_name": class_name,
-                                "area_m2": area_m2, "pixels": pixels},
+        cols = {"class_id": class_id, "class_name": class_name, "area_m2": area_m2,
+                "pixels": pixels}
+        if confidence is not None:
+            cols["confidence"] = np.asarray(confidence, np.float64)
+        gdf = gpd.GeoDataFrame(cols,
                                geometry=gpd.GeoSeries(geometry, crs=self.crs_wkt),
                                crs=self.crs_wkt)
         pyogrio.write_dataframe(gdf, self.path, layer=self.layer, driver="GPKG",

@@ -115,7 +115,8 @@ class Run:
         strip = strip_height(vec.strip_rows, grid.width)
         feed = RowFeed(grid.height, grid.width, max_rows=max(
             strip + 2 * vec.sieve_px + band_rows,
-            min(4 * band_rows + 2 * vec.sieve_px + 2048, FEED_PIXELS // max(grid.width, 1))))
+            min(4 * band_rows + 2 * vec.sieve_px + 2048, FEED_PIXELS // max(grid.width, 1))),
+            confidence=self.confidence)  # each polygon's mean confidence, measured as traced
         breaks = tuple(grid.final_rows_after(i) for i in range(grid.shape[0]))
         return feed, StreamVectorizer(feed, pg.tmp, pg.layer, vec, self.contract.class_names,
                                       self.nd, pg.transform, pg.crs, breaks, pg.final, pg.sink)

@@ -219,7 +219,7 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
             finally:
                 for sink in sinks:
                     sink.close()
-            _add_confidence(plan, temps, db, cancel)  # polygons and confidence complete now
+            # (each polygon's confidence was measured as it was traced, beside the model)
             _verify(plan, temps, stats, gdal_errors)
             if db is not None:
                 _verify_rows(db, stats["polygons"][0])
@@ -473,8 +473,9 @@ def _database(plan: _Plan) -> Iterator[Any]:
 
 
 def _add_confidence(plan: _Plan, temps: list[Path], db: Any, cancel: CancelFn | None) -> None:
-    """The polygons' ``confidence`` (GeoPackage field or database column) when the run makes
-    both the polygons and the confidence raster (``temps[1]``)."""
+    """The polygons' ``confidence`` (GeoPackage field or database column), added once the
+    polygons and the confidence raster (``temps[1]``) are complete: for a cluster's run,
+    whose polygons are traced apart from the confidence rows (see :mod:`.run`)."""
     if plan.vec is None or not plan.confidence:
         return
     if db is None:

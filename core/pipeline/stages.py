@@ -38,23 +38,27 @@ def array_reader(data: np.ndarray, valid: np.ndarray | None) -> TileRead:
 
 
 class RowFeed:
-    """A read-only, ds-like view of the class rows as the writer produces them.
+    """A read-only, ds-like view of the class rows as the writer produces them (band 1) and,
+    with ``confidence``, of the confidence rows beside them (band 2).
 
-    ``read(1, window=...)`` blocks until the rows exist; rows below the last window read are
-    dropped, and ``push`` blocks while more than ``max_rows`` are buffered, so memory stays
-    bounded when polygonizing is slower than segmenting.
+    ``read(band, window=...)`` blocks until the rows exist; rows above the last window read
+    are dropped, and ``push`` blocks while more than ``max_rows`` are buffered, so memory
+    stays bounded when polygonizing is slower than segmenting.
     """
 
-    def __init__(self, height: int, width: int, max_rows: int) -> None:
+    def __init__(self, height: int, width: int, max_rows: int, confidence: bool = False) -> None:
         self.height, self.width, self.max_rows = height, width, max_rows
-        self._rows: list[np.ndarray] = []   # consecutive row blocks starting at self._base
+        self.confidence = confidence
+        # consecutive row blocks starting at self._base: (class rows, confidence rows or None)
+        self._rows: list[tuple[np.ndarray, np.ndarray | None]] = []
         self._base = 0
         self._end = 0
         self._aborted = False
         self._cv = threading.Condition()
 
-    def push(self, top: int, rows: np.ndarray) -> None:
-        """Append rows from raster row ``top`` on (blocks while too many are buffered)."""
+    def push(self, top: int, rows: np.ndarray, conf: np.ndarray | None = None) -> None:
+        """Append rows from raster row ``top`` on, with their confidence rows when the feed
+        has them (blocks while too many are buffered)."""
         with self._cv:
             while not self._aborted and self._end - self._base > self.max_rows:
                 self._cv.wait(0.1)
@@ -62,7 +66,7 @@ class RowFeed:
                 return
             if top != self._end:
                 raise RuntimeError(f"rows out of order ({top} != {self._end})")
-            self._rows.append(rows)
+            self._rows.append((rows, conf if self.confidence else None))
             self._end += rows.shape[0]
             self._cv.notify_all()
 
@@ -75,16 +79,20 @@ class RowFeed:
     def read(self, band: int, window: Any) -> np.ndarray:
         """Band ``band``'s rows of ``window`` (rasterio's ``read``), once they exist."""
         r0, r1 = int(window.row_off), int(window.row_off + window.height)
+        if band not in ((1, 2) if self.confidence else (1,)):
+            raise ValueError(f"the row feed has no band {band}")
         with self._cv:
             while not self._aborted and self._end < r1:
                 self._cv.wait(0.1)
             if self._aborted:
                 raise CancelledError("polygonizing stopped")
             # windows only move forward: blocks wholly above r0 are done
-            while self._rows and self._base + self._rows[0].shape[0] <= r0:
-                self._base += self._rows.pop(0).shape[0]
+            while self._rows and self._base + self._rows[0][0].shape[0] <= r0:
+                self._base += self._rows.pop(0)[0].shape[0]
             parts, top = [], self._base
-            for blk in self._rows:  # copy just the window's rows, never the whole buffer
+            for pair in self._rows:  # copy just the window's rows, never the whole buffer
+                blk = pair[band - 1]
+                assert blk is not None
                 b1 = top + blk.shape[0]
                 if b1 > r0 and top < r1:
                     parts.append(blk[max(r0, top) - top:min(r1, b1) - top])
@@ -104,6 +112,7 @@ class StreamVectorizer(threading.Thread):
                  names: dict[int, str], nodata: int, transform: Any, crs: Any,
                  breaks: tuple[int, ...] = (), final: Path | None = None,
                  sink: Any = None) -> None:
+        """With a feed of confidence rows too, every polygon gets its mean confidence."""
         super().__init__(name="tessera-vectorizer", daemon=True)
         self.breaks, self.final, self.sink = breaks, final, sink
         self.feed, self.tmp, self.layer, self.params = feed, tmp, layer, params
@@ -122,7 +131,7 @@ class StreamVectorizer(threading.Thread):
                     self.feed, self.tmp, self.layer, self.params, self.names, self.nodata,
                     self.transform, self.crs, breaks=self.breaks,
                     on_rows=lambda r: setattr(self, "rows_done", r), final=self.final,
-                    sink=self.sink)
+                    sink=self.sink, confidence=self.feed.confidence)
         except BaseException as exc:  # noqa: BLE001  (handed to the main thread)
             self.error = exc
             self.feed.abort()
@@ -160,7 +169,7 @@ class RowWriter(threading.Thread):
                         raise RuntimeError(f"rows out of order: {top}")
                     self.hist += np.bincount(cls.ravel(), minlength=256)
                     if self.feed is not None:
-                        self.feed.push(top, cls)
+                        self.feed.push(top, cls, conf)
                     self._pending.append((cls, conf))
                     self._pending_rows += cls.shape[0]
                     n = self._pending_rows if final else (self._pending_rows // self.block) * self.block

@@ -1,10 +1,12 @@
 """The polygons' ``confidence`` field: the mean of the confidence raster (the winning class's
 probability) over each polygon's pixels, 0..1.
 
-Added after both outputs are complete (the polygons are traced beside the model, before the
-last confidence rows exist): the GeoPackage's polygons are read in chunks and each polygon is
-rasterized over its own window of the confidence raster (windows of a few million pixels at
-most, so memory stays bounded for a polygon as large as the raster).
+One machine's run measures it as it traces the polygons, strip by strip, beside the model
+(:func:`..vectorize.polygonize.iter_class_polygons`). A run split across a cluster traces its
+blocks apart from the confidence rows, so there it is added here, after both outputs are
+complete: the polygons are read in chunks and each is rasterized over its own window of the
+confidence raster (windows of a few million pixels at most, so memory stays bounded for a
+polygon as large as the raster).
 """
 
 from __future__ import annotations

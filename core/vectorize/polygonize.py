@@ -40,15 +40,25 @@ STRIP_PIXELS = 1 << 20
 
 
 
+#: A region's confidence as measured so far: (sum of the confidence raster's values over
+#: its pixels, its pixel count), or None when not measured.
+Sums = tuple[float, int] | None
+
+
+def _add_sums(a: Sums, b: Sums) -> Sums:
+    return None if a is None or b is None else (a[0] + b[0], a[1] + b[1])
+
+
 class _Group:
     """One region being assembled from strip pieces (pixel-space polygons)."""
 
-    __slots__ = ("cls", "nverts", "pieces")
+    __slots__ = ("cls", "nverts", "pieces", "sums")
 
-    def __init__(self, cls: int, pieces: list[Any], nverts: int = 0) -> None:
+    def __init__(self, cls: int, pieces: list[Any], nverts: int = 0, sums: Sums = None) -> None:
         self.cls = cls
         self.pieces = pieces
         self.nverts = nverts
+        self.sums = sums
 
 
 def _seam_segments(geom: Any, y: float) -> list[tuple[int, int]]:
@@ -90,13 +100,14 @@ def _polygons_from_shapes(items: list[tuple[dict[str, Any], float]]) -> Any:
     return shapely.polygons(rings, indices=np.asarray(poly_idx))
 
 
-def _read_rows(ds: Any, r0: int, r1: int) -> np.ndarray:
-    """Band 1, rows ``[r0, r1)``, all columns; a GDAL read failure becomes :class:`RasterReadError`."""
+def _read_rows(ds: Any, r0: int, r1: int, band: int = 1) -> np.ndarray:
+    """Band ``band``, rows ``[r0, r1)``, all columns; a GDAL read failure becomes
+    :class:`RasterReadError`."""
     from rasterio.errors import RasterioIOError
     from rasterio.windows import Window
 
     try:
-        return ds.read(1, window=Window(0, r0, ds.width, r1 - r0))
+        return ds.read(band, window=Window(0, r0, ds.width, r1 - r0))
     except RasterioIOError as exc:
         name = getattr(ds, "name", "the class raster")
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
@@ -195,6 +206,34 @@ def _strip_bounds(height: int, rows_per_strip: int,
     return out
 
 
+def _confidence_sums(polys: Any, conf: np.ndarray, r0: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each pixel-space polygon of one strip (whose rows start at ``r0``): the sum of
+    ``conf`` (non-negative) over its pixels, and their count.
+
+    The polygons run along pixel edges with integer vertices, so by Green's theorem the sum
+    over a ring's inside is, up to its sign, the sum along its vertical edges (at column x,
+    rows y0 to y1) of ``Q[y1, x] - Q[y0, x]``, where ``Q`` is the strip's integral image (the
+    sum of ``conf`` above and left of a corner): a holed polygon's sum is its exterior's
+    less its holes'. Exact, and linear in the strip's pixels and vertices (rasterizing each
+    polygon instead costs its rows times its edges)."""
+    import shapely
+
+    h, w = conf.shape
+    q = np.empty((h + 1, w + 1), np.int64)  # 255 x pixels: int64 never overflows
+    q[0], q[:, 0] = 0, 0
+    np.cumsum(conf, axis=0, dtype=np.int64, out=q[1:, 1:])
+    np.cumsum(q[1:, 1:], axis=1, out=q[1:, 1:])
+    rings, owner = shapely.get_rings(polys, return_index=True)  # exterior first, then holes
+    xy, ring = shapely.get_coordinates(rings, return_index=True)
+    x, y = xy[:, 0].astype(np.int64), xy[:, 1].astype(np.int64) - r0
+    i = np.nonzero((ring[:-1] == ring[1:]) & (x[:-1] == x[1:]))[0]  # vertical edges
+    inside = np.abs(np.bincount(ring[i], weights=(q[y[i + 1], x[i]] - q[y[i], x[i]]),
+                                minlength=len(rings)))
+    exterior = np.r_[True, owner[1:] != owner[:-1]]
+    sums = np.bincount(owner, weights=np.where(exterior, inside, -inside), minlength=len(polys))
+    return sums, np.rint(shapely.area(polys)).astype(np.int64)
+
+
 def iter_class_polygons(ds: Any, strip_rows: int, sieve_px: int = 0,
                         skip_values: frozenset[int] = frozenset(), nodata: float | None = None,
                         cancel: CancelFn | None = None,
@@ -202,8 +241,12 @@ def iter_class_polygons(ds: Any, strip_rows: int, sieve_px: int = 0,
                         max_open_vertices: int = 0,
                         breaks: tuple[int, ...] = (),
                         rows: tuple[int, int] | None = None,
-                        cuts: list[int] | None = None) -> Iterator[tuple[int, Any]]:
-    """Yield ``(class value, polygon)`` for every 4-connected region of band 1, once each.
+                        cuts: list[int] | None = None,
+                        confidence: bool = False) -> Iterator[tuple[int, Any, Sums]]:
+    """Yield ``(class value, polygon, sums)`` for every 4-connected region of band 1, once
+    each; with ``confidence``, ``sums`` is ``(sum, pixel count)`` of band 2 (the confidence
+    rows beside the class rows) over the region's pixels, measured strip by strip as the
+    region is traced; else ``None``.
 
     ``ds``: anything with ``height``, ``width`` and rasterio's ``read(1, window=...)`` (a rasterio
     dataset, or a feed of rows being produced). Polygons are in *pixel* coordinates (x = column,
@@ -242,6 +285,7 @@ def iter_class_polygons(ds: Any, strip_rows: int, sieve_px: int = 0,
         arr, keep = _strip(ds, r0, r1, sieve_px, nodata)
         for v in skip_values:
             keep &= arr != v
+        conf = _read_rows(ds, r0, r1, 2) if confidence else None
         new_seam = np.full(width, -1, dtype=np.int64)
         stream = shapes(arr, mask=keep, connectivity=4, transform=Affine.translation(0, r0))
         while True:
@@ -249,15 +293,19 @@ def iter_class_polygons(ds: Any, strip_rows: int, sieve_px: int = 0,
             if not items:
                 break
             polys = _polygons_from_shapes(items)
+            sums: list[Sums] = [None] * len(polys)
+            if conf is not None:
+                total, count = _confidence_sums(polys, conf, r0)
+                sums = list(zip(total.tolist(), count.tolist()))
             bounds = shapely.bounds(polys)
             nverts = shapely.get_num_coordinates(polys)
             top = (bounds[:, 1] == r0) if r0 > 0 else np.zeros(len(polys), bool)
             bottom = (bounds[:, 3] == r1) if r1 < height else np.zeros(len(polys), bool)
             for k in np.nonzero(~(top | bottom))[0]:
-                yield int(items[k][1]), polys[k]  # complete: touches neither seam
+                yield int(items[k][1]), polys[k], sums[k]  # complete: touches neither seam
             for k in np.nonzero(top | bottom)[0]:
                 regions.add(polys[k], int(items[k][1]), int(nverts[k]), r0 if top[k] else None,
-                            r1 if bottom[k] else None, new_seam)
+                            r1 if bottom[k] else None, new_seam, sums[k])
         yield from regions.end_strip(new_seam, r1, r1 == height, max_open_vertices)
         if on_rows is not None:
             on_rows(r1)
@@ -287,20 +335,21 @@ class OpenRegions:
         return g
 
     def add(self, geom: Any, cls: int, nverts: int, top: int | None, bottom: int | None,
-            new_seam: np.ndarray) -> None:
+            new_seam: np.ndarray, sums: Sums = None) -> None:
         """A piece touching the seam at row ``top`` (joined to the open regions of its class
-        there) and/or at row ``bottom`` (marked on ``new_seam``, the next seam)."""
-        gid = self._join(geom, cls, nverts, top) if top is not None else -1
+        there) and/or at row ``bottom`` (marked on ``new_seam``, the next seam); ``sums``:
+        its confidence (see :func:`iter_class_polygons`)."""
+        gid = self._join(geom, cls, nverts, top, sums) if top is not None else -1
         if gid < 0:
             gid = self.next_id
             self.next_id += 1
             self.parent[gid] = gid
-            self.groups[gid] = _Group(cls, [geom], nverts)
+            self.groups[gid] = _Group(cls, [geom], nverts, sums)
         if bottom is not None:
             for x0, x1 in _seam_segments(geom, bottom):
                 new_seam[x0:x1] = gid
 
-    def _join(self, geom: Any, cls: int, nverts: int, row: int) -> int:
+    def _join(self, geom: Any, cls: int, nverts: int, row: int, sums: Sums) -> int:
         """Join ``geom`` to the regions of class ``cls`` it meets on the seam at ``row``;
         their root, or -1 when it meets none."""
         groups = self.groups
@@ -320,12 +369,14 @@ class OpenRegions:
             gone = groups.pop(other)
             groups[gid].pieces.extend(gone.pieces)
             groups[gid].nverts += gone.nverts
+            groups[gid].sums = _add_sums(groups[gid].sums, gone.sums)
         groups[gid].pieces.append(geom)
         groups[gid].nverts += nverts
+        groups[gid].sums = _add_sums(groups[gid].sums, sums)
         return gid
 
     def end_strip(self, new_seam: np.ndarray, r1: int, last: bool,
-                  max_open_vertices: int) -> Iterator[tuple[int, Any]]:
+                  max_open_vertices: int) -> Iterator[tuple[int, Any, Sums]]:
         """The strip ending at row ``r1`` is done: emit the regions that no longer touch the
         seam (side by side after the ``last`` strip), cut the largest open ones while they
         hold more than ``max_open_vertices`` together (> 0), and move to ``new_seam``."""
@@ -356,16 +407,16 @@ class OpenRegions:
         self.parent.update((g, g) for g in groups)
         self.seam_gid = new_seam
 
-    def finalize(self, gid: int, geom: Any = None) -> Iterator[tuple[int, Any]]:
+    def finalize(self, gid: int, geom: Any = None) -> Iterator[tuple[int, Any, Sums]]:
         """Emit region ``gid`` (its pieces unioned, unless ``geom`` is that union already)."""
         grp = self.groups.pop(gid)
         if geom is None:
             geom = _merge_pieces(grp.pieces)
         for part in getattr(geom, "geoms", [geom]):
             if part.geom_type == "Polygon" and not part.is_empty:
-                yield grp.cls, part
+                yield grp.cls, part, grp.sums
 
-    def finalize_all(self, gids: list[int]) -> Iterator[tuple[int, Any]]:
+    def finalize_all(self, gids: list[int]) -> Iterator[tuple[int, Any, Sums]]:
         """Finalize ``gids`` in order; after the last strip the model is done and the cores
         are free, so the unions of the regions that stayed open run side by side (GEOS
         releases the GIL): they are most of the time left after the last tile."""
@@ -381,7 +432,7 @@ class OpenRegions:
         for gid in gids:
             yield from self.finalize(gid, merged.get(gid))
 
-    def finalize_rest(self) -> Iterator[tuple[int, Any]]:
+    def finalize_rest(self) -> Iterator[tuple[int, Any, Sums]]:
         """Whatever is still open (there is nothing below)."""
         for gid in sorted(self.groups):
             yield from self.finalize(gid)

@@ -145,13 +145,13 @@ class SeamMerge:
                 top = row0 if row0 > 0 and b[k, 1] == row0 else None
                 bottom = row1 if row1 < self.height and b[k, 3] == row1 else None
                 self.regions.add(pieces[k], int(cls[k]), int(nverts[k]), top, bottom, new_seam)
-        for c, poly in self.regions.end_strip(new_seam, row1, row1 == self.height,
-                                              self.writer.params.max_region_vertices):
+        for c, poly, _ in self.regions.end_strip(new_seam, row1, row1 == self.height,
+                                                 self.writer.params.max_region_vertices):
             self.writer.add(c, poly)
         self.writer.strip_done(at_break=True)
 
     def finish(self) -> tuple[int, dict[int, float]]:
         """Whatever is still open, then the rest written: ``(count, m² per class id)``."""
-        for c, poly in self.regions.finalize_rest():
+        for c, poly, _ in self.regions.finalize_rest():
             self.writer.add(c, poly)
         return self.writer.finish()

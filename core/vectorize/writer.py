@@ -3,8 +3,10 @@ simplified and written in bounded pieces; :func:`vectorize_raster` is the whole 
 raster on disk.
 
 Per polygon the layer gets ``class_id``, ``class_name``, ``area_m2`` (true ellipsoidal area in
-square metres, whatever the CRS) and ``pixels`` (the region's pixel count). Geometries are in
-the raster's CRS.
+square metres, whatever the CRS) and ``pixels`` (the region's pixel count); when polygonizing
+beside the model with the confidence raster, also ``confidence`` (the mean of the confidence
+rows over the region's pixels, 0..1, measured as the region is traced). Geometries are in the
+raster's CRS.
 """
 
 from __future__ import annotations
@@ -143,22 +145,25 @@ class PolygonWriter:
     (:meth:`add`) are measured (``pixels``, ``area_m2``), filtered by ``params.min_area_m2``,
     simplified by ``params.simplify_px`` and moved into the CRS; those measured already
     (:meth:`add_measured`, in the CRS) go in as they are. Written in bounded pieces;
-    :meth:`finish` writes the rest and returns ``(count, m² per class id)``."""
+    :meth:`finish` writes the rest and returns ``(count, m² per class id)``. With
+    ``confidence``, every polygon comes with its confidence sums and the sink gets the
+    ``confidence`` field (their mean / 255, 4 decimals)."""
 
     def __init__(self, sink: PolygonSink, params: VectorizeParams, names: dict[int, str],
-                 transform: Any, crs: Any) -> None:
+                 transform: Any, crs: Any, confidence: bool = False) -> None:
         self.sink, self.params, self.names = sink, params, names
-        self.transform, self.crs = transform, crs
+        self.transform, self.crs, self.confidence = transform, crs, confidence
         self.n_total = 0
         self.areas: dict[int, float] = {}
         self.first = True
-        self.batch: list[tuple[int, Any]] = []
-        # measured and in the CRS, not yet written: (class ids, m², pixels, geoms)
-        self.ready: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.batch: list[tuple[int, Any, Any]] = []
+        # measured and in the CRS, not yet written: (class ids, m², pixels, geoms, confidence)
+        self.ready: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
 
-    def add(self, cls: int, poly: Any) -> None:
-        """One pixel-space polygon of class ``cls``."""
-        self.batch.append((cls, poly))
+    def add(self, cls: int, poly: Any, sums: tuple[float, int] | None = None) -> None:
+        """One pixel-space polygon of class ``cls`` (``sums``: its confidence's sum and
+        pixel count, with ``confidence``)."""
+        self.batch.append((cls, poly, sums))
         if len(self.batch) >= WRITE_BATCH:
             self.flush()
 
@@ -167,7 +172,7 @@ class PolygonWriter:
         """Polygons measured and in the CRS already (simplified and filtered as
         :meth:`add` would)."""
         self.ready.append((np.asarray(cls, np.int32), np.asarray(area, np.float64),
-                           np.asarray(pixels, np.int64), geoms))
+                           np.asarray(pixels, np.int64), geoms, np.full(len(cls), np.nan)))
         if self.pending() >= WRITE_BATCH:
             self.flush()
 
@@ -186,9 +191,11 @@ class PolygonWriter:
                                     d * xy[:, 0] + e * xy[:, 1] + f])
 
         params = self.params
-        cls = np.array([k for k, _ in self.batch], dtype=np.int32)
+        cls = np.array([k for k, _, _ in self.batch], dtype=np.int32)
         pix = np.empty(len(self.batch), dtype=object)
-        pix[:] = [g for _, g in self.batch]
+        pix[:] = [g for _, g, _ in self.batch]
+        conf = np.array([np.nan if s is None or not s[1] else round(s[0] / s[1] / 255.0, 4)
+                         for _, _, s in self.batch], np.float64)
         self.batch.clear()
         pixels = np.rint(shapely.area(pix)).astype(np.int64)
         area = polygon_areas_m2(pix, self.transform, self.crs)
@@ -197,7 +204,8 @@ class PolygonWriter:
         if params.simplify_px > 0 and len(geoms):
             geoms = shapely.simplify(geoms, params.simplify_px, preserve_topology=True)
         geoms = shapely.transform(geoms, to_crs) if len(geoms) else geoms
-        self.ready.append((cls[keep], area[keep].astype(np.float64), pixels[keep], geoms))
+        self.ready.append((cls[keep], area[keep].astype(np.float64), pixels[keep], geoms,
+                           conf[keep]))
 
     def pending(self) -> int:
         """Polygons measured and not yet written."""
@@ -215,14 +223,17 @@ class PolygonWriter:
         import shapely
 
         self.prepare()
-        empty = (np.zeros(0, np.int32), np.zeros(0), np.zeros(0, np.int64), np.empty(0, object))
-        cls, area, pixels, geoms = (np.concatenate(col) for col in zip(*(self.ready or [empty])))
+        empty = (np.zeros(0, np.int32), np.zeros(0), np.zeros(0, np.int64), np.empty(0, object),
+                 np.zeros(0))
+        cls, area, pixels, geoms, conf = (np.concatenate(col)
+                                          for col in zip(*(self.ready or [empty])))
         self.ready.clear()
         names = self.names
         for i0, i1 in _pieces(shapely.get_num_coordinates(geoms), WRITE_VERTICES):
             k = cls[i0:i1]
             self.sink.write(k, np.array([names.get(int(v), f"class {int(v)}") for v in k],
-                                        dtype=object), area[i0:i1], pixels[i0:i1], geoms[i0:i1])
+                                        dtype=object), area[i0:i1], pixels[i0:i1], geoms[i0:i1],
+                            **({"confidence": conf[i0:i1]} if self.confidence else {}))
             self.first = False
         for k, ar in zip(cls, area):
             self.areas[int(k)] = self.areas.get(int(k), 0.0) + float(ar)
@@ -244,7 +255,8 @@ def write_polygons(source: Any, tmp: Path, layer: str, params: VectorizeParams,
                    sink: PolygonSink | None = None,
                    rows: tuple[int, int] | None = None,
                    divert: Callable[[int, Any], bool] | None = None,
-                   cuts: list[int] | None = None) -> tuple[int, dict[int, float]]:
+                   cuts: list[int] | None = None,
+                   confidence: bool = False) -> tuple[int, dict[int, float]]:
     """Polygonize ``source`` into the GeoPackage ``tmp``; return ``(count, m² per class id)``.
 
     ``source``: anything with ``height``, ``width`` and rasterio's ``read(1, window=...)``;
@@ -253,12 +265,14 @@ def write_polygons(source: Any, tmp: Path, layer: str, params: VectorizeParams,
     ``params.simplify_px`` simplifies in pixels after ``pixels`` and ``area_m2`` are measured.
     ``breaks``, ``rows``, ``cuts``: see :func:`iter_class_polygons`. ``divert(class, polygon)``, when
     given, takes the (pixel-space) polygons it returns true for: they are not written.
+    ``confidence``: ``source`` has the confidence rows as band 2, and every polygon gets its
+    mean (the ``confidence`` field).
     Raises :class:`OutputError` naming ``final`` (the output ``tmp`` becomes) when the
     GeoPackage cannot be written.
     """
     skip = _resolve_skip(params.skip_classes, names)
     writer = PolygonWriter(sink or polygon_sink(tmp, layer, crs.to_wkt()), params, names,
-                           transform, crs)  # a database's sink, or the GeoPackage
+                           transform, crs, confidence)  # a database's sink, or the GeoPackage
     break_rows = frozenset(breaks)
 
     def strip_done(r: int) -> None:
@@ -267,12 +281,12 @@ def write_polygons(source: Any, tmp: Path, layer: str, params: VectorizeParams,
             on_rows(r)
 
     with write_errors(final or tmp):
-        for cls_v, poly in iter_class_polygons(
+        for cls_v, poly, sums in iter_class_polygons(
                 source, params.strip_rows, params.sieve_px, skip, nodata, cancel,
                 on_rows=strip_done, max_open_vertices=params.max_region_vertices,
-                breaks=breaks, rows=rows, cuts=cuts):
+                breaks=breaks, rows=rows, cuts=cuts, confidence=confidence):
             if divert is None or not divert(cls_v, poly):
-                writer.add(cls_v, poly)
+                writer.add(cls_v, poly, sums)
         return writer.finish()
 
 
