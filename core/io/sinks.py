@@ -20,7 +20,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import OutputError, TesseraError
-from .raster import CLASSES_TAG, GTIFF_OPTIONS, short_error
+from .raster import (
+    CLASS_COMPRESSION,
+    CLASSES_TAG,
+    CONFIDENCE_COMPRESSION,
+    GTIFF_OPTIONS,
+    short_error,
+)
 
 
 class ClassLike(Protocol):
@@ -101,13 +107,15 @@ class GeoTiffRows:
     def __init__(self, path: Path, profile: dict[str, Any], nodata: int,
                  colormap: dict[int, tuple[int, int, int, int]] | None = None,
                  tags: dict[str, str] | None = None, description: str = "",
-                 final: Path | None = None) -> None:
+                 final: Path | None = None,
+                 compression: dict[str, Any] | None = None) -> None:
         import rasterio
 
         self.width = int(profile["width"])
         self.final = final or path
         try:
-            self.ds = rasterio.open(path, "w", **dict(GTIFF_OPTIONS, **profile), count=1,
+            self.ds = rasterio.open(path, "w", **dict(GTIFF_OPTIONS, **(compression or {}),
+                                                      **profile), count=1,
                                     dtype="uint8", nodata=nodata)
         except TesseraError:
             raise
@@ -154,13 +162,30 @@ def verify_geotiff(path: Path, final: Path, hist: np.ndarray | None = None) -> N
     try:
         with rasterio.open(path) as ds:
             for _, win in ds.block_windows(1):
-                counts += np.bincount(ds.read(1, window=win).ravel(), minlength=256)[:256]
+                block = ds.read(1, window=win)
+                if hist is not None:  # (without, reading every block is the check)
+                    counts += np.bincount(block.ravel(), minlength=256)[:256]
     except Exception as exc:
         raise write_failed(final, f"the file written is damaged: {short_error(exc)}; "
                            "is the disk full or failing?") from exc
     if hist is not None and not np.array_equal(counts, hist[:256]):
         raise write_failed(final, "the file written does not hold what was computed; is the "
                            "disk full or failing?")
+
+
+def verify_geotiffs(checks: list[tuple[Path, Path, np.ndarray | None]]) -> None:
+    """:func:`verify_geotiff` of each ``(path, final, hist)``, side by side (GDAL decodes
+    without the GIL): the first failure raised."""
+    if len(checks) == 1:
+        verify_geotiff(*checks[0])
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(checks) - 1, thread_name_prefix="tessera-verify") as pool:
+        rest = [pool.submit(verify_geotiff, *c) for c in checks[1:]]
+        verify_geotiff(*checks[0])
+        for f in rest:
+            f.result()
 
 
 #: Names SQLite or GeoPackage keep for themselves: a layer's name cannot begin so.
@@ -218,7 +243,7 @@ def class_raster_sink(path: Path, profile: dict[str, Any], nodata: int,
     tags = {CLASSES_TAG: json.dumps([{"id": c.id, "name": c.name, "color": c.color}
                                      for c in classes]),
             "TESSERA_MODEL": model_name, "TESSERA_SOURCE": source_name, **(extra_tags or {})}
-    return GeoTiffRows(path, profile, nodata, cmap, tags, "class", final)
+    return GeoTiffRows(path, profile, nodata, cmap, tags, "class", final, CLASS_COMPRESSION)
 
 
 def confidence_raster_sink(path: Path, profile: dict[str, Any], model_name: str,
@@ -228,7 +253,8 @@ def confidence_raster_sink(path: Path, profile: dict[str, Any], model_name: str,
     return GeoTiffRows(path, profile, 0, None,
                        {"TESSERA_MODEL": model_name, "TESSERA_SOURCE": source_name,
                         **(extra_tags or {})},
-                       "confidence (max class probability x 255)", final)
+                       "confidence (max class probability x 255)", final,
+                       CONFIDENCE_COMPRESSION)
 
 
 class ArrayRows:

@@ -246,9 +246,11 @@ class Run:
                 pass
 
     def _join(self) -> None:
-        self.stop.set()
-        self.reader.join(timeout=10)
-        self.writer.join(timeout=30)
+        self.stop.set()  # (a signal may have come before every thread was started)
+        if self.reader.ident is not None:
+            self.reader.join(timeout=10)
+        if self.writer.ident is not None:
+            self.writer.join(timeout=30)
         if self.vectorizer is not None and self.vectorizer.is_alive():
             assert self.feed is not None
             self.feed.abort()

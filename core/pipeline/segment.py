@@ -43,7 +43,7 @@ from ..io.sinks import (
     class_raster_sink,
     confidence_raster_sink,
     verify_geopackage,
-    verify_geotiff,
+    verify_geotiffs,
     write_failed,
 )
 from ..model.contract import ModelContract
@@ -246,9 +246,8 @@ def _verify(plan: _Plan, temps: list[Path], stats: dict[str, Any], gdal: GdalErr
     errors = gdal.write_errors()
     if errors:
         raise write_failed(finals[0], errors[0])
-    verify_geotiff(temps[0], finals[0], stats["hist"])
-    if plan.confidence:
-        verify_geotiff(temps[1], finals[1])
+    verify_geotiffs([(temps[0], finals[0], stats["hist"])]
+                    + ([(temps[1], finals[1], None)] if plan.confidence else []))
     if plan.vec is not None and plan.outs.polygons_db is None:
         k = plan.polygons_temp_index
         verify_geopackage(temps[k], finals[k], plan.outs.polygons.stem, stats["polygons"][0])

@@ -99,6 +99,8 @@ def test_crs_transform_colours_names_and_window_are_preserved(tmp_path):
         assert ds.transform == t
         assert (ds.width, ds.height, ds.dtypes[0], ds.nodata) == (100, 120, "uint8", 255)
         assert ds.profile["tiled"] and ds.profile["compress"] == "deflate"
+        # class ids are no smooth signal: no horizontal predictor (smaller and cheaper)
+        assert ds.tags(ns="IMAGE_STRUCTURE").get("PREDICTOR", "1") == "1"
         assert ds.colormap(1)[2] == (0xE2, 0xA9, 0x29, 255)
         assert ds.colormap(1)[0] == (0x3C, 0x10, 0x98, 255)
         assert (ds.read(1) == 2).all()

@@ -221,6 +221,25 @@ def test_verify_finds_a_geotiff_that_does_not_hold_what_was_computed(tmp_path):
         verify_geotiff(path, tmp_path / "final.tif", hist)
 
 
+def test_verify_reads_two_rasters_side_by_side_and_finds_either_damaged(tmp_path):
+    """The class raster (with its counts) and the confidence raster (read back whole, no
+    counts) checked side by side: sound, both pass; either one truncated, its final name
+    is in the error."""
+    from tessera.core.io.sinks import verify_geotiffs
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    cls, hist = _written(tmp_path / "a")
+    conf, _ = _written(tmp_path / "b")
+    verify_geotiffs([(cls, tmp_path / "c.tif", hist), (conf, tmp_path / "f.tif", None)])
+    for broken, final in ((conf, "f.tif"), (cls, "c.tif")):
+        data = broken.read_bytes()
+        broken.write_bytes(data[:len(data) // 2])
+        with pytest.raises(OutputError, match=f"{final}: cannot write it .*damaged"):
+            verify_geotiffs([(cls, tmp_path / "c.tif", hist), (conf, tmp_path / "f.tif", None)])
+        broken.write_bytes(data)
+
+
 def test_verify_finds_a_geopackage_short_of_polygons(tmp_path, model_file):
     src = write_raster(tmp_path / "scene.tif", random_rgb(40, 50))
     res = segment_raster(src, model_file, tmp_path)
@@ -311,6 +330,25 @@ def test_sigterm_and_sigint_stop_the_run_and_leave_nothing(tmp_path, model_file,
     assert f"tessera: {word}; no partial outputs were left" in err
     assert "Traceback" not in err
     assert _files(out) == []
+
+
+def test_an_interrupt_before_every_thread_is_started_still_leaves_nothing(tmp_path,
+                                                                          model_file,
+                                                                          monkeypatch):
+    """Ctrl-C (or SIGTERM, which the CLI turns into the same) landing while the run starts
+    its threads: the run says it was interrupted and leaves nothing, rather than failing on
+    joining a thread that never started."""
+    from tessera.core.errors import CancelledError
+    from tessera.core.pipeline import stages
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages.RowWriter, "start", interrupted)
+    src = write_raster(tmp_path / "scene.tif", random_rgb(90, 90))
+    with pytest.raises(CancelledError, match="interrupted"):
+        segment_raster(src, model_file, tmp_path / "out", SegmentParams(confidence=True))
+    assert _files(tmp_path / "out") == []
 
 
 def test_name_max_falls_back_to_255(monkeypatch, tmp_path):
