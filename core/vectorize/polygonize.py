@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import ParameterError, RasterReadError
 from ..progress import CancelFn, check_cancel
+from .merge import merge_pieces
 
 log = logging.getLogger(__name__)
 
@@ -162,25 +163,6 @@ def _valid(arr: np.ndarray, nodata: float | None) -> np.ndarray:
             valid &= arr != np.asarray(nodata, arr.dtype)
         return valid
     return arr != nodata if nodata is not None else np.ones(arr.shape, bool)
-
-
-def _merge_pieces(pieces: list[Any]) -> Any:
-    """One region's strip pieces (pixel-space polygons) as one geometry."""
-    import shapely
-
-    if len(pieces) == 1:
-        return pieces[0]
-    # A piece's holes never touch a strip edge, so only the outer shells need the (costly)
-    # union; the holes are added back afterwards. Holes that cross a seam come out of the
-    # shells' union. simplify(0) drops the collinear vertices the seams leave (exact: all
-    # vertices are integers; tolerance 0 with the plain Douglas-Peucker keeps the point set,
-    # hence validity, at half the cost).
-    shells = shapely.polygons(shapely.get_exterior_ring(np.asarray(pieces, object)))
-    merged = shapely.simplify(shapely.union_all(shells), 0, preserve_topology=False)
-    holes = [r for p in pieces for r in p.interiors]
-    if holes and merged.geom_type == "Polygon":
-        return shapely.Polygon(merged.exterior, [*merged.interiors, *holes])
-    return merged
 
 
 def strip_height(strip_rows: int, width: int) -> int:
@@ -411,7 +393,7 @@ class OpenRegions:
         """Emit region ``gid`` (its pieces unioned, unless ``geom`` is that union already)."""
         grp = self.groups.pop(gid)
         if geom is None:
-            geom = _merge_pieces(grp.pieces)
+            geom = merge_pieces(grp.pieces)
         for part in getattr(geom, "geoms", [geom]):
             if part.geom_type == "Polygon" and not part.is_empty:
                 yield grp.cls, part, grp.sums
@@ -428,7 +410,7 @@ class OpenRegions:
 
             with ThreadPoolExecutor(workers, thread_name_prefix="tessera-union") as pool:
                 merged = dict(zip(multi, pool.map(
-                    _merge_pieces, [self.groups[g].pieces for g in multi])))
+                    merge_pieces, [self.groups[g].pieces for g in multi])))
         for gid in gids:
             yield from self.finalize(gid, merged.get(gid))
 
