@@ -24,6 +24,13 @@ from typing import Any
 import numpy as np
 
 
+#: Pieces with fewer vertices than this together take the general union: below it, the
+#: numpy work around the coverage union costs more than it saves (measured on the 8192²
+#: map: 2,242 such regions took 0.17 s the general way, 0.40 s as coverages; the 379 larger
+#: ones 1.86 s against 0.43 s).
+COVERAGE_FROM = 400
+
+
 def merge_pieces(pieces: list[Any]) -> Any:
     """One region's strip pieces (pixel-space polygons) as one geometry, without the
     vertices the seams leave where the outline runs straight on."""
@@ -31,13 +38,19 @@ def merge_pieces(pieces: list[Any]) -> Any:
 
     if len(pieces) == 1:
         return pieces[0]
-    shells = match_seams(pieces)
-    merged = shapely.coverage_union_all(shells)
-    # pieces joined along seam edges make one polygon covering exactly their pixels
-    if merged.geom_type != "Polygon" or merged.area != float(shapely.area(shells).sum()):
-        merged = shapely.union_all(shapely.polygons(  # not a coverage after all (never seen)
-            shapely.get_exterior_ring(np.asarray(pieces, object))))
-    merged = drop_collinear(merged)
+    arr = np.asarray(pieces, object)
+    merged = None
+    if int(shapely.get_num_coordinates(arr).sum()) >= COVERAGE_FROM:
+        shells = match_seams(pieces)
+        merged = shapely.coverage_union_all(shells)
+        # pieces joined along seam edges make one polygon covering exactly their pixels
+        if merged.geom_type == "Polygon" and merged.area == float(shapely.area(shells).sum()):
+            merged = drop_collinear(merged)
+        else:  # not a coverage after all (never seen)
+            merged = None
+    if merged is None:  # simplify(0): plain Douglas-Peucker drops exactly the straight-on
+        merged = shapely.simplify(shapely.union_all(shapely.polygons(  # vertices
+            shapely.get_exterior_ring(arr))), 0, preserve_topology=False)
     # A piece's holes never touch a strip edge, so only the shells are joined and the holes
     # are added back; holes that cross a seam come out of the shells' union.
     holes = [r for p in pieces for r in p.interiors]

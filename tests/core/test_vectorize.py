@@ -644,11 +644,15 @@ def test_strips_cut_at_breaks_give_the_same_polygons(tmp_path):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_pieces_are_joined_as_a_coverage_exactly_as_a_general_union_would(seed):
+def test_pieces_are_joined_as_a_coverage_exactly_as_a_general_union_would(seed, monkeypatch):
     """The strip pieces of every region crossing seams, joined by the coverage union
-    (seam vertices matched, straight-on vertices dropped): the same polygons, vertex for
-    vertex, as GEOS's general union followed by simplify(0)."""
+    (seam vertices matched, straight-on vertices dropped; here for regions of any size):
+    the same polygons, vertex for vertex, as GEOS's general union followed by
+    simplify(0)."""
+    from tessera.core.vectorize import merge
     from tessera.core.vectorize.merge import merge_pieces
+
+    monkeypatch.setattr(merge, "COVERAGE_FROM", 0)
 
     rng = np.random.default_rng(seed)
     coarse = rng.integers(0, 3, (12, 10))
@@ -685,10 +689,13 @@ def test_pieces_are_joined_as_a_coverage_exactly_as_a_general_union_would(seed):
         assert shapely.normalize(got).wkt == shapely.normalize(ref).wkt
 
 
-def test_pieces_that_are_no_coverage_fall_back_to_the_general_union():
+def test_pieces_that_are_no_coverage_fall_back_to_the_general_union(monkeypatch):
     """Overlapping pieces (never made by the polygonizer) are no coverage: the coverage
     union is not one polygon of the pieces' area, and the general union is taken instead."""
+    from tessera.core.vectorize import merge
     from tessera.core.vectorize.merge import merge_pieces
+
+    monkeypatch.setattr(merge, "COVERAGE_FROM", 0)
 
     a, b = shapely.box(0, 0, 4, 3), shapely.box(2, 1, 6, 5)
     assert shapely.coverage_union_all([a, b]).geom_type == "MultiPolygon"  # wrong, unchecked
