@@ -15,10 +15,9 @@ from pathlib import Path
 #: The ``tessera`` command; the guard because Dask's local workers are spawned processes,
 #: which import the main script.
 LAUNCHER = """#!{python}
-import sys
-from tessera.core.cli import main
+from tessera.core.cli import run
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
 """
 
 

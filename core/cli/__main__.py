@@ -1,8 +1,6 @@
 """``python -m tessera.core.cli``: the ``tessera`` command."""
 
-import sys
-
-from .commands import main
+from .commands import run
 
 if __name__ == "__main__":  # spawned processes (Dask's local workers) import it
-    sys.exit(main())
+    run()

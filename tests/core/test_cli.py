@@ -64,6 +64,27 @@ def test_segment_end_to_end(tmp_path, model_file):
     assert not (tmp_path / "r2" / "scene_polygons.gpkg").exists()
 
 
+def test_the_program_ends_at_once_with_everything_said_and_written(tmp_path, model_file):
+    """The program leaves without Python's tidying up (``os._exit``) once the command is
+    done: what it printed arrives whole through a pipe, its status is the command's, and
+    ``python -m tessera.core.cli`` does the same."""
+    src = write_raster(tmp_path / "scene.tif", random_rgb(60, 70))
+    for cmd in ([str(TESSERA)], [sys.executable, "-m", "tessera.core.cli"]):
+        out = tmp_path / f"o{len(cmd)}"
+        p = subprocess.run([*cmd, "segment", str(src), "--model", str(model_file), "--out",
+                            str(out), "--confidence", "--json", "-q"], capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        res = json.loads(p.stdout)  # the whole JSON, flushed before the end
+        assert sorted(x.name for x in out.iterdir()) == sorted(
+            [Path(res[k]).name for k in ("class_raster", "confidence_raster", "polygons")]
+            + ["scene_classes.tif.aux.xml"])  # (the category names), and no temporary
+        assert len(pyogrio.read_dataframe(res["polygons"])) == res["n_polygons"]
+        p = subprocess.run([*cmd, "info", str(tmp_path / "nope.safetensors")],
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 1 and "model file not found" in p.stderr
+
+
 def test_errors_are_one_line_with_non_zero_exit(tmp_path, model_file):
     p = run("segment", tmp_path / "missing.tif", "--model", model_file, "--out", tmp_path,
             check=False)
