@@ -6,7 +6,9 @@ On a GPU machine that starts bare, in one go (sized to finish well inside 10 min
    channels-last (and ``torch.compile`` with ``--compile``), CUDA-synchronized timings;
 3. end-to-end throughput of ``segment_raster`` on a generated ≥ 20000² 3-band tiled GeoTIFF
    (the bundled sample tiled over it), class raster only, against model-only at the same
-   tile and batch;
+   tile and batch: both paths (issue 31), the blend on the GPU (only bytes come back) and
+   on the host (every tile's probabilities copied back, as before), with the share of
+   pixels where their classes agree;
 4. out-of-memory batch halving: one batch far too large for the card, through the engine's
    predictor, which must halve until it fits and say so;
 5. CPU/GPU agreement on a 2048² raster: the share of pixels whose class is the same, and how
@@ -164,19 +166,22 @@ def model_only(model: Any, device: str, tile: int, batch: int, iters: int,
 
 
 def end_to_end(model: Any, raster: Path, out: Path, device: str, batch: int,
-               half: bool | None, vectorize: bool) -> dict[str, Any]:
+               half: bool | None, vectorize: bool, device_side: bool = True) -> dict[str, Any]:
+    from tessera.core.inference.torch_backend import TorchPredictor
     from tessera.core.params import SegmentParams, VectorizeParams
     from tessera.core.pipeline.segment import segment_raster
 
     p = SegmentParams(device=device, backend="torch", batch_size=batch, half=half,
                       tile_size=512, overlap=64, vectorize=VectorizeParams(enabled=vectorize))
     t = time.perf_counter()
-    res = segment_raster(raster, model, out, p)
+    pred = TorchPredictor(model.module, device, half=half, device_side=device_side)
+    res = segment_raster(raster, model, out, p, predictor=pred)
     secs = time.perf_counter() - t
     mpx = res.megapixels
     row = {"megapixels": round(mpx, 1), "seconds": round(secs, 2),
            "mpx_per_s": round(mpx / secs, 2), "seconds_segment": res.seconds_segment,
-           "polygons": res.n_polygons, "device": res.device, "half": half, "batch": batch}
+           "polygons": res.n_polygons, "device": res.device, "half": half, "batch": batch,
+           "blend": "device" if device_side else "host", "class_raster": res.class_raster}
     log(f"end-to-end {raster.name} ({mpx:.0f} Mpx, polygons {vectorize}): {mpx / secs:.2f} Mpx/s")
     return row
 
@@ -198,6 +203,20 @@ def oom_halving(model: Any, tile: int, batch: int) -> dict[str, Any]:
     del pred
     torch.cuda.empty_cache()
     return row
+
+
+def same_share(a: str, b: str) -> float:
+    """The share of pixels where two class rasters agree (read in strips)."""
+    import rasterio
+    from rasterio.windows import Window
+
+    same = total = 0
+    with rasterio.open(a) as x, rasterio.open(b) as y:
+        for r in range(0, x.height, 512):
+            w = Window(0, r, x.width, min(512, x.height - r))
+            same += int((x.read(1, window=w) == y.read(1, window=w)).sum())
+            total += w.width * w.height
+    return same / total
 
 
 def agreement(model: Any, raster: Path, work: Path, device: str) -> dict[str, Any]:
@@ -237,6 +256,9 @@ def markdown(res: dict[str, Any]) -> str:
     for r in res["end_to_end"]:
         lines.append(f"| {r['label']} | {r['megapixels']} | {r['seconds']} | {r['mpx_per_s']} | "
                      f"{r.get('of_model_only', '')} |")
+    if "paths_agree" in res:
+        lines += ["", f"The blend on the device and on the host agree on "
+                      f"{100 * res['paths_agree']:.4f} % of the pixels."]
     if res.get("oom"):
         o = res["oom"]
         lines += ["", f"OOM halving: asked {o['batch_asked']} tiles of {o['tile']}², kept "
@@ -280,23 +302,34 @@ def main() -> int:
         log(f"{a.size}² raster written in {time.perf_counter() - t:.1f} s")
         by_prec = {r["precision"]: r["mpx_per_s"] for r in res["model_only"]}
         res["end_to_end"] = []
-        runs = [("fp16, class raster", True, False), ("fp32, class raster", False, False)]
-        if a.device == "cpu":
-            runs = [("fp32, class raster", False, False)]
+        first = a.device != "cpu"  # fp16 on the GPU, fp32 on the CPU
+        runs = [(f"{'fp16' if first else 'fp32'}, class raster, blend on the device", first,
+                 False, True),
+                (f"{'fp16' if first else 'fp32'}, class raster, blend on the host (before)",
+                 first, False, False)]
+        if a.device != "cpu":
+            runs.append(("fp32, class raster, blend on the device", False, False, True))
         import importlib.util
 
         if all(importlib.util.find_spec(m) for m in ("pyogrio", "geopandas", "pyproj")):
-            runs.append(("default precision, with polygons", None, True))
+            runs.append(("default precision, with polygons", None, True, True))
         else:  # 45 MB of wheels: more than travels beside the others in one device call
             log("pyogrio/geopandas/pyproj missing: no end-to-end run with polygons")
-        for label, half, vec in runs:
-            r = end_to_end(model, big, work / f"e2e-{len(res['end_to_end'])}", a.device,
-                           a.batch, half, vec)
+        for k, (label, half, vec, side) in enumerate(runs):
+            r = end_to_end(model, big, work / f"e2e-{k}", a.device, a.batch, half, vec, side)
             prec = "fp32" if half is False else ("fp16" if a.device != "cpu" else "fp32")
             r["label"] = label
             r["of_model_only"] = f"{100 * r['mpx_per_s'] / by_prec[prec]:.0f} % of {prec}"
             res["end_to_end"].append(r)
-            shutil.rmtree(work / f"e2e-{len(res['end_to_end']) - 1}", ignore_errors=True)
+            if k == 1:  # the two paths' classes, pixel for pixel
+                res["paths_agree"] = round(same_share(res["end_to_end"][0]["class_raster"],
+                                                      r["class_raster"]), 6)
+                log(f"device-side and host blends agree on {100 * res['paths_agree']:.4f} % "
+                    "of the pixels")
+                for j in (0, 1):
+                    shutil.rmtree(work / f"e2e-{j}", ignore_errors=True)
+            elif k > 1:
+                shutil.rmtree(work / f"e2e-{k}", ignore_errors=True)
         big.unlink()
         if a.device != "cpu":
             res["oom"] = oom_halving(model, 512, a.oom_batch)

@@ -27,6 +27,10 @@ class TorchPredictor:
     class probabilities (softmax). On CUDA it uses channels-last, pinned host memory,
     non-blocking copies and fp16 autocast (unless ``half=False``); on out-of-memory the batch
     is split in halves and retried, and the smaller size is kept for later batches.
+
+    ``device_side``: probabilities may stay on the device (``on_device``), for the blend on
+    the device (:class:`..pipeline.device.DeviceBand`); ``False`` keeps every result on the
+    host (the host path, for comparison).
     """
 
     backend = "torch"
@@ -34,8 +38,10 @@ class TorchPredictor:
     runs = 1
 
     def __init__(self, module: Any, device: str = "auto", half: bool | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, device_side: bool = True) -> None:
         import torch
+
+        self.device_side = device_side
 
         if threads is not None:
             torch.set_num_threads(threads)
@@ -50,10 +56,12 @@ class TorchPredictor:
         log.info("inference on %s (fp16 autocast: %s)", self.info.label, self.half)
 
     def predict(self, batch: np.ndarray, reduce: bool = False,
-                confidence: bool = True) -> np.ndarray:
+                confidence: bool = True, on_device: bool = False) -> Any:
         """Probabilities ``(B, K, H, W)`` float32; with ``reduce``, ``(B, 2, H, W)`` uint8 holding
         the winning class and its probability x 255 (computed on the device: less to copy; 0
-        without ``confidence``)."""
+        without ``confidence``). Numpy arrays on the host; with ``on_device`` (and
+        ``device_side``) the probabilities as a tensor on the device."""
+        on_device = on_device and self.device_side and not reduce
         n = batch.shape[0]
         step = min(n, self.max_batch or n)
         outs = []
@@ -61,7 +69,7 @@ class TorchPredictor:
         while i < n:
             part = batch[i:i + step]
             try:
-                outs.append(self._forward(part, reduce, confidence))
+                outs.append(self._forward(part, reduce, confidence, on_device))
                 i += step
             except RuntimeError as exc:
                 if not (self.info.kind == "cuda" and _is_oom(exc)):
@@ -76,16 +84,22 @@ class TorchPredictor:
                 step = max(1, step // 2)
                 self.max_batch = step
                 log.warning("CUDA out of memory: batch size reduced to %d", step)
-        return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
+        if len(outs) == 1:
+            return outs[0]
+        if on_device:
+            import torch
+
+            return torch.cat(outs, dim=0)
+        return np.concatenate(outs, axis=0)
 
     def submit(self, batch: np.ndarray, reduce: bool = False,
-               confidence: bool = True) -> Pending:
+               confidence: bool = True, on_device: bool = False) -> Pending:
         """:meth:`predict`, run now (a GPU queues its own work); the interface of
         :meth:`.onnx_backend.OrtPredictor.submit`."""
-        return Pending([], self.predict(batch, reduce, confidence))
+        return Pending([], self.predict(batch, reduce, confidence, on_device))
 
     def _forward(self, part: np.ndarray, reduce: bool = False,
-                 confidence: bool = True) -> np.ndarray:
+                 confidence: bool = True, on_device: bool = False) -> Any:
         import torch
 
         x = torch.from_numpy(np.ascontiguousarray(part))
@@ -117,6 +131,6 @@ class TorchPredictor:
             if not bool(torch.isfinite(lf.amax(dim=1)).all()):
                 raise ModelError(NON_FINITE)
             probs = torch.softmax(lf, dim=1)
-        return probs.to("cpu").numpy()
+        return probs if on_device else probs.to("cpu").numpy()
 
 

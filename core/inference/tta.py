@@ -99,6 +99,9 @@ class TTAPredictor:
     so. Every transform's batch is handed to ``inner`` at once, so ONNX Runtime's parallel
     runs stay busy."""
 
+    #: the mean is taken on the host, so the blend is there too (not the inner's device)
+    device_side = False
+
     def __init__(self, inner: Any, tta: int) -> None:
         self.inner = inner
         self.tta = check_tta(tta)

@@ -86,8 +86,17 @@ class Run:
         self.stop = threading.Event()
         self.reader = TileReader(read, grid, contract, batch_size, self.stop,
                                  tile_rows=(self.first, self.last))
-        self.band = RowBand(contract.n_classes, grid, confidence=self.confidence,
-                            gaps=bool(contract.runtime))
+        # with overlap, a predictor that can keep its probabilities on its device blends there
+        self.on_device = not self.direct and bool(getattr(predictor, "device_side", False))
+        self.band: RowBand | Any
+        if self.on_device:
+            from .device import DeviceBand
+
+            self.band = DeviceBand(contract.n_classes, grid, predictor.device,
+                                   confidence=self.confidence, gaps=bool(contract.runtime))
+        else:
+            self.band = RowBand(contract.n_classes, grid, confidence=self.confidence,
+                                gaps=bool(contract.runtime))
         self.band.top = grid.row_offsets[self.first]
         log.debug("row band: %.1f MB", self.band.nbytes / 1e6)
         self.feed: RowFeed | None = None
@@ -167,7 +176,9 @@ class Run:
             _, i, tiles, batch = item
             inflight.append((i, tiles, None if batch is None else
                              self.predictor.submit(batch, reduce=self.direct,
-                                                   confidence=want_conf)))
+                                                   confidence=want_conf,
+                                                   **({"on_device": True} if self.on_device
+                                                      else {}))))
             while inflight and (len(inflight) > depth or inflight[0][2] is None
                                 or inflight[0][2].done()):
                 self._settle()

@@ -8,6 +8,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import rasterio
 import torch
 from helpers import LocalModel
 from tessera.core.errors import DeviceError
@@ -20,11 +21,11 @@ def _oom_predictor(monkeypatch, fits: int):
     real = Predictor(LocalModel(seed=3), "cpu")._forward  # the real forward pass, on the CPU
     calls: list[int] = []
 
-    def forward(part, reduce=False, confidence=True):
+    def forward(part, reduce=False, confidence=True, on_device=False):
         calls.append(len(part))
         if len(part) > fits:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(part, reduce, confidence)
+        return real(part, reduce, confidence, on_device)
 
     monkeypatch.setattr(p, "_forward", forward)
     return p, calls
@@ -92,3 +93,94 @@ def test_first_argmax_is_argmax_with_ties_to_the_lowest_class():
     keep = np.ones((40, 50), bool)
     keep[3, 4] = False
     assert (out[1][keep] == acc.argmax(axis=0)[keep]).all()
+
+
+# -- the blend on the model's device (issue 31) ------------------------------------------------
+
+def test_out_of_memory_on_the_device_path_keeps_the_probabilities_on_the_device(monkeypatch):
+    """Probabilities left on the device (the device-side blend) come as one tensor whatever
+    the halving: the same values as the host's."""
+    x = np.random.default_rng(1).normal(size=(6, 3, 32, 32)).astype(np.float32)
+    p, calls = _oom_predictor(monkeypatch, fits=2)
+    p.info = dataclasses.replace(p.info, kind="cuda")
+    out = p.predict(x, on_device=True)
+    assert isinstance(out, torch.Tensor) and out.device == p.device
+    assert calls == [6, 3, 1, 1, 1, 1, 1, 1] and out.shape == (6, 3, 32, 32)
+    ref = p.predict(x)  # on the host, at the batch size that fitted (1: the same kernels)
+    np.testing.assert_array_equal(out.numpy(), ref)
+    host = Predictor(LocalModel(seed=3), "cpu", device_side=False).predict(x, on_device=True)
+    assert isinstance(host, np.ndarray)  # a host-path predictor never leaves them there
+
+
+@pytest.mark.parametrize("overlap,shape,tile,nodata_box", [
+    (16, (150, 170), 64, None),     # the model's kind of overlap, ragged last tiles
+    (24, (64, 64), 64, None),       # one tile: nothing mixes
+    (8, (90, 300), 32, (10, 40, 20, 90)),  # wide, a nodata hole across tiles
+    (16, (200, 70), 64, (0, 200, 0, 8)),   # tall, a nodata column along the edge
+    (0, (100, 130), 32, (50, 60, 0, 130)),  # no overlap: the device reduces each tile
+])
+@pytest.mark.parametrize("confidence", [True, False])
+def test_the_device_side_blend_gives_the_host_paths_classes_bit_for_bit(
+        tmp_path, overlap, shape, tile, nodata_box, confidence):
+    """PyTorch on the CPU, the blend on the device (here the CPU) against the host blend
+    (numpy): the same class raster and confidence raster, pixel for pixel, at every overlap,
+    tile shape and nodata pattern; only bytes come back (the band's arrays stay tensors)."""
+    from helpers import model_with, random_rgb, write_raster
+    from tessera.core.params import SegmentParams, VectorizeParams
+    from tessera.core.pipeline import run as runmod
+    from tessera.core.pipeline.segment import segment_raster
+
+    img = random_rgb(*shape, seed=11)
+    if nodata_box is not None:
+        r0, r1, c0, c1 = nodata_box
+        img[:, r0:r1, c0:c1] = 0
+    src = write_raster(tmp_path / "a.tif", img, nodata=0 if nodata_box else None)
+    model = model_with(LocalModel(seed=5), tile_size=tile, overlap=overlap)
+    params = SegmentParams(overlap=overlap, tile_size=tile, confidence=confidence,
+                           backend="torch", device="cpu",
+                           vectorize=VectorizeParams(enabled=False))
+    bands = []
+    real_init = runmod.Run.__init__
+
+    def spy(self, *a, **k):
+        real_init(self, *a, **k)
+        bands.append(type(self.band).__name__)
+
+    out = {}
+    for side in (True, False):
+        pred = Predictor(model.module, "cpu", device_side=side)
+        runmod.Run.__init__ = spy
+        try:
+            res = segment_raster(src, model, tmp_path / str(side), params, predictor=pred)
+        finally:
+            runmod.Run.__init__ = real_init
+        with rasterio.open(res.class_raster) as ds:
+            cls = ds.read(1)
+        conf = None
+        if confidence:
+            with rasterio.open(res.confidence_raster) as ds:
+                conf = ds.read(1)
+        out[side] = (cls, conf)
+    assert bands == (["DeviceBand", "RowBand"] if overlap else ["RowBand", "RowBand"])
+    np.testing.assert_array_equal(out[True][0], out[False][0])
+    if confidence:
+        np.testing.assert_array_equal(out[True][1], out[False][1])
+    cls = out[True][0]
+    assert len(np.unique(cls[cls != 255])) > 1  # a real map, not one class
+    if nodata_box is not None:
+        r0, r1, c0, c1 = nodata_box
+        assert (cls[r0:r1, c0:c1] == 255).all()
+
+
+def test_the_device_band_holds_what_the_host_band_would():
+    """The band on the device is bounded as the host's: ``4 K + 7`` bytes per band pixel,
+    a tile's rows of the whole width, whatever the raster's height."""
+    from tessera.core.pipeline.band import RowBand
+    from tessera.core.pipeline.device import DeviceBand
+    from tessera.core.pipeline.tiling import TileGrid
+
+    grid = TileGrid(100_000, 3000, 256, 32, 32)
+    band = DeviceBand(6, grid, torch.device("cpu"))
+    assert band.nbytes == RowBand.bytes_for(6, grid) == 256 * 3000 * (4 * 6 + 7)
+    with pytest.raises(ValueError, match="reduces each tile itself"):
+        DeviceBand(6, TileGrid(500, 500, 256, 0, 32), torch.device("cpu"))
