@@ -47,7 +47,10 @@ class DeviceBand:
         self.acc = torch.zeros((n_classes, rows, width), dtype=torch.float32, **kw)
         self.wsum = torch.zeros((rows, width), dtype=torch.float32, **kw)
         self.top = 0
-        self._weights: dict[tuple[int, int], tuple[Any, Any]] = {}
+        # the blend weights on the device: a tile's row weights depend on its tile row only,
+        # its column weights on its tile column
+        self._wy: dict[int, Any] = {}
+        self._wx: dict[int, Any] = {}
 
     @property
     def nbytes(self) -> int:
@@ -56,15 +59,15 @@ class DeviceBand:
                    for t in (self.acc, self.wsum, self.valid, self.cls, self.conf))
 
     def _axis_weights(self, t: Tile) -> tuple[Any, Any]:
-        """The tile's row and column weights on the device (a few kinds per grid: cached)."""
+        """The tile's row and column weights on the device (copied there once per tile row
+        and per tile column)."""
         import torch
 
-        wy, wx = self.grid.axis_weights(t)
-        key = (id(wy), id(wx))
-        if key not in self._weights:
-            self._weights[key] = (torch.from_numpy(np.ascontiguousarray(wy)).to(self.device),
-                                  torch.from_numpy(np.ascontiguousarray(wx)).to(self.device))
-        return self._weights[key]
+        if t.i not in self._wy or t.j not in self._wx:
+            wy, wx = self.grid.axis_weights(t)
+            self._wy.setdefault(t.i, torch.tensor(wy, device=self.device))
+            self._wx.setdefault(t.j, torch.tensor(wx, device=self.device))
+        return self._wy[t.i], self._wx[t.j]
 
     def add(self, t: Tile, probs: Any, valid: np.ndarray) -> None:
         """Blend tile ``t``'s ``probs`` ``(K, h, w)`` (a tensor on the device; ``None`` for a
