@@ -339,3 +339,23 @@ def make_rescale(path: str, spec: str, values: np.ndarray) -> Rescale:
     hi = np.percentile(values, hi_q, axis=1)
     hi = np.where(hi > lo, hi, lo + 1.0)  # a constant band: no division by zero
     return Rescale(spec, tuple(map(float, lo)), tuple(map(float, hi)))
+
+
+def parallel_reading(plan: Any, params: Any, predictor: Any) -> dict[str, Any]:
+    """The :class:`~.stages.TileReader` options of a run of ``plan`` (a segmentation plan)
+    on ``predictor``: ``workers`` threads, each opening the raster for itself as the run
+    does (:func:`opened`), for a local raster; one reader for a web source (its
+    service is planned once) or a CPU run."""
+    from ..io.raster import gdal_env
+    from .readers import reader_workers
+
+    workers = reader_workers(predictor)
+    if workers < 2 or is_web_source(plan.path):
+        return {}
+
+    @contextlib.contextmanager
+    def opener() -> Iterator[Any]:
+        with gdal_env(), opened(plan.path, plan.contract, params) as (ds, _, _, _):
+            yield plan.view.reader(ds, plan.bands, plan.window, plan.nodata)
+
+    return {"opener": opener, "workers": workers}

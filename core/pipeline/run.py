@@ -69,10 +69,11 @@ class Run:
                  batch_size: int, sinks: list[RowSink], polygons: Polygons | None,
                  tick: Callable[[int, bool], None], cancel: CancelFn | None,
                  progress: ProgressFn | None, where: str,
-                 block: tuple[int, int] | None = None) -> None:
+                 block: tuple[int, int] | None = None, **reading: Any) -> None:
         """``block``: only tile rows ``[a, b)`` of ``grid`` (a Dask block, see
         :mod:`.blocks`): tile row ``a - 1`` is computed as well (its tiles reach into row
-        ``a``'s rows), and the sinks get the rows from the top of tile row ``a`` on."""
+        ``a``'s rows), and the sinks get the rows from the top of tile row ``a`` on.
+        ``reading``: the reader's ``opener`` and ``workers`` (:mod:`.readers`)."""
         self.grid, self.contract, self.predictor = grid, contract, predictor
         a, b = block or (0, grid.shape[0])
         self.first = max(a - 1, 0)  # the first tile row computed
@@ -85,7 +86,7 @@ class Run:
         self.confidence = len(sinks) > 1
         self.stop = threading.Event()
         self.reader = TileReader(read, grid, contract, batch_size, self.stop,
-                                 tile_rows=(self.first, self.last))
+                                 tile_rows=(self.first, self.last), **reading)
         # with overlap, a predictor that can keep its probabilities on its device blends there
         self.on_device = not self.direct and bool(getattr(predictor, "device_side", False))
         self.band: RowBand | Any

@@ -62,6 +62,7 @@ from .inputs import (
     default_stem,
     opened,
     palette_lut,
+    parallel_reading,
     sample_values,
 )
 from .manifest import run_record, write_manifest
@@ -215,11 +216,11 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
                 stats = Run(plan.view.reader(ds, plan.bands, plan.window, plan.nodata), grid, contract,
                              predictor, params.batch_size, sinks,
                              _polygons(plan, temps, db) if plan.vec is not None else None,
-                             tick, cancel, progress, plan.path).run()
+                             tick, cancel, progress, plan.path,
+                             **parallel_reading(plan, params, predictor)).run()
             finally:
                 for sink in sinks:
                     sink.close()
-            # (each polygon's confidence was measured as it was traced, beside the model)
             _verify(plan, temps, stats, gdal_errors)
             if db is not None:
                 _verify_rows(db, stats["polygons"][0])

@@ -202,9 +202,14 @@ class TileReader(threading.Thread):
 
     def __init__(self, read: TileRead, grid: TileGrid, contract: ModelContract,
                  batch_size: int, stop: threading.Event, prefetch: int = 3,
-                 tile_rows: tuple[int, int] | None = None) -> None:
+                 tile_rows: tuple[int, int] | None = None,
+                 opener: Callable[[], Any] | None = None, workers: int = 1) -> None:
+        """``opener``, with ``workers`` > 1: tiles are read by that many threads, each on a
+        handle of its own (``opener()``: a context manager giving a :data:`TileRead`; GDAL
+        handles are not shared between threads), in the same order and batches."""
         super().__init__(name="tessera-reader", daemon=True)
         self.q: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
+        self.opener, self.workers = opener, workers
         self.read, self.grid = read, grid
         self.tile_rows = tile_rows or (0, grid.shape[0])  # the tile rows read: all, or a block's
         self.contract, self.batch_size = contract, batch_size
@@ -227,19 +232,38 @@ class TileReader(threading.Thread):
         except BaseException as exc:  # noqa: BLE001  (handed to the main thread)
             self._put(("error", exc))
 
+    def _tiles(self) -> Any:
+        """``(tile row, tile, valid, model input or None)`` of every tile, in order."""
+        order = ((i, t) for i in range(*self.tile_rows) for t in self.grid.tile_row(i))
+        if self.opener is not None and self.workers > 1:
+            from .readers import read_in_parallel
+
+            yield from read_in_parallel(order, self.opener, self.workers, self.contract,
+                                        self.stop)
+            return
+        for i, t in order:
+            data, valid = self.read(t)
+            yield i, t, valid, tile_input(data, valid, self.contract) if valid.any() else None
+
     def _run(self) -> None:
+        tiles = self._tiles()
+        try:
+            self._batches(tiles)
+        finally:
+            tiles.close()  # (the reading threads stop with it)
+
+    def _batches(self, tiles: Any) -> None:
         for i in range(*self.tile_rows):
             pending: list[tuple[Tile, np.ndarray]] = []
             arrays: list[np.ndarray] = []
-            for t in self.grid.tile_row(i):
+            for _ in self.grid.tile_row(i):
                 if self.stop.is_set():
                     return
-                data, valid = self.read(t)
-                if not valid.any():
+                _, t, valid, x = next(tiles)
+                if x is None:
                     if not self._put(("tiles", i, [(t, valid)], None)):
                         return
                     continue
-                x = tile_input(data, valid, self.contract)
                 # a batch holds tiles of one shape (the last tile of a row may be narrower)
                 if arrays and arrays[0].shape != x.shape:
                     if not self._put(("tiles", i, pending, np.stack(arrays))):

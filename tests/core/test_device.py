@@ -184,3 +184,104 @@ def test_the_device_band_holds_what_the_host_band_would():
     assert band.nbytes == RowBand.bytes_for(6, grid) == 256 * 3000 * (4 * 6 + 7)
     with pytest.raises(ValueError, match="reduces each tile itself"):
         DeviceBand(6, TileGrid(500, 500, 256, 0, 32), torch.device("cpu"))
+
+
+# -- tiles read by several threads, each on its own handle (issue 31) -------------------------
+
+@pytest.mark.parametrize("overlap,nodata_box", [(16, None), (0, (30, 70, 0, 90)), (8, (0, 200, 0, 40))])
+def test_several_reading_threads_give_one_readers_outputs(tmp_path, monkeypatch, overlap,
+                                                          nodata_box):
+    """A GPU's run reads its tiles with several threads, each opening the raster for itself
+    (forced here on the CPU, 3 threads): the same class and confidence rasters and polygons
+    as one reader, tiles batched in the same order; the threads end with the run."""
+    import threading
+
+    import pyogrio
+    from helpers import model_with, random_rgb, write_raster
+    from tessera.core.params import SegmentParams
+    from tessera.core.pipeline import inputs, readers
+    from tessera.core.pipeline.segment import segment_raster
+
+    img = random_rgb(200, 230, seed=4)
+    if nodata_box is not None:
+        r0, r1, c0, c1 = nodata_box
+        img[:, r0:r1, c0:c1] = 0
+    src = write_raster(tmp_path / "a.tif", img, nodata=0 if nodata_box else None)
+    model = model_with(LocalModel(seed=6), tile_size=64, overlap=overlap)
+    params = SegmentParams(overlap=overlap, tile_size=64, batch_size=3, confidence=True,
+                           backend="torch", device="cpu")
+    opened, names = [], set()
+    real_opener = inputs.parallel_reading
+
+    def spy(plan, p, pred):
+        opts = real_opener(plan, p, pred)
+        inner = opts["opener"]
+
+        def opener():
+            opened.append(threading.current_thread().name)
+            return inner()
+
+        return {**opts, "opener": opener}
+
+    out = {}
+    for workers in (1, 3):
+        monkeypatch.setattr(readers, "reader_workers", lambda _p, w=workers: w)
+        monkeypatch.setattr("tessera.core.pipeline.segment.parallel_reading",
+                            spy if workers > 1 else real_opener)
+        res = segment_raster(src, model, tmp_path / str(workers), params)
+        names.update(t.name for t in threading.enumerate())
+        with rasterio.open(res.class_raster) as a, rasterio.open(res.confidence_raster) as c:
+            out[workers] = (a.read(1), c.read(1), pyogrio.read_dataframe(res.polygons))
+    assert sorted(opened) == [f"tessera-read_{k}" for k in range(3)]  # a handle each
+    assert not any(n.startswith("tessera-read") for n in names)  # gone with the run
+    np.testing.assert_array_equal(out[1][0], out[3][0])
+    np.testing.assert_array_equal(out[1][1], out[3][1])
+    assert len(out[1][2]) == len(out[3][2]) > 3
+    assert sorted(out[1][2].area_m2.round(6)) == sorted(out[3][2].area_m2.round(6))
+
+
+def test_a_reading_threads_error_reaches_the_run_and_leaves_nothing(tmp_path, monkeypatch):
+    """A tile that cannot be read by one of the threads: the run fails with that error (the
+    file named) and leaves no output; a handle that cannot be opened, likewise."""
+    from helpers import model_with, random_rgb, write_raster
+    from tessera.core.errors import RasterReadError
+    from tessera.core.params import SegmentParams
+    from tessera.core.pipeline import inputs, readers
+    from tessera.core.pipeline.segment import segment_raster
+
+    src = write_raster(tmp_path / "a.tif", random_rgb(150, 150, seed=2))
+    model = model_with(LocalModel(seed=6), tile_size=64, overlap=16)
+    params = SegmentParams(confidence=True, backend="torch", device="cpu")
+    monkeypatch.setattr(readers, "reader_workers", lambda _p: 3)
+    real = inputs.parallel_reading
+
+    def failing(at_tile):
+        def make(plan, p, pred):
+            opts = real(plan, p, pred)
+            inner = opts["opener"]
+
+            class Opener:
+                def __enter__(self):
+                    if at_tile is None:
+                        raise RasterReadError(f"{src}: cannot open it again", str(src))
+                    self.cm = inner()
+                    read = self.cm.__enter__()
+
+                    def bad(t):
+                        if (t.i, t.j) == at_tile:
+                            raise RasterReadError(f"{src}: cannot read rows {t.row} to "
+                                                  f"{t.row + t.height}", str(src))
+                        return read(t)
+                    return bad
+
+                def __exit__(self, *exc):
+                    return self.cm.__exit__(*exc) if at_tile is not None else False
+
+            return {**opts, "opener": Opener}
+        return make
+
+    for at, msg in (((1, 2), "cannot read rows"), (None, "cannot open it again")):
+        monkeypatch.setattr("tessera.core.pipeline.segment.parallel_reading", failing(at))
+        with pytest.raises(RasterReadError, match=msg):
+            segment_raster(src, model, tmp_path / "o", params)
+        assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
