@@ -30,7 +30,8 @@ class TorchPredictor:
 
     ``device_side``: probabilities may stay on the device (``on_device``), for the blend on
     the device (:class:`..pipeline.device.DeviceBand`); ``False`` keeps every result on the
-    host (the host path, for comparison).
+    host (the host path, for comparison); ``None`` (the default): on a GPU, not on the CPU,
+    whose path stays the numpy blend (the device's is the same arithmetic, for the tests).
     """
 
     backend = "torch"
@@ -38,14 +39,13 @@ class TorchPredictor:
     runs = 1
 
     def __init__(self, module: Any, device: str = "auto", half: bool | None = None,
-                 threads: int | None = None, device_side: bool = True) -> None:
+                 threads: int | None = None, device_side: bool | None = None) -> None:
         import torch
-
-        self.device_side = device_side
 
         if threads is not None:
             torch.set_num_threads(threads)
         self.info = pick_device(device)
+        self.device_side = self.info.kind != "cpu" if device_side is None else device_side
         self.device = torch.device(self.info.name)
         self.half = (self.info.kind == "cuda") if half is None else bool(half and self.info.kind != "cpu")
         self.module = module.to(self.device).eval()

@@ -101,8 +101,10 @@ def test_out_of_memory_on_the_device_path_keeps_the_probabilities_on_the_device(
     """Probabilities left on the device (the device-side blend) come as one tensor whatever
     the halving: the same values as the host's."""
     x = np.random.default_rng(1).normal(size=(6, 3, 32, 32)).astype(np.float32)
+    assert Predictor(LocalModel(seed=3), "cpu").device_side is False  # the CPU's path stays
     p, calls = _oom_predictor(monkeypatch, fits=2)
     p.info = dataclasses.replace(p.info, kind="cuda")
+    p.device_side = True  # as on a GPU
     out = p.predict(x, on_device=True)
     assert isinstance(out, torch.Tensor) and out.device == p.device
     assert calls == [6, 3, 1, 1, 1, 1, 1, 1] and out.shape == (6, 3, 32, 32)
