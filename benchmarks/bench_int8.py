@@ -56,6 +56,7 @@ from bench_cpu import (  # noqa: E402
     real_batches,
     replace_section,
 )
+from bench_gpu import same_share as agreement  # noqa: E402
 from bench_onnx import DUBAI, heldout_folder  # noqa: E402
 
 HEADING = "## CPU (`make bench`): fp32 and int8 end to end, start-up included (issue 30)"
@@ -103,20 +104,6 @@ def end_to_end(model: Path, raster: Path, out: Path) -> dict[str, Any]:
     res = json.loads(p.stdout)
     res["wall"] = wall
     return res
-
-
-def agreement(a: str, b: str) -> float:
-    """Share of the pixels where two class rasters hold the same class (read in strips)."""
-    import rasterio
-    from rasterio.windows import Window
-
-    same = total = 0
-    with rasterio.open(a) as x, rasterio.open(b) as y:
-        for r0 in range(0, x.height, 512):
-            w = Window(0, r0, x.width, min(512, x.height - r0))
-            same += int((x.read(1, window=w) == y.read(1, window=w)).sum())
-            total += w.width * w.height
-    return same / total
 
 
 def main() -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..inference.base import first_argmax
-from .tiling import Tile, TileGrid, true_runs
+from .tiling import Tile, TileGrid
 
 
 class RowBand:
@@ -103,11 +103,7 @@ class RowBand:
         cls = self.cls[:n].copy()
         conf = self.conf[:n].copy() if self.confidence else None
         if not self.direct:  # the arg-max of the sums where tiles mix
-            rows = self.grid.row_blend.blended[self.top:self.top + n]
-            blocks = [(a, b, 0, self.grid.width) for a, b in true_runs(rows)]
-            blocks += [(a, b, c0, c1) for a, b in true_runs(~rows)
-                       for c0, c1 in self.grid.col_blend.runs]
-            for a, b, c0, c1 in blocks:
+            for a, b, c0, c1 in self.grid.mixed_blocks(self.top, n):
                 acc, wsum = self.acc[:, a:b, c0:c1], self.wsum[a:b, c0:c1]
                 mx = channel_max(acc)
                 first_argmax(list(acc), mx, cls[a:b, c0:c1])

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .tiling import Tile, TileGrid, true_runs
+from .tiling import Tile, TileGrid
 
 
 class DeviceBand:
@@ -103,11 +103,7 @@ class DeviceBand:
 
         cls = self.cls[:n].clone()
         conf = self.conf[:n].clone() if self.confidence else None
-        rows = self.grid.row_blend.blended[self.top:self.top + n]
-        blocks = [(a, b, 0, self.grid.width) for a, b in true_runs(rows)]
-        blocks += [(a, b, c0, c1) for a, b in true_runs(~rows)
-                   for c0, c1 in self.grid.col_blend.runs]
-        for a, b, c0, c1 in blocks:
+        for a, b, c0, c1 in self.grid.mixed_blocks(self.top, n):
             acc, wsum = self.acc[:, a:b, c0:c1], self.wsum[a:b, c0:c1]
             mx, idx = _max_first(acc)
             cls[a:b, c0:c1] = idx.to(torch.uint8)

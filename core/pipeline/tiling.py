@@ -277,6 +277,14 @@ class TileGrid:
         c0, c1 = self.col_blend.solo[t.j]
         return r0, r1, c0, c1
 
+    def mixed_blocks(self, top: int, n: int) -> list[tuple[int, int, int, int]]:
+        """``(r0, r1, c0, c1)`` blocks of rows ``[top, top + n)``, relative to ``top``, that
+        cover every pixel where tiles mix (whole rows where rows mix, else the mixing
+        columns): where a band takes the arg-max of its sums."""
+        rows = self.row_blend.blended[top:top + n]
+        return ([(a, b, 0, self.width) for a, b in true_runs(rows)]
+                + [(a, b, c0, c1) for a, b in true_runs(~rows) for c0, c1 in self.col_blend.runs])
+
     def blend_parts(self, t: Tile) -> list[tuple[int, int, int, int]]:
         """The rest of tile ``t``'s positive weight, as at most four rectangles ``(row0, row1,
         col0, col1)`` (raster pixels): above, below, left and right of :meth:`solo`. Summing
