@@ -166,23 +166,27 @@ def model_only(model: Any, device: str, tile: int, batch: int, iters: int,
 
 
 def end_to_end(model: Any, raster: Path, out: Path, device: str, batch: int,
-               half: bool | None, vectorize: bool, device_side: bool = True) -> dict[str, Any]:
+               precision: str, vectorize: bool, device_side: bool = True,
+               compile_: bool = False) -> dict[str, Any]:
     from tessera.core.inference.torch_backend import TorchPredictor
     from tessera.core.params import SegmentParams, VectorizeParams
     from tessera.core.pipeline.segment import segment_raster
 
-    p = SegmentParams(device=device, backend="torch", batch_size=batch, half=half,
+    p = SegmentParams(device=device, backend="torch", batch_size=batch, precision=precision,
                       tile_size=512, overlap=64, vectorize=VectorizeParams(enabled=vectorize))
     t = time.perf_counter()
-    pred = TorchPredictor(model.module, device, half=half, device_side=device_side)
+    pred = TorchPredictor(model.module, device, half=precision, device_side=device_side,
+                          compile=compile_)
     res = segment_raster(raster, model, out, p, predictor=pred)
     secs = time.perf_counter() - t
     mpx = res.megapixels
     row = {"megapixels": round(mpx, 1), "seconds": round(secs, 2),
            "mpx_per_s": round(mpx / secs, 2), "seconds_segment": res.seconds_segment,
-           "polygons": res.n_polygons, "device": res.device, "half": half, "batch": batch,
-           "blend": "device" if device_side else "host", "class_raster": res.class_raster}
-    log(f"end-to-end {raster.name} ({mpx:.0f} Mpx, polygons {vectorize}): {mpx / secs:.2f} Mpx/s")
+           "polygons": res.n_polygons, "device": res.device, "precision": pred.precision,
+           "batch": batch, "blend": "device" if device_side else "host",
+           "compiled": pred.compiled, "class_raster": res.class_raster}
+    log(f"end-to-end {raster.name} ({mpx:.0f} Mpx, {pred.precision}, polygons {vectorize}): "
+        f"{mpx / secs:.2f} Mpx/s")
     return row
 
 
@@ -254,6 +258,9 @@ def markdown(res: dict[str, Any]) -> str:
     lines += ["", "| end-to-end | Mpx | s | Mpx/s | of model-only (same precision) |",
               "|---|---|---|---|---|"]
     for r in res["end_to_end"]:
+        if "error" in r:
+            lines.append(f"| {r['label']} | failed: {r['error']} | | | |")
+            continue
         lines.append(f"| {r['label']} | {r['megapixels']} | {r['seconds']} | {r['mpx_per_s']} | "
                      f"{r.get('of_model_only', '')} |")
     if "paths_agree" in res:
@@ -302,26 +309,38 @@ def main() -> int:
         log(f"{a.size}² raster written in {time.perf_counter() - t:.1f} s")
         by_prec = {r["precision"]: r["mpx_per_s"] for r in res["model_only"]}
         res["end_to_end"] = []
-        first = a.device != "cpu"  # fp16 on the GPU, fp32 on the CPU
-        runs = [(f"{'fp16' if first else 'fp32'}, class raster, blend on the device", first,
-                 False, True),
-                (f"{'fp16' if first else 'fp32'}, class raster, blend on the host (before)",
-                 first, False, False)]
-        if a.device != "cpu":
-            runs.append(("fp32, class raster, blend on the device", False, False, True))
+        gpu = a.device != "cpu"
+        first = "fp16" if gpu else "fp32"  # fp16 on the GPU, fp32 on the CPU
+        # (label, precision, polygons, blend on the device, torch.compile)
+        runs = [(f"{first}, class raster, blend on the device", first, False, True, False),
+                (f"{first}, class raster, blend on the host (before)", first, False, False,
+                 False)]
+        if gpu:
+            runs.append(("fp32, class raster, blend on the device", "fp32", False, True, False))
+            runs.append(("bf16, class raster, blend on the device", "bf16", False, True, False))
+        if a.compile:
+            runs.append((f"{first} + torch.compile, class raster, blend on the device", first,
+                         False, True, True))
         import importlib.util
 
         if all(importlib.util.find_spec(m) for m in ("pyogrio", "geopandas", "pyproj")):
-            runs.append(("default precision, with polygons", None, True, True))
+            runs.append((f"{first}, with polygons", first, True, True, False))
         else:  # 45 MB of wheels: more than travels beside the others in one device call
             log("pyogrio/geopandas/pyproj missing: no end-to-end run with polygons")
-        for k, (label, half, vec, side) in enumerate(runs):
-            r = end_to_end(model, big, work / f"e2e-{k}", a.device, a.batch, half, vec, side)
-            prec = "fp32" if half is False else ("fp16" if a.device != "cpu" else "fp32")
+        for k, (label, prec, vec, side, comp) in enumerate(runs):
+            try:
+                r = end_to_end(model, big, work / f"e2e-{k}", a.device, a.batch, prec, vec,
+                               side, comp)
+            except Exception as exc:  # noqa: BLE001  (one variant failing keeps the others)
+                log(f"{label}: {type(exc).__name__}: {exc}")
+                res["end_to_end"].append({"label": label, "error": f"{type(exc).__name__}: "
+                                                                    f"{exc}"})
+                continue
             r["label"] = label
-            r["of_model_only"] = f"{100 * r['mpx_per_s'] / by_prec[prec]:.0f} % of {prec}"
+            r["of_model_only"] = (f"{100 * r['mpx_per_s'] / by_prec[prec]:.0f} % of {prec}"
+                                  if prec in by_prec else "")
             res["end_to_end"].append(r)
-            if k == 1:  # the two paths' classes, pixel for pixel
+            if k == 1 and "class_raster" in res["end_to_end"][0]:  # both paths, pixel for pixel
                 res["paths_agree"] = round(same_share(res["end_to_end"][0]["class_raster"],
                                                       r["class_raster"]), 6)
                 log(f"device-side and host blends agree on {100 * res['paths_agree']:.4f} % "

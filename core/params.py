@@ -133,6 +133,11 @@ class SegmentParams:
     window: ``(col_off, row_off, width, height)`` in pixels; ``None`` = the whole raster.
     confidence: also write the confidence raster (max class probability, 0..255).
     half: fp16 autocast; ``None`` = on for CUDA, off elsewhere.
+    precision: PyTorch's arithmetic, one of :data:`PRECISIONS`: ``auto`` (``half`` decides),
+        ``fp32``, ``fp16`` (GPU only) or ``bf16`` (CPUs, and GPUs from the A100 on); other
+        than fp32/auto it needs the PyTorch backend (``auto`` picks it).
+    compile: ``torch.compile`` the network (PyTorch backend; ``auto`` picks it): slower to
+        start, faster on long GPU runs; if it fails, the run goes on uncompiled (logged).
     threads: CPU threads for the model, 1..:data:`MAX_THREADS` (``None``: all this process may
         use; more than the CPUs it may use are cut to their number, with a warning, when the
         model is loaded; ONNX Runtime spends them on two tiles at once, half the threads each).
@@ -166,6 +171,8 @@ class SegmentParams:
     window: Window | tuple[int, int, int, int] | None = None
     confidence: bool = False
     half: bool | None = None
+    precision: str = "auto"
+    compile: bool = False
     threads: int | None = None
     vectorize: VectorizeParams = field(default_factory=VectorizeParams)
     backend: str = "auto"
@@ -195,6 +202,19 @@ class SegmentParams:
             raise ParameterError(f"threads must be 1..{MAX_THREADS} (got {self.threads}); more "
                                  f"than the CPUs ({cpu_count()} here) are never used")
         object.__setattr__(self, "backend", _backend(self.backend, self.device))
+        object.__setattr__(self, "precision", _precision(self.precision, self.backend,
+                                                         self.compile))
+
+    @property
+    def torch_precision(self) -> bool | str | None:
+        """What PyTorch is asked for: ``precision`` when named, else ``half``."""
+        return self.half if self.precision == "auto" else self.precision
+
+    @property
+    def needs_torch(self) -> bool:
+        """Whether only PyTorch can do what is asked (a precision other than fp32,
+        ``compile``)."""
+        return self.compile or self.precision in ("fp16", "bf16")
 
     def _check_tiles(self) -> None:
         if self.tile_size is not None and (self.tile_size < 32 or self.tile_size % 32
@@ -353,6 +373,21 @@ def _window(window: tuple[int, int, int, int]) -> Window:
         raise ParameterError(f"window must be (col_off, row_off, width, height) with "
                              f"offsets >= 0 and a positive size (got {window})")
     return Window(*w)
+
+
+#: PyTorch's precisions (``auto``: fp16 on CUDA, fp32 elsewhere)
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def _precision(precision: str, backend: str, compile_: bool) -> str:
+    p = str(precision).lower()
+    if p not in PRECISIONS:
+        raise ParameterError(f"precision '{precision}' is not one of {', '.join(PRECISIONS)}")
+    if backend == "onnxruntime" and (p in ("fp16", "bf16") or compile_):
+        what = "torch.compile" if compile_ else f"precision {p}"
+        raise ParameterError(f"{what} needs the PyTorch backend (backend 'torch' or 'auto'), "
+                             "not onnxruntime")
+    return p
 
 
 def _backend(backend: str, device: str) -> str:

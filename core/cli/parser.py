@@ -48,6 +48,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     _add_backend_option(g)
     _add_tta_option(g)
     g.add_argument("--no-half", action="store_true", help="no fp16 on the GPU")
+    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                   help="PyTorch's arithmetic: auto (fp16 on CUDA, fp32 elsewhere), fp32, fp16 "
+                        "(GPU) or bf16 (CPU, or an A100/H100-class GPU); picks PyTorch")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (PyTorch; slower start, faster long GPU "
+                        "runs; runs uncompiled if compiling fails)")
     g = p.add_argument_group("outputs")
     g.add_argument("--confidence", action="store_true", help="also write the confidence raster")
     g.add_argument("--no-vectorize", action="store_true", help="class raster only, no polygons")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -94,19 +96,34 @@ class Pending:
     """A batch handed to a predictor's ``submit``: ``result()`` waits for it and returns its
     output, indexable by tile (``[k]`` is tile k's ``(K, H, W)`` or ``(2, H, W)``).
 
-    Made from per-tile futures (runs in a pool) or from an output already computed.
+    Made from per-tile futures (runs in a pool), from an output already computed, or from
+    work queued on a device: ``resolve()`` gives the output once ``ready()`` (a GPU's copy
+    back is done), and is called once.
     """
 
-    def __init__(self, futures: list[Any], value: Any = None) -> None:
+    def __init__(self, futures: list[Any], value: Any = None,
+                 resolve: Callable[[], Any] | None = None,
+                 ready: Callable[[], bool] | None = None) -> None:
         self._futures, self._value = futures, value
+        self._resolve, self._ready = resolve, ready
 
     def done(self) -> bool:
         """Whether every tile of the batch is done."""
+        if self._resolve is not None:
+            return self._ready is None or self._ready()
         return all(f.done() for f in self._futures)
 
     def result(self, timeout: float | None = None) -> Any:
         """The output; raises :class:`TimeoutError` if it is not there within ``timeout``
         seconds, or the run's own error."""
+        if self._resolve is not None:
+            if self._ready is not None and timeout is not None:
+                end = time.monotonic() + timeout
+                while not self._ready():
+                    if time.monotonic() > end:
+                        raise TimeoutError(f"the batch is not done after {timeout} s")
+                    time.sleep(0.0005)
+            self._value, self._resolve = self._resolve(), None
         if not self._futures:
             return self._value
         from concurrent.futures import TimeoutError as FutureTimeout

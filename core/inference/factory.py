@@ -17,21 +17,38 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "torch", "onnxruntime")
 
 
-def _torch(model: Any, device: str, half: bool | None, threads: int | None) -> Predictor:
+def _torch(model: Any, device: str, half: bool | str | None, threads: int | None,
+           compile_: bool = False) -> Predictor:
     """A :class:`TorchPredictor`, or :class:`DeviceError` saying why the lean engine has none."""
     if not ob.torch_available():
         where = f"{model.path}: " if getattr(model, "path", None) else ""
         raise DeviceError(where + ob.NO_TORCH)
-    return TorchPredictor(model.module, device, half, threads)
+    return TorchPredictor(model.module, device, half, threads, compile=compile_)
 
+
+def _torch_only(half: bool | str | None, compile_: bool) -> str | None:
+    """What only PyTorch does among what is asked (``None``: nothing)."""
+    if compile_:
+        return "torch.compile"
+    if isinstance(half, str) and half.lower() in ("fp16", "bf16"):
+        return f"precision {half.lower()}"
+    return None
+
+
+
+def params_predictor(model: Any, params: Any) -> Predictor:
+    """:func:`make_predictor` for a :class:`~..params.SegmentParams`' device, backend,
+    precision, threads, test-time augmentation and compiling."""
+    return make_predictor(model, params.device, params.backend, params.torch_precision,
+                          params.threads, tta=params.tta, compile=params.compile)
 
 
 def make_predictor(model: Any, device: str = "auto", backend: str = "auto",
-                   half: bool | None = None, threads: int | None = None,
-                   cache_dir: Any = None, tta: int = 1) -> Predictor:
+                   half: bool | str | None = None, threads: int | None = None,
+                   cache_dir: Any = None, tta: int = 1, compile: bool = False) -> Predictor:
     """:func:`backend_predictor`, wrapped for test-time augmentation when ``tta`` > 1
     (:class:`.tta.TTAPredictor`)."""
-    predictor = backend_predictor(model, device, backend, half, threads, cache_dir)
+    predictor = backend_predictor(model, device, backend, half, threads, cache_dir, compile)
     if tta == 1:
         return predictor
     from .tta import TTAPredictor
@@ -39,9 +56,23 @@ def make_predictor(model: Any, device: str = "auto", backend: str = "auto",
     return TTAPredictor(predictor, tta)
 
 
+def _onnx_file(model: Any, b: str, device: str, threads: int | None,
+               only_torch: str | None) -> Predictor:
+    """ONNX Runtime on an ONNX model file, or :class:`ParameterError` for what it cannot."""
+    if only_torch:
+        raise ParameterError(f"{model.path}: an ONNX model runs on ONNX Runtime, without "
+                             f"{only_torch}; use the .safetensors model for it")
+    if b == "torch" or device.lower() not in ("auto", "cpu"):
+        raise ParameterError(f"{model.path}: an ONNX model runs on ONNX Runtime on the CPU "
+                             f"only (asked: backend {b}, device {device}); use the "
+                             ".safetensors model for PyTorch or a GPU")
+    ob.require_onnxruntime()
+    return ob.OrtPredictor(model.path, threads, contract=model.contract)
+
+
 def backend_predictor(model: Any, device: str = "auto", backend: str = "auto",
-                      half: bool | None = None, threads: int | None = None,
-                      cache_dir: Any = None) -> Predictor:
+                      half: bool | str | None = None, threads: int | None = None,
+                      cache_dir: Any = None, compile: bool = False) -> Predictor:
     """The :class:`.base.Predictor` for a :class:`~..model.files.TesseraModel`: a
     :class:`.torch_backend.TorchPredictor` (PyTorch) or an :class:`.onnx_backend.OrtPredictor`
     (ONNX Runtime, CPU).
@@ -49,24 +80,23 @@ def backend_predictor(model: Any, device: str = "auto", backend: str = "auto",
     ``backend``: ``torch``; ``onnxruntime`` (CPU only: raises :class:`DeviceError` if it is not
     installed, :class:`~.errors.ParameterError` with a GPU device); ``auto``: PyTorch on a GPU
     (CUDA/MPS), ONNX Runtime on the CPU when it is installed and the network exports to ONNX
-    faithfully, PyTorch otherwise (the reason is logged). ``threads`` above the CPUs this
-    process may use are cut to them (with a warning).
+    faithfully, PyTorch otherwise (the reason is logged); PyTorch whenever ``half`` names
+    fp16/bf16 or ``compile`` is asked (ONNX Runtime has neither). ``threads`` above the CPUs
+    this process may use are cut to them (with a warning).
     """
     threads = usable_threads(threads)  # never more threads than CPUs
     b = (backend or "auto").lower()
     if b not in BACKENDS:
         raise ParameterError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
+    only_torch = _torch_only(half, compile)
     if getattr(model, "is_onnx", False):  # an ONNX model file (exported, or int8)
-        if b == "torch" or device.lower() not in ("auto", "cpu"):
-            raise ParameterError(f"{model.path}: an ONNX model runs on ONNX Runtime on the CPU "
-                                 f"only (asked: backend {b}, device {device}); use the "
-                                 ".safetensors model for PyTorch or a GPU")
-        ob.require_onnxruntime()
-        return ob.OrtPredictor(model.path, threads, contract=model.contract)
-    if b == "torch":
-        return _torch(model, device, half, threads)
+        return _onnx_file(model, b, device, threads, only_torch)
+    if b == "torch" or (b == "auto" and only_torch):
+        return _torch(model, device, half, threads, compile)
 
     if b == "onnxruntime":
+        if only_torch:
+            raise ParameterError(f"{only_torch} needs the torch backend, not onnxruntime")
         if device.lower() not in ("auto", "cpu"):
             raise ParameterError(f"the onnxruntime backend runs on the CPU; device '{device}' "
                                  "needs the torch backend")

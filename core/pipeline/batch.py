@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import CancelledError, OutputError, ParameterError, TesseraError
-from ..inference.factory import make_predictor
+from ..inference.factory import params_predictor
 from ..io.atomic import atomic_outputs, check_writable_dir, file_lock, free_bytes, shown_path
 from ..model.files import TesseraModel
 from ..params import OutputPaths, SegmentParams
@@ -358,8 +358,7 @@ class LocalExecutor:
 
         def predictor() -> Any:
             if not shared:
-                shared.append(make_predictor(plan.model, params.device, params.backend,
-                                             params.half, params.threads, tta=params.tta))
+                shared.append(params_predictor(plan.model, params))
             return shared[0]
 
         for task in plan.tasks:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CancelledError, ClusterError, ModelError, ParameterError
-from ..inference.factory import make_predictor
+from ..inference.factory import params_predictor
 from ..io.websource import is_web_source
 from ..model.files import TesseraModel
 from ..params import OutputPaths, SegmentParams, local_workers
@@ -181,9 +181,7 @@ class ModelOnWorker(_PluginBase):
     def predictor(self) -> Any:
         """The predictor, made once."""
         if self._predictor is None:
-            p = self.params
-            self._predictor = make_predictor(self.model(), p.device, p.backend, p.half, p.threads,
-                                             tta=p.tta)
+            self._predictor = params_predictor(self.model(), self.params)
         return self._predictor
 
 

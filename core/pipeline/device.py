@@ -61,13 +61,22 @@ class DeviceBand:
     def _axis_weights(self, t: Tile) -> tuple[Any, Any]:
         """The tile's row and column weights on the device (copied there once per tile row
         and per tile column)."""
-        import torch
 
         if t.i not in self._wy or t.j not in self._wx:
             wy, wx = self.grid.axis_weights(t)
-            self._wy.setdefault(t.i, torch.tensor(wy, device=self.device))
-            self._wx.setdefault(t.j, torch.tensor(wx, device=self.device))
+            self._wy.setdefault(t.i, self._upload(wy))
+            self._wx.setdefault(t.j, self._upload(wx))
         return self._wy[t.i], self._wx[t.j]
+
+    def _upload(self, arr: np.ndarray) -> Any:
+        """A host array on the device. On CUDA from pinned memory, without waiting: a plain
+        copy would wait for every batch queued on the device (the next one's model too)."""
+        import torch
+
+        t = torch.from_numpy(np.require(arr, requirements=["C", "W"]))  # (weights are shared)
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def add(self, t: Tile, probs: Any, valid: np.ndarray) -> None:
         """Blend tile ``t``'s ``probs`` ``(K, h, w)`` (a tensor on the device; ``None`` for a
@@ -75,8 +84,11 @@ class DeviceBand:
         import torch
 
         r = t.row - self.top
-        v = torch.from_numpy(np.ascontiguousarray(valid)).to(self.device)
-        self.valid[r:r + t.height, t.col:t.col + t.width] |= v
+        where = self.valid[r:r + t.height, t.col:t.col + t.width]
+        if valid.all():  # (most tiles: nothing to copy)
+            where.fill_(True)
+        else:
+            where |= self._upload(valid)
         if probs is None:
             return
         r0, r1, c0, c1 = self.grid.solo(t)
@@ -108,15 +120,15 @@ class DeviceBand:
             mx, idx = _max_first(acc)
             cls[a:b, c0:c1] = idx.to(torch.uint8)
             if self.gaps:  # no tile answered there
-                wsum[mx <= 0] = 0
+                wsum.masked_fill_(mx <= 0, 0)
             if conf is not None:
                 mx = torch.where(wsum > 0, mx / torch.where(wsum > 0, wsum, 1.0), mx)
                 conf[a:b, c0:c1] = _confidence(mx)
             acc.zero_()  # only these blocks are ever summed into
         ok = self.valid[:n] & (self.wsum[:n] > 0)
-        cls[~ok] = nodata
+        cls.masked_fill_(~ok, nodata)  # (masked fills: boolean indexing would wait for the device)
         if conf is not None:
-            conf[~ok] = 0
+            conf.masked_fill_(~ok, 0)
         top = self.top
         keep = self.wsum.shape[0] - n
         arrays = [self.wsum, self.valid, self.cls, self.conf]

@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 #: rasters (16 MB of class rows; narrower rasters keep 4 bands + 2048 rows).
 FEED_PIXELS = 1 << 24
 
+#: batches the reader may queue ahead of the model
+PREFETCH = 3
+
 
 
 def _wait(pending: Pending, cancel: CancelFn | None) -> Any:
@@ -85,8 +88,14 @@ class Run:
         self.nd = contract.nodata_value
         self.confidence = len(sinks) > 1
         self.stop = threading.Event()
-        self.reader = TileReader(read, grid, contract, batch_size, self.stop,
-                                 tile_rows=(self.first, self.last), **reading)
+        # the batches' host arrays, reused (pinned on a GPU): as many as can be queued, in
+        # flight and being filled at once (see :mod:`..inference.staging`)
+        make_buffers = getattr(predictor, "host_buffers", None)
+        self.buffers = (make_buffers(PREFETCH + predictor.runs + 2)
+                        if make_buffers is not None else None)
+        self.reader = TileReader(read, grid, contract, batch_size, self.stop, PREFETCH,
+                                 tile_rows=(self.first, self.last), buffers=self.buffers,
+                                 **reading)
         # with overlap, a predictor that can keep its probabilities on its device blends there
         self.on_device = not self.direct and bool(getattr(predictor, "device_side", False))
         self.band: RowBand | Any
@@ -107,8 +116,9 @@ class Run:
         self.writer = RowWriter(sinks[0], sinks[1] if self.confidence else None, feed=self.feed,
                                 first_row=self.keep_from)
         # batches handed to the predictor, not yet in the band, oldest first:
-        # (tile row, tiles, Pending or None for skipped tiles)
-        self.inflight: deque[tuple[int, list[tuple[Tile, np.ndarray]], Pending | None]] = deque()
+        # (tile row, tiles, Pending or None for skipped tiles, the batch's array or None)
+        self.inflight: deque[tuple[int, list[tuple[Tile, np.ndarray]], Pending | None,
+                                   np.ndarray | None]] = deque()
         self.done_in_row = [0] * grid.shape[0]
         self.tiles_done = self.skipped = 0
         self.current = self.first
@@ -179,7 +189,7 @@ class Run:
                              self.predictor.submit(batch, reduce=self.direct,
                                                    confidence=want_conf,
                                                    **({"on_device": True} if self.on_device
-                                                      else {}))))
+                                                      else {})), batch))
             while inflight and (len(inflight) > depth or inflight[0][2] is None
                                 or inflight[0][2].done()):
                 self._settle()
@@ -192,10 +202,12 @@ class Run:
     def _settle(self) -> None:
         """The oldest batch in flight into the band; rows out once their tile row is done."""
         band, grid = self.band, self.grid
-        i, tiles, pending = self.inflight.popleft()
+        i, tiles, pending, batch = self.inflight.popleft()
         if i != self.current:
             raise RuntimeError(f"tile rows out of order ({i} after {self.current})")
         out = None if pending is None else _wait(pending, self.cancel)
+        if batch is not None and self.buffers is not None:
+            self.buffers.give(batch)  # the model is done with it
         if out is None:
             self.skipped += len(tiles)
         for k, (t, valid) in enumerate(tiles):
@@ -245,7 +257,7 @@ class Run:
         """Stop every thread after ``exc``: drop the batches in flight, wake the feed, tell
         the writer (its queue may be full)."""
         self.stop.set()
-        for _, _, pending in self.inflight:
+        for _, _, pending, _ in self.inflight:
             if pending is not None:
                 pending.cancel()
         if self.feed is not None:

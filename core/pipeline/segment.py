@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import BandMismatchError, NoCRSError, OutputError, ParameterError
 from ..inference.base import Predictor
-from ..inference.factory import make_predictor
+from ..inference.factory import params_predictor
 from ..io.atomic import atomic_outputs, check_final_name, check_writable_dir, free_bytes
 from ..io.raster import (
     GdalErrors,
@@ -197,8 +197,7 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
         for msg in plan.warnings:  # before the run; in the result too, for the caller to show
             log.warning("%s", msg)
         if predictor is None:
-            predictor = make_predictor(model, params.device, params.backend, params.half,
-                                       params.threads, tta=params.tta)
+            predictor = params_predictor(model, params)
         meter = Meter("segment", plan.window.width * plan.window.height, progress,
                       *((0.0, 0.95) if plan.vec is not None else (0.0, 1.0)))
         meter.update(0, f"{len(plan.grid)} tiles on {predictor.info.label}", force=True)

@@ -203,13 +203,16 @@ class TileReader(threading.Thread):
     def __init__(self, read: TileRead, grid: TileGrid, contract: ModelContract,
                  batch_size: int, stop: threading.Event, prefetch: int = 3,
                  tile_rows: tuple[int, int] | None = None,
-                 opener: Callable[[], Any] | None = None, workers: int = 1) -> None:
+                 opener: Callable[[], Any] | None = None, workers: int = 1,
+                 buffers: Any = None) -> None:
         """``opener``, with ``workers`` > 1: tiles are read by that many threads, each on a
         handle of its own (``opener()``: a context manager giving a :data:`TileRead`; GDAL
-        handles are not shared between threads), in the same order and batches."""
+        handles are not shared between threads), in the same order and batches.
+        ``buffers``: a :class:`~..inference.staging.HostBuffers` the batches are stacked into
+        (the run gives each back when its result is in); ``None``: a new array each."""
         super().__init__(name="tessera-reader", daemon=True)
         self.q: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
-        self.opener, self.workers = opener, workers
+        self.opener, self.workers, self.buffers = opener, workers, buffers
         self.read, self.grid = read, grid
         self.tile_rows = tile_rows or (0, grid.shape[0])  # the tile rows read: all, or a block's
         self.contract, self.batch_size = contract, batch_size
@@ -252,6 +255,21 @@ class TileReader(threading.Thread):
         finally:
             tiles.close()  # (the reading threads stop with it)
 
+    def _stack(self, arrays: list[np.ndarray]) -> np.ndarray | None:
+        """The tiles as one batch (in a pool's array when there is one; ``None``: stopped
+        while waiting for one)."""
+        if self.buffers is None:
+            return np.stack(arrays)
+        buf = self.buffers.take((len(arrays), *arrays[0].shape), arrays[0].dtype, self.stop)
+        if buf is not None:
+            np.stack(arrays, out=buf)
+        return buf
+
+    def _put_batch(self, i: int, pending: list[tuple[Tile, np.ndarray]],
+                   arrays: list[np.ndarray]) -> bool:
+        batch = self._stack(arrays)
+        return batch is not None and self._put(("tiles", i, pending, batch))
+
     def _batches(self, tiles: Any) -> None:
         for i in range(*self.tile_rows):
             pending: list[tuple[Tile, np.ndarray]] = []
@@ -266,15 +284,15 @@ class TileReader(threading.Thread):
                     continue
                 # a batch holds tiles of one shape (the last tile of a row may be narrower)
                 if arrays and arrays[0].shape != x.shape:
-                    if not self._put(("tiles", i, pending, np.stack(arrays))):
+                    if not self._put_batch(i, pending, arrays):
                         return
                     pending, arrays = [], []
                 pending.append((t, valid))
                 arrays.append(x)
                 if len(pending) == self.batch_size:
-                    if not self._put(("tiles", i, pending, np.stack(arrays))):
+                    if not self._put_batch(i, pending, arrays):
                         return
                     pending, arrays = [], []
-            if pending and not self._put(("tiles", i, pending, np.stack(arrays))):
+            if pending and not self._put_batch(i, pending, arrays):
                 return
         self._put(("end",))

@@ -66,13 +66,13 @@ def test_model_is_loaded_once_and_the_predictor_reused(tmp_path, monkeypatch):
     src = make_folder(tmp_path)
     m = model_with(ConstantModel(0), tile_size=32, overlap=8)
     made = []
-    orig = batchmod.make_predictor
+    orig = batchmod.params_predictor
 
     def counting(*a, **k):
         made.append(1)
         return orig(*a, **k)
 
-    monkeypatch.setattr(batchmod, "make_predictor", counting)
+    monkeypatch.setattr(batchmod, "params_predictor", counting)
     segment_folder(src, m, tmp_path / "o", NOVEC)
     assert len(made) == 1
 
