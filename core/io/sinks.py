@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import OutputError, TesseraError
+from .gpkg import GeoPackageLayer, layer_name
 from .raster import (
     CLASS_COMPRESSION,
     CLASSES_TAG,
@@ -80,7 +81,7 @@ class PolygonSink(Protocol):
         ...
 
 
-_FULL = re.compile(r"no space|too large|quota|errno 28|errno 27|errno 122", re.I)
+_FULL = re.compile(r"no space|too large|quota|disk is full|errno 28|errno 27|errno 122", re.I)
 
 
 def write_failed(final: Path, exc: BaseException | str, what: str = "write") -> OutputError:
@@ -188,24 +189,6 @@ def verify_geotiffs(checks: list[tuple[Path, Path, np.ndarray | None]]) -> None:
             f.result()
 
 
-#: Names SQLite or GeoPackage keep for themselves: a layer's name cannot begin so.
-_RESERVED_LAYER_PREFIXES = ("gpkg", "sqlite_")
-
-
-def layer_name(stem: str) -> str:
-    """A GeoPackage layer name made from any file stem (``<stem>_polygons``): GDAL refuses a
-    name that begins with a sign (``-x``, ``#x``) or with ``gpkg``, SQLite one that begins
-    with ``sqlite_``; such a name gets a leading ``_``. Characters that cannot be printed
-    (a newline, bytes that are not UTF-8) become ``_``. A name that is fine is kept, and
-    ``layer_name(layer_name(s)) == layer_name(s)``: every writer and reader of a layer may
-    apply it."""
-    name = "".join(ch if ch.isprintable() else "_" for ch in stem)
-    if not name or not (name[0].isalnum() or name[0] == "_") or \
-            name.lower().startswith(_RESERVED_LAYER_PREFIXES):
-        name = "_" + name
-    return name
-
-
 def verify_geopackage(path: Path, final: Path, layer: str, n_features: int) -> None:
     """The GeoPackage ``path`` must pass SQLite's integrity check and hold ``n_features`` in
     ``layer``; :class:`OutputError` for ``final`` otherwise."""
@@ -271,40 +254,6 @@ class ArrayRows:
         """Nothing to close."""
 
 
-#: The GeoPackage version written: one every supported QGIS's GDAL reads without a warning
-#: (GDAL 3.10 would write 1.4, which QGIS 3.22's GDAL 3.6 calls "partially supported").
-GPKG_VERSION = "1.2"
-
-
-class GeoPackageLayer:
-    """A Polygon layer of a GeoPackage, created by the first write and appended to after."""
-
-    def __init__(self, path: Path, layer: str, crs_wkt: str) -> None:
-        self.path, self.layer, self.crs_wkt = path, layer_name(layer), crs_wkt
-        self._first = True
-
-    def write(self, class_id: np.ndarray, class_name: np.ndarray, area_m2: np.ndarray,
-              pixels: np.ndarray, geometry: np.ndarray, *,
-              confidence: np.ndarray | None = None) -> None:
-        """Append one batch of polygons (see :class:`PolygonSink`)."""
-        import geopandas as gpd
-        import pyogrio
-
-        cols = {"class_id": class_id, "class_name": class_name, "area_m2": area_m2,
-                "pixels": pixels}
-        if confidence is not None:
-            cols["confidence"] = np.asarray(confidence, np.float64)
-        gdf = gpd.GeoDataFrame(cols,
-                               geometry=gpd.GeoSeries(geometry, crs=self.crs_wkt),
-                               crs=self.crs_wkt)
-        pyogrio.write_dataframe(gdf, self.path, layer=self.layer, driver="GPKG",
-                                append=not self._first, geometry_type="Polygon",
-                                promote_to_multi=False,
-                                **({"dataset_options": {"VERSION": GPKG_VERSION}}
-                                   if self._first else {}))
-        self._first = False
-
-
 def polygon_sink(path: Path, layer: str, crs_wkt: str) -> PolygonSink:
-    """The polygons' sink for ``path`` (today: a GeoPackage layer)."""
+    """The polygons' sink for ``path`` (today: a GeoPackage layer, :mod:`.gpkg`)."""
     return GeoPackageLayer(path, layer, crs_wkt)

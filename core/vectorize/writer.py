@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -243,6 +244,9 @@ class PolygonWriter:
         """Write the rest (and create the layer when nothing was found)."""
         if self.batch or self.ready or self.first:
             self.flush()
+        close = getattr(self.sink, "close", None)  # (a GeoPackage adds its index's triggers)
+        if close is not None:
+            close()
         return self.n_total, self.areas
 
 
@@ -294,13 +298,18 @@ def write_polygons(source: Any, tmp: Path, layer: str, params: VectorizeParams,
 def write_errors(final: Path) -> Iterator[None]:
     """A failed write of the polygons (file system, GDAL) as the :class:`OutputError` of
     :func:`~..io.sinks.write_failed` for ``final``; Tessera's own errors as they are."""
-    from pyogrio.errors import DataLayerError, DataSourceError
+    import sqlite3
 
+    errors: tuple[type[BaseException], ...] = (OSError, sqlite3.Error)
+    if "pyogrio" in sys.modules:  # (a cluster's run reads and writes through GDAL as well)
+        from pyogrio.errors import DataLayerError, DataSourceError
+
+        errors += (DataSourceError, DataLayerError)
     try:
         yield
     except TesseraError:
         raise
-    except (OSError, DataSourceError, DataLayerError) as exc:
+    except errors as exc:
         raise write_failed(final, exc) from exc
 
 

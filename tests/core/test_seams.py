@@ -10,7 +10,7 @@ import rasterio
 import shapely
 from affine import Affine
 from rasterio.crs import CRS
-from tessera.core.io.sinks import GeoPackageLayer
+from tessera.core.io.gpkg import GeoPackageLayer
 from tessera.core.params import VectorizeParams
 from tessera.core.vectorize.polygonize import iter_class_polygons
 from tessera.core.vectorize.seams import SeamMerge, load_pieces, save_pieces, trace_block

@@ -235,11 +235,17 @@ def test_strips_give_the_same_polygons_as_one_pass(tmp_path, make):
 
 
 def record_writes(monkeypatch, measure) -> list:
-    """``measure(df)`` of every GeoPackage write, in order (the writes still happen)."""
+    """``measure(geometries)`` of every GeoPackage write, in order (the writes still happen)."""
+    from tessera.core.io.gpkg import GeoPackageLayer
+
     writes = []
-    real = pyogrio.write_dataframe
-    monkeypatch.setattr(pyogrio, "write_dataframe",
-                        lambda df, *a, **k: (writes.append(measure(df)), real(df, *a, **k))[1])
+    real = GeoPackageLayer.write
+
+    def write(self, class_id, class_name, area_m2, pixels, geometry, **k):
+        writes.append(measure(geometry))
+        return real(self, class_id, class_name, area_m2, pixels, geometry, **k)
+
+    monkeypatch.setattr(GeoPackageLayer, "write", write)
     return writes
 
 
@@ -733,10 +739,7 @@ def test_polygons_are_written_at_the_breaks(tmp_path, monkeypatch):
     import tessera.core.vectorize.writer as vz
 
     a = blocky(5, 101, 77, 4, 3)
-    writes = []
-    real = pyogrio.write_dataframe
-    monkeypatch.setattr(pyogrio, "write_dataframe",
-                        lambda df, *a, **k: (writes.append(len(df)), real(df, *a, **k))[1])
+    writes = record_writes(monkeypatch, len)
     src = write_raster(tmp_path / "c.tif", a)
     ref = read(vectorize_raster(src, tmp_path / "ref.gpkg", VectorizeParams(strip_rows=9)).path)
     assert len(writes) == 1  # no breaks: fewer than STRIP_FLUSH polygons, one write at the end
@@ -760,8 +763,8 @@ def test_a_large_flush_is_written_in_pieces_of_bounded_vertices(tmp_path, monkey
     a = blocky(3, 97, 83, 4, 3)
     src = write_raster(tmp_path / "c.tif", a)
     once = vectorize_raster(src, tmp_path / "once.gpkg", VectorizeParams(strip_rows=4))
-    writes = record_writes(monkeypatch, lambda df: (
-        len(df), int(shapely.get_num_coordinates(df.geometry.values).sum())))
+    writes = record_writes(monkeypatch, lambda g: (
+        len(g), int(shapely.get_num_coordinates(g).sum())))
     monkeypatch.setattr(vz, "WRITE_VERTICES", 60)
     pieces = vectorize_raster(src, tmp_path / "pieces.gpkg", VectorizeParams(strip_rows=4))
     d1, d2 = read(once.path), read(pieces.path)
