@@ -50,7 +50,9 @@ from .onnx_cache import (  # noqa: F401  (re-exported: the cache's names live he
     UnsafeCacheError,
     _cache_problem,
     check_cache_folder,
+    open_session,
     prune_cache,
+    trusted_optimized,
 )
 
 log = logging.getLogger(__name__)
@@ -405,7 +407,11 @@ class OrtPredictor:
     backend = "onnxruntime"
 
     def __init__(self, source: str | Path | bytes, threads: int | None = None,
-                 runs: int | None = None, contract: ModelContract | None = None) -> None:
+                 runs: int | None = None, contract: ModelContract | None = None,
+                 cached_for: str | None = None, optimized: bool = False) -> None:
+        """``cached_for``: ``source`` is the cache's graph of the model with that SHA-256:
+        its form optimized for this machine is made and cached (:mod:`.onnx_cache`);
+        ``optimized``: ``source`` is such a form, loaded as it is."""
         ort = require_onnxruntime()
         n = int(threads or _default_threads())
         self.runs = max(1, min(int(runs or min(2, n)), n))
@@ -413,13 +419,7 @@ class OrtPredictor:
         so.intra_op_num_threads = max(1, n // self.runs)
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        src = source if isinstance(source, bytes) else str(source)
-        try:
-            self.session = ort.InferenceSession(src, sess_options=so,
-                                                providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            where = "" if isinstance(source, bytes) else f"{source}: "
-            raise ModelError(f"{where}ONNX Runtime cannot load the graph: {exc}") from exc
+        self.session, src = open_session(ort, source, so, cached_for, optimized)
         #: how a foreign graph (a Deepness model...) is run; None for Tessera's own
         self.foreign = None
         if contract is not None and contract.runtime:
@@ -430,6 +430,8 @@ class OrtPredictor:
             check_graph(self.session, contract,
                         "the graph" if isinstance(source, bytes) else str(source))
         self.source = None if isinstance(source, bytes) else Path(source)
+        #: the graph file ONNX Runtime loaded (the cache's optimized form, when it is used)
+        self.graph = None if isinstance(src, bytes) else Path(src)
         self.threads = n
         meta = self.session.get_modelmeta().custom_metadata_map or {}
         self.precision = meta.get("tessera.precision", "fp32")
@@ -451,8 +453,16 @@ class OrtPredictor:
         """A predictor for ``model``: its cached graph when it comes from a file (see
         :func:`onnx_for`), else a graph exported in memory for this predictor only."""
         require_onnxruntime()
-        if _model_sha(model):
+        sha = _model_sha(model)
+        if sha:
             try:
+                if shipped_graph(model) is None:  # the cache's: optimized for this machine?
+                    folder = Path(cache_dir) if cache_dir is not None else cache_dir_default()
+                    opt = trusted_optimized(folder / f"{sha}.onnx", sha)
+                    if opt is not None:
+                        return cls(opt, threads, runs, model.contract, optimized=True)
+                    return cls(onnx_for(model, cache_dir, opset), threads, runs, model.contract,
+                               cached_for=sha)
                 return cls(onnx_for(model, cache_dir, opset), threads, runs, model.contract)
             except UnsafeCacheError as exc:
                 log.warning("%s; the graph is exported for this run only", exc)

@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from ..errors import ModelError, OutputError
 from ..io.jsonsafe import read_limited
@@ -110,3 +111,109 @@ def prune_cache(folder: Path, keep: str | None = None, now: float | None = None)
         log.info("ONNX cache %s: removed %d graph(s) unused for long or over %.0f MB",
                  folder, len(removed), max_bytes / 1e6)
     return removed
+
+
+# -- the graph as ONNX Runtime optimized it, for this machine (issue 30) ----------------------
+#
+# ONNX Runtime spends 50-120 ms of a run's start-up, the GIL held, optimizing the graph (its
+# fastest level lays the convolutions out for this CPU's vector width: a quarter faster than
+# the portable levels). It can save the optimized graph; loaded again without optimizing, it
+# starts in under 20 ms and runs as fast. That graph is for this CPU and this ONNX Runtime
+# only, so its name carries a key of both; it is trusted as the exported graph is (its own
+# SHA-256 recorded beside it, in a folder only this user may write).
+
+
+def machine_key() -> str:
+    """16 hex digits naming this ONNX Runtime and this CPU (its architecture, model name and
+    instruction-set flags): an optimized graph is only loaded where it was made."""
+    import hashlib
+    import platform
+
+    import onnxruntime
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            lines = [ln for ln in f if ln.startswith(("flags", "model name", "Features"))]
+        cpu = "".join(sorted(set(lines)))
+    except OSError:
+        pass
+    text = f"{onnxruntime.__version__}|{platform.machine()}|{cpu}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def optimized_paths(graph: Path, key: str | None = None) -> tuple[Path, Path]:
+    """``(<graph>.<key>.opt.onnx, <graph>.<key>.opt.json)`` beside the cached ``graph``."""
+    key = key or machine_key()
+    return (graph.with_name(f"{graph.stem}.{key}.opt.onnx"),
+            graph.with_name(f"{graph.stem}.{key}.opt.json"))
+
+
+def trusted_optimized(graph: Path, model_sha: str) -> Path | None:
+    """The optimized graph of ``graph`` for this machine when it is there and sound (its
+    checksum the one recorded, made from this model); else ``None``."""
+    opt, rec = optimized_paths(graph)
+    if not opt.is_file():
+        return None
+    check_cache_folder(graph.parent, opt, rec)
+    try:
+        info = read_limited(rec, "the record", MAX_RECORD_BYTES)
+        if info.get("model_sha256") != model_sha or file_sha256(opt) != info.get("sha256"):
+            log.warning("optimized ONNX graph %s is not used: changed, truncated or not this "
+                        "model's", opt)
+            return None
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        log.warning("optimized ONNX graph %s is not used: %s", opt, exc)
+        return None
+    with contextlib.suppress(OSError):
+        os.utime(rec)  # last used: what pruning goes by
+    return opt
+
+
+def keep_optimized(graph: Path, made: Path, model_sha: str) -> None:
+    """Record ``made`` (the optimized graph ONNX Runtime just wrote) as ``graph``'s for this
+    machine; a failure only loses the cache (logged)."""
+    import json
+
+    from ..io.atomic import atomic_file
+
+    opt, rec = optimized_paths(graph)
+    try:
+        record = {"model_sha256": model_sha, "sha256": file_sha256(made), "machine": machine_key(),
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        os.chmod(made, 0o600)
+        os.replace(made, opt)
+        with atomic_file(rec) as tmp:
+            tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
+    except OSError as exc:
+        log.warning("the optimized ONNX graph is not cached (%s)", exc)
+        with contextlib.suppress(OSError):
+            made.unlink()
+    for old in graph.parent.glob(".*.opt.onnx"):  # a killed run's, an hour old
+        with contextlib.suppress(OSError):
+            if time.time() - old.stat().st_mtime > 3600:
+                old.unlink()
+
+
+def open_session(ort: Any, source: str | Path | bytes, so: Any, cached_for: str | None,
+                  optimized: bool) -> tuple[Any, str | bytes]:
+    """ONNX Runtime's session on ``source`` and what it loaded (see :class:`.onnx_backend.OrtPredictor`);
+    :class:`ModelError` when it cannot."""
+    src: str | bytes = source if isinstance(source, bytes) else str(source)
+    made = None
+    if optimized:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    elif cached_for and isinstance(src, str):
+        made = Path(src).with_name(f".{os.getpid()}.{time.monotonic_ns()}.opt.onnx")
+        so.optimized_model_filepath = str(made)
+        so.log_severity_level = 3  # (not its warning that the graph is for this CPU)
+    try:
+        session = ort.InferenceSession(src, sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        if made is not None:
+            made.unlink(missing_ok=True)
+        where = "" if isinstance(source, bytes) else f"{source}: "
+        raise ModelError(f"{where}ONNX Runtime cannot load the graph: {exc}") from exc
+    if made is not None and cached_for and made.is_file():
+        keep_optimized(made.with_name(Path(str(src)).name), made, cached_for)
+    return session, src

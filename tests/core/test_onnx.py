@@ -377,3 +377,65 @@ def test_segmenting_with_tiles_side_by_side_writes_the_same_outputs(tmp_path, sa
     (c1, f1, n1, h1), (c2, f2, n2, h2) = out[1], out[2]
     assert (c1 == c2).all() and (c1[:, :64] == 255).all() and (c1[:, 128:] != 255).all()
     assert np.abs(f1.astype(int) - f2).max() <= 1 and n1 == n2 and h1 == h2
+
+
+def test_the_graph_optimized_for_this_machine_is_cached_checked_and_rebuilt(
+        tmp_path, saved, caplog, monkeypatch):
+    """The first run saves ONNX Runtime's optimized graph beside the cached one (named for
+    this CPU and ONNX Runtime, private, recorded with its checksum); the next runs load it
+    without optimizing again and give the same probabilities; a changed, truncated or
+    another model's optimized graph is not used and is made anew; another machine's key
+    finds none; a killed run's temporary is swept once it is an hour old."""
+    import os
+    import time
+
+    from tessera.core.inference import onnx_cache as oc
+
+    cache = tmp_path / "cache"
+    sha = saved.sha256
+    x = np.random.default_rng(2).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    first = ob.OrtPredictor.for_model(saved, cache_dir=cache)
+    assert first.graph == cache / f"{sha}.onnx"
+    opt, rec = oc.optimized_paths(cache / f"{sha}.onnx")
+    assert opt.name == f"{sha}.{oc.machine_key()}.opt.onnx" and opt.is_file()
+    assert (opt.stat().st_mode & 0o777) == 0o600
+    info = json.loads(rec.read_text())
+    assert info["sha256"] == file_sha256(opt) and info["model_sha256"] == sha
+    assert not list(cache.glob(".*.opt.onnx"))  # no temporary left
+    ref = first.predict(x)
+
+    def no_export(*a, **k):
+        raise AssertionError("the cached graph was checked or exported again")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(ob, "onnx_for", no_export)  # the optimized graph alone is checked
+        second = ob.OrtPredictor.for_model(saved, cache_dir=cache)
+    assert second.graph == opt
+    np.testing.assert_allclose(second.predict(x), ref, atol=1e-6)
+    np.testing.assert_allclose(ob.OrtPredictor(cache / f"{sha}.onnx").predict(x), ref,
+                               atol=1e-6)
+
+    data = bytearray(opt.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    opt.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        third = ob.OrtPredictor.for_model(saved, cache_dir=cache)
+    assert "optimized ONNX graph" in caplog.text and "is not used" in caplog.text
+    assert third.graph == cache / f"{sha}.onnx"  # the exported graph, optimized anew
+    np.testing.assert_allclose(third.predict(x), ref, atol=1e-6)
+    assert file_sha256(opt) == json.loads(rec.read_text())["sha256"]
+
+    info = json.loads(rec.read_text())
+    rec.write_text(json.dumps({**info, "model_sha256": "0" * 64}))  # another model's
+    assert ob.OrtPredictor.for_model(saved, cache_dir=cache).graph == cache / f"{sha}.onnx"
+    assert ob.OrtPredictor.for_model(saved, cache_dir=cache).graph == opt  # made again
+
+    stale, fresh = cache / ".1.2.opt.onnx", cache / ".3.4.opt.onnx"
+    stale.write_bytes(b"x")
+    fresh.write_bytes(b"x")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    monkeypatch.setattr(oc, "machine_key", lambda: "another0machine0")
+    other = ob.OrtPredictor.for_model(saved, cache_dir=cache)
+    assert other.graph == cache / f"{sha}.onnx"
+    assert (cache / f"{sha}.another0machine0.opt.onnx").is_file() and opt.is_file()
+    assert not stale.exists() and fresh.exists()
