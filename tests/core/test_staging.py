@@ -6,6 +6,7 @@ here), and the predictor's queued results take the code path of a GPU's, only wi
 event to wait for.
 """
 
+import json
 import threading
 import time
 
@@ -283,3 +284,21 @@ def test_torch_compile_gives_the_uncompiled_output_and_falls_back_when_it_fails(
     assert not bad.compiled
     assert "torch.compile failed" in caplog.text and "the model runs uncompiled" in caplog.text
     np.testing.assert_array_equal(bad.predict(x, reduce=True), ref)  # and stays so
+
+
+def test_the_cli_runs_bf16_on_pytorch_and_refuses_fp16_on_the_cpu(tmp_path, capsys):
+    from tessera.core.cli import main
+
+    tiny_unet(seed=3).save(tmp_path / "m.safetensors")
+    src = write_raster(tmp_path / "in.tif", random_rgb(40, 40))
+    args = ["-q", "segment", str(src), "--model", str(tmp_path / "m.safetensors"),
+            "--no-vectorize", "--device", "cpu", "--json"]
+    assert main(args + ["--out", str(tmp_path / "a"), "--precision", "bf16"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["backend"] == "torch"  # ONNX Runtime has no bf16: PyTorch was picked
+    with rasterio.open(res["class_raster"]) as ds:
+        assert ds.read(1).shape == (40, 40)
+    assert main(args + ["--out", str(tmp_path / "b"), "--precision", "fp16"]) == 1
+    err = capsys.readouterr().err
+    assert "precision fp16 runs on a GPU only" in err
+    assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
