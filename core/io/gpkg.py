@@ -151,7 +151,10 @@ class GeoPackageLayer:
 
     def _connect(self) -> sqlite3.Connection:
         con = sqlite3.connect(self.path, isolation_level=None)
-        con.execute("PRAGMA synchronous=OFF")  # (a temporary: committed by rename, read back)
+        # a temporary, committed by rename after it is read back: no journal file beside it
+        # (a killed run leaves nothing more than the temporary), no waiting for the disk
+        con.execute("PRAGMA journal_mode=MEMORY")
+        con.execute("PRAGMA synchronous=OFF")
         return con
 
     def write(self, class_id: np.ndarray, class_name: np.ndarray, area_m2: np.ndarray,
