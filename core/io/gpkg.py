@@ -115,7 +115,7 @@ def blobs(geometry: np.ndarray, srs_id: int) -> tuple[list[bytes], np.ndarray]:
     ``[minx, maxx, miny, maxy]`` (NaN for an empty one, whose blob has no envelope)."""
     import shapely
 
-    wkb = shapely.to_wkb(geometry, byte_order=1, flavor="iso")
+    wkb = shapely.to_wkb(geometry, byte_order=1)  # (2-D: ISO and extended WKB are one)
     b = shapely.bounds(geometry)  # minx, miny, maxx, maxy
     env = b[:, [0, 2, 1, 3]]
     head = np.zeros(len(geometry), _HEADER)
