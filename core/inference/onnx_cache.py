@@ -208,10 +208,20 @@ def open_session(ort: Any, source: str | Path | bytes, so: Any, cached_for: str 
         so.optimized_model_filepath = str(made)
         so.log_severity_level = 3  # (not its warning that the graph is for this CPU)
     try:
-        session = ort.InferenceSession(src, sess_options=so, providers=["CPUExecutionProvider"])
+        try:
+            session = ort.InferenceSession(src, sess_options=so,
+                                           providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            if made is None:
+                raise
+            made.unlink(missing_ok=True)  # saving it failed (a full disk...): run without
+            log.warning("the optimized ONNX graph cannot be cached (%s); the run goes on",
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            made = None
+            so.optimized_model_filepath, so.log_severity_level = "", 2
+            session = ort.InferenceSession(src, sess_options=so,
+                                           providers=["CPUExecutionProvider"])
     except Exception as exc:
-        if made is not None:
-            made.unlink(missing_ok=True)
         where = "" if isinstance(source, bytes) else f"{source}: "
         raise ModelError(f"{where}ONNX Runtime cannot load the graph: {exc}") from exc
     if made is not None and cached_for and made.is_file():

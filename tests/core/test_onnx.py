@@ -439,3 +439,28 @@ def test_the_graph_optimized_for_this_machine_is_cached_checked_and_rebuilt(
     assert other.graph == cache / f"{sha}.onnx"
     assert (cache / f"{sha}.another0machine0.opt.onnx").is_file() and opt.is_file()
     assert not stale.exists() and fresh.exists()
+
+
+def test_a_failure_to_save_the_optimized_graph_only_loses_the_cache(tmp_path, saved, caplog,
+                                                                    monkeypatch):
+    """ONNX Runtime failing to write its optimized graph (a full disk, a quota) is a
+    warning: the run goes on with the exported graph, and nothing is left in the cache."""
+    import onnxruntime as ort
+
+    real = ort.InferenceSession
+
+    def failing_save(src, sess_options=None, **k):
+        if sess_options is not None and sess_options.optimized_model_filepath:
+            raise RuntimeError("No space left on device: writing the optimized model")
+        return real(src, sess_options=sess_options, **k)
+
+    monkeypatch.setattr(ort, "InferenceSession", failing_save)
+    cache = tmp_path / "cache"
+    with caplog.at_level(logging.WARNING):
+        p = ob.OrtPredictor.for_model(saved, cache_dir=cache)
+    assert "the optimized ONNX graph cannot be cached (No space left on device" in caplog.text
+    x = np.random.default_rng(3).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    ref = Predictor(saved.module, "cpu").predict(x)
+    np.testing.assert_allclose(p.predict(x), ref, atol=1e-4)
+    assert sorted(f.name for f in cache.iterdir()) == [f"{saved.sha256}.json",
+                                                       f"{saved.sha256}.onnx"]
