@@ -31,9 +31,11 @@ def test_the_pool_hands_the_same_arrays_round_and_never_more_than_its_limit():
     assert pool.out == 3 and pool.allocated == 3
     stop = threading.Event()
     stop.set()
-    t = time.perf_counter()
-    assert pool.take((2, 3, 8, 8), stop=stop) is None  # full, and the run stopped: no wait
-    assert time.perf_counter() - t < 1.0
+    got = ["not yet"]
+    th = threading.Thread(target=lambda: got.__setitem__(0, pool.take((2, 3, 8, 8), stop=stop)))
+    th.start()
+    th.join(5)  # full, and the run stopped: it returns instead of waiting for an array
+    assert not th.is_alive() and got == [None] and pool.out == 3
     pool.give(a[1])
     b = pool.take((2, 3, 8, 8))
     assert np.shares_memory(b, a[1]) and pool.allocated == 3  # the one given back
