@@ -189,49 +189,6 @@ def verify_geotiffs(checks: list[tuple[Path, Path, np.ndarray | None]]) -> None:
             f.result()
 
 
-class RasterCheck:
-    """:func:`verify_geotiffs` of a run's rasters in a thread of its own, started as soon as
-    they are complete (:meth:`start`, given the class histogram): the read-back then runs
-    beside the polygons still being traced, not after them."""
-
-    def __init__(self, sinks: Sequence[RowSink], checks: list[tuple[Path, Path]]) -> None:
-        self.sinks, self.checks = sinks, checks
-        self.thread: Any = None
-        self.error: BaseException | None = None
-
-    def start(self, hist: np.ndarray) -> None:
-        """Close the sinks and start reading the rasters back (``hist``: the class
-        raster's counts)."""
-        import threading
-
-        for sink in self.sinks:
-            sink.close()
-        checks = [(p, f, hist if k == 0 else None) for k, (p, f) in enumerate(self.checks)]
-
-        def check() -> None:
-            try:
-                verify_geotiffs(checks)
-            except BaseException as exc:  # noqa: BLE001  (raised by result())
-                self.error = exc
-
-        self.thread = threading.Thread(target=check, name="tessera-verify", daemon=True)
-        self.thread.start()
-
-    def join(self) -> None:
-        """Wait for the check (a run that failed does not leave it running)."""
-        if self.thread is not None:
-            self.thread.join()
-
-    def result(self, hist: np.ndarray) -> None:
-        """Wait for the check (run now, with ``hist``, if it was not started) and raise what
-        it found."""
-        if self.thread is None:
-            self.start(hist)
-        self.join()
-        if self.error is not None:
-            raise self.error
-
-
 def verify_geopackage(path: Path, final: Path, layer: str, n_features: int) -> None:
     """The GeoPackage ``path`` must pass SQLite's integrity check and hold ``n_features`` in
     ``layer``; :class:`OutputError` for ``final`` otherwise."""

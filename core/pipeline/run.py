@@ -72,22 +72,17 @@ class Run:
                  batch_size: int, sinks: list[RowSink], polygons: Polygons | None,
                  tick: Callable[[int, bool], None], cancel: CancelFn | None,
                  progress: ProgressFn | None, where: str,
-                 block: tuple[int, int] | None = None,
-                 rasters_done: Callable[[np.ndarray], None] | None = None,
-                 **reading: Any) -> None:
+                 block: tuple[int, int] | None = None, **reading: Any) -> None:
         """``block``: only tile rows ``[a, b)`` of ``grid`` (a Dask block, see
         :mod:`.blocks`): tile row ``a - 1`` is computed as well (its tiles reach into row
         ``a``'s rows), and the sinks get the rows from the top of tile row ``a`` on.
-        ``rasters_done(hist)``: called once every row is in the sinks, before the polygons'
-        tail (their read-back may start). ``reading``: the reader's ``opener`` and
-        ``workers`` (:mod:`.readers`)."""
+        ``reading``: the reader's ``opener`` and ``workers`` (:mod:`.readers`)."""
         self.grid, self.contract, self.predictor = grid, contract, predictor
         a, b = block or (0, grid.shape[0])
         self.first = max(a - 1, 0)  # the first tile row computed
         self.last = b  # one past the last
         self.keep_from = grid.row_offsets[a] if a > 0 else 0  # the first output row kept
         self.tick, self.cancel, self.progress, self.where = tick, cancel, progress, where
-        self.rasters_done = rasters_done
         self.t0 = time.perf_counter()
         self.direct = grid.overlap == 0
         self.nd = contract.nodata_value
@@ -152,8 +147,6 @@ class Run:
             self._start()
             self._segment()
             out = self._finish()
-            if self.rasters_done is not None:
-                self.rasters_done(out["hist"])
             if self.vectorizer is not None:
                 out.update(self._vectorize_tail(self.vectorizer))
             return out

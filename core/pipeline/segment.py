@@ -39,11 +39,11 @@ from ..io.raster import (
 )
 from ..io.sinks import (
     ArrayRows,
-    RasterCheck,
     RowSink,
     class_raster_sink,
     confidence_raster_sink,
     verify_geopackage,
+    verify_geotiffs,
     write_failed,
 )
 from ..model.contract import ModelContract
@@ -211,18 +211,16 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
         with GdalErrors() as gdal_errors, atomic_outputs(*plan.finals) as temps, \
                 _database(plan) as db:
             sinks = _open_sinks(plan, temps)
-            check = RasterCheck(sinks, list(zip(temps, plan.finals))[:len(sinks)])
             try:
                 stats = Run(plan.view.reader(ds, plan.bands, plan.window, plan.nodata), grid, contract,
                              predictor, params.batch_size, sinks,
                              _polygons(plan, temps, db) if plan.vec is not None else None,
-                             tick, cancel, progress, plan.path, rasters_done=check.start,
+                             tick, cancel, progress, plan.path,
                              **parallel_reading(plan, params, predictor)).run()
             finally:
                 for sink in sinks:
                     sink.close()
-                check.join()
-            _verify(plan, temps, stats, gdal_errors, check)
+            _verify(plan, temps, stats, gdal_errors)
             if db is not None:
                 _verify_rows(db, stats["polygons"][0])
             try:
@@ -240,15 +238,16 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
     return result
 
 
-def _verify(plan: _Plan, temps: list[Path], stats: dict[str, Any], gdal: GdalErrors,
-            check: RasterCheck) -> None:
+def _verify(plan: _Plan, temps: list[Path], stats: dict[str, Any], gdal: GdalErrors) -> None:
     """Every output checked before its commit: no write error signalled by GDAL, each
-    raster read back whole (the class raster holding exactly the classes computed: by
-    ``check``, beside the polygons' tail), the GeoPackage sound and holding every polygon."""
-    finals, errors = plan.finals, gdal.write_errors()
+    raster read back whole (the class raster holding exactly the classes computed), the
+    GeoPackage sound and holding every polygon."""
+    finals = plan.finals
+    errors = gdal.write_errors()
     if errors:
         raise write_failed(finals[0], errors[0])
-    check.result(stats["hist"])
+    verify_geotiffs([(temps[0], finals[0], stats["hist"])]
+                    + ([(temps[1], finals[1], None)] if plan.confidence else []))
     if plan.vec is not None and plan.outs.polygons_db is None:
         k = plan.polygons_temp_index
         verify_geopackage(temps[k], finals[k], plan.outs.polygons.stem, stats["polygons"][0])

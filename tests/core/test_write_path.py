@@ -254,46 +254,6 @@ def test_verify_finds_a_geopackage_short_of_polygons(tmp_path, model_file):
         verify_geopackage(bad, Path("final.gpkg"), "scene_polygons", res.n_polygons)
 
 
-def test_the_rasters_are_read_back_beside_the_polygons_tail(tmp_path, model_file,
-                                                             monkeypatch):
-    """Once every row is written, the class and confidence rasters are read back in a
-    thread of their own while the last polygons are traced; a damage it finds still fails
-    the run with nothing left."""
-    import threading
-
-    from tessera.core.io import sinks
-    from tessera.core.io.gpkg import GeoPackageLayer
-
-    seen = []
-    real, close = sinks.verify_geotiffs, GeoPackageLayer.close
-    started = threading.Event()
-
-    def spy(checks):
-        alive = any(t.name == "tessera-vectorizer" for t in threading.enumerate())
-        seen.append((threading.current_thread().name, len(checks), alive))
-        started.set()
-        return real(checks)
-
-    def last_polygons(self):  # the polygons' tail lasts until the read-back has started
-        started.wait(10)
-        return close(self)
-
-    monkeypatch.setattr(sinks, "verify_geotiffs", spy)
-    monkeypatch.setattr(GeoPackageLayer, "close", last_polygons)
-    src = write_raster(tmp_path / "scene.tif", random_rgb(300, 260))
-    res = segment_raster(src, model_file, tmp_path / "a", SegmentParams(confidence=True))
-    assert seen == [("tessera-verify", 2, True)] and res.n_polygons > 0
-
-    def damaged(checks):
-        raise OutputError(f"{checks[0][1]}: cannot write it (read back short); nothing was "
-                          "replaced", checks[0][1])
-
-    monkeypatch.setattr(sinks, "verify_geotiffs", damaged)
-    with pytest.raises(OutputError, match="scene_classes.tif: cannot write it"):
-        segment_raster(src, model_file, tmp_path / "b", SegmentParams(confidence=True))
-    assert _files(tmp_path / "b") == []
-
-
 # -- a full disk -----------------------------------------------------------------------------
 
 def _full_disk(limit: int):
