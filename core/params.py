@@ -210,12 +210,6 @@ class SegmentParams:
         """What PyTorch is asked for: ``precision`` when named, else ``half``."""
         return self.half if self.precision == "auto" else self.precision
 
-    @property
-    def needs_torch(self) -> bool:
-        """Whether only PyTorch can do what is asked (a precision other than fp32,
-        ``compile``)."""
-        return self.compile or self.precision in ("fp16", "bf16")
-
     def _check_tiles(self) -> None:
         if self.tile_size is not None and (self.tile_size < 32 or self.tile_size % 32
                                            or self.tile_size > MAX_TILE):

@@ -262,9 +262,9 @@ def test_auto_picks_pytorch_for_what_only_it_does(tmp_path):
     with pytest.raises(ParameterError, match="precision bf16 needs the torch backend"):
         make_predictor(m, "cpu", "onnxruntime", half="bf16")
     params = SegmentParams(device="cpu", precision="bf16")
-    assert params.torch_precision == "bf16" and params.needs_torch
+    assert params.torch_precision == "bf16"
     assert SegmentParams(half=False).torch_precision is False
-    assert not SegmentParams().needs_torch
+    assert SegmentParams(half=False, precision="fp16").torch_precision == "fp16"
 
 
 def test_torch_compile_gives_the_uncompiled_output_and_falls_back_when_it_fails(caplog):
@@ -298,8 +298,13 @@ def test_the_cli_runs_bf16_on_pytorch_and_refuses_fp16_on_the_cpu(tmp_path, caps
     assert main(args + ["--out", str(tmp_path / "a"), "--precision", "bf16"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["backend"] == "torch"  # ONNX Runtime has no bf16: PyTorch was picked
-    with rasterio.open(res["class_raster"]) as ds:
-        assert ds.read(1).shape == (40, 40)
+    from tessera.core.pipeline.segment import segment_raster
+
+    api = segment_raster(src, tmp_path / "m.safetensors", tmp_path / "api", SegmentParams(
+        device="cpu", precision="bf16", vectorize=VectorizeParams(enabled=False)))
+    with rasterio.open(res["class_raster"]) as ds, rasterio.open(api.class_raster) as ref:
+        np.testing.assert_array_equal(ds.read(1), ref.read(1))  # the bf16 run's pixels
+        assert ds.crs == ref.crs == "EPSG:32633"
     assert main(args + ["--out", str(tmp_path / "b"), "--precision", "fp16"]) == 1
     err = capsys.readouterr().err
     assert "precision fp16 runs on a GPU only" in err
