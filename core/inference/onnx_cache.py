@@ -4,6 +4,7 @@ and how it is kept small. :func:`.onnx_backend.onnx_for` uses them."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -123,9 +124,11 @@ def prune_cache(folder: Path, keep: str | None = None, now: float | None = None)
 # SHA-256 recorded beside it, in a folder only this user may write).
 
 
+@functools.cache
 def machine_key() -> str:
     """16 hex digits naming this ONNX Runtime and this CPU (its architecture, model name and
-    instruction-set flags): an optimized graph is only loaded where it was made."""
+    instruction-set flags): an optimized graph is only loaded where it was made. Read once
+    per process (``/proc/cpuinfo`` is large on many-core machines)."""
     import hashlib
     import platform
 
