@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from ..errors import DeviceError, ExportError, ModelError, ParameterError
-from ..params import usable_threads
+from ..params import cpu_count, usable_threads
 from . import onnx_backend as ob
 from .base import Predictor, gpu_possible, pick_device
 from .torch_backend import TorchPredictor
@@ -41,6 +41,23 @@ def params_predictor(model: Any, params: Any) -> Predictor:
     precision, threads, test-time augmentation and compiling."""
     return make_predictor(model, params.device, params.backend, params.torch_precision,
                           params.threads, tta=params.tta, compile=params.compile)
+
+
+def model_on_cpu(model: Any, params: Any, predictor: Any = None) -> bool:
+    """Whether a run of ``model`` with ``params`` (a :class:`~..params.SegmentParams`) keeps
+    every CPU busy with the model, known before the predictor is made and without importing
+    torch: ``predictor``'s device when it is given, else the parameters' (an ONNX model file,
+    ``--backend onnxruntime``, ``--device cpu``, or ``auto`` on a machine without a GPU
+    driver), with no ``threads`` below the CPUs. ``False`` when unsure (a GPU may be there)."""
+    threads = getattr(params, "threads", None)
+    if threads is not None and threads < cpu_count():
+        return False
+    if predictor is not None:
+        return getattr(getattr(predictor, "info", None), "kind", None) == "cpu"
+    if getattr(model, "is_onnx", False) or str(params.backend).lower() == "onnxruntime":
+        return True
+    device = str(params.device).lower()
+    return device == "cpu" or (device == "auto" and not gpu_possible())
 
 
 def make_predictor(model: Any, device: str = "auto", backend: str = "auto",

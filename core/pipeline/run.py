@@ -128,11 +128,11 @@ class Run:
         written. The feed lets segmenting run ahead of polygonizing by up to FEED_PIXELS
         (fewer rows on wide rasters), never by less than one strip with its sieve halo and
         one band; strips end where tile rows end (none waits for the next tile row)."""
-        from ..vectorize.polygonize import strip_height
+        from ..vectorize.polygonize import SPARSE_STRIP_PIXELS, strip_height
 
         grid, vec = self.grid, pg.vec
         band_rows = min(grid.tile, grid.height)
-        strip = strip_height(vec.strip_rows, grid.width)
+        strip = strip_height(vec.strip_rows, grid.width, SPARSE_STRIP_PIXELS)  # the tallest
         feed = RowFeed(grid.height, grid.width, max_rows=max(
             strip + 2 * vec.sieve_px + band_rows,
             min(4 * band_rows + 2 * vec.sieve_px + 2048, FEED_PIXELS // max(grid.width, 1))),

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import BandMismatchError, NoCRSError, OutputError, ParameterError
 from ..inference.base import Predictor
-from ..inference.factory import params_predictor
+from ..inference.factory import model_on_cpu, params_predictor
 from ..io.atomic import atomic_outputs, check_final_name, check_writable_dir, free_bytes
 from ..io.raster import (
     GdalErrors,
@@ -192,7 +192,8 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
     params = model_defaults(params, contract)
     path = str(raster)
     outs = outputs or OutputPaths.for_stem(out_dir, stem or default_stem(path))
-    with gdal_env(), opened(path, contract, params) as (ds, notes, count, label):
+    with gdal_env(1 if model_on_cpu(model, params, predictor) else None), \
+            opened(path, contract, params) as (ds, notes, count, label):
         plan = _plan(ds, label, contract, params, outs, notes, count)
         for msg in plan.warnings:  # before the run; in the result too, for the caller to show
             log.warning("%s", msg)

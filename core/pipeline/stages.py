@@ -138,6 +138,20 @@ class StreamVectorizer(threading.Thread):
 
 
 
+def count_values(rows: np.ndarray, hist: np.ndarray, most: int = 16) -> None:
+    """Add the counts of uint8 ``rows``' values to ``hist`` (256 bins). The values already
+    in ``hist`` (at most ``most``) are counted one comparison each; only rows holding another
+    value are counted with ``bincount``, which first widens every pixel to 64 bits (7.8 ms
+    against 1.4 ms for a 512 x 8192 tile row of 6 classes and nodata)."""
+    seen = np.flatnonzero(hist)
+    if 0 < len(seen) <= most:
+        counts = [np.count_nonzero(rows == v) for v in seen]
+        if sum(counts) == rows.size:
+            hist[seen] += counts
+            return
+    hist += np.bincount(rows.ravel(), minlength=256)
+
+
 class RowWriter(threading.Thread):
     """Writes final rows to the class and confidence sinks, in whole block rows where
     possible, and hands the class rows to the vectorizer's ``feed``."""
@@ -167,7 +181,7 @@ class RowWriter(threading.Thread):
                     top, cls, conf, final = item
                     if top != self._next_row + self._pending_rows:
                         raise RuntimeError(f"rows out of order: {top}")
-                    self.hist += np.bincount(cls.ravel(), minlength=256)
+                    count_values(cls, self.hist)
                     if self.feed is not None:
                         self.feed.push(top, cls, conf)
                     self._pending.append((cls, conf))

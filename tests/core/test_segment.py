@@ -557,3 +557,37 @@ def test_a_nodata_the_bands_cannot_hold_is_refused_before_the_run(tmp_path, noda
     valid = ~np.all(data == 0, axis=0)
     assert not valid[:5, :5].any() and valid.sum() > 1000
     assert (cls[valid] == 1).all() and (cls[~valid] == m.contract.nodata_value).all()
+
+
+def test_gdal_keeps_to_one_thread_beside_a_model_on_every_cpu(tmp_path):
+    """GDAL's own (de)compression threads would take the cores of a model on the CPU:
+    a run with the model on every CPU opens its GeoTIFFs with one; with fewer model threads
+    than CPUs (or a GPU possible) GDAL keeps them all."""
+    from rasterio.env import getenv, hasenv
+    from tessera.core.inference.factory import model_on_cpu
+    from tessera.core.params import cpu_count
+
+    src = write_raster(tmp_path / "in.tif", random_rgb(96, 96))
+    m = model_with(LocalModel(), tile_size=32, overlap=0)
+    seen = []
+
+    def note(_):  # (the last progress comes once the run's GDAL settings are gone)
+        if hasenv():
+            seen.append(getenv().get("GDAL_NUM_THREADS"))
+
+    res = segment_raster(src, m, tmp_path / "o", SegmentParams(device="cpu", backend="torch"),
+                         progress=note)
+    assert set(seen) == {"1"} and res.n_polygons > 0
+    assert model_on_cpu(m, SegmentParams(backend="onnxruntime"))
+    if cpu_count() > 1:
+        seen.clear()
+        segment_raster(src, m, tmp_path / "p", SegmentParams(device="cpu", threads=1),
+                       progress=note)
+        assert set(seen) == {"ALL_CPUS"}
+        assert not model_on_cpu(m, SegmentParams(device="cpu", threads=1))
+
+    class OnGpu:
+        class info:  # noqa: N801  (a predictor's DeviceInfo, as a GPU's reads)
+            kind = "cuda"
+
+    assert not model_on_cpu(m, SegmentParams(device="cpu"), OnGpu())

@@ -185,6 +185,41 @@ def test_polygons_in_pixel_space_are_exact_integers():
     assert xy[:, 0].min() == 0 and xy[:, 0].max() == 50 and xy[:, 1].max() == 40
 
 
+def test_strips_grow_where_the_polygons_are_sparse_and_the_polygons_stay_the_same(monkeypatch):
+    """Strips of at most STRIP_PIXELS while the last strip's polygons were dense (and at the
+    start), of SPARSE_STRIP_PIXELS while they were sparse; re-decided at each break. The
+    regions and their confidence sums do not depend on the strips."""
+    rng = np.random.default_rng(7)
+    a = np.zeros((640, 64), np.uint8)
+    a[:320, 20:40] = 1  # two sparse spans: one long region
+    a[320:] = rng.integers(0, 3, (320, 64))  # then noise
+    conf = rng.integers(0, 256, a.shape).astype(np.uint8)
+
+    class Src:
+        height, width = a.shape
+
+        def read(self, band, window):
+            r0, r1 = int(window.row_off), int(window.row_off + window.height)
+            return (a if band == 1 else conf)[r0:r1].copy()
+
+    def run(sparse_rows):
+        monkeypatch.setattr(polygonize, "STRIP_PIXELS", 40 * 64)
+        monkeypatch.setattr(polygonize, "SPARSE_STRIP_PIXELS", sparse_rows * 64)
+        monkeypatch.setattr(polygonize, "SPARSE_PER_MPX", 2**20 // 256)  # one per 256 px
+        ends: list[int] = []
+        got = iter_class_polygons(Src(), strip_rows=1000, breaks=(160, 320, 480),
+                                  on_rows=ends.append, confidence=True)
+        return sorted((k, shapely.normalize(g).wkt, s) for k, g, s in got), ends
+
+    polys, ends = run(160)
+    # dense at the start; sparse after 160 and 320 (the noise below 320 is found in one
+    # strip, after which the last span is cut again)
+    assert ends == [40, 80, 120, 160, 320, 480, 520, 560, 600, 640]
+    fixed, ends = run(40)
+    assert ends == list(range(40, 641, 40))
+    assert polys == fixed and len(polys) > 1000
+
+
 @pytest.mark.parametrize("shape", ["snake", "speckle"])
 @pytest.mark.parametrize("strip_rows", [1, 3, 7, 1000])
 def test_each_regions_confidence_is_summed_over_its_pixels_across_strips(strip_rows, shape):
@@ -447,6 +482,26 @@ def test_fast_pixel_areas_agree_with_the_full_geodesic_computation():
             g = shapely.segmentize(box(x - 0.5, y - 0.5, x + 0.5, y + 0.5), 0.05)
             exact.append(geodesic_area_m2(np.array([px_to_crs(g, t)]), c)[0])
         np.testing.assert_allclose(fast, exact, rtol=1e-4)
+
+
+def test_polygons_measured_together_get_the_areas_each_gets_alone():
+    # one common box for many small polygons (UTM: its pixel area is linear over it) or
+    # not (0.5° pixels over 75° of latitude): the same areas as one polygon at a time, and
+    # within 1e-4 of the full geodesic computation
+    from tessera.core.vectorize.area import polygon_areas_m2
+
+    rng = np.random.default_rng(3)
+    for crs, t, span in (("EPSG:32633", T, 20000), ("EPSG:4326", Affine(0.5, 0, 0, 0, -0.5, 80.0), 150)):
+        c = CRS.from_string(crs)
+        corners = np.floor(rng.uniform(0, span, (40, 2)))
+        polys = np.array([box(x, y, x + 3, y + 2) for x, y in corners]
+                         + [Polygon([(0, 0), (4, 0), (4, 4), (2, 4), (2, 2), (0, 2)])])
+        got = polygon_areas_m2(polys, t, c)
+        alone = np.array([polygon_areas_m2(polys[k:k + 1], t, c)[0] for k in range(len(polys))])
+        np.testing.assert_allclose(got, alone, rtol=1e-12)
+        exact = geodesic_area_m2(np.array([px_to_crs(shapely.segmentize(g, 0.05), t) for g in polys]), c)
+        np.testing.assert_allclose(got, exact, rtol=1e-4)
+        assert got.min() > 0
 
 
 def test_web_mercator_areas_shrink_with_latitude(tmp_path):

@@ -372,3 +372,20 @@ def test_a_killed_process_not_yet_reaped_counts_as_gone(tmp_path):
     assert not atomic._alive(p.pid)
     p.wait()
     assert not atomic._alive(p.pid)
+
+
+def test_the_writers_class_counts_are_bincounts_whatever_comes_next():
+    from tessera.core.pipeline.stages import count_values
+
+    rng = np.random.default_rng(0)
+    hist = np.zeros(256, np.int64)
+    total = np.zeros(256, np.int64)
+    blocks = [rng.integers(0, 3, (7, 13)), rng.integers(0, 3, (5, 13)),  # the same values
+              np.full((2, 13), 255), rng.integers(0, 40, (9, 13)),  # new ones; then many
+              rng.integers(0, 40, (4, 13)), np.zeros((0, 13))]
+    for b in blocks:
+        b = b.astype(np.uint8)
+        count_values(b, hist)
+        total += np.bincount(b.ravel(), minlength=256)
+        assert np.array_equal(hist, total)
+    assert hist[255] == 26 and hist.sum() == sum(b.size for b in blocks)
