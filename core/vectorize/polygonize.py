@@ -305,7 +305,10 @@ def iter_class_polygons(ds: Any, strip_rows: int, sieve_px: int = 0,
             keep &= arr != v
         conf = _read_rows(ds, r0, r1, 2) if confidence else None
         new_seam = np.full(width, -1, dtype=np.int64)
-        stream = shapes(arr, mask=keep, connectivity=4, transform=Affine.translation(0, r0))
+        # no mask where every pixel is kept: GDAL's polygonizer then skips its mask band
+        # (about a tenth of its time on a strip of the 8192² benchmark's classes)
+        stream = shapes(arr, mask=None if keep.all() else keep, connectivity=4,
+                        transform=Affine.translation(0, r0))
         while True:
             items = list(itertools.islice(stream, CHUNK))
             if not items:
