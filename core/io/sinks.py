@@ -152,20 +152,37 @@ class GeoTiffRows:
         self.ds.close()
 
 
+def count_values(rows: np.ndarray, hist: np.ndarray, most: int = 16) -> None:
+    """Add the counts of uint8 ``rows``' values to ``hist`` (256 bins). The values already
+    in ``hist`` (at most ``most``) are counted one comparison each; only rows holding another
+    value are counted with ``bincount``, which first widens every pixel to 64 bits (7.8 ms
+    against 1.4 ms for a 512 x 8192 tile row of 6 classes and nodata)."""
+    seen = np.flatnonzero(hist)
+    if 0 < len(seen) <= most:
+        counts = [np.count_nonzero(rows == v) for v in seen]
+        if sum(counts) == rows.size:
+            hist[seen] += counts
+            return
+    hist += np.bincount(rows.ravel(), minlength=256)
+
+
+
 def verify_geotiff(path: Path, final: Path, hist: np.ndarray | None = None) -> None:
     """Read every block of the single-band GeoTIFF ``path`` back; with ``hist`` (the counts
     of each value written, 256 bins) the file must hold exactly those. Raises the
     :class:`OutputError` of :func:`write_failed` for ``final`` otherwise: GDAL and libtiff
     do not always report a failed write (a full disk at the last flush), this does."""
     import rasterio
+    from rasterio.windows import Window
 
     counts = np.zeros(256, np.int64)
     try:
         with rasterio.open(path) as ds:
-            for _, win in ds.block_windows(1):
-                block = ds.read(1, window=win)
+            step = max(ds.block_shapes[0][0], 1)  # whole rows of blocks at a time
+            for r in range(0, ds.height, step):
+                rows = ds.read(1, window=Window(0, r, ds.width, min(step, ds.height - r)))
                 if hist is not None:  # (without, reading every block is the check)
-                    counts += np.bincount(block.ravel(), minlength=256)[:256]
+                    count_values(rows, counts)
     except Exception as exc:
         raise write_failed(final, f"the file written is damaged: {short_error(exc)}; "
                            "is the disk full or failing?") from exc

@@ -375,7 +375,7 @@ def test_a_killed_process_not_yet_reaped_counts_as_gone(tmp_path):
 
 
 def test_the_writers_class_counts_are_bincounts_whatever_comes_next():
-    from tessera.core.pipeline.stages import count_values
+    from tessera.core.io.sinks import count_values
 
     rng = np.random.default_rng(0)
     hist = np.zeros(256, np.int64)
