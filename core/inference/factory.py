@@ -56,8 +56,14 @@ def model_on_cpu(model: Any, params: Any, predictor: Any = None) -> bool:
         return getattr(getattr(predictor, "info", None), "kind", None) == "cpu"
     if getattr(model, "is_onnx", False) or str(params.backend).lower() == "onnxruntime":
         return True
-    device = str(params.device).lower()
-    return device == "cpu" or (device == "auto" and not gpu_possible())
+    return _cpu_for_sure(str(params.device))
+
+
+def _cpu_for_sure(device: str) -> bool:
+    """Whether ``device`` can only mean the CPU: ``cpu``, or ``auto`` on a machine that
+    cannot have a GPU for torch (:func:`.base.gpu_possible`, without importing torch)."""
+    d = device.lower()
+    return d == "cpu" or (d == "auto" and not gpu_possible())
 
 
 def make_predictor(model: Any, device: str = "auto", backend: str = "auto",
@@ -119,8 +125,7 @@ def backend_predictor(model: Any, device: str = "auto", backend: str = "auto",
                                  "needs the torch backend")
         ob.require_onnxruntime()
         return ob.OrtPredictor.for_model(model, threads, cache_dir)
-    if device.lower() != "cpu" and not (device.lower() == "auto" and not gpu_possible()) \
-            and (device.lower() != "auto" or ob.torch_available()):
+    if not _cpu_for_sure(device) and (device.lower() != "auto" or ob.torch_available()):
         info = pick_device(device)  # imports torch to ask it which GPUs there are
         if info.kind != "cpu":
             return _torch(model, device, half, threads)

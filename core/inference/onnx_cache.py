@@ -210,10 +210,12 @@ def open_session(ort: Any, source: str | Path | bytes, so: Any, cached_for: str 
         made = Path(src).with_name(f".{os.getpid()}.{time.monotonic_ns()}.opt.onnx")
         so.optimized_model_filepath = str(made)
         so.log_severity_level = 3  # (not its warning that the graph is for this CPU)
+    def load() -> Any:
+        return ort.InferenceSession(src, sess_options=so, providers=["CPUExecutionProvider"])
+
     try:
         try:
-            session = ort.InferenceSession(src, sess_options=so,
-                                           providers=["CPUExecutionProvider"])
+            session = load()
         except Exception as exc:
             if made is None:
                 raise
@@ -222,8 +224,7 @@ def open_session(ort: Any, source: str | Path | bytes, so: Any, cached_for: str 
                         str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             made = None
             so.optimized_model_filepath, so.log_severity_level = "", 2
-            session = ort.InferenceSession(src, sess_options=so,
-                                           providers=["CPUExecutionProvider"])
+            session = load()
     except Exception as exc:
         where = "" if isinstance(source, bytes) else f"{source}: "
         raise ModelError(f"{where}ONNX Runtime cannot load the graph: {exc}") from exc

@@ -180,16 +180,6 @@ def strip_height(strip_rows: int, width: int, pixels: int = STRIP_PIXELS) -> int
     return max(1, min(int(strip_rows), pixels // max(width, 1)))
 
 
-def _strip_bounds(height: int, rows_per_strip: int,
-                  breaks: tuple[int, ...] = ()) -> list[tuple[int, int]]:
-    """``[(r0, r1)]`` of every strip: ``rows_per_strip`` rows (the last one shorter); with
-    ``breaks``, strips also end at each of them, and the rows between two are cut into as few
-    equal strips as ``rows_per_strip`` allows."""
-    if not breaks:
-        return [(r, min(r + rows_per_strip, height)) for r in range(0, height, rows_per_strip)]
-    return [s for r, stop in _spans(height, breaks) for s in _equal_strips(r, stop, rows_per_strip)]
-
-
 def _spans(height: int, breaks: tuple[int, ...]) -> list[tuple[int, int]]:
     """``[(r, stop)]``: the rows between consecutive ``breaks`` (and 0 and ``height``)."""
     stops = sorted({b for b in breaks if 0 < b < height} | {height})

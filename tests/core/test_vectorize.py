@@ -676,16 +676,21 @@ def test_memory_guard_cuts_only_huge_open_regions(tmp_path, caplog):
 
 
 def test_strips_end_at_the_breaks_in_equal_parts():
-    from tessera.core.vectorize.polygonize import _strip_bounds
+    from tessera.core.vectorize.polygonize import _adaptive_strips
 
-    assert _strip_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    def strips(height, rows_per_strip, breaks=(), rows=None):  # one pixel wide: no cap
+        return list(_adaptive_strips(height, 1, rows_per_strip, breaks, rows, lambda: False))
+
+    assert strips(10, 4) == [(0, 4), (4, 8), (8, 10)]
     # tile rows ending at 512, 1024...: each cut in two equal strips of at most 488 rows
-    b = _strip_bounds(2048, 488, (512, 1024, 1536, 2048))
+    b = strips(2048, 488, (512, 1024, 1536, 2048))
     assert b == [(0, 256), (256, 512), (512, 768), (768, 1024), (1024, 1280), (1280, 1536),
                  (1536, 1792), (1792, 2048)]
-    b = _strip_bounds(100, 30, (40, 0, 100, 150))  # out-of-range breaks are ignored
+    # a block's rows only: the strips of the whole raster between them
+    assert strips(2048, 488, (512, 1024, 1536), (512, 1536)) == b[2:6]
+    b = strips(100, 30, (40, 0, 100, 150))  # out-of-range breaks are ignored
     assert b == [(0, 20), (20, 40), (40, 70), (70, 100)]
-    assert all(r0 < r1 for r0, r1 in _strip_bounds(7, 1, (3, 5)))
+    assert all(r0 < r1 for r0, r1 in strips(7, 1, (3, 5)))
 
 
 def test_strips_cut_at_breaks_give_the_same_polygons(tmp_path):
