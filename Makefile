@@ -89,6 +89,7 @@ test: lint
 	@if [ "$$(id -u)" = 0 ]; then echo "Building the QGIS $(MATRIX) chroots in the background" \
 	  "(log: $(VENV)/matrix-prepare.log)"; \
 	  (tools/qgis_matrix.sh --prepare $(MATRIX) > $(VENV)/matrix-prepare.log 2>&1 &); fi
+	@df -h --output=avail,target /tmp . | tail -n +2 | sed 's/^ */disk free: /'
 	$(PY) -m pytest -p no:pytest_qgis tests/core
 	$(PY) -m pytest tests/plugin
 	tools/qgis_matrix.sh $(MATRIX)

@@ -164,7 +164,7 @@ for v in $VERSIONS; do
     *) echo "tools/qgis_matrix.sh: QGIS $v is not in the matrix (3.40, 3.44)" >&2; exit 2 ;;
   esac
   [ -d "$root" ] || build "$v" "$root"
-  # the last run's test files (pytest keeps three runs, gigabytes): nothing there is kept
+  # the last run's test files (a failed test's are kept, pyproject.toml): nothing there is kept
   unmount_under "$root/tmp"
   find "$root/tmp" -mindepth 1 -maxdepth 1 -exec rm -rf --one-file-system {} +
   network "$root"
