@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from ..errors import DeviceError, ExportError, ModelError, ParameterError
@@ -43,6 +44,30 @@ def params_predictor(model: Any, params: Any) -> Predictor:
                           params.threads, tta=params.tta, compile=params.compile)
 
 
+def predictor_soon(model: Any, params: Any) -> Future[Predictor] | None:
+    """:func:`params_predictor` begun on a thread now, for a run that can only be on the CPU
+    (:func:`model_on_cpu`): the caller checks its input meanwhile (the ONNX graph's checksum
+    and ONNX Runtime's loading mostly leave the GIL free). ``None`` for a run that may be on
+    a GPU (its model is loaded when needed). Pass the future as ``predictor`` to
+    :func:`..pipeline.segment.segment_raster`: its errors come after the input's, as without."""
+    if not model_on_cpu(model, params):
+        return None
+    pool = ThreadPoolExecutor(1, thread_name_prefix="tessera-load")
+    try:
+        return pool.submit(params_predictor, model, params)
+    finally:
+        pool.shutdown(wait=False)  # the thread ends with its one task
+
+
+def ready_predictor(predictor: Predictor | Future[Predictor] | None, model: Any,
+                    params: Any) -> Predictor:
+    """The run's predictor: ``predictor`` itself, the one a :func:`predictor_soon` future
+    made (its error raised now), or a new one for ``model`` and ``params``."""
+    if isinstance(predictor, Future):
+        return predictor.result()
+    return predictor if predictor is not None else params_predictor(model, params)
+
+
 def model_on_cpu(model: Any, params: Any, predictor: Any = None) -> bool:
     """Whether a run of ``model`` with ``params`` (a :class:`~..params.SegmentParams`) keeps
     every CPU busy with the model, known before the predictor is made and without importing
@@ -52,6 +77,8 @@ def model_on_cpu(model: Any, params: Any, predictor: Any = None) -> bool:
     threads = getattr(params, "threads", None)
     if threads is not None and threads < cpu_count():
         return False
+    if isinstance(predictor, Future):
+        return True  # (a predictor_soon future: made for a run on the CPU only)
     if predictor is not None:
         return getattr(getattr(predictor, "info", None), "kind", None) == "cpu"
     if getattr(model, "is_onnx", False) or str(params.backend).lower() == "onnxruntime":

@@ -5,6 +5,7 @@ Everything else in the engine works on arrays, windows, transforms and CRSs.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -61,11 +62,15 @@ def limit_malloc_arenas(n: int = 2) -> None:
 
     if not sys.platform.startswith("linux"):
         return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    try:  # glibc's name first: find_library runs ldconfig, ~10 ms of every process's start
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        except OSError:
+            return
+    with contextlib.suppress(AttributeError):  # (a libc without mallopt: musl)
         libc.mallopt(-8, n)  # M_ARENA_MAX
-    except (OSError, AttributeError):
-        pass
 
 
 def gdal_env(threads: int | None = None) -> Any:

@@ -315,7 +315,7 @@ def file_digests(path: str | Path) -> tuple[str, str | None]:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(1, thread_name_prefix="tessera-hash") as pool:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
+            for chunk in iter(lambda: fh.read(HASH_CHUNK), b""):
                 other = pool.submit(data.update, chunk)
                 whole.update(chunk)
                 other.result()
@@ -348,10 +348,16 @@ def onnx_identity(path: Path, sha: str) -> str:
     return h.hexdigest()
 
 
+#: Bytes hashed per call: each call gives the GIL back and takes it again, which waits for
+#: the other threads (up to 5 ms each time while another thread imports; a model is
+#: hashed while its run's libraries are imported: see ``jobs.runners``)
+HASH_CHUNK = 1 << 25
+
+
 def file_sha256(path: str | Path) -> str:
     """SHA-256 of a file, hex."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
+        for chunk in iter(lambda: fh.read(HASH_CHUNK), b""):
             h.update(chunk)
     return h.hexdigest()

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import BandMismatchError, NoCRSError, OutputError, ParameterError
 from ..inference.base import Predictor
-from ..inference.factory import model_on_cpu, params_predictor
+from ..inference.factory import model_on_cpu, ready_predictor
 from ..io.atomic import atomic_outputs, check_final_name, check_writable_dir, free_bytes
 from ..io.raster import (
     GdalErrors,
@@ -179,7 +179,8 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
     ``stem`` defaults to the raster's
     file stem. ``outputs`` overrides the paths (``out_dir``/``stem`` are then ignored). Pass
     a ``predictor`` (see :func:`..inference.factory.make_predictor`) to reuse a loaded model
-    across rasters; otherwise one is made for ``params.device`` and ``params.backend``.
+    across rasters, or a :func:`..inference.factory.predictor_soon` future of one; otherwise
+    one is made for ``params.device`` and ``params.backend``.
 
     Raises the typed errors of :mod:`..errors`; a failed or cancelled run leaves nothing under
     the final output names.
@@ -197,8 +198,7 @@ def segment_raster(raster: str | Path, model: TesseraModel | str | Path, out_dir
         plan = _plan(ds, label, contract, params, outs, notes, count)
         for msg in plan.warnings:  # before the run; in the result too, for the caller to show
             log.warning("%s", msg)
-        if predictor is None:
-            predictor = params_predictor(model, params)
+        predictor = ready_predictor(predictor, model, params)
         meter = Meter("segment", plan.window.width * plan.window.height, progress,
                       *((0.0, 0.95) if plan.vec is not None else (0.0, 1.0)))
         meter.update(0, f"{len(plan.grid)} tiles on {predictor.info.label}", force=True)

@@ -138,3 +138,30 @@ def test_a_job_that_keeps_others_never_replaces_what_it_did_not_make(tmp_path):
     plain = runners.run(spec.SegmentJob(str(src), str(m2), str(out), SegmentParams(),
                                         stem="a_run"))
     assert plain.class_raster == str(out / "a_run_classes.tif")
+
+
+def test_a_segment_job_opens_its_model_beside_the_imports_and_keeps_the_errors(tmp_path):
+    """The job runner opens the model (and begins its ONNX session) on threads while the
+    run's libraries load: the outputs are those of a plain segment_raster, a damaged model
+    and a missing raster are refused with their own errors."""
+    from tessera.core.pipeline.segment import segment_raster
+
+    src = write_raster(tmp_path / "in.tif", random_rgb(80, 80))
+    model = tiny_unet(seed=3).save(tmp_path / "m.safetensors")
+    params = SegmentParams(device="cpu", tile_size=64, overlap=16)
+    res = runners.run(spec.SegmentJob(str(src), str(model), str(tmp_path / "o"), params))
+    ref = segment_raster(src, model, tmp_path / "ref", params)
+    with rasterio.open(res.class_raster) as a, rasterio.open(ref.class_raster) as b:
+        assert np.array_equal(a.read(1), b.read(1))
+    assert res.n_polygons == ref.n_polygons > 0
+
+    with pytest.raises(Exception, match="missing.tif: raster not found"):
+        runners.run(spec.SegmentJob(str(tmp_path / "missing.tif"), str(model),
+                                    str(tmp_path / "p"), params))
+    raw = bytearray(model.read_bytes())
+    raw[-100] ^= 0xFF  # a weight changed: its digest no longer the contract's
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(bytes(raw))
+    with pytest.raises(ModelError, match="damaged.safetensors: the weights are not the ones"):
+        runners.run(spec.SegmentJob(str(src), str(damaged), str(tmp_path / "q"), params))
+    assert not (tmp_path / "q").exists() or not list((tmp_path / "q").iterdir())

@@ -591,3 +591,32 @@ def test_gdal_keeps_to_one_thread_beside_a_model_on_every_cpu(tmp_path):
             kind = "cuda"
 
     assert not model_on_cpu(m, SegmentParams(device="cpu"), OnGpu())
+
+
+def test_a_predictor_begun_early_reports_its_errors_after_the_inputs(tmp_path):
+    """predictor_soon: a run that can only be on the CPU has its predictor made on a thread
+    while the raster is checked (a process's start); a bad raster is still the error given
+    (not the model's), a model's error comes before any output, and a run that may be on a
+    GPU makes its predictor when it needs it."""
+    from concurrent.futures import Future
+
+    from tessera.core.inference.factory import predictor_soon, ready_predictor
+
+    src = write_raster(tmp_path / "in.tif", random_rgb(96, 96))
+    m = model_with(LocalModel(), tile_size=32, overlap=0)
+    on_cpu = SegmentParams(device="cpu", backend="torch")
+    soon = predictor_soon(m, on_cpu)
+    assert isinstance(soon, Future)
+    early = segment_raster(src, m, tmp_path / "a", on_cpu, predictor=soon)
+    assert soon.result().info.kind == "cpu" and ready_predictor(soon, m, on_cpu) is soon.result()
+    late = segment_raster(src, m, tmp_path / "b", on_cpu)
+    assert np.array_equal(read1(early.class_raster)[0], read1(late.class_raster)[0])
+    assert predictor_soon(m, SegmentParams(device="cuda")) is None
+
+    failing: Future = Future()
+    failing.set_exception(DeviceError("this model cannot be loaded"))
+    with pytest.raises(RasterNotFoundError, match="missing.tif"):
+        segment_raster(tmp_path / "missing.tif", m, tmp_path / "c", on_cpu, predictor=failing)
+    with pytest.raises(DeviceError, match="cannot be loaded"):
+        segment_raster(src, m, tmp_path / "d", on_cpu, predictor=failing)
+    assert not (tmp_path / "d").exists() or not list((tmp_path / "d").iterdir())
