@@ -51,7 +51,7 @@ def _open_model(job: SegmentJob) -> tuple[Any, Any]:
 
 
 def _segment(job: SegmentJob, ctx: Context) -> Any:
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor, wait
 
     from ..inference.factory import predictor_soon  # noqa: F401  (imported here, not on two
     from ..model.files import TesseraModel  # noqa: F401  threads at once: see _open_model)
@@ -90,11 +90,15 @@ def _segment(job: SegmentJob, ctx: Context) -> Any:
         return segment_on_cluster(job.raster, job.model, job.out_dir, job.params, job.cluster,
                                   stem=job.stem, outputs=job.outputs, progress=ctx.progress,
                                   cancel=ctx.cancel)
-    if job.keep_others and outputs is None:
-        outputs = claim_outputs(job.raster, model, job.params, job.out_dir, stem)
-    return segment_raster(job.raster, model, job.out_dir, job.params, stem=job.stem,
-                          predictor=soon, progress=ctx.progress, cancel=ctx.cancel,
-                          outputs=outputs)
+    try:
+        if job.keep_others and outputs is None:
+            outputs = claim_outputs(job.raster, model, job.params, job.out_dir, stem)
+        return segment_raster(job.raster, model, job.out_dir, job.params, stem=job.stem,
+                              predictor=soon, progress=ctx.progress, cancel=ctx.cancel,
+                              outputs=outputs)
+    finally:
+        if soon is not None:  # (after an error in the input: the model's first export to
+            wait([soon])  # the cache is let finish, not cut off by the CLI's quick exit)
 
 
 def _preload(job: SegmentJob) -> None:

@@ -4,6 +4,7 @@ built, and runs through the one registry the worker and the CLI share."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -155,9 +156,12 @@ def test_a_segment_job_opens_its_model_beside_the_imports_and_keeps_the_errors(t
         assert np.array_equal(a.read(1), b.read(1))
     assert res.n_polygons == ref.n_polygons > 0
 
+    fresh = tiny_unet(seed=4).save(tmp_path / "fresh.safetensors")  # (its first export)
     with pytest.raises(Exception, match="missing.tif: raster not found"):
-        runners.run(spec.SegmentJob(str(tmp_path / "missing.tif"), str(model),
+        runners.run(spec.SegmentJob(str(tmp_path / "missing.tif"), str(fresh),
                                     str(tmp_path / "p"), params))
+    # the predictor begun for it is not left running (the CLI's quick exit would cut it off)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("tessera-load")]
     raw = bytearray(model.read_bytes())
     raw[-100] ^= 0xFF  # a weight changed: its digest no longer the contract's
     damaged = tmp_path / "damaged.safetensors"
