@@ -73,13 +73,13 @@ def model_on_cpu(model: Any, params: Any, predictor: Any = None) -> bool:
     every CPU busy with the model, known before the predictor is made and without importing
     torch: ``predictor``'s device when it is given, else the parameters' (an ONNX model file,
     ``--backend onnxruntime``, ``--device cpu``, or ``auto`` on a machine without a GPU
-    driver), with no ``threads`` below the CPUs. ``False`` when unsure (a GPU may be there)."""
+    driver), with no ``threads`` below the CPUs. ``False`` when unsure (a GPU may be there).
+    A :func:`predictor_soon` future counts as no predictor: it was begun from the same
+    parameters."""
     threads = getattr(params, "threads", None)
     if threads is not None and threads < cpu_count():
         return False
-    if isinstance(predictor, Future):
-        return True  # (a predictor_soon future: made for a run on the CPU only)
-    if predictor is not None:
+    if predictor is not None and not isinstance(predictor, Future):  # (a future: as if none)
         return getattr(getattr(predictor, "info", None), "kind", None) == "cpu"
     if getattr(model, "is_onnx", False) or str(params.backend).lower() == "onnxruntime":
         return True

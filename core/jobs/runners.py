@@ -103,11 +103,12 @@ def _segment(job: SegmentJob, ctx: Context) -> Any:
 
 def _preload(job: SegmentJob) -> None:
     """Import the libraries a run of ``job`` is about to import (GDAL's, PROJ's, GEOS's
-    bindings; ONNX Runtime's for a run on the CPU) while its model is being opened."""
+    bindings; ONNX Runtime's for a run that can only be on the CPU) while its model is being
+    opened."""
     from ..inference.factory import model_on_cpu
     from ..inference.onnx_backend import onnxruntime_available
 
-    if model_on_cpu(None, job.params) or str(job.model).lower().endswith(".onnx"):
+    if model_on_cpu(None, job.params):  # (the model's file is not open yet)
         onnxruntime_available()  # (imports it; a missing one is reported by the run)
     import pyproj  # noqa: F401
     import rasterio  # noqa: F401

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import rasterio
 from helpers import random_rgb, tiny_unet, write_raster
-from tessera.core.errors import ModelError, ParameterError
+from tessera.core.errors import ModelError, ParameterError, RasterNotFoundError
 from tessera.core.jobs import runners, spec
 from tessera.core.jobs.worker import run_job
 from tessera.core.params import OutputPaths, SegmentParams, TrainParams, VectorizeParams
@@ -157,7 +157,7 @@ def test_a_segment_job_opens_its_model_beside_the_imports_and_keeps_the_errors(t
     assert res.n_polygons == ref.n_polygons > 0
 
     fresh = tiny_unet(seed=4).save(tmp_path / "fresh.safetensors")  # (its first export)
-    with pytest.raises(Exception, match="missing.tif: raster not found"):
+    with pytest.raises(RasterNotFoundError, match="missing.tif: raster not found"):
         runners.run(spec.SegmentJob(str(tmp_path / "missing.tif"), str(fresh),
                                     str(tmp_path / "p"), params))
     # the predictor begun for it is not left running (the CLI's quick exit would cut it off)

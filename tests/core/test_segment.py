@@ -600,7 +600,7 @@ def test_a_predictor_begun_early_reports_its_errors_after_the_inputs(tmp_path):
     GPU makes its predictor when it needs it."""
     from concurrent.futures import Future
 
-    from tessera.core.inference.factory import predictor_soon, ready_predictor
+    from tessera.core.inference.factory import model_on_cpu, predictor_soon, ready_predictor
 
     src = write_raster(tmp_path / "in.tif", random_rgb(96, 96))
     m = model_with(LocalModel(), tile_size=32, overlap=0)
@@ -612,6 +612,9 @@ def test_a_predictor_begun_early_reports_its_errors_after_the_inputs(tmp_path):
     late = segment_raster(src, m, tmp_path / "b", on_cpu)
     assert np.array_equal(read1(early.class_raster)[0], read1(late.class_raster)[0])
     assert predictor_soon(m, SegmentParams(device="cuda")) is None
+    # (GDAL's threads for a run given the future: decided by the parameters, as without)
+    assert model_on_cpu(m, on_cpu, soon) is True
+    assert model_on_cpu(m, SegmentParams(device="cuda"), Future()) is False
 
     failing: Future = Future()
     failing.set_exception(DeviceError("this model cannot be loaded"))
