@@ -123,6 +123,30 @@ def test_save_writes_the_weights_digest_and_open_checks_it(tmp_path):
     assert e.value.path == str(path)
 
 
+def test_files_are_hashed_in_chunks_of_one_reused_buffer(tmp_path, monkeypatch):
+    """Digests read many chunks (the last one short) equal hashlib's of the whole bytes."""
+    import hashlib
+
+    from tessera.core.model import files
+
+    model = tiny_unet(seed=2)
+    path = model.save(tmp_path / "m.safetensors")
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    monkeypatch.setattr(files, "HASH_CHUNK", 4099)  # (a prime: no chunk ends on a boundary)
+    assert len(raw) > 20 * 4099 and (len(raw) - 8 - n) % 4099
+    assert files.file_digests(path) == (hashlib.sha256(raw).hexdigest(),
+                                        hashlib.sha256(raw[8 + n:]).hexdigest())
+    assert files.file_sha256(path) == hashlib.sha256(raw).hexdigest() == model.sha256
+    other = tmp_path / "m.onnx"  # not safetensors: the whole file only
+    other.write_bytes(raw[::-1])
+    assert files.file_digests(other) == (hashlib.sha256(raw[::-1]).hexdigest(), None)
+    assert TesseraModel.open(path).sha256 == model.sha256  # the weights' check passes too
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    assert files.file_sha256(empty) == hashlib.sha256(b"").hexdigest()
+
+
 def test_a_damaged_model_fails_once_fast_and_before_torch(tmp_path):
     path = tiny_unet(seed=2).save(tmp_path / "m.safetensors")
     raw = bytearray(path.read_bytes())
