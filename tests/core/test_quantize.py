@@ -4,6 +4,7 @@ imagery, recorded in the model card, and usable like any model (ONNX Runtime onl
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -275,19 +276,16 @@ print(float(np.mean(same)))
 """
 
 
-@pytest.mark.skipif(QEMU is None or platform.machine() != "x86_64",
-                    reason="needs x86_64 and qemu-user (make setup installs it)")
-def test_the_default_model_in_int8_is_right_on_a_cpu_without_vnni(tmp_path):
-    """The shipped model quantized here (whatever this CPU has), then run on an AVX2 CPU
-    without VNNI (QEMU's Haswell, whose ONNX Runtime takes its AVX2 kernels): it still picks
-    fp32's class on >= 99 % of the pixels (99.6 % measured). With 8-bit weights it did not:
-    60.4 % on these very tiles, 98.0 % on held-out Dubai tiles (the u8 x s8 pair sums
-    saturate)."""
+@pytest.fixture(scope="module")
+def default_int8(tmp_path_factory):
+    """The shipped model quantized here (whatever this CPU has), and 3 tiles of the bundled
+    sample with fp32's classes on them (ONNX Runtime, this CPU's own kernels)."""
     from tessera.core.inference.onnx_backend import onnx_for
 
+    tmp = tmp_path_factory.mktemp("int8")
     model = ROOT / "resources" / "models" / "dubai_unet_resnet34.safetensors"
     sample = ROOT / "resources" / "sample" / "dubai_sample.tif"
-    res = qz.quantize_model(model, tmp_path / "int8.onnx", [sample], n_tiles=8, tile=256,
+    res = qz.quantize_model(model, tmp / "int8.onnx", [sample], n_tiles=8, tile=256,
                             force=True)
     assert res["class_agreement_with_fp32"] >= 0.99
     import onnxruntime as ort
@@ -296,11 +294,57 @@ def test_the_default_model_in_int8_is_right_on_a_cpu_without_vnni(tmp_path):
     xs = np.stack(qz.calibration_tiles([sample], contract, 3, 256, seed=7))
     s32 = ort.InferenceSession(str(onnx_for(model)), providers=["CPUExecutionProvider"])
     refs = np.stack([s32.run(None, {"input": x[None]})[0].argmax(1)[0] for x in xs])
-    np.savez(tmp_path / "tiles.npz", x=xs, ref=refs)
-    p = subprocess.run([QEMU, "-cpu", "Haswell", sys.executable, "-c", NO_VNNI,
-                        str(tmp_path / "tiles.npz"), str(tmp_path / "int8.onnx")],
-                       capture_output=True, text=True, timeout=900)
+    np.savez(tmp / "tiles.npz", x=xs, ref=refs)
+    return tmp / "int8.onnx", tmp / "tiles.npz"
+
+
+@pytest.mark.skipif(QEMU is None or platform.machine() != "x86_64",
+                    reason="needs x86_64 and qemu-user (make setup installs it)")
+def test_the_default_model_in_int8_is_right_on_a_cpu_without_vnni(default_int8):
+    """The shipped model quantized here (whatever this CPU has), then run on an AVX2 CPU
+    without VNNI (QEMU's Haswell, whose ONNX Runtime takes its AVX2 kernels): it still picks
+    fp32's class on >= 99 % of the pixels (99.6 % measured). With 8-bit weights it did not:
+    60.4 % on these very tiles, 98.0 % on held-out Dubai tiles (the u8 x s8 pair sums
+    saturate)."""
+    int8, tiles = default_int8
+    p = subprocess.run([QEMU, "-cpu", "Haswell", sys.executable, "-c", NO_VNNI, str(tiles),
+                        str(int8)], capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-2000:]
     agreement = float(p.stdout.split()[-1])
     print(f"int8 on an AVX2 CPU without VNNI (QEMU Haswell): {agreement:.4f}")
+    assert agreement >= 0.99
+
+
+def _cpu_flags() -> set[str]:
+    return qz.cpu_flags() or set()
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("cc") is None
+                    or "cpuid_fault" not in _cpu_flags()
+                    or not any("vnni" in f or "avx512" in f for f in _cpu_flags()),
+                    reason="needs an x86-64 CPU with AVX-512 or VNNI to mask, CPUID faulting "
+                           "and a C compiler")
+def test_the_default_model_in_int8_is_right_on_avx2_kernels_with_vnni_masked(default_int8,
+                                                                              tmp_path):
+    """The same on this machine's cores at their own speed: ``benchmarks/nocpuid.c`` (what
+    ``bench_int8.py --isa avx2`` preloads) hides AVX-512 and VNNI from CPUID, so ONNX
+    Runtime takes its AVX2 kernels, u8 x s8 pairs summed in 16 bits. Checked first: the mask
+    takes (numpy sees no AVX-512, AVX2 still)."""
+    int8, tiles = default_int8
+    shim = tmp_path / "nocpuid.so"
+    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(shim),
+                    str(ROOT / "benchmarks" / "nocpuid.c")], check=True)
+    seen = ("from numpy.core._multiarray_umath import __cpu_features__ as f; "
+            "print(f['AVX512F'], f['AVX2'])")
+    env = dict(os.environ, LD_PRELOAD=str(shim), NOCPUID_REPORT="1")
+    env.pop("PYTHONFAULTHANDLER", None)  # (its handler would take the shim's SIGSEGV)
+    p = subprocess.run([sys.executable, "-c", seen], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.stdout.split() == ["False", "True"], p.stderr[-2000:]
+    assert "CPUID traps" in p.stderr
+    p = subprocess.run([sys.executable, "-c", NO_VNNI, str(tiles), str(int8)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    agreement = float(p.stdout.split()[-1])
+    print(f"int8 on AVX2 kernels, AVX-512 and VNNI masked: {agreement:.4f}")
     assert agreement >= 0.99
