@@ -107,6 +107,7 @@ bench: setup
 	$(PY) benchmarks/bench_cpu.py --write BENCHMARKS.md
 	$(PY) benchmarks/bench_onnx.py --write BENCHMARKS.md
 	$(PY) benchmarks/bench_int8.py --write BENCHMARKS.md
+	$(PY) benchmarks/bench_int8.py --isa avx2 --write BENCHMARKS.md
 	$(PY) benchmarks/bench_web.py --write BENCHMARKS.md
 
 # The Dask path against the plain local run at equal cores (issue 19): prints a table

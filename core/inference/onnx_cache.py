@@ -127,8 +127,9 @@ def prune_cache(folder: Path, keep: str | None = None, now: float | None = None)
 @functools.cache
 def machine_key() -> str:
     """16 hex digits naming this ONNX Runtime and this CPU (its architecture, model name and
-    instruction-set flags): an optimized graph is only loaded where it was made. Read once
-    per process (``/proc/cpuinfo`` is large on many-core machines)."""
+    instruction-set flags, as Linux lists them and as the CPUID instruction answers this
+    process): an optimized graph is only loaded where it was made. Read once per process
+    (``/proc/cpuinfo`` is large on many-core machines)."""
     import hashlib
     import platform
 
@@ -141,8 +142,24 @@ def machine_key() -> str:
         cpu = "".join(sorted(set(lines)))
     except OSError:
         pass
-    text = f"{onnxruntime.__version__}|{platform.machine()}|{cpu}"
+    text = f"{onnxruntime.__version__}|{platform.machine()}|{cpu}|{runtime_isa()}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def runtime_isa() -> str:
+    """The instruction sets this process may use, as numpy found them (CPUID and the OS's
+    saved registers: what ONNX Runtime's kernels are chosen by). /proc/cpuinfo can differ:
+    with the AVX-512 and VNNI bits masked from CPUID (``benchmarks/nocpuid.c``) ONNX Runtime
+    takes its AVX2 kernels, and a graph laid out for AVX-512's gave other logits there (a
+    largest difference of 9.4 on a tile of the default model)."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as have  # numpy 2
+    except ImportError:
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__ as have  # numpy 1
+        except ImportError:
+            return ""
+    return ",".join(sorted(k for k, on in have.items() if on))
 
 
 def optimized_paths(graph: Path, key: str | None = None) -> tuple[Path, Path]:

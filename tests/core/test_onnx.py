@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from helpers import BrightnessModel, model_with, random_rgb, tiny_unet, write_raster
+from helpers import (
+    BrightnessModel,
+    cpuid_mask,
+    model_with,
+    random_rgb,
+    tiny_unet,
+    write_raster,
+)
 from tessera.core.cli import main
 from tessera.core.errors import DeviceError, ModelError, ParameterError
 from tessera.core.inference import base
@@ -439,6 +446,28 @@ def test_the_graph_optimized_for_this_machine_is_cached_checked_and_rebuilt(
     assert other.graph == cache / f"{sha}.onnx"
     assert (cache / f"{sha}.another0machine0.opt.onnx").is_file() and opt.is_file()
     assert not stale.exists() and fresh.exists()
+
+
+def test_the_cache_key_follows_the_instructions_cpuid_gives_the_process(tmp_path):
+    """With AVX-512 and VNNI masked from CPUID (/proc/cpuinfo unchanged), ONNX Runtime takes
+    other kernels, for which a graph laid out for AVX-512 is not right: the optimized graph's
+    key differs, so that graph is not loaded there."""
+    import subprocess
+    import sys
+
+    from tessera.core.inference import onnx_cache as oc
+
+    env = cpuid_mask(tmp_path)
+    code = ("from tessera.core.inference.onnx_cache import machine_key, runtime_isa; "
+            "print(machine_key(), runtime_isa())")
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True).stdout.split()
+    masked = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, check=True).stdout.split()
+    assert plain[0] == oc.machine_key() and "AVX512F" in plain[1].split(",")
+    assert masked[0] != plain[0]
+    assert "AVX2" in masked[1].split(",") and not any("AVX512" in f
+                                                       for f in masked[1].split(","))
 
 
 def test_a_failure_to_save_the_optimized_graph_only_loses_the_cache(tmp_path, saved, caplog,

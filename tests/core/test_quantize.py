@@ -4,7 +4,6 @@ imagery, recorded in the model card, and usable like any model (ONNX Runtime onl
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
 import subprocess
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from helpers import model_with, one_class_unet, tiny_unet, write_raster
+from helpers import cpuid_mask, model_with, one_class_unet, tiny_unet, write_raster
 from tessera.core.cli import main
 from tessera.core.errors import ModelError, ParameterError, RasterReadError
 from tessera.core.inference.factory import make_predictor
@@ -315,29 +314,16 @@ def test_the_default_model_in_int8_is_right_on_a_cpu_without_vnni(default_int8):
     assert agreement >= 0.99
 
 
-def _cpu_flags() -> set[str]:
-    return qz.cpu_flags() or set()
-
-
-@pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("cc") is None
-                    or "cpuid_fault" not in _cpu_flags()
-                    or not any("vnni" in f or "avx512" in f for f in _cpu_flags()),
-                    reason="needs an x86-64 CPU with AVX-512 or VNNI to mask, CPUID faulting "
-                           "and a C compiler")
 def test_the_default_model_in_int8_is_right_on_avx2_kernels_with_vnni_masked(default_int8,
                                                                               tmp_path):
     """The same on this machine's cores at their own speed: ``benchmarks/nocpuid.c`` (what
     ``bench_int8.py --isa avx2`` preloads) hides AVX-512 and VNNI from CPUID, so ONNX
     Runtime takes its AVX2 kernels, u8 x s8 pairs summed in 16 bits. Checked first: the mask
     takes (numpy sees no AVX-512, AVX2 still)."""
+    env = cpuid_mask(tmp_path)
     int8, tiles = default_int8
-    shim = tmp_path / "nocpuid.so"
-    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(shim),
-                    str(ROOT / "benchmarks" / "nocpuid.c")], check=True)
-    seen = ("from numpy.core._multiarray_umath import __cpu_features__ as f; "
-            "print(f['AVX512F'], f['AVX2'])")
-    env = dict(os.environ, LD_PRELOAD=str(shim), NOCPUID_REPORT="1")
-    env.pop("PYTHONFAULTHANDLER", None)  # (its handler would take the shim's SIGSEGV)
+    seen = ("from tessera.core.inference.onnx_cache import runtime_isa; "
+            "f = runtime_isa().split(','); print('AVX512F' in f, 'AVX2' in f)")
     p = subprocess.run([sys.executable, "-c", seen], env=env, capture_output=True, text=True,
                        timeout=120)
     assert p.stdout.split() == ["False", "True"], p.stderr[-2000:]
