@@ -152,14 +152,15 @@ def runtime_isa() -> str:
     with the AVX-512 and VNNI bits masked from CPUID (``benchmarks/nocpuid.c``) ONNX Runtime
     takes its AVX2 kernels, and a graph laid out for AVX-512's gave other logits there (a
     largest difference of 9.4 on a tile of the default model)."""
-    try:
-        from numpy._core._multiarray_umath import __cpu_features__ as have  # numpy 2
-    except ImportError:
+    import importlib
+
+    for name in ("numpy._core._multiarray_umath", "numpy.core._multiarray_umath"):  # 2, 1
         try:
-            from numpy.core._multiarray_umath import __cpu_features__ as have  # numpy 1
-        except ImportError:
-            return ""
-    return ",".join(sorted(k for k, on in have.items() if on))
+            have = importlib.import_module(name).__cpu_features__
+        except (ImportError, AttributeError):
+            continue
+        return ",".join(sorted(k for k, on in have.items() if on))
+    return ""
 
 
 def optimized_paths(graph: Path, key: str | None = None) -> tuple[Path, Path]:
