@@ -123,24 +123,29 @@ def random_rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def cpuid_mask(tmp_path: Path) -> dict[str, str]:
-    """The environment of a process whose CPUID hides AVX-512 and VNNI
-    (``benchmarks/nocpuid.c``, built here and preloaded): its libraries take their AVX2
-    kernels. Skips the test where nothing can be masked (another architecture, no CPUID
-    faulting, no C compiler, or a CPU without AVX-512 and VNNI)."""
-    import os
+def cpuid_mask_unavailable() -> str | None:
+    """Why AVX-512 and VNNI cannot be masked from CPUID here (another architecture, no CPUID
+    faulting, no C compiler, or a CPU without them), or ``None``: for ``skipif``."""
     import platform
     import shutil
-    import subprocess
 
-    import pytest
     from tessera.core.training.quantize import cpu_flags
 
     flags = cpu_flags() or set()
     if platform.machine() != "x86_64" or shutil.which("cc") is None \
             or "cpuid_fault" not in flags or not any("avx512" in f or "vnni" in f for f in flags):
-        pytest.skip("needs an x86-64 CPU with AVX-512 or VNNI to mask, CPUID faulting and a "
-                    "C compiler")
+        return ("needs an x86-64 CPU with AVX-512 or VNNI to mask, CPUID faulting and a C "
+                "compiler")
+    return None
+
+
+def cpuid_mask(tmp_path: Path) -> dict[str, str]:
+    """The environment of a process whose CPUID hides AVX-512 and VNNI
+    (``benchmarks/nocpuid.c``, built here and preloaded): its libraries take their AVX2
+    kernels. Mark the test ``skipif(cpuid_mask_unavailable())``."""
+    import os
+    import subprocess
+
     shim = tmp_path / "nocpuid.so"
     subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(shim),
                     str(Path(__file__).resolve().parents[2] / "benchmarks" / "nocpuid.c")],
@@ -148,4 +153,3 @@ def cpuid_mask(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ, LD_PRELOAD=str(shim), NOCPUID_REPORT="1")
     env.pop("PYTHONFAULTHANDLER", None)  # (its handler would take the shim's SIGSEGV)
     return env
-

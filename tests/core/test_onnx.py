@@ -13,6 +13,7 @@ import torch
 from helpers import (
     BrightnessModel,
     cpuid_mask,
+    cpuid_mask_unavailable,
     model_with,
     random_rgb,
     tiny_unet,
@@ -448,6 +449,8 @@ def test_the_graph_optimized_for_this_machine_is_cached_checked_and_rebuilt(
     assert not stale.exists() and fresh.exists()
 
 
+@pytest.mark.skipif(cpuid_mask_unavailable() is not None,
+                    reason=str(cpuid_mask_unavailable()))
 def test_the_cache_key_follows_the_instructions_cpuid_gives_the_process(tmp_path):
     """With AVX-512 and VNNI masked from CPUID (/proc/cpuinfo unchanged), ONNX Runtime takes
     other kernels, for which a graph laid out for AVX-512 is not right: the optimized graph's

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from helpers import cpuid_mask, model_with, one_class_unet, tiny_unet, write_raster
+from helpers import cpuid_mask, cpuid_mask_unavailable, model_with, one_class_unet, tiny_unet, write_raster
 from tessera.core.cli import main
 from tessera.core.errors import ModelError, ParameterError, RasterReadError
 from tessera.core.inference.factory import make_predictor
@@ -314,6 +314,8 @@ def test_the_default_model_in_int8_is_right_on_a_cpu_without_vnni(default_int8):
     assert agreement >= 0.99
 
 
+@pytest.mark.skipif(cpuid_mask_unavailable() is not None,
+                    reason=str(cpuid_mask_unavailable()))
 def test_the_default_model_in_int8_is_right_on_avx2_kernels_with_vnni_masked(default_int8,
                                                                               tmp_path):
     """The same on this machine's cores at their own speed: ``benchmarks/nocpuid.c`` (what
