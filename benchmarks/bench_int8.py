@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -55,6 +54,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+import cpuid_mask  # noqa: E402
 from bench_cpu import (  # noqa: E402
     SHARED_ORTHO,
     default_model_path,
@@ -71,8 +71,6 @@ from bench_onnx import DUBAI, heldout_folder  # noqa: E402
 HEADING = "## CPU (`make bench`): fp32 and int8 end to end, start-up included (issue 30)"
 HEADING_AVX2 = ("## CPU, AVX2 kernels (`bench_int8.py --isa avx2`: AVX-512 and VNNI masked): "
                 "fp32 and int8 end to end, start-up included (issue 30)")
-#: what ``--isa avx2`` hides from the programs (as /proc/cpuinfo names the flags)
-MASKED = ("avx512", "vnni", "avx512_bf16")
 #: (label, width, height) of the rasters measured
 SIZES = (("4096 x 3072", 4096, 3072), ("8192²", 8192, 8192))
 TARGETS = {"4096 x 3072": 0.92, "8192²": 0.95}  # fp32 end to end / model-only
@@ -123,48 +121,22 @@ def end_to_end(model: Path, raster: Path, out: Path) -> dict[str, Any]:
     return res
 
 
-def _cpuinfo_flags() -> set[str]:
-    from tessera.core.training.quantize import cpu_flags
-
-    return cpu_flags() or set()
-
-
-def masked_flags() -> set[str]:
-    """This CPU's flags without those ``--isa avx2`` hides."""
-    return {f for f in _cpuinfo_flags() if not any(m in f for m in MASKED)}
-
-
 def run_on_avx2(work: Path) -> None:
-    """Run this benchmark again, the same arguments, with ``nocpuid.c`` preloaded (built
-    here with the C compiler) and a graph cache of its own; returns in that run. Where
-    nothing needs masking (a CPU without AVX-512 and VNNI: the plain run is on AVX2 kernels
-    already) or nothing can be masked, says so and ends (status 0: ``make bench`` goes on)."""
+    """Run this benchmark again, the same arguments, with AVX-512 and VNNI masked
+    (:mod:`cpuid_mask`) and a graph cache of its own; returns in that run. Where nothing
+    needs or can be masked, says why and ends (status 0: ``make bench`` goes on)."""
     if os.environ.get("TESSERA_BENCH_ISA") == "avx2":
+        if not cpuid_mask.took():
+            raise SystemExit("--isa avx2: the CPUID mask did not take (numpy still sees "
+                             "AVX-512, or no AVX2)")
         return
-    if masked_flags() == _cpuinfo_flags():
-        print("--isa avx2: not measured, this CPU has neither AVX-512 nor VNNI: the plain "
-              "run is on its AVX2 kernels already")
+    why = cpuid_mask.unavailable()
+    if why:
+        print(f"--isa avx2: not measured: {why}")
         sys.exit(0)
-    if "cpuid_fault" not in _cpuinfo_flags() or shutil.which("cc") is None:
-        print("--isa avx2: not measured, AVX-512 and VNNI cannot be masked here (it needs "
-              "CPUID faulting, cpuid_fault in /proc/cpuinfo, and a C compiler)")
-        sys.exit(0)
-    shim = work / "nocpuid.so"
-    subprocess.run(["cc", "-O2", "-Wall", "-shared", "-fPIC", "-o", str(shim),
-                    str(HERE / "nocpuid.c")], check=True)
-    env = dict(os.environ, TESSERA_BENCH_ISA="avx2", TESSERA_CACHE=str(work / "cache-avx2"),
-               LD_PRELOAD=" ".join(filter(None, [str(shim), os.environ.get("LD_PRELOAD")])))
+    env = cpuid_mask.environment(work, dict(os.environ, TESSERA_BENCH_ISA="avx2",
+                                            TESSERA_CACHE=str(work / "cache-avx2")))
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
-
-
-def check_masked() -> None:
-    """Refuse to measure if the mask did not take (numpy reads CPUID as ONNX Runtime does)."""
-    from tessera.core.inference.onnx_cache import runtime_isa
-
-    have = runtime_isa().split(",")
-    if "AVX512F" in have or "AVX2" not in have:
-        raise SystemExit("--isa avx2: the CPUID mask did not take (numpy still sees AVX-512, "
-                         "or no AVX2)")
 
 
 def main() -> int:
@@ -198,14 +170,13 @@ def main() -> int:
     avx2 = args.isa == "avx2"
     if avx2:
         run_on_avx2(work)  # (goes on in a new process, masked, or ends)
-        check_masked()
     tag = "_avx2" if avx2 else ""
     sizes = (("1024 x 768", 1024, 768),) if args.quick else SIZES
     rounds = 1 if args.quick else args.rounds
     where = machine() + (", AVX-512 and VNNI masked: AVX2 kernels" if avx2 else "")
     print(f"Machine: {where}")
     try:
-        instr = check_int8_cpu(masked_flags() if avx2 else None)
+        instr = check_int8_cpu(cpuid_mask.masked_flags() if avx2 else None)
     except ParameterError as exc:
         print(f"int8 not measured: {exc}")
         return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -124,32 +125,28 @@ def random_rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
 
 
 def cpuid_mask_unavailable() -> str | None:
-    """Why AVX-512 and VNNI cannot be masked from CPUID here (another architecture, no CPUID
-    faulting, no C compiler, or a CPU without them), or ``None``: for ``skipif``."""
-    import platform
-    import shutil
-
-    from tessera.core.training.quantize import cpu_flags
-
-    flags = cpu_flags() or set()
-    if platform.machine() != "x86_64" or shutil.which("cc") is None \
-            or "cpuid_fault" not in flags or not any("avx512" in f or "vnni" in f for f in flags):
-        return ("needs an x86-64 CPU with AVX-512 or VNNI to mask, CPUID faulting and a C "
-                "compiler")
-    return None
+    """Why AVX-512 and VNNI cannot be masked from CPUID here (``benchmarks/cpuid_mask.py``),
+    or ``None``: for ``skipif``."""
+    return _cpuid_mask().unavailable()
 
 
 def cpuid_mask(tmp_path: Path) -> dict[str, str]:
-    """The environment of a process whose CPUID hides AVX-512 and VNNI
-    (``benchmarks/nocpuid.c``, built here and preloaded): its libraries take their AVX2
-    kernels. Mark the test ``skipif(cpuid_mask_unavailable())``."""
+    """The environment of a process whose CPUID hides AVX-512 and VNNI (the benchmark's
+    shim, built in ``tmp_path`` and preloaded; ``NOCPUID_REPORT`` on): its libraries take
+    their AVX2 kernels. Mark the test ``skipif(cpuid_mask_unavailable())``."""
     import os
-    import subprocess
 
-    shim = tmp_path / "nocpuid.so"
-    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(shim),
-                    str(Path(__file__).resolve().parents[2] / "benchmarks" / "nocpuid.c")],
-                   check=True)
-    env = dict(os.environ, LD_PRELOAD=str(shim), NOCPUID_REPORT="1")
-    env.pop("PYTHONFAULTHANDLER", None)  # (its handler would take the shim's SIGSEGV)
-    return env
+    return _cpuid_mask().environment(tmp_path, dict(os.environ, NOCPUID_REPORT="1"))
+
+
+@functools.cache
+def _cpuid_mask():
+    """``benchmarks/cpuid_mask.py`` (the benchmarks are not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "cpuid_mask.py"
+    spec = importlib.util.spec_from_file_location("tessera_cpuid_mask", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
